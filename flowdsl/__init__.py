@@ -1,0 +1,77 @@
+"""flowdsl: LLM workflows as plain async functions, traced into a DAG, run anywhere.
+
+How the package stacks, bottom up (each layer imports only those below it):
+
+- ``_errors``, ``events``, ``_codec``: the error hierarchy, the event records, and the one
+  codec every value crosses.
+- ``_graph``: the immutable DAG; ``_trace`` and ``_dsl``: the decorators and the tracer that
+  turns a flow body into a graph.
+- ``_scheduler``: the run state machine and the one loop that drives it; ``_runner``: one
+  node's attempts, retries, timeout and events.
+- ``stores/``: where journals live; ``contexts/``: executors that carry nodes to where they
+  run; ``_context``: :class:`Context` and :class:`Run`, the user's handle on all of it.
+- ``llm/``: LLM providers reached from inside steps; ``testing``: helpers for users' tests;
+  ``cli``: the ``flowdsl`` command.
+"""
+
+from __future__ import annotations
+
+from . import events as events
+from ._context import Context as Context
+from ._context import Run as Run
+from ._context import current_context as current_context
+from ._context import run as run
+from ._dsl import Branch as Branch
+from ._dsl import Flow as Flow
+from ._dsl import Step as Step
+from ._dsl import branch as branch
+from ._dsl import flow as flow
+from ._dsl import step as step
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CodecError as CodecError
+from ._errors import ConfigError as ConfigError
+from ._errors import FlowError as FlowError
+from ._errors import StepFailed as StepFailed
+from ._errors import TracingError as TracingError
+from ._graph import Edge as Edge
+from ._graph import Graph as Graph
+from ._graph import Node as Node
+from ._records import RunStatus as RunStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Branch",
+    "CheckpointError",
+    "CodecError",
+    "ConfigError",
+    "Context",
+    "Edge",
+    "Flow",
+    "FlowError",
+    "Graph",
+    "Node",
+    "Run",
+    "RunStatus",
+    "Step",
+    "StepFailed",
+    "TracingError",
+    "branch",
+    "current_context",
+    "events",
+    "flow",
+    "run",
+    "step",
+]
+
+
+def _fixup_module_metadata() -> None:
+    # Tracebacks and reprs say `flowdsl.StepFailed`, not `flowdsl._errors.StepFailed`.
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type) and obj.__module__.startswith("flowdsl._"):
+            obj.__module__ = __name__
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

@@ -1,0 +1,113 @@
+"""The one codec every value crosses: cattrs over JSON-compatible data.
+
+Step arguments, step results, flow inputs and flow results are *encoded* (unstructured by
+cattrs, then checked to be JSON text) and *decoded* (parsed, then structured by cattrs into
+the type a signature names).  Real-time runs pass values through the same round trip as
+batch runs, so a value that would not survive a queue fails in a notebook first.
+
+Nothing here ever executes code found in the data: decoding only builds the type the
+caller names (a step's return annotation), never a type named by the data.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import cattrs
+from cattrs.preconf.json import make_converter
+
+from ._errors import CodecError
+
+__all__ = ["decode", "dumps", "encode", "from_data", "loads", "to_data"]
+
+converter: Final = make_converter(forbid_extra_keys=True)
+
+_PRIMITIVES: Final = frozenset({str, int, float, bool, type(None)})
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
+_loads = json.JSONDecoder().decode
+
+
+def to_data(value: object, *, what: str = "value") -> Any:
+    """Unstructure *value* into JSON-compatible data, or raise :class:`CodecError`."""
+    if type(value) in _PRIMITIVES:
+        return value
+    try:
+        data = converter.unstructure(value)
+        # Validate by serializing: cattrs passes unknown objects through untouched.
+        _dumps(data)
+    except (TypeError, ValueError, cattrs.BaseValidationError) as exc:
+        raise CodecError(
+            f"cannot encode {what} of type {_type_name(value)}",
+            hint=(
+                "Values crossing steps must be builtins, attrs classes, dataclasses, enums, "
+                "datetimes, bytes or containers of these"
+            ),
+        ) from exc
+    return data
+
+
+def from_data(data: Any, tp: Any, *, what: str = "value") -> Any:
+    """Structure JSON-compatible *data* as *tp*, or raise :class:`CodecError`."""
+    if tp is Any or tp is object:
+        return data
+    if tp in _PRIMITIVES and type(data) is tp:
+        return data
+    try:
+        return converter.structure(data, tp)
+    except Exception as exc:  # cattrs raises many kinds; all mean "does not fit"
+        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
+            exc, cattrs.BaseValidationError
+        ) else str(exc)
+        raise CodecError(
+            f"cannot decode {what} as {_type_name_of_type(tp)}: {detail}",
+            hint="The stored data does not fit the annotated type; check the step's annotation",
+        ) from exc
+
+
+def dumps(data: Any) -> str:
+    """JSON text of already-unstructured *data*."""
+    return _dumps(data)
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text; a parse failure is a :class:`CodecError`."""
+    try:
+        return _loads(text if isinstance(text, str) else text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CodecError(f"malformed JSON data: {exc}") from exc
+
+
+def encode(value: object, *, what: str = "value") -> str:
+    """*value* as JSON text."""
+    return _dumps(to_data(value, what=what))
+
+
+def decode(text: str | bytes, tp: Any, *, what: str = "value") -> Any:
+    """JSON text back into *tp*."""
+    return from_data(loads(text), tp, what=what)
+
+
+def roundtrip(value: object, tp: Any, *, what: str = "value") -> tuple[Any, Any]:
+    """Encode *value* and decode it as *tp*: returns ``(data, decoded)``.
+
+    What a downstream node receives in real time is exactly what it would receive after
+    the value crossed a queue or a store; primitives skip the text round trip since it
+    cannot change them.
+    """
+    cls = type(value)
+    if cls in _PRIMITIVES and (tp is Any or tp is object or tp is cls or cls is type(None)):
+        return value, value
+    data = to_data(value, what=what)
+    return data, from_data(_loads(_dumps(data)), tp, what=what)
+
+
+def _type_name(value: object) -> str:
+    return _type_name_of_type(type(value))
+
+
+def _type_name_of_type(tp: Any) -> str:
+    if isinstance(tp, type):
+        module = tp.__module__
+        return tp.__qualname__ if module == "builtins" else f"{module}.{tp.__qualname__}"
+    return repr(tp)

@@ -1,0 +1,565 @@
+"""Contexts and runs: where a flow runs, and the handle a caller holds on one run.
+
+A :class:`Context` chooses the executor (real time in this process, or batch through a
+queue), the store that keeps the journal, the LLM provider and who hears events.  The
+scheduler is the same in every context; only the executor differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectSendStream
+
+from . import _codec
+from . import events as ev
+from ._dsl import Flow
+from ._errors import CheckpointError, ConfigError, FlowError, StepFailed
+from ._records import RunRecord, RunStatus
+from ._scheduler import Executor, Plan, RunState, drive
+
+__all__ = ["Context", "Run", "current_context", "run"]
+
+R = TypeVar("R")
+
+_CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "flowdsl_context", default=None
+)
+_DEFAULT: Context | None = None
+
+
+def current_context() -> Context:
+    """The context entered with ``async with``, or a process-wide real-time default."""
+    ctx = _CURRENT.get()
+    if ctx is not None:
+        return ctx
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Context()
+    return _DEFAULT
+
+
+def plan_of(flow: Flow[..., Any]) -> Plan:
+    plan: Plan | None = getattr(flow, "_fd_plan", None)
+    if plan is None or plan.graph is not flow.graph:
+        plan = Plan(flow.graph)
+        flow._fd_plan = plan  # type: ignore[attr-defined]
+    return plan
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@attrs.define(eq=False)
+class Run:
+    """One run of a flow: its id, its events as they happen, and its result."""
+
+    run_id: str
+    flow: Flow[..., Any]
+    context: Context = attrs.field(repr=False)
+    observed: bool = attrs.field(default=False, repr=False)
+    _history: list[Any] | None = attrs.field(default=None, init=False, repr=False)
+    _subscribers: list[MemoryObjectSendStream[Any]] = attrs.field(
+        factory=list, init=False, repr=False
+    )
+    _done: anyio.Event | None = attrs.field(default=None, init=False, repr=False)
+    _result: Any = attrs.field(default=None, init=False, repr=False)
+    _error: BaseException | None = attrs.field(default=None, init=False, repr=False)
+    status: RunStatus = attrs.field(default=RunStatus.RUNNING, init=False)
+    inputs: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def flow_name(self) -> str:
+        return self.flow.name
+
+    def _watch(self) -> None:
+        """Keep a history of events so that late subscribers see the run from its start."""
+        self.observed = True
+        if self._history is None:
+            self._history = []
+        if self._done is None:
+            self._done = anyio.Event()
+
+    def emit(self, event: Any) -> None:
+        if self._history is not None:
+            self._history.append(event)
+        for stream in self._subscribers:
+            stream.send_nowait(event)
+        callback = self.context.on_event
+        if callback is not None:
+            callback(event)
+
+    def _settle(self, status: RunStatus, result: Any = None, error: BaseException | None = None
+                ) -> None:
+        self.status = status
+        self._result = result
+        self._error = error
+        for stream in self._subscribers:
+            stream.close()
+        self._subscribers.clear()
+        if self._done is not None:
+            self._done.set()
+
+    async def result(self) -> Any:
+        """Wait for the run to end; its result, or the :class:`StepFailed` that ended it."""
+        if self._done is None:
+            self._done = anyio.Event()
+        if not self.status.ended:
+            await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    async def events(self) -> AsyncIterator[Any]:
+        """Every event of the run, from its start, until it ends."""
+        history = list(self._history or ())
+        if self.status.ended:
+            for event in history:
+                yield event
+            return
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
+        self._subscribers.append(send)
+        for event in history:
+            yield event
+        async with receive:
+            async for event in receive:
+                yield event
+
+
+class Context:
+    """Where flows run.  See the API contract for the options.
+
+    ``async with ctx:`` opens the store's connections and makes *ctx* the current context,
+    so that ``await flow(...)`` inside the block runs in it; runs started with
+    :meth:`start` belong to the block, which waits for them when it ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: bool = False,
+        store: Any = None,
+        broker: str | None = None,
+        workers: int | None = None,
+        llm: Any = None,
+        on_event: Callable[[Any], None] | None = None,
+        max_concurrency: int | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if on_event is not None and inspect.iscoroutinefunction(on_event):
+            raise ConfigError(
+                "on_event must be a plain function; it is called synchronously for every event",
+                hint="Use `run.events()` to consume events asynchronously",
+            )
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if (broker is not None or workers is not None) and not batch:
+            raise ConfigError(
+                "broker= and workers= configure batch mode",
+                hint="Pass batch=True: fd.Context(batch=True, broker=...)",
+            )
+        self.batch = batch
+        self.broker = broker
+        self.workers = workers
+        self.llm = llm
+        self.on_event = on_event
+        self.max_concurrency = max_concurrency
+        self.progress = progress
+        self.store = _open_store_spec(store, batch=batch)
+        self._executor: Executor | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._tg_cm: Any = None
+        self._token: contextvars.Token[Context | None] | None = None
+        self._entered = 0
+        self._users = 0
+        self._active: dict[str, Run] = {}
+        if batch:
+            raise ConfigError(
+                "batch mode is not available in this version of flowdsl",
+                hint="Use a real-time context (fd.Context()) for now",
+            )
+
+    def __repr__(self) -> str:
+        mode = "batch" if self.batch else "real-time"
+        return f"<flowdsl.Context {mode} store={self.store.url!r}>"
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Context:
+        if self._entered:
+            raise ConfigError(
+                "this context is already entered", hint="Enter a context once: `async with ctx:`"
+            )
+        await self.store.open()
+        self._setup()
+        self._tg_cm = anyio.create_task_group()
+        self._tg = await self._tg_cm.__aenter__()
+        self._token = _CURRENT.set(self)
+        self._entered = 1
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        try:
+            assert self._tg_cm is not None
+            return bool(await self._tg_cm.__aexit__(*exc_info))
+        finally:
+            self._tg = self._tg_cm = None
+            if self._token is not None:
+                _CURRENT.reset(self._token)
+                self._token = None
+            self._entered = 0
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def _using(self) -> AsyncIterator[None]:
+        """Keep the store open for a call made without ``async with ctx``."""
+        if self._entered:
+            yield
+            return
+        if self._users == 0:
+            await self.store.open()
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                with anyio.CancelScope(shield=True):
+                    await self.store.close()
+
+    def _setup(self) -> None:
+        if self._executor is None:
+            from .contexts.realtime import RealtimeExecutor
+
+            self._executor = RealtimeExecutor(self.store, self.llm)
+        if self.max_concurrency is not None and self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.max_concurrency)
+
+    # --- running --------------------------------------------------------------------------
+
+    async def run(self, flow: Flow[..., R], /, *args: Any, run_id: str | None = None,
+                  **kwargs: Any) -> R:
+        """Run *flow* to its result in this context."""
+        _check_flow(flow)
+        async with self._using():
+            return await self._run(flow, args, kwargs, run_id)
+
+    async def _run(self, flow: Flow[..., R], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   run_id: str | None) -> R:
+        self._setup()
+        run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=False)
+        if not fresh:
+            return await run.result()  # type: ignore[no-any-return]
+        return await self._execute(run)  # type: ignore[no-any-return]
+
+    async def start(self, flow: Flow[..., Any], /, *args: Any, run_id: str | None = None,
+                    **kwargs: Any) -> Run:
+        """Start *flow* in the background; idempotent by *run_id*."""
+        _check_flow(flow)
+        if self._tg is None:
+            raise ConfigError(
+                "start() needs an entered context",
+                flow=flow.name,
+                hint="Write `async with ctx: run = await ctx.start(...)`, or use "
+                "`await ctx.run(...)` to wait for the result",
+            )
+        run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=True)
+        if fresh:
+            self._tg.start_soon(self._execute_quietly, run, name=f"flowdsl run {run.run_id}")
+        return run
+
+    async def map(
+        self,
+        flow: Flow[..., R],
+        inputs: Iterable[Any],
+        /,
+        *,
+        concurrency: int | None = None,
+        return_exceptions: bool = False,
+        run_ids: Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> list[R | BaseException]:
+        """One run per input; results in input order, with a progress bar on a terminal.
+
+        Each input is the flow's single argument; for a flow of several parameters, give a
+        tuple (positional) or a dict (keyword) per input.
+        """
+        _check_flow(flow)
+        items = list(inputs)
+        if run_ids is not None and len(run_ids) != len(items):
+            raise ConfigError(
+                f"{len(run_ids)} run ids for {len(items)} inputs",
+                flow=flow.name,
+                hint="Give one run id per input, or none",
+            )
+        calls = [_as_call(flow, item) for item in items]
+        limiter = anyio.CapacityLimiter(concurrency) if concurrency else None
+        show = self.progress if progress is None else progress
+        async with self._using():
+            return await self._map(flow, calls, run_ids, limiter, show, return_exceptions)
+
+    async def _map(
+        self,
+        flow: Flow[..., R],
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        run_ids: Sequence[str] | None,
+        limiter: anyio.CapacityLimiter | None,
+        show: bool | None,
+        return_exceptions: bool,
+    ) -> list[R | BaseException]:
+        from ._progress import progress_for
+
+        results: list[Any] = [None] * len(calls)
+        with progress_for(flow.name, len(items), show) as bar:
+
+            async def one(i: int) -> None:
+                args, kwargs = calls[i]
+                rid = run_ids[i] if run_ids is not None else None
+                bar.started()
+                try:
+                    if limiter is None:
+                        results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                    else:
+                        async with limiter:
+                            results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                except FlowError as exc:
+                    bar.failed()
+                    if not return_exceptions:
+                        raise
+                    results[i] = exc
+                else:
+                    bar.done()
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(calls)):
+                        tg.start_soon(one, i)
+            except BaseExceptionGroup as group:
+                # Surface the first flowdsl failure itself, not a group of one.
+                flow_errors, rest = group.split(FlowError)
+                if rest is None and flow_errors is not None:
+                    raise _first_leaf(flow_errors) from None
+                raise
+        return results
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _prepare(
+        self,
+        flow: Flow[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None,
+        *,
+        watch: bool,
+    ) -> tuple[Run, bool]:
+        """Make the run record (or find the existing run); ``fresh`` is whether to execute."""
+        if run_id is not None and run_id in self._active:
+            return self._active[run_id], False
+        graph = flow.graph
+        inputs = flow.bind(args, kwargs)
+        types = flow.input_types
+        encoded: dict[str, Any] = {}
+        decoded: dict[str, Any] = {}
+        for name, value in inputs.items():
+            data, value2 = _codec.roundtrip(value, types.get(name, Any), what=f"input {name!r}")
+            encoded[name] = data
+            decoded[name] = value2
+        now = time.time()
+        record = RunRecord(
+            run_id=run_id or new_run_id(),
+            flow=flow.name,
+            flow_ref=flow.ref,
+            fingerprint=graph.fingerprint if run_id is not None else "",
+            inputs=_codec.dumps(encoded),
+            status=RunStatus.RUNNING,
+            created_at=now,
+            updated_at=now,
+        )
+        stored, created = await self.store.create_run(record)
+        run = Run(stored.run_id, flow, self, observed=self.on_event is not None)
+        if watch:
+            run._watch()
+        if not created:
+            if stored.flow != flow.name:
+                raise CheckpointError(
+                    f"run {stored.run_id!r} exists and belongs to flow {stored.flow!r}",
+                    flow=flow.name,
+                    hint="Choose another run id",
+                )
+            if stored.status is RunStatus.FINISHED:
+                assert stored.result is not None
+                run._settle(
+                    RunStatus.FINISHED,
+                    _codec.decode(stored.result, flow.return_type, what="the stored result"),
+                )
+                return run, False
+            if stored.status.ended:
+                run._settle(stored.status, error=_stored_failure(stored))
+                return run, False
+        run.inputs = decoded
+        self._active[run.run_id] = run
+        return run, True
+
+    async def _execute_quietly(self, run: Run) -> None:
+        try:
+            await self._execute(run)
+        except StepFailed:
+            pass  # kept on the run; whoever awaits run.result() gets it
+
+    async def _execute(self, run: Run) -> Any:
+        flow = run.flow
+        plan = plan_of(flow)
+        state = RunState(plan, run.inputs)
+        if run.observed:
+            run.emit(ev.RunStarted(run.run_id, flow.name, time.time()))
+        assert self._executor is not None
+        on_skipped = _skip_reporter(run) if run.observed else None
+        try:
+            output = await drive(
+                run, state, state.start(), self._executor,
+                limiter=self._limiter, on_skipped=on_skipped,
+            )
+            data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
+        except StepFailed as exc:
+            with anyio.CancelScope(shield=True):
+                await self.store.update_run(
+                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=exc.node_id
+                )
+            if run.observed:
+                run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), exc.node_id))
+            run._settle(RunStatus.FAILED, error=exc)
+            raise
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self.store.update_run(
+                    run.run_id, status=RunStatus.CANCELLED, error="cancelled"
+                )
+            if run.observed:
+                run.emit(ev.RunFailed(run.run_id, time.time(), "cancelled", cancelled=True))
+            run._settle(RunStatus.CANCELLED, error=_cancelled(run))
+            raise
+        finally:
+            self._active.pop(run.run_id, None)
+        await self.store.update_run(
+            run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
+        )
+        if run.observed:
+            run.emit(ev.RunFinished(run.run_id, time.time(), data))
+        run._settle(RunStatus.FINISHED, value)
+        return value
+
+
+def _open_store_spec(spec: Any, *, batch: bool) -> Any:
+    from .stores import open_store
+
+    return open_store(spec, batch=batch)
+
+
+def _check_flow(flow: Any) -> None:
+    if not isinstance(flow, Flow):
+        name = getattr(flow, "__name__", type(flow).__name__)
+        raise ConfigError(
+            f"{name!r} is not a flow",
+            hint="Pass a function decorated with @fd.flow; a step runs by calling it directly",
+        )
+
+
+def _as_call(flow: Flow[..., Any], item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if len(flow.signature.parameters) == 1:
+        return (item,), {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    if isinstance(item, tuple | list):
+        return tuple(item), {}
+    raise ConfigError(
+        f"input {item!r} does not fit a flow of {len(flow.signature.parameters)} parameters",
+        flow=flow.name,
+        hint="Give a tuple (positional) or a dict (keyword) per input",
+    )
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _skip_reporter(run: Run) -> Callable[[list[str]], None]:
+    def report(node_ids: list[str]) -> None:
+        now = time.time()
+        for node_id in node_ids:
+            run.emit(ev.StepSkipped(run.run_id, node_id, now))
+
+    return report
+
+
+def _stored_failure(record: RunRecord) -> BaseException:
+    return StepFailed(
+        f"the run ended {record.status.value}: {record.error}",
+        flow=record.flow,
+        node=record.failed_node,
+        run_id=record.run_id,
+        hint=f"Resume it with `ctx.resume({record.run_id!r})`",
+    )
+
+
+def _cancelled(run: Run) -> BaseException:
+    return StepFailed(
+        "the run was cancelled",
+        flow=run.flow_name,
+        run_id=run.run_id,
+        hint=f"Resume it with `ctx.resume({run.run_id!r})`",
+    )
+
+
+def run(flow: Flow[..., R], /, *args: Any, **kwargs: Any) -> R:
+    """Run *flow* from synchronous code and return its result.
+
+    Inside a running event loop (a notebook cell), it runs the flow on a fresh loop in a
+    helper thread; there, ``await flow(...)`` is the better spelling.
+    """
+    import functools
+
+    import concurrent.futures
+
+    backend = kwargs.pop("backend", "asyncio")
+    call = functools.partial(current_context().run, flow, *args, **kwargs)
+    if not _in_event_loop():
+        return anyio.run(call, backend=backend)
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flowdsl-run") as pool:
+        return pool.submit(anyio.run, call, backend=backend).result()
+
+
+def _in_event_loop() -> bool:
+    import asyncio
+    import sys
+
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+            return True
+        except RuntimeError:
+            pass
+    return False

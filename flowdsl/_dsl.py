@@ -1,0 +1,321 @@
+"""The decorators users write: ``@step``, ``@branch`` and ``@flow``.
+
+A decorated function stays what it was outside a flow: calling a step from a test or a
+notebook cell runs the function itself.  Inside a flow body being traced, the same call
+records a node instead (see :mod:`flowdsl._trace`).  Calling a flow outside any flow runs it
+in the current context.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _trace
+from ._errors import TracingError
+from ._graph import Graph
+
+__all__ = ["Branch", "Flow", "Step", "branch", "flow", "step"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+
+
+def _ref(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def code_hash(fn: Callable[..., Any]) -> str:
+    """A hash of *fn*'s code: its source when Python can find it, else its bytecode."""
+    try:
+        material = textwrap.dedent(inspect.getsource(fn)).encode()
+    except (OSError, TypeError):
+        material = _bytecode_material(fn.__code__)
+    return hashlib.sha256(material).hexdigest()[:16]
+
+
+def _bytecode_material(code: Any) -> bytes:
+    parts = [code.co_code, repr(code.co_names).encode(), repr(code.co_varnames).encode()]
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            parts.append(_bytecode_material(const))
+        else:
+            parts.append(repr(const).encode())
+    return b"\0".join(parts)
+
+
+class _Unit(Generic[P, R]):
+    """What steps and branches share: the function, its options, its return type."""
+
+    kind: str = "step"
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str | None,
+        retries: int,
+        timeout: float | None,
+        retry_on: tuple[type[BaseException], ...],
+        backoff: float,
+        version: str | None,
+        cache: bool,
+    ) -> None:
+        if isinstance(fn, _Unit | Flow):
+            raise TracingError(
+                f"{fn.name!r} is already decorated", hint="Apply one of @step, @branch, @flow"
+            )
+        if not callable(fn):
+            raise TracingError(f"@fd.{self.kind} needs a function, not {type(fn).__name__}")
+        if retries < 0:
+            raise TracingError(f"retries must be 0 or more, not {retries}", node=name)
+        if timeout is not None and timeout <= 0:
+            raise TracingError(f"timeout must be positive seconds, not {timeout}", node=name)
+        self.fn = fn
+        self.name = _trace.check_name(name or fn.__name__, self.kind)
+        self.retries = retries
+        self.timeout = timeout
+        self.retry_on = retry_on
+        self.backoff = backoff
+        self.version = version
+        self.cache = cache
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.ref = _ref(fn)
+        self._return_type: Any = _UNSET
+        self._code_hash: str | None = None
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    @property
+    def return_type(self) -> Any:
+        """The return annotation, resolved on first use (``Any`` when there is none)."""
+        if self._return_type is _UNSET:
+            try:
+                hints = typing.get_type_hints(self.fn)
+            except Exception as exc:
+                raise TracingError(
+                    f"cannot resolve the return annotation of {self.name!r}: {exc}",
+                    node=self.name,
+                    hint="Import the annotated types at module level",
+                ) from exc
+            self._return_type = hints.get("return", Any)
+        return self._return_type
+
+    @property
+    def code_hash(self) -> str:
+        if self._code_hash is None:
+            self._code_hash = code_hash(self.fn)
+        return self._code_hash
+
+    def __repr__(self) -> str:
+        return f"<flowdsl {self.kind} {self.name!r} ({self.ref})>"
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        # Steps defined as methods bind like functions.
+        if obj is None:
+            return self
+        return functools.partial(self.__call__, obj)
+
+
+class Step(_Unit[P, R]):
+    """A unit of work: an ``async def`` (or plain ``def``, run in a thread) marked ``@fd.step``."""
+
+    kind = "step"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        tracer = _trace.current_tracer()
+        if tracer is not None:
+            return _trace.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+class Branch(_Unit[P, R]):
+    """A step whose value (str, bool, int or Enum) chooses which case runs."""
+
+    kind = "branch"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        tracer = _trace.current_tracer()
+        if tracer is not None:
+            return _trace.BranchCall(tracer, self, args, kwargs)
+        return self.fn(*args, **kwargs)
+
+
+class Flow(Generic[P, R]):
+    """A traced composition of steps.  ``flow.graph`` is its DAG."""
+
+    def __init__(self, fn: Callable[P, Coroutine[Any, Any, R]], *, name: str | None = None):
+        if not inspect.iscoroutinefunction(fn):
+            raise TracingError(
+                f"@fd.flow needs an `async def` function; {getattr(fn, '__name__', fn)!r} is not",
+                hint="Write `async def` for the flow body",
+            )
+        self.fn = fn
+        self.name = _trace.check_name(name or fn.__name__, "flow")
+        self.ref = _ref(fn)
+        self.signature = inspect.signature(fn)
+        self._graph: Graph | None = None
+        self._input_types: dict[str, Any] | None = None
+        self._return_type: Any = _UNSET
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    @property
+    def graph(self) -> Graph:
+        """The traced DAG (traced on first access if a name was missing at definition)."""
+        if self._graph is None:
+            self._graph = _trace.trace(self)
+        return self._graph
+
+    def try_trace(self) -> None:
+        """Trace now; a name defined later in the module defers tracing to first use."""
+        try:
+            self._graph = _trace.trace(self)
+        except NameError:
+            self._graph = None
+
+    @property
+    def input_types(self) -> dict[str, Any]:
+        if self._input_types is None:
+            try:
+                hints = typing.get_type_hints(self.fn)
+            except Exception:
+                hints = {}
+            self._input_types = {
+                name: hints.get(name, Any) for name in self.signature.parameters
+            }
+        return self._input_types
+
+    @property
+    def return_type(self) -> Any:
+        if self._return_type is _UNSET:
+            try:
+                self._return_type = typing.get_type_hints(self.fn).get("return", Any)
+            except Exception:
+                self._return_type = Any
+        return self._return_type
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Map call arguments to the flow's inputs (defaults applied)."""
+        from ._errors import ConfigError
+
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"arguments do not fit the flow's signature: {exc}",
+                flow=self.name,
+                hint=f"Call it as `{self.name}{self.signature}`",
+            ) from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        tracer = _trace.current_tracer()
+        if tracer is not None:
+            return _trace.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+        from ._context import current_context
+
+        return current_context().run(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<flowdsl flow {self.name!r} ({self.ref})>"
+
+
+_RETRY_ON_DEFAULT: tuple[type[BaseException], ...] = (Exception,)
+
+
+@overload
+def step(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Step[P, R]: ...
+@overload
+def step(fn: Callable[P, R], /) -> Step[P, R]: ...
+@overload
+def step(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = ...,
+    backoff: float = 1.0,
+    version: str | None = None,
+    cache: bool = False,
+) -> Callable[[Callable[P, Any]], Step[P, Any]]: ...
+
+
+def step(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = _RETRY_ON_DEFAULT,
+    backoff: float = 1.0,
+    version: str | None = None,
+    cache: bool = False,
+) -> Any:
+    """Mark a function as a step.
+
+    ``retries`` more attempts follow a failure whose exception is one of ``retry_on``,
+    after an exponential delay starting at ``backoff`` seconds (with jitter); ``timeout``
+    bounds each attempt; ``version`` marks a deliberate change for resume; ``cache=True``
+    reuses results across runs for equal inputs.
+    """
+
+    def wrap(f: Callable[..., Any]) -> Step[..., Any]:
+        return Step(
+            f,
+            name=name,
+            retries=retries,
+            timeout=timeout,
+            retry_on=retry_on,
+            backoff=backoff,
+            version=version,
+            cache=cache,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def branch(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = _RETRY_ON_DEFAULT,
+    backoff: float = 1.0,
+    version: str | None = None,
+) -> Any:
+    """Mark a function as a branch: its value (str, bool, int or Enum) picks a case."""
+
+    def wrap(f: Callable[..., Any]) -> Branch[..., Any]:
+        return Branch(
+            f,
+            name=name,
+            retries=retries,
+            timeout=timeout,
+            retry_on=retry_on,
+            backoff=backoff,
+            version=version,
+            cache=False,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def flow(fn: Callable[P, Coroutine[Any, Any, R]] | None = None, /, *, name: str | None = None) -> Any:
+    """Mark an ``async def`` as a flow; its body is traced into a graph right away."""
+
+    def wrap(f: Callable[P, Coroutine[Any, Any, R]]) -> Flow[P, R]:
+        result = Flow(f, name=name)
+        result.try_trace()
+        return result
+
+    return wrap(fn) if fn is not None else wrap

@@ -1,0 +1,117 @@
+"""Every error flowdsl raises, rooted at :class:`FlowError`.
+
+The hierarchy::
+
+    FlowError                     anything flowdsl raises on purpose
+    ├── TracingError (TypeError)  a flow body that cannot become a graph (definition time)
+    ├── StepFailed (RuntimeError) a node failed at run time; the original error is __cause__
+    ├── CodecError (TypeError)    a value the codec cannot carry, or data it cannot read back
+    ├── CheckpointError           a corrupted store record, or a resume the flow's changes forbid
+    └── ConfigError (ValueError)  a bad URL, a missing server or extra, an unimportable step
+
+Each subclass also inherits the builtin it resembles, so ``except TypeError`` code written
+before flowdsl still catches what it used to.  Constructors take the structured parts (the
+flow, the node, a hint) and build the message, so every message has the same shape:
+``flow 'triage', node 'classify': <what went wrong>. <what to do>``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CodecError",
+    "ConfigError",
+    "FlowError",
+    "StepFailed",
+    "TracingError",
+]
+
+
+class FlowError(Exception):
+    """The base of every error flowdsl raises."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        flow: str | None = None,
+        node: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.flow = flow
+        self.node = node
+        self.hint = hint
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = []
+        if self.flow is not None:
+            where.append(f"flow {self.flow!r}")
+        if self.node is not None:
+            where.append(f"node {self.node!r}")
+        message = self.problem
+        if where:
+            message = f"{', '.join(where)}: {message}"
+        if self.hint:
+            message = f"{message.rstrip('.')}. {self.hint}"
+        return message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only constructors break the default exception pickling that
+        # multiprocessing and pytest-xdist rely on; rebuild from the parts instead.
+        return (_rebuild, (type(self), self.problem, self.flow, self.node, self.hint))
+
+
+def _rebuild(
+    cls: type[FlowError], problem: str, flow: str | None, node: str | None, hint: str | None
+) -> FlowError:
+    return cls(problem, flow=flow, node=node, hint=hint)
+
+
+class TracingError(FlowError, TypeError):
+    """A flow body that cannot be traced into a graph, raised at definition time."""
+
+
+class StepFailed(FlowError, RuntimeError):
+    """A node failed at run time, after its retries.
+
+    ``node_id`` names the node, ``run_id`` the run; the exception the step raised is
+    ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        flow: str | None = None,
+        node: str | None = None,
+        hint: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.run_id = run_id
+        super().__init__(problem, flow=flow, node=node, hint=hint)
+
+    @property
+    def node_id(self) -> str | None:
+        return self.node
+
+
+class CodecError(FlowError, TypeError):
+    """A value the codec cannot encode, or stored data it cannot decode."""
+
+
+class CheckpointError(FlowError, RuntimeError):
+    """A store record that is malformed, or a resume that the flow's changes make unsafe."""
+
+
+class ConfigError(FlowError, ValueError):
+    """A bad URL or option, an unreachable server, a missing extra or an unimportable step."""
+
+
+class StepCodecFailed(StepFailed, CodecError):
+    """A step whose result (or arguments) the codec cannot carry.
+
+    It is both a :class:`StepFailed` (the run failed at that node) and a
+    :class:`CodecError` (the reason), so either ``except`` clause catches it.
+    """

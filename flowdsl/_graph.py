@@ -1,0 +1,333 @@
+"""The traced DAG: immutable data the tracer builds and the scheduler reads.
+
+A :class:`Graph` is plain data.  Nodes refer to their step by object (for in-process
+execution) and by ``module:qualname`` (for workers in other processes).  Arguments are small
+expression trees (:data:`Expr`): a literal, a flow input, another node's result (optionally
+projected by attribute or item), or a list, tuple or dict of these.
+
+Ids are stable: they come from step names, call order, sub-flow and branch-case namespaces,
+so the same code traced in another process gives the same ids, which is what lets a run
+resume from its journal.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import html
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from . import _codec
+
+if TYPE_CHECKING:
+    from ._dsl import Branch, Step
+
+__all__ = [
+    "Edge",
+    "Graph",
+    "Input",
+    "ListOf",
+    "Literal",
+    "MapOf",
+    "Node",
+    "NodeKind",
+    "Ref",
+    "TupleOf",
+]
+
+
+# --- argument expressions -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Literal:
+    """A constant written in the flow body."""
+
+    value: Any = attrs.field(eq=False)
+    data: Any  # its encoded form: what fingerprints and task messages carry
+
+
+@attrs.frozen
+class Input:
+    """A parameter of the outermost flow, optionally projected like :class:`Ref`."""
+
+    name: str
+    path: tuple[tuple[str, Any], ...] = ()
+
+
+@attrs.frozen
+class Ref:
+    """The result of node ``node``, projected by ``path`` (``("attr", name)``/``("item", key)``)."""
+
+    node: str
+    path: tuple[tuple[str, Any], ...] = ()
+
+
+@attrs.frozen
+class ListOf:
+    items: tuple[Expr, ...]
+
+
+@attrs.frozen
+class TupleOf:
+    items: tuple[Expr, ...]
+
+
+@attrs.frozen
+class MapOf:
+    keys: tuple[Any, ...]
+    values: tuple[Expr, ...]
+
+
+Expr = Literal | Input | Ref | ListOf | TupleOf | MapOf
+
+
+def refs_of(expr: Expr) -> list[str]:
+    """The node ids an expression reads, in order of first appearance."""
+    out: list[str] = []
+    _collect_refs(expr, out)
+    return list(dict.fromkeys(out))
+
+
+def _collect_refs(expr: Expr, out: list[str]) -> None:
+    if isinstance(expr, Ref):
+        out.append(expr.node)
+    elif isinstance(expr, ListOf | TupleOf):
+        for item in expr.items:
+            _collect_refs(item, out)
+    elif isinstance(expr, MapOf):
+        for item in expr.values:
+            _collect_refs(item, out)
+
+
+def evaluate(expr: Expr, inputs: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
+    """The value of *expr* given the flow's inputs and the finished nodes' results."""
+    cls = type(expr)
+    if cls is Ref:
+        value = results[expr.node]  # type: ignore[union-attr]
+        for kind, key in expr.path:  # type: ignore[union-attr]
+            value = getattr(value, key) if kind == "attr" else value[key]
+        return value
+    if cls is Literal:
+        return expr.value  # type: ignore[union-attr]
+    if cls is Input:
+        value = inputs[expr.name]  # type: ignore[union-attr]
+        for kind, key in expr.path:  # type: ignore[union-attr]
+            value = getattr(value, key) if kind == "attr" else value[key]
+        return value
+    if cls is ListOf:
+        return [evaluate(e, inputs, results) for e in expr.items]  # type: ignore[union-attr]
+    if cls is TupleOf:
+        return tuple(evaluate(e, inputs, results) for e in expr.items)  # type: ignore[union-attr]
+    assert isinstance(expr, MapOf)
+    return {k: evaluate(v, inputs, results) for k, v in zip(expr.keys, expr.values, strict=True)}
+
+
+def describe(expr: Expr) -> Any:
+    """A JSON-compatible description of *expr*, for fingerprints and task messages."""
+    if isinstance(expr, Literal):
+        return {"lit": expr.data}
+    if isinstance(expr, Input):
+        return {"input": expr.name, "path": [[k, _codec.to_data(v)] for k, v in expr.path]}
+    if isinstance(expr, Ref):
+        return {"ref": expr.node, "path": [[k, _codec.to_data(v)] for k, v in expr.path]}
+    if isinstance(expr, ListOf):
+        return {"list": [describe(e) for e in expr.items]}
+    if isinstance(expr, TupleOf):
+        return {"tuple": [describe(e) for e in expr.items]}
+    return {
+        "map": [[_codec.to_data(k), describe(v)] for k, v in zip(expr.keys, expr.values, strict=True)]
+    }
+
+
+# --- nodes and edges ----------------------------------------------------------------------
+
+
+class NodeKind(enum.Enum):
+    STEP = "step"
+    BRANCH = "branch"
+    JOIN = "join"  # the value of ``branch(...).cases(...)``: the chosen case's result
+
+
+Guard = tuple[tuple[str, str], ...]
+"""The chain of ``(branch node id, case label)`` a node sits inside, outermost first."""
+
+
+@attrs.frozen
+class Node:
+    """One call in a flow body."""
+
+    id: str
+    kind: NodeKind
+    name: str  # the step's or branch's name; for a join, its branch's id
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[tuple[str, Expr], ...] = ()
+    guard: Guard = ()
+    # For a JOIN: the case labels and each case's result expression.
+    cases: tuple[tuple[str, Expr], ...] = ()
+    # For a BRANCH: the labels of its cases, which its value must name.
+    labels: tuple[str, ...] = ()
+    fn: Step | Branch | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def data_deps(self) -> tuple[str, ...]:
+        deps: list[str] = []
+        for expr in self.args:
+            deps.extend(refs_of(expr))
+        for _, expr in self.kwargs:
+            deps.extend(refs_of(expr))
+        return tuple(dict.fromkeys(deps))
+
+    def case_expr(self, case: str) -> Expr:
+        for label, expr in self.cases:
+            if label == case:
+                return expr
+        raise KeyError(case)
+
+
+@attrs.frozen
+class Edge:
+    """``src`` feeds ``dst``: by value (``kind="data"``) or by choosing its case (``"case"``)."""
+
+    src: str
+    dst: str
+    kind: str = "data"
+    case: str | None = None
+
+
+def _mermaid_id(node_id: str) -> str:
+    return "n_" + hashlib.blake2b(node_id.encode(), digest_size=5).hexdigest()
+
+
+@attrs.frozen
+class Graph:
+    """The DAG a flow traced into.  Immutable; a run's state lives in the scheduler."""
+
+    flow: str
+    nodes_by_id: Mapping[str, Node] = attrs.field(repr=False)
+    inputs: tuple[str, ...]
+    output: Expr
+    order: tuple[str, ...] = attrs.field(repr=False)  # node ids in trace order
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Node ids in the order the flow body called them."""
+        return self.order
+
+    def __getitem__(self, node_id: str) -> Node:
+        return self.nodes_by_id[node_id]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def edges(self) -> tuple[Edge, ...]:
+        out: list[Edge] = []
+        for node_id in self.order:
+            node = self.nodes_by_id[node_id]
+            for dep in node.data_deps:
+                out.append(Edge(dep, node_id))
+            if node.kind is NodeKind.JOIN:
+                out.append(Edge(node.name, node_id, kind="control"))
+                for case, expr in node.cases:
+                    for dep in refs_of(expr):
+                        out.append(Edge(dep, node_id, kind="data", case=case))
+            if node.guard:
+                branch, case = node.guard[-1]
+                if not any(dep in self._case_members(branch, case) for dep in node.data_deps):
+                    out.append(Edge(branch, node_id, kind="case", case=case))
+        return tuple(dict.fromkeys(out))
+
+    def _case_members(self, branch: str, case: str) -> frozenset[str]:
+        return frozenset(
+            n.id for n in self.nodes_by_id.values() if (branch, case) in n.guard
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the graph's shape: ids, kinds, wiring, guards and literal arguments."""
+        h = hashlib.sha256(self.flow.encode())
+        for node_id in self.order:
+            node = self.nodes_by_id[node_id]
+            desc = {
+                "id": node.id,
+                "kind": node.kind.value,
+                "name": node.name,
+                "args": [describe(e) for e in node.args],
+                "kwargs": [[k, describe(e)] for k, e in node.kwargs],
+                "guard": [list(g) for g in node.guard],
+                "cases": [[c, describe(e)] for c, e in node.cases],
+                "labels": list(node.labels),
+            }
+            h.update(_codec.dumps(desc).encode())
+        h.update(_codec.dumps(describe(self.output)).encode())
+        return h.hexdigest()[:16]
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def to_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart."""
+        lines = ["flowchart TD"]
+        for node_id in self.order:
+            node = self.nodes_by_id[node_id]
+            label = html.escape(node_id, quote=True).replace('"', "&quot;")
+            mid = _mermaid_id(node_id)
+            if node.kind is NodeKind.BRANCH:
+                lines.append(f'    {mid}{{"{label}"}}')
+            elif node.kind is NodeKind.JOIN:
+                lines.append(f'    {mid}(("{label}"))')
+            else:
+                lines.append(f'    {mid}["{label}"]')
+        for edge in self.edges:
+            src, dst = _mermaid_id(edge.src), _mermaid_id(edge.dst)
+            if edge.kind == "case" and edge.case is not None:
+                case = html.escape(edge.case, quote=True).replace('"', "&quot;")
+                lines.append(f'    {src} -->|"{case}"| {dst}')
+            elif edge.kind == "control":
+                lines.append(f"    {src} -.-> {dst}")
+            else:
+                lines.append(f"    {src} --> {dst}")
+        return "\n".join(lines) + "\n"
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT."""
+        lines = [f"digraph {_dot_quote(self.flow)} {{", "    rankdir=TB;"]
+        shapes = {NodeKind.STEP: "box", NodeKind.BRANCH: "diamond", NodeKind.JOIN: "circle"}
+        for node_id in self.order:
+            node = self.nodes_by_id[node_id]
+            lines.append(f"    {_dot_quote(node_id)} [shape={shapes[node.kind]}];")
+        for edge in self.edges:
+            attrs_: list[str] = []
+            if edge.case is not None and edge.kind == "case":
+                attrs_.append(f"label={_dot_quote(edge.case)}")
+            if edge.kind == "control":
+                attrs_.append("style=dashed")
+            suffix = f" [{', '.join(attrs_)}]" if attrs_ else ""
+            lines.append(f"    {_dot_quote(edge.src)} -> {_dot_quote(edge.dst)}{suffix};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def _repr_markdown_(self) -> str:
+        # Jupyter renders mermaid code blocks in Markdown output (JupyterLab 4.1+).
+        return f"```mermaid\n{self.to_mermaid()}```"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><code>{html.escape(n)}</code></td>"
+            f"<td>{self.nodes_by_id[n].kind.value}</td>"
+            f"<td>{html.escape(', '.join(self.nodes_by_id[n].data_deps))}</td></tr>"
+            for n in self.order
+        )
+        return (
+            f"<details open><summary>flow <b>{html.escape(self.flow)}</b>: "
+            f"{len(self.order)} nodes</summary><table><tr><th>node</th><th>kind</th>"
+            f"<th>inputs from</th></tr>{rows}</table></details>"
+        )
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+

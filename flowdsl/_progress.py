@@ -1,0 +1,86 @@
+"""Progress display for many runs: a rich bar on a terminal, nothing elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["progress_for"]
+
+
+class _Counts:
+    """Done, failed and running counts, shown by a bar when there is one."""
+
+    def __init__(self, bar: Any = None, task: Any = None) -> None:
+        self.bar = bar
+        self.task = task
+        self.running = self.done_count = self.failed_count = 0
+
+    def _refresh(self, advance: int = 0) -> None:
+        if self.bar is not None:
+            self.bar.update(
+                self.task,
+                advance=advance,
+                running=self.running,
+                done=self.done_count,
+                failed=self.failed_count,
+            )
+
+    def started(self) -> None:
+        self.running += 1
+        self._refresh()
+
+    def done(self) -> None:
+        self.running -= 1
+        self.done_count += 1
+        self._refresh(1)
+
+    def failed(self) -> None:
+        self.running -= 1
+        self.failed_count += 1
+        self._refresh(1)
+
+
+@contextlib.contextmanager
+def progress_for(name: str, total: int, show: bool | None) -> Iterator[_Counts]:
+    """Counts for *total* runs; a live bar when *show*, or by default on a terminal."""
+    if show is None:
+        show = sys.stderr.isatty() or _in_notebook()
+    if not show:
+        yield _Counts()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[done]} done"),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TextColumn("[cyan]{task.fields[running]} running"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(name, total=total, done=0, failed=0, running=0)
+        yield _Counts(bar, task)
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ip = shell.get_ipython()  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"

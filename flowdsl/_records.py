@@ -1,0 +1,60 @@
+"""What a store keeps: one record per run, one per finished node (a journal, not snapshots).
+
+Values inside records are JSON text produced by the codec, so every store (memory, SQLite,
+Redis, NATS) holds the same bytes and none of them ever holds a live Python object.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+__all__ = ["NodeRecord", "RunRecord", "RunStatus"]
+
+
+class RunStatus(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self is not RunStatus.RUNNING
+
+
+@attrs.frozen
+class RunRecord:
+    """A run: its flow, inputs, graph fingerprint and how it stands."""
+
+    run_id: str
+    flow: str  # the flow's name
+    flow_ref: str  # ``module:qualname``, so a resume from the shell can import it
+    fingerprint: str
+    inputs: str  # JSON text of the bound inputs (secrets redacted)
+    status: RunStatus
+    created_at: float
+    updated_at: float
+    result: str | None = None  # JSON text of the flow's result
+    error: str | None = None
+    failed_node: str | None = None
+    code: dict[str, str] = attrs.field(factory=dict)  # node id -> step code hash/version
+
+
+@attrs.frozen
+class NodeRecord:
+    """A finished node: its encoded result (the chosen case's label, for a branch)."""
+
+    node_id: str
+    value: str  # JSON text
+    attempts: int
+    started_at: float
+    finished_at: float
+    code: str = ""  # the step's code hash (or version) when it ran
+    usage: dict[str, Any] | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.finished_at - self.started_at

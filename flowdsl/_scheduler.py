@@ -1,0 +1,277 @@
+"""The scheduler: which node may run next, and the one loop that runs them.
+
+Two halves, kept apart so a test can drive the first without any I/O:
+
+:class:`RunState` is plain data with explicit transitions.  Every node is in one state::
+
+    WAITING --(all inputs done, guard chosen)--> READY --(dispatched)--> RUNNING --> DONE
+       \\--(its branch chose another case)--> SKIPPED
+
+A node waits on its data inputs and on the branch whose case it sits in.  When a branch
+finishes, the nodes of the cases it did not choose become SKIPPED at once (nested ones too),
+and its JOIN node starts waiting on the chosen case's result.  JOIN nodes are evaluated by
+the state itself: they run no user code.
+
+:func:`drive` is the I/O loop, written once for every mode.  It hands READY nodes to an
+:class:`Executor` (which runs the step in this process, or ships it to a queue and waits for
+a worker's answer) and feeds the results back into the state.  A chain whose next node is
+the only one made ready continues in the same task: spawning costs far more than a trivial
+step, so the loop spawns only where the graph really fans out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from ._errors import StepFailed
+from ._graph import Graph, Node, NodeKind, evaluate, refs_of
+
+__all__ = ["Executor", "Plan", "RunState", "drive"]
+
+WAITING, READY, RUNNING, DONE, SKIPPED = range(5)
+STATE_NAMES = ("waiting", "ready", "running", "done", "skipped")
+
+
+class Plan:
+    """What the scheduler precomputes once per graph."""
+
+    __slots__ = (
+        "case_members",
+        "dependents",
+        "graph",
+        "guard_dependents",
+        "initial",
+        "joins",
+        "nodes",
+        "roots",
+    )
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.nodes: Mapping[str, Node] = graph.nodes_by_id
+        initial: dict[str, int] = {}
+        dependents: dict[str, list[str]] = {n: [] for n in graph.order}
+        guard_dependents: dict[str, list[str]] = {n: [] for n in graph.order}
+        case_members: dict[tuple[str, str], list[str]] = {}
+        joins: dict[str, str] = {}
+        for node_id in graph.order:
+            node = self.nodes[node_id]
+            count = 0
+            if node.kind is NodeKind.JOIN:
+                joins[node.name] = node_id
+                count = 1  # its branch; the chosen case's inputs are added when it is known
+            else:
+                for dep in node.data_deps:
+                    dependents[dep].append(node_id)
+                    count += 1
+            for pair in node.guard:
+                case_members.setdefault(pair, []).append(node_id)
+            # A join needs no guard edge: its branch only runs once the guard is chosen.
+            if node.guard and node.kind is not NodeKind.JOIN:
+                guard_dependents[node.guard[-1][0]].append(node_id)
+                count += 1
+            initial[node_id] = count
+        self.initial = initial
+        self.dependents = {k: tuple(v) for k, v in dependents.items()}
+        self.guard_dependents = {k: tuple(v) for k, v in guard_dependents.items()}
+        self.case_members = {k: frozenset(v) for k, v in case_members.items()}
+        self.joins = joins
+        self.roots = tuple(n for n in graph.order if initial[n] == 0)
+
+
+class RunState:
+    """The mutable state of one run over a :class:`Plan`.  No I/O, no awaits."""
+
+    __slots__ = (
+        "extra_dependents",
+        "inputs",
+        "plan",
+        "remaining",
+        "results",
+        "skipped",
+        "status",
+        "unresolved",
+    )
+
+    def __init__(self, plan: Plan, inputs: Mapping[str, Any]) -> None:
+        self.plan = plan
+        self.inputs = inputs
+        self.remaining = dict(plan.initial)
+        self.status = dict.fromkeys(plan.graph.order, WAITING)
+        self.results: dict[str, Any] = {}
+        self.unresolved = len(self.status)
+        self.skipped: list[str] = []  # newly skipped ids, drained by the driver for events
+        self.extra_dependents: dict[str, list[str]] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.unresolved == 0
+
+    def start(self) -> list[Node]:
+        """The nodes ready at the start; each becomes RUNNING."""
+        ready: list[Node] = []
+        for node_id in self.plan.roots:
+            self._make_ready(node_id, ready)
+        return ready
+
+    def args_of(self, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The argument values of a ready node."""
+        inputs, results = self.inputs, self.results
+        args = tuple(evaluate(e, inputs, results) for e in node.args)
+        kwargs = {k: evaluate(e, inputs, results) for k, e in node.kwargs}
+        return args, kwargs
+
+    def complete(self, node_id: str, value: Any) -> list[Node]:
+        """Record *node_id*'s result (a case label for a branch); return newly ready nodes."""
+        if self.status[node_id] is not RUNNING:
+            raise RuntimeError(f"node {node_id!r} completed while {self.state_of(node_id)}")
+        ready: list[Node] = []
+        self._finish(node_id, value, ready)
+        return ready
+
+    def state_of(self, node_id: str) -> str:
+        return STATE_NAMES[self.status[node_id]]
+
+    def output(self) -> Any:
+        """The flow's result, once :attr:`finished`."""
+        return evaluate(self.plan.graph.output, self.inputs, self.results)
+
+    # transitions
+
+    def _finish(self, node_id: str, value: Any, ready: list[Node]) -> None:
+        self.status[node_id] = DONE
+        self.results[node_id] = value
+        self.unresolved -= 1
+        plan = self.plan
+        if plan.nodes[node_id].kind is NodeKind.BRANCH:
+            self._decide(node_id, value, ready)
+        for dep in plan.dependents[node_id]:
+            self._satisfy(dep, ready)
+        extra = self.extra_dependents.pop(node_id, None)
+        if extra:
+            for dep in extra:
+                self._satisfy(dep, ready)
+
+    def _decide(self, branch_id: str, case: str, ready: list[Node]) -> None:
+        plan = self.plan
+        others: set[str] = set()
+        for member in plan.guard_dependents[branch_id]:
+            member_case = plan.nodes[member].guard[-1][1]
+            if member_case == case:
+                self._satisfy(member, ready)
+            else:
+                others.add(member_case)
+        for other in sorted(others):
+            self._skip_case(branch_id, other)
+        join_id = plan.joins[branch_id]
+        join = plan.nodes[join_id]
+        for ref in refs_of(join.case_expr(case)):
+            if self.status[ref] is not DONE:
+                self.remaining[join_id] += 1
+                self.extra_dependents.setdefault(ref, []).append(join_id)
+        self._satisfy(join_id, ready)
+
+    def _skip_case(self, branch_id: str, case: str) -> None:
+        for member in self.plan.case_members.get((branch_id, case), ()):
+            if self.status[member] is WAITING:
+                self.status[member] = SKIPPED
+                self.unresolved -= 1
+                self.skipped.append(member)
+
+    def _satisfy(self, node_id: str, ready: list[Node]) -> None:
+        remaining = self.remaining[node_id] - 1
+        self.remaining[node_id] = remaining
+        if remaining == 0 and self.status[node_id] is WAITING:
+            self._make_ready(node_id, ready)
+
+    def _make_ready(self, node_id: str, ready: list[Node]) -> None:
+        node = self.plan.nodes[node_id]
+        if node.kind is NodeKind.JOIN:
+            self.status[node_id] = RUNNING
+            case = self.results[node.name]
+            value = evaluate(node.case_expr(case), self.inputs, self.results)
+            self._finish(node_id, value, ready)
+        else:
+            self.status[node_id] = RUNNING
+            ready.append(node)
+
+
+class RunLike(Protocol):
+    """What the driver needs of a run: its id, flow name and state."""
+
+    run_id: str
+    flow_name: str
+
+
+class Executor(Protocol):
+    """How a context carries a node to where it runs and its result back.
+
+    ``execute`` runs *node* with *args* (in this process, or by shipping a task to a
+    queue and waiting for a worker), makes its result durable, and returns the decoded
+    result: the step's value, or the chosen case's label for a branch.  It raises
+    :class:`~flowdsl.StepFailed` when the node failed for good.
+    """
+
+    async def execute(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any: ...
+
+
+async def drive(
+    run: Any,
+    state: RunState,
+    ready: Iterable[Node],
+    executor: Executor,
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+    on_skipped: Any = None,
+) -> Any:
+    """Run the nodes of *state* to the end; return the flow's output.
+
+    *ready* are the nodes to dispatch first (``state.start()``, or what a resume left).
+    The first failure cancels every node still in flight and is raised once they are gone.
+    """
+    failure: list[BaseException] = []
+
+    async def chain(node: Node | None, tg: anyio.abc.TaskGroup) -> None:
+        while node is not None:
+            args, kwargs = state.args_of(node)
+            try:
+                if limiter is None:
+                    value = await executor.execute(run, node, args, kwargs)
+                else:
+                    async with limiter:
+                        value = await executor.execute(run, node, args, kwargs)
+            except StepFailed as exc:
+                if not failure:
+                    failure.append(exc)
+                tg.cancel_scope.cancel()
+                return
+            newly = state.complete(node.id, value)
+            if state.skipped and on_skipped is not None:
+                skipped, state.skipped = state.skipped, []
+                on_skipped(skipped)
+            node = newly[0] if newly else None
+            for other in newly[1:]:
+                tg.start_soon(chain, other, tg, name=f"flowdsl node {other.id}")
+
+    first = list(ready)
+    if state.skipped and on_skipped is not None:
+        skipped, state.skipped = state.skipped, []
+        on_skipped(skipped)
+    if first:
+        async with anyio.create_task_group() as tg:
+            for other in first[1:]:
+                tg.start_soon(chain, other, tg, name=f"flowdsl node {other.id}")
+            await chain(first[0], tg)
+    if failure:
+        raise failure[0]
+    if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
+        stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
+        raise RuntimeError(f"run {run.run_id!r} stalled with nodes waiting: {stuck[:10]}")
+    return state.output()
+

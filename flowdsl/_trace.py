@@ -1,0 +1,661 @@
+"""The tracer: runs a flow body once with symbolic values and records a :class:`Graph`.
+
+A flow body is an ordinary ``async def``.  While it is traced, calling a step returns a
+pending call; awaiting that call records a node and hands back a :class:`Symbol`, a
+stand-in for the step's future result.  Nothing suspends: the tracer drives the body's
+coroutine with a single ``send(None)``, so a body that awaits anything real (a sleep, a
+socket) is caught as an error instead of being run.
+
+Symbols refuse everything that would need the value itself (``if``, ``for``, arithmetic,
+formatting), with a message that says what to write instead.  Attribute and item access
+are allowed: they record a projection that is applied when the value exists.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import inspect
+import re
+import typing
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _codec
+from ._errors import CodecError, TracingError
+from ._graph import (
+    Expr,
+    Graph,
+    Guard,
+    Input,
+    ListOf,
+    Literal,
+    MapOf,
+    Node,
+    NodeKind,
+    Ref,
+    TupleOf,
+)
+
+if TYPE_CHECKING:
+    from ._dsl import Branch, Flow, Step
+
+_TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
+    "flowdsl_tracer", default=None
+)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def current_tracer() -> Tracer | None:
+    return _TRACER.get()
+
+
+def check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise TracingError(
+            f"{what} name {name!r} is not a valid name",
+            hint="Use letters, digits and underscores, starting with a letter or underscore",
+        )
+    return name
+
+
+# --- symbols ------------------------------------------------------------------------------
+
+_USE_BRANCH = (
+    "Inside a flow, step results are placeholders until the flow runs: decide with an "
+    "@fd.branch step (`await route(x).cases(...)`), or move the logic into a step"
+)
+
+
+def _refuse(what: str) -> Callable[..., Any]:
+    def method(self: Symbol, *args: Any) -> Any:
+        raise TracingError(
+            f"{what} on {self._fd_describe()} inside a flow body",
+            flow=self._fd_tracer.flow_name,
+            hint=_USE_BRANCH,
+        )
+
+    method.__name__ = what
+    return method
+
+
+class Symbol:
+    """A traced value: the future result of a node (or a flow input)."""
+
+    __slots__ = ("_fd_expr", "_fd_guard", "_fd_tracer")
+
+    def __init__(self, expr: Ref | Input, guard: Guard, tracer: Tracer) -> None:
+        self._fd_expr = expr
+        self._fd_guard = guard
+        self._fd_tracer = tracer
+
+    def _fd_describe(self) -> str:
+        expr = self._fd_expr
+        base = f"input {expr.name!r}" if isinstance(expr, Input) else f"the result of {expr.node!r}"
+        if expr.path:
+            rendered = "".join(f".{k}" if kind == "attr" else f"[{k!r}]" for kind, k in expr.path)
+            base += f" (projected as `{rendered}`)"
+        return base
+
+    def _fd_project(self, kind: str, key: Any) -> Symbol:
+        expr = self._fd_expr
+        if isinstance(expr, Input):
+            new: Ref | Input = Input(expr.name, (*expr.path, (kind, key)))
+        else:
+            new = Ref(expr.node, (*expr.path, (kind, key)))
+        return Symbol(new, self._fd_guard, self._fd_tracer)
+
+    def __getattr__(self, name: str) -> Symbol:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._fd_project("attr", name)
+
+    def __getitem__(self, key: Any) -> Symbol:
+        if isinstance(key, Symbol):
+            raise TracingError(
+                "indexing with another step's result inside a flow body",
+                flow=self._fd_tracer.flow_name,
+                hint="Do the lookup inside a step that takes both values",
+            )
+        try:
+            _codec.to_data(key)
+        except CodecError:
+            raise TracingError(
+                f"index {key!r} cannot be recorded in the graph",
+                flow=self._fd_tracer.flow_name,
+                hint="Index with a string, a number or another plain value",
+            ) from None
+        return self._fd_project("item", key)
+
+    def __repr__(self) -> str:
+        return f"<flowdsl symbol: {self._fd_describe()}>"
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TracingError(
+            f"awaiting {self._fd_describe()}, which is already a value",
+            flow=self._fd_tracer.flow_name,
+            hint="Await the step call itself once: `x = await step(...)`, then use `x`",
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TracingError(
+            f"calling {self._fd_describe()} inside a flow body",
+            flow=self._fd_tracer.flow_name,
+            hint="Make the call inside a step",
+        )
+
+    __bool__ = _refuse("bool() (an `if`, `while`, `and`/`or` or `not`)")
+    __iter__ = _refuse("iteration")
+    __len__ = _refuse("len()")
+    __contains__ = _refuse("`in`")
+    __index__ = _refuse("use as an index")
+    __int__ = _refuse("int()")
+    __float__ = _refuse("float()")
+    __str__ = _refuse("str()")
+    __format__ = _refuse("string formatting (an f-string or format())")
+    __eq__ = _refuse("comparison (==)")  # type: ignore[assignment]
+    __ne__ = _refuse("comparison (!=)")  # type: ignore[assignment]
+    __lt__ = _refuse("comparison (<)")
+    __le__ = _refuse("comparison (<=)")
+    __gt__ = _refuse("comparison (>)")
+    __ge__ = _refuse("comparison (>=)")
+
+
+def _install_arithmetic() -> None:
+    ops = (
+        "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or "
+        "radd rsub rmul rmatmul rtruediv rfloordiv rmod rpow rlshift rrshift rand rxor ror "
+        "neg pos abs invert"
+    ).split()
+    for op in ops:
+        setattr(Symbol, f"__{op}__", _refuse(f"arithmetic (__{op}__)"))
+
+
+_install_arithmetic()
+
+
+# --- pending calls ------------------------------------------------------------------------
+
+
+class _Pending:
+    """A call made while tracing that has not been awaited yet."""
+
+    __slots__ = ("awaited", "tracer")
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self.awaited = False
+        tracer.pending.append(self)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __bool__(self) -> bool:
+        raise TracingError(
+            f"{self.describe()} was used as a condition without being awaited",
+            flow=self.tracer.flow_name,
+            hint=_USE_BRANCH,
+        )
+
+
+class StepCall(_Pending):
+    __slots__ = ("args", "kwargs", "step")
+
+    def __init__(self, tracer: Tracer, step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        super().__init__(tracer)
+        self.step = step
+        self.args = args
+        self.kwargs = kwargs
+
+    def describe(self) -> str:
+        return f"`{self.step.name}(...)`"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        self.awaited = True
+        return self.tracer.add_step(self)
+        yield  # pragma: no cover - makes this a generator that never suspends
+
+
+class BranchCall(_Pending):
+    __slots__ = ("args", "branch", "kwargs")
+
+    def __init__(
+        self, tracer: Tracer, branch: Branch, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ):
+        super().__init__(tracer)
+        self.branch = branch
+        self.args = args
+        self.kwargs = kwargs
+
+    def describe(self) -> str:
+        return f"`{self.branch.name}(...)`"
+
+    def cases(
+        self, mapping: Mapping[Any, Callable[[], Any]] | None = None, /, **by_name: Callable[[], Any]
+    ) -> CasesCall:
+        """Choose what runs by the branch's value: ``.cases(a=lambda: ..., b=...)``."""
+        self.awaited = True  # the CasesCall takes over the obligation to be awaited
+        table: dict[Any, Callable[[], Any]] = dict(mapping or {})
+        for key, thunk in by_name.items():
+            if key in table:
+                raise TracingError(
+                    f"case {key!r} given twice", flow=self.tracer.flow_name, node=self.branch.name
+                )
+            table[key] = thunk
+        return CasesCall(self.tracer, self, table)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TracingError(
+            f"{self.describe()} is a branch; awaiting it alone does nothing",
+            flow=self.tracer.flow_name,
+            node=self.branch.name,
+            hint=f"Write `await {self.branch.name}(...).cases(name=lambda: step(...), ...)`",
+        )
+
+
+class CasesCall(_Pending):
+    __slots__ = ("call", "table")
+
+    def __init__(self, tracer: Tracer, call: BranchCall, table: dict[Any, Callable[[], Any]]):
+        super().__init__(tracer)
+        self.call = call
+        self.table = table
+
+    def describe(self) -> str:
+        return f"`{self.call.branch.name}(...).cases(...)`"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        self.awaited = True
+        return self.tracer.add_branch(self)
+        yield  # pragma: no cover
+
+
+class FlowCall(_Pending):
+    __slots__ = ("args", "flow", "kwargs")
+
+    def __init__(self, tracer: Tracer, flow: Flow, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        super().__init__(tracer)
+        self.flow = flow
+        self.args = args
+        self.kwargs = kwargs
+
+    def describe(self) -> str:
+        return f"`{self.flow.name}(...)`"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        self.awaited = True
+        return self.tracer.add_subflow(self)
+        yield  # pragma: no cover
+
+
+# --- case labels --------------------------------------------------------------------------
+
+
+def case_label(key: Any) -> str:
+    """The label a case key (or a branch's return value) is known by in the graph."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, enum.Enum):
+        return key.name
+    if isinstance(key, str | int):
+        return str(key)
+    raise TypeError(f"a case key must be a str, bool, int or Enum, not {type(key).__name__}")
+
+
+def value_labels(value: Any) -> tuple[str, ...]:
+    """Labels a branch's run-time value may match, most specific first."""
+    if isinstance(value, enum.Enum):
+        return (value.name, str(value.value))
+    try:
+        return (case_label(value),)
+    except TypeError:
+        return ()
+
+
+def allowed_labels(branch: Branch) -> frozenset[str] | None:
+    """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
+    try:
+        hints = typing.get_type_hints(branch.fn)
+    except Exception:
+        return None
+    tp = hints.get("return")
+    if tp is bool:
+        return frozenset({"true", "false"})
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return frozenset(m.name for m in tp) | frozenset(str(m.value) for m in tp)
+    if typing.get_origin(tp) is typing.Literal:
+        out: set[str] = set()
+        for arg in typing.get_args(tp):
+            out.update(value_labels(arg))
+        return frozenset(out)
+    return None
+
+
+# --- the tracer ---------------------------------------------------------------------------
+
+
+class Tracer:
+    """Collects the nodes of one flow; sub-flows and cases trace into it under a prefix."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow_name = flow.name
+        self.nodes: dict[str, Node] = {}
+        self.taken: set[str] = set()  # node ids and sub-flow namespaces
+        self.pending: list[_Pending] = []
+        self.prefix = ""
+        self.guard: Guard = ()
+        self.stack: list[str] = [flow.name]  # flows being traced, to refuse recursion
+
+    # ids
+
+    def _new_id(self, name: str) -> str:
+        base = node_id = self.prefix + name
+        n = 1
+        while node_id in self.taken:
+            n += 1
+            node_id = f"{base}-{n}"
+        self.taken.add(node_id)
+        return node_id
+
+    # values
+
+    def to_expr(self, value: Any, *, node: str, what: str) -> Expr:
+        """Turn a value written in the flow body into an argument expression."""
+        if isinstance(value, Symbol):
+            self._check_visible(value, node=node, what=what)
+            return value._fd_expr
+        if isinstance(value, _Pending):
+            raise TracingError(
+                f"{what} is {value.describe()}, a call that was never awaited",
+                flow=self.flow_name,
+                node=node,
+                hint=f"Write `x = await {value.describe().strip('`')}` and pass `x`",
+            )
+        if inspect.iscoroutine(value):
+            value.close()
+            raise TracingError(
+                f"{what} is a coroutine, not a value",
+                flow=self.flow_name,
+                node=node,
+                hint="Await it first, or make the coroutine function a @fd.step",
+            )
+        if isinstance(value, list | tuple) and _contains_symbol(value):
+            items = tuple(self.to_expr(v, node=node, what=what) for v in value)
+            return ListOf(items) if isinstance(value, list) else TupleOf(items)
+        if isinstance(value, dict) and _contains_symbol(value):
+            for key in value:
+                if isinstance(key, Symbol):
+                    raise TracingError(
+                        f"{what} is a dict keyed by a step's result",
+                        flow=self.flow_name,
+                        node=node,
+                        hint="Build the dict inside a step",
+                    )
+            return MapOf(
+                tuple(value),
+                tuple(self.to_expr(v, node=node, what=what) for v in value.values()),
+            )
+        try:
+            data = _codec.to_data(value, what=what)
+        except CodecError as exc:
+            raise TracingError(
+                f"{what} is a constant of type {type(value).__name__} that cannot be recorded "
+                "in the graph",
+                flow=self.flow_name,
+                node=node,
+                hint="Constants passed to steps must be values the codec carries "
+                "(builtins, attrs classes, dataclasses, enums, datetimes, bytes); "
+                "create other objects inside the step",
+            ) from exc
+        return Literal(value, data)
+
+    def from_expr(self, expr: Expr, guard: Guard) -> Any:
+        """The value a flow body sees for *expr*: plain Python where it can be."""
+        if isinstance(expr, Literal):
+            return expr.value
+        if isinstance(expr, Ref | Input):
+            return Symbol(expr, guard, self)
+        if isinstance(expr, ListOf):
+            return [self.from_expr(e, guard) for e in expr.items]
+        if isinstance(expr, TupleOf):
+            return tuple(self.from_expr(e, guard) for e in expr.items)
+        return {k: self.from_expr(v, guard) for k, v in zip(expr.keys, expr.values, strict=True)}
+
+    def _check_visible(self, sym: Symbol, *, node: str, what: str) -> None:
+        produced = sym._fd_guard
+        if self.guard[: len(produced)] != produced:
+            branch, case = produced[len(_common_prefix(produced, self.guard))]
+            raise TracingError(
+                f"{what} is {sym._fd_describe()}, which was produced inside case {case!r} of "
+                f"branch {branch!r} and is used outside it",
+                flow=self.flow_name,
+                node=node,
+                hint="A case's values exist only when that case runs: return the value from "
+                "the case and use what `await branch(...).cases(...)` gives",
+            )
+
+    # nodes
+
+    def _bind(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              *, name: str) -> inspect.BoundArguments:
+        try:
+            return inspect.signature(fn).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TracingError(
+                f"`{name}` called with arguments that do not fit its signature: {exc}",
+                flow=self.flow_name,
+                node=name,
+                hint=f"`{name}{inspect.signature(fn)}`",
+            ) from None
+
+    def _args(self, node_id: str, fn: Callable[..., Any], name: str, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> tuple[tuple[Expr, ...], tuple[tuple[str, Expr], ...]]:
+        self._bind(fn, args, kwargs, name=name)
+        a = tuple(
+            self.to_expr(v, node=node_id, what=f"argument {i + 1}") for i, v in enumerate(args)
+        )
+        kw = tuple(
+            (k, self.to_expr(v, node=node_id, what=f"argument {k!r}")) for k, v in kwargs.items()
+        )
+        return a, kw
+
+    def add_step(self, call: StepCall) -> Symbol:
+        step = call.step
+        node_id = self._new_id(step.name)
+        args, kwargs = self._args(node_id, step.fn, step.name, call.args, call.kwargs)
+        self.nodes[node_id] = Node(
+            node_id, NodeKind.STEP, step.name, args, kwargs, self.guard, fn=step
+        )
+        return Symbol(Ref(node_id), self.guard, self)
+
+    def add_branch(self, call: CasesCall) -> Any:
+        branch = call.call.branch
+        node_id = self._new_id(branch.name)
+        args, kwargs = self._args(node_id, branch.fn, branch.name, call.call.args, call.call.kwargs)
+        if not call.table:
+            raise TracingError(
+                "`.cases()` was given no cases",
+                flow=self.flow_name,
+                node=node_id,
+                hint="Give at least one case: `.cases(name=lambda: step(...))`",
+            )
+        labels: dict[str, Callable[[], Any]] = {}
+        for key, thunk in call.table.items():
+            try:
+                label = case_label(key)
+            except TypeError as exc:
+                raise TracingError(str(exc), flow=self.flow_name, node=node_id) from None
+            if "/" in label or not label:
+                raise TracingError(
+                    f"case label {label!r} cannot be used",
+                    flow=self.flow_name,
+                    node=node_id,
+                    hint="Case labels must be non-empty and contain no '/'",
+                )
+            if label in labels:
+                raise TracingError(
+                    f"two cases are both known as {label!r}", flow=self.flow_name, node=node_id
+                )
+            if not callable(thunk):
+                raise TracingError(
+                    f"case {label!r} is a {type(thunk).__name__}, not a zero-argument callable",
+                    flow=self.flow_name,
+                    node=node_id,
+                    hint=f"Write `{label}=lambda: step(...)` so that only the chosen case runs",
+                )
+            labels[label] = thunk
+        allowed = allowed_labels(branch)
+        if allowed is not None:
+            unknown = sorted(set(labels) - allowed)
+            if unknown:
+                raise TracingError(
+                    f"unknown case key(s) {', '.join(map(repr, unknown))}",
+                    flow=self.flow_name,
+                    node=node_id,
+                    hint=f"`{branch.name}` can only return one of {sorted(allowed)}",
+                )
+        self.nodes[node_id] = Node(
+            node_id,
+            NodeKind.BRANCH,
+            branch.name,
+            args,
+            kwargs,
+            self.guard,
+            labels=tuple(labels),
+            fn=branch,
+        )
+        outer_prefix, outer_guard = self.prefix, self.guard
+        results: list[tuple[str, Expr]] = []
+        try:
+            for label, thunk in labels.items():
+                self.prefix = f"{node_id}.{label}/"
+                self.guard = (*outer_guard, (node_id, label))
+                value = thunk()
+                if inspect.isawaitable(value):
+                    value = drive(value, self, what=f"case {label!r} of {node_id!r}")
+                results.append(
+                    (label, self.to_expr(value, node=node_id, what=f"the result of case {label!r}"))
+                )
+        finally:
+            self.prefix, self.guard = outer_prefix, outer_guard
+        join_id = f"{node_id}.join"
+        self.nodes[join_id] = Node(
+            join_id, NodeKind.JOIN, node_id, guard=self.guard, cases=tuple(results)
+        )
+        return Symbol(Ref(join_id), self.guard, self)
+
+    def add_subflow(self, call: FlowCall) -> Any:
+        flow = call.flow
+        if flow.name in self.stack:
+            raise TracingError(
+                f"flow {flow.name!r} calls itself (through {' -> '.join(self.stack)})",
+                flow=self.flow_name,
+                hint="A flow is a finite graph; recursion has no end at definition time",
+            )
+        bound = self._bind(flow.fn, call.args, call.kwargs, name=flow.name)
+        bound.apply_defaults()
+        namespace = self._new_id(flow.name)
+        outer_prefix = self.prefix
+        self.prefix = namespace + "/"
+        self.stack.append(flow.name)
+        try:
+            for key, value in bound.arguments.items():
+                self.to_expr(value, node=namespace, what=f"argument {key!r}")  # validate early
+            result = drive(flow.fn(*bound.args, **bound.kwargs), self, what=f"flow {flow.name!r}")
+            expr = self.to_expr(result, node=namespace, what="the sub-flow's result")
+        finally:
+            self.prefix = outer_prefix
+            self.stack.pop()
+        return self.from_expr(expr, self.guard)
+
+
+def _contains_symbol(value: Any) -> bool:
+    if isinstance(value, Symbol | _Pending):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_contains_symbol(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_symbol(v) for v in value.values()) or any(
+            isinstance(k, Symbol) for k in value
+        )
+    return False
+
+
+def _common_prefix(a: Guard, b: Guard) -> Guard:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
+    """Run *awaitable* to completion without an event loop; it must never suspend."""
+    gen = awaitable.__await__()
+    try:
+        yielded = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+    try:
+        gen.close()
+    except Exception:  # noqa: S110 - a body that misbehaves on close must not hide the real error
+        pass
+    raise TracingError(
+        f"{what} awaited something that is not a step, branch or flow "
+        f"(it tried to suspend with {type(yielded).__name__})",
+        flow=tracer.flow_name,
+        hint="A flow body only wires steps together; move real awaits (sleeps, I/O, "
+        "asyncio.gather) into a @fd.step; steps with no data dependency already run "
+        "concurrently",
+    )
+
+
+def trace(flow: Flow) -> Graph:
+    """Trace *flow*'s body into a :class:`Graph`."""
+    fn = flow.fn
+    sig = inspect.signature(fn)
+    tracer = Tracer(flow)
+    inputs: list[str] = []
+    symbols: dict[str, Symbol] = {}
+    for param in sig.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TracingError(
+                f"parameter {param.name!r} is variadic (*args or **kwargs)",
+                flow=flow.name,
+                hint="Give every flow input a name; pass a list or dict for many values",
+            )
+        inputs.append(param.name)
+        symbols[param.name] = Symbol(Input(param.name), (), tracer)
+    token = _TRACER.set(tracer)
+    try:
+        coro = fn(**symbols)
+        if not inspect.isawaitable(coro):
+            raise TracingError(
+                "a flow must be an `async def` function", flow=flow.name, hint="Write `async def`"
+            )
+        result = drive(coro, tracer, what=f"flow {flow.name!r}")
+        output = tracer.to_expr(result, node="<result>", what="the flow's result")
+    finally:
+        _TRACER.reset(token)
+    for pending in tracer.pending:
+        if not pending.awaited:
+            name = pending.describe().strip("`").split("(")[0]
+            raise TracingError(
+                f"{pending.describe()} is called but never awaited",
+                flow=flow.name,
+                node=name,
+                hint=f"`{name}` is a step; inside a flow write `x = await {name}(...)`, "
+                f"not `{name}(...)`",
+            )
+    return Graph(
+        flow=flow.name,
+        nodes_by_id=dict(tracer.nodes),
+        inputs=tuple(inputs),
+        output=output,
+        order=tuple(tracer.nodes),
+    )

@@ -1,0 +1,103 @@
+"""The in-memory store: the default for real-time contexts; gone when the process ends."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import attrs
+
+from .._records import NodeRecord, RunRecord, RunStatus
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps runs in a dict.  Ended runs beyond ``max_runs`` are forgotten, oldest first,
+    so a long-lived process that runs flows forever does not grow without bound."""
+
+    def __init__(self, *, max_runs: int = 10_000) -> None:
+        self.url = "memory://"
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, RunRecord] = OrderedDict()
+        self._nodes: dict[str, dict[str, NodeRecord]] = {}
+        self._cache: dict[str, str] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        existing = self._runs.get(record.run_id)
+        if existing is not None:
+            return existing, False
+        self._runs[record.run_id] = record
+        self._nodes[record.run_id] = {}
+        self._evict()
+        return record, True
+
+    def _evict(self) -> None:
+        if len(self._runs) <= self.max_runs:
+            return
+        for run_id in list(self._runs):
+            if len(self._runs) <= self.max_runs:
+                break
+            if self._runs[run_id].status.ended:
+                del self._runs[run_id]
+                self._nodes.pop(run_id, None)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return self._runs.get(run_id)
+
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus,
+        result: str | None = None,
+        error: str | None = None,
+        failed_node: str | None = None,
+        fingerprint: str | None = None,
+        code: dict[str, str] | None = None,
+    ) -> None:
+        from time import time
+
+        record = self._runs[run_id]
+        changes: dict[str, object] = {
+            "status": status,
+            "result": result,
+            "error": error,
+            "failed_node": failed_node,
+            "updated_at": time(),
+        }
+        if fingerprint is not None:
+            changes["fingerprint"] = fingerprint
+        if code is not None:
+            changes["code"] = code
+        self._runs[run_id] = attrs.evolve(record, **changes)  # type: ignore[arg-type]
+
+    async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
+        nodes = self._nodes.setdefault(run_id, {})
+        if record.node_id in nodes:
+            return False
+        nodes[record.node_id] = record
+        return True
+
+    async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
+        return dict(self._nodes.get(run_id, {}))
+
+    async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
+        nodes = self._nodes.get(run_id, {})
+        for node_id in node_ids:
+            nodes.pop(node_id, None)
+
+    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        runs = sorted(self._runs.values(), key=lambda r: r.created_at, reverse=True)
+        return runs[:limit]
+
+    async def get_cached(self, key: str) -> str | None:
+        return self._cache.get(key)
+
+    async def put_cached(self, key: str, value: str) -> None:
+        self._cache[key] = value
