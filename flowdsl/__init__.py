@@ -37,6 +37,7 @@ from ._graph import Edge as Edge
 from ._graph import Graph as Graph
 from ._graph import Node as Node
 from ._records import RunStatus as RunStatus
+from ._secret import Secret as Secret
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "Node",
     "Run",
     "RunStatus",
+    "Secret",
     "Step",
     "StepFailed",
     "TracingError",

@@ -24,8 +24,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _codec
 from . import events as ev
 from ._dsl import Flow
-from ._errors import CheckpointError, ConfigError, FlowError, StepFailed
+from ._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
+from ._graph import Node, NodeKind
 from ._records import RunRecord, RunStatus
+from ._resume import plan_reuse
 from ._scheduler import Executor, Plan, RunState, drive
 
 __all__ = ["Context", "Run", "current_context", "run"]
@@ -78,6 +80,8 @@ class Run:
     _error: BaseException | None = attrs.field(default=None, init=False, repr=False)
     status: RunStatus = attrs.field(default=RunStatus.RUNNING, init=False)
     inputs: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    plan: Plan = attrs.field(default=None, repr=False)
+    resuming: bool = attrs.field(default=False, repr=False)
 
     @property
     def flow_name(self) -> str:
@@ -366,10 +370,15 @@ class Context:
         *,
         watch: bool,
     ) -> tuple[Run, bool]:
-        """Make the run record (or find the existing run); ``fresh`` is whether to execute."""
+        """Make the run record, or find the existing run; ``fresh`` says whether to execute.
+
+        An existing run is not run twice: a finished one gives its stored result, a failed
+        or cancelled one its failure (resume it explicitly), and one left running by a
+        process that died is resumed from its journal.
+        """
         if run_id is not None and run_id in self._active:
             return self._active[run_id], False
-        graph = flow.graph
+        plan = plan_of(flow)
         inputs = flow.bind(args, kwargs)
         types = flow.input_types
         encoded: dict[str, Any] = {}
@@ -383,7 +392,7 @@ class Context:
             run_id=run_id or new_run_id(),
             flow=flow.name,
             flow_ref=flow.ref,
-            fingerprint=graph.fingerprint if run_id is not None else "",
+            fingerprint=plan.fingerprint,
             inputs=_codec.dumps(encoded),
             status=RunStatus.RUNNING,
             created_at=now,
@@ -391,28 +400,100 @@ class Context:
         )
         stored, created = await self.store.create_run(record)
         run = Run(stored.run_id, flow, self, observed=self.on_event is not None)
+        run.plan = plan
         if watch:
             run._watch()
         if not created:
-            if stored.flow != flow.name:
-                raise CheckpointError(
-                    f"run {stored.run_id!r} exists and belongs to flow {stored.flow!r}",
-                    flow=flow.name,
-                    hint="Choose another run id",
-                )
-            if stored.status is RunStatus.FINISHED:
-                assert stored.result is not None
-                run._settle(
-                    RunStatus.FINISHED,
-                    _codec.decode(stored.result, flow.return_type, what="the stored result"),
-                )
-                return run, False
+            _check_same_flow(stored, flow)
             if stored.status.ended:
-                run._settle(stored.status, error=_stored_failure(stored))
+                self._settle_from_record(run, stored)
                 return run, False
+            run.resuming = True
         run.inputs = decoded
         self._active[run.run_id] = run
         return run, True
+
+    def _settle_from_record(self, run: Run, record: RunRecord) -> None:
+        if record.status is RunStatus.FINISHED:
+            run._settle(RunStatus.FINISHED, _decode_result(record, run.flow))
+        else:
+            run._settle(record.status, error=_stored_failure(record))
+
+    async def resume(
+        self, run_id: str, /, *, strict: bool = False, flow: Flow[..., Any] | None = None
+    ) -> Any:
+        """Finish a failed, cancelled or crashed run; return its result.
+
+        Finished nodes are read back from the journal and never run again; nodes that were
+        in flight run again (at-least-once).  Nodes whose step code, ``version`` or wiring
+        changed run again with everything downstream; ``strict=True`` refuses any change
+        with :class:`CheckpointError`.  *flow* defaults to the one the run record names.
+        """
+        async with self._using():
+            self._setup()
+            if run_id in self._active:
+                return await self._active[run_id].result()
+            record = await self.store.get_run(run_id)
+            if record is None:
+                raise CheckpointError(
+                    f"no run {run_id!r} in store {self.store.url}",
+                    hint="Check the run id (`flowdsl runs list`) and the store URL",
+                )
+            flow = flow if flow is not None else import_flow(record)
+            _check_flow(flow)
+            _check_same_flow(record, flow)
+            run = Run(run_id, flow, self, observed=self.on_event is not None)
+            run.plan = plan_of(flow)
+            if record.status is RunStatus.FINISHED:
+                self._settle_from_record(run, record)
+                return await run.result()
+            if strict and record.fingerprint != run.plan.fingerprint:
+                raise CheckpointError(
+                    f"the graph of flow {flow.name!r} changed since run {run_id!r} started",
+                    flow=flow.name,
+                    hint="Resume without strict=True to re-run what changed",
+                )
+            run.inputs = _decode_inputs(record, flow)
+            run.resuming = True
+            self._active[run_id] = run
+            return await self._execute(run, strict=strict)
+
+    async def _replay(self, run: Run, state: RunState, ready: list[Node], strict: bool
+                      ) -> list[Node]:
+        """Feed the journal into *state*; return the nodes that must still run."""
+        plan = run.plan
+        journal = await self.store.load_nodes(run.run_id)
+        reuse = plan_reuse(
+            flow=run.flow_name,
+            run_id=run.run_id,
+            nodes=plan.nodes,
+            order=plan.graph.order,
+            markers=plan.markers,
+            journal=journal,
+            strict=strict,
+        )
+        if reuse.stale:
+            await self.store.forget_nodes(run.run_id, list(reuse.stale))
+        await self.store.update_run(
+            run.run_id, status=RunStatus.RUNNING, fingerprint=plan.fingerprint
+        )
+        now = time.time()
+        if run.observed:
+            for node_id in reuse.stale:
+                run.emit(ev.StepInvalidated(run.run_id, node_id, now,
+                                            "changed" if node_id in reuse.changed else "upstream"))
+        pending = list(ready)
+        dispatch: list[Node] = []
+        while pending:
+            node = pending.pop(0)
+            if node.id not in reuse.reused:
+                dispatch.append(node)
+                continue
+            value = _decode_journaled(run, node, journal[node.id].value)
+            if run.observed:
+                run.emit(ev.StepReused(run.run_id, node.id, now, "journal"))
+            pending.extend(state.complete(node.id, value))
+        return dispatch
 
     async def _execute_quietly(self, run: Run) -> None:
         try:
@@ -420,27 +501,29 @@ class Context:
         except StepFailed:
             pass  # kept on the run; whoever awaits run.result() gets it
 
-    async def _execute(self, run: Run) -> Any:
+    async def _execute(self, run: Run, *, strict: bool = False) -> Any:
         flow = run.flow
-        plan = plan_of(flow)
-        state = RunState(plan, run.inputs)
-        if run.observed:
-            run.emit(ev.RunStarted(run.run_id, flow.name, time.time()))
+        state = RunState(run.plan, run.inputs)
         assert self._executor is not None
         on_skipped = _skip_reporter(run) if run.observed else None
         try:
+            if run.observed:
+                run.emit(ev.RunStarted(run.run_id, flow.name, time.time(), run.resuming))
+            ready = state.start()
+            if run.resuming:
+                ready = await self._replay(run, state, ready, strict)
             output = await drive(
-                run, state, state.start(), self._executor,
-                limiter=self._limiter, on_skipped=on_skipped,
+                run, state, ready, self._executor, limiter=self._limiter, on_skipped=on_skipped
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
-        except StepFailed as exc:
+        except (StepFailed, CheckpointError) as exc:
+            node = exc.node
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=exc.node_id
+                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=node
                 )
             if run.observed:
-                run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), exc.node_id))
+                run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))
             run._settle(RunStatus.FAILED, error=exc)
             raise
         except anyio.get_cancelled_exc_class():
@@ -461,6 +544,88 @@ class Context:
             run.emit(ev.RunFinished(run.run_id, time.time(), data))
         run._settle(RunStatus.FINISHED, value)
         return value
+
+
+def import_flow(record: RunRecord) -> Flow[..., Any]:
+    """The flow a run record names by ``module:qualname``."""
+    import importlib
+
+    module_name, _, qualname = record.flow_ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"cannot import the flow of run {record.run_id!r} from {record.flow_ref!r}: {exc}",
+            flow=record.flow,
+            hint="Make the module importable here (PYTHONPATH), or pass the flow: "
+            "`ctx.resume(run_id, flow=my_flow)`",
+        ) from exc
+    if not isinstance(obj, Flow):
+        raise ConfigError(
+            f"{record.flow_ref!r} is not a flow", flow=record.flow,
+            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
+        )
+    return obj
+
+
+def _check_same_flow(record: RunRecord, flow: Flow[..., Any]) -> None:
+    if record.flow != flow.name:
+        raise CheckpointError(
+            f"run {record.run_id!r} exists and belongs to flow {record.flow!r}",
+            flow=flow.name,
+            hint="Choose another run id, or resume it with its own flow",
+        )
+
+
+def _decode_result(record: RunRecord, flow: Flow[..., Any]) -> Any:
+    try:
+        return _codec.decode(record.result or "null", flow.return_type, what="the stored result")
+    except CodecError as exc:
+        raise CheckpointError(
+            f"the stored result of run {record.run_id!r} cannot be read: {exc.problem}",
+            flow=flow.name,
+            hint="The store is corrupted or the flow's return type changed",
+        ) from exc
+
+
+def _decode_inputs(record: RunRecord, flow: Flow[..., Any]) -> dict[str, Any]:
+    try:
+        data = _codec.loads(record.inputs)
+        if not isinstance(data, dict):
+            raise CodecError("inputs are not a JSON object")
+        types = flow.input_types
+        return {
+            name: _codec.from_data(value, types.get(name, Any), what=f"input {name!r}")
+            for name, value in data.items()
+        }
+    except CodecError as exc:
+        raise CheckpointError(
+            f"the stored inputs of run {record.run_id!r} cannot be read: {exc.problem}",
+            flow=flow.name,
+            hint="The store is corrupted, or the flow's parameters changed since the run",
+        ) from exc
+
+
+def _decode_journaled(run: Run, node: Node, text: str) -> Any:
+    try:
+        if node.kind is NodeKind.BRANCH:
+            label = _codec.loads(text)
+            if label not in node.labels:
+                raise CodecError(f"case {label!r} is none of {list(node.labels)}")
+            return label
+        assert node.fn is not None
+        return _codec.decode(text, node.fn.return_type, what=f"the result of {node.id!r}")
+    except CodecError as exc:
+        raise CheckpointError(
+            f"the journaled result of node {node.id!r} in run {run.run_id!r} cannot be "
+            f"read: {exc.problem}",
+            flow=run.flow_name,
+            node=node.id,
+            hint="The store is corrupted, or the step's return type changed: bump the "
+            "step's version= so that it runs again",
+        ) from exc
 
 
 def _open_store_spec(spec: Any, *, batch: bool) -> Any:

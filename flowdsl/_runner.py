@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable
@@ -115,6 +117,7 @@ async def run_node(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
+    marker: str = "",
     llm: Any = None,
     first_attempt: int = 1,
 ) -> tuple[NodeRecord, Any]:
@@ -171,17 +174,49 @@ async def run_node(
             sink.emit(
                 ev.StepFinished(run_id, node.id, finished, data, attempt, finished - started)
             )
-        record = NodeRecord(
-            node.id, text, attempt, started, finished, code_marker(unit), scope.usage
-        )
+        record = NodeRecord(node.id, text, attempt, started, finished, marker, scope.usage)
         return record, value
 
 
-def code_marker(unit: Any) -> str:
-    """What identifies a step's code for resume: its ``version=`` if given, else its hash."""
-    if unit.version is not None:
-        return f"version:{unit.version}"
-    return str(unit.code_hash)
+def cache_key(node: Node, marker: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The key of a ``cache=True`` step's result: its code and its canonical encoded inputs."""
+    unit = node.fn
+    assert unit is not None
+    data = {
+        "step": unit.ref,
+        "code": marker.split("/", 1)[0],
+        "args": [_codec.to_data(a, what="an argument") for a in args],
+        "kwargs": {k: _codec.to_data(v, what="an argument") for k, v in kwargs.items()},
+    }
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def run_node_cached(
+    store: Any,
+    sink: EventSink,
+    node: Node,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    marker: str = "",
+    llm: Any = None,
+) -> tuple[NodeRecord, Any]:
+    """:func:`run_node`, consulting the store's cache first for ``cache=True`` steps."""
+    unit = node.fn
+    if unit is None or not unit.cache:
+        return await run_node(sink, node, args, kwargs, marker=marker, llm=llm)
+    key = cache_key(node, marker, args, kwargs)
+    text = await store.get_cached(key)
+    if text is not None:
+        now = time.time()
+        value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
+        if sink.observed:
+            sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
+        return NodeRecord(node.id, text, 0, now, now, marker), value
+    record, value = await run_node(sink, node, args, kwargs, marker=marker, llm=llm)
+    await store.put_cached(key, record.value)
+    return record, value
 
 
 def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:

@@ -40,6 +40,8 @@ class Plan:
     """What the scheduler precomputes once per graph."""
 
     __slots__ = (
+        "_fingerprint",
+        "_markers",
         "case_members",
         "dependents",
         "graph",
@@ -81,6 +83,27 @@ class Plan:
         self.case_members = {k: frozenset(v) for k, v in case_members.items()}
         self.joins = joins
         self.roots = tuple(n for n in graph.order if initial[n] == 0)
+        self._fingerprint: str | None = None
+        self._markers: dict[str, str] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.graph.fingerprint
+        return self._fingerprint
+
+    @property
+    def markers(self) -> dict[str, str]:
+        """Per step and branch node: its code and wiring marker (see :mod:`._resume`)."""
+        if self._markers is None:
+            from ._resume import node_marker
+
+            self._markers = {
+                n: node_marker(node)
+                for n, node in self.nodes.items()
+                if node.kind is not NodeKind.JOIN
+            }
+        return self._markers
 
 
 class RunState:

@@ -24,6 +24,7 @@ __all__ = [
     "RunStarted",
     "StepFailed",
     "StepFinished",
+    "StepInvalidated",
     "StepRetrying",
     "StepReused",
     "StepSkipped",
@@ -111,6 +112,17 @@ class StepReused:
 
 
 @attrs.frozen
+class StepInvalidated:
+    """On resume, a journaled result is not reused: the node's code or wiring changed
+    (``reason="changed"``) or something upstream of it will run again (``"upstream"``)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    reason: str = "changed"
+
+
+@attrs.frozen
 class BranchTaken:
     """A branch node chose ``case``; the other cases' nodes are skipped."""
 
@@ -162,6 +174,7 @@ Event = (
     | StepFailed
     | StepSkipped
     | StepReused
+    | StepInvalidated
     | BranchTaken
     | TokenDelta
     | RunFinished
@@ -177,6 +190,7 @@ EVENT_TYPES: tuple[type[Any], ...] = (
     StepFailed,
     StepSkipped,
     StepReused,
+    StepInvalidated,
     BranchTaken,
     TokenDelta,
     RunFinished,

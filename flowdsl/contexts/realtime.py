@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._graph import Node
-from .._runner import run_node
+from .._runner import run_node_cached
 
 __all__ = ["RealtimeExecutor"]
 
@@ -21,6 +21,8 @@ class RealtimeExecutor:
     async def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        record, value = await run_node(run, node, args, kwargs, llm=self.llm)
+        record, value = await run_node_cached(
+            self.store, run, node, args, kwargs, marker=run.plan.markers[node.id], llm=self.llm
+        )
         await self.store.commit_node(run.run_id, record)
         return value

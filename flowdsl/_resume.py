@@ -1,0 +1,131 @@
+"""Deciding, on resume, which journaled results may be reused.
+
+A finished node is reused (never run again) when all of these hold:
+
+- the node still exists in the flow as traced now;
+- its *marker* is unchanged: the step's code hash (or its ``version=``) and the node's own
+  wiring (kind, arguments, guard, case labels) are what they were when it ran;
+- every node it takes a value from, and the branch whose case it sits in, is reused too.
+
+Anything else runs again, and so does everything downstream of it.  In strict mode any
+change is refused instead.  A journaled node that no longer exists is always refused:
+its result went somewhere the new graph cannot say, so reuse would be a guess.
+
+The rule for nodes that were *in flight* when a run stopped is at-least-once: they have no
+record, so they run again.  Finished nodes are exactly-once: their record is the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import attrs
+
+from . import _codec
+from ._errors import CheckpointError, CodecError
+from ._graph import Node, NodeKind, describe, refs_of
+from ._records import NodeRecord
+
+__all__ = ["ReusePlan", "node_marker", "plan_reuse"]
+
+
+def node_wiring(node: Node) -> str:
+    """A short hash of what a node is wired to: kind, name, arguments, guard, labels."""
+    desc = {
+        "kind": node.kind.value,
+        "name": node.name,
+        "args": [describe(e) for e in node.args],
+        "kwargs": [[k, describe(e)] for k, e in node.kwargs],
+        "guard": [list(g) for g in node.guard],
+        "labels": list(node.labels),
+    }
+    return hashlib.sha256(_codec.dumps(desc).encode()).hexdigest()[:12]
+
+
+def node_marker(node: Node) -> str:
+    """What a journal record must match to be reused: code and wiring."""
+    unit = node.fn
+    assert unit is not None
+    code = f"version:{unit.version}" if unit.version is not None else unit.code_hash
+    return f"{code}/{node_wiring(node)}"
+
+
+@attrs.frozen
+class ReusePlan:
+    reused: frozenset[str]
+    stale: tuple[str, ...]  # journaled, but changed (or downstream of a change): run again
+    changed: tuple[str, ...]  # the nodes whose own code or wiring changed
+
+
+def plan_reuse(
+    *,
+    flow: str,
+    run_id: str,
+    nodes: Mapping[str, Node],
+    order: tuple[str, ...],
+    markers: Mapping[str, str],
+    journal: Mapping[str, NodeRecord],
+    strict: bool,
+) -> ReusePlan:
+    """Which journaled nodes a resume may reuse."""
+    missing = sorted(set(journal) - set(nodes))
+    if missing:
+        raise CheckpointError(
+            f"run {run_id!r} has results for node(s) {', '.join(map(repr, missing[:5]))} "
+            "that no longer exist in the flow",
+            flow=flow,
+            node=missing[0],
+            hint="The flow changed shape since the run started; resuming could attach "
+            "results to the wrong calls. Start a new run, or restore the old flow code to "
+            "finish this one",
+        )
+    reused: set[str] = set()
+    stale: list[str] = []
+    changed: list[str] = []
+    for node_id in order:
+        node = nodes[node_id]
+        if node.kind is NodeKind.JOIN:
+            continue  # joins are recomputed, never journaled
+        record = journal.get(node_id)
+        if record is None:
+            continue
+        own_change = record.code != markers[node_id]
+        upstream = list(node.data_deps)
+        if node.guard:
+            upstream.append(node.guard[-1][0])
+        upstream_ok = all(_resolved(dep, nodes, reused, journal) for dep in upstream)
+        if own_change:
+            changed.append(node_id)
+        if own_change or not upstream_ok:
+            stale.append(node_id)
+        else:
+            reused.add(node_id)
+    if strict and changed:
+        raise CheckpointError(
+            f"the code or wiring of node(s) {', '.join(map(repr, changed[:5]))} changed since "
+            f"run {run_id!r} ran them",
+            flow=flow,
+            node=changed[0],
+            hint="Resume without strict=True to run the changed nodes (and what depends on "
+            "them) again, or restore the code",
+        )
+    return ReusePlan(frozenset(reused), tuple(stale), tuple(changed))
+
+
+def _resolved(
+    dep: str, nodes: Mapping[str, Node], reused: set[str], journal: Mapping[str, NodeRecord]
+) -> bool:
+    node = nodes[dep]
+    if node.kind is not NodeKind.JOIN:
+        return dep in reused
+    # A join is recomputed, never journaled: it is as good as its branch and the inputs
+    # of the case that branch chose.
+    if node.name not in reused:
+        return False
+    try:
+        case = _codec.loads(journal[node.name].value)
+        expr = node.case_expr(case)
+    except (KeyError, TypeError, CodecError):
+        return False
+    return all(_resolved(ref, nodes, reused, journal) for ref in refs_of(expr))

@@ -1,0 +1,72 @@
+"""Secrets: values that reach steps but never a store, a queue, an event or a log line.
+
+A :class:`Secret` is known everywhere by its *name*; only the name is encoded.  Its value
+lives in this process (given to the constructor) or in the environment variable of that
+name, and :meth:`Secret.reveal` looks it up where the step runs.  A resumed run, or a batch
+worker in another process, needs the value there too: set the environment variable, or
+construct ``Secret(name, value)`` once in that process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from . import _codec
+from ._errors import CodecError, ConfigError
+
+__all__ = ["Secret"]
+
+_VALUES: dict[str, str] = {}
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """A named secret, for example ``fd.Secret("OPENAI_API_KEY", key)``."""
+
+    name: str
+    _value: str | None = attrs.field(default=None, eq=False, alias="value")
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a secret needs a name", hint='Write fd.Secret("NAME", value)')
+        if self._value is not None:
+            _VALUES[self.name] = self._value
+
+    def reveal(self) -> str:
+        """The secret's value: given here, given earlier in this process, or from the env."""
+        if self._value is not None:
+            return self._value
+        value = _VALUES.get(self.name)
+        if value is None:
+            value = os.environ.get(self.name)
+        if value is None:
+            raise ConfigError(
+                f"secret {self.name!r} has no value in this process",
+                hint=f"Set the environment variable {self.name}, or create "
+                f"fd.Secret({self.name!r}, value) in this process before the run resumes",
+            )
+        return value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.name!r})"
+
+    __str__ = __repr__
+
+
+def _unstructure(secret: Secret) -> dict[str, str]:
+    return {"secret": secret.name}
+
+
+def _structure(data: Any, _: Any) -> Secret:
+    if isinstance(data, Secret):
+        return data
+    if not (isinstance(data, dict) and set(data) == {"secret"} and isinstance(data["secret"], str)):
+        raise CodecError(f"expected a secret reference {{'secret': name}}, got {data!r}")
+    return Secret(data["secret"])
+
+
+_codec.converter.register_unstructure_hook(Secret, _unstructure)
+_codec.converter.register_structure_hook(Secret, _structure)
