@@ -535,7 +535,8 @@ class Tracer:
                 self.prefix = f"{node_id}.{label}/"
                 self.guard = (*outer_guard, (node_id, label))
                 value = thunk()
-                if inspect.isawaitable(value):
+                # A Symbol is awaitable only to refuse `await x`; a case may hand one on.
+                if inspect.isawaitable(value) and not isinstance(value, Symbol):
                     value = drive(value, self, what=f"case {label!r} of {node_id!r}")
                 results.append(
                     (label, self.to_expr(value, node=node_id, what=f"the result of case {label!r}"))
