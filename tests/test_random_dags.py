@@ -49,8 +49,7 @@ async def run_with_events(flow: fd.Flow[..., Any], *args: Any) -> tuple[Any, lis
     return result, events
 
 
-@SETTINGS
-@settings(max_examples=120)
+@settings(SETTINGS, max_examples=120)
 @given(spec=dag_specs(), inputs=flow_inputs())
 async def test_random_dag_matches_plain_python(spec: DagSpec, inputs: tuple[int, str]) -> None:
     flow = build_flow(spec)
