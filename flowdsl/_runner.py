@@ -43,23 +43,31 @@ class EventSink(Protocol):
 
 @attrs.define(eq=False)
 class StepScope:
-    """What code inside a step can reach: the run, the node, the attempt, the LLM provider."""
+    """One node being run: what code inside the step can reach (the run, the node, the
+    attempt, the LLM provider) and the bookkeeping of its attempts."""
 
     sink: EventSink
-    node_id: str
+    node: Node
     attempt: int
     llm: Any = None
+    marker: str = ""
+    first_attempt: int = 1
+    started: float = 0.0
     usage: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> str:
         return self.sink.run_id
 
+    @property
+    def node_id(self) -> str:
+        return self.node.id
+
     def token(self, text: str) -> None:
         """Report streamed LLM output as a :class:`~flowdsl.events.TokenDelta`."""
         if self.sink.observed:
             self.sink.emit(
-                ev.TokenDelta(self.sink.run_id, self.node_id, time.time(), text, self.attempt)
+                ev.TokenDelta(self.sink.run_id, self.node.id, time.time(), text, self.attempt)
             )
 
     def add_usage(self, **counts: Any) -> None:
@@ -71,6 +79,56 @@ class StepScope:
             else:
                 usage[key] = value
         self.usage = usage
+
+    # attempts
+
+    def begin(self) -> None:
+        if self.sink.observed:
+            self.sink.emit(ev.StepStarted(self.sink.run_id, self.node.id, time.time(), self.attempt))
+
+    def succeed(self, raw: Any) -> tuple[NodeRecord, Any]:
+        """Encode the step's value (or pick the branch's case); report it; make the record."""
+        node, sink = self.node, self.sink
+        unit = node.fn
+        assert unit is not None
+        if node.kind is NodeKind.BRANCH:
+            label = pick_case(raw, node.labels, node.id)
+            data, text, value = label, _codec.dumps(label), label
+        else:
+            data, text, value = _roundtrip(raw, unit.return_type, node)
+        finished = time.time()
+        if sink.observed:
+            if node.kind is NodeKind.BRANCH:
+                sink.emit(ev.BranchTaken(sink.run_id, node.id, finished, label, self.attempt))
+            sink.emit(
+                ev.StepFinished(
+                    sink.run_id, node.id, finished, data, self.attempt, finished - self.started
+                )
+            )
+        record = NodeRecord(
+            node.id, text, self.attempt, self.started, finished, self.marker, self.usage
+        )
+        return record, value
+
+    def fail(self, exc: Exception) -> float:
+        """After a failed attempt: the delay before the next one, or raise StepFailed."""
+        node, sink = self.node, self.sink
+        unit = node.fn
+        assert unit is not None
+        tries = self.attempt - self.first_attempt
+        final = isinstance(exc, CodecError | UnknownCase)
+        if not final and tries < unit.retries and isinstance(exc, unit.retry_on):
+            delay = backoff_delay(unit.backoff, tries + 1)
+            if sink.observed:
+                sink.emit(
+                    ev.StepRetrying(
+                        sink.run_id, node.id, time.time(), _describe(exc), self.attempt, delay
+                    )
+                )
+            self.attempt += 1
+            return delay
+        _emit_failed(sink, node, self.attempt, exc)
+        raise _failure(sink, node, exc) from exc
 
 
 _SCOPE: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar(
@@ -104,10 +162,7 @@ def pick_case(value: Any, labels: tuple[str, ...], branch: str) -> str:
     )
 
 
-async def _call(fn: Callable[..., Any], is_async: bool, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> Any:
-    if is_async:
-        return await fn(*args, **kwargs)
+async def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
@@ -120,62 +175,50 @@ async def run_node(
     marker: str = "",
     llm: Any = None,
     first_attempt: int = 1,
+    store: Any = None,
 ) -> tuple[NodeRecord, Any]:
     """Run *node* through its attempts; return its journal record and decoded value.
+
+    With *store*, the record is committed before returning, so the caller may count the
+    node done.
 
     Raises :class:`~flowdsl.StepFailed` (with the step's exception as ``__cause__``) once
     the retries are spent; a codec failure or an unknown case is never retried, since
     another attempt cannot fix it.
     """
+    # This frame stays alive while the step runs, so it is kept small (memory per
+    # in-flight run is a target): the bookkeeping lives in the scope's sync methods.
     unit = node.fn
     assert unit is not None, "only step and branch nodes run"
-    observed = sink.observed
-    run_id = sink.run_id
-    attempt = first_attempt - 1
-    started = time.time()
-    is_branch = node.kind is NodeKind.BRANCH
+    scope = StepScope(sink, node, first_attempt, llm, marker, first_attempt, time.time())
     while True:
-        attempt += 1
-        if observed:
-            sink.emit(ev.StepStarted(run_id, node.id, time.time(), attempt))
-        scope = StepScope(sink, node.id, attempt, llm)
+        scope.begin()
         token = _SCOPE.set(scope)
         try:
-            if unit.timeout is None:
-                raw = await _call(unit.fn, unit.is_async, args, kwargs)
+            if unit.is_async and unit.timeout is None:
+                raw = await unit.fn(*args, **kwargs)
             else:
-                with anyio.fail_after(unit.timeout):
-                    raw = await _call(unit.fn, unit.is_async, args, kwargs)
-            if is_branch:
-                label = pick_case(raw, node.labels, node.id)
-                data, text, value = label, _codec.dumps(label), label
-            else:
-                data, text, value = _roundtrip(raw, unit.return_type, node)
-        except (CodecError, UnknownCase) as exc:
-            _emit_failed(sink, node, attempt, exc)
-            raise _failure(sink, node, exc) from exc
+                raw = await _call_slow(unit, args, kwargs)
+            outcome = scope.succeed(raw)
         except Exception as exc:
-            if attempt - first_attempt < unit.retries and isinstance(exc, unit.retry_on):
-                delay = backoff_delay(unit.backoff, attempt - first_attempt + 1)
-                if observed:
-                    sink.emit(
-                        ev.StepRetrying(run_id, node.id, time.time(), _describe(exc), attempt, delay)
-                    )
-                await anyio.sleep(delay)
-                continue
-            _emit_failed(sink, node, attempt, exc)
-            raise _failure(sink, node, exc) from exc
+            delay = scope.fail(exc)
+        else:
+            if store is not None:
+                await store.commit_node(sink.run_id, outcome[0])
+            return outcome
         finally:
             _SCOPE.reset(token)
-        finished = time.time()
-        if observed:
-            if is_branch:
-                sink.emit(ev.BranchTaken(run_id, node.id, finished, label, attempt))
-            sink.emit(
-                ev.StepFinished(run_id, node.id, finished, data, attempt, finished - started)
-            )
-        record = NodeRecord(node.id, text, attempt, started, finished, marker, scope.usage)
-        return record, value
+        await anyio.sleep(delay)
+
+
+async def _call_slow(unit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A step with a timeout, or a plain ``def`` step (run in a worker thread)."""
+    if unit.timeout is None:
+        return await _call_sync(unit.fn, args, kwargs)
+    with anyio.fail_after(unit.timeout):
+        if unit.is_async:
+            return await unit.fn(*args, **kwargs)
+        return await _call_sync(unit.fn, args, kwargs)
 
 
 def cache_key(node: Node, marker: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -213,8 +256,10 @@ async def run_node_cached(
         value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
         if sink.observed:
             sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
-        return NodeRecord(node.id, text, 0, now, now, marker), value
-    record, value = await run_node(sink, node, args, kwargs, marker=marker, llm=llm)
+        record = NodeRecord(node.id, text, 0, now, now, marker)
+        await store.commit_node(sink.run_id, record)
+        return record, value
+    record, value = await run_node(sink, node, args, kwargs, marker=marker, llm=llm, store=store)
     await store.put_cached(key, record.value)
     return record, value
 

@@ -21,18 +21,20 @@ step, so the loop spawns only where the graph really fans out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import anyio
-import anyio.abc
 
 from ._errors import StepFailed
+from ._records import NodeRecord
 from ._graph import Graph, Node, NodeKind, evaluate, refs_of
+from ._spawn import open_node_group
 
 __all__ = ["Executor", "Plan", "RunState", "drive"]
 
 WAITING, READY, RUNNING, DONE, SKIPPED = range(5)
+_NO_KWARGS: dict[str, Any] = {}  # shared: callees receive it as **kwargs, a copy
 STATE_NAMES = ("waiting", "ready", "running", "done", "skipped")
 
 
@@ -144,9 +146,10 @@ class RunState:
     def args_of(self, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The argument values of a ready node."""
         inputs, results = self.inputs, self.results
-        args = tuple(evaluate(e, inputs, results) for e in node.args)
-        kwargs = {k: evaluate(e, inputs, results) for k, e in node.kwargs}
-        return args, kwargs
+        args = tuple([evaluate(e, inputs, results) for e in node.args])
+        if not node.kwargs:
+            return args, _NO_KWARGS
+        return args, {k: evaluate(e, inputs, results) for k, e in node.kwargs}
 
     def complete(self, node_id: str, value: Any) -> list[Node]:
         """Record *node_id*'s result (a case label for a branch); return newly ready nodes."""
@@ -234,14 +237,14 @@ class Executor(Protocol):
     """How a context carries a node to where it runs and its result back.
 
     ``execute`` runs *node* with *args* (in this process, or by shipping a task to a
-    queue and waiting for a worker), makes its result durable, and returns the decoded
-    result: the step's value, or the chosen case's label for a branch.  It raises
-    :class:`~flowdsl.StepFailed` when the node failed for good.
+    queue and waiting for a worker), makes its result durable, and returns the node's
+    journal record and its decoded result: the step's value, or the chosen case's label
+    for a branch.  It raises :class:`~flowdsl.StepFailed` when the node failed for good.
     """
 
-    async def execute(
+    def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any: ...
+    ) -> Awaitable[tuple[NodeRecord, Any]]: ...
 
 
 async def drive(
@@ -251,50 +254,84 @@ async def drive(
     executor: Executor,
     *,
     limiter: anyio.CapacityLimiter | None = None,
-    on_skipped: Any = None,
+    on_skipped: Callable[[list[str]], None] | None = None,
 ) -> Any:
     """Run the nodes of *state* to the end; return the flow's output.
 
     *ready* are the nodes to dispatch first (``state.start()``, or what a resume left).
-    The first failure cancels every node still in flight and is raised once they are gone.
+    The first chain runs in the calling task; every other ready node gets a task of its
+    own.  The first failure cancels every node still in flight and is raised once they
+    are gone.
     """
-    failure: list[BaseException] = []
+    execute = executor.execute
 
-    async def chain(node: Node | None, tg: anyio.abc.TaskGroup) -> None:
-        while node is not None:
-            args, kwargs = state.args_of(node)
-            try:
-                if limiter is None:
-                    value = await executor.execute(run, node, args, kwargs)
-                else:
-                    async with limiter:
-                        value = await executor.execute(run, node, args, kwargs)
-            except StepFailed as exc:
-                if not failure:
-                    failure.append(exc)
-                tg.cancel_scope.cancel()
-                return
-            newly = state.complete(node.id, value)
-            if state.skipped and on_skipped is not None:
-                skipped, state.skipped = state.skipped, []
-                on_skipped(skipped)
-            node = newly[0] if newly else None
-            for other in newly[1:]:
-                tg.start_soon(chain, other, tg, name=f"flowdsl node {other.id}")
+    def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
+        args, kwargs = state.args_of(node)
+        if limiter is None:
+            return execute(run, node, args, kwargs)
+        return _limited(limiter, execute, run, node, args, kwargs)
+
+    def report_skipped() -> None:
+        if state.skipped and on_skipped is not None:
+            skipped, state.skipped = state.skipped, []
+            on_skipped(skipped)
 
     first = list(ready)
-    if state.skipped and on_skipped is not None:
-        skipped, state.skipped = state.skipped, []
-        on_skipped(skipped)
+    report_skipped()
     if first:
-        async with anyio.create_task_group() as tg:
-            for other in first[1:]:
-                tg.start_soon(chain, other, tg, name=f"flowdsl node {other.id}")
-            await chain(first[0], tg)
-    if failure:
-        raise failure[0]
+
+        def finish(node: Node, outcome: tuple[NodeRecord, Any]) -> None:
+            newly = state.complete(node.id, outcome[1])
+            report_skipped()
+            for other in newly:
+                group.spawn(dispatch(other), other)
+
+        try:
+            async with open_node_group(finish) as group:
+                for other in first[1:]:
+                    group.spawn(dispatch(other), other)
+                node: Node | None = first[0]
+                while node is not None:
+                    # A chain continues in this task: the next node is awaited here, and
+                    # only its siblings get tasks of their own.
+                    _, value = await dispatch(node)
+                    newly = state.complete(node.id, value)
+                    report_skipped()
+                    node = newly[0] if newly else None
+                    for other in newly[1:]:
+                        group.spawn(dispatch(other), other)
+        except BaseExceptionGroup as group_exc:
+            failure = _first_failure(group_exc)
+            if failure is not None:
+                raise failure from failure.__cause__
+            raise
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
         raise RuntimeError(f"run {run.run_id!r} stalled with nodes waiting: {stuck[:10]}")
     return state.output()
 
+
+async def _limited(
+    limiter: anyio.CapacityLimiter,
+    execute: Callable[..., Awaitable[tuple[NodeRecord, Any]]],
+    *args: Any,
+) -> tuple[NodeRecord, Any]:
+    async with limiter:
+        return await execute(*args)
+
+
+def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
+    """The first StepFailed, when the rest of *group* is only what it caused."""
+    cancelled = anyio.get_cancelled_exc_class()
+    failures, rest = group.split(StepFailed)
+    if failures is None:
+        return None
+    if rest is not None:
+        _, other = rest.split(cancelled)
+        if other is not None:
+            return None
+    exc: BaseException = failures
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, StepFailed)
+    return exc

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from .._graph import Node
-from .._runner import run_node_cached
+from .._records import NodeRecord
+from .._runner import run_node, run_node_cached
 
 __all__ = ["RealtimeExecutor"]
 
@@ -18,11 +20,12 @@ class RealtimeExecutor:
         self.store = store
         self.llm = llm
 
-    async def execute(
+    def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        record, value = await run_node_cached(
-            self.store, run, node, args, kwargs, marker=run.plan.markers[node.id], llm=self.llm
-        )
-        await self.store.commit_node(run.run_id, record)
-        return value
+    ) -> Awaitable[tuple[NodeRecord, Any]]:
+        # Not a coroutine itself: returning run_node's coroutine spares every in-flight
+        # node one frame, and memory per in-flight run is a target.
+        marker = run.plan.markers[node.id]
+        if node.fn is not None and node.fn.cache:
+            return run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
+        return run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
