@@ -21,6 +21,8 @@ import typing
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import sniffio
+
 from . import _codec
 from ._errors import CodecError, TracingError
 from ._graph import (
@@ -602,6 +604,17 @@ def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
         yielded = gen.send(None)
     except StopIteration as stop:
         return stop.value
+    except RuntimeError as exc:
+        # Traced outside an event loop, `await anyio.sleep(0)` or `await asyncio.sleep(1)`
+        # fails looking for the loop before it can suspend: the same mistake.
+        if not _wants_event_loop(exc):
+            raise
+        raise TracingError(
+            f"{what} awaited something that is not a step, branch or flow "
+            f"(it needs a running event loop: {exc})",
+            flow=tracer.flow_name,
+            hint=_REAL_AWAIT_HINT,
+        ) from exc
     try:
         gen.close()
     except Exception:  # noqa: S110 - a body that misbehaves on close must not hide the real error
@@ -610,10 +623,22 @@ def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
         f"{what} awaited something that is not a step, branch or flow "
         f"(it tried to suspend with {type(yielded).__name__})",
         flow=tracer.flow_name,
-        hint="A flow body only wires steps together; move real awaits (sleeps, I/O, "
-        "asyncio.gather) into a @fd.step; steps with no data dependency already run "
-        "concurrently",
+        hint=_REAL_AWAIT_HINT,
     )
+
+
+_REAL_AWAIT_HINT = (
+    "A flow body only wires steps together; move real awaits (sleeps, I/O, "
+    "asyncio.gather) into a @fd.step; steps with no data dependency already run "
+    "concurrently"
+)
+
+
+def _wants_event_loop(exc: RuntimeError) -> bool:
+    if isinstance(exc, sniffio.AsyncLibraryNotFoundError):  # anyio, and sniffio users
+        return True
+    text = str(exc)
+    return "event loop" in text or "async context" in text  # asyncio; trio
 
 
 def trace(flow: Flow) -> Graph:
@@ -639,7 +664,7 @@ def trace(flow: Flow) -> Graph:
             raise TracingError(
                 "a flow must be an `async def` function", flow=flow.name, hint="Write `async def`"
             )
-        result = drive(coro, tracer, what=f"flow {flow.name!r}")
+        result = drive(coro, tracer, what="the flow body")
         output = tracer.to_expr(result, node="<result>", what="the flow's result")
     finally:
         _TRACER.reset(token)
