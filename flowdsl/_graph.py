@@ -12,6 +12,7 @@ resume from its journal.
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
 import html
@@ -103,6 +104,9 @@ def _collect_refs(expr: Expr, out: list[str]) -> None:
             _collect_refs(item, out)
 
 
+_IMMUTABLE = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def evaluate(expr: Expr, inputs: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
     """The value of *expr* given the flow's inputs and the finished nodes' results."""
     cls = type(expr)
@@ -112,7 +116,10 @@ def evaluate(expr: Expr, inputs: Mapping[str, Any], results: Mapping[str, Any]) 
             value = getattr(value, key) if kind == "attr" else value[key]
         return value
     if cls is Literal:
-        return expr.value  # type: ignore[union-attr]
+        value = expr.value  # type: ignore[union-attr]
+        # Each run gets its own copy: a step that mutates a literal list must not change
+        # what the next run (or a sibling node) receives.
+        return value if type(value) in _IMMUTABLE else copy.deepcopy(value)
     if cls is Input:
         value = inputs[expr.name]  # type: ignore[union-attr]
         for kind, key in expr.path:  # type: ignore[union-attr]
