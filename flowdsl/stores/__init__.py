@@ -29,6 +29,10 @@ def open_store(spec: Any, *, batch: bool = False) -> Any:
     scheme = spec.split(":", 1)[0].lower() if ":" in spec else ""
     if scheme == "memory":
         return MemoryStore()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore.from_url(spec)
     raise ConfigError(
         f"unknown store URL {spec!r}",
         hint="Use memory:// or sqlite:///path.db",

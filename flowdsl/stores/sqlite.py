@@ -1,0 +1,750 @@
+"""The SQLite store: the durable embedded default (``store="sqlite:///runs.db"``).
+
+Layout (schema version 1, kept in ``PRAGMA user_version``)::
+
+    runs(run_id PRIMARY KEY, flow, flow_ref, fingerprint, inputs, status,
+         created_at, updated_at, result, error, failed_node, code)
+    nodes(run_id, node_id, value, blob, attempts, started_at, finished_at, code, usage)
+         PRIMARY KEY (run_id, node_id)     -- the journal: one row per finished node
+    blobs(hash PRIMARY KEY, data)          -- large values, once per distinct content
+    cache(key PRIMARY KEY, value, blob)    -- ``@fd.step(cache=True)`` results
+
+A node's JSON text of at most :data:`INLINE_MAX` bytes sits in its row; a larger one goes to
+``blobs`` under its SHA-256 and the row keeps the hash, so a value returned by a thousand
+nodes (or by a node and the cache) is stored once.  Finishing a node writes that node's row
+(and maybe one blob) and nothing else: storage grows with the results, never with
+steps x state.
+
+Durability: the file is in WAL mode.  With ``durability="normal"`` (the default,
+``synchronous=NORMAL``) a committed node survives the process being killed at any instant,
+SIGKILL included, because the write has reached the operating system; a power loss or a
+kernel crash may lose the last commits (never corrupt the file).  ``durability="full"``
+(``synchronous=FULL``) syncs the WAL to the disk on every commit and survives power loss, at
+about three times the cost per step.
+
+Several processes on one machine may share a file: each opens its own connection, writers
+queue on SQLite's lock for up to ``busy_timeout`` seconds.  (Not on a network filesystem:
+WAL needs shared memory between the processes.)
+
+Every row read back is checked before it is believed: a file is data from outside, and a
+malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the run and node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl
+
+import anyio
+from anyio.lowlevel import checkpoint_if_cancelled
+
+from .. import _codec
+from .._errors import CheckpointError, CodecError, ConfigError
+from .._records import NodeRecord, RunRecord, RunStatus
+
+__all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION: Final = 1
+#: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
+INLINE_MAX: Final = 256
+# 'flow' in ASCII: marks the file as a flowdsl store so a stranger's database is refused.
+_APPLICATION_ID: Final = 0x666C6F77
+# 8 KiB pages hold seven 1 KiB results where 4 KiB pages hold three, which is what keeps a
+# journal of 1 KiB results within 1.5x their size (4 KiB pages: just over 1.5x).
+_PAGE_SIZE: Final = 8192
+_HASH_SIZE: Final = 32
+# SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
+_CHUNK: Final = 500
+_URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
+_RESTORE_HINT: Final = (
+    "Restore the file from a backup, or delete this run's rows "
+    "(DELETE FROM nodes WHERE run_id = ...; DELETE FROM runs WHERE run_id = ...) and start "
+    "it again"
+)
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY NOT NULL,
+        flow TEXT NOT NULL,
+        flow_ref TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        result TEXT,
+        error TEXT,
+        failed_node TEXT,
+        code TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at)",
+    # WITHOUT ROWID: the primary key is the row, so (run_id, node_id) is stored once.
+    """CREATE TABLE IF NOT EXISTS nodes (
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        value TEXT,
+        blob BLOB,
+        attempts INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        code TEXT NOT NULL,
+        usage TEXT,
+        PRIMARY KEY (run_id, node_id)
+    ) WITHOUT ROWID""",
+    # A rowid table on purpose: its leaves hold rows up to a page, where a WITHOUT ROWID
+    # table spills any row over ~1/4 page to overflow pages and wastes most of them.
+    """CREATE TABLE IF NOT EXISTS blobs (
+        hash BLOB PRIMARY KEY NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS cache (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT,
+        blob BLOB
+    ) WITHOUT ROWID""",
+)
+
+_INSERT_RUN: Final = (
+    "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
+    "created_at, updated_at, result, error, failed_node, code) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_RUN: Final = (
+    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
+    "result, error, failed_node, code FROM runs WHERE run_id = ?"
+)
+_LIST_RUNS: Final = (
+    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
+    "result, error, failed_node, code FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?"
+)
+_UPDATE_RUN: Final = (
+    "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
+    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code) WHERE run_id = ?"
+)
+_INSERT_NODE: Final = (
+    "INSERT OR IGNORE INTO nodes (run_id, node_id, value, blob, attempts, started_at, "
+    "finished_at, code, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_BLOB: Final = "INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)"
+_SELECT_NODES: Final = (
+    "SELECT n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, n.finished_at, "
+    "n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
+    "WHERE n.run_id = ?"
+)
+_NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
+_DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
+_GET_CACHED: Final = (
+    "SELECT c.value, c.blob, b.data FROM cache AS c LEFT JOIN blobs AS b ON b.hash = c.blob "
+    "WHERE c.key = ?"
+)
+_PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob) VALUES (?, ?, ?)"
+
+Durability = Literal["normal", "full"]
+
+
+class SQLiteStore:
+    """Runs and node journals in one SQLite file, safe for several processes on a machine.
+
+    *path* is a file (its parent directories are created) or ``":memory:"`` (for tests:
+    nothing is durable and the data goes when the store is closed).  *durability* is
+    ``"normal"`` (survives a killed process) or ``"full"`` (survives power loss, slower);
+    *busy_timeout* is how many seconds a write waits for another process's write.
+
+    Every call runs on the event loop's own thread, synchronously.  A commit is one small
+    transaction of about 0.1 ms that blocks the loop for that long; handing it to a worker
+    thread instead (aiosqlite's way) costs about five times the write itself in thread
+    switches, for every node.  The price: while another process holds the write lock, the
+    loop waits (at most ``busy_timeout``) instead of running other tasks.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "normal",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ConfigError(
+                f"unknown durability {durability!r} for the SQLite store",
+                hint="Use durability='normal' (survives a killed process) or 'full' "
+                "(survives power loss)",
+            )
+        if not busy_timeout >= 0:
+            raise ConfigError(
+                f"busy_timeout must be a number of seconds >= 0, not {busy_timeout!r}"
+            )
+        self.path = os.fspath(path)
+        self.durability: Durability = durability
+        self.busy_timeout = float(busy_timeout)
+        self.url = "sqlite://:memory:" if self.path == ":memory:" else f"sqlite:///{self.path}"
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """A store from ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
+        ``sqlite://:memory:``, with optional ``?durability=full&busy_timeout=10``."""
+        rest, _, query = url.partition("?")
+        scheme, sep, location = rest.partition("://")
+        if scheme.lower() != "sqlite" or not sep:
+            raise _bad_url(url)
+        if location == ":memory:":
+            path = ":memory:"
+        elif location.startswith("/") and len(location) > 1 and not location.endswith("/"):
+            path = location[1:]  # the third slash ends the (empty) host part
+        else:
+            raise _bad_url(url)
+        return cls(path, **_url_options(url, query))
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn is not None else "closed"
+        return f"<SQLiteStore {self.url!r} durability={self.durability!r} {state}>"
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await checkpoint_if_cancelled()
+        if self._conn is not None:
+            return
+        # Switching a new file to WAL fails at once with "database is locked" while another
+        # process is creating it (SQLite does not call the busy handler there), so opening
+        # retries, sleeping without blocking the loop, for up to busy_timeout.
+        deadline = anyio.current_time() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                self._conn = self._connect()
+                return
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                    raise self._failure(exc) from exc
+            except OSError as exc:  # the parent directory could not be created
+                raise ConfigError(
+                    f"cannot create the store {self.url}: {exc}",
+                    hint="Check the path and the permissions of its directory",
+                ) from exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # The last connection to close checkpoints the WAL into the file and removes it.
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        memory = self.path == ":memory:"
+        if not memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we write BEGIN/COMMIT ourselves; the sqlite3 module's
+        # implicit transactions would open one on the first SELECT and hold it.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=64,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._check_identity(conn)
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only a new file takes it
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if not memory and str(mode).lower() != "wal":
+                raise ConfigError(
+                    f"the SQLite store {self.url} cannot use WAL mode (it reports {mode!r})",
+                    hint="Put the file on a local filesystem",
+                )
+            synchronous = "FULL" if self.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_identity(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id not in (0, _APPLICATION_ID):
+            raise ConfigError(
+                f"{self.path} is an SQLite database that another program owns, not a flowdsl store",
+                hint="Give the store a file of its own",
+            )
+        if version > SCHEMA_VERSION:
+            raise CheckpointError(
+                f"the store {self.url} has schema version {version}, newer than the "
+                f"{SCHEMA_VERSION} this flowdsl knows",
+                hint="Upgrade flowdsl to the version that wrote it",
+            )
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have just created it.
+            self._check_identity(conn)
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ConfigError(
+                f"the store {self.url} is not open",
+                hint="Use it inside `async with ctx:` or call `await store.open()` first",
+            )
+        return self._conn
+
+    # --- runs -----------------------------------------------------------------------------
+
+    async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        row = (
+            record.run_id,
+            record.flow,
+            record.flow_ref,
+            record.fingerprint,
+            record.inputs,
+            record.status.value,
+            record.created_at,
+            record.updated_at,
+            record.result,
+            record.error,
+            record.failed_node,
+            _codec.dumps(record.code),
+        )
+        try:
+            # INSERT OR IGNORE decides races between processes: one insert wins, and every
+            # loser reads the winner's row.
+            if db.execute(_INSERT_RUN, row).rowcount == 1:
+                return record, True
+            stored = db.execute(_SELECT_RUN, (record.run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=record.run_id) from exc
+        if stored is None:  # deleted between the two statements by another process
+            raise CheckpointError(
+                f"run {record.run_id!r} vanished from {self.url} while it was being created",
+                hint="Start it again",
+            )
+        return self._run_from_row(record.run_id, stored), False
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        await checkpoint_if_cancelled()
+        try:
+            row = self._db().execute(_SELECT_RUN, (run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return None if row is None else self._run_from_row(run_id, row)
+
+    async def update_run(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus,
+        result: str | None = None,
+        error: str | None = None,
+        failed_node: str | None = None,
+        fingerprint: str | None = None,
+        code: dict[str, str] | None = None,
+    ) -> None:
+        await checkpoint_if_cancelled()
+        params = (
+            status.value,
+            result,
+            error,
+            failed_node,
+            time.time(),
+            fingerprint,
+            None if code is None else _codec.dumps(code),
+            run_id,
+        )
+        try:
+            updated = self._db().execute(_UPDATE_RUN, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if updated == 0:
+            raise CheckpointError(
+                f"run {run_id!r} does not exist in {self.url}",
+                hint="Create the run (ctx.start) before updating it",
+            )
+
+    async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        await checkpoint_if_cancelled()
+        try:
+            rows = self._db().execute(_LIST_RUNS, (max(limit, 0),)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        return [self._run_from_row(_str_or(row[0], "?"), row) for row in rows]
+
+    # --- the journal ----------------------------------------------------------------------
+
+    async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        value, digest, data = _split_value(record.value)
+        usage = None if record.usage is None else _codec.dumps(record.usage)
+        params = (
+            run_id,
+            record.node_id,
+            value,
+            digest,
+            record.attempts,
+            record.started_at,
+            record.finished_at,
+            record.code,
+            usage,
+        )
+        try:
+            # One transaction per node: the row and its blob become durable together.
+            # IMMEDIATE takes the write lock up front, so a concurrent writer makes us wait
+            # (busy_timeout) rather than fail on a lock upgrade.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                created = db.execute(_INSERT_NODE, params).rowcount == 1
+                if created and digest is not None:
+                    db.execute(_INSERT_BLOB, (digest, data))
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id, node_id=record.node_id) from exc
+        return created
+
+    async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
+        await checkpoint_if_cancelled()
+        try:
+            rows = self._db().execute(_SELECT_NODES, (run_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        records = (self._node_from_row(run_id, row) for row in rows)
+        return {record.node_id: record for record in records}
+
+    async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
+        await checkpoint_if_cancelled()
+        if not node_ids:
+            return
+        db = self._db()
+        keys = [(run_id, node_id) for node_id in node_ids]
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                hashes: set[bytes] = set()
+                for key in keys:
+                    row = db.execute(_NODE_BLOB, key).fetchone()
+                    if row is not None and isinstance(row[0], bytes):
+                        hashes.add(row[0])
+                db.executemany(_DELETE_NODE, keys)
+                _drop_unreferenced(db, hashes)
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+
+    # --- the step cache -------------------------------------------------------------------
+
+    async def get_cached(self, key: str) -> str | None:
+        await checkpoint_if_cancelled()
+        try:
+            row = self._db().execute(_GET_CACHED, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        if row is None:
+            return None
+        try:
+            return _check_json(_join_value(row[0], row[1], row[2]), "the cached value")
+        except _Malformed as exc:
+            raise CheckpointError(
+                f"cache entry {key!r} in {self.url} is corrupted: {exc}",
+                hint="Restore the file from a backup, or delete the entry "
+                "(DELETE FROM cache WHERE key = ...)",
+            ) from None
+
+    async def put_cached(self, key: str, value: str) -> None:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        inline, digest, data = _split_value(value)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if digest is not None:
+                    db.execute(_INSERT_BLOB, (digest, data))
+                db.execute(_PUT_CACHED, (key, inline, digest))
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+
+    # --- reading rows back ----------------------------------------------------------------
+
+    def _run_from_row(self, run_id: str, row: Sequence[Any]) -> RunRecord:
+        try:
+            (
+                stored_id,
+                flow,
+                flow_ref,
+                fingerprint,
+                inputs,
+                status,
+                created_at,
+                updated_at,
+                result,
+                error,
+                failed_node,
+                code,
+            ) = row
+            return RunRecord(
+                run_id=_str(stored_id, "run_id"),
+                flow=_str(flow, "flow"),
+                flow_ref=_str(flow_ref, "flow_ref"),
+                fingerprint=_str(fingerprint, "fingerprint"),
+                inputs=_check_json(_str(inputs, "inputs"), "inputs"),
+                status=_status(status),
+                created_at=_time(created_at, "created_at"),
+                updated_at=_time(updated_at, "updated_at"),
+                result=None if result is None else _check_json(_str(result, "result"), "result"),
+                error=_optional_str(error, "error"),
+                failed_node=_optional_str(failed_node, "failed_node"),
+                code=_code_map(code),
+            )
+        except _Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+
+    def _node_from_row(self, run_id: str, row: Sequence[Any]) -> NodeRecord:
+        node_id = row[0]
+        try:
+            (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
+            return NodeRecord(
+                node_id=_str(node_id, "node_id"),
+                value=_check_json(_join_value(value, digest, data), "value"),
+                attempts=_attempts(attempts),
+                started_at=_time(started_at, "started_at"),
+                finished_at=_time(finished_at, "finished_at"),
+                code=_str(code, "code"),
+                usage=_usage(usage),
+            )
+        except _Malformed as exc:
+            node = node_id if isinstance(node_id, str) else repr(node_id)
+            raise self._corrupted(run_id, node, str(exc)) from None
+
+    def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"run {run_id!r} in {self.url} is corrupted: {what}", node=node_id, hint=_RESTORE_HINT
+        )
+
+    def _failure(
+        self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
+    ) -> Exception:
+        """Translate an sqlite3 error at the edge, naming the file and what to do."""
+        name = _error_name(exc)
+        where = f" (run {run_id!r})" if run_id is not None else ""
+        if _is_busy(exc):
+            return CheckpointError(
+                f"the store {self.url} stayed locked by another writer for "
+                f"{self.busy_timeout:g} s{where}",
+                node=node_id,
+                hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
+                "process that holds the file",
+            )
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            return CheckpointError(
+                f"the store {self.url} is corrupted{where}: {exc}",
+                node=node_id,
+                hint="Restore the file from a backup",
+            )
+        if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+            return ConfigError(
+                f"cannot write the store {self.url}: {exc}",
+                node=node_id,
+                hint="Check that the file and its directory exist and are writable",
+            )
+        return CheckpointError(
+            f"the store {self.url} failed{where}: {exc}",
+            node=node_id,
+            hint="Check the disk (space, permissions) and the file",
+        )
+
+
+# --- values: inline or by content hash ------------------------------------------------------
+
+
+def _split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:
+    """``(inline, hash, data)``: small JSON text stays in the row, large goes to ``blobs``."""
+    if len(value) * 4 <= INLINE_MAX:  # at most 4 UTF-8 bytes a character: no encode needed
+        return value, None, None
+    data = value.encode()
+    if len(data) <= INLINE_MAX:
+        return value, None, None
+    return None, hashlib.sha256(data).digest(), data
+
+
+def _join_value(inline: object, digest: object, data: object) -> str:
+    if digest is None:
+        return _str(inline, "value")
+    if inline is not None:
+        raise _Malformed("the row has both an inline value and a blob reference")
+    if not isinstance(digest, bytes) or len(digest) != _HASH_SIZE:
+        raise _Malformed(f"the blob reference is not a {_HASH_SIZE}-byte hash")
+    if data is None:
+        raise _Malformed(f"the value's blob {digest.hex()[:16]}... is missing")
+    if not isinstance(data, bytes) or hashlib.sha256(data).digest() != digest:
+        raise _Malformed(f"the value's blob {digest.hex()[:16]}... does not match its hash")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise _Malformed("the value's blob is not UTF-8 text") from None
+
+
+def _drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
+    """Delete the blobs among *hashes* that no node and no cache entry refers to any more.
+
+    Forgetting is rare (a resume after a code change), so this scans rather than keep an
+    index on ``nodes.blob`` that every commit would pay for in time and space.
+    """
+    candidates = list(hashes)
+    for start in range(0, len(candidates), _CHUNK):
+        chunk = candidates[start : start + _CHUNK]
+        marks = ", ".join("?" * len(chunk))  # only placeholders go into the text
+        query = (
+            f"SELECT blob FROM nodes WHERE blob IN ({marks}) "  # noqa: S608
+            f"UNION SELECT blob FROM cache WHERE blob IN ({marks})"
+        )
+        used = {row[0] for row in db.execute(query, chunk + chunk)}
+        db.executemany("DELETE FROM blobs WHERE hash = ?", [(h,) for h in chunk if h not in used])
+
+
+def _error_name(exc: sqlite3.Error) -> str:
+    return str(getattr(exc, "sqlite_errorname", "") or "")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _error_name(exc).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+# --- validation of rows read back -----------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """A row that does not hold what this store writes."""
+
+
+def _str(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"{field} is {type(value).__name__}, not text")
+    return value
+
+
+def _str_or(value: object, default: str) -> str:
+    return value if isinstance(value, str) else default
+
+
+def _optional_str(value: object, field: str) -> str | None:
+    return None if value is None else _str(value, field)
+
+
+def _parse_json(text: str, field: str) -> Any:
+    try:
+        return _codec.loads(text)
+    except CodecError:
+        raise _Malformed(f"the stored {field} is not valid JSON") from None
+
+
+def _check_json(text: str, field: str) -> str:
+    _parse_json(text, field)
+    return text
+
+
+def _time(value: object, field: str) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise _Malformed(f"{field} is {type(value).__name__}, not a timestamp")
+
+
+def _attempts(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise _Malformed(f"attempts is {value!r}, not a count")
+    return value
+
+
+def _status(value: object) -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise _Malformed(f"status {value!r} is not a known run status") from None
+
+
+def _code_map(text: object) -> dict[str, str]:
+    data = _parse_json(_str(text, "code"), "code")
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise _Malformed("code is not a mapping of node ids to code hashes")
+    return data
+
+
+def _usage(text: object) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    data = _parse_json(_str(text, "usage"), "usage")
+    if not isinstance(data, dict):
+        raise _Malformed("usage is not a mapping")
+    return data
+
+
+def _url_options(url: str, query: str) -> dict[str, Any]:
+    """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise _bad_url(url, f"cannot read the options {query!r}") from None
+    options: dict[str, Any] = {}
+    for name, value in pairs:
+        if name == "durability":
+            if value not in ("normal", "full"):
+                raise _bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
+            options["durability"] = value
+        elif name == "busy_timeout":
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not seconds >= 0:
+                raise _bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
+            options["busy_timeout"] = seconds
+        else:
+            raise _bad_url(url, f"unknown option {name!r}")
+    return options
+
+
+def _bad_url(url: str, why: str | None = None) -> ConfigError:
+    problem = f"malformed SQLite store URL {url!r}"
+    if why:
+        problem = f"{problem}: {why}"
+    return ConfigError(
+        problem,
+        hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
+    )

@@ -1,0 +1,276 @@
+"""What every store must do, checked on each of them, on asyncio and trio.
+
+A new store (Redis, NATS) joins by adding one entry to ``_FACTORIES`` and one
+``pytest.param`` to ``STORES`` (with a skip mark when its server is not running).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowdsl import _codec
+from flowdsl._records import NodeRecord, RunRecord, RunStatus
+from flowdsl.stores import MemoryStore, Store
+from flowdsl.stores.sqlite import INLINE_MAX, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+_FACTORIES: dict[str, Callable[[Path], Store]] = {
+    "memory": lambda tmp: MemoryStore(),
+    "sqlite": lambda tmp: SQLiteStore(tmp / "deep" / "dir" / "runs.db"),
+}
+STORES = [pytest.param("memory", id="memory"), pytest.param("sqlite", id="sqlite")]
+
+
+@pytest.fixture(params=STORES)
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """A factory of store objects on the same backing storage (same file, same server)."""
+    kind: str = request.param
+    if kind == "memory":
+        shared = MemoryStore()  # "the same storage" for memory is the same object
+        return lambda: shared
+    return lambda: _FACTORIES[kind](tmp_path)
+
+
+@pytest.fixture
+async def store(make_store: Callable[[], Store]) -> AsyncIterator[Store]:
+    s = make_store()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def run_record(run_id: str = "r1", *, created_at: float = 1000.0, **changes: object) -> RunRecord:
+    record = RunRecord(
+        run_id=run_id,
+        flow="triage",
+        flow_ref="app.flows:triage",
+        fingerprint="f" * 16,
+        inputs=_codec.dumps({"ticket": "the printer is on fire", "n": 3}),
+        status=RunStatus.RUNNING,
+        created_at=created_at,
+        updated_at=created_at,
+        code={"classify": "abc123", "route": "version:2"},
+    )
+    return attrs.evolve(record, **changes)  # type: ignore[misc]
+
+
+def node_record(node_id: str, value: object = None, **changes: object) -> NodeRecord:
+    record = NodeRecord(
+        node_id=node_id,
+        value=_codec.dumps(value if value is not None else {"node": node_id}),
+        attempts=1,
+        started_at=1000.25,
+        finished_at=1001.5,
+        code="abc123/wiring",
+        usage={"input_tokens": 12, "output_tokens": 34, "model": "gpt-x"},
+    )
+    return attrs.evolve(record, **changes)  # type: ignore[misc]
+
+
+LARGE = "é" * (INLINE_MAX * 4)  # well past the inline threshold, in bytes and in characters
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+async def test_create_run_is_idempotent(store: Store) -> None:
+    first = run_record()
+    assert await store.create_run(first) == (first, True)
+    second = run_record(flow="other", inputs="[]", created_at=2000.0)
+    assert await store.create_run(second) == (first, False)
+    assert await store.get_run("r1") == first
+
+
+async def test_get_run_of_an_unknown_run_is_none(store: Store) -> None:
+    assert await store.get_run("nope") is None
+
+
+async def test_update_run_changes_status_and_keeps_what_it_is_not_given(store: Store) -> None:
+    await store.create_run(run_record())
+    await store.update_run("r1", status=RunStatus.FAILED, error="boom", failed_node="classify")
+    failed = await store.get_run("r1")
+    assert failed is not None
+    assert (failed.status, failed.error, failed.failed_node) == (
+        RunStatus.FAILED,
+        "boom",
+        "classify",
+    )
+    assert failed.fingerprint == "f" * 16
+    assert failed.code == {"classify": "abc123", "route": "version:2"}
+    assert failed.updated_at >= failed.created_at
+
+    await store.update_run(
+        "r1", status=RunStatus.RUNNING, fingerprint="g" * 16, code={"classify": "def456"}
+    )
+    await store.update_run("r1", status=RunStatus.FINISHED, result=_codec.dumps([1, "two"]))
+    done = await store.get_run("r1")
+    assert done is not None
+    assert done.status is RunStatus.FINISHED
+    assert _codec.loads(done.result or "") == [1, "two"]
+    assert (done.error, done.failed_node) == (None, None)
+    assert (done.fingerprint, done.code) == ("g" * 16, {"classify": "def456"})
+    assert (done.flow, done.flow_ref, done.inputs) == (
+        failed.flow,
+        failed.flow_ref,
+        failed.inputs,
+    )
+
+
+async def test_list_runs_newest_first_with_a_limit(store: Store) -> None:
+    for i, created in enumerate([30.0, 10.0, 50.0, 20.0, 40.0]):
+        await store.create_run(run_record(f"r{i}", created_at=created))
+    newest = await store.list_runs()
+    assert [r.created_at for r in newest] == [50.0, 40.0, 30.0, 20.0, 10.0]
+    assert [r.run_id for r in await store.list_runs(limit=2)] == ["r2", "r4"]
+    assert await store.list_runs(limit=0) == []
+
+
+# --- the journal -----------------------------------------------------------------------------
+
+
+async def test_commit_node_first_wins(store: Store) -> None:
+    await store.create_run(run_record())
+    for node_id, first, second in [("small", 1, 2), ("large", LARGE, LARGE + "!")]:
+        assert await store.commit_node("r1", node_record(node_id, first)) is True
+        assert await store.commit_node("r1", node_record(node_id, second, attempts=2)) is False
+    nodes = await store.load_nodes("r1")
+    assert nodes == {
+        "small": node_record("small", 1),
+        "large": node_record("large", LARGE),
+    }
+
+
+async def test_load_nodes_round_trips_every_field(store: Store) -> None:
+    await store.create_run(run_record())
+    records = [
+        node_record("a", "x"),
+        node_record("b", LARGE, attempts=3, usage=None, code=""),
+        node_record("c", {"nested": [1, 2.5, None, True, "ü"]}, started_at=5.0, finished_at=5.0),
+        node_record("d", "route-label", attempts=0),
+    ]
+    for record in records:
+        assert await store.commit_node("r1", record)
+    assert await store.load_nodes("r1") == {r.node_id: r for r in records}
+    assert await store.load_nodes("unknown-run") == {}
+
+
+async def test_runs_keep_separate_journals(store: Store) -> None:
+    await store.create_run(run_record("r1"))
+    await store.create_run(run_record("r2"))
+    assert await store.commit_node("r1", node_record("n", "one"))
+    assert await store.commit_node("r2", node_record("n", "two"))
+    assert (await store.load_nodes("r1"))["n"].value == '"one"'
+    assert (await store.load_nodes("r2"))["n"].value == '"two"'
+
+
+async def test_forget_nodes_drops_only_the_named_nodes(store: Store) -> None:
+    await store.create_run(run_record())
+    for node_id in ["a", "b", "c"]:
+        await store.commit_node("r1", node_record(node_id, LARGE))
+    await store.forget_nodes("r1", ["a", "c", "never-committed"])
+    await store.forget_nodes("r1", [])
+    assert set(await store.load_nodes("r1")) == {"b"}
+    # A forgotten node commits afresh (its shared large value is still readable).
+    assert await store.commit_node("r1", node_record("a", LARGE + "v2"))
+    nodes = await store.load_nodes("r1")
+    assert nodes["a"].value == _codec.dumps(LARGE + "v2")
+    assert nodes["b"].value == _codec.dumps(LARGE)
+
+
+async def test_forgetting_a_node_keeps_values_other_nodes_share(store: Store) -> None:
+    await store.create_run(run_record("r1"))
+    await store.create_run(run_record("r2"))
+    await store.commit_node("r1", node_record("a", LARGE))
+    await store.commit_node("r2", node_record("a", LARGE))
+    await store.put_cached("k", _codec.dumps(LARGE + "c"))
+    await store.commit_node("r1", node_record("b", LARGE + "c"))
+    await store.forget_nodes("r1", ["a", "b"])
+    assert (await store.load_nodes("r2"))["a"].value == _codec.dumps(LARGE)
+    assert await store.get_cached("k") == _codec.dumps(LARGE + "c")
+
+
+# --- the step cache --------------------------------------------------------------------------
+
+
+async def test_cache(store: Store) -> None:
+    assert await store.get_cached("k1") is None
+    await store.put_cached("k1", '{"a":1}')
+    await store.put_cached("k2", _codec.dumps(LARGE))
+    assert await store.get_cached("k1") == '{"a":1}'
+    assert await store.get_cached("k2") == _codec.dumps(LARGE)
+    await store.put_cached("k1", "[2]")
+    assert await store.get_cached("k1") == "[2]"
+
+
+# --- lifetime --------------------------------------------------------------------------------
+
+
+async def test_open_and_close_are_idempotent_and_data_outlives_them(
+    make_store: Callable[[], Store],
+) -> None:
+    first = make_store()
+    await first.open()
+    await first.open()
+    await first.create_run(run_record())
+    await first.commit_node("r1", node_record("n", LARGE))
+    await first.put_cached("k", "1")
+    await first.close()
+    await first.close()
+
+    again = make_store()
+    await again.open()
+    try:
+        assert await again.get_run("r1") == run_record()
+        assert await again.load_nodes("r1") == {"n": node_record("n", LARGE)}
+        assert await again.get_cached("k") == "1"
+    finally:
+        await again.close()
+
+
+# --- random journals -------------------------------------------------------------------------
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+large_text = st.text(min_size=INLINE_MAX // 2, max_size=INLINE_MAX * 6)
+
+
+@st.composite
+def commit_sequences(draw: st.DrawFn) -> list[tuple[str, str]]:
+    # A small pool of values so that duplicates (shared blobs) are common.
+    pool = draw(st.lists(json_values | large_text, min_size=1, max_size=6))
+    ids = st.sampled_from(["a", "b", "c", "ü-node", "d/e", "x" * 60])
+    return draw(
+        st.lists(st.tuples(ids, st.sampled_from(pool).map(_codec.dumps)), min_size=1, max_size=25)
+    )
+
+
+# The store fixture is shared across examples on purpose: each example uses a fresh run id.
+@given(commits=commit_sequences())
+async def test_random_commits_read_back_equal(store: Store, commits: list[tuple[str, str]]) -> None:
+    run_id = f"run-{uuid.uuid4().hex}"
+    await store.create_run(run_record(run_id))
+    expected: dict[str, NodeRecord] = {}
+    for i, (node_id, value) in enumerate(commits):
+        record = NodeRecord(node_id, value, i, float(i), float(i) + 0.5, f"code-{i}")
+        created = await store.commit_node(run_id, record)
+        assert created is (node_id not in expected)
+        expected.setdefault(node_id, record)
+    assert await store.load_nodes(run_id) == expected
