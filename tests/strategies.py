@@ -336,8 +336,7 @@ async def _trace_block(
             value = await flows[op.sub](label, [values[i] for i in op.args])
         else:
             thunks = {
-                f"c{i}": _case_thunk(case, values, prefix, flows)
-                for i, case in enumerate(op.cases)
+                f"c{i}": _case_thunk(case, values, prefix, flows) for i, case in enumerate(op.cases)
             }
             value = await pick(label, values[op.selector], len(op.cases)).cases(thunks)
         values.append(value)

@@ -7,6 +7,11 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+
+import flowdsl as fd
+from flowdsl import events as ev
+from flowdsl._graph import Graph, NodeKind
+
 from strategies import (
     DagSpec,
     build_flow,
@@ -17,15 +22,10 @@ from strategies import (
     reference,
 )
 
-import flowdsl as fd
-from flowdsl import events as ev
-from flowdsl._graph import Graph, NodeKind
-
 pytestmark = pytest.mark.anyio
 
+# Example counts come from the profile in conftest.py (more on CI).
 SETTINGS = settings(
-    max_examples=60,
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -49,7 +49,7 @@ async def run_with_events(flow: fd.Flow[..., Any], *args: Any) -> tuple[Any, lis
     return result, events
 
 
-@settings(SETTINGS, max_examples=120)
+@SETTINGS
 @given(spec=dag_specs(), inputs=flow_inputs())
 async def test_random_dag_matches_plain_python(spec: DagSpec, inputs: tuple[int, str]) -> None:
     flow = build_flow(spec)

@@ -186,8 +186,7 @@ def test_chosen_outer_case_runs_the_nested_branch() -> None:
 
 
 @settings(
-    max_examples=150,
-    deadline=None,
+    max_examples=150,  # no event loop: cheap, so more than the profile's default
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(spec=dag_specs(), inputs=flow_inputs(), data=st.data())
