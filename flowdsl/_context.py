@@ -160,6 +160,7 @@ class Context:
         on_event: Callable[[Any], None] | None = None,
         max_concurrency: int | None = None,
         progress: bool | None = None,
+        worker_concurrency: int = 16,
     ) -> None:
         if on_event is not None and inspect.iscoroutinefunction(on_event):
             raise ConfigError(
@@ -168,6 +169,8 @@ class Context:
             )
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if workers is not None and workers < 0:
+            raise ConfigError(f"workers must be 0 or more, not {workers}")
         if (broker is not None or workers is not None) and not batch:
             raise ConfigError(
                 "broker= and workers= configure batch mode",
@@ -180,8 +183,12 @@ class Context:
         self.on_event = on_event
         self.max_concurrency = max_concurrency
         self.progress = progress
-        self.store = _open_store_spec(store, batch=batch)
+        self.worker_concurrency = worker_concurrency
+        self.store, self.queue = _open_backends(store, broker, batch=batch)
         self._executor: Executor | None = None
+        self._workers: list[Any] = []
+        self._started: set[Run] = set()
+        self._idle: anyio.Event | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._tg_cm: Any = None
@@ -189,11 +196,6 @@ class Context:
         self._entered = 0
         self._users = 0
         self._active: dict[str, Run] = {}
-        if batch:
-            raise ConfigError(
-                "batch mode is not available in this version of flowdsl",
-                hint="Use a real-time context (fd.Context()) for now",
-            )
 
     def __repr__(self) -> str:
         mode = "batch" if self.batch else "real-time"
@@ -207,16 +209,57 @@ class Context:
                 "this context is already entered", hint="Enter a context once: `async with ctx:`"
             )
         await self.store.open()
-        self._setup()
-        self._tg_cm = anyio.create_task_group()
-        self._tg = await self._tg_cm.__aenter__()
+        try:
+            if self.queue is not None:
+                await self.queue.open()
+            self._setup()
+            self._tg_cm = anyio.create_task_group()
+            self._tg = await self._tg_cm.__aenter__()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._close_backends()
+            raise
         self._token = _CURRENT.set(self)
         self._entered = 1
+        try:
+            await self._start_services(self._tg)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
+
+    async def _start_services(self, tg: anyio.abc.TaskGroup) -> None:
+        """Batch mode: the completion listener and the in-process workers."""
+        from .contexts.batch import BatchExecutor, Worker
+
+        if not isinstance(self._executor, BatchExecutor):
+            return
+        await self._executor.start(tg)
+        count = self.workers if self.workers is not None else 4
+        self._workers = [
+            Worker(
+                self.queue,  # type: ignore[arg-type]
+                self.store,
+                concurrency=self.worker_concurrency,
+                llm=self.llm,
+                local=True,
+            )
+            for _ in range(count)
+        ]
+        for worker in self._workers:
+            self._executor.attach(worker)
+            await tg.start(worker.run)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         try:
-            assert self._tg_cm is not None
+            assert self._tg_cm is not None and self._tg is not None
+            if exc_info[0] is None:
+                # Runs started in the block belong to it: wait for them, then stop the
+                # services (listener, in-process workers), which never end on their own.
+                while self._started:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+            self._tg.cancel_scope.cancel()
             return bool(await self._tg_cm.__aexit__(*exc_info))
         finally:
             self._tg = self._tg_cm = None
@@ -224,14 +267,24 @@ class Context:
                 _CURRENT.reset(self._token)
                 self._token = None
             self._entered = 0
+            self._workers = []
             with anyio.CancelScope(shield=True):
-                await self.store.close()
+                await self._close_backends()
+
+    async def _close_backends(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        await self.store.close()
 
     @contextlib.asynccontextmanager
     async def _using(self) -> AsyncIterator[None]:
-        """Keep the store open for a call made without ``async with ctx``."""
+        """Open what a call made without ``async with ctx`` needs, for its duration."""
         if self._entered:
             yield
+            return
+        if self.batch:
+            async with self:
+                yield
             return
         if self._users == 0:
             await self.store.open()
@@ -246,9 +299,14 @@ class Context:
 
     def _setup(self) -> None:
         if self._executor is None:
-            from .contexts.realtime import RealtimeExecutor
+            if self.batch:
+                from .contexts.batch import BatchExecutor
 
-            self._executor = RealtimeExecutor(self.store, self.llm)
+                self._executor = BatchExecutor(self.queue)  # type: ignore[arg-type]
+            else:
+                from .contexts.realtime import RealtimeExecutor
+
+                self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.max_concurrency)
 
@@ -282,6 +340,7 @@ class Context:
             )
         run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=True)
         if fresh:
+            self._started.add(run)
             self._tg.start_soon(self._execute_quietly, run, name=f"flowdsl run {run.run_id}")
         return run
 
@@ -327,7 +386,7 @@ class Context:
         from ._progress import progress_for
 
         results: list[Any] = [None] * len(calls)
-        with progress_for(flow.name, len(items), show) as bar:
+        with progress_for(flow.name, len(calls), show) as bar:
 
             async def one(i: int) -> None:
                 args, kwargs = calls[i]
@@ -498,14 +557,21 @@ class Context:
     async def _execute_quietly(self, run: Run) -> None:
         try:
             await self._execute(run)
-        except StepFailed:
+        except (StepFailed, CheckpointError):
             pass  # kept on the run; whoever awaits run.result() gets it
+        finally:
+            self._started.discard(run)
+            if not self._started and self._idle is not None:
+                self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
         flow = run.flow
         state = RunState(run.plan, run.inputs)
         assert self._executor is not None
         on_skipped = _skip_reporter(run) if run.observed else None
+        watch = getattr(self._executor, "watch", None)
+        if watch is not None:
+            watch(run)
         try:
             if run.observed:
                 run.emit(ev.RunStarted(run.run_id, flow.name, time.time(), run.resuming))
@@ -537,6 +603,8 @@ class Context:
             raise
         finally:
             self._active.pop(run.run_id, None)
+            if watch is not None:
+                self._executor.unwatch(run)  # type: ignore[attr-defined]
         await self.store.update_run(
             run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
         )
@@ -628,10 +696,35 @@ def _decode_journaled(run: Run, node: Node, text: str) -> Any:
         ) from exc
 
 
-def _open_store_spec(spec: Any, *, batch: bool) -> Any:
+DEFAULT_BATCH_FILE = ".flowdsl/flowdsl.db"
+
+
+def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any, Any]:
+    """The store and (in batch mode) the queue a context's options name.
+
+    Batch mode with no broker keeps its queue and its store in one SQLite file: the
+    store's file if it is SQLite, else ``.flowdsl/flowdsl.db`` in the working directory.
+    """
     from .stores import open_store
 
-    return open_store(spec, batch=batch)
+    if not batch:
+        return open_store(store), None
+    from .contexts import open_broker
+
+    if broker is None:
+        if isinstance(store, str) and store.startswith("sqlite:"):
+            broker = store
+        else:
+            broker = f"sqlite:///{DEFAULT_BATCH_FILE}"
+    queue = open_broker(broker)
+    if store is None:
+        store = broker if broker.startswith("sqlite:") else None
+        if store is None:
+            raise ConfigError(
+                f"batch mode on {broker.split(':', 1)[0]} needs a durable store",
+                hint="Pass store=... (for example the same URL as the broker)",
+            )
+    return open_store(store), queue
 
 
 def _check_flow(flow: Any) -> None:

@@ -51,6 +51,17 @@ def _bytecode_material(code: Any) -> bytes:
     return b"\0".join(parts)
 
 
+_UNITS: dict[str, Any] = {}
+
+
+def registered_unit(ref: str) -> Any:
+    """The step or branch defined in this process under ``module:qualname``, if any.
+
+    In-process batch workers find steps here, so steps defined in a notebook run too.
+    """
+    return _UNITS.get(ref)
+
+
 class _Unit(Generic[P, R]):
     """What steps and branches share: the function, its options, its return type."""
 
@@ -91,6 +102,7 @@ class _Unit(Generic[P, R]):
         self._return_type: Any = _UNSET
         self._code_hash: str | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        _UNITS[self.ref] = self
 
     @property
     def return_type(self) -> Any:

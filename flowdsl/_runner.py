@@ -115,10 +115,11 @@ class StepScope:
         node, sink = self.node, self.sink
         unit = node.fn
         assert unit is not None
-        tries = self.attempt - self.first_attempt
+        # Attempts count across deliveries: a batch task handed out again after its
+        # worker died starts at its delivery number, with fewer retries left.
         final = isinstance(exc, CodecError | UnknownCase)
-        if not final and tries < unit.retries and isinstance(exc, unit.retry_on):
-            delay = backoff_delay(unit.backoff, tries + 1)
+        if not final and self.attempt <= unit.retries and isinstance(exc, unit.retry_on):
+            delay = backoff_delay(unit.backoff, self.attempt)
             if sink.observed:
                 sink.emit(
                     ev.StepRetrying(

@@ -1,0 +1,514 @@
+"""Batch mode: ready nodes travel as task messages to workers, results come back.
+
+Two halves over one :class:`~flowdsl.contexts._messages.Broker`:
+
+:class:`BatchExecutor` is the executor the scheduler talks to in batch mode.  ``execute``
+encodes the node's arguments into a task, enqueues it, and waits for the completion; a
+listener task reads completions (and the events of observed runs) off the broker and
+wakes the waiting nodes.  The scheduler does not know the difference.
+
+:class:`Worker` takes tasks off the broker, runs each node with the same runner real-time
+mode uses, commits the node's record to the store (first commit wins), then completes
+the task.  A worker that dies leaves its leases to expire; the task goes to another worker
+and counts as another attempt; past the step's retries it is dead-lettered and the run
+fails with that record.  Workers run inside the context (``workers=N``: they can run steps
+defined in a notebook) or as ``flowdsl worker`` processes on any machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import socket
+import typing
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from .. import _codec
+from .. import events as ev
+from .._dsl import registered_unit
+from .._errors import (
+    CheckpointError,
+    CodecError,
+    ConfigError,
+    FlowError,
+    StepCodecFailed,
+    StepFailed,
+)
+from .._graph import Node, NodeKind
+from .._records import NodeRecord
+from .._runner import run_node
+from ._messages import (
+    Broker,
+    Claimed,
+    Completion,
+    TaskMessage,
+    decode_completion,
+    decode_task,
+    encode_completion,
+    encode_task,
+    peek_run_id,
+)
+
+__all__ = ["BatchExecutor", "Worker", "decode_event", "encode_event"]
+
+log = logging.getLogger("flowdsl.batch")
+
+_EVENTS = {cls.__name__: cls for cls in ev.EVENT_TYPES}
+
+
+def encode_event(event: Any) -> str:
+    data = _codec.converter.unstructure(event)
+    data["type"] = type(event).__name__
+    return _codec.dumps(data)
+
+
+def decode_event(text: str) -> Any:
+    """An event from untrusted text: only the known event classes can come out."""
+    data = _codec.loads(text)
+    if not isinstance(data, dict):
+        raise CodecError("an event must be a JSON object")
+    cls = _EVENTS.get(data.pop("type", None))
+    if cls is None:
+        raise CodecError("unknown event type")
+    return _codec.converter.structure(data, cls)
+
+
+class StepConfigFailed(StepFailed, ConfigError):
+    """A step that the worker could not import or configure: both a :class:`StepFailed`
+    and a :class:`ConfigError`."""
+
+
+class StepCheckpointFailed(StepFailed, CheckpointError):
+    """A node whose task message or state was malformed."""
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    event: anyio.Event
+    completion: Completion | None = None
+
+
+class BatchExecutor:
+    """The scheduler's side of batch mode."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        poll_interval: float = 0.002,
+        max_poll_interval: float = 0.05,
+    ) -> None:
+        self.broker = broker
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self._waiting: dict[tuple[str, str], _Waiter] = {}
+        self._observed: dict[str, Any] = {}  # run id -> run, for events
+        self._cursor: Any = None
+        self._event_cursor: Any = None
+        self._wake = anyio.Event()
+        self._local_workers: list[Worker] = []
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        _, self._cursor = await self.broker.completions(None)
+        _, self._event_cursor = await self.broker.events(None)
+        tg.start_soon(self._listen, name="flowdsl batch listener")
+
+    def attach(self, worker: Worker) -> None:
+        """An in-process worker: poke it on enqueue, and let it poke us on completion."""
+        self._local_workers.append(worker)
+        worker.on_complete = self.poke
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def watch(self, run: Any) -> None:
+        if run.observed:
+            self._observed[run.run_id] = run
+
+    def unwatch(self, run: Any) -> None:
+        self._observed.pop(run.run_id, None)
+
+    def execute(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[tuple[NodeRecord, Any]]:
+        return self._execute(run, node, args, kwargs)
+
+    async def _execute(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[NodeRecord, Any]:
+        unit = node.fn
+        assert unit is not None
+        try:
+            task = TaskMessage(
+                run_id=run.run_id,
+                node_id=node.id,
+                flow=run.flow_name,
+                step=unit.ref,
+                kind=node.kind.value,
+                labels=node.labels,
+                args=tuple(_codec.to_data(a, what=f"an argument of {node.id!r}") for a in args),
+                kwargs={
+                    k: _codec.to_data(v, what=f"argument {k!r} of {node.id!r}")
+                    for k, v in kwargs.items()
+                },
+                marker=run.plan.markers[node.id],
+                observed=run.observed,
+            )
+        except CodecError as exc:
+            raise StepCodecFailed(
+                f"cannot send the node's arguments to a worker: {exc.problem}",
+                flow=run.flow_name,
+                node=node.id,
+                run_id=run.run_id,
+                hint=exc.hint,
+            ) from exc
+        key = (run.run_id, node.id)
+        waiter = _Waiter(anyio.Event())
+        self._waiting[key] = waiter
+        try:
+            await self.broker.enqueue([(run.run_id, node.id, encode_task(task))])
+            for worker in self._local_workers:
+                worker.poke()
+            self.poke()
+            await waiter.event.wait()
+        finally:
+            self._waiting.pop(key, None)
+        completion = waiter.completion
+        assert completion is not None
+        return self._outcome(run, node, completion)
+
+    def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
+        if completion.ok and completion.record is not None:
+            record = completion.record
+            try:
+                if node.kind is NodeKind.BRANCH:
+                    value = _codec.loads(record.value)
+                    if value not in node.labels:
+                        raise CodecError(f"case {value!r} is none of {list(node.labels)}")
+                else:
+                    assert node.fn is not None
+                    value = _codec.decode(
+                        record.value, node.fn.return_type, what=f"the result of {node.id!r}"
+                    )
+            except CodecError as exc:
+                raise StepCheckpointFailed(
+                    f"the worker's result cannot be read: {exc.problem}",
+                    flow=run.flow_name,
+                    node=node.id,
+                    run_id=run.run_id,
+                    hint="The queue or store holds data flowdsl did not write",
+                ) from exc
+            return record, value
+        cls: type[StepFailed] = {
+            "config": StepConfigFailed,
+            "codec": StepCodecFailed,
+            "checkpoint": StepCheckpointFailed,
+        }.get(completion.error_kind or "", StepFailed)
+        hint = None
+        if completion.error_kind == "dead":
+            hint = "Workers died running it more times than its retries allow; see the " \
+                "dead-letter list with `flowdsl runs show`"
+        raise cls(
+            completion.error or "failed on a worker",
+            flow=run.flow_name,
+            node=node.id,
+            run_id=run.run_id,
+            hint=hint,
+        ) from RemoteError(completion.error or "")
+
+    async def _listen(self) -> None:
+        idle = self.poll_interval
+        while True:
+            got = await self._drain()
+            if got:
+                idle = self.poll_interval
+                continue
+            with anyio.move_on_after(idle if self._waiting else self.max_poll_interval):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+                idle = self.poll_interval
+            else:
+                idle = min(idle * 2, self.max_poll_interval)
+
+    async def _drain(self) -> bool:
+        texts, self._cursor = await self.broker.completions(self._cursor)
+        for text in texts:
+            try:
+                completion = decode_completion(text)
+            except CheckpointError as exc:
+                run_id = peek_run_id(text)
+                log.warning("dropping a malformed completion (run %s): %s", run_id, exc)
+                continue
+            waiter = self._waiting.get((completion.run_id, completion.node_id))
+            if waiter is not None and waiter.completion is None:
+                waiter.completion = completion
+                waiter.event.set()
+        if self._observed:
+            events, self._event_cursor = await self.broker.events(self._event_cursor)
+            for run_id, text in events:
+                run = self._observed.get(run_id)
+                if run is None:
+                    continue
+                try:
+                    run.emit(decode_event(text))
+                except (CodecError, Exception) as exc:  # an event is a report: never fatal
+                    log.warning("dropping a malformed event of run %s: %s", run_id, exc)
+        return bool(texts)
+
+
+class RemoteError(Exception):
+    """The description of an exception raised in a worker process."""
+
+
+class _WorkerSink:
+    """Collects the events of an observed node on a worker, for the broker."""
+
+    __slots__ = ("buffer", "flow_name", "observed", "run_id")
+
+    def __init__(self, run_id: str, flow_name: str, observed: bool) -> None:
+        self.run_id = run_id
+        self.flow_name = flow_name
+        self.observed = observed
+        self.buffer: list[tuple[str, str]] = []
+
+    def emit(self, event: Any) -> None:
+        self.buffer.append((self.run_id, encode_event(event)))
+
+
+class Worker:
+    """Takes tasks off a broker and runs them.
+
+    ``concurrency`` tasks run at once; leases last ``lease`` seconds and are renewed while
+    a task runs, so a slow but live step keeps its task.  ``local=True`` (in-process
+    workers) finds steps among those defined in this process, notebooks included;
+    otherwise steps are imported by module path.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        store: Any,
+        *,
+        concurrency: int = 8,
+        lease: float = 30.0,
+        llm: Any = None,
+        local: bool = False,
+        poll_interval: float = 0.001,
+        max_poll_interval: float = 0.05,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"worker concurrency must be at least 1, not {concurrency}")
+        self.broker = broker
+        self.store = store
+        self.concurrency = concurrency
+        self.lease = lease
+        self.llm = llm
+        self.local = local
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.on_complete: Any = None
+        self._wake = anyio.Event()
+        self._held: set[str] = set()
+        self.processed = 0
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve tasks until cancelled."""
+        limiter = anyio.Semaphore(self.concurrency)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat)
+            task_status.started()
+            idle = self.poll_interval
+            while True:
+                free = limiter.value
+                if free == 0:
+                    await limiter.acquire()
+                    limiter.release()
+                    continue
+                claimed = await self.broker.claim(self.name, free, self.lease)
+                if not claimed:
+                    with anyio.move_on_after(idle):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = anyio.Event()
+                        idle = self.poll_interval
+                    else:
+                        idle = min(idle * 2, self.max_poll_interval)
+                    continue
+                idle = self.poll_interval
+                for item in claimed:
+                    await limiter.acquire()
+                    self._held.add(item.task_id)
+                    tg.start_soon(self._serve, item, limiter)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.lease / 3)
+            if self._held:
+                await self.broker.extend(sorted(self._held), self.lease)
+
+    async def _serve(self, item: Claimed, limiter: anyio.Semaphore) -> None:
+        try:
+            await self.handle(item)
+        finally:
+            self._held.discard(item.task_id)
+            limiter.release()
+            self.processed += 1
+            if self.on_complete is not None:
+                self.on_complete()
+
+    async def handle(self, item: Claimed) -> None:
+        """Run one claimed task to its completion message."""
+        try:
+            task = decode_task(item.payload)
+        except CheckpointError as exc:
+            run_id = peek_run_id(item.payload) or "?"
+            log.warning("task %s is malformed: %s", item.task_id, exc)
+            await self._fail(item, run_id, exc.node or "?", str(exc), "checkpoint")
+            return
+        try:
+            node = self._node(task)
+            args, kwargs = self._arguments(task, node)
+        except FlowError as exc:
+            kind = "config" if isinstance(exc, ConfigError) else "checkpoint"
+            await self._fail(item, task.run_id, task.node_id, str(exc), kind)
+            return
+        unit = node.fn
+        assert unit is not None
+        if item.deliveries > 1:
+            stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
+            if stored is not None:
+                # Committed by a worker that died before completing the task.
+                await self._complete(item, task, stored)
+                return
+            if item.deliveries > unit.retries + 1:
+                reason = (
+                    f"handed out {item.deliveries} times; the workers running it died "
+                    f"(retries={unit.retries})"
+                )
+                await self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
+                return
+        sink = _WorkerSink(task.run_id, task.flow, task.observed)
+        try:
+            record, _ = await run_node(
+                sink, node, args, kwargs, marker=task.marker, llm=self.llm,
+                first_attempt=item.deliveries,
+            )
+        except StepFailed as exc:
+            await self.broker.publish_events(sink.buffer)
+            kind = "codec" if isinstance(exc, CodecError) else "step"
+            cause = exc.__cause__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            await self._fail(item, task.run_id, task.node_id, f"step failed: {detail}", kind)
+            return
+        await self.broker.publish_events(sink.buffer)
+        if not await self.store.commit_node(task.run_id, record):
+            log.info(
+                "node %s of run %s was already committed; this result is discarded",
+                task.node_id, task.run_id,
+            )
+            stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
+            record = stored if stored is not None else record
+        await self._complete(item, task, record)
+
+    async def _complete(self, item: Claimed, task: TaskMessage, record: NodeRecord) -> None:
+        completion = Completion(task.run_id, task.node_id, True, record)
+        await self.broker.complete(
+            item.task_id, task.run_id, task.node_id, encode_completion(completion)
+        )
+
+    async def _fail(
+        self, item: Claimed, run_id: str, node_id: str, error: str, kind: str, *, dead: bool = False
+    ) -> None:
+        payload = encode_completion(Completion(run_id, node_id, False, None, error, kind))
+        if dead:
+            await self.broker.dead_letter(item.task_id, run_id, node_id, payload, error)
+        else:
+            await self.broker.complete(item.task_id, run_id, node_id, payload)
+
+    def _node(self, task: TaskMessage) -> Node:
+        unit = registered_unit(task.step) if self.local else None
+        if unit is None:
+            unit = import_unit(task.step, node=task.node_id, flow=task.flow)
+        kind = NodeKind.BRANCH if task.kind == "branch" else NodeKind.STEP
+        if (kind is NodeKind.BRANCH) != (unit.kind == "branch"):
+            raise CheckpointError(
+                f"the task says {task.kind!r} but {task.step!r} is a {unit.kind}",
+                flow=task.flow,
+                node=task.node_id,
+            )
+        return Node(task.node_id, kind, unit.name, labels=task.labels, fn=unit)
+
+    def _arguments(self, task: TaskMessage, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        unit = node.fn
+        assert unit is not None
+        params = list(inspect.signature(unit.fn).parameters.values())
+        try:
+            hints = typing.get_type_hints(unit.fn)
+        except Exception:
+            hints = {}
+        args = []
+        for i, data in enumerate(task.args):
+            tp = hints.get(params[i].name, Any) if i < len(params) else Any
+            args.append(_decode_arg(data, tp, task, f"argument {i + 1}"))
+        kwargs = {
+            k: _decode_arg(v, hints.get(k, Any), task, f"argument {k!r}")
+            for k, v in task.kwargs.items()
+        }
+        return tuple(args), kwargs
+
+
+def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
+    try:
+        return _codec.from_data(data, tp, what=what)
+    except CodecError as exc:
+        raise CheckpointError(
+            f"{what} cannot be decoded: {exc.problem}", flow=task.flow, node=task.node_id
+        ) from exc
+
+
+def import_unit(ref: str, *, node: str, flow: str) -> Any:
+    """A step or branch by ``module:qualname``, for a worker in another process."""
+    from .._dsl import Branch, Step
+
+    module_name, _, qualname = ref.partition(":")
+    where = f"step {ref!r}"
+    if module_name == "__main__":
+        raise ConfigError(
+            f"{where} is defined in __main__ (a notebook or the script that started the run), "
+            "which a worker process cannot import",
+            flow=flow,
+            node=node,
+            hint="Move the step into a module and start workers with `--import MODULE`, or "
+            "run in-process workers: fd.Context(batch=True, workers=N)",
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where} cannot be imported by this worker: {type(exc).__name__}: {exc}",
+            flow=flow,
+            node=node,
+            hint="Install the module where the workers run (PYTHONPATH, `--import MODULE`), or "
+            "run in-process workers: fd.Context(batch=True, workers=N)",
+        ) from exc
+    if not isinstance(obj, Step | Branch):
+        raise ConfigError(f"{ref!r} is not a step", flow=flow, node=node)
+    return obj
+

@@ -1,0 +1,273 @@
+"""The embedded durable queue: batch mode in one SQLite file, beside the store's tables.
+
+Layout (created on first use)::
+
+    fd_tasks(id INTEGER PRIMARY KEY, run_id, node_id, payload, lease_until, deliveries,
+             worker, UNIQUE(run_id, node_id))   -- ready (lease_until = 0) or leased
+    fd_completions(id INTEGER PRIMARY KEY, run_id, node_id, payload)
+    fd_events(id INTEGER PRIMARY KEY, run_id, payload)
+    fd_dead(id INTEGER PRIMARY KEY, run_id, node_id, payload, reason, at)
+
+A worker claims tasks by pushing their lease into the future in one UPDATE ... RETURNING;
+a task whose lease lies in the past (its worker died) is claimable again, and its
+``deliveries`` count is the attempt.  Completing a task deletes it and inserts its
+completion in one transaction.  Readers poll by row id: SQLite has no notifications, so
+in-process parties also poke each other directly (see ``contexts.batch``).
+
+Like the SQLite store, every call is a short synchronous transaction on the event loop's
+thread: a thread hop per call would cost more than the call.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from anyio.lowlevel import checkpoint_if_cancelled
+
+from .._errors import ConfigError
+from ._messages import Claimed
+
+__all__ = ["SQLiteBroker"]
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS fd_tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        lease_until REAL NOT NULL DEFAULT 0,
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        worker TEXT,
+        UNIQUE (run_id, node_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS fd_tasks_lease ON fd_tasks (lease_until, id)",
+    """CREATE TABLE IF NOT EXISTS fd_completions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS fd_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS fd_dead (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS fd_dead_run ON fd_dead (run_id)",
+)
+
+_CLAIM: Final = """
+    UPDATE fd_tasks SET lease_until = ?, deliveries = deliveries + 1, worker = ?
+    WHERE id IN (SELECT id FROM fd_tasks WHERE lease_until < ? ORDER BY id LIMIT ?)
+    RETURNING id, deliveries, payload
+"""
+
+
+class SQLiteBroker:
+    """A task queue in an SQLite file, shared by every process on this machine."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self.path = os.fspath(path)
+        self.url = f"sqlite:///{self.path}"
+        self.busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteBroker {self.url!r}>"
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(
+                f"cannot open the queue {self.url}: {exc}",
+                hint="Check the path and the permissions of its directory",
+            ) from exc
+        self._conn = conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ConfigError(
+                f"the queue {self.url} is not open", hint="Use the context with `async with ctx:`"
+            )
+        return self._conn
+
+    def _write(self, statements: list[tuple[str, Any]]) -> list[Any]:
+        db = self._db()
+        out: list[Any] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                out.append(db.execute(sql, params).fetchall())
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return out
+
+    async def enqueue(self, tasks: list[tuple[str, str, str]]) -> None:
+        await checkpoint_if_cancelled()
+        if not tasks:
+            return
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO fd_tasks (run_id, node_id, payload) VALUES (?, ?, ?)",
+                tasks,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
+        await checkpoint_if_cancelled()
+        now = time.time()
+        (rows,) = self._write([(_CLAIM, (now + lease, worker, now, limit))])
+        rows.sort(key=lambda row: row[0])
+        return [Claimed(str(row[0]), int(row[1]), str(row[2])) for row in rows]
+
+    async def extend(self, task_ids: list[str], lease: float) -> None:
+        if not task_ids:
+            return
+        until = time.time() + lease
+        self._write(
+            [("UPDATE fd_tasks SET lease_until = ? WHERE id = ?", (until, int(t))) for t in task_ids]
+        )
+
+    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+        await checkpoint_if_cancelled()
+        self._write(
+            [
+                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
+                (
+                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
+                    (run_id, node_id, payload),
+                ),
+            ]
+        )
+
+    async def dead_letter(
+        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+    ) -> None:
+        await checkpoint_if_cancelled()
+        self._write(
+            [
+                (
+                    "INSERT INTO fd_dead (run_id, node_id, payload, reason, at) "
+                    "SELECT run_id, node_id, payload, ?, ? FROM fd_tasks WHERE id = ?",
+                    (reason, time.time(), int(task_id)),
+                ),
+                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
+                (
+                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
+                    (run_id, node_id, payload),
+                ),
+            ]
+        )
+
+    async def completions(self, cursor: Any) -> tuple[list[str], Any]:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        if cursor is None:
+            row = db.execute("SELECT COALESCE(MAX(id), 0) FROM fd_completions").fetchone()
+            return [], int(row[0])
+        rows = db.execute(
+            "SELECT id, payload FROM fd_completions WHERE id > ? ORDER BY id", (cursor,)
+        ).fetchall()
+        if not rows:
+            return [], cursor
+        return [str(r[1]) for r in rows], int(rows[-1][0])
+
+    async def forget_completions(self, upto: Any) -> None:
+        # Completions are read by whoever waits for them; keep the last few minutes'
+        # worth for slower readers and drop the rest.
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM fd_completions WHERE id <= ? - 100000", (upto,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    async def publish_events(self, events: list[tuple[str, str]]) -> None:
+        if not events:
+            return
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO fd_events (run_id, payload) VALUES (?, ?)", events)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        db = self._db()
+        if cursor is None:
+            row = db.execute("SELECT COALESCE(MAX(id), 0) FROM fd_events").fetchone()
+            return [], int(row[0])
+        rows = db.execute(
+            "SELECT id, run_id, payload FROM fd_events WHERE id > ? ORDER BY id", (cursor,)
+        ).fetchall()
+        if not rows:
+            return [], cursor
+        return [(str(r[1]), str(r[2])) for r in rows], int(rows[-1][0])
+
+    async def forget_events(self, run_id: str) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM fd_events WHERE run_id = ?", (run_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._db().execute(
+            "SELECT node_id, reason, at, payload FROM fd_dead WHERE run_id = ? ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        return [
+            {"node_id": str(r[0]), "reason": str(r[1]), "at": float(r[2]), "payload": str(r[3])}
+            for r in rows
+        ]
+
+    def pending(self) -> int:
+        """Tasks queued or held (for progress displays and tests)."""
+        row = self._db().execute("SELECT COUNT(*) FROM fd_tasks").fetchone()
+        return int(row[0])
