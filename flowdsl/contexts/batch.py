@@ -512,3 +512,51 @@ def import_unit(ref: str, *, node: str, flow: str) -> Any:
         raise ConfigError(f"{ref!r} is not a step", flow=flow, node=node)
     return obj
 
+
+
+async def serve(
+    broker: str,
+    *,
+    store: str | None = None,
+    imports: tuple[str, ...] = (),
+    concurrency: int = 16,
+    lease: float = 30.0,
+    llm: Any = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve tasks from *broker* until cancelled: what ``flowdsl worker`` runs.
+
+    *imports* are modules to import first, so that their steps are known; *store*
+    defaults to the broker's own file for the embedded SQLite queue.
+    """
+    from ..stores import open_store
+    from . import open_broker
+
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot import {module!r}: {type(exc).__name__}: {exc}",
+                hint="Check the module name and PYTHONPATH of the worker",
+            ) from exc
+    if store is None:
+        if not broker.startswith("sqlite:"):
+            raise ConfigError(
+                "a worker on this broker needs --store URL", hint="Pass the store the clients use"
+            )
+        store = broker
+    queue = open_broker(broker)
+    journal = open_store(store)
+    await journal.open()
+    try:
+        await queue.open()
+        try:
+            worker = Worker(queue, journal, concurrency=concurrency, lease=lease, llm=llm)
+            await worker.run(task_status=task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await queue.close()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await journal.close()
