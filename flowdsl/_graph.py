@@ -280,7 +280,7 @@ class Graph:
         lines = ["flowchart TD"]
         for node_id in self.order:
             node = self.nodes_by_id[node_id]
-            label = html.escape(node_id, quote=True).replace('"', "&quot;")
+            label = _mermaid_text(node_id)
             mid = _mermaid_id(node_id)
             if node.kind is NodeKind.BRANCH:
                 lines.append(f'    {mid}{{"{label}"}}')
@@ -291,7 +291,7 @@ class Graph:
         for edge in self.edges:
             src, dst = _mermaid_id(edge.src), _mermaid_id(edge.dst)
             if edge.kind == "case" and edge.case is not None:
-                case = html.escape(edge.case, quote=True).replace('"', "&quot;")
+                case = _mermaid_text(edge.case)
                 lines.append(f'    {src} -->|"{case}"| {dst}')
             elif edge.kind == "control":
                 lines.append(f"    {src} -.-> {dst}")
@@ -335,6 +335,12 @@ class Graph:
         )
 
 
+def _mermaid_text(text: str) -> str:
+    # Mermaid is line-oriented: a case label with a line break would end the statement.
+    return html.escape(text, quote=True).replace("\n", "&#10;").replace("\r", "&#13;")
+
+
 def _dot_quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
 
