@@ -16,6 +16,7 @@ import copy
 import enum
 import hashlib
 import html
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -335,9 +336,12 @@ class Graph:
         )
 
 
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _mermaid_text(text: str) -> str:
     # Mermaid is line-oriented: a case label with a line break would end the statement.
-    return html.escape(text, quote=True).replace("\n", "&#10;").replace("\r", "&#13;")
+    return _LINE_BREAKING.sub(lambda m: f"&#{ord(m[0])};", html.escape(text, quote=True))
 
 
 def _dot_quote(text: str) -> str:
