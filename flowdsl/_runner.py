@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -210,6 +210,86 @@ async def run_node(
         finally:
             _SCOPE.reset(token)
         await anyio.sleep(delay)
+
+
+@attrs.define(eq=False)
+class FastJob(StepScope):
+    """A node whose own coroutine runs as the task, with no runner frame around it.
+
+    For async steps without a timeout, on a store that commits synchronously.  The event
+    loop's task runs the step's coroutine directly (in a context where this scope is the
+    current one); :meth:`finish` encodes and commits the result from the task's
+    done-callback, and a failure that may be retried continues as an ordinary
+    :func:`run_node` coroutine.  While a node waits (on an LLM, say) it then costs what a
+    bare task costs, which is what keeps memory per in-flight run near plain asyncio's.
+    """
+
+    store: Any = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def key(self) -> Node:
+        return self.node
+
+    def finish(self, raw: Any) -> tuple[NodeRecord, Any]:
+        try:
+            outcome = self.succeed(raw)
+        except Exception as exc:
+            self.fail(exc)  # codec errors and unknown cases are final: this raises
+            raise
+        self.store.commit_node_nowait(self.sink.run_id, outcome[0])
+        return outcome
+
+    def retry(self, exc: Exception) -> Any:
+        """The rest of the node's attempts after *exc*, or raise StepFailed."""
+        delay = self.fail(exc)
+        return _retry_after(
+            delay,
+            run_node(
+                self.sink,
+                self.node,
+                self.args,
+                self.kwargs,
+                marker=self.marker,
+                llm=self.llm,
+                first_attempt=self.attempt,
+                store=self.store,
+            ),
+        )
+
+
+async def _retry_after(delay: float, attempts: Any) -> Any:
+    await anyio.sleep(delay)
+    return await attempts
+
+
+def fast_job(
+    sink: EventSink,
+    node: Node,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    marker: str,
+    llm: Any,
+    store: Any,
+) -> tuple[FastJob, Coroutine[Any, Any, Any], contextvars.Context] | None:
+    """A :class:`FastJob` for *node* with the coroutine to run as its task and the
+    context to run it in; ``None`` when the node needs the full runner."""
+    unit = node.fn
+    if (
+        unit is None
+        or not unit.is_async
+        or unit.timeout is not None
+        or unit.cache
+        or not hasattr(store, "commit_node_nowait")
+    ):
+        return None
+    job = FastJob(sink, node, 1, llm, marker, 1, time.time(), None, store, args, kwargs)
+    job.begin()
+    context = contextvars.copy_context()
+    context.run(_SCOPE.set, job)
+    return job, unit.fn(*args, **kwargs), context
 
 
 async def _call_slow(unit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -29,7 +29,7 @@ import anyio
 from ._errors import StepFailed
 from ._records import NodeRecord
 from ._graph import Graph, Node, NodeKind, evaluate, refs_of
-from ._spawn import open_node_group
+from ._spawn import NodeGroup, open_node_group
 
 __all__ = ["Executor", "Plan", "RunState", "drive"]
 
@@ -276,6 +276,18 @@ async def drive(
             skipped, state.skipped = state.skipped, []
             on_skipped(skipped)
 
+    make_job = getattr(executor, "job", None) if limiter is None else None
+
+    def spawn(group: NodeGroup, node: Node) -> None:
+        """Give *node* a task of its own: a bare job when the executor offers one."""
+        if make_job is not None and group.supports_jobs:
+            args, kwargs = state.args_of(node)
+            job = make_job(run, node, args, kwargs)
+            if job is not None:
+                group.spawn_job(*job)
+                return
+        group.spawn(dispatch(node), node)
+
     first = list(ready)
     report_skipped()
     if first:
@@ -284,12 +296,12 @@ async def drive(
             newly = state.complete(node.id, outcome[1])
             report_skipped()
             for other in newly:
-                group.spawn(dispatch(other), other)
+                spawn(group, other)
 
         try:
             async with open_node_group(finish) as group:
                 for other in first[1:]:
-                    group.spawn(dispatch(other), other)
+                    spawn(group, other)
                 node: Node | None = first[0]
                 while node is not None:
                     # A chain continues in this task: the next node is awaited here, and
@@ -299,7 +311,7 @@ async def drive(
                     report_skipped()
                     node = newly[0] if newly else None
                     for other in newly[1:]:
-                        group.spawn(dispatch(other), other)
+                        spawn(group, other)
         except BaseExceptionGroup as group_exc:
             failure = _first_failure(group_exc)
             if failure is not None:

@@ -17,7 +17,7 @@ caller cancels every node task, and the group waits for them before it exits.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import sniffio
@@ -28,13 +28,21 @@ Then = Callable[[Any, Any], None]
 
 
 class NodeGroup(Protocol):
+    supports_jobs: bool
+
     def spawn(self, awaitable: Awaitable[Any], key: Any) -> None:
         """Run *awaitable* as a task; when it succeeds, call the group's
         ``then(key, result)``."""
 
+    def spawn_job(self, job: Any, coro: Coroutine[Any, Any, Any], context: Any) -> None:
+        """Run *coro* as a task in *context*; on success call
+        ``then(job.key, job.finish(result))``, on failure continue with
+        ``job.retry(exc)`` (which raises when the failure is final)."""
+
 
 class _AsyncioGroup:
     __slots__ = ("_closed", "_errors", "_loop", "_tasks", "_then", "_waiter")
+    supports_jobs = True
 
     def __init__(self, then: Then) -> None:
         import asyncio
@@ -57,6 +65,30 @@ class _AsyncioGroup:
         task = self._loop.create_task(awaitable)  # type: ignore[arg-type]
         self._tasks[task] = key
         task.add_done_callback(self._done)
+
+    def spawn_job(self, job: Any, coro: Coroutine[Any, Any, Any], context: Any) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = self._loop.create_task(coro, context=context)
+        self._tasks[task] = job
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: Any) -> None:
+        job = self._tasks.pop(task)
+        if not task.cancelled():
+            exc = task.exception()
+            try:
+                if exc is None:
+                    self._then(job.key, job.finish(task.result()))
+                elif isinstance(exc, Exception):
+                    self.spawn(job.retry(exc), job.key)
+                else:
+                    self._fail(exc)
+            except BaseException as error:  # noqa: BLE001 - surfaced by the group
+                self._fail(error)
+        if not self._tasks and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _done(self, task: Any) -> None:
         key = self._tasks.pop(task)
@@ -113,6 +145,7 @@ class _NurseryGroup:
     """trio's nursery, or anyio's task group for any other backend."""
 
     __slots__ = ("_nursery", "_then")
+    supports_jobs = False
 
     def __init__(self, nursery: Any, then: Then) -> None:
         self._nursery = nursery
@@ -120,6 +153,11 @@ class _NurseryGroup:
 
     def spawn(self, awaitable: Awaitable[Any], key: Any) -> None:
         self._nursery.start_soon(_then, awaitable, self._then, key)
+
+    def spawn_job(  # pragma: no cover - never asked: supports_jobs is False
+        self, job: Any, coro: Coroutine[Any, Any, Any], context: Any
+    ) -> None:
+        raise NotImplementedError
 
 
 @contextlib.asynccontextmanager

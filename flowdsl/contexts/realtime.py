@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from .._graph import Node
 from .._records import NodeRecord
-from .._runner import run_node, run_node_cached
+from .._runner import FastJob, fast_job, run_node, run_node_cached
 
 __all__ = ["RealtimeExecutor"]
 
@@ -29,3 +29,17 @@ class RealtimeExecutor:
         if node.fn is not None and node.fn.cache:
             return run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
         return run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
+
+    def job(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[FastJob, Coroutine[Any, Any, Any], Any] | None:
+        """A node that can run as a bare task (see :class:`~flowdsl._runner.FastJob`)."""
+        return fast_job(
+            run,
+            node,
+            args,
+            kwargs,
+            marker=run.plan.markers[node.id],
+            llm=self.llm,
+            store=self.store,
+        )

@@ -78,6 +78,10 @@ class MemoryStore:
         self._runs[run_id] = attrs.evolve(record, **changes)  # type: ignore[arg-type]
 
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
+        return self.commit_node_nowait(run_id, record)
+
+    def commit_node_nowait(self, run_id: str, record: NodeRecord) -> bool:
+        """:meth:`commit_node` without awaiting: the write is a dict assignment."""
         nodes = self._nodes.setdefault(run_id, {})
         if record.node_id in nodes:
             return False
