@@ -199,6 +199,30 @@ async def test_forgetting_a_node_keeps_values_other_nodes_share(store: Store) ->
     assert await store.get_cached("k") == _codec.dumps(LARGE + "c")
 
 
+async def test_lone_surrogates_survive(store: Store) -> None:
+    """Python strings may hold lone surrogates and the codec's JSON text keeps them; a
+    store must give back what it was given (the same text for results, the same data for
+    the run's fields)."""
+    weird = "bad \udc80 byte"
+    await store.create_run(run_record(inputs=_codec.dumps({"t": weird})))
+    for node_id, value in [("small", weird), ("large", weird * 100)]:
+        assert await store.commit_node("r1", node_record(node_id, value, usage={"u": weird}))
+    nodes = await store.load_nodes("r1")
+    assert nodes["small"] == node_record("small", weird, usage={"u": weird})
+    assert nodes["large"] == node_record("large", weird * 100, usage={"u": weird})
+    await store.put_cached("k", _codec.dumps(weird))
+    assert await store.get_cached("k") == _codec.dumps(weird)
+    await store.update_run(
+        "r1", status=RunStatus.FAILED, result=_codec.dumps([weird]), error=f"boom: {weird}"
+    )
+    run = await store.get_run("r1")
+    assert run is not None
+    assert _codec.loads(run.inputs) == {"t": weird}
+    assert _codec.loads(run.result or "") == [weird]
+    assert run.error is not None
+    assert run.error.startswith("boom: bad ")
+
+
 # --- the step cache --------------------------------------------------------------------------
 
 

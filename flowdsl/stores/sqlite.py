@@ -33,6 +33,7 @@ malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the ru
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -157,10 +158,14 @@ class SQLiteStore:
     *busy_timeout* is how many seconds a write waits for another process's write.
 
     Every call runs on the event loop's own thread, synchronously.  A commit is one small
-    transaction of about 0.1 ms that blocks the loop for that long; handing it to a worker
-    thread instead (aiosqlite's way) costs about five times the write itself in thread
-    switches, for every node.  The price: while another process holds the write lock, the
-    loop waits (at most ``busy_timeout``) instead of running other tasks.
+    transaction (tens of microseconds, at most ~0.1 ms) that blocks the loop for that long;
+    handing it to a worker thread instead (aiosqlite's way) costs about five times the
+    write itself in thread switches, for every node.  The price: while another process
+    holds the write lock the loop waits (at most ``busy_timeout``) instead of running other
+    tasks, and every few hundred commits SQLite's automatic checkpoint copies the WAL into
+    the file and syncs it, which blocks the loop for a few milliseconds.  (Moving
+    checkpoints to a thread was tried: the file sync stalls the next WAL write anyway on
+    ext4, and the checkpoints only got more frequent.)
     """
 
     def __init__(
@@ -319,12 +324,12 @@ class SQLiteStore:
             record.flow,
             record.flow_ref,
             record.fingerprint,
-            record.inputs,
+            _storable_json(record.inputs),
             record.status.value,
             record.created_at,
             record.updated_at,
-            record.result,
-            record.error,
+            _storable_json(record.result),
+            _storable_text(record.error),
             record.failed_node,
             _codec.dumps(record.code),
         )
@@ -365,8 +370,8 @@ class SQLiteStore:
         await checkpoint_if_cancelled()
         params = (
             status.value,
-            result,
-            error,
+            _storable_json(result),
+            _storable_text(error),
             failed_node,
             time.time(),
             fingerprint,
@@ -397,7 +402,7 @@ class SQLiteStore:
         await checkpoint_if_cancelled()
         db = self._db()
         value, digest, data = _split_value(record.value)
-        usage = None if record.usage is None else _codec.dumps(record.usage)
+        usage = None if record.usage is None else _storable_json(_codec.dumps(record.usage))
         params = (
             run_id,
             record.node_id,
@@ -589,12 +594,39 @@ class SQLiteStore:
 
 def _split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:
     """``(inline, hash, data)``: small JSON text stays in the row, large goes to ``blobs``."""
-    if len(value) * 4 <= INLINE_MAX:  # at most 4 UTF-8 bytes a character: no encode needed
-        return value, None, None
-    data = value.encode()
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate: Python strings (and the codec's JSON text) may hold one, SQLite
+        # text may not.  Kept byte-exact in a blob, whatever its size.
+        data = value.encode("utf-8", "surrogatepass")
+        return None, hashlib.sha256(data).digest(), data
     if len(data) <= INLINE_MAX:
         return value, None, None
     return None, hashlib.sha256(data).digest(), data
+
+
+def _storable_json(text: str | None) -> str | None:
+    """JSON text SQLite can hold: lone surrogates, if any, become ``\\udXXX`` escapes,
+    which parse back to the same value."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(_codec.loads(text), ensure_ascii=True, separators=(",", ":"))
+    return text
+
+
+def _storable_text(text: str | None) -> str | None:
+    """Free text (an error message) SQLite can hold: lone surrogates become escapes."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _join_value(inline: object, digest: object, data: object) -> str:
@@ -609,7 +641,7 @@ def _join_value(inline: object, digest: object, data: object) -> str:
     if not isinstance(data, bytes) or hashlib.sha256(data).digest() != digest:
         raise _Malformed(f"the value's blob {digest.hex()[:16]}... does not match its hash")
     try:
-        return data.decode()
+        return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise _Malformed("the value's blob is not UTF-8 text") from None
 
