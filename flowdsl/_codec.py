@@ -24,7 +24,20 @@ __all__ = ["decode", "dumps", "encode", "from_data", "loads", "to_data"]
 converter: Final = make_converter(forbid_extra_keys=True)
 
 _PRIMITIVES: Final = frozenset({str, int, float, bool, type(None)})
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=True).encode
+
+
+def _dumps(data: Any) -> str:
+    text = _dumps_utf8(data)
+    if not text.isascii():
+        # A lone surrogate (from a decoded byte string, say) cannot be UTF-8 encoded, so
+        # no file or broker could carry the text; escaped, it parses back the same.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _dumps_ascii(data)
+    return text
 _loads = json.JSONDecoder().decode
 
 

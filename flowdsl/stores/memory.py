@@ -63,7 +63,14 @@ class MemoryStore:
     ) -> None:
         from time import time
 
-        record = self._runs[run_id]
+        from .._errors import CheckpointError
+
+        record = self._runs.get(run_id)
+        if record is None:
+            raise CheckpointError(
+                f"run {run_id!r} does not exist in {self.url}",
+                hint="Create the run before updating it",
+            )
         changes: dict[str, object] = {
             "status": status,
             "result": result,
@@ -97,8 +104,11 @@ class MemoryStore:
             nodes.pop(node_id, None)
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
-        runs = sorted(self._runs.values(), key=lambda r: r.created_at, reverse=True)
-        return runs[:limit]
+        # Newest first; among equal times, the later created first (as SQLite orders).
+        ordered = sorted(
+            enumerate(self._runs.values()), key=lambda p: (p[1].created_at, p[0]), reverse=True
+        )
+        return [run for _, run in ordered[: max(limit, 0)]]
 
     async def get_cached(self, key: str) -> str | None:
         return self._cache.get(key)
