@@ -190,3 +190,11 @@ class Broker(Protocol):
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         """The dead-lettered tasks of a run."""
+
+    # Optional, for a broker that also holds the store (Redis, NATS):
+    #
+    #   def holds(self, store) -> bool: whether *store* lives on this broker's server.
+    #   async def commit_and_complete(task_id, run_id, record, payload) -> bool:
+    #       commit the node record (first commit wins) and complete the task atomically;
+    #       when the node was already committed, the completion must carry the record
+    #       that was committed first, not *record*.

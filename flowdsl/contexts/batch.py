@@ -416,6 +416,13 @@ class Worker:
             await self._fail(item, task.run_id, task.node_id, f"step failed: {detail}", kind)
             return
         await self.broker.publish_events(sink.buffer)
+        atomic = getattr(self.broker, "commit_and_complete", None)
+        if atomic is not None and self.broker.holds(self.store):  # type: ignore[attr-defined]
+            # The broker keeps the journal too: commit the record and complete the task
+            # in one atomic operation (first commit wins; the completion carries it).
+            completion = Completion(task.run_id, task.node_id, True, record)
+            await atomic(item.task_id, task.run_id, record, encode_completion(completion))
+            return
         if not await self.store.commit_node(task.run_id, record):
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
