@@ -1,0 +1,89 @@
+"""Developer sessions: ``nox`` runs tests, lint and typecheck; ``nox -s docs``, ``bench``, ...
+
+Every session that runs the test suite goes through :func:`run_tests`, so the way pytest is
+installed and invoked cannot drift between sessions (the shape urllib3's noxfile uses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.error_on_missing_interpreters = True
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+DOCS_BUILD = os.path.join("docs", "_build", "html")
+
+
+def run_tests(
+    session: nox.Session,
+    *,
+    extras: str = "test",
+    pytest_args: tuple[str, ...] = (),
+    default_posargs: tuple[str, ...] = ("tests",),
+) -> None:
+    """Install flowdsl with *extras* and run pytest over *default_posargs* (or posargs)."""
+    session.install("-e", f".[{extras}]")
+    session.run("python", "--version")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "--strict-config",
+        "--strict-markers",
+        "-ra",
+        "--durations=10",
+        *pytest_args,
+        *(session.posargs or default_posargs),
+    )
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole suite, on asyncio and trio (the ``anyio_backend`` fixture covers both)."""
+    run_tests(session)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: the lint rules and the formatter, checked, never applied."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over flowdsl/ (settings in pyproject.toml)."""
+    session.install("-e", ".[all]", "mypy")
+    session.run("mypy", "--version")
+    session.run("mypy", "--strict", "flowdsl")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx docs; any warning fails the build."""
+    session.install("-e", ".", "sphinx", "myst-parser", "furo")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", DOCS_BUILD, *session.posargs
+    )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """flowdsl's own benchmarks (``python -m benchmarks``); posargs go to the benchmark."""
+    session.install("-e", ".[all]")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench_peers(session: nox.Session) -> None:
+    """flowdsl beside LangGraph and DBOS; the peers live in this session's venv only.
+
+    ``langgraph-checkpoint-sqlite`` is LangGraph's SQLite checkpointer, needed for W3.
+    """
+    session.install("-e", ".[all]", "langgraph", "langgraph-checkpoint-sqlite", "dbos")
+    session.run("python", "-m", "benchmarks.peers", *session.posargs)
