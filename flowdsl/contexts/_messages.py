@@ -195,6 +195,7 @@ class Broker(Protocol):
     #
     #   def holds(self, store) -> bool: whether *store* lives on this broker's server.
     #   async def commit_and_complete(task_id, run_id, record, payload) -> bool:
-    #       commit the node record (first commit wins) and complete the task atomically;
-    #       when the node was already committed, the completion must carry the record
-    #       that was committed first, not *record*.
+    #       commit the node record and complete the task (publish *payload*) in one
+    #       atomic operation, returning True; when the node was already committed, do
+    #       nothing and return False (the worker then completes the task with the record
+    #       committed first).

@@ -421,9 +421,12 @@ class Worker:
             # The broker keeps the journal too: commit the record and complete the task
             # in one atomic operation (first commit wins; the completion carries it).
             completion = Completion(task.run_id, task.node_id, True, record)
-            await atomic(item.task_id, task.run_id, record, encode_completion(completion))
-            return
-        if not await self.store.commit_node(task.run_id, record):
+            if await atomic(item.task_id, task.run_id, record, encode_completion(completion)):
+                return
+            committed = False
+        else:
+            committed = await self.store.commit_node(task.run_id, record)
+        if not committed:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
                 task.node_id, task.run_id,
