@@ -1,0 +1,97 @@
+"""Loading a provider's SDK on first use, and keeping one SDK client per event loop.
+
+``import flowdsl`` never imports ``openai`` or ``anthropic``: a provider imports its SDK
+when it is constructed, and a missing SDK is a :class:`~flowdsl.ConfigError` naming the
+extra to install.  An SDK client owns a connection pool bound to the event loop that
+first used it, so each loop gets its own client (a run variable), made on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
+import anyio.lowlevel
+
+from .._errors import ConfigError
+
+__all__ = ["LoopClient", "SSEParser", "import_sdk"]
+
+C = TypeVar("C")
+
+
+def import_sdk(module: str, provider: str) -> ModuleType:
+    """Import *module* (``openai``, ``anthropic``), or explain how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"fd.llm.{provider} needs the {module!r} package, which is not installed",
+            hint=f"Install it with `pip install 'flowdsl[{module}]'`",
+        ) from exc
+
+
+class LoopClient(Generic[C]):
+    """One SDK client per event loop, made by *factory* when a loop first needs one."""
+
+    def __init__(self, factory: Callable[[], C], close: Callable[[C], Any]) -> None:
+        self._factory = factory
+        self._close = close
+        self._var: anyio.lowlevel.RunVar[C | None] = anyio.lowlevel.RunVar(
+            "flowdsl_llm_client", default=None
+        )
+
+    def get(self) -> C:
+        client = self._var.get()
+        if client is None:
+            client = self._factory()
+            self._var.set(client)
+        return client
+
+    async def aclose(self) -> None:
+        client = self._var.get()
+        if client is not None:
+            self._var.set(None)
+            await self._close(client)
+
+
+class SSEParser:
+    """Server-sent events, fed one line at a time (``event:`` and ``data:`` fields).
+
+    The SDKs' own stream objects leave inner async generators unfinished after
+    OpenAI's ``[DONE]``, which trio reports as a ResourceWarning; reading the lines
+    ourselves, to the end of the body, keeps every generator finished and skips
+    building a model object per chunk.
+    """
+
+    __slots__ = ("_data", "_event")
+
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str | None, str] | None:
+        """The event that *line* completes, as ``(event name, data)``, else ``None``."""
+        if not line:
+            if not self._data:
+                self._event = None
+                return None
+            event = (self._event, "\n".join(self._data))
+            self._event, self._data = None, []
+            return event
+        if line.startswith(":"):
+            return None  # a comment, used as a keep-alive
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        return None
+
+    def flush(self) -> tuple[str | None, str] | None:
+        """The last event, when the body ended without a blank line after it."""
+        return self.feed("")
