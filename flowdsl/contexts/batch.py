@@ -115,6 +115,7 @@ class BatchExecutor:
         self._event_cursor: Any = None
         self._wake = anyio.Event()
         self._local_workers: list[Worker] = []
+        self._forget: list[str] = []  # ended observed runs whose events can go
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         _, self._cursor = await self.broker.completions(None)
@@ -134,7 +135,8 @@ class BatchExecutor:
             self._observed[run.run_id] = run
 
     def unwatch(self, run: Any) -> None:
-        self._observed.pop(run.run_id, None)
+        if self._observed.pop(run.run_id, None) is not None:
+            self._forget.append(run.run_id)
 
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -252,6 +254,8 @@ class BatchExecutor:
             if waiter is not None and waiter.completion is None:
                 waiter.completion = completion
                 waiter.event.set()
+        while self._forget:
+            await self.broker.forget_events(self._forget.pop())
         if self._observed:
             events, self._event_cursor = await self.broker.events(self._event_cursor)
             for run_id, text in events:
