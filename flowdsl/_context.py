@@ -104,8 +104,9 @@ class Run:
         if callback is not None:
             callback(event)
 
-    def _settle(self, status: RunStatus, result: Any = None, error: BaseException | None = None
-                ) -> None:
+    def _settle(
+        self, status: RunStatus, result: Any = None, error: BaseException | None = None
+    ) -> None:
         self.status = status
         self._result = result
         self._error = error
@@ -238,7 +239,7 @@ class Context:
         count = self.workers if self.workers is not None else 4
         self._workers = [
             Worker(
-                self.queue,  # type: ignore[arg-type]
+                self.queue,
                 self.store,
                 concurrency=self.worker_concurrency,
                 llm=self.llm,
@@ -252,7 +253,8 @@ class Context:
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         try:
-            assert self._tg_cm is not None and self._tg is not None
+            assert self._tg_cm is not None
+            assert self._tg is not None
             if exc_info[0] is None:
                 # Runs started in the block belong to it: wait for them, then stop the
                 # services (listener, in-process workers), which never end on their own.
@@ -302,7 +304,7 @@ class Context:
             if self.batch:
                 from .contexts.batch import BatchExecutor
 
-                self._executor = BatchExecutor(self.queue)  # type: ignore[arg-type]
+                self._executor = BatchExecutor(self.queue)
             else:
                 from .contexts.realtime import RealtimeExecutor
 
@@ -312,23 +314,26 @@ class Context:
 
     # --- running --------------------------------------------------------------------------
 
-    async def run(self, flow: Flow[..., R], /, *args: Any, run_id: str | None = None,
-                  **kwargs: Any) -> R:
+    async def run(
+        self, flow: Flow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
+    ) -> R:
         """Run *flow* to its result in this context."""
         _check_flow(flow)
         async with self._using():
             return await self._run(flow, args, kwargs, run_id)
 
-    async def _run(self, flow: Flow[..., R], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   run_id: str | None) -> R:
+    async def _run(
+        self, flow: Flow[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
+    ) -> R:
         self._setup()
         run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=False)
         if not fresh:
             return await run.result()  # type: ignore[no-any-return]
         return await self._execute(run)  # type: ignore[no-any-return]
 
-    async def start(self, flow: Flow[..., Any], /, *args: Any, run_id: str | None = None,
-                    **kwargs: Any) -> Run:
+    async def start(
+        self, flow: Flow[..., Any], /, *args: Any, run_id: str | None = None, **kwargs: Any
+    ) -> Run:
         """Start *flow* in the background; idempotent by *run_id*."""
         _check_flow(flow)
         if self._tg is None:
@@ -517,8 +522,9 @@ class Context:
             self._active[run_id] = run
             return await self._execute(run, strict=strict)
 
-    async def _replay(self, run: Run, state: RunState, ready: list[Node], strict: bool
-                      ) -> list[Node]:
+    async def _replay(
+        self, run: Run, state: RunState, ready: list[Node], strict: bool
+    ) -> list[Node]:
         """Feed the journal into *state*; return the nodes that must still run."""
         plan = run.plan
         journal = await self.store.load_nodes(run.run_id)
@@ -539,8 +545,14 @@ class Context:
         now = time.time()
         if run.observed:
             for node_id in reuse.stale:
-                run.emit(ev.StepInvalidated(run.run_id, node_id, now,
-                                            "changed" if node_id in reuse.changed else "upstream"))
+                run.emit(
+                    ev.StepInvalidated(
+                        run.run_id,
+                        node_id,
+                        now,
+                        "changed" if node_id in reuse.changed else "upstream",
+                    )
+                )
         pending = list(ready)
         dispatch: list[Node] = []
         while pending:
@@ -632,7 +644,8 @@ def import_flow(record: RunRecord) -> Flow[..., Any]:
         ) from exc
     if not isinstance(obj, Flow):
         raise ConfigError(
-            f"{record.flow_ref!r} is not a flow", flow=record.flow,
+            f"{record.flow_ref!r} is not a flow",
+            flow=record.flow,
             hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
         )
     return obj
@@ -791,9 +804,8 @@ def run(flow: Flow[..., R], /, *args: Any, **kwargs: Any) -> R:
     Inside a running event loop (a notebook cell), it runs the flow on a fresh loop in a
     helper thread; there, ``await flow(...)`` is the better spelling.
     """
-    import functools
-
     import concurrent.futures
+    import functools
 
     backend = kwargs.pop("backend", "asyncio")
     call = functools.partial(current_context().run, flow, *args, **kwargs)

@@ -84,7 +84,9 @@ class StepScope:
 
     def begin(self) -> None:
         if self.sink.observed:
-            self.sink.emit(ev.StepStarted(self.sink.run_id, self.node.id, time.time(), self.attempt))
+            self.sink.emit(
+                ev.StepStarted(self.sink.run_id, self.node.id, time.time(), self.attempt)
+            )
 
     def succeed(self, raw: Any) -> tuple[NodeRecord, Any]:
         """Encode the step's value (or pick the branch's case); report it; make the record."""
@@ -348,9 +350,9 @@ async def run_node_cached(
 def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
     what = f"the result of {node.id!r}"
     cls = type(raw)
-    if cls is str or cls is int or cls is bool or cls is float or raw is None:
-        if tp is Any or tp is cls or raw is None:
-            return raw, _codec.dumps(raw), raw
+    primitive = cls is str or cls is int or cls is bool or cls is float or raw is None
+    if primitive and (tp is Any or tp is cls or raw is None):
+        return raw, _codec.dumps(raw), raw
     data = _codec.to_data(raw, what=what)
     text = _codec.dumps(data)
     return data, text, _codec.from_data(_codec.loads(text), tp, what=what)

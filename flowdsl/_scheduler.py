@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import anyio
 
 from ._errors import StepFailed
-from ._records import NodeRecord
 from ._graph import Graph, Node, NodeKind, evaluate, refs_of
+from ._records import NodeRecord
 from ._spawn import NodeGroup, open_node_group
 
 __all__ = ["Executor", "Plan", "RunState", "drive"]

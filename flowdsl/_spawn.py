@@ -62,7 +62,7 @@ class _AsyncioGroup:
             if close is not None:
                 close()
             return
-        task = self._loop.create_task(awaitable)  # type: ignore[arg-type]
+        task: Any = self._loop.create_task(awaitable)  # type: ignore[arg-type]
         self._tasks[task] = key
         task.add_done_callback(self._done)
 
@@ -85,7 +85,7 @@ class _AsyncioGroup:
                     self.spawn(job.retry(exc), job.key)
                 else:
                     self._fail(exc)
-            except BaseException as error:  # noqa: BLE001 - surfaced by the group
+            except BaseException as error:
                 self._fail(error)
         if not self._tasks and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -97,7 +97,7 @@ class _AsyncioGroup:
             if exc is None:
                 try:
                     self._then(key, task.result())
-                except BaseException as error:  # noqa: BLE001 - surfaced by the group
+                except BaseException as error:
                     self._fail(error)
             else:
                 self._fail(exc)

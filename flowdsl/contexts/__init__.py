@@ -29,6 +29,5 @@ def open_broker(url: str) -> Any:
         )
     raise ConfigError(
         f"unknown broker URL {url!r}",
-        hint="Use sqlite:///path.db (the embedded queue), redis://host:6379/0 or "
-        "nats://host:4222",
+        hint="Use sqlite:///path.db (the embedded queue), redis://host:6379/0 or nats://host:4222",
     )

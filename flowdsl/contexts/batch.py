@@ -216,8 +216,10 @@ class BatchExecutor:
         }.get(completion.error_kind or "", StepFailed)
         hint = None
         if completion.error_kind == "dead":
-            hint = "Workers died running it more times than its retries allow; see the " \
+            hint = (
+                "Workers died running it more times than its retries allow; see the "
                 "dead-letter list with `flowdsl runs show`"
+            )
         raise cls(
             completion.error or "failed on a worker",
             flow=run.flow_name,
@@ -329,8 +331,9 @@ class Worker:
     def poke(self) -> None:
         self._wake.set()
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve tasks until cancelled."""
         limiter = anyio.Semaphore(self.concurrency)
         async with anyio.create_task_group() as tg:
@@ -409,7 +412,12 @@ class Worker:
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
             record, _ = await run_node(
-                sink, node, args, kwargs, marker=task.marker, llm=self.llm,
+                sink,
+                node,
+                args,
+                kwargs,
+                marker=task.marker,
+                llm=self.llm,
                 first_attempt=item.deliveries,
             )
         except StepFailed as exc:
@@ -433,7 +441,8 @@ class Worker:
         if not committed:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
-                task.node_id, task.run_id,
+                task.node_id,
+                task.run_id,
             )
             stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
             record = stored if stored is not None else record
@@ -525,7 +534,6 @@ def import_unit(ref: str, *, node: str, flow: str) -> Any:
     if not isinstance(obj, Step | Branch):
         raise ConfigError(f"{ref!r} is not a step", flow=flow, node=node)
     return obj
-
 
 
 async def serve(

@@ -161,7 +161,10 @@ class SQLiteBroker:
             return
         until = time.time() + lease
         self._write(
-            [("UPDATE fd_tasks SET lease_until = ? WHERE id = ?", (until, int(t))) for t in task_ids]
+            [
+                ("UPDATE fd_tasks SET lease_until = ? WHERE id = ?", (until, int(t)))
+                for t in task_ids
+            ]
         )
 
     async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
@@ -258,10 +261,14 @@ class SQLiteBroker:
             raise
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._db().execute(
-            "SELECT node_id, reason, at, payload FROM fd_dead WHERE run_id = ? ORDER BY id",
-            (run_id,),
-        ).fetchall()
+        rows = (
+            self._db()
+            .execute(
+                "SELECT node_id, reason, at, payload FROM fd_dead WHERE run_id = ? ORDER BY id",
+                (run_id,),
+            )
+            .fetchall()
+        )
         return [
             {"node_id": str(r[0]), "reason": str(r[1]), "at": float(r[2]), "payload": str(r[3])}
             for r in rows

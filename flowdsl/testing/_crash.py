@@ -46,8 +46,9 @@ class InjectedCrash(Exception):
     """The exception an ``"exception"`` crash point raises in place of a node."""
 
 
-def crash_points(flow: Flow[..., Any], *, kinds: tuple[CrashKind, ...] = ("exception", "cancel")
-                 ) -> Any:
+def crash_points(
+    flow: Flow[..., Any], *, kinds: tuple[CrashKind, ...] = ("exception", "cancel")
+) -> Any:
     """A hypothesis strategy of crash points of *flow*: any step or branch node, any kind.
 
     A point inside a case that the inputs do not choose never fires; the run then simply
