@@ -112,7 +112,7 @@ class StepTable:
             status = self.status
         now = time.time()
         table = Table(
-            title=f"flow [bold]{self.flow}[/] · run {self.run_id} · {status}",
+            title=Text.assemble("flow ", (self.flow, "bold"), f" · run {self.run_id} · {status}"),
             title_justify="left",
             expand=False,
         )
@@ -128,15 +128,17 @@ class StepTable:
                 "running", "retrying"
             ):
                 duration = now - row.started
+            # Text, not str: a node id or an error message is data, never rich markup.
             table.add_row(
-                row.node_id,
+                Text(row.node_id),
                 Text(row.status, style=_STYLES.get(row.status, "")),
                 str(row.attempt) if row.attempt else "",
                 format_duration(duration),
-                row.detail,
+                Text(row.detail),
             )
         streams = [
-            Panel(Text(row.tokens), title=row.node_id, title_align="left", border_style="cyan")
+            Panel(Text(row.tokens), title=Text(row.node_id), title_align="left",
+                  border_style="cyan")
             for row in rows
             if row.tokens and row.status in ("running", "retrying")
         ]

@@ -496,13 +496,14 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
         _write_json(sys.stdout, [run_to_json(r) for r in records])
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"runs in {store}", title_justify="left")
+    table = Table(title=Text(f"runs in {store}"), title_justify="left")
     for column in ("run id", "flow", "status", "started", "duration"):
         table.add_column(column, justify="right" if column == "duration" else "left",
                          no_wrap=column == "run id")
     for record in records:
-        table.add_row(record.run_id, record.flow, _status_text(record.status),
+        table.add_row(Text(record.run_id), Text(record.flow), _status_text(record.status),
                       _local_time(record.created_at), format_duration(_run_duration(record)))
     if not records:
         table.caption = "no runs yet"
@@ -600,36 +601,42 @@ def _print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -
     from rich.table import Table
     from rich.text import Text
 
+    # Every value is Text, never a str: stored data is shown as it is, not read as markup.
     console = _stdout_console()
-    about = Table.grid(padding=(0, 2))
-    about.add_column(style="bold")
-    about.add_column()
-    about.add_row("run", record.run_id)
-    about.add_row("flow", f"{record.flow} ({record.flow_ref})")
-    about.add_row("status", _status_text(record.status))
-    about.add_row("started", _local_time(record.created_at))
-    about.add_row("duration", format_duration(_run_duration(record)))
-    about.add_row("inputs", _preview(record.inputs, 200))
+    about = [
+        ("run", Text(record.run_id)),
+        ("flow", Text(f"{record.flow} ({record.flow_ref})")),
+        ("status", _status_text(record.status)),
+        ("started", Text(_local_time(record.created_at))),
+        ("duration", Text(format_duration(_run_duration(record)))),
+        ("inputs", Text(_preview(record.inputs, 200))),
+    ]
     if record.result is not None:
-        about.add_row("result", _preview(record.result, 200))
+        about.append(("result", Text(_preview(record.result, 200))))
     if record.error is not None:
-        about.add_row("error", Text(record.error, style="red"))
-    console.print(about)
+        about.append(("error", Text(record.error, style="red")))
+    for key, value in about:
+        console.print(Text.assemble((f"{key:<10}", "bold"), value), soft_wrap=True)
     table = Table(title_justify="left")
-    for column in ("node", "status", "attempts", "duration", "result", "usage"):
+    columns = ["node", "status", "attempts", "duration", "result"]
+    with_usage = any(row.get("usage") for row in nodes)
+    if with_usage:  # LLM token counts and costs, when a step reported any
+        columns.append("usage")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("attempts", "duration")
                          else "left", overflow="fold")
     for row in nodes:
-        result = row.get("result", None)
-        table.add_row(
-            row["node_id"],
+        cells: list[Any] = [
+            Text(row["node_id"]),
             _status_text(row["status"]),
             str(row.get("attempts", "")),
             format_duration(row.get("duration")),
-            _preview(json.dumps(result, ensure_ascii=False), PREVIEW) if "result" in row
-            else "",
-            _usage_text(row.get("usage")),
-        )
+            Text(_preview(json.dumps(row["result"], ensure_ascii=False), PREVIEW))
+            if "result" in row else "",
+        ]
+        if with_usage:
+            cells.append(Text(_usage_text(row.get("usage"))))
+        table.add_row(*cells)
     if not complete:
         table.caption = "the flow does not import here: only journaled nodes are listed"
     console.print(table)

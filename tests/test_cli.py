@@ -104,6 +104,18 @@ async def routed(x: int) -> int:
 @fd.flow
 async def hello() -> str:
     return await greet()
+
+
+@fd.step
+async def markup(x: int) -> str:
+    if (HERE / "broken").exists():
+        raise ValueError(f"[bold]{x}[/bold] is wrong")
+    return f"[red]{x}[/red]"
+
+
+@fd.flow
+async def looks_like_markup(x: int) -> str:
+    return await markup(x)
 '''
 
 
@@ -290,7 +302,7 @@ def test_quiet_wins_over_live(project: Path) -> None:
     [
         (["nope.py:x"], r"^Error: no file 'nope\.py'\. Check the path"),
         (["flows.py"], r"^Error: TARGET 'flows\.py' names no flow\. Add ':name' .*: "
-                       r"fragile, hello, pair, pipeline, routed$"),
+                       r"fragile, hello, looks_like_markup, pair, pipeline, routed$"),
         (["flows.py:"], r"^Error: TARGET 'flows\.py:' names no flow"),
         (["flows.py:nope"], r"^Error: flows\.py has no flow 'nope'\. .*: fragile, hello"),
         (["flows.py:double"], r"^Error: flows\.py:double is the step 'double', not a flow"),
@@ -535,6 +547,19 @@ def test_runs_list(project: Path, sqlite_url: str) -> None:
     table = invoke("runs", "list", "--store", sqlite_url).stdout
     assert re.search(r"│ b-2\s+│ fragile\s+│ failed\s+│ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d │", table)
     assert re.search(r"│ a-1\s+│ pipeline\s+│ finished\s+│", table)
+
+
+def test_stored_text_is_shown_as_it_is_not_as_rich_markup(project: Path,
+                                                           sqlite_url: str) -> None:
+    result = invoke("run", "flows.py:looks_like_markup", "--input", "3", "--live",
+                    "--store", sqlite_url, "--run-id", "m-1")
+    assert json.loads(result.stdout) == "[red]3[/red]"
+    shown = invoke("runs", "show", "m-1", "--store", sqlite_url).stdout
+    assert '"[red]3[/red]"' in shown
+    (project / "broken").touch()
+    failed = invoke("run", "flows.py:looks_like_markup", "--input", "4", "--live")
+    assert "ValueError: [bold]4[/bold] is wrong" in failed.stderr.splitlines()[-1]
+    assert re.search(r"markup\s+│ failed .* ValueError: \[bold\]4\[/bold\]", failed.stderr)
 
 
 def test_runs_list_of_an_empty_store(sqlite_url: str) -> None:
@@ -800,7 +825,7 @@ def test_process_run_graph_and_errors(project: Path) -> None:
     assert bad.stdout == ""
     assert bad.stderr.splitlines() == [
         "Error: flows.py has no flow 'nope'. Check the name after ':': flows in flows.py: "
-        "fragile, hello, pair, pipeline, routed"
+        "fragile, hello, looks_like_markup, pair, pipeline, routed"
     ]
     version = flowdsl("--version", cwd=project)
     assert version.stdout == f"flowdsl {fd.__version__}\n"
