@@ -9,7 +9,7 @@ chunked transfer encoding), records every request, and answers from a per-test s
 
     with LLMServer() as server:
         server.script(Answer("hello"), Answer(status=429, headers={"retry-after": "0.1"}))
-        OpenAI(base_url=server.openai_url, api_key="k")   # .../v1
+        OpenAI(base_url=server.openai_url, api_key="k")  # .../v1
         Anthropic(base_url=server.anthropic_url, api_key="k")
 
 When the script is empty, ``server.default`` answers (by default an echo of the last user
@@ -245,7 +245,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send_error(self, request: Request, answer: Answer) -> None:
         kind = _ERROR_TYPES.get(answer.status, "api_error")
         if request.protocol == "anthropic":
-            body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": answer.error}}
+            error = {"type": kind, "message": answer.error}
+            body: dict[str, Any] = {"type": "error", "error": error}
         else:
             body = {"error": {"message": answer.error, "type": kind, "code": None, "param": None}}
         self.send_json(answer.status, body, answer.headers)
@@ -358,13 +359,17 @@ class _OpenAIReply:
         for piece in _pieces(self.text, self.answer.chunk):
             h.send_event(self.chunk({"content": piece}))
         for i, call in enumerate(self.calls()):
-            head = {"index": i, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            head = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
             h.send_event(self.chunk({"tool_calls": [head]}))
             for piece in _pieces(call["function"]["arguments"], 5):
-                h.send_event(self.chunk({"tool_calls": [
-                    {"index": i, "function": {"arguments": piece}}
-                ]}))
+                h.send_event(
+                    self.chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+                )
         h.send_event(self.chunk({}, self.finish()))
         options = self.request.body.get("stream_options") or {}
         if options.get("include_usage"):
@@ -386,14 +391,21 @@ class _AnthropicReply:
     def blocks(self) -> list[dict[str, Any]]:
         forced = _forced_tool(self.request)
         if self.answer.data is not None and forced is not None:
-            return [{"type": "tool_use", "id": f"toolu_{self.n}_0", "name": forced,
-                     "input": self.answer.data}]
+            return [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{self.n}_0",
+                    "name": forced,
+                    "input": self.answer.data,
+                }
+            ]
         blocks: list[dict[str, Any]] = []
         if self.answer.text and not self.answer.tool_calls:
             blocks.append({"type": "text", "text": self.answer.text})
         for i, (name, args) in enumerate(self.answer.tool_calls):
-            blocks.append({"type": "tool_use", "id": f"toolu_{self.n}_{i}", "name": name,
-                           "input": args})
+            blocks.append(
+                {"type": "tool_use", "id": f"toolu_{self.n}_{i}", "name": name, "input": args}
+            )
         return blocks
 
     def stop_reason(self, blocks: list[dict[str, Any]]) -> str:
@@ -432,22 +444,33 @@ class _AnthropicReply:
         for index, block in enumerate(blocks):
             if block["type"] == "text":
                 first = {"type": "text", "text": ""}
-                deltas = [{"type": "text_delta", "text": p}
-                          for p in _pieces(block["text"], self.answer.chunk)]
+                deltas = [
+                    {"type": "text_delta", "text": p}
+                    for p in _pieces(block["text"], self.answer.chunk)
+                ]
             else:
                 first = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-                deltas = [{"type": "input_json_delta", "partial_json": p}
-                          for p in _pieces(json.dumps(block["input"]), 5)]
-            h.send_event({"type": "content_block_start", "index": index, "content_block": first},
-                         "content_block_start")
+                deltas = [
+                    {"type": "input_json_delta", "partial_json": p}
+                    for p in _pieces(json.dumps(block["input"]), 5)
+                ]
+            h.send_event(
+                {"type": "content_block_start", "index": index, "content_block": first},
+                "content_block_start",
+            )
             for delta in deltas:
-                h.send_event({"type": "content_block_delta", "index": index, "delta": delta},
-                             "content_block_delta")
+                h.send_event(
+                    {"type": "content_block_delta", "index": index, "delta": delta},
+                    "content_block_delta",
+                )
             h.send_event({"type": "content_block_stop", "index": index}, "content_block_stop")
-        h.send_event({
-            "type": "message_delta",
-            "delta": {"stop_reason": self.stop_reason(blocks), "stop_sequence": None},
-            "usage": {"output_tokens": self.out_tokens(blocks)},
-        }, "message_delta")
+        h.send_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": self.stop_reason(blocks), "stop_sequence": None},
+                "usage": {"output_tokens": self.out_tokens(blocks)},
+            },
+            "message_delta",
+        )
         h.send_event({"type": "message_stop"}, "message_stop")
         h.end_stream()

@@ -139,13 +139,16 @@ class Anthropic(BaseProvider):
         answer = exchange.answer
         if answer is not None:
             tools.append(
-                {"name": answer.name, "description": answer.description,
-                 "input_schema": answer.schema}
+                {
+                    "name": answer.name,
+                    "description": answer.description,
+                    "input_schema": answer.schema,
+                }
             )
             only = len(tools) == 1
-            params["tool_choice"] = {"type": "tool", "name": answer.name} if only else {
-                "type": "any"
-            }
+            params["tool_choice"] = (
+                {"type": "tool", "name": answer.name} if only else {"type": "any"}
+            )
         if tools:
             params["tools"] = tools
         if exchange.stream:
@@ -186,8 +189,12 @@ class Anthropic(BaseProvider):
                         if block.get("text") and on_token is not None:
                             on_token(block["text"])
                     elif block["type"] == "tool_use":
-                        blocks[index] = {"type": "tool_use", "id": block["id"],
-                                         "name": block["name"], "input": None}
+                        blocks[index] = {
+                            "type": "tool_use",
+                            "id": block["id"],
+                            "name": block["name"],
+                            "input": None,
+                        }
                         inputs[index] = []
                 elif kind == "message_start":
                     message = data["message"]
@@ -293,8 +300,12 @@ def _wire_messages(messages: Sequence[Message]) -> tuple[str, list[Any]]:
             for call in message["tool_calls"]:
                 if isinstance(call, ToolCall):
                     blocks.append(
-                        {"type": "tool_use", "id": call.id, "name": call.name,
-                         "input": call.arguments}
+                        {
+                            "type": "tool_use",
+                            "id": call.id,
+                            "name": call.name,
+                            "input": call.arguments,
+                        }
                     )
             wire.append({"role": "assistant", "content": blocks})
         else:

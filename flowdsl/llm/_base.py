@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Final, TypedDict
 
 import anyio
 import attrs
+import cattrs
 
 from .. import _codec
 from .._errors import CodecError, ConfigError
@@ -169,8 +170,15 @@ class BaseProvider:
         made: list[ToolCall] = []
         while True:
             exchange = Exchange(
-                model, history, max_tokens, temperature, tuple(specs.values()), answer, stream,
-                on_token, options,
+                model,
+                history,
+                max_tokens,
+                temperature,
+                tuple(specs.values()),
+                answer,
+                stream,
+                on_token,
+                options,
             )
             async with self.limits.slot(_estimate(history, max_tokens)) as budget:
                 turn = await self._send(exchange)
@@ -239,9 +247,16 @@ class BaseProvider:
         try:
             return _codec.from_data(answer.unwrap(data), answer.tp, what="the model's answer")
         except CodecError as exc:
+            cause = exc.__cause__
+            detail = (
+                "; ".join(cattrs.transform_error(cause))
+                if isinstance(cause, cattrs.BaseValidationError)
+                else exc.problem
+            )
             raise StructuredOutputError(
-                f"the model's answer does not fit {answer.name}: {exc.problem}; it answered "
-                f"{_clip(shown)}, and the schema asked for {_clip(_codec.dumps(answer.schema))}",
+                f"the model's answer does not fit {answer.name} ({detail}); it answered "
+                f"{_clip(shown)}, and the schema asked for "
+                f"{_clip(_codec.dumps(answer.schema), 1000)}",
                 **where(),
                 provider=self.name,
                 answer=shown,

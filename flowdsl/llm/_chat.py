@@ -78,13 +78,16 @@ async def chat(
         usage = reply.usage
         if reply.cost is None:
             scope.add_usage(
-                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
                 calls=reply.calls,
             )
         else:
             scope.add_usage(
-                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                calls=reply.calls, cost=reply.cost,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                calls=reply.calls,
+                cost=reply.cost,
             )
     return reply
 
@@ -113,6 +116,5 @@ def _no_provider(scope: Any) -> ConfigError:
         "no LLM provider: the context running this step has none, and the call gave no llm=",
         flow=getattr(scope.sink, "flow_name", None),
         node=scope.node_id,
-        hint="Give the context one: fd.Context(llm=fd.llm.OpenAI()), or pass llm= to "
-        "fd.llm.chat",
+        hint="Give the context one: fd.Context(llm=fd.llm.OpenAI()), or pass llm= to fd.llm.chat",
     )

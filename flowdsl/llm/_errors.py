@@ -63,5 +63,6 @@ class StructuredOutputError(LLMError, ValueError):
         answer: str = "",
     ) -> None:
         self.answer = answer
-        super().__init__(problem, flow=flow, node=node, hint=hint, provider=provider,
-                         retryable=True)
+        super().__init__(
+            problem, flow=flow, node=node, hint=hint, provider=provider, retryable=True
+        )

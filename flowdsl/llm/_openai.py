@@ -185,8 +185,9 @@ class OpenAI(BaseProvider):
                 model = chunk.get("model") or model
                 if chunk.get("usage"):
                     counts = chunk["usage"]
-                    usage = Usage(counts.get("prompt_tokens") or 0,
-                                  counts.get("completion_tokens") or 0)
+                    usage = Usage(
+                        counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
+                    )
                 for choice in chunk.get("choices") or ():
                     delta = choice.get("delta") or {}
                     content = delta.get("content")
@@ -267,26 +268,35 @@ def _wire_messages(messages: Sequence[Message]) -> list[Any]:
     for message in messages:
         role = message.get("role")
         if role == "tool" and "is_error" in message:
-            wire.append({
-                "role": "tool",
-                "tool_call_id": message["tool_call_id"],
-                "content": message["content"],
-            })
-        elif role == "assistant" and message.get("tool_calls") and isinstance(
-            message["tool_calls"][0], ToolCall
+            wire.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": message["tool_call_id"],
+                    "content": message["content"],
+                }
+            )
+        elif (
+            role == "assistant"
+            and message.get("tool_calls")
+            and isinstance(message["tool_calls"][0], ToolCall)
         ):
-            wire.append({
-                "role": "assistant",
-                "content": message.get("content") or None,
-                "tool_calls": [
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-                    }
-                    for call in message["tool_calls"]
-                ],
-            })
+            wire.append(
+                {
+                    "role": "assistant",
+                    "content": message.get("content") or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {
+                                "name": call.name,
+                                "arguments": json.dumps(call.arguments),
+                            },
+                        }
+                        for call in message["tool_calls"]
+                    ],
+                }
+            )
         else:
             wire.append(message)
     return wire

@@ -285,9 +285,7 @@ def _fields(cls: type[Any]) -> list[tuple[str, str]]:
     if attrs.has(cls):
         return [(f.name, str(f.metadata.get("description", ""))) for f in attrs.fields(cls)]
     return [
-        (f.name, str(f.metadata.get("description", "")))
-        for f in dataclasses.fields(cls)
-        if f.init
+        (f.name, str(f.metadata.get("description", ""))) for f in dataclasses.fields(cls) if f.init
     ]
 
 

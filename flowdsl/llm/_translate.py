@@ -101,7 +101,6 @@ def _status_hint(status: int, provider: str, key_help: str, retries: int) -> str
         )
     if retryable_status(status):
         return (
-            f"The provider failed after {retries} retries; try again later (a step's retries= "
-            "can)"
+            f"The provider failed after {retries} retries; try again later (a step's retries= can)"
         )
     return "The provider refused the request; check the messages, model and options"
