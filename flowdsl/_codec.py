@@ -11,9 +11,11 @@ caller names (a step's return annotation), never a type named by the data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Final
 
+import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
@@ -51,13 +53,60 @@ def to_data(value: object, *, what: str = "value") -> Any:
         _dumps(data)
     except (TypeError, ValueError, cattrs.BaseValidationError) as exc:
         raise CodecError(
-            f"cannot encode {what} of type {_type_name(value)}",
+            f"cannot encode {what} of type {_type_name(value)}{_culprit(value)}",
             hint=(
                 "Values crossing steps must be builtins, attrs classes, dataclasses, enums, "
                 "datetimes, bytes or containers of these"
             ),
         ) from exc
     return data
+
+
+def _culprit(value: object) -> str:
+    """Where inside a container the value that cannot be encoded sits, if it is inside one."""
+    found = _find_unencodable(value, "")
+    if found is None or found[0] == "":
+        return ""
+    path, leaf = found
+    return f": {path} is a {_type_name(leaf)}"
+
+
+def _find_unencodable(value: object, path: str) -> tuple[str, object] | None:
+    if isinstance(value, list | tuple | set | frozenset):
+        for i, item in enumerate(value):
+            found = _find_unencodable(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool | type(None)):
+                return (f"{path} key" if path else "key") + f" {key!r}", key
+            found = _find_unencodable(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    fields = _fields_of(value)
+    if fields is not None:
+        for name in fields:
+            found = _find_unencodable(getattr(value, name), f"{path}.{name}")
+            if found is not None:
+                return found
+        return None
+    try:
+        _dumps(converter.unstructure(value))
+    except (TypeError, ValueError, cattrs.BaseValidationError):
+        return path, value
+    return None
+
+
+def _fields_of(value: object) -> list[str] | None:
+    cls = type(value)
+    if attrs.has(cls):
+        return [f.name for f in attrs.fields(cls)]
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return None
 
 
 def from_data(data: Any, tp: Any, *, what: str = "value") -> Any:
