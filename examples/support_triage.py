@@ -97,10 +97,10 @@ _LABEL_WORDS: dict[Label, tuple[str, ...]] = {
                     "passwort", "contraseña", "cuenta"),
 }
 _LANGUAGE_WORDS: dict[str, tuple[str, ...]] = {
+    "en": ("the", "is", "my", "a", "not", "and", "i", "it", "thanks", "to"),
     "fr": ("le", "la", "les", "est", "je", "mon", "ma", "une", "pas", "merci"),
     "de": ("der", "die", "das", "ist", "ich", "mein", "meine", "nicht", "und", "danke"),
     "es": ("el", "los", "las", "es", "mi", "una", "no", "por", "gracias", "que"),
-    "en": ("the", "is", "my", "a", "not", "and", "i", "it", "thanks", "to"),
 }
 _ANGRY = ("unacceptable", "furious", "worst", "ridiculous", "inacceptable", "sofort",
           "again!", "!!")
@@ -153,7 +153,7 @@ def _classify(text: str) -> str:
 def _language(text: str) -> str:
     words = _words(text)
     scores = {lang: sum(w in common for w in words) for lang, common in _LANGUAGE_WORDS.items()}
-    return max(scores, key=lambda lang: scores[lang])  # ties go to the first: fr, de, es, en
+    return max(scores, key=lambda lang: scores[lang])  # no evidence, or a tie: the first, en
 
 
 def _sentiment(text: str) -> str:

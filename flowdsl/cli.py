@@ -26,7 +26,7 @@ import os
 import sys
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
@@ -88,7 +88,8 @@ class _FlowdslGroup(click.Group):
             try:
                 code = super().main(args, prog_name, complete_var, False, **extra)
             except BaseExceptionGroup as group:
-                raise _only_error(group) from None
+                only = _only_error(group)
+                raise only from only.__cause__  # `from None` would erase the leaf's cause
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "flowdsl"
             message = exc.format_message().rstrip(".")
@@ -118,6 +119,17 @@ def _only_error(group: BaseExceptionGroup[Any]) -> BaseException:
         else:
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else group
+
+
+async def _unwrapped(call: Awaitable[T]) -> T:
+    """Await *call*; a task group's wrapping of one flowdsl error is taken off."""
+    try:
+        return await call
+    except BaseExceptionGroup as group:
+        only = _only_error(group)
+        if only is group:
+            raise
+        raise only from only.__cause__  # `from None` would erase the error's own cause
 
 
 def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
@@ -310,7 +322,7 @@ async def _run_one(flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str
     ctx = options.context(on_event=table.handle if table is not None else None)
     try:
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
-            result = await ctx.run(flow, *args, run_id=run_id, **kwargs)
+            result = await _unwrapped(ctx.run(flow, *args, run_id=run_id, **kwargs))
     except StepFailed as exc:
         raise CommandFailed(_with_resume_hint(str(exc), run_id, options)) from exc
     return _codec.to_data(result, what="the flow's result")
@@ -762,7 +774,7 @@ async def _resume(run_id: str, store: str, strict: bool, flow: Flow[..., Any] | 
         raise ConfigError("this version of flowdsl cannot resume runs")
     try:
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
-            result = await resume_run(run_id, strict=strict, flow=flow)
+            result = await _unwrapped(resume_run(run_id, strict=strict, flow=flow))
     except StepFailed as exc:
         raise CommandFailed(
             f"{exc} (fix it, then `flowdsl resume {run_id} --store {store}` again)"

@@ -483,6 +483,15 @@ def test_batch_run_gives_the_real_time_result(project: Path, sqlite_url: str) ->
     assert json.loads(result.stdout) == 7
 
 
+def test_a_failing_batch_run_is_one_line_and_exit_1(project: Path, sqlite_url: str) -> None:
+    (project / "broken").touch()
+    result = invoke("run", "flows.py:fragile", "--input", "2", "--batch", "--store", sqlite_url,
+                    "--run-id", "b-1")
+    assert result.exit_code == 1
+    one_error_line(result, r"^Error: flow 'fragile', node 'check': step failed: ValueError: "
+                           r"check refuses 4 \(run 'b-1': `flowdsl resume b-1 --store ")
+
+
 def test_batch_with_an_unavailable_broker_is_a_clean_config_error(project: Path) -> None:
     result = invoke("run", "flows.py:pipeline", "--input", "1", "--batch",
                     "--broker", "foo://127.0.0.1:1")

@@ -163,5 +163,7 @@ async def test_the_steps_stay_plain_functions(triage: ModuleType) -> None:
     ticket = triage.Ticket("T-0", "Where is my invoice?")
     assert await triage.classify(ticket) == triage.Triage(triage.Label.BILLING, 0.7)
     assert await triage.detect_language(ticket) == "en"
+    unknown = triage.Ticket("T-0", "App crashes, unacceptable")  # no common word at all
+    assert await triage.detect_language(unknown) == "en"
     assert await triage.route(triage.Triage(triage.Label.BUG, 0.9),
                               triage.Sentiment.HAPPY) == "escalate"
