@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
 
 import anyio
+import attrs
 import click
 
 from . import __version__, _codec
@@ -97,7 +98,7 @@ class _FlowdslGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code, exc)
         except click.Abort as exc:
-            _fail("aborted", EXIT_INTERRUPTED, exc)
+            _fail("interrupted", EXIT_INTERRUPTED, exc)  # click turns Ctrl-C into Abort
         except FlowError as exc:
             _fail(str(exc), _exit_code_of(exc), exc)
         except KeyboardInterrupt as exc:
@@ -279,13 +280,14 @@ def run(
 _NO_INPUT: Any = object()
 
 
+@attrs.frozen
 class _ContextOptions:
-    def __init__(self, store: str | None, batch: bool, broker: str | None,
-                 workers: int | None) -> None:
-        self.store = store
-        self.batch = batch
-        self.broker = broker
-        self.workers = workers
+    """What `flowdsl run` passes to :class:`~flowdsl.Context`."""
+
+    store: str | None
+    batch: bool
+    broker: str | None
+    workers: int | None
 
     def context(self, on_event: Callable[[Any], None] | None = None) -> Context:
         extra: dict[str, Any] = {}
@@ -294,10 +296,6 @@ class _ContextOptions:
         if self.workers is not None:
             extra["workers"] = self.workers
         return Context(store=self.store, batch=self.batch, on_event=on_event, **extra)
-
-    @property
-    def durable(self) -> bool:
-        return self.store is not None and not self.store.startswith("memory:")
 
 
 def call_of(flow: Flow[..., Any], value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -324,14 +322,14 @@ async def _run_one(flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
             result = await _unwrapped(ctx.run(flow, *args, run_id=run_id, **kwargs))
     except StepFailed as exc:
-        raise CommandFailed(_with_resume_hint(str(exc), run_id, options)) from exc
+        raise CommandFailed(_with_resume_hint(str(exc), run_id, ctx.store.url)) from exc
     return _codec.to_data(result, what="the flow's result")
 
 
-def _with_resume_hint(message: str, run_id: str, options: _ContextOptions) -> str:
-    if not options.durable:
-        return message
-    return f"{message} (run {run_id!r}: `flowdsl resume {run_id} --store {options.store}`)"
+def _with_resume_hint(message: str, run_id: str, store_url: str) -> str:
+    if store_url.startswith("memory:") or store_url.endswith(":memory:"):
+        return message  # the journal ends with this process: nothing to resume
+    return f"{message} (run {run_id!r}: `flowdsl resume {run_id} --store {store_url}`)"
 
 
 def derive_run_id(flow_name: str, value: Any) -> str:
