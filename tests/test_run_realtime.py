@@ -561,3 +561,56 @@ async def literal_list(x: int) -> int:
 async def test_a_literal_argument_is_fresh_in_every_run() -> None:
     async with fd.Context() as ctx:
         assert [await ctx.run(literal_list, 0) for _ in range(3)] == [2, 2, 2]
+
+
+@fd.step
+async def tuple_arg(value: Any) -> str:
+    return type(value).__name__
+
+
+@fd.flow
+async def built_tuple(x: int) -> list[str]:
+    return [await tuple_arg((x, 1)), await tuple_arg((1, 2))]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="real-time arguments skip the codec: a tuple built in the flow body (or a literal "
+    "tuple) arrives as a tuple, where a batch worker decodes a list",
+)
+async def test_arguments_arrive_as_after_a_json_round_trip() -> None:
+    async with fd.Context() as ctx:
+        assert await ctx.run(built_tuple, 1) == ["list", "list"]
+
+
+@fd.step
+async def make_list(x: int) -> list[int]:
+    return [x]
+
+
+@fd.step
+async def mutate(items: list[int]) -> int:
+    items.append(99)
+    return len(items)
+
+
+@fd.step
+async def read_after(items: list[int], n: int) -> list[int]:
+    return items
+
+
+@fd.flow
+async def shared(x: int) -> list[int]:
+    items = await make_list(x)
+    n = await mutate(items)
+    return await read_after(items, n)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="real-time dependents share one result object: a step that mutates its argument "
+    "changes what a sibling receives (batch workers each decode their own copy)",
+)
+async def test_dependents_do_not_share_a_result_object() -> None:
+    async with fd.Context() as ctx:
+        assert await ctx.run(shared, 1) == [1]
