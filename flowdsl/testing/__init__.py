@@ -11,5 +11,15 @@ from ._crash import InjectedCrash as InjectedCrash
 from ._crash import ResumeReport as ResumeReport
 from ._crash import check_resume as check_resume
 from ._crash import crash_points as crash_points
+from ._fake_llm import FakeLLM as FakeLLM
+from ._fake_llm import FakeReply as FakeReply
 
-__all__ = ["CrashPoint", "InjectedCrash", "ResumeReport", "check_resume", "crash_points"]
+__all__ = [
+    "CrashPoint",
+    "FakeLLM",
+    "FakeReply",
+    "InjectedCrash",
+    "ResumeReport",
+    "check_resume",
+    "crash_points",
+]
