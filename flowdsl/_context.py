@@ -262,7 +262,15 @@ class Context:
                     self._idle = anyio.Event()
                     await self._idle.wait()
             self._tg.cancel_scope.cancel()
-            return bool(await self._tg_cm.__aexit__(*exc_info))
+            try:
+                return bool(await self._tg_cm.__aexit__(*exc_info))
+            except BaseExceptionGroup as group:
+                # The task group wraps what the block raised; the block's own error is
+                # what the caller should see, not a group of one.
+                body = exc_info[1]
+                if body is not None and _only(group, body):
+                    raise body from body.__cause__
+                raise
         finally:
             self._tg = self._tg_cm = None
             if self._token is not None:
@@ -419,7 +427,8 @@ class Context:
                 # Surface the first flowdsl failure itself, not a group of one.
                 flow_errors, rest = group.split(FlowError)
                 if rest is None and flow_errors is not None:
-                    raise _first_leaf(flow_errors) from None
+                    leaf = _first_leaf(flow_errors)
+                    raise leaf from leaf.__cause__
                 raise
         return results
 
@@ -448,7 +457,15 @@ class Context:
         encoded: dict[str, Any] = {}
         decoded: dict[str, Any] = {}
         for name, value in inputs.items():
-            data, value2 = _codec.roundtrip(value, types.get(name, Any), what=f"input {name!r}")
+            try:
+                data, value2 = _codec.roundtrip(value, types.get(name, Any), what=f"input {name!r}")
+            except CodecError as exc:
+                raise CodecError(
+                    exc.problem,
+                    flow=flow.name,
+                    hint=f"Pass a value of the type `{flow.name}` annotates for {name!r}: "
+                    "flow inputs cross the codec like step results",
+                ) from exc
             encoded[name] = data
             decoded[name] = value2
         now = time.time()
@@ -761,6 +778,17 @@ def _as_call(flow: Flow[..., Any], item: Any) -> tuple[tuple[Any, ...], dict[str
         flow=flow.name,
         hint="Give a tuple (positional) or a dict (keyword) per input",
     )
+
+
+def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
+    """Whether *group* holds *exc* and nothing else but cancellations."""
+    mine, rest = group.split(lambda e: e is exc)
+    if mine is None:
+        return False
+    if rest is None:
+        return True
+    _, other = rest.split(anyio.get_cancelled_exc_class())
+    return other is None
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
