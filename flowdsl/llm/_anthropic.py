@@ -17,7 +17,7 @@ from typing import Any
 from .._errors import ConfigError
 from ._base import INVALID_JSON, NO_DATA, BaseProvider, Exchange, Turn, where
 from ._errors import LLMError
-from ._sdk import LoopClient, SSEParser, import_sdk
+from ._sdk import LoopClient, SSEParser, create_args, import_sdk
 from ._translate import translate
 from ._types import Message, ToolCall, Usage
 
@@ -92,12 +92,22 @@ class Anthropic(BaseProvider):
     # --- one request -----------------------------------------------------------------------
 
     async def _send(self, exchange: Exchange) -> Turn:
-        params = self._params(exchange)
+        body = self._body(exchange)
         client = self._client.get()
         try:
             if exchange.stream:
-                return await self._stream(client, params, exchange)
-            response = await client.messages.create(**params)
+                return await self._stream(client, body, exchange)
+            # As for OpenAI: the SDK's generic request, without response models.
+            raw = await client.post("/v1/messages", cast_to=bytes, body=body)
+            data = json.loads(raw)
+            usage = data.get("usage") or {}
+            return _turn(
+                data.get("content") or [],
+                Usage(usage.get("input_tokens") or 0, usage.get("output_tokens") or 0),
+                data.get("model") or exchange.model,
+                data.get("stop_reason"),
+                exchange,
+            )
         except Exception as exc:
             error = translate(
                 self._sdk,
@@ -112,15 +122,8 @@ class Anthropic(BaseProvider):
             if error is None:
                 raise
             raise error from exc
-        return _turn(
-            [_block_dict(block) for block in response.content],
-            Usage(response.usage.input_tokens, response.usage.output_tokens),
-            response.model or exchange.model,
-            response.stop_reason,
-            exchange,
-        )
 
-    def _params(self, exchange: Exchange) -> dict[str, Any]:
+    def _body(self, exchange: Exchange) -> dict[str, Any]:
         system, messages = _wire_messages(exchange.messages)
         params: dict[str, Any] = {
             "model": exchange.model,
@@ -130,8 +133,7 @@ class Anthropic(BaseProvider):
         if system:
             params["system"] = system
         if exchange.temperature is not None:
-            # Not every SDK version names temperature; the API accepts it in the body.
-            params["extra_body"] = {"temperature": exchange.temperature}
+            params["temperature"] = exchange.temperature
         tools = [
             {"name": spec.name, "description": spec.description, "input_schema": spec.parameters}
             for spec in exchange.tools
@@ -157,7 +159,7 @@ class Anthropic(BaseProvider):
             params.update(exchange.options)
         return params
 
-    async def _stream(self, client: Any, params: dict[str, Any], exchange: Exchange) -> Turn:
+    async def _stream(self, client: Any, body: dict[str, Any], exchange: Exchange) -> Turn:
         on_token = exchange.on_token
         blocks: dict[int, dict[str, Any]] = {}
         inputs: dict[int, list[str]] = {}
@@ -166,7 +168,11 @@ class Anthropic(BaseProvider):
         stop: str | None = None
         parser = SSEParser()
         create = client.messages.with_streaming_response.create
-        async with create(**params) as response, aclosing(response.iter_lines()) as lines:
+        named = ("model", "max_tokens", "messages", "stream")
+        async with (
+            create(**create_args(body, named)) as response,
+            aclosing(response.iter_lines()) as lines,
+        ):
             async for line in lines:
                 event = parser.feed(line)
                 if event is None:
@@ -224,14 +230,6 @@ class Anthropic(BaseProvider):
             provider=self.name,
             retryable=kind in ("overloaded_error", "api_error", "rate_limit_error"),
         )
-
-
-def _block_dict(block: Any) -> dict[str, Any]:
-    if block.type == "text":
-        return {"type": "text", "text": block.text}
-    if block.type == "tool_use":
-        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
-    return {"type": block.type}
 
 
 def _decode_input(text: str) -> Any:

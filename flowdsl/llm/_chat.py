@@ -44,8 +44,8 @@ async def chat(
     - *stream*: by default the answer streams when someone watches the run (an
       ``on_event`` callback, ``run.events()``), as ``TokenDelta`` events, or when
       *on_token* is given; the reply holds the full text either way.
-    - *options*: more request fields, passed to the SDK as they are (``top_p``, ``stop``,
-      ``extra_headers``, ...).
+    - *options*: more fields for the request's JSON body, sent as they are (``top_p``,
+      ``stop``, ``seed``, ...); they override what flowdsl would send.
 
     Inside a step the call's tokens, cost and count are added to the node's record.
     """

@@ -9,7 +9,7 @@ first used it, so each loop gets its own client (a run variable), made on first 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
@@ -17,7 +17,7 @@ import anyio.lowlevel
 
 from .._errors import ConfigError
 
-__all__ = ["LoopClient", "SSEParser", "import_sdk"]
+__all__ = ["LoopClient", "SSEParser", "create_args", "import_sdk"]
 
 C = TypeVar("C")
 
@@ -95,3 +95,13 @@ class SSEParser:
     def flush(self) -> tuple[str | None, str] | None:
         """The last event, when the body ended without a blank line after it."""
         return self.feed("")
+
+
+def create_args(body: Mapping[str, Any], named: Sequence[str]) -> dict[str, Any]:
+    """Arguments for an SDK's ``create``: the fields it requires by name, the rest as
+    ``extra_body``, which the SDK merges into the request's JSON as it is."""
+    args = {key: body[key] for key in named if key in body}
+    rest = {key: value for key, value in body.items() if key not in args}
+    if rest:
+        args["extra_body"] = rest
+    return args
