@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(
         f"flowdsl {info['flowdsl']}, Python {info['python']}, anyio {info['anyio']}, "
         f"trio {info['trio']}, SQLite {info['sqlite']}; {info['nproc']} CPUs "
-        f"({info['processor']}); load {info['load_average_at_start']}"
+        f"({info['processor']}); load {info['load_average_at_start']}; git {info['git']}"
         + ("; --quick" if args.quick else ""),
         highlight=False,
     )

@@ -132,6 +132,7 @@ class Section:
     notes: list[str] = attrs.field(factory=list)
     data: dict[str, Any] = attrs.field(factory=dict)
     seconds: float = 0.0
+    load_after: list[float] = attrs.field(factory=list)  # the 1, 5, 15-minute load averages
 
     def show(self, console: Console) -> None:
         console.rule(f"[bold]{self.title}")
@@ -142,7 +143,9 @@ class Section:
             console.print(f"  target: {target.describe()}", style=style, highlight=False)
         for note in self.notes:
             console.print(f"  note: {note}", style="dim", highlight=False)
-        console.print(f"  ({self.seconds:.1f} s)", style="dim")
+        console.print(
+            f"  ({self.seconds:.1f} s; load average after: {self.load_after})", style="dim"
+        )
 
     def to_markdown(self) -> str:
         parts = [f"### {self.title}"]
@@ -162,6 +165,7 @@ class Section:
             "notes": self.notes,
             "data": self.data,
             "seconds": self.seconds,
+            "load_after": self.load_after,
         }
 
 
@@ -244,10 +248,6 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return "absent"
 
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
     return {
         "nproc": os.cpu_count(),
         "python": sys.version.split()[0],
@@ -258,9 +258,33 @@ def machine() -> dict[str, Any]:
         "anyio": version("anyio"),
         "trio": version("trio"),
         "sqlite": _sqlite_version(),
-        "load_average_at_start": [round(x, 2) for x in load],
+        "load_average_at_start": _load(),
+        "git": _git_state(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _load() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages: how shared it was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _git_state() -> str:
+    """The commit measured, and whether the engine had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--", "flowdsl")
+    return f"{commit} (flowdsl/ with uncommitted changes)" if dirty else commit
 
 
 def _sqlite_version() -> str:
@@ -284,6 +308,7 @@ def run_section(run: Callable[[Config], Section], config: Config) -> Section:
     start = time.perf_counter()
     section = run(config)
     section.seconds = time.perf_counter() - start
+    section.load_after = _load()
     return section
 
 

@@ -210,7 +210,7 @@ def _fresh_process_resume(directory: Path, text: str) -> float:
 
 def run(config: Config) -> Section:
     rounds = config.pick(default=9, quick=3)
-    runs = 200 if not config.quick else 50
+    runs = w.W1_RUNS if not config.quick else 100
     repeats = config.pick(default=5, quick=2)
     steps = runs * w.CHAIN_STEPS
     section = Section(
