@@ -25,6 +25,30 @@ __all__ = ["decode", "dumps", "encode", "from_data", "loads", "to_data"]
 
 converter: Final = make_converter(forbid_extra_keys=True)
 
+
+def _strict(tp: type, accepts: tuple[type, ...]) -> Any:
+    # cattrs structures primitives by calling the type (str([1, 2]) == "[1, 2]"): data
+    # read back from a store must already be what the annotation says, or it is refused.
+    def structure(value: Any, _: Any) -> Any:
+        if type(value) not in accepts:
+            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
+        return value if type(value) is tp else tp(value)
+
+    return structure
+
+
+for _tp, _accepts in (
+    (str, (str,)),
+    (int, (int,)),
+    (float, (float, int)),
+    (bool, (bool,)),
+):
+    # By exact type: a class hook would also catch subclasses such as IntEnum.
+    converter.register_structure_hook_func(
+        lambda t, _tp=_tp: t is _tp,  # type: ignore[misc]
+        _strict(_tp, _accepts),
+    )
+
 _PRIMITIVES: Final = frozenset({str, int, float, bool, type(None)})
 _dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
 _dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=True).encode
@@ -40,6 +64,8 @@ def _dumps(data: Any) -> str:
         except UnicodeEncodeError:
             return _dumps_ascii(data)
     return text
+
+
 _loads = json.JSONDecoder().decode
 
 
@@ -118,9 +144,11 @@ def from_data(data: Any, tp: Any, *, what: str = "value") -> Any:
     try:
         return converter.structure(data, tp)
     except Exception as exc:  # cattrs raises many kinds; all mean "does not fit"
-        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
-            exc, cattrs.BaseValidationError
-        ) else str(exc)
+        detail = (
+            "; ".join(cattrs.transform_error(exc))
+            if isinstance(exc, cattrs.BaseValidationError)
+            else str(exc)
+        )
         raise CodecError(
             f"cannot decode {what} as {_type_name_of_type(tp)}: {detail}",
             hint="The stored data does not fit the annotated type; check the step's annotation",

@@ -251,26 +251,35 @@ class Context:
             self._executor.attach(worker)
             await tg.start(worker.run)
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool | None:
         try:
             assert self._tg_cm is not None
             assert self._tg is not None
-            if exc_info[0] is None:
+            from_wait = False
+            if et is None:
                 # Runs started in the block belong to it: wait for them, then stop the
                 # services (listener, in-process workers), which never end on their own.
-                while self._started:
-                    self._idle = anyio.Event()
-                    await self._idle.wait()
+                try:
+                    while self._started:
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
+                except BaseException as waiting:
+                    et, exc, tb, from_wait = type(waiting), waiting, waiting.__traceback__, True
             self._tg.cancel_scope.cancel()
             try:
-                return bool(await self._tg_cm.__aexit__(*exc_info))
+                suppressed = bool(await self._tg_cm.__aexit__(et, exc, tb))
             except BaseExceptionGroup as group:
                 # The task group wraps what the block raised; the block's own error is
                 # what the caller should see, not a group of one.
-                body = exc_info[1]
-                if body is not None and _only(group, body):
-                    raise body from body.__cause__
+                if exc is not None and _only(group, exc):
+                    raise exc from exc.__cause__
                 raise
+            if from_wait and not suppressed:
+                assert exc is not None
+                raise exc
+            return suppressed
         finally:
             self._tg = self._tg_cm = None
             if self._token is not None:

@@ -120,6 +120,29 @@ class _Unit(Generic[P, R]):
         return self._return_type
 
     @property
+    def param_types(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The annotated types of the parameters: by position, and by name.
+
+        Arguments are decoded as these types where a node runs (a batch worker), and
+        pass through the same round trip in real time.
+        """
+        cached: tuple[tuple[Any, ...], dict[str, Any]] | None = getattr(self, "_params", None)
+        if cached is None:
+            try:
+                hints = typing.get_type_hints(self.fn)
+            except Exception:
+                hints = {}
+            names = [
+                p.name
+                for p in inspect.signature(self.fn).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
+            by_name = {name: hints.get(name, Any) for name in names}
+            cached = (tuple(by_name[n] for n in names), by_name)
+            self._params = cached
+        return cached
+
+    @property
     def code_hash(self) -> str:
         if self._code_hash is None:
             self._code_hash = code_hash(self.fn)

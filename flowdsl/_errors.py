@@ -6,7 +6,8 @@ The hierarchy::
     ├── TracingError (TypeError)  a flow body that cannot become a graph (definition time)
     ├── StepFailed (RuntimeError) a node failed at run time; the original error is __cause__
     ├── CodecError (TypeError)    a value the codec cannot carry, or data it cannot read back
-    ├── CheckpointError           a corrupted store record, or a resume the flow's changes forbid
+    ├── CheckpointError (RuntimeError)
+    │                             a corrupted store record, or a resume the flow's changes forbid
     └── ConfigError (ValueError)  a bad URL, a missing server or extra, an unimportable step
 
 Each subclass also inherits the builtin it resembles, so ``except TypeError`` code written
@@ -95,6 +96,23 @@ class StepFailed(FlowError, RuntimeError):
     @property
     def node_id(self) -> str | None:
         return self.node
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_step_failed,
+            (type(self), self.problem, self.flow, self.node, self.hint, self.run_id),
+        )
+
+
+def _rebuild_step_failed(
+    cls: type[StepFailed],
+    problem: str,
+    flow: str | None,
+    node: str | None,
+    hint: str | None,
+    run_id: str | None,
+) -> StepFailed:
+    return cls(problem, flow=flow, node=node, hint=hint, run_id=run_id)
 
 
 class CodecError(FlowError, TypeError):

@@ -304,6 +304,48 @@ async def _call_slow(unit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         return await _call_sync(unit.fn, args, kwargs)
 
 
+def fresh_arguments(
+    sink: EventSink, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments as a worker would receive them: encoded, then decoded as the step's
+    parameters are annotated.
+
+    In real time this gives each node its own copy of what it takes (a step that mutates
+    its argument cannot change what a sibling sees) and the same types batch mode gives
+    (a tuple becomes a list unless annotated). Primitives pass as they are.
+    """
+    unit = node.fn
+    assert unit is not None
+    if all(type(a) in _PRIMITIVE_TYPES for a in args) and all(
+        type(v) in _PRIMITIVE_TYPES for v in kwargs.values()
+    ):
+        return args, kwargs
+    positional, by_name = unit.param_types
+    try:
+        new_args = tuple(
+            _codec.roundtrip(
+                a, positional[i] if i < len(positional) else Any, what=f"argument {i + 1}"
+            )[1]
+            for i, a in enumerate(args)
+        )
+        new_kwargs = {
+            k: _codec.roundtrip(v, by_name.get(k, Any), what=f"argument {k!r}")[1]
+            for k, v in kwargs.items()
+        }
+    except CodecError as exc:
+        raise StepCodecFailed(
+            f"cannot pass the arguments: {exc.problem}",
+            flow=sink.flow_name,
+            node=node.id,
+            run_id=sink.run_id,
+            hint=exc.hint,
+        ) from exc
+    return new_args, new_kwargs
+
+
+_PRIMITIVE_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
 def cache_key(node: Node, marker: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """The key of a ``cache=True`` step's result: its code and its canonical encoded inputs."""
     unit = node.fn

@@ -82,7 +82,7 @@ class Plan:
         self.initial = initial
         self.dependents = {k: tuple(v) for k, v in dependents.items()}
         self.guard_dependents = {k: tuple(v) for k, v in guard_dependents.items()}
-        self.case_members = {k: frozenset(v) for k, v in case_members.items()}
+        self.case_members = {k: tuple(v) for k, v in case_members.items()}
         self.joins = joins
         self.roots = tuple(n for n in graph.order if initial[n] == 0)
         self._fingerprint: str | None = None
@@ -316,6 +316,10 @@ async def drive(
             failure = _first_failure(group_exc)
             if failure is not None:
                 raise failure from failure.__cause__
+            cancelled, rest = group_exc.split(anyio.get_cancelled_exc_class())
+            if cancelled is not None and rest is None:
+                # The caller was cancelled: raise that as such, not as a group.
+                raise _first(cancelled) from None
             raise
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
@@ -342,8 +346,13 @@ def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
         _, other = rest.split(cancelled)
         if other is not None:
             return None
-    exc: BaseException = failures
+    exc = _first(failures)
+    assert isinstance(exc, StepFailed)
+    return exc
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    assert isinstance(exc, StepFailed)
     return exc

@@ -41,13 +41,28 @@ class NodeGroup(Protocol):
 
 
 class _AsyncioGroup:
-    __slots__ = ("_closed", "_errors", "_loop", "_tasks", "_then", "_waiter")
+    __slots__ = (
+        "_closed",
+        "_errors",
+        "_host",
+        "_host_cancelled",
+        "_joining",
+        "_loop",
+        "_tasks",
+        "_then",
+        "_waiter",
+    )
     supports_jobs = True
 
     def __init__(self, then: Then) -> None:
         import asyncio
 
         self._loop = asyncio.get_running_loop()
+        # The task that opened the group runs the first chain inline; a failure elsewhere
+        # must interrupt it too.
+        self._host: Any = asyncio.current_task()
+        self._host_cancelled = False
+        self._joining = False
         self._then = then
         # task -> key: one dict entry per task, no per-task closure
         self._tasks: dict[Any, Any] = {}
@@ -107,6 +122,9 @@ class _AsyncioGroup:
     def _fail(self, exc: BaseException) -> None:
         self._errors.append(exc)
         self._cancel_all()
+        if not self._joining and not self._host_cancelled and self._host is not None:
+            self._host_cancelled = True
+            self._host.cancel()
 
     def _cancel_all(self) -> None:
         self._closed = True
@@ -116,10 +134,14 @@ class _AsyncioGroup:
     async def _join(self, host_exc: BaseException | None) -> None:
         import asyncio
 
+        self._joining = True
         cancelled: BaseException | None = None
         if host_exc is not None:
             if isinstance(host_exc, asyncio.CancelledError):
-                cancelled = host_exc
+                # Our own cancellation of the host (a node failed) is no cancellation of
+                # the caller, unless someone else asked for one too.
+                if not (self._host_cancelled and self._host.uncancel() == 0):
+                    cancelled = host_exc
             else:
                 self._errors.insert(0, host_exc)
             self._cancel_all()

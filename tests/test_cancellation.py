@@ -114,7 +114,6 @@ async def fails_in_a_case(x: str) -> str:
 async def test_cancelling_the_caller_cancels_every_step(
     request: pytest.FixtureRequest, anyio_backend_name: str
 ) -> None:
-    known_bug(request, anyio_backend_name, {"trio"}, TRIO_GROUP)
     gates("a", "b", "c")
     events: list[Any] = []
     finished: list[bool] = []
@@ -163,7 +162,6 @@ async def test_move_on_after_around_a_run() -> None:
 async def test_a_failing_step_cancels_its_siblings(
     request: pytest.FixtureRequest, anyio_backend_name: str
 ) -> None:
-    known_bug(request, anyio_backend_name, {"asyncio"}, ASYNCIO_HOST)
     gates("a", "bad", "c")
     events: list[Any] = []
     before = task_ids()
@@ -191,7 +189,6 @@ async def test_a_failing_step_cancels_its_siblings(
 async def test_a_failure_inside_a_case_names_the_namespaced_node(
     request: pytest.FixtureRequest, anyio_backend_name: str
 ) -> None:
-    known_bug(request, anyio_backend_name, {"asyncio"}, ASYNCIO_HOST)
     gates("a", "bad")
     async with fd.Context() as ctx:
         with anyio.fail_after(DEADLINE), pytest.raises(fd.StepFailed) as info:
@@ -204,7 +201,6 @@ async def test_a_failure_inside_a_case_names_the_namespaced_node(
 async def test_cancelling_the_context_block_cancels_started_runs(
     request: pytest.FixtureRequest, anyio_backend_name: str
 ) -> None:
-    known_bug(request, anyio_backend_name, {"trio"}, TRIO_GROUP)
     gates("a", "b", "c")
     before = task_ids()
     with anyio.fail_after(DEADLINE):
@@ -224,11 +220,6 @@ async def test_cancelling_the_context_block_cancels_started_runs(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="Context.__aexit__ awaits its started runs outside any try: cancelled there, it "
-    "never exits its task group, leaving a cancel scope open (a corrupted scope stack)",
-)
 def test_cancelling_while_the_block_waits_for_started_runs(backend: str) -> None:
     # Its own event loop: the bug corrupts the loop's cancel-scope stack.
     async def main() -> None:
@@ -262,7 +253,6 @@ async def one_times_out(x: str) -> str:
 async def test_a_timeout_cancels_the_siblings_too(
     request: pytest.FixtureRequest, anyio_backend_name: str
 ) -> None:
-    known_bug(request, anyio_backend_name, {"asyncio"}, ASYNCIO_HOST)
     gates("a", "slow")
     before = task_ids()
     async with fd.Context() as ctx:

@@ -112,9 +112,6 @@ def test_pickling_round_trips(error: fd.FlowError) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="FlowError.__reduce__ rebuilds from (problem, flow, node, hint) only"
-)
 def test_pickling_keeps_the_run_id() -> None:
     error = fd.StepFailed("step failed", flow="f", node="n", run_id="r-1")
     back = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes

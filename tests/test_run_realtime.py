@@ -392,10 +392,6 @@ async def test_map_keeps_input_order() -> None:
     assert info.value.node_id == "maybe_fail"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Context._map re-raises the first failure `from None`, which erases its __cause__",
-)
 async def test_map_failure_keeps_its_cause() -> None:
     async with fd.Context() as ctx:
         with pytest.raises(fd.StepFailed) as info:
@@ -470,8 +466,9 @@ async def mood(text: str) -> Mood:
 
 
 @fd.step
-async def describe(*values: Any) -> list[str]:
-    return [type(v).__name__ for v in values]
+async def describe(reply: Reply, loose: Any, score: Score, mood: Mood) -> list[str]:
+    # Arguments are decoded as the parameters are annotated, as a batch worker would.
+    return [type(v).__name__ for v in (reply, loose, score, mood)]
 
 
 @fd.flow
@@ -506,6 +503,16 @@ async def inspect_value(value: Any) -> list[Any]:
     return [type(value).__name__, value]
 
 
+@fd.step
+async def inspect_tuple(value: tuple[int, int]) -> list[Any]:
+    return [type(value).__name__, value]
+
+
+@fd.step
+async def inspect_list(value: list[int]) -> list[Any]:
+    return [type(value).__name__, value]
+
+
 @fd.flow
 async def echo_flow(value: Any) -> list[Any]:
     return await inspect_value(await echo_any(value))
@@ -514,13 +521,13 @@ async def echo_flow(value: Any) -> list[Any]:
 @fd.flow
 async def shapes(value: Any) -> list[Any]:
     return [
-        await inspect_value(await echo_tuple(value)),
-        await inspect_value(await echo_list(value)),
+        await inspect_tuple(await echo_tuple(value)),
+        await inspect_list(await echo_list(value)),
         await inspect_value(await echo_any(value)),
     ]
 
 
-async def test_tuples_and_lists_follow_the_annotation() -> None:
+async def test_tuples_and_lists_follow_the_annotations() -> None:
     async with fd.Context() as ctx:
         result = await ctx.run(shapes, (1, 2))
     # (The flow's own result is a `list[Any]`: the tuple in it became a list on the way out.)
@@ -573,11 +580,6 @@ async def built_tuple(x: int) -> list[str]:
     return [await tuple_arg((x, 1)), await tuple_arg((1, 2))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="real-time arguments skip the codec: a tuple built in the flow body (or a literal "
-    "tuple) arrives as a tuple, where a batch worker decodes a list",
-)
 async def test_arguments_arrive_as_after_a_json_round_trip() -> None:
     async with fd.Context() as ctx:
         assert await ctx.run(built_tuple, 1) == ["list", "list"]
@@ -606,11 +608,6 @@ async def shared(x: int) -> list[int]:
     return await read_after(items, n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="real-time dependents share one result object: a step that mutates its argument "
-    "changes what a sibling receives (batch workers each decode their own copy)",
-)
 async def test_dependents_do_not_share_a_result_object() -> None:
     async with fd.Context() as ctx:
         assert await ctx.run(shared, 1) == [1]

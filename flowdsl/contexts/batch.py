@@ -18,11 +18,9 @@ defined in a notebook) or as ``flowdsl worker`` processes on any machine.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
 import socket
-import typing
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -479,20 +477,18 @@ class Worker:
     def _arguments(self, task: TaskMessage, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         unit = node.fn
         assert unit is not None
-        params = list(inspect.signature(unit.fn).parameters.values())
-        try:
-            hints = typing.get_type_hints(unit.fn)
-        except Exception:
-            hints = {}
-        args = []
-        for i, data in enumerate(task.args):
-            tp = hints.get(params[i].name, Any) if i < len(params) else Any
-            args.append(_decode_arg(data, tp, task, f"argument {i + 1}"))
+        positional, by_name = unit.param_types
+        args = tuple(
+            _decode_arg(
+                data, positional[i] if i < len(positional) else Any, task, f"argument {i + 1}"
+            )
+            for i, data in enumerate(task.args)
+        )
         kwargs = {
-            k: _decode_arg(v, hints.get(k, Any), task, f"argument {k!r}")
+            k: _decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
             for k, v in task.kwargs.items()
         }
-        return tuple(args), kwargs
+        return args, kwargs
 
 
 def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._graph import Node
 from .._records import NodeRecord
-from .._runner import FastJob, fast_job, run_node, run_node_cached
+from .._runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 
 __all__ = ["RealtimeExecutor"]
 
@@ -26,6 +26,7 @@ class RealtimeExecutor:
         # Not a coroutine itself: returning run_node's coroutine spares every in-flight
         # node one frame, and memory per in-flight run is a target.
         marker = run.plan.markers[node.id]
+        args, kwargs = fresh_arguments(run, node, args, kwargs)
         if node.fn is not None and node.fn.cache:
             return run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
         return run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
@@ -34,6 +35,7 @@ class RealtimeExecutor:
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[FastJob, Coroutine[Any, Any, Any], Any] | None:
         """A node that can run as a bare task (see :class:`~flowdsl._runner.FastJob`)."""
+        args, kwargs = fresh_arguments(run, node, args, kwargs)
         return fast_job(
             run,
             node,
