@@ -90,11 +90,30 @@ class Reply:
 
 
 _LABEL_WORDS: dict[Label, tuple[str, ...]] = {
-    Label.BILLING: ("invoice", "charged", "charge", "refund", "payment", "bill", "facture",
-                    "rechnung", "factura", "cobro"),
+    Label.BILLING: (
+        "invoice",
+        "charged",
+        "charge",
+        "refund",
+        "payment",
+        "bill",
+        "facture",
+        "rechnung",
+        "factura",
+        "cobro",
+    ),
     Label.BUG: ("crash", "error", "broken", "bug", "freezes", "plante", "absturz", "fehler"),
-    Label.ACCOUNT: ("password", "log in", "login", "sign in", "account", "mot de passe",
-                    "passwort", "contraseña", "cuenta"),
+    Label.ACCOUNT: (
+        "password",
+        "log in",
+        "login",
+        "sign in",
+        "account",
+        "mot de passe",
+        "passwort",
+        "contraseña",
+        "cuenta",
+    ),
 }
 _LANGUAGE_WORDS: dict[str, tuple[str, ...]] = {
     "en": ("the", "is", "my", "a", "not", "and", "i", "it", "thanks", "to"),
@@ -102,11 +121,23 @@ _LANGUAGE_WORDS: dict[str, tuple[str, ...]] = {
     "de": ("der", "die", "das", "ist", "ich", "mein", "meine", "nicht", "und", "danke"),
     "es": ("el", "los", "las", "es", "mi", "una", "no", "por", "gracias", "que"),
 }
-_ANGRY = ("unacceptable", "furious", "worst", "ridiculous", "inacceptable", "sofort",
-          "again!", "!!")
+_ANGRY = (
+    "unacceptable",
+    "furious",
+    "worst",
+    "ridiculous",
+    "inacceptable",
+    "sofort",
+    "again!",
+    "!!",
+)
 _HAPPY = ("thanks", "thank you", "love", "great", "merci", "danke", "gracias")
-_TEAMS = {Label.BILLING: "billing", Label.BUG: "engineering", Label.ACCOUNT: "identity",
-          Label.QUESTION: "support"}
+_TEAMS = {
+    Label.BILLING: "billing",
+    Label.BUG: "engineering",
+    Label.ACCOUNT: "identity",
+    Label.QUESTION: "support",
+}
 _GREETING = {"en": "Hello", "fr": "Bonjour", "de": "Hallo", "es": "Hola"}
 _ANSWER = {
     Label.BILLING: "we have checked your invoice and sent you a corrected copy.",
@@ -229,9 +260,7 @@ async def open_escalation(
 
 
 @fd.step
-async def draft_reply(
-    ticket: Ticket, triage: Triage, mood: Sentiment, language: str
-) -> Resolution:
+async def draft_reply(ticket: Ticket, triage: Triage, mood: Sentiment, language: str) -> Resolution:
     greeting = _GREETING.get(language, _GREETING["en"])
     return Resolution(
         ticket_id=ticket.id,
@@ -285,6 +314,7 @@ async def _triage_and_print(ctx: fd.Context, ticket: Ticket, started: float) -> 
         f"{result.label.value:<8} {result.language}  {result.sentiment.value:<7}{team}"
     )
     print(f"{headline.rstrip()}\n        {result.message}", flush=True)
+
 
 if __name__ == "__main__":
     anyio.run(main)

@@ -124,8 +124,10 @@ class StepTable:
         table.add_column("note", overflow="fold", max_width=60)
         for row in rows:
             duration = row.duration
-            if duration is None and row.started is not None and row.status in (
-                "running", "retrying"
+            if (
+                duration is None
+                and row.started is not None
+                and row.status in ("running", "retrying")
             ):
                 duration = now - row.started
             # Text, not str: a node id or an error message is data, never rich markup.
@@ -137,8 +139,9 @@ class StepTable:
                 Text(row.detail),
             )
         streams = [
-            Panel(Text(row.tokens), title=Text(row.node_id), title_align="left",
-                  border_style="cyan")
+            Panel(
+                Text(row.tokens), title=Text(row.node_id), title_align="left", border_style="cyan"
+            )
             for row in rows
             if row.tokens and row.status in ("running", "retrying")
         ]
@@ -158,8 +161,9 @@ def format_duration(seconds: float | None) -> str:
 class LiveView:
     """A :class:`StepTable` redrawn on *file* (stderr) while the run lasts."""
 
-    def __init__(self, table: StepTable, file: IO[str], *, force_terminal: bool | None = None
-                 ) -> None:
+    def __init__(
+        self, table: StepTable, file: IO[str], *, force_terminal: bool | None = None
+    ) -> None:
         self.table = table
         self.file = file
         self.force_terminal = force_terminal
@@ -178,4 +182,3 @@ class LiveView:
         self._live.__exit__(*exc_info)
         if not self._console.is_terminal:
             self._console.line()  # off a terminal Live draws once, at the end, unterminated
-

@@ -168,7 +168,8 @@ def _import_module(target: str, name: str) -> ModuleType:
 
 def _flows_hint(module: ModuleType, location: str) -> str:
     names = sorted(
-        name for name, value in vars(module).items()
+        name
+        for name, value in vars(module).items()
         if isinstance(value, Flow) and not name.startswith("_")
     )
     if not names:

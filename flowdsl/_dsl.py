@@ -155,7 +155,7 @@ class _Unit(Generic[P, R]):
         # Steps defined as methods bind like functions.
         if obj is None:
             return self
-        return functools.partial(self.__call__, obj)
+        return functools.partial(self.__call__, obj)  # type: ignore[operator]
 
 
 class Step(_Unit[P, R]):
@@ -198,7 +198,7 @@ class Flow(Generic[P, R]):
         self._graph: Graph | None = None
         self._input_types: dict[str, Any] | None = None
         self._return_type: Any = _UNSET
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     @property
     def graph(self) -> Graph:
@@ -221,9 +221,7 @@ class Flow(Generic[P, R]):
                 hints = typing.get_type_hints(self.fn)
             except Exception:
                 hints = {}
-            self._input_types = {
-                name: hints.get(name, Any) for name in self.signature.parameters
-            }
+            self._input_types = {name: hints.get(name, Any) for name in self.signature.parameters}
         return self._input_types
 
     @property
@@ -256,7 +254,9 @@ class Flow(Generic[P, R]):
             return _trace.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         from ._context import current_context
 
-        return current_context().run(self, *args, **kwargs)
+        # `run_id=` names the run here, so a flow parameter of that name can only be
+        # passed positionally.
+        return current_context().run(self, *args, **kwargs)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"
@@ -345,7 +345,9 @@ def branch(
     return wrap(fn) if fn is not None else wrap
 
 
-def flow(fn: Callable[P, Coroutine[Any, Any, R]] | None = None, /, *, name: str | None = None) -> Any:
+def flow(
+    fn: Callable[P, Coroutine[Any, Any, R]] | None = None, /, *, name: str | None = None
+) -> Any:
     """Mark an ``async def`` as a flow; its body is traced into a graph right away."""
 
     def wrap(f: Callable[P, Coroutine[Any, Any, R]]) -> Flow[P, R]:

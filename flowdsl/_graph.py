@@ -147,7 +147,9 @@ def describe(expr: Expr) -> Any:
     if isinstance(expr, TupleOf):
         return {"tuple": [describe(e) for e in expr.items]}
     return {
-        "map": [[_codec.to_data(k), describe(v)] for k, v in zip(expr.keys, expr.values, strict=True)]
+        "map": [
+            [_codec.to_data(k), describe(v)] for k, v in zip(expr.keys, expr.values, strict=True)
+        ]
     }
 
 
@@ -178,7 +180,7 @@ class Node:
     cases: tuple[tuple[str, Expr], ...] = ()
     # For a BRANCH: the labels of its cases, which its value must name.
     labels: tuple[str, ...] = ()
-    fn: Step | Branch | None = attrs.field(default=None, eq=False, repr=False)
+    fn: Step[..., Any] | Branch[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def data_deps(self) -> tuple[str, ...]:
@@ -250,9 +252,7 @@ class Graph:
         return tuple(dict.fromkeys(out))
 
     def _case_members(self, branch: str, case: str) -> frozenset[str]:
-        return frozenset(
-            n.id for n in self.nodes_by_id.values() if (branch, case) in n.guard
-        )
+        return frozenset(n.id for n in self.nodes_by_id.values() if (branch, case) in n.guard)
 
     @property
     def fingerprint(self) -> str:
@@ -347,4 +347,3 @@ def _mermaid_text(text: str) -> str:
 def _dot_quote(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
-

@@ -13,6 +13,7 @@ are allowed: they record a projection that is applied when the value exists.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import inspect
@@ -159,8 +160,8 @@ class Symbol:
     __float__ = _refuse("float()")
     __str__ = _refuse("str()")
     __format__ = _refuse("string formatting (an f-string or format())")
-    __eq__ = _refuse("comparison (==)")  # type: ignore[assignment]
-    __ne__ = _refuse("comparison (!=)")  # type: ignore[assignment]
+    __eq__ = _refuse("comparison (==)")
+    __ne__ = _refuse("comparison (!=)")
     __lt__ = _refuse("comparison (<)")
     __le__ = _refuse("comparison (<=)")
     __gt__ = _refuse("comparison (>)")
@@ -168,11 +169,9 @@ class Symbol:
 
 
 def _install_arithmetic() -> None:
-    ops = (
-        "add sub mul matmul truediv floordiv mod pow lshift rshift and xor or "
-        "radd rsub rmul rmatmul rtruediv rfloordiv rmod rpow rlshift rrshift rand rxor ror "
-        "neg pos abs invert"
-    ).split()
+    binary = ["add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow"]
+    binary += ["lshift", "rshift", "and", "xor", "or"]
+    ops = [*binary, *(f"r{op}" for op in binary), "neg", "pos", "abs", "invert"]
     for op in ops:
         setattr(Symbol, f"__{op}__", _refuse(f"arithmetic (__{op}__)"))
 
@@ -207,7 +206,9 @@ class _Pending:
 class StepCall(_Pending):
     __slots__ = ("args", "kwargs", "step")
 
-    def __init__(self, tracer: Tracer, step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def __init__(
+        self, tracer: Tracer, step: Step[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ):
         super().__init__(tracer)
         self.step = step
         self.args = args
@@ -226,7 +227,11 @@ class BranchCall(_Pending):
     __slots__ = ("args", "branch", "kwargs")
 
     def __init__(
-        self, tracer: Tracer, branch: Branch, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        tracer: Tracer,
+        branch: Branch[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ):
         super().__init__(tracer)
         self.branch = branch
@@ -237,7 +242,10 @@ class BranchCall(_Pending):
         return f"`{self.branch.name}(...)`"
 
     def cases(
-        self, mapping: Mapping[Any, Callable[[], Any]] | None = None, /, **by_name: Callable[[], Any]
+        self,
+        mapping: Mapping[Any, Callable[[], Any]] | None = None,
+        /,
+        **by_name: Callable[[], Any],
     ) -> CasesCall:
         """Choose what runs by the branch's value: ``.cases(a=lambda: ..., b=...)``."""
         self.awaited = True  # the CasesCall takes over the obligation to be awaited
@@ -279,7 +287,9 @@ class CasesCall(_Pending):
 class FlowCall(_Pending):
     __slots__ = ("args", "flow", "kwargs")
 
-    def __init__(self, tracer: Tracer, flow: Flow, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def __init__(
+        self, tracer: Tracer, flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ):
         super().__init__(tracer)
         self.flow = flow
         self.args = args
@@ -318,7 +328,7 @@ def value_labels(value: Any) -> tuple[str, ...]:
         return ()
 
 
-def allowed_labels(branch: Branch) -> frozenset[str] | None:
+def allowed_labels(branch: Branch[..., Any]) -> frozenset[str] | None:
     """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
     try:
         hints = typing.get_type_hints(branch.fn)
@@ -343,7 +353,7 @@ def allowed_labels(branch: Branch) -> frozenset[str] | None:
 class Tracer:
     """Collects the nodes of one flow; sub-flows and cases trace into it under a prefix."""
 
-    def __init__(self, flow: Flow) -> None:
+    def __init__(self, flow: Flow[..., Any]) -> None:
         self.flow_name = flow.name
         self.nodes: dict[str, Node] = {}
         self.taken: set[str] = set()  # node ids and sub-flow namespaces
@@ -442,8 +452,9 @@ class Tracer:
 
     # nodes
 
-    def _bind(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-              *, name: str) -> inspect.BoundArguments:
+    def _bind(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, name: str
+    ) -> inspect.BoundArguments:
         try:
             return inspect.signature(fn).bind(*args, **kwargs)
         except TypeError as exc:
@@ -454,8 +465,14 @@ class Tracer:
                 hint=f"`{name}{inspect.signature(fn)}`",
             ) from None
 
-    def _args(self, node_id: str, fn: Callable[..., Any], name: str, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[tuple[Expr, ...], tuple[tuple[str, Expr], ...]]:
+    def _args(
+        self,
+        node_id: str,
+        fn: Callable[..., Any],
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Expr, ...], tuple[tuple[str, Expr], ...]]:
         self._bind(fn, args, kwargs, name=name)
         a = tuple(
             self.to_expr(v, node=node_id, what=f"argument {i + 1}") for i, v in enumerate(args)
@@ -615,10 +632,9 @@ def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
             flow=tracer.flow_name,
             hint=_REAL_AWAIT_HINT,
         ) from exc
-    try:
+    # A body that misbehaves on close must not hide the real error.
+    with contextlib.suppress(Exception):
         gen.close()
-    except Exception:  # noqa: S110 - a body that misbehaves on close must not hide the real error
-        pass
     raise TracingError(
         f"{what} awaited something that is not a step, branch or flow "
         f"(it tried to suspend with {type(yielded).__name__})",
@@ -641,7 +657,7 @@ def _wants_event_loop(exc: RuntimeError) -> bool:
     return "event loop" in text or "async context" in text  # asyncio; trio
 
 
-def trace(flow: Flow) -> Graph:
+def trace(flow: Flow[..., Any]) -> Graph:
     """Trace *flow*'s body into a :class:`Graph`."""
     fn = flow.fn
     sig = inspect.signature(fn)

@@ -151,10 +151,14 @@ def _usage(message: str) -> NoReturn:
     cls=_FlowdslGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(__version__, "-V", "--version", prog_name="flowdsl",
-                      message="%(prog)s %(version)s")
-@click.option("--traceback", is_flag=True,
-              help="On an error, print the full traceback too (or set FLOWDSL_TRACEBACK=1).")
+@click.version_option(
+    __version__, "-V", "--version", prog_name="flowdsl", message="%(prog)s %(version)s"
+)
+@click.option(
+    "--traceback",
+    is_flag=True,
+    help="On an error, print the full traceback too (or set FLOWDSL_TRACEBACK=1).",
+)
 def cli(traceback: bool) -> None:
     """Run flowdsl flows, draw their graphs, and inspect or resume their runs.
 
@@ -174,22 +178,34 @@ def _store_option(required: bool) -> Callable[[Callable[..., T]], Callable[..., 
     if required:
         text = "The store, e.g. sqlite:///runs.db (or set FLOWDSL_STORE)."
     else:
-        text = ("Keep the run's journal in this store, e.g. sqlite:///runs.db (or set "
-                "FLOWDSL_STORE).  [default: in memory]")
-    return click.option("--store", metavar="URL", envvar="FLOWDSL_STORE", required=required,
-                        help=text)
+        text = (
+            "Keep the run's journal in this store, e.g. sqlite:///runs.db (or set "
+            "FLOWDSL_STORE).  [default: in memory]"
+        )
+    return click.option(
+        "--store", metavar="URL", envvar="FLOWDSL_STORE", required=required, help=text
+    )
 
 
 _backend_option = click.option(
-    "--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
-    envvar="FLOWDSL_BACKEND", help="The event loop to run on.",
+    "--backend",
+    type=click.Choice(["asyncio", "trio"]),
+    default="asyncio",
+    show_default=True,
+    envvar="FLOWDSL_BACKEND",
+    help="The event loop to run on.",
 )
-_quiet_option = click.option("--quiet", "-q", is_flag=True,
-                             help="No live view or progress bar, even on a terminal.")
-_live_option = click.option("--live", is_flag=True,
-                            help="Draw the live view (or progress) even when not on a terminal.")
+_quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, help="No live view or progress bar, even on a terminal."
+)
+_live_option = click.option(
+    "--live", is_flag=True, help="Draw the live view (or progress) even when not on a terminal."
+)
 _path_option = click.option(
-    "--path", "paths", metavar="DIR", multiple=True,
+    "--path",
+    "paths",
+    metavar="DIR",
+    multiple=True,
     type=click.Path(exists=True, file_okay=False),
     help="Add DIR to the import path (repeatable); the current directory always is.",
 )
@@ -200,27 +216,57 @@ _path_option = click.option(
 
 @cli.command()
 @click.argument("target")
-@click.option("--input", "input_json", metavar="JSON",
-              help="The flow's input as JSON ('-' reads stdin).  An object gives keyword "
-              "arguments (to a one-parameter flow, only if its keys are that parameter's "
-              "name); any other value is the single argument.  Omit it for a flow "
-              "without parameters.")
-@click.option("--inputs", "inputs_file", metavar="FILE.jsonl", type=click.File("r"),
-              help="Run once per line of FILE (JSON, as for --input; '-' reads stdin).")
-@click.option("--output", "-o", "output", metavar="FILE", type=click.File("w", lazy=True),
-              default="-", help="Write the result (JSON lines with --inputs) here.  "
-              "[default: stdout]")
+@click.option(
+    "--input",
+    "input_json",
+    metavar="JSON",
+    help="The flow's input as JSON ('-' reads stdin).  An object gives keyword "
+    "arguments (to a one-parameter flow, only if its keys are that parameter's "
+    "name); any other value is the single argument.  Omit it for a flow "
+    "without parameters.",
+)
+@click.option(
+    "--inputs",
+    "inputs_file",
+    metavar="FILE.jsonl",
+    type=click.File("r"),
+    help="Run once per line of FILE (JSON, as for --input; '-' reads stdin).",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    metavar="FILE",
+    type=click.File("w", lazy=True),
+    default="-",
+    help="Write the result (JSON lines with --inputs) here.  [default: stdout]",
+)
 @_store_option(required=False)
-@click.option("--run-id", metavar="ID", help="The run's id; a finished run of that id is "
-              "not run again.  [default: a new id]")
-@click.option("--concurrency", type=click.IntRange(min=1), metavar="N",
-              help="With --inputs: at most N runs at once.")
+@click.option(
+    "--run-id",
+    metavar="ID",
+    help="The run's id; a finished run of that id is not run again.  [default: a new id]",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --inputs: at most N runs at once.",
+)
 @click.option("--batch", is_flag=True, help="Run in batch mode (a durable queue and workers).")
-@click.option("--broker", metavar="URL", envvar="FLOWDSL_BROKER",
-              help="Batch mode's broker: redis://... or nats://... (with --batch).")
-@click.option("--workers", type=click.IntRange(min=0), metavar="N",
-              help="In-process batch workers (with --batch; 0 leaves the steps to "
-              "`flowdsl worker` processes).")
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="FLOWDSL_BROKER",
+    help="Batch mode's broker: redis://... or nats://... (with --batch).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="In-process batch workers (with --batch; 0 leaves the steps to "
+    "`flowdsl worker` processes).",
+)
 @_quiet_option
 @_live_option
 @_backend_option
@@ -262,18 +308,21 @@ def run(
     if inputs_file is not None:
         lines = _read_jsonl(inputs_file)
         show = False if quiet else (True if live else None)
-        failed = anyio.run(_run_many, flow, lines, options, output, concurrency, show,
-                           backend=backend)
+        failed = anyio.run(
+            _run_many, flow, lines, options, output, concurrency, show, backend=backend
+        )
         if failed:
             raise CommandFailed(f"{failed} of {len(lines)} runs failed", EXIT_FAILED)
         return
-    value = _parse_json(sys.stdin.read() if input_json == "-" else input_json, "--input") \
-        if input_json is not None else _NO_INPUT
+    value = (
+        _parse_json(sys.stdin.read() if input_json == "-" else input_json, "--input")
+        if input_json is not None
+        else _NO_INPUT
+    )
     args, kwargs = fit_input(flow, value, "--input")
     run_id = run_id or uuid.uuid4().hex[:16]
     show_live = not quiet and (live or sys.stdout.isatty() or sys.stderr.isatty())
-    result = anyio.run(_run_one, flow, args, kwargs, run_id, options, show_live,
-                       backend=backend)
+    result = anyio.run(_run_one, flow, args, kwargs, run_id, options, show_live, backend=backend)
     _write_json(output, result)
 
 
@@ -314,8 +363,14 @@ def call_of(flow: Flow[..., Any], value: Any) -> tuple[tuple[Any, ...], dict[str
     return (value,), {}
 
 
-async def _run_one(flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   run_id: str, options: _ContextOptions, show_live: bool) -> Any:
+async def _run_one(
+    flow: Flow[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    run_id: str,
+    options: _ContextOptions,
+    show_live: bool,
+) -> Any:
     table = StepTable(flow.graph, run_id) if show_live else None
     ctx = options.context(on_event=table.handle if table is not None else None)
     try:
@@ -339,8 +394,14 @@ def derive_run_id(flow_name: str, value: Any) -> str:
     return digest[:20]
 
 
-async def _run_many(flow: Flow[..., Any], lines: list[Any], options: _ContextOptions,
-                    output: IO[str], concurrency: int | None, show: bool | None) -> int:
+async def _run_many(
+    flow: Flow[..., Any],
+    lines: list[Any],
+    options: _ContextOptions,
+    output: IO[str],
+    concurrency: int | None,
+    show: bool | None,
+) -> int:
     """Run every input through ``ctx.map``; write one JSON line each; return the failures."""
     ctx = options.context()
     run_ids = [derive_run_id(flow.name, value) for value in lines]
@@ -354,8 +415,12 @@ async def _run_many(flow: Flow[..., Any], lines: list[Any], options: _ContextOpt
             misfits[i] = exc.message
     fitting = [i for i in range(len(lines)) if i not in misfits]
     results = await ctx.map(
-        flow, items, concurrency=concurrency, return_exceptions=True,
-        run_ids=[run_ids[i] for i in fitting], progress=show,
+        flow,
+        items,
+        concurrency=concurrency,
+        return_exceptions=True,
+        run_ids=[run_ids[i] for i in fitting],
+        progress=show,
     )
     outcome: dict[int, Any] = dict(zip(fitting, results, strict=True))
     failed = 0
@@ -377,8 +442,9 @@ async def _run_many(flow: Flow[..., Any], lines: list[Any], options: _ContextOpt
     return failed
 
 
-def fit_input(flow: Flow[..., Any], value: Any, what: str
-              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def fit_input(
+    flow: Flow[..., Any], value: Any, what: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call *value* stands for, checked against the flow's signature and annotations
     before anything runs: an input that cannot fit is the caller's mistake (exit 2)."""
     args, kwargs = call_of(flow, value)
@@ -444,8 +510,14 @@ def _write_json(output: IO[str], data: Any) -> None:
 
 @cli.command()
 @click.argument("target")
-@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid",
-              show_default=True, help="Mermaid flowchart or Graphviz DOT.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mermaid", "dot"]),
+    default="mermaid",
+    show_default=True,
+    help="Mermaid flowchart or Graphviz DOT.",
+)
 def graph(target: str, fmt: str) -> None:
     """Print the graph of the flow TARGET.
 
@@ -473,8 +545,10 @@ async def _opened_store(url: str) -> AsyncIterator[Any]:
 
     store = open_store(url)
     if store.url.startswith("memory:"):
-        _usage(f"{url} keeps runs only inside one process; name a durable store, "
-               "e.g. --store sqlite:///runs.db")
+        _usage(
+            f"{url} keeps runs only inside one process; name a durable store, "
+            "e.g. --store sqlite:///runs.db"
+        )
     await store.open()
     try:
         yield store
@@ -485,8 +559,14 @@ async def _opened_store(url: str) -> AsyncIterator[Any]:
 
 @runs.command("list")
 @_store_option(required=True)
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
-              metavar="N", help="Show the N newest runs.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    metavar="N",
+    help="Show the N newest runs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def runs_list(store: str, limit: int, as_json: bool) -> None:
     """List the newest runs in a store: id, flow, status, started, duration.
@@ -510,11 +590,17 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
 
     table = Table(title=Text(f"runs in {store}"), title_justify="left")
     for column in ("run id", "flow", "status", "started", "duration"):
-        table.add_column(column, justify="right" if column == "duration" else "left",
-                         no_wrap=column == "run id")
+        table.add_column(
+            column, justify="right" if column == "duration" else "left", no_wrap=column == "run id"
+        )
     for record in records:
-        table.add_row(Text(record.run_id), Text(record.flow), _status_text(record.status),
-                      _local_time(record.created_at), format_duration(_run_duration(record)))
+        table.add_row(
+            Text(record.run_id),
+            Text(record.flow),
+            _status_text(record.status),
+            _local_time(record.created_at),
+            format_duration(_run_duration(record)),
+        )
     if not records:
         table.caption = "no runs yet"
     _stdout_console().print(table)
@@ -524,8 +610,9 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
 @click.argument("run_id")
 @_store_option(required=True)
 @_path_option
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the run and its nodes as one JSON object.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
+)
 def runs_show(run_id: str, store: str, paths: tuple[str, ...], as_json: bool) -> None:
     """Show the run RUN_ID: its record and a table of its nodes.
 
@@ -565,8 +652,9 @@ def _graph_or_none(record: RunRecord) -> Graph | None:
         return None
 
 
-def node_rows(record: RunRecord, journal: dict[str, NodeRecord], graph_: Graph | None
-              ) -> list[dict[str, Any]]:
+def node_rows(
+    record: RunRecord, journal: dict[str, NodeRecord], graph_: Graph | None
+) -> list[dict[str, Any]]:
     """One dict per node: its status, attempts, timings, result and usage."""
     if graph_ is not None:
         order = [n for n in graph_.order if graph_[n].kind is not NodeKind.JOIN]
@@ -578,8 +666,10 @@ def node_rows(record: RunRecord, journal: dict[str, NodeRecord], graph_: Graph |
     rows = []
     for node_id in order:
         node = journal.get(node_id)
-        row: dict[str, Any] = {"node_id": node_id, "status": _node_status(
-            node_id, node, record, journal, graph_)}
+        row: dict[str, Any] = {
+            "node_id": node_id,
+            "status": _node_status(node_id, node, record, journal, graph_),
+        }
         if node is not None:
             row.update(
                 attempts=node.attempts,
@@ -593,8 +683,13 @@ def node_rows(record: RunRecord, journal: dict[str, NodeRecord], graph_: Graph |
     return rows
 
 
-def _node_status(node_id: str, node: NodeRecord | None, record: RunRecord,
-                 journal: dict[str, NodeRecord], graph_: Graph | None) -> str:
+def _node_status(
+    node_id: str,
+    node: NodeRecord | None,
+    record: RunRecord,
+    journal: dict[str, NodeRecord],
+    graph_: Graph | None,
+) -> str:
     if node is not None:
         return "cached" if node.attempts == 0 else "done"
     if node_id == record.failed_node:
@@ -633,8 +728,11 @@ def _print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -
     if with_usage:  # LLM token counts and costs, when a step reported any
         columns.append("usage")
     for column in columns:
-        table.add_column(column, justify="right" if column in ("attempts", "duration")
-                         else "left", overflow="fold")
+        table.add_column(
+            column,
+            justify="right" if column in ("attempts", "duration") else "left",
+            overflow="fold",
+        )
     for row in nodes:
         cells: list[Any] = [
             Text(row["node_id"]),
@@ -642,7 +740,8 @@ def _print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -
             str(row.get("attempts", "")),
             format_duration(row.get("duration")),
             Text(_preview(json.dumps(row["result"], ensure_ascii=False), PREVIEW))
-            if "result" in row else "",
+            if "result" in row
+            else "",
         ]
         if with_usage:
             cells.append(Text(_usage_text(row.get("usage"))))
@@ -701,9 +800,17 @@ def _usage_text(usage: dict[str, Any] | None) -> str:
     return " ".join(f"{key}={value}" for key, value in usage.items())
 
 
-_STATUS_STYLES = {"finished": "green", "done": "green", "cached": "green", "failed": "bold red",
-                  "cancelled": "yellow", "running": "cyan", "pending": "dim", "not run": "dim",
-                  "skipped": "dim"}
+_STATUS_STYLES = {
+    "finished": "green",
+    "done": "green",
+    "cached": "green",
+    "failed": "bold red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "pending": "dim",
+    "not run": "dim",
+    "skipped": "dim",
+}
 
 
 def _status_text(status: RunStatus | str) -> Any:
@@ -727,17 +834,32 @@ def _stdout_console() -> Any:
 @cli.command()
 @click.argument("run_id")
 @_store_option(required=True)
-@click.option("--strict", is_flag=True,
-              help="Refuse to resume if any step's code or the graph changed since the run.")
-@click.option("--flow", "target", metavar="TARGET",
-              help="The flow to resume with, when the one the run names does not import "
-              "(e.g. a run started from a script run as __main__).")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse to resume if any step's code or the graph changed since the run.",
+)
+@click.option(
+    "--flow",
+    "target",
+    metavar="TARGET",
+    help="The flow to resume with, when the one the run names does not import "
+    "(e.g. a run started from a script run as __main__).",
+)
 @_path_option
 @_quiet_option
 @_live_option
 @_backend_option
-def resume(run_id: str, store: str, strict: bool, target: str | None, paths: tuple[str, ...],
-           quiet: bool, live: bool, backend: str) -> None:
+def resume(
+    run_id: str,
+    store: str,
+    strict: bool,
+    target: str | None,
+    paths: tuple[str, ...],
+    quiet: bool,
+    live: bool,
+    backend: str,
+) -> None:
     """Finish the failed, cancelled or crashed run RUN_ID and print its result as JSON.
 
     Finished nodes are read back from the store and never run again.  The flow is imported
@@ -757,8 +879,9 @@ def resume(run_id: str, store: str, strict: bool, target: str | None, paths: tup
     _write_json(sys.stdout, result)
 
 
-async def _resume(run_id: str, store: str, strict: bool, flow: Flow[..., Any] | None,
-                  show_live: bool) -> Any:
+async def _resume(
+    run_id: str, store: str, strict: bool, flow: Flow[..., Any] | None, show_live: bool
+) -> Any:
     if flow is None:
         async with _opened_store(store) as opened:
             record: RunRecord | None = await opened.get_run(run_id)
@@ -792,8 +915,7 @@ def _flow_of(record: RunRecord) -> Flow[..., Any]:
         return load_flow(record.flow_ref)
     except TargetError as exc:
         raise TargetError(
-            f"cannot import the flow of run {record.run_id!r} ({record.flow_ref}): "
-            f"{exc.problem}",
+            f"cannot import the flow of run {record.run_id!r} ({record.flow_ref}): {exc.problem}",
             flow=record.flow,
             hint="Run from the directory the run was started in, add it with --path DIR, "
             "or name the flow with --flow TARGET",
@@ -804,19 +926,45 @@ def _flow_of(record: RunRecord) -> Flow[..., Any]:
 
 
 @cli.command()
-@click.option("--broker", metavar="URL", envvar="FLOWDSL_BROKER", required=True,
-              help="The queue to take steps from: sqlite:///path.db (the embedded queue), "
-              "redis://... or nats://... (or set FLOWDSL_BROKER).")
-@click.option("--import", "imports", metavar="MODULE", multiple=True, required=True,
-              help="A module (or path/to/file.py) defining the steps to run (repeatable).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
-              metavar="N", help="Steps this worker runs at once.")
-@click.option("--store", metavar="URL", envvar="FLOWDSL_STORE",
-              help="The store the runs journal to.  [default: the broker's file, for the "
-              "embedded SQLite queue]")
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="FLOWDSL_BROKER",
+    required=True,
+    help="The queue to take steps from: sqlite:///path.db (the embedded queue), "
+    "redis://... or nats://... (or set FLOWDSL_BROKER).",
+)
+@click.option(
+    "--import",
+    "imports",
+    metavar="MODULE",
+    multiple=True,
+    required=True,
+    help="A module (or path/to/file.py) defining the steps to run (repeatable).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Steps this worker runs at once.",
+)
+@click.option(
+    "--store",
+    metavar="URL",
+    envvar="FLOWDSL_STORE",
+    help="The store the runs journal to.  [default: the broker's file, for the "
+    "embedded SQLite queue]",
+)
 @_path_option
-def worker(broker: str, imports: tuple[str, ...], concurrency: int, store: str | None,
-           paths: tuple[str, ...]) -> None:
+def worker(
+    broker: str,
+    imports: tuple[str, ...],
+    concurrency: int,
+    store: str | None,
+    paths: tuple[str, ...],
+) -> None:
     """Run a batch worker: take ready steps off the broker's queue and run them.
 
     The worker runs until it is interrupted (Ctrl-C or SIGTERM), then stops taking tasks;
@@ -862,21 +1010,29 @@ def _batch_serve() -> Callable[..., Any]:
     return serve
 
 
-async def _serve_until_stopped(serve: Callable[..., Any], broker: str, store: str | None,
-                               modules: tuple[str, ...], concurrency: int) -> None:
+async def _serve_until_stopped(
+    serve: Callable[..., Any],
+    broker: str,
+    store: str | None,
+    modules: tuple[str, ...],
+    concurrency: int,
+) -> None:
     import signal
 
     # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
     # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
-            await tg.start(functools.partial(
-                serve, broker, store=store, imports=modules, concurrency=concurrency
-            ))
-            click.echo(f"flowdsl worker: serving {broker} ({', '.join(modules)}); "
-                       "Ctrl-C stops it", err=True)
+            await tg.start(
+                functools.partial(
+                    serve, broker, store=store, imports=modules, concurrency=concurrency
+                )
+            )
+            click.echo(
+                f"flowdsl worker: serving {broker} ({', '.join(modules)}); Ctrl-C stops it",
+                err=True,
+            )
             async for signum in signals:
-                click.echo(f"flowdsl worker: {signal.Signals(signum).name}, stopping",
-                           err=True)
+                click.echo(f"flowdsl worker: {signal.Signals(signum).name}, stopping", err=True)
                 tg.cancel_scope.cancel()
                 break

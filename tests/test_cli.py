@@ -32,7 +32,7 @@ from flowdsl._cli_live import StepTable
 from flowdsl._cli_load import load_flow
 from flowdsl.cli import call_of, cli, derive_run_id
 
-FLOWS = '''
+FLOWS = """
 from __future__ import annotations
 
 import pathlib
@@ -116,7 +116,7 @@ async def markup(x: int) -> str:
 @fd.flow
 async def looks_like_markup(x: int) -> str:
     return await markup(x)
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -164,8 +164,7 @@ def one_error_line(result: Result, pattern: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["run"], ["graph"], ["runs"], ["runs", "list"], ["runs", "show"], ["resume"],
-     ["worker"]],
+    [[], ["run"], ["graph"], ["runs"], ["runs", "list"], ["runs", "show"], ["resume"], ["worker"]],
     ids=lambda c: " ".join(c) or "flowdsl",
 )
 def test_every_command_has_help(command: list[str]) -> None:
@@ -220,8 +219,9 @@ def test_run_module_target(project: Path) -> None:
     assert json.loads(result.stdout) == 3
 
 
-def test_run_file_target_from_another_directory(project: Path, tmp_path_factory: Any,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_file_target_from_another_directory(
+    project: Path, tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     monkeypatch.chdir(elsewhere)
     result = invoke("run", str(project / "flows.py") + ":pipeline", "--input", "2")
@@ -240,7 +240,8 @@ def test_a_file_inside_a_package_is_loaded_under_its_dotted_name(tmp_path: Path)
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "helpers.py").write_text("FACTOR = 3\n")
-    (package / "jobs.py").write_text(textwrap.dedent("""
+    (package / "jobs.py").write_text(
+        textwrap.dedent("""
         import flowdsl as fd
         from .helpers import FACTOR
 
@@ -251,7 +252,8 @@ def test_a_file_inside_a_package_is_loaded_under_its_dotted_name(tmp_path: Path)
         @fd.flow
         async def job(x: int) -> int:
             return await scale(x)
-    """))
+    """)
+    )
     flow = load_flow(f"{package / 'jobs.py'}:job")
     assert flow.ref == "app.jobs:job"
     result = invoke("run", f"{package / 'jobs.py'}:job", "--input", "2")
@@ -267,8 +269,9 @@ def test_run_output_file(project: Path) -> None:
 
 def test_run_with_a_run_id_and_a_durable_store_runs_once(project: Path, sqlite_url: str) -> None:
     for _ in range(2):
-        result = invoke("run", "flows.py:pipeline", "--input", "3", "--store", sqlite_url,
-                        "--run-id", "r-1")
+        result = invoke(
+            "run", "flows.py:pipeline", "--input", "3", "--store", sqlite_url, "--run-id", "r-1"
+        )
         assert json.loads(result.stdout) == 7
     assert calls(project) == ["double", "inc"]
 
@@ -301,8 +304,11 @@ def test_quiet_wins_over_live(project: Path) -> None:
     ("args", "pattern"),
     [
         (["nope.py:x"], r"^Error: no file 'nope\.py'\. Check the path"),
-        (["flows.py"], r"^Error: TARGET 'flows\.py' names no flow\. Add ':name' .*: "
-                       r"fragile, hello, looks_like_markup, pair, pipeline, routed$"),
+        (
+            ["flows.py"],
+            r"^Error: TARGET 'flows\.py' names no flow\. Add ':name' .*: "
+            r"fragile, hello, looks_like_markup, pair, pipeline, routed$",
+        ),
         (["flows.py:"], r"^Error: TARGET 'flows\.py:' names no flow"),
         (["flows.py:nope"], r"^Error: flows\.py has no flow 'nope'\. .*: fragile, hello"),
         (["flows.py:double"], r"^Error: flows\.py:double is the step 'double', not a flow"),
@@ -310,28 +316,45 @@ def test_quiet_wins_over_live(project: Path) -> None:
         (["flows.py:HERE"], r"^Error: flows\.py:HERE is a PosixPath, not a flow"),
         (["no_such_module_xyz:f"], r"^Error: no module 'no_such_module_xyz' \(in TARGET"),
         ([":f"], r"^Error: TARGET ':f' names no module or file"),
-        (["flows.py:pipeline", "--input", "{bad"],
-         r"^Error: --input is not valid JSON: Expecting property name"),
-        (["flows.py:pipeline", "--input", '"x"'],
-         r"^Error: --input does not fit flow 'pipeline': cannot decode input 'x' as int: .*"
-         r"\(the flow takes pipeline\(x: int\) -> int\)$"),
-        (["flows.py:pair", "--input", '{"c": 1}'],
-         r"^Error: --input does not fit flow 'pair': .*missing a required argument: 'a'"),
-        (["flows.py:pipeline"],
-         r"^Error: --input does not fit flow 'pipeline': .*missing a required argument: 'x'"),
-        (["flows.py:pipeline", "--input", "1", "--inputs", "flows.py"],
-         r"^Error: give --input or --inputs, not both$"),
-        (["flows.py:pipeline", "--input", "1", "--store", "foo://x"],
-         r"^Error: unknown store URL 'foo://x'\. Use memory:// or sqlite:///path\.db$"),
-        (["flows.py:pipeline", "--input", "1", "--broker", "sqlite:///b.db"],
-         r"^Error: broker= and workers= configure batch mode"),
-        (["flows.py:pipeline", "--bogus"],
-         r"^Error: No such option.*--bogus.* \(see 'cli run --help'\)$"),
+        (
+            ["flows.py:pipeline", "--input", "{bad"],
+            r"^Error: --input is not valid JSON: Expecting property name",
+        ),
+        (
+            ["flows.py:pipeline", "--input", '"x"'],
+            r"^Error: --input does not fit flow 'pipeline': cannot decode input 'x' as int: .*"
+            r"\(the flow takes pipeline\(x: int\) -> int\)$",
+        ),
+        (
+            ["flows.py:pair", "--input", '{"c": 1}'],
+            r"^Error: --input does not fit flow 'pair': .*missing a required argument: 'a'",
+        ),
+        (
+            ["flows.py:pipeline"],
+            r"^Error: --input does not fit flow 'pipeline': .*missing a required argument: 'x'",
+        ),
+        (
+            ["flows.py:pipeline", "--input", "1", "--inputs", "flows.py"],
+            r"^Error: give --input or --inputs, not both$",
+        ),
+        (
+            ["flows.py:pipeline", "--input", "1", "--store", "foo://x"],
+            r"^Error: unknown store URL 'foo://x'\. Use memory:// or sqlite:///path\.db$",
+        ),
+        (
+            ["flows.py:pipeline", "--input", "1", "--broker", "sqlite:///b.db"],
+            r"^Error: broker= and workers= configure batch mode",
+        ),
+        (
+            ["flows.py:pipeline", "--bogus"],
+            r"^Error: No such option.*--bogus.* \(see 'cli run --help'\)$",
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
-def test_run_usage_errors_are_one_line_and_exit_2(project: Path, args: list[str],
-                                                  pattern: str) -> None:
+def test_run_usage_errors_are_one_line_and_exit_2(
+    project: Path, args: list[str], pattern: str
+) -> None:
     result = invoke("run", *args)
     assert result.exit_code == 2
     one_error_line(result, pattern)
@@ -354,7 +377,8 @@ def test_traceback_flag_shows_the_cause(project: Path) -> None:
 
 
 def test_tracing_error_at_definition_is_a_usage_error(project: Path) -> None:
-    (project / "wrong.py").write_text(textwrap.dedent("""
+    (project / "wrong.py").write_text(
+        textwrap.dedent("""
         import flowdsl as fd
 
         @fd.step
@@ -367,7 +391,8 @@ def test_tracing_error_at_definition_is_a_usage_error(project: Path) -> None:
             if x:
                 return x
             return 0
-    """))
+    """)
+    )
     result = invoke("run", "wrong.py:wrong")
     assert result.exit_code == 2
     one_error_line(result, r"^Error: flow 'wrong'.*@fd\.branch")
@@ -385,11 +410,15 @@ def test_a_failing_run_prints_the_error_and_exits_1(project: Path) -> None:
 
 def test_a_failing_run_with_a_store_says_how_to_resume(project: Path, sqlite_url: str) -> None:
     (project / "broken").touch()
-    result = invoke("run", "flows.py:fragile", "--input", "2", "--store", sqlite_url,
-                    "--run-id", "r-9")
+    result = invoke(
+        "run", "flows.py:fragile", "--input", "2", "--store", sqlite_url, "--run-id", "r-9"
+    )
     assert result.exit_code == 1
-    one_error_line(result, rf"^Error: .*check refuses 4 \(run 'r-9': `flowdsl resume r-9 "
-                           rf"--store {re.escape(sqlite_url)}`\)$")
+    one_error_line(
+        result,
+        rf"^Error: .*check refuses 4 \(run 'r-9': `flowdsl resume r-9 "
+        rf"--store {re.escape(sqlite_url)}`\)$",
+    )
 
 
 def test_a_failing_run_marks_the_step_failed_in_the_live_view(project: Path) -> None:
@@ -436,19 +465,44 @@ def test_inputs_reports_failed_runs_as_error_lines(project: Path) -> None:
 
 
 def test_inputs_all_succeeding_exits_0(project: Path) -> None:
-    result = invoke("run", "flows.py:pair", "--inputs", "-", "--concurrency", "1",
-                    input='{"a": 1}\n{"a": 2, "b": 0}\n')
+    result = invoke(
+        "run",
+        "flows.py:pair",
+        "--inputs",
+        "-",
+        "--concurrency",
+        "1",
+        input='{"a": 1}\n{"a": 2, "b": 0}\n',
+    )
     assert result.exit_code == 0, result.stderr
-    assert [line["result"] for line in jsonl(result.stdout)] == [{"a": 2, "b": 10},
-                                                                 {"a": 4, "b": 0}]
+    assert [line["result"] for line in jsonl(result.stdout)] == [
+        {"a": 2, "b": 10},
+        {"a": 4, "b": 0},
+    ]
 
 
 def test_inputs_with_a_durable_store_are_idempotent(project: Path, sqlite_url: str) -> None:
     (project / "in.jsonl").write_text("1\n2\n3\n")
-    first = invoke("run", "flows.py:pipeline", "--inputs", "in.jsonl", "--store", sqlite_url,
-                   "-o", "out1.jsonl")
-    second = invoke("run", "flows.py:pipeline", "--inputs", "in.jsonl", "--store", sqlite_url,
-                    "-o", "out2.jsonl")
+    first = invoke(
+        "run",
+        "flows.py:pipeline",
+        "--inputs",
+        "in.jsonl",
+        "--store",
+        sqlite_url,
+        "-o",
+        "out1.jsonl",
+    )
+    second = invoke(
+        "run",
+        "flows.py:pipeline",
+        "--inputs",
+        "in.jsonl",
+        "--store",
+        sqlite_url,
+        "-o",
+        "out2.jsonl",
+    )
     assert first.exit_code == second.exit_code == 0
     out1 = (project / "out1.jsonl").read_text()
     assert out1 == (project / "out2.jsonl").read_text()
@@ -457,7 +511,7 @@ def test_inputs_with_a_durable_store_are_idempotent(project: Path, sqlite_url: s
 
 
 def test_inputs_file_errors(project: Path) -> None:
-    (project / "bad.jsonl").write_text('1\n{oops\n')
+    (project / "bad.jsonl").write_text("1\n{oops\n")
     result = invoke("run", "flows.py:pipeline", "--inputs", "bad.jsonl")
     assert result.exit_code == 2
     one_error_line(result, r"^Error: bad\.jsonl line 2 is not valid JSON: ")
@@ -485,16 +539,29 @@ def test_batch_run_gives_the_real_time_result(project: Path, sqlite_url: str) ->
 
 def test_a_failing_batch_run_is_one_line_and_exit_1(project: Path, sqlite_url: str) -> None:
     (project / "broken").touch()
-    result = invoke("run", "flows.py:fragile", "--input", "2", "--batch", "--store", sqlite_url,
-                    "--run-id", "b-1")
+    result = invoke(
+        "run",
+        "flows.py:fragile",
+        "--input",
+        "2",
+        "--batch",
+        "--store",
+        sqlite_url,
+        "--run-id",
+        "b-1",
+    )
     assert result.exit_code == 1
-    one_error_line(result, r"^Error: flow 'fragile', node 'check': step failed: ValueError: "
-                           r"check refuses 4 \(run 'b-1': `flowdsl resume b-1 --store ")
+    one_error_line(
+        result,
+        r"^Error: flow 'fragile', node 'check': step failed: ValueError: "
+        r"check refuses 4 \(run 'b-1': `flowdsl resume b-1 --store ",
+    )
 
 
 def test_batch_with_an_unavailable_broker_is_a_clean_config_error(project: Path) -> None:
-    result = invoke("run", "flows.py:pipeline", "--input", "1", "--batch",
-                    "--broker", "foo://127.0.0.1:1")
+    result = invoke(
+        "run", "flows.py:pipeline", "--input", "1", "--batch", "--broker", "foo://127.0.0.1:1"
+    )
     assert result.exit_code == 2
     one_error_line(result, r"^Error: unknown broker URL 'foo://127\.0\.0\.1:1'")
 
@@ -545,23 +612,38 @@ def test_runs_list(project: Path, sqlite_url: str) -> None:
     assert result.exit_code == 0
     listed = json.loads(result.stdout)
     assert [(r["run_id"], r["flow"], r["status"]) for r in listed] == [
-        ("b-2", "fragile", "failed"), ("a-1", "pipeline", "finished")
+        ("b-2", "fragile", "failed"),
+        ("a-1", "pipeline", "finished"),
     ]
     assert listed[1]["result"] == 3
     assert listed[1]["inputs"] == {"x": 1}
     assert listed[0]["failed_node"] == "check"
     assert listed[1]["duration"] >= 0
-    assert len(json.loads(invoke("runs", "list", "--store", sqlite_url, "--json",
-                                 "--limit", "1").stdout)) == 1
+    assert (
+        len(
+            json.loads(
+                invoke("runs", "list", "--store", sqlite_url, "--json", "--limit", "1").stdout
+            )
+        )
+        == 1
+    )
     table = invoke("runs", "list", "--store", sqlite_url).stdout
     assert re.search(r"│ b-2\s+│ fragile\s+│ failed\s+│ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d │", table)
     assert re.search(r"│ a-1\s+│ pipeline\s+│ finished\s+│", table)
 
 
-def test_stored_text_is_shown_as_it_is_not_as_rich_markup(project: Path,
-                                                           sqlite_url: str) -> None:
-    result = invoke("run", "flows.py:looks_like_markup", "--input", "3", "--live",
-                    "--store", sqlite_url, "--run-id", "m-1")
+def test_stored_text_is_shown_as_it_is_not_as_rich_markup(project: Path, sqlite_url: str) -> None:
+    result = invoke(
+        "run",
+        "flows.py:looks_like_markup",
+        "--input",
+        "3",
+        "--live",
+        "--store",
+        sqlite_url,
+        "--run-id",
+        "m-1",
+    )
     assert json.loads(result.stdout) == "[red]3[/red]"
     shown = invoke("runs", "show", "m-1", "--store", sqlite_url).stdout
     assert '"[red]3[/red]"' in shown
@@ -600,14 +682,16 @@ def test_runs_show_of_a_failed_run(project: Path, sqlite_url: str) -> None:
     invoke("run", "flows.py:fragile", "--input", "1", "--store", sqlite_url, "--run-id", "f-1")
     shown = json.loads(invoke("runs", "show", "f-1", "--store", sqlite_url, "--json").stdout)
     assert [(n["node_id"], n["status"]) for n in shown["nodes"]] == [
-        ("double", "done"), ("check", "failed"), ("inc", "not run")
+        ("double", "done"),
+        ("check", "failed"),
+        ("inc", "not run"),
     ]
     assert shown["run"]["error"].endswith("ValueError: check refuses 2")
 
 
-def test_runs_show_without_the_flow_lists_the_journal(project: Path, sqlite_url: str,
-                                                      tmp_path_factory: Any,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_show_without_the_flow_lists_the_journal(
+    project: Path, sqlite_url: str, tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (project / "broken").touch()
     invoke("run", "flows.py:fragile", "--input", "1", "--store", sqlite_url, "--run-id", "f-1")
     del sys.modules["flows"]
@@ -617,7 +701,8 @@ def test_runs_show_without_the_flow_lists_the_journal(project: Path, sqlite_url:
     assert "the flow does not import here" in result.stdout
     shown = json.loads(invoke("runs", "show", "f-1", "--store", sqlite_url, "--json").stdout)
     assert [(n["node_id"], n["status"]) for n in shown["nodes"]] == [
-        ("double", "done"), ("check", "failed")
+        ("double", "done"),
+        ("check", "failed"),
     ]
 
 
@@ -633,8 +718,9 @@ def test_runs_errors(sqlite_url: str) -> None:
     one_error_line(result, r"^Error: memory:// keeps runs only inside one process")
 
 
-def test_store_from_the_environment(project: Path, sqlite_url: str,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_from_the_environment(
+    project: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FLOWDSL_STORE", sqlite_url)
     invoke("run", "flows.py:pipeline", "--input", "1", "--run-id", "e-1")
     assert [r["run_id"] for r in json.loads(invoke("runs", "list", "--json").stdout)] == ["e-1"]
@@ -647,8 +733,9 @@ def test_resume_finishes_a_failed_run_without_rerunning_finished_steps(
     project: Path, sqlite_url: str
 ) -> None:
     (project / "broken").touch()
-    failed = invoke("run", "flows.py:fragile", "--input", "3", "--store", sqlite_url,
-                    "--run-id", "r-1")
+    failed = invoke(
+        "run", "flows.py:fragile", "--input", "3", "--store", sqlite_url, "--run-id", "r-1"
+    )
     assert failed.exit_code == 1
     assert calls(project) == ["double", "check"]
     (project / "broken").unlink()  # the fix
@@ -675,8 +762,11 @@ def test_resume_a_run_that_fails_again(project: Path, sqlite_url: str) -> None:
     invoke("run", "flows.py:fragile", "--input", "3", "--store", sqlite_url, "--run-id", "r-1")
     result = invoke("resume", "r-1", "--store", sqlite_url)
     assert result.exit_code == 1
-    one_error_line(result, r"^Error: flow 'fragile', node 'check': step failed: .*"
-                           r"\(fix it, then `flowdsl resume r-1 --store .*` again\)$")
+    one_error_line(
+        result,
+        r"^Error: flow 'fragile', node 'check': step failed: .*"
+        r"\(fix it, then `flowdsl resume r-1 --store .*` again\)$",
+    )
 
 
 def test_resume_with_an_explicit_flow(project: Path, sqlite_url: str) -> None:
@@ -689,7 +779,9 @@ def test_resume_with_an_explicit_flow(project: Path, sqlite_url: str) -> None:
 
 def test_resume_a_run_started_in_main_needs_flow(project: Path, sqlite_url: str) -> None:
     # A script run as `python script.py` defines its flows in __main__.
-    (project / "script.py").write_text(FLOWS + textwrap.dedent("""
+    (project / "script.py").write_text(
+        FLOWS
+        + textwrap.dedent("""
         if __name__ == "__main__":
             import sys
 
@@ -697,14 +789,23 @@ def test_resume_a_run_started_in_main_needs_flow(project: Path, sqlite_url: str)
 
             ctx = fd.Context(store=sys.argv[1])
             print(anyio.run(lambda: ctx.run(pipeline, 1, run_id="m-1")))
-    """))
-    done = subprocess.run([sys.executable, "script.py", sqlite_url], cwd=project,
-                          capture_output=True, text=True, timeout=120)
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, "script.py", sqlite_url],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout == "3\n", done.stderr
     result = invoke("resume", "m-1", "--store", sqlite_url)
     assert result.exit_code == 2
-    one_error_line(result, r"^Error: flow 'pipeline': run 'm-1' was started by a script run as "
-                           r"__main__.*--flow path/to/script\.py:flow")
+    one_error_line(
+        result,
+        r"^Error: flow 'pipeline': run 'm-1' was started by a script run as "
+        r"__main__.*--flow path/to/script\.py:flow",
+    )
     named = invoke("resume", "m-1", "--store", sqlite_url, "--flow", "script.py:pipeline")
     assert json.loads(named.stdout) == 3  # finished: its stored result, nothing runs
 
@@ -736,8 +837,7 @@ def test_step_table_follows_events(project: Path) -> None:
     table.handle(ev.StepStarted("r-1", "double", t, 1))
     assert re.search(r"double\s+│ running\s+│\s+1 │", render(table))
     table.handle(ev.StepRetrying("r-1", "double", t, "ValueError: flaky", 1, 0.5))
-    assert re.search(r"double\s+│ retrying .* ValueError: flaky \(again in 0\.5s\)",
-                     render(table))
+    assert re.search(r"double\s+│ retrying .* ValueError: flaky \(again in 0\.5s\)", render(table))
     table.handle(ev.StepStarted("r-1", "double", t, 2))
     table.handle(ev.StepFinished("r-1", "double", t + 1.5, 6, 2, 1.5))
     assert re.search(r"double\s+│ done\s+│\s+2 │\s+1\.5 s │", render(table))
@@ -788,8 +888,9 @@ def test_call_of(project: Path) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -815,11 +916,17 @@ def test_different_inputs_get_different_run_ids(a: Any, b: Any) -> None:
 # --- as a real process --------------------------------------------------------------------
 
 
-def flowdsl(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def flowdsl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flowdsl", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=120, input=input, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "flowdsl", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=input,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -842,8 +949,17 @@ def test_process_run_graph_and_errors(project: Path) -> None:
 
 def test_process_run_fails_then_another_process_resumes(project: Path, sqlite_url: str) -> None:
     (project / "broken").touch()
-    failed = flowdsl("run", "flows.py:fragile", "--input", "5", "--store", sqlite_url,
-                     "--run-id", "p-1", cwd=project)
+    failed = flowdsl(
+        "run",
+        "flows.py:fragile",
+        "--input",
+        "5",
+        "--store",
+        sqlite_url,
+        "--run-id",
+        "p-1",
+        cwd=project,
+    )
     assert failed.returncode == 1
     assert failed.stdout == ""
     assert failed.stderr.splitlines() == [
@@ -852,35 +968,54 @@ def test_process_run_fails_then_another_process_resumes(project: Path, sqlite_ur
     ]
     (project / "broken").unlink()
     # Resumed from another directory: the run's module is found again through --path.
-    resumed = flowdsl("resume", "p-1", "--store", sqlite_url, "--path", str(project),
-                      cwd=project.parent)
+    resumed = flowdsl(
+        "resume", "p-1", "--store", sqlite_url, "--path", str(project), cwd=project.parent
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == 11
     assert calls(project) == ["double", "check", "check", "inc"]
     listed = flowdsl("runs", "list", "--store", sqlite_url, "--json", cwd=project)
-    assert [(r["run_id"], r["status"]) for r in json.loads(listed.stdout)] == [("p-1",
-                                                                                 "finished")]
+    assert [(r["run_id"], r["status"]) for r in json.loads(listed.stdout)] == [("p-1", "finished")]
 
 
 def test_process_inputs_jsonl(project: Path, sqlite_url: str) -> None:
-    done = flowdsl("run", "flows.py:pipeline", "--inputs", "-", "--store", sqlite_url,
-                   cwd=project, input="1\n2\n")
+    done = flowdsl(
+        "run",
+        "flows.py:pipeline",
+        "--inputs",
+        "-",
+        "--store",
+        sqlite_url,
+        cwd=project,
+        input="1\n2\n",
+    )
     assert done.returncode == 0, done.stderr
     assert [line["result"] for line in jsonl(done.stdout)] == [3, 5]
 
 
 def test_process_worker_runs_the_steps_of_a_batch_run(project: Path, sqlite_url: str) -> None:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "flowdsl", "worker", "--broker", sqlite_url, "--import",
-         "flows.py"],
-        cwd=project, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "flowdsl", "worker", "--broker", sqlite_url, "--import", "flows.py"],
+        cwd=project,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert worker.stderr is not None
         ready = worker.stderr.readline()  # blocks until the worker says it serves
         assert ready.startswith(f"flowdsl worker: serving {sqlite_url} (flows)")
-        done = flowdsl("run", "flows:routed", "--input", "2", "--batch", "--workers", "0",
-                       "--store", sqlite_url, cwd=project)
+        done = flowdsl(
+            "run",
+            "flows:routed",
+            "--input",
+            "2",
+            "--batch",
+            "--workers",
+            "0",
+            "--store",
+            sqlite_url,
+            cwd=project,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == 5
         assert calls(project) == ["double", "inc"]  # run by the worker process

@@ -47,8 +47,12 @@ EXPECTED_OUTPUT: dict[str, list[str]] = {
 
 def run_script(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(path), *args], cwd=EXAMPLES.parent, capture_output=True,
-        text=True, timeout=120, env={**os.environ, **FAST},
+        [sys.executable, str(path), *args],
+        cwd=EXAMPLES.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **FAST},
     )
 
 
@@ -71,9 +75,19 @@ def test_the_example_readme_names_every_script() -> None:
 def test_the_cli_runs_the_example_flow() -> None:
     ticket = {"id": "T-7", "text": "Mon mot de passe ne marche pas, c'est inacceptable"}
     done = subprocess.run(
-        [sys.executable, "-m", "flowdsl", "run", "examples/support_triage.py:support_triage",
-         "--input", json.dumps(ticket)],
-        cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "flowdsl",
+            "run",
+            "examples/support_triage.py:support_triage",
+            "--input",
+            json.dumps(ticket),
+        ],
+        cwd=EXAMPLES.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **FAST},
     )
     assert done.returncode == 0, done.stderr
@@ -165,5 +179,7 @@ async def test_the_steps_stay_plain_functions(triage: ModuleType) -> None:
     assert await triage.detect_language(ticket) == "en"
     unknown = triage.Ticket("T-0", "App crashes, unacceptable")  # no common word at all
     assert await triage.detect_language(unknown) == "en"
-    assert await triage.route(triage.Triage(triage.Label.BUG, 0.9),
-                              triage.Sentiment.HAPPY) == "escalate"
+    assert (
+        await triage.route(triage.Triage(triage.Label.BUG, 0.9), triage.Sentiment.HAPPY)
+        == "escalate"
+    )
