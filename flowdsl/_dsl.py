@@ -13,8 +13,8 @@ import hashlib
 import inspect
 import textwrap
 import typing
-from collections.abc import Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from . import _trace
 from ._errors import TracingError
@@ -170,16 +170,34 @@ class Step(_Unit[P, R]):
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
+T = TypeVar("T")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class BranchCallType(Protocol[R_co]):
+    """What calling a branch gives, for type checkers: inside a flow, something to pick
+    cases with; outside one, the function's own awaitable."""
+
+    def cases(
+        self,
+        mapping: Mapping[Any, Callable[[], Awaitable[T]]] | None = None,
+        /,
+        **by_name: Callable[[], Awaitable[T]],
+    ) -> Awaitable[T]: ...
+
+    def __await__(self) -> Generator[Any, None, R_co]: ...
+
+
 class Branch(_Unit[P, R]):
     """A step whose value (str, bool, int or Enum) chooses which case runs."""
 
     kind = "branch"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BranchCallType[R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
             return _trace.BranchCall(tracer, self, args, kwargs)
-        return self.fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 class Flow(Generic[P, R]):
@@ -315,6 +333,20 @@ def step(
         )
 
     return wrap(fn) if fn is not None else wrap
+
+
+@overload
+def branch(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Branch[P, R]: ...
+@overload
+def branch(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = ...,
+    backoff: float = 1.0,
+    version: str | None = None,
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Branch[P, R]]: ...
 
 
 def branch(
