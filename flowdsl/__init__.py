@@ -17,6 +17,7 @@ How the package stacks, bottom up (each layer imports only those below it):
 from __future__ import annotations
 
 from . import events as events
+from . import llm as llm
 from ._context import Context as Context
 from ._context import Run as Run
 from ._context import current_context as current_context
@@ -62,6 +63,7 @@ __all__ = [
     "current_context",
     "events",
     "flow",
+    "llm",
     "run",
     "step",
 ]

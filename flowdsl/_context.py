@@ -83,9 +83,19 @@ class Run:
     plan: Plan = attrs.field(default=None, repr=False)
     resuming: bool = attrs.field(default=False, repr=False)
 
+    usage: dict[str, Any] | None = attrs.field(default=None, repr=False)
+
     @property
     def flow_name(self) -> str:
         return self.flow.name
+
+    def add_usage(self, counts: dict[str, Any]) -> None:
+        """Add a node's LLM usage to the run's totals (numbers are summed per key)."""
+        total = self.usage if self.usage is not None else {}
+        for key, value in counts.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+        self.usage = total
 
     def _watch(self) -> None:
         """Keep a history of events so that late subscribers see the run from its start."""
@@ -291,6 +301,11 @@ class Context:
                 await self._close_backends()
 
     async def _close_backends(self) -> None:
+        # A provider reopens its connections lazily, per event loop: closing here keeps
+        # scripts (fd.run) from leaving sockets to the garbage collector.
+        aclose = getattr(self.llm, "aclose", None)
+        if aclose is not None:
+            await aclose()
         if self.queue is not None:
             await self.queue.close()
         await self.store.close()
@@ -314,7 +329,7 @@ class Context:
             self._users -= 1
             if self._users == 0:
                 with anyio.CancelScope(shield=True):
-                    await self.store.close()
+                    await self._close_backends()
 
     def _setup(self) -> None:
         if self._executor is None:
@@ -587,6 +602,8 @@ class Context:
                 dispatch.append(node)
                 continue
             value = _decode_journaled(run, node, journal[node.id].value)
+            if journal[node.id].usage:
+                run.add_usage(journal[node.id].usage or {})
             if run.observed:
                 run.emit(ev.StepReused(run.run_id, node.id, now, "journal"))
             pending.extend(state.complete(node.id, value))
@@ -647,7 +664,7 @@ class Context:
             run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
         )
         if run.observed:
-            run.emit(ev.RunFinished(run.run_id, time.time(), data))
+            run.emit(ev.RunFinished(run.run_id, time.time(), data, run.usage))
         run._settle(RunStatus.FINISHED, value)
         return value
 

@@ -120,6 +120,9 @@ class StepScope:
         # Attempts count across deliveries: a batch task handed out again after its
         # worker died starts at its delivery number, with fewer retries left.
         final = isinstance(exc, CodecError | UnknownCase)
+        # An error that says another attempt cannot help (an LLM provider's 401, say)
+        # is not retried whatever retry_on allows.
+        final = final or getattr(exc, "retryable", True) is False
         if not final and self.attempt <= unit.retries and isinstance(exc, unit.retry_on):
             delay = backoff_delay(unit.backoff, self.attempt)
             if sink.observed:

@@ -293,6 +293,8 @@ async def drive(
     if first:
 
         def finish(node: Node, outcome: tuple[NodeRecord, Any]) -> None:
+            if outcome[0].usage:
+                run.add_usage(outcome[0].usage)
             newly = state.complete(node.id, outcome[1])
             report_skipped()
             for other in newly:
@@ -306,7 +308,9 @@ async def drive(
                 while node is not None:
                     # A chain continues in this task: the next node is awaited here, and
                     # only its siblings get tasks of their own.
-                    _, value = await dispatch(node)
+                    record, value = await dispatch(node)
+                    if record.usage:
+                        run.add_usage(record.usage)
                     newly = state.complete(node.id, value)
                     report_skipped()
                     node = newly[0] if newly else None

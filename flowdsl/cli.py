@@ -720,6 +720,9 @@ def _print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -
         about.append(("result", Text(_preview(record.result, 200))))
     if record.error is not None:
         about.append(("error", Text(record.error, style="red")))
+    total = _total_usage(nodes)
+    if total:
+        about.append(("usage", Text(_usage_text(total))))
     for key, value in about:
         console.print(Text.assemble((f"{key:<10}", "bold"), value), soft_wrap=True)
     table = Table(title_justify="left")
@@ -792,6 +795,16 @@ def _local_time(at: float) -> str:
 def _preview(text: str, width: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _total_usage(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's LLM usage: every node's numbers summed per key."""
+    total: dict[str, Any] = {}
+    for row in nodes:
+        for key, value in (row.get("usage") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = round(total.get(key, 0) + value, 6)
+    return total
 
 
 def _usage_text(usage: dict[str, Any] | None) -> str:
