@@ -10,10 +10,11 @@ The flow::
 same time; ``route`` (an ``@fd.branch``) waits for all three and picks one case.  Only the
 chosen case runs; the other is recorded as skipped.
 
-The "LLM calls" go through :class:`StandInLLM`, a deterministic stand-in that answers by
-keyword rules after a short delay, so this example runs with no API key and no network.  It
-has the shape of ``fd.llm.chat`` (a prompt in, a reply with ``.text`` out): replacing
-``llm.chat(...)`` with ``fd.llm.chat(..., model=...)`` is all it takes to use a real model.
+The LLM calls are ``fd.llm.chat(...)``.  By default they reach
+:class:`flowdsl.testing.FakeLLM`, scripted with keyword rules (:func:`stand_in`), so this
+example runs with no API key and no network.  With ``OPENAI_API_KEY`` set they go to OpenAI
+(``TRIAGE_MODEL``, default ``gpt-4o-mini``), with ``ANTHROPIC_API_KEY`` to Anthropic
+(default ``claude-3-5-haiku-latest``): the flow does not change.
 
 Run it::
 
@@ -30,10 +31,13 @@ import os
 import re
 import time
 
+from typing import Any
+
 import anyio
 import attrs
 
 import flowdsl as fd
+from flowdsl.testing import FakeLLM
 
 # --- the values that cross steps: attrs classes and enums, carried by flowdsl's codec -----
 
@@ -79,15 +83,7 @@ class Resolution:
     team: str | None = None
 
 
-# --- the stand-in for an LLM ------------------------------------------------------------------
-
-
-@attrs.frozen
-class Reply:
-    """What ``fd.llm.chat`` returns, reduced to what this example reads."""
-
-    text: str
-
+# --- the stand-in for an LLM: keyword rules, scripted into a FakeLLM ----------------------
 
 _LABEL_WORDS: dict[Label, tuple[str, ...]] = {
     Label.BILLING: (
@@ -147,38 +143,31 @@ _ANSWER = {
 }
 
 
-@attrs.frozen
-class StandInLLM:
-    """Answers the prompts below by keyword rules, after ``latency`` seconds.
+def stand_in(prompt: str) -> str | Triage:
+    """Answer a prompt below by keyword rules.
 
     A prompt is an instruction, a blank line, then the ticket's text; the instruction's
     first word says which rule answers.
     """
-
-    latency: float = 0.2
-
-    async def chat(self, prompt: str) -> Reply:
-        await anyio.sleep(self.latency)  # a real model takes a while too
-        task, _, text = prompt.partition("\n\n")
-        verb = task.split(maxsplit=1)[0].lower()
-        answer = {
-            "classify": _classify,
-            "name": _language,
-            "rate": _sentiment,
-            "summarize": _summary,
-        }[verb](text)
-        return Reply(answer)
+    task, _, text = prompt.partition("\n\n")
+    verb = task.split(maxsplit=1)[0].lower()
+    if verb == "classify":
+        return _classify(text)
+    rules = {"name": _language, "rate": _sentiment, "summarize": _summary}
+    return rules[verb](text)
 
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[\w']+", text.lower())
 
 
-def _classify(text: str) -> str:
+def _classify(text: str) -> Triage:
     lowered = text.lower()
     scores = {label: sum(w in lowered for w in words) for label, words in _LABEL_WORDS.items()}
     label, score = max(scores.items(), key=lambda item: item[1])
-    return f"{label.value} {min(0.5 + 0.2 * score, 0.95):.2f}" if score else "question 0.50"
+    if not score:
+        return Triage(Label.QUESTION, 0.5)
+    return Triage(label, round(min(0.5 + 0.2 * score, 0.95), 2))
 
 
 def _language(text: str) -> str:
@@ -201,8 +190,23 @@ def _summary(text: str) -> str:
     return text if len(text) <= 72 else text[:69] + "..."
 
 
-# The one place the example reaches its "model"; tests swap it for a faster one.
-llm = StandInLLM(latency=float(os.environ.get("TRIAGE_LATENCY", "0.2")))
+def provider() -> Any:
+    """OpenAI or Anthropic when a key is set; else the scripted stand-in."""
+    if os.environ.get("OPENAI_API_KEY"):
+        return fd.llm.OpenAI(model=os.environ.get("TRIAGE_MODEL", "gpt-4o-mini"))
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return fd.llm.Anthropic(model=os.environ.get("TRIAGE_MODEL", "claude-3-5-haiku-latest"))
+    latency = float(os.environ.get("TRIAGE_LATENCY", "0.2"))  # a real model takes a while too
+    return FakeLLM(stand_in, latency=latency)
+
+
+# The one place the example reaches its model; tests swap it for a faster one.
+llm = provider()
+
+
+async def ask(prompt: str) -> str:
+    reply = await fd.llm.chat(prompt, llm=llm)
+    return reply.text.strip()
 
 
 # --- the steps --------------------------------------------------------------------------------
@@ -210,24 +214,29 @@ llm = StandInLLM(latency=float(os.environ.get("TRIAGE_LATENCY", "0.2")))
 
 @fd.step(retries=2)
 async def classify(ticket: Ticket) -> Triage:
-    reply = await llm.chat(
+    reply = await fd.llm.chat(
         f"Classify this ticket as billing, bug, account or question, with a confidence."
-        f"\n\n{ticket.text}"
+        f"\n\n{ticket.text}",
+        llm=llm,
+        response_model=Triage,
     )
-    label, confidence = reply.text.split()
-    return Triage(Label(label), float(confidence))
+    triage: Triage = reply.parsed
+    return triage
 
 
 @fd.step(retries=2)
 async def detect_language(ticket: Ticket) -> str:
-    reply = await llm.chat(f"Name the ISO 639-1 code of this ticket's language.\n\n{ticket.text}")
-    return reply.text
+    code = await ask(f"Name the ISO 639-1 code of this ticket's language.\n\n{ticket.text}")
+    return code.lower()[:2]
 
 
 @fd.step(retries=2)
 async def sentiment(ticket: Ticket) -> Sentiment:
-    reply = await llm.chat(f"Rate this ticket's tone: angry, neutral or happy.\n\n{ticket.text}")
-    return Sentiment(reply.text)
+    tone = await ask(f"Rate this ticket's tone: angry, neutral or happy.\n\n{ticket.text}")
+    for mood in Sentiment:
+        if mood.value in tone.lower():
+            return mood
+    return Sentiment.NEUTRAL
 
 
 @fd.branch
@@ -240,8 +249,8 @@ async def route(triage: Triage, mood: Sentiment) -> str:
 
 @fd.step
 async def summarize_for_agent(ticket: Ticket, triage: Triage, mood: Sentiment) -> str:
-    reply = await llm.chat(f"Summarize this ticket in one sentence.\n\n{ticket.text}")
-    return f"[{triage.label.value}, {mood.value}] {reply.text}"
+    summary = await ask(f"Summarize this ticket in one sentence.\n\n{ticket.text}")
+    return f"[{triage.label.value}, {mood.value}] {summary}"
 
 
 @fd.step

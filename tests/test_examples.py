@@ -119,7 +119,7 @@ def triage(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "llm", module.StandInLLM(latency=0.01))
+    monkeypatch.setattr(module, "llm", module.FakeLLM(module.stand_in, latency=0.01))
     yield module
     if loaded_here:
         del sys.modules[name]

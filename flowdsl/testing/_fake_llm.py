@@ -81,7 +81,8 @@ class FakeLLM(BaseProvider):
     *failures*: the first requests fail, one per item: an HTTP status (``429`` is an
     :class:`~flowdsl.llm.LLMError` with ``retryable=True``, ``401`` one with
     ``retryable=False``) or an exception to raise.  Streams arrive in pieces of
-    *chunk_size* characters, *delay* seconds apart.  :attr:`calls` records every request.
+    *chunk_size* characters, *delay* seconds apart; *latency* seconds pass before any
+    answer, as they would with a real model.  :attr:`calls` records every request.
     """
 
     name = "FakeLLM"
@@ -94,6 +95,7 @@ class FakeLLM(BaseProvider):
         failures: Iterable[int | BaseException] = (),
         chunk_size: int = 4,
         delay: float = 0.0,
+        latency: float = 0.0,
         max_concurrency: int | None = None,
         tokens_per_minute: int | None = None,
         prices: Mapping[str, Any] | None = None,
@@ -108,6 +110,7 @@ class FakeLLM(BaseProvider):
         self.failures = list(failures)
         self.chunk_size = max(1, chunk_size)
         self.delay = delay
+        self.latency = latency
         self.calls: list[FakeCall] = []
         self._next = 0
 
@@ -120,7 +123,10 @@ class FakeLLM(BaseProvider):
         return [call.prompt for call in self.calls]
 
     async def _send(self, exchange: Exchange) -> Turn:
-        await anyio.lowlevel.checkpoint()
+        if self.latency:
+            await anyio.sleep(self.latency)
+        else:
+            await anyio.lowlevel.checkpoint()
         call = FakeCall(
             messages=tuple(exchange.messages),
             model=exchange.model,
