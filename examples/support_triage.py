@@ -30,7 +30,6 @@ import enum
 import os
 import re
 import time
-
 from typing import Any
 
 import anyio
