@@ -83,6 +83,7 @@ async def _timing(backend: str, rounds: int, runs: int) -> dict[str, list[Batch]
             {
                 "floor": lambda: batch(floor, runs, w.LEAF_DELAY),
                 "flowdsl": lambda: batch(flowdsl, runs, w.LEAF_DELAY),
+                "anyio": lambda: batch(w.fanout_anyio, runs, w.LEAF_DELAY),
             },
         )
 
@@ -97,6 +98,7 @@ async def _memory(backend: str, rounds: int, runs: int) -> dict[str, list[float]
         # Warm up untraced: first-use caches (plans, codec hooks) are not per-run memory.
         await batch(flowdsl, runs, w.LEAF_DELAY)
         await batch(floor, runs, w.LEAF_DELAY)
+        await batch(w.fanout_anyio, runs, w.LEAF_DELAY)
         tracemalloc.start()
         try:
             return await interleaved(
@@ -104,6 +106,7 @@ async def _memory(backend: str, rounds: int, runs: int) -> dict[str, list[float]
                 {
                     "floor": lambda: peak_per_run(floor, runs, w.LEAF_DELAY),
                     "flowdsl": lambda: peak_per_run(flowdsl, runs, w.LEAF_DELAY),
+                    "anyio": lambda: peak_per_run(w.fanout_anyio, runs, w.LEAF_DELAY),
                 },
                 warmup=0,
             )
@@ -136,22 +139,21 @@ def run(config: Config) -> Section:
     for backend in ("asyncio", "trio"):
         times = anyio.run(_timing, backend, rounds, runs, backend=backend)
         memory = anyio.run(_memory, backend, memory_rounds, runs, backend=backend)
-        wall_ratio = paired(
-            [b.wall for b in times["flowdsl"]], [b.wall for b in times["floor"]], _div
-        )
+        floor_walls = [b.wall for b in times["floor"]]
+        wall_ratio = paired([b.wall for b in times["flowdsl"]], floor_walls, _div)
         memory_ratio = paired(memory["flowdsl"], memory["floor"], _div)
         floor_name = "asyncio.gather" if backend == "asyncio" else "trio nursery"
-        for system, label in (("floor", floor_name), ("flowdsl", "flowdsl")):
+        systems = (("floor", floor_name), ("anyio", "anyio task group"), ("flowdsl", "flowdsl"))
+        for system, label in systems:
             batches = times[system]
-            is_flowdsl = system == "flowdsl"
             table.add(
                 f"{backend}: {label}",
                 median([runs / b.wall for b in batches]),
                 median([b.p50 for b in batches]) * 1e3,
                 median([b.p99 for b in batches]) * 1e3,
                 median(memory[system]) / 1024,
-                wall_ratio if is_flowdsl else 1.0,
-                memory_ratio if is_flowdsl else 1.0,
+                paired([b.wall for b in batches], floor_walls, _div),
+                paired(memory[system], memory["floor"], _div),
             )
         overhead = paired(
             [b.wall for b in times["flowdsl"]],
@@ -178,6 +180,10 @@ def run(config: Config) -> Section:
                 "the trio-nursery floor"
             )
     section.tables.append(table)
+    section.notes.append(
+        "anyio task group: the same fan-out written by hand on anyio (for information: what "
+        "a portable hand-written version costs)"
+    )
     section.notes.append(
         "latency of a run: from its call to its result, all runs called at once; memory: "
         "tracemalloc's peak during the batch above the traced memory before it, / runs "

@@ -50,6 +50,7 @@ __all__ = [
     "durable_chain_floor",
     "fail_once",
     "fanout",
+    "fanout_anyio",
     "fanout_floor_asyncio",
     "fanout_floor_trio",
     "gather",
@@ -139,6 +140,21 @@ async def fanout_floor_trio(x: int, delay: float) -> int:
     async with trio.open_nursery() as nursery:
         for i in range(FANOUT):
             nursery.start_soon(one, i)
+    result: int = await total.fn(parts)
+    return result
+
+
+async def fanout_anyio(x: int, delay: float) -> int:
+    """W2 written by hand with an anyio task group: what a portable version costs."""
+    a = await prepare.fn(x)
+    parts = [0] * FANOUT
+
+    async def one(i: int) -> None:
+        parts[i] = await leaf.fn(a, i, delay)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(FANOUT):
+            tg.start_soon(one, i)
     result: int = await total.fn(parts)
     return result
 
