@@ -7,6 +7,7 @@ written to the working directory, and bounds every wait with ``fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -328,7 +329,7 @@ async def test_map_in_batch_mode_many_runs_on_few_workers(url: str) -> None:
 def _expire_leases(path: Path, run_id: str, within: float) -> int:
     """Bring the dead client's leases to an end within *within* seconds, as though its
     workers had used a short lease (the default is 30 s)."""
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         cur = db.execute(
             "UPDATE fd_tasks SET lease_until = ? WHERE run_id = ? AND lease_until > ?",
             (time.time() + within, run_id, time.time() + within),
@@ -344,7 +345,7 @@ async def _crash_client(procs: Procs, tmp_path: Path, flow: str) -> set[str]:
     def committed() -> set[str]:
         if not (tmp_path / "q.db").exists():
             return set()
-        with sqlite3.connect(tmp_path / "q.db") as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "q.db")) as db:
             try:
                 rows = db.execute("SELECT node_id FROM nodes WHERE run_id = 'crash'").fetchall()
             except sqlite3.OperationalError:  # the tables are not there yet
