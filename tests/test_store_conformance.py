@@ -14,6 +14,7 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis_steps import conformance_store
 
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
@@ -25,8 +26,13 @@ pytestmark = pytest.mark.anyio
 _FACTORIES: dict[str, Callable[[Path], Store]] = {
     "memory": lambda tmp: MemoryStore(),
     "sqlite": lambda tmp: SQLiteStore(tmp / "deep" / "dir" / "runs.db"),
+    "redis": conformance_store,
 }
-STORES = [pytest.param("memory", id="memory"), pytest.param("sqlite", id="sqlite")]
+STORES = [
+    pytest.param("memory", id="memory"),
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+]
 
 
 @pytest.fixture(params=STORES)

@@ -22,7 +22,11 @@ def open_broker(url: str) -> Any:
         from .sqlite import SQLiteBroker
 
         return SQLiteBroker(SQLiteStore.from_url(url).path)
-    if scheme in ("redis", "rediss", "nats", "tls"):
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisBroker
+
+        return RedisBroker(url)
+    if scheme in ("nats", "tls"):
         raise ConfigError(
             f"the {scheme} broker is not available in this version of flowdsl",
             hint="Use the embedded SQLite queue: fd.Context(batch=True)",

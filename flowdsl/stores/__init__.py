@@ -16,7 +16,8 @@ __all__ = ["MemoryStore", "Store", "open_store"]
 
 
 def open_store(spec: Any, *, batch: bool = False) -> Any:
-    """A store from a URL (``memory://``, ``sqlite:///path.db``), a store object, or None."""
+    """A store from a URL (``memory://``, ``sqlite:///path.db``, ``redis://host/0``), a store
+    object, or None."""
     if spec is None:
         return MemoryStore()
     if not isinstance(spec, str):
@@ -33,6 +34,10 @@ def open_store(spec: Any, *, batch: bool = False) -> Any:
         from .sqlite import SQLiteStore
 
         return SQLiteStore.from_url(spec)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisStore
+
+        return RedisStore.from_url(spec)
     raise ConfigError(
         f"unknown store URL {spec!r}",
         hint="Use memory:// or sqlite:///path.db",

@@ -1,0 +1,589 @@
+"""Batch mode on Redis Streams: any number of workers, on any number of machines.
+
+Layout, under the deployment's key prefix (``prefix=``, default ``flowdsl``; the store's
+keys share it, see ``flowdsl.stores.redis``)::
+
+    {prefix}:tasks         stream of ready tasks, read through the consumer group "workers"
+    {prefix}:queued        hash: [run_id, node_id] -> the id of its entry in tasks
+    {prefix}:completions   stream of completions, read by cursor (entry id)
+    {prefix}:events        stream of observed runs' events, read by cursor
+    {prefix}:dead          stream of dead-lettered tasks
+
+A task's lease is its pending entry in the consumer group: ``claim`` reads new entries
+with XREADGROUP (blocking briefly when there are none) and, every second or so, takes
+over entries left pending longer than the lease by a dead worker with XAUTOCLAIM; the
+group's delivery count is the attempt.  ``extend`` resets a held entry's idle time
+(XCLAIM ... JUSTID, only while this worker still owns it).
+
+Every write that must be atomic is one Lua script: enqueueing (an entry per node while
+it is queued or held: the ``queued`` hash), completing (XACK + XDEL + clear ``queued`` +
+XADD the completion), dead-lettering, and, when the store lives under the same prefix
+on the same server, committing a node's record together with completing its task
+(:meth:`RedisBroker.commit_and_complete`): two workers finishing one node, or a crash
+between two writes, can never commit twice or lose a completion.
+
+Streams stay bounded: a completed task's entry is deleted; completions, events and dead
+letters are trimmed to about ``keep`` entries (``?keep=``, default 100000) as they are
+added.  A reader that falls further behind than that loses the oldest.
+
+Calls ride out a server restart (connection errors are retried with backoff, see
+``RedisLink``).  A lost reply can make a task count one more delivery, or publish a
+completion twice; both are harmless (the scheduler takes the first completion).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import anyio
+
+from .. import _codec
+from .._errors import CheckpointError, CodecError
+from .._records import NodeRecord
+from ..stores.redis import (
+    COMMIT_NODE_BODY,
+    Layout,
+    Malformed,
+    RedisLink,
+    RedisStore,
+    RedisURL,
+    encode_node,
+    from_bytes,
+    parse_keep,
+    parse_prefix,
+    require_asyncio,
+    to_bytes,
+)
+from ._messages import Claimed, Completion, encode_completion
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("flowdsl.redis")
+
+GROUP: Final = "workers"
+_READ_COUNT: Final = 1000  # completions or events per read
+_CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' consumer names
+
+# KEYS: tasks, queued.  ARGV: (queued field, payload) pairs.  A node already queued or
+# held is not added twice; an index entry whose task is gone (deleted by hand) is stale.
+_ENQUEUE: Final = """
+for i = 1, #ARGV, 2 do
+  local id = redis.call('HGET', KEYS[2], ARGV[i])
+  if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[i + 1])
+    redis.call('HSET', KEYS[2], ARGV[i], id)
+  end
+end
+return 1
+"""
+
+# KEYS: tasks.  ARGV: group, consumer, count, min idle ms ('' to skip reclaiming),
+# reclaim cursor.  Returns {next cursor, {{id, deliveries, fields}, ...}}.
+_CLAIM: Final = """
+local out = {}
+local n = tonumber(ARGV[3])
+local cursor = ARGV[5]
+if ARGV[4] ~= '' then
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], cursor, 'COUNT', n)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    if e[2] then
+      local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+      local count = 1
+      if p[1] then count = p[1][4] end
+      out[#out + 1] = {e[1], count, e[2]}
+    end
+  end
+  n = n - #out
+end
+if n > 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n,
+                       'STREAMS', KEYS[1], '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do out[#out + 1] = {e[1], 1, e[2]} end
+  end
+end
+return {cursor, out}
+"""
+
+# KEYS: tasks.  ARGV: group, consumer, ids.  Only entries this consumer still owns.
+_EXTEND: Final = """
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return 1
+"""
+
+# Removing a task and publishing its completion.  Expects KEYS[t] tasks, KEYS[q] queued,
+# KEYS[c] completions and ARGV[g] group, ARGV[i] task id, ARGV[f] queued field,
+# ARGV[p] payload, ARGV[k] keep, bound by the scripts that include it.
+_FINISH: Final = """
+local function finish(tasks, queued, completions, group, id, field, payload, keep)
+  redis.call('XACK', tasks, group, id)
+  redis.call('XDEL', tasks, id)
+  if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
+  redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
+end
+"""
+
+# KEYS: tasks, queued, completions.  ARGV: group, id, field, payload, keep.
+# A task no longer pending (another worker completed it, or this is a retry after a lost
+# reply) has had its completion published already.
+_COMPLETE: Final = (
+    _FINISH
+    + """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: tasks, queued, completions, dead.  ARGV: group, id, field, payload, keep,
+# run id, node id, reason, time.
+_DEAD_LETTER: Final = (
+    _FINISH
+    + """
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+local task = ''
+if entry[1] then
+  local fields = entry[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'payload' then task = fields[j + 1] end
+  end
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
+           'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
+finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: nodes hash, blob, blobrefs, tasks, queued, completions.  ARGV: node id, record,
+# digest, blob, group, task id, queued field, payload, keep.  Returns 1 when committed and
+# completed, else the record committed first (and changes nothing).
+_COMMIT_AND_COMPLETE: Final = (
+    _FINISH
+    + COMMIT_NODE_BODY
+    + """
+finish(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+return 1
+"""
+)
+
+_SCRIPTS: Final = {
+    "enqueue": _ENQUEUE,
+    "claim": _CLAIM,
+    "extend": _EXTEND,
+    "complete": _COMPLETE,
+    "dead_letter": _DEAD_LETTER,
+    "commit_and_complete": _COMMIT_AND_COMPLETE,
+}
+
+
+class RedisBroker:
+    """A task queue on Redis Streams, shared by every client and worker of a deployment.
+
+    *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS) with
+    optional ``?prefix=NAME&keep=N``.  *claim_block* is how long (seconds) a worker's
+    claim waits on the server for a new task when there is none; *read_block*, how long
+    a read of completions waits for one.  *retry_for* is how long calls ride out a server
+    that went away before giving up.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        keep: int | None = None,
+        claim_block: float = 1.0,
+        read_block: float = 0.05,
+        retry_for: float = 30.0,
+    ) -> None:
+        parsed = RedisURL.parse(url)
+        self._link = RedisLink(parsed, retry_for=retry_for)
+        self.prefix = parse_prefix(parsed, prefix)
+        self.keep = parse_keep(parsed, keep)
+        self.url = parsed.shown
+        self.claim_block = claim_block
+        self.read_block = read_block
+        self.layout = Layout(self.prefix)
+        p = self.prefix
+        self.tasks_key = f"{p}:tasks"
+        self.queued_key = f"{p}:queued"
+        self.completions_key = f"{p}:completions"
+        self.events_key = f"{p}:events"
+        self.dead_key = f"{p}:dead"
+        self._scripts: dict[str, Any] = {}
+        self._holders: dict[str, str] = {}  # task id -> the consumer (worker) holding it
+        self._reclaim_cursor = "0-0"
+        self._next_reclaim = 0.0
+        self._next_sweep = 0.0
+
+    def __repr__(self) -> str:
+        state = "open" if self._link.is_open else "closed"
+        return f"<RedisBroker {self.url!r} prefix={self.prefix!r} {state}>"
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._link.is_open:
+            require_asyncio(self.url)
+            return
+        client = await self._link.open()
+        try:
+            self._scripts = {name: client.register_script(s) for name, s in _SCRIPTS.items()}
+            await self._ensure_group()
+            await self._sweep_consumers()
+        except BaseException:
+            await self._link.close()
+            raise
+
+    async def close(self) -> None:
+        self._scripts = {}
+        self._holders.clear()
+        await self._link.close()
+
+    async def _ensure_group(self) -> None:
+        client = self._link.require("queue")
+
+        async def create() -> None:
+            try:
+                await client.xgroup_create(self.tasks_key, GROUP, id="0", mkstream=True)
+            except Exception as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self._link.call("creating the consumer group", create)
+
+    def holds(self, store: Any) -> bool:
+        """Whether *store* keeps its journal on this broker's server, under its prefix:
+        then a node's commit and its task's completion are one script."""
+        return isinstance(store, RedisStore) and store.server == (
+            self._link.url.connect,
+            self.prefix,
+        )
+
+    async def _run(self, name: str, what: str, keys: list[str], args: list[Any]) -> Any:
+        self._link.require("queue")
+        script = self._scripts[name]
+        return await self._link.call(what, lambda: script(keys=keys, args=args))
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    async def enqueue(self, tasks: list[tuple[str, str, str]]) -> None:
+        if not tasks:
+            return
+        args: list[Any] = []
+        for run_id, node_id, payload in tasks:
+            args += [_queued_field(run_id, node_id), to_bytes(payload)]
+        await self._run("enqueue", "enqueueing tasks", [self.tasks_key, self.queued_key], args)
+
+    async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
+        if limit < 1:
+            return []
+        now = anyio.current_time()
+        reclaim = now >= self._next_reclaim
+        if reclaim:
+            self._next_reclaim = now + min(1.0, lease / 4)
+        args = [GROUP, worker, limit, str(int(lease * 1000)) if reclaim else "", "0-0"]
+        if reclaim:
+            args[4] = self._reclaim_cursor
+        result = await self._claim_script(args)
+        if reclaim:
+            self._reclaim_cursor = from_bytes(result[0], "cursor")
+        entries = [(e[0], int(e[1]), e[2]) for e in result[1]]
+        if not entries and self.claim_block > 0:
+            entries = await self._claim_blocking(worker, limit)
+        if now >= self._next_sweep:
+            await self._sweep_consumers()
+        return [self._claimed(worker, *entry) for entry in entries]
+
+    async def _claim_script(self, args: list[Any]) -> Any:
+        try:
+            return await self._run("claim", "claiming tasks", [self.tasks_key], args)
+        except CheckpointError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        # The server lost the group (restarted without its data, or keys deleted).
+        await self._ensure_group()
+        return await self._run("claim", "claiming tasks", [self.tasks_key], args)
+
+    async def _claim_blocking(self, worker: str, limit: int) -> list[tuple[Any, int, Any]]:
+        client = self._link.require("queue")
+        block = max(1, int(self.claim_block * 1000))
+
+        async def read() -> Any:
+            return await client.xreadgroup(
+                GROUP, worker, {self.tasks_key: ">"}, count=limit, block=block
+            )
+
+        reply = await self._link.call("claiming tasks", read, on_response=lambda exc: [])
+        out: list[tuple[Any, int, Any]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append((entry_id, 1, fields))
+        return out
+
+    def _claimed(self, worker: str, entry_id: Any, deliveries: int, fields: Any) -> Claimed:
+        task_id = from_bytes(entry_id, "entry id")
+        self._holders[task_id] = worker
+        return Claimed(task_id, deliveries, _payload_of(fields))
+
+    async def extend(self, task_ids: list[str], lease: float) -> None:
+        by_worker: dict[str, list[str]] = {}
+        for task_id in task_ids:
+            worker = self._holders.get(task_id)
+            if worker is not None:
+                by_worker.setdefault(worker, []).append(task_id)
+        for worker, ids in by_worker.items():
+            await self._run("extend", "renewing leases", [self.tasks_key], [GROUP, worker, *ids])
+
+    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+        self._holders.pop(task_id, None)
+        await self._run(
+            "complete",
+            f"completing node {node_id!r} of run {run_id!r}",
+            [self.tasks_key, self.queued_key, self.completions_key],
+            [GROUP, task_id, _queued_field(run_id, node_id), to_bytes(payload), self.keep],
+        )
+
+    async def commit_and_complete(
+        self, task_id: str, run_id: str, record: NodeRecord, payload: str
+    ) -> bool:
+        """Commit *record* to the journal and complete the task, atomically: True.  When
+        the node was committed before, nothing changes: False (the worker then completes
+        the task with that record).  A malformed record in its place fails the node with
+        a checkpoint error: the task is completed with that failure, True."""
+        field, digest, blob = encode_node(record)
+        node_id = record.node_id
+        keys = [
+            self.layout.nodes(run_id),
+            self.layout.blob(digest) if digest else self.layout.no_blob,
+            self.layout.blobrefs,
+            self.tasks_key,
+            self.queued_key,
+            self.completions_key,
+        ]
+        args = [
+            to_bytes(node_id),
+            field,
+            digest,
+            blob,
+            GROUP,
+            task_id,
+            _queued_field(run_id, node_id),
+            to_bytes(payload),
+            self.keep,
+        ]
+        self._holders.pop(task_id, None)
+        what = f"committing node {node_id!r} of run {run_id!r}"
+        done = await self._run("commit_and_complete", what, keys, args)
+        if done == 1:
+            return True
+        try:
+            await RedisStore.reading_through(self._link, self.prefix).node_from_raw(
+                run_id, node_id, done
+            )
+        except CheckpointError as exc:
+            failed = Completion(run_id, node_id, False, None, str(exc), "checkpoint")
+            await self.complete(task_id, run_id, node_id, encode_completion(failed))
+            return True
+        return False
+
+    async def dead_letter(
+        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+    ) -> None:
+        self._holders.pop(task_id, None)
+        await self._run(
+            "dead_letter",
+            f"dead-lettering node {node_id!r} of run {run_id!r}",
+            [self.tasks_key, self.queued_key, self.completions_key, self.dead_key],
+            [
+                GROUP,
+                task_id,
+                _queued_field(run_id, node_id),
+                to_bytes(payload),
+                self.keep,
+                to_bytes(run_id),
+                to_bytes(node_id),
+                to_bytes(reason),
+                repr(time.time()),
+            ],
+        )
+
+    async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
+        client = self._link.require("queue")
+        entries = await self._link.call(
+            "reading dead letters", lambda: client.xrange(self.dead_key, "-", "+")
+        )
+        wanted = to_bytes(run_id)
+        out: list[dict[str, Any]] = []
+        for _entry_id, fields in entries:
+            if fields.get(b"run") != wanted:
+                continue
+            try:
+                at = float(from_bytes(fields.get(b"at"), "at"))
+                out.append(
+                    {
+                        "node_id": from_bytes(fields.get(b"node"), "node"),
+                        "reason": from_bytes(fields.get(b"reason"), "reason"),
+                        "at": at,
+                        "payload": from_bytes(fields.get(b"payload"), "payload"),
+                    }
+                )
+            except (ValueError, Malformed) as exc:
+                log.warning("skipping a malformed dead letter of run %s: %s", run_id, exc)
+        return out
+
+    async def pending(self) -> int:
+        """Tasks queued or held (for progress displays and tests)."""
+        client = self._link.require("queue")
+        return int(await self._link.call("counting tasks", lambda: client.xlen(self.tasks_key)))
+
+    async def _sweep_consumers(self) -> None:
+        """Forget the consumer names of departed workers (none of their tasks pending)."""
+        self._next_sweep = anyio.current_time() + _CONSUMER_SWEEP
+        client = self._link.require("queue")
+
+        async def sweep() -> None:
+            for consumer in await client.xinfo_consumers(self.tasks_key, GROUP):
+                if consumer["pending"] == 0 and consumer["idle"] > _CONSUMER_SWEEP * 1000:
+                    await client.xgroup_delconsumer(self.tasks_key, GROUP, consumer["name"])
+
+        await self._link.call("sweeping consumers", sweep, on_response=lambda exc: None)
+
+    # --- completions and events -----------------------------------------------------------
+
+    async def completions(self, cursor: Any) -> tuple[list[str], Any]:
+        if cursor is None:
+            return [], await self._last_id(self.completions_key)
+        entries = await self._read(self.completions_key, cursor, self.read_block)
+        if not entries:
+            return [], cursor
+        texts = [_payload_of(fields) for _, fields in entries]
+        return texts, from_bytes(entries[-1][0], "entry id")
+
+    async def forget_completions(self, upto: Any) -> None:
+        """Nothing to do: the stream is trimmed to ``keep`` entries as completions come."""
+
+    async def publish_events(self, events: list[tuple[str, str]]) -> None:
+        if not events:
+            return
+        client = self._link.require("queue")
+
+        async def publish() -> None:
+            pipe = client.pipeline(transaction=False)
+            for run_id, text in events:
+                pipe.xadd(
+                    self.events_key,
+                    {"run": to_bytes(run_id), "payload": to_bytes(text)},
+                    maxlen=self.keep,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+        await self._link.call("publishing events", publish)
+
+    async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        if cursor is None:
+            return [], await self._last_id(self.events_key)
+        entries = await self._read(self.events_key, cursor, 0.0)
+        if not entries:
+            return [], cursor
+        out = [(_field(fields, b"run"), _payload_of(fields)) for _, fields in entries]
+        return out, from_bytes(entries[-1][0], "entry id")
+
+    async def forget_events(self, run_id: str) -> None:
+        """Nothing to do: other machines may still be watching the run; the stream is
+        trimmed to ``keep`` entries as events come."""
+
+    async def run_events(self, run_id: str, cursor: str = "0") -> tuple[list[str], str]:
+        """The events (JSON text) of one observed run published after *cursor* (``"0"``:
+        all the stream still holds), and the new cursor: for watching a run from
+        another process or machine.  Decode them with
+        ``flowdsl.contexts.batch.decode_event``."""
+        entries = await self._read(self.events_key, cursor, 0.0)
+        wanted = to_bytes(run_id)
+        texts = [_payload_of(f) for _, f in entries if f.get(b"run") == wanted]
+        new = from_bytes(entries[-1][0], "entry id") if entries else cursor
+        return texts, new
+
+    async def watch(self, run_id: str, *, poll: float = 0.1) -> AsyncIterator[str]:
+        """Every event (JSON text) of an observed run, from the oldest the stream holds,
+        as it comes, until cancelled."""
+        cursor = "0"
+        while True:
+            texts, cursor = await self.run_events(run_id, cursor)
+            for text in texts:
+                yield text
+            if not texts:
+                await anyio.sleep(poll)
+
+    async def _last_id(self, key: str) -> str:
+        client = self._link.require("queue")
+        last = await self._link.call(
+            "reading a stream", lambda: client.xrevrange(key, "+", "-", count=1)
+        )
+        return from_bytes(last[0][0], "entry id") if last else "0-0"
+
+    async def _read(self, key: str, cursor: Any, block: float) -> list[Any]:
+        client = self._link.require("queue")
+        ms = int(block * 1000) if block > 0 else None
+
+        async def read() -> Any:
+            return await client.xread({key: cursor}, count=_READ_COUNT, block=ms)
+
+        reply = await self._link.call("reading a stream", read)
+        return list(reply[0][1]) if reply else []
+
+
+def _queued_field(run_id: str, node_id: str) -> bytes:
+    return to_bytes(_codec.dumps([run_id, node_id]))
+
+
+def _field(fields: Any, name: bytes) -> str:
+    try:
+        return from_bytes(fields.get(name), name.decode())
+    except Malformed:
+        return ""
+
+
+def _payload_of(fields: Any) -> str:
+    """A stream entry's payload as text.  From an entry that is not UTF-8, text that
+    fails to decode as a message but still names the run and node it seems to be for,
+    so that the run fails rather than waits."""
+    if isinstance(fields, list):  # a flat list, as Lua returns it
+        fields = dict(zip(fields[0::2], fields[1::2], strict=False))
+    raw = fields.get(b"payload") if isinstance(fields, dict) else None
+    if not isinstance(raw, bytes):
+        return ""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        data = _codec.loads(raw.decode("utf-8", "replace"))
+    except CodecError:
+        data = None
+    seems = data if isinstance(data, dict) else {}
+    return _codec.dumps(
+        {
+            "run_id": seems.get("run_id"),
+            "node_id": seems.get("node_id"),
+            "malformed": "the task is not UTF-8 text",
+        }
+    )
