@@ -98,6 +98,8 @@ class _Unit(Generic[P, R]):
         self.version = version
         self.cache = cache
         self.is_async = inspect.iscoroutinefunction(fn)
+        # Runs as a bare task in real time (see _runner.FastJob): nothing to wrap it in.
+        self.bare = self.is_async and timeout is None and not cache
         self.ref = _ref(fn)
         self._return_type: Any = _UNSET
         self._code_hash: str | None = None

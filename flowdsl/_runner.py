@@ -274,24 +274,23 @@ def fast_job(
     node: Node,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    *,
     marker: str,
     llm: Any,
     store: Any,
 ) -> tuple[FastJob, Coroutine[Any, Any, Any], contextvars.Context] | None:
     """A :class:`FastJob` for *node* with the coroutine to run as its task and the
-    context to run it in; ``None`` when the node needs the full runner."""
+    context to run it in; ``None`` when the node needs the full runner.
+
+    *store* must commit synchronously (``commit_node_nowait``).  This runs once per
+    spawned node, so it takes its arguments by position and does no more than it must.
+    """
     unit = node.fn
-    if (
-        unit is None
-        or not unit.is_async
-        or unit.timeout is not None
-        or unit.cache
-        or not hasattr(store, "commit_node_nowait")
-    ):
+    if unit is None or not unit.bare:
         return None
+    args, kwargs = fresh_arguments(sink, node, args, kwargs)
     job = FastJob(sink, node, 1, llm, marker, 1, time.time(), None, store, args, kwargs)
-    job.begin()
+    if sink.observed:
+        job.begin()
     context = contextvars.copy_context()
     context.run(_SCOPE.set, job)
     return job, unit.fn(*args, **kwargs), context
@@ -319,10 +318,16 @@ def fresh_arguments(
     """
     unit = node.fn
     assert unit is not None
-    if all(type(a) in _PRIMITIVE_TYPES for a in args) and all(
-        type(v) in _PRIMITIVE_TYPES for v in kwargs.values()
-    ):
-        return args, kwargs
+    primitive = _PRIMITIVE_TYPES
+    for a in args:
+        if type(a) not in primitive:
+            break
+    else:
+        for v in kwargs.values():
+            if type(v) not in primitive:
+                break
+        else:
+            return args, kwargs
     positional, by_name = unit.param_types
     try:
         new_args = tuple(
@@ -393,11 +398,16 @@ async def run_node_cached(
 
 
 def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
-    what = f"the result of {node.id!r}"
     cls = type(raw)
-    primitive = cls is str or cls is int or cls is bool or cls is float or raw is None
-    if primitive and (tp is Any or tp is cls or raw is None):
+    # Primitives are their own data and decode as themselves: skip the codec (this runs
+    # once per node, so its cost is the engine's cost).
+    if cls is int and (tp is int or tp is Any):
+        return raw, int.__repr__(raw), raw
+    if raw is None:
+        return None, "null", None
+    if (cls is str or cls is bool or cls is float) and (tp is Any or tp is cls):
         return raw, _codec.dumps(raw), raw
+    what = f"the result of {node.id!r}"
     data = _codec.to_data(raw, what=what)
     text = _codec.dumps(data)
     return data, text, _codec.from_data(_codec.loads(text), tp, what=what)

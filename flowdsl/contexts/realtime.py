@@ -19,6 +19,7 @@ class RealtimeExecutor:
     def __init__(self, store: Any, llm: Any = None) -> None:
         self.store = store
         self.llm = llm
+        self._sync_commit = hasattr(store, "commit_node_nowait")
 
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -35,13 +36,6 @@ class RealtimeExecutor:
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[FastJob, Coroutine[Any, Any, Any], Any] | None:
         """A node that can run as a bare task (see :class:`~flowdsl._runner.FastJob`)."""
-        args, kwargs = fresh_arguments(run, node, args, kwargs)
-        return fast_job(
-            run,
-            node,
-            args,
-            kwargs,
-            marker=run.plan.markers[node.id],
-            llm=self.llm,
-            store=self.store,
-        )
+        if not self._sync_commit:
+            return None
+        return fast_job(run, node, args, kwargs, run.plan.markers[node.id], self.llm, self.store)
