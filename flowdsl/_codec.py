@@ -188,7 +188,7 @@ def roundtrip(value: object, tp: Any, *, what: str = "value") -> tuple[Any, Any]
     cls = type(value)
     if cls in _PRIMITIVES and (tp is Any or tp is object or tp is cls or cls is type(None)):
         return value, value
-    if cls is list and _list_of_primitives(value, tp):
+    if isinstance(value, list) and cls is list and _list_of_primitives(value, tp):
         # A fan-in's list of plain values: a copy is what the round trip would give.
         return list(value), list(value)
     data = to_data(value, what=what)
