@@ -361,6 +361,40 @@ async def test_in_flight_nodes_run_again_and_finished_nodes_never(
     assert node_ids(events, ev.StepStarted) == ["join", "stuck"]
 
 
+@fd.step
+async def broken(x: int) -> int:
+    CALLS["broken"] += 1
+    raise RuntimeError("broken")
+
+
+@fd.flow
+async def siblings(x: int) -> list[int]:
+    return [await broken(x), await quick(x)]
+
+
+async def test_a_finished_event_means_the_node_is_in_the_journal(
+    request: pytest.FixtureRequest, anyio_backend: Any, contexts: ContextFactory
+) -> None:
+    if anyio_backend == "trio" and "sqlite" in request.node.name:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="_runner.run_node emits StepFinished before `await store.commit_node`, "
+                "which SQLite starts with a cancellation checkpoint: on trio `quick` runs as "
+                "`broken` fails, reports StepFinished, and its commit is cancelled",
+            )
+        )
+    events: list[Any] = []
+    async with contexts(on_event=events.append) as ctx:
+        with pytest.raises(fd.StepFailed, match=r"node 'broken'"):
+            await ctx.run(siblings, 1, run_id="sib")
+        journal = await ctx.store.load_nodes("sib")
+    finished = {e.node_id for e in of(events, ev.StepFinished)}
+    assert finished <= set(journal)
+    # A step whose body completed is not lost to its sibling's failure.
+    assert CALLS["quick"] == len(journal)
+
+
 async def test_a_run_left_running_by_a_dead_process_is_resumed_by_start(
     tmp_path: Path,
 ) -> None:

@@ -10,7 +10,8 @@ Two families of flows:
   strategies have no cached steps), crashed several times in a row by the steps
   themselves, then resumed to the end.
 
-Example counts are modest on purpose (see ``SETTINGS``); CI's profile raises them.
+Example counts come from the hypothesis profile (conftest.py: more on CI); batch mode, the
+slowest, draws a few.
 """
 
 from __future__ import annotations
