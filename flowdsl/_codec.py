@@ -17,6 +17,7 @@ from typing import Any, Final, get_args, get_origin
 
 import attrs
 import cattrs
+import cattrs.cols
 from cattrs.preconf.json import make_converter
 
 from ._errors import CodecError
@@ -36,6 +37,53 @@ def _strict(tp: type, accepts: tuple[type, ...]) -> Any:
 
     return structure
 
+
+def _require(expected: tuple[type, ...], what: str, inner: Any) -> Any:
+    def structure(value: Any, cl: Any) -> Any:
+        if type(value) not in expected:
+            raise TypeError(f"expected {what}, got {type(value).__name__}")
+        return inner(value, cl)
+
+    return structure
+
+
+def _sequence_hook(tp: Any, conv: Any) -> Any:
+    # cattrs structures any iterable as a list: a dict gives its keys, a string its
+    # characters. JSON has arrays for sequences, so anything else was not written by us.
+    args = get_args(tp)
+    if get_origin(tp) is tuple or tp is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            inner = cattrs.cols.homogenous_tuple_structure_factory(tp, conv)
+        else:
+            item_hooks = [conv.get_structure_hook(a) for a in args]
+
+            def inner(value: Any, _: Any) -> Any:
+                if item_hooks and len(value) != len(item_hooks):
+                    raise ValueError(f"expected {len(item_hooks)} items, got {len(value)}")
+                if not item_hooks:
+                    return tuple(value)
+                return tuple(h(v, a) for h, v, a in zip(item_hooks, value, args, strict=True))
+    else:
+        inner = cattrs.cols.list_structure_factory(tp, conv)
+    return _require((list, tuple), "a JSON array", inner)
+
+
+def _mapping_hook(tp: Any, conv: Any) -> Any:
+    return _require((dict,), "a JSON object", cattrs.cols.mapping_structure_factory(tp, conv))
+
+
+converter.register_structure_hook_factory(
+    lambda t: (
+        (cattrs.cols.is_mutable_sequence(t) or cattrs.cols.is_sequence(t))
+        and not cattrs.cols.is_namedtuple(t)
+        and t is not str
+        and t is not bytes
+    ),
+    _sequence_hook,
+)
+converter.register_structure_hook_factory(
+    lambda t: cattrs.cols.is_mapping(t) and not cattrs.cols.is_defaultdict(t), _mapping_hook
+)
 
 for _tp, _accepts in (
     (str, (str,)),

@@ -720,6 +720,11 @@ def _decode_inputs(record: RunRecord, flow: Flow[..., Any]) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise CodecError("inputs are not a JSON object")
         types = flow.input_types
+        if set(data) != set(types):
+            raise CodecError(
+                f"the run's inputs {sorted(data)} do not match the flow's parameters "
+                f"{sorted(types)}"
+            )
         return {
             name: _codec.from_data(value, types.get(name, Any), what=f"input {name!r}")
             for name, value in data.items()

@@ -186,6 +186,14 @@ class BatchExecutor:
         return self._outcome(run, node, completion)
 
     def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
+        if completion.ok and completion.record is None:
+            raise StepCheckpointFailed(
+                "the worker's completion says ok but carries no record",
+                flow=run.flow_name,
+                node=node.id,
+                run_id=run.run_id,
+                hint="The queue holds data flowdsl did not write",
+            )
         if completion.ok and completion.record is not None:
             record = completion.record
             try:
@@ -377,21 +385,28 @@ class Worker:
                 self.on_complete()
 
     async def handle(self, item: Claimed) -> None:
-        """Run one claimed task to its completion message."""
+        """Run one claimed task to its completion message.
+
+        Whatever is wrong with one task (its message, its step, the state it reads) fails
+        that task's run, never the worker: the worker goes on serving the others.
+        """
         try:
             task = decode_task(item.payload)
         except CheckpointError as exc:
             run_id = peek_run_id(item.payload) or "?"
             log.warning("task %s is malformed: %s", item.task_id, exc)
-            await self._fail(item, run_id, exc.node or "?", str(exc), "checkpoint")
+            await self._fail(item, run_id, exc.node or "?", _bare(exc), "checkpoint")
             return
         try:
-            node = self._node(task)
-            args, kwargs = self._arguments(task, node)
-        except FlowError as exc:
+            await self._handle(item, task)
+        except (ConfigError, CheckpointError) as exc:
             kind = "config" if isinstance(exc, ConfigError) else "checkpoint"
-            await self._fail(item, task.run_id, task.node_id, str(exc), kind)
-            return
+            log.warning("task %s of run %s failed: %s", item.task_id, task.run_id, exc)
+            await self._fail(item, task.run_id, task.node_id, _bare(exc), kind)
+
+    async def _handle(self, item: Claimed, task: TaskMessage) -> None:
+        node = self._node(task)
+        args, kwargs = self._arguments(task, node)
         unit = node.fn
         assert unit is not None
         if item.deliveries > 1:
@@ -489,6 +504,11 @@ class Worker:
             for k, v in task.kwargs.items()
         }
         return args, kwargs
+
+
+def _bare(exc: FlowError) -> str:
+    """An error's own words, without the flow and node the scheduler's side adds back."""
+    return f"{exc.problem.rstrip('.')}. {exc.hint}" if exc.hint else exc.problem
 
 
 def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
