@@ -30,12 +30,25 @@ converter: Final = make_converter(forbid_extra_keys=True)
 def _strict(tp: type, accepts: tuple[type, ...]) -> Any:
     # cattrs structures primitives by calling the type (str([1, 2]) == "[1, 2]"): data
     # read back from a store must already be what the annotation says, or it is refused.
-    def structure(value: Any, _: Any) -> Any:
+    def structure(value: Any, cl: Any) -> Any:
+        if cl is not tp:
+            # A subclass (an IntEnum, a StrEnum) reached this hook through the class
+            # hierarchy: build it, which refuses values that are not its members.
+            return cl(value)
         if type(value) not in accepts:
             raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
         return value if type(value) is tp else tp(value)
 
     return structure
+
+
+for _tp, _accepts in (
+    (str, (str,)),
+    (int, (int,)),
+    (float, (float, int)),
+    (bool, (bool,)),
+):
+    converter.register_structure_hook(_tp, _strict(_tp, _accepts))
 
 
 def _require(expected: tuple[type, ...], what: str, inner: Any) -> Any:
@@ -84,18 +97,6 @@ converter.register_structure_hook_factory(
 converter.register_structure_hook_factory(
     lambda t: cattrs.cols.is_mapping(t) and not cattrs.cols.is_defaultdict(t), _mapping_hook
 )
-
-for _tp, _accepts in (
-    (str, (str,)),
-    (int, (int,)),
-    (float, (float, int)),
-    (bool, (bool,)),
-):
-    # By exact type: a class hook would also catch subclasses such as IntEnum.
-    converter.register_structure_hook_func(
-        lambda t, _tp=_tp: t is _tp,  # type: ignore[misc]
-        _strict(_tp, _accepts),
-    )
 
 _PRIMITIVES: Final = frozenset({str, int, float, bool, type(None)})
 _dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
