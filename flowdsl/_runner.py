@@ -89,28 +89,37 @@ class StepScope:
             )
 
     def succeed(self, raw: Any) -> tuple[NodeRecord, Any]:
-        """Encode the step's value (or pick the branch's case); report it; make the record."""
-        node, sink = self.node, self.sink
+        """Encode the step's value (or pick the branch's case) and make its record.
+
+        Nothing is reported yet: :meth:`report` follows once the record is committed, so
+        that a ``StepFinished`` event always means the result is in the journal.
+        """
+        node = self.node
         unit = node.fn
         assert unit is not None
         if node.kind is NodeKind.BRANCH:
             label = pick_case(raw, node.labels, node.id)
-            data, text, value = label, _codec.dumps(label), label
+            text, value = _codec.dumps(label), label
         else:
-            data, text, value = _roundtrip(raw, unit.return_type, node)
-        finished = time.time()
-        if sink.observed:
-            if node.kind is NodeKind.BRANCH:
-                sink.emit(ev.BranchTaken(sink.run_id, node.id, finished, label, self.attempt))
-            sink.emit(
-                ev.StepFinished(
-                    sink.run_id, node.id, finished, data, self.attempt, finished - self.started
-                )
-            )
+            _, text, value = _roundtrip(raw, unit.return_type, node)
         record = NodeRecord(
-            node.id, text, self.attempt, self.started, finished, self.marker, self.usage
+            node.id, text, self.attempt, self.started, time.time(), self.marker, self.usage
         )
         return record, value
+
+    def report(self, record: NodeRecord) -> None:
+        """Tell whoever watches that the node finished (after its record is committed)."""
+        sink, node = self.sink, self.node
+        if not sink.observed:
+            return
+        data = _codec.loads(record.value)
+        if node.kind is NodeKind.BRANCH:
+            sink.emit(ev.BranchTaken(sink.run_id, node.id, record.finished_at, data, self.attempt))
+        sink.emit(
+            ev.StepFinished(
+                sink.run_id, node.id, record.finished_at, data, self.attempt, record.duration
+            )
+        )
 
     def fail(self, exc: Exception) -> float:
         """After a failed attempt: the delay before the next one, or raise StepFailed."""
@@ -211,6 +220,7 @@ async def run_node(
         else:
             if store is not None:
                 await store.commit_node(sink.run_id, outcome[0])
+            scope.report(outcome[0])
             return outcome
         finally:
             _SCOPE.reset(token)
@@ -244,6 +254,7 @@ class FastJob(StepScope):
             self.fail(exc)  # codec errors and unknown cases are final: this raises
             raise
         self.store.commit_node_nowait(self.sink.run_id, outcome[0])
+        self.report(outcome[0])
         return outcome
 
     def retry(self, exc: Exception) -> Any:
@@ -387,10 +398,10 @@ async def run_node_cached(
     if text is not None:
         now = time.time()
         value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
-        if sink.observed:
-            sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
         record = NodeRecord(node.id, text, 0, now, now, marker)
         await store.commit_node(sink.run_id, record)
+        if sink.observed:
+            sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
         return record, value
     record, value = await run_node(sink, node, args, kwargs, marker=marker, llm=llm, store=store)
     await store.put_cached(key, record.value)

@@ -440,17 +440,22 @@ class Worker:
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
             await self._fail(item, task.run_id, task.node_id, f"step failed: {detail}", kind)
             return
-        await self.broker.publish_events(sink.buffer)
         atomic = getattr(self.broker, "commit_and_complete", None)
         if atomic is not None and self.broker.holds(self.store):  # type: ignore[attr-defined]
             # The broker keeps the journal too: commit the record and complete the task
             # in one atomic operation (first commit wins; the completion carries it).
+            # Events go first: the scheduler stops listening for a run's events once its
+            # last completion arrives.
+            await self.broker.publish_events(sink.buffer)
             completion = Completion(task.run_id, task.node_id, True, record)
             if await atomic(item.task_id, task.run_id, record, encode_completion(completion)):
                 return
             committed = False
         else:
             committed = await self.store.commit_node(task.run_id, record)
+            # After the commit (a StepFinished means the result is journaled), before the
+            # completion (which may end the run and its event stream).
+            await self.broker.publish_events(sink.buffer)
         if not committed:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
