@@ -357,6 +357,7 @@ class Tracer:
         self.flow_name = flow.name
         self.nodes: dict[str, Node] = {}
         self.taken: set[str] = set()  # node ids and sub-flow namespaces
+        self.counts: dict[str, int] = {}  # per id base, the last suffix handed out
         self.pending: list[_Pending] = []
         self.prefix = ""
         self.guard: Guard = ()
@@ -366,10 +367,15 @@ class Tracer:
 
     def _new_id(self, name: str) -> str:
         base = node_id = self.prefix + name
-        n = 1
+        # Resume the count where this name left off: a loop of a thousand calls to one
+        # step would otherwise search from -2 upwards every time.
+        n = self.counts.get(base, 1)
+        if n > 1:
+            node_id = f"{base}-{n}"
         while node_id in self.taken:
             n += 1
             node_id = f"{base}-{n}"
+        self.counts[base] = n
         self.taken.add(node_id)
         return node_id
 

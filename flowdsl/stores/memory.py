@@ -38,14 +38,20 @@ class MemoryStore:
         return record, True
 
     def _evict(self) -> None:
-        if len(self._runs) <= self.max_runs:
+        excess = len(self._runs) - self.max_runs
+        if excess <= 0:
             return
-        for run_id in list(self._runs):
-            if len(self._runs) <= self.max_runs:
-                break
-            if self._runs[run_id].status.ended:
-                del self._runs[run_id]
-                self._nodes.pop(run_id, None)
+        # Oldest first, ended runs only; stop as soon as enough are found, so a store at
+        # its cap costs one short walk per new run, not a copy of every id.
+        ended = []
+        for run_id, record in self._runs.items():
+            if record.status.ended:
+                ended.append(run_id)
+                if len(ended) == excess:
+                    break
+        for run_id in ended:
+            del self._runs[run_id]
+            self._nodes.pop(run_id, None)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return self._runs.get(run_id)
