@@ -146,6 +146,8 @@ async def test_worker_processes_share_the_work(url: str, procs: Procs) -> None:
     """Two worker processes on one file: every run finishes, each node ran once, and
     both processes took part."""
     workers = [procs.serve(concurrency=2) for _ in range(2)]
+    # Both serve before the first task: else the first up may take every task alone.
+    await procs.wait_for(lambda: all("ready" in procs.output(w) for w in workers), "ready")
     inputs = list(range(8))
     with anyio.fail_after(60):
         async with fd.Context(batch=True, store=url, workers=0) as ctx:

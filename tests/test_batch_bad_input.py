@@ -193,12 +193,6 @@ async def test_an_unreadable_task_fails_its_run(url: str, db_path: Path, payload
                 await bad.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.handle/_fail send str(exc), already prefixed with the flow and node, as the "
-    "completion's error, and BatchExecutor._outcome prefixes it again: \"flow 'diamond', node "
-    "'work': flow 'diamond', node 'work': malformed ...\"",
-)
 @pytest.mark.parametrize(
     "payload",
     [task_payload(args="a, 1, 0.0"), task_payload(step="batch_steps:no_such_step")],
@@ -248,12 +242,6 @@ async def test_an_unreadable_completion_is_dropped_and_the_run_goes_on(
                 tg.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=fd.StepFailed,
-    reason="BatchExecutor._outcome treats a completion with ok=true and no record as a step "
-    "failure (error_kind None): a plain StepFailed 'failed on a worker', not a CheckpointError",
-)
 async def test_a_completion_that_says_ok_without_a_record_is_a_checkpoint_error(
     url: str, db_path: Path
 ) -> None:
@@ -289,13 +277,6 @@ async def test_a_journaled_result_of_the_wrong_type_fails_its_run_with_checkpoin
                 await bad.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BaseExceptionGroup,
-    reason="Worker.handle does not catch the store's CheckpointError when it reads back a "
-    "corrupted journal row (after a lost first-commit race): the worker's task group fails, "
-    "and with it the context's (in-process workers): every run in the context dies",
-)
 async def test_a_corrupted_journal_row_fails_its_run_and_not_the_worker(
     url: str, db_path: Path
 ) -> None:
