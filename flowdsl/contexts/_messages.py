@@ -80,6 +80,10 @@ class Claimed:
     task_id: str
     deliveries: int  # how many times it was handed out, this time included
     payload: str  # the task's JSON text, decoded by the worker (it may be malformed)
+    # What the broker knows of the task apart from its payload, so that a payload too
+    # broken to name its run still fails that run instead of leaving it waiting.
+    run_id: str | None = None
+    node_id: str | None = None
 
 
 _converter = _codec.converter

@@ -114,6 +114,8 @@ class BatchExecutor:
         self._wake = anyio.Event()
         self._local_workers: list[Worker] = []
         self._forget: list[str] = []  # ended observed runs whose events can go
+        self._outbox: list[tuple[str, str, str]] = []  # tasks to enqueue
+        self._flushing = False
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         _, self._cursor = await self.broker.completions(None)
@@ -174,16 +176,33 @@ class BatchExecutor:
         waiter = _Waiter(anyio.Event())
         self._waiting[key] = waiter
         try:
-            await self.broker.enqueue([(run.run_id, node.id, encode_task(task))])
-            for worker in self._local_workers:
-                worker.poke()
-            self.poke()
+            self._outbox.append((run.run_id, node.id, encode_task(task)))
+            if not self._flushing:
+                await self._flush()
             await waiter.event.wait()
         finally:
             self._waiting.pop(key, None)
         completion = waiter.completion
         assert completion is not None
         return self._outcome(run, node, completion)
+
+    async def _flush(self) -> None:
+        """Enqueue what the outbox holds, in as few transactions as it takes.
+
+        Siblings made ready by one completion all reach ``execute`` in the same tick: the
+        first one yields once so that the others can add theirs, then sends them all.
+        """
+        self._flushing = True
+        try:
+            await anyio.lowlevel.checkpoint()
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                await self.broker.enqueue(batch)
+                for worker in self._local_workers:
+                    worker.poke()
+                self.poke()
+        finally:
+            self._flushing = False
 
     def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
         if completion.ok and completion.record is None:
@@ -393,9 +412,10 @@ class Worker:
         try:
             task = decode_task(item.payload)
         except CheckpointError as exc:
-            run_id = peek_run_id(item.payload) or "?"
+            run_id = item.run_id or peek_run_id(item.payload) or "?"
+            node_id = item.node_id or exc.node or "?"
             log.warning("task %s is malformed: %s", item.task_id, exc)
-            await self._fail(item, run_id, exc.node or "?", _bare(exc), "checkpoint")
+            await self._fail(item, run_id, node_id, _bare(exc), "checkpoint")
             return
         try:
             await self._handle(item, task)

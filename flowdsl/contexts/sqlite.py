@@ -70,7 +70,7 @@ _SCHEMA: Final = (
 _CLAIM: Final = """
     UPDATE fd_tasks SET lease_until = ?, deliveries = deliveries + 1, worker = ?
     WHERE id IN (SELECT id FROM fd_tasks WHERE lease_until < ? ORDER BY id LIMIT ?)
-    RETURNING id, deliveries, payload
+    RETURNING id, deliveries, payload, run_id, node_id
 """
 
 
@@ -154,7 +154,9 @@ class SQLiteBroker:
         now = time.time()
         (rows,) = self._write([(_CLAIM, (now + lease, worker, now, limit))])
         rows.sort(key=lambda row: row[0])
-        return [Claimed(str(row[0]), int(row[1]), str(row[2])) for row in rows]
+        return [
+            Claimed(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4])) for row in rows
+        ]
 
     async def extend(self, task_ids: list[str], lease: float) -> None:
         if not task_ids:
