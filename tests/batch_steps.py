@@ -42,6 +42,7 @@ __all__ = [
     "parity",
     "read_log",
     "resume_chain",
+    "stalls",
     "work",
 ]
 
@@ -165,6 +166,13 @@ async def fragile_chain(x: int) -> int:
     c2 = await fragile("c2", b)
     c3 = await work("c3", b)
     return await total(c1, c2, c3)
+
+
+@fd.flow
+async def stalls(x: int) -> int:
+    """A node without retries after an ordinary one: hold ``stall`` to kill its worker."""
+    a = await work("a", x)
+    return await fragile("stall", a)
 
 
 def expected_chain(x: int) -> int:
