@@ -770,7 +770,7 @@ def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any,
 
     if not batch:
         return open_store(store), None
-    from .contexts import open_broker
+    from .contexts import link, open_broker
 
     if broker is None:
         if isinstance(store, str) and store.startswith("sqlite:"):
@@ -785,7 +785,9 @@ def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any,
                 f"batch mode on {broker.split(':', 1)[0]} needs a durable store",
                 hint="Pass store=... (for example the same URL as the broker)",
             )
-    return open_store(store), queue
+    journal = open_store(store)
+    link(journal, queue)
+    return journal, queue
 
 
 def _check_flow(flow: Any) -> None:

@@ -11,7 +11,21 @@ from typing import Any
 
 from .._errors import ConfigError
 
-__all__ = ["open_broker"]
+__all__ = ["link", "open_broker"]
+
+
+def link(store: Any, queue: Any) -> None:
+    """Let an embedded queue share its store's connection when both use one file."""
+    from ..stores.sqlite import SQLiteStore
+    from .sqlite import SQLiteBroker
+
+    if (
+        isinstance(queue, SQLiteBroker)
+        and isinstance(store, SQLiteStore)
+        and store.path == queue.path
+        and store.path != ":memory:"
+    ):
+        queue.share(store)
 
 
 def open_broker(url: str) -> Any:

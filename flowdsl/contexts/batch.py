@@ -593,7 +593,7 @@ async def serve(
     defaults to the broker's own file for the embedded SQLite queue.
     """
     from ..stores import open_store
-    from . import open_broker
+    from . import link, open_broker
 
     for module in imports:
         try:
@@ -611,6 +611,7 @@ async def serve(
         store = broker
     queue = open_broker(broker)
     journal = open_store(store)
+    link(journal, queue)
     await journal.open()
     try:
         await queue.open()

@@ -232,6 +232,10 @@ class RedisBroker:
         self._reclaim_cursor = "0-0"
         self._next_reclaim = 0.0
         self._next_sweep = 0.0
+        # Events fetched along with completions, for the next events() call.
+        self._event_buffer: list[tuple[str, str, str]] = []  # (entry id, run id, text)
+        self._events_upto: str | None = None
+        self._events_wanted = False
 
     def __repr__(self) -> str:
         state = "open" if self._link.is_open else "closed"
@@ -255,6 +259,7 @@ class RedisBroker:
     async def close(self) -> None:
         self._scripts = {}
         self._holders.clear()
+        self._event_buffer, self._events_upto, self._events_wanted = [], None, False
         await self._link.close()
 
     async def _ensure_group(self) -> None:
@@ -469,9 +474,23 @@ class RedisBroker:
     # --- completions and events -----------------------------------------------------------
 
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
+        """Completions after *cursor*, waiting up to ``read_block`` for one.
+
+        While someone reads :meth:`events` too, the same read fetches the events
+        published meanwhile (one round trip, woken by either) into a buffer that the next
+        :meth:`events` call returns at once.  So a run's events, published by its worker
+        before the node's completion, are in hand before the scheduler could see the run
+        end and stop watching it.
+        """
         if cursor is None:
             return [], await self._last_id(self.completions_key)
-        entries = await self._read(self.completions_key, cursor, self.read_block)
+        streams = {self.completions_key: cursor}
+        if self._events_wanted and self._events_upto is not None:
+            streams[self.events_key] = self._events_upto
+        self._events_wanted = False
+        replies = await self._read(streams, self.read_block)
+        entries = replies.get(self.completions_key, [])
+        self._buffer_events(replies.get(self.events_key, []))
         if not entries:
             return [], cursor
         texts = [_payload_of(fields) for _, fields in entries]
@@ -500,12 +519,27 @@ class RedisBroker:
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
         if cursor is None:
-            return [], await self._last_id(self.events_key)
-        entries = await self._read(self.events_key, cursor, 0.0)
-        if not entries:
+            last = await self._last_id(self.events_key)
+            self._events_upto, self._event_buffer = last, []
+            return [], last
+        self._events_wanted = True
+        if self._events_upto is None or _entry_key(self._events_upto) < _entry_key(cursor):
+            self._events_upto, self._event_buffer = str(cursor), []
+        if not self._event_buffer:
+            replies = await self._read({self.events_key: self._events_upto}, 0.0)
+            self._buffer_events(replies.get(self.events_key, []))
+        after = _entry_key(cursor)
+        taken = [e for e in self._event_buffer if _entry_key(e[0]) > after]
+        self._event_buffer = []
+        if not taken:
             return [], cursor
-        out = [(_field(fields, b"run"), _payload_of(fields)) for _, fields in entries]
-        return out, from_bytes(entries[-1][0], "entry id")
+        return [(run_id, text) for _, run_id, text in taken], taken[-1][0]
+
+    def _buffer_events(self, entries: list[Any]) -> None:
+        for entry_id, fields in entries:
+            text_id = from_bytes(entry_id, "entry id")
+            self._event_buffer.append((text_id, _field(fields, b"run"), _payload_of(fields)))
+            self._events_upto = text_id
 
     async def forget_events(self, run_id: str) -> None:
         """Nothing to do: other machines may still be watching the run; the stream is
@@ -516,7 +550,7 @@ class RedisBroker:
         all the stream still holds), and the new cursor: for watching a run from
         another process or machine.  Decode them with
         ``flowdsl.contexts.batch.decode_event``."""
-        entries = await self._read(self.events_key, cursor, 0.0)
+        entries = (await self._read({self.events_key: cursor}, 0.0)).get(self.events_key, [])
         wanted = to_bytes(run_id)
         texts = [_payload_of(f) for _, f in entries if f.get(b"run") == wanted]
         new = from_bytes(entries[-1][0], "entry id") if entries else cursor
@@ -540,15 +574,24 @@ class RedisBroker:
         )
         return from_bytes(last[0][0], "entry id") if last else "0-0"
 
-    async def _read(self, key: str, cursor: Any, block: float) -> list[Any]:
+    async def _read(self, streams: dict[str, Any], block: float) -> dict[str, list[Any]]:
         client = self._link.require("queue")
         ms = int(block * 1000) if block > 0 else None
 
         async def read() -> Any:
-            return await client.xread({key: cursor}, count=_READ_COUNT, block=ms)
+            return await client.xread(streams, count=_READ_COUNT, block=ms)
 
         reply = await self._link.call("reading a stream", read)
-        return list(reply[0][1]) if reply else []
+        return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}
+
+
+def _entry_key(entry_id: Any) -> tuple[int, int]:
+    """A stream entry id (``"1700000000000-3"``) as a comparable pair."""
+    ms, _, seq = str(entry_id).partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
 
 
 def _queued_field(run_id: str, node_id: str) -> bytes:

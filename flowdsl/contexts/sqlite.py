@@ -82,12 +82,46 @@ class SQLiteBroker:
         self.url = f"sqlite:///{self.path}"
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
+        self._store: Any = None
+
+    def share(self, store: Any) -> None:
+        """Use *store*'s connection: the queue and the journal live in one file, so a
+        worker can commit a node and complete its task in one transaction."""
+        self._store = store
+
+    def holds(self, store: Any) -> bool:
+        return store is not None and store is self._store
+
+    async def commit_and_complete(
+        self, task_id: str, run_id: str, record: Any, payload: str
+    ) -> bool:
+        await checkpoint_if_cancelled()
+        return bool(
+            self._store.commit_node_then(
+                run_id,
+                record,
+                [
+                    ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
+                    (
+                        "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
+                        (run_id, record.node_id, payload),
+                    ),
+                ],
+            )
+        )
 
     def __repr__(self) -> str:
         return f"<SQLiteBroker {self.url!r}>"
 
     async def open(self) -> None:
         if self._conn is not None:
+            return
+        if self._store is not None:
+            # The store is opened first and owns the connection; only the tables are ours.
+            conn = self._store.connection()
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            self._conn = conn
             return
         try:
             if self.path != ":memory:":
@@ -108,7 +142,7 @@ class SQLiteBroker:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and self._store is None:
             conn.close()
 
     def _db(self) -> sqlite3.Connection:

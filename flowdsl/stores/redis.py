@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import anyio
 import attrs
+from anyio.lowlevel import checkpoint_if_cancelled
 
 from .. import _codec
 from .._errors import CheckpointError, CodecError, ConfigError
@@ -817,6 +818,23 @@ class RedisStore:
     # --- the journal ----------------------------------------------------------------------
 
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
+        """First commit wins.  Cancelled, it has committed nothing: a write already sent
+        is seen through and then taken back, so that a node is never in the journal
+        without its caller having been able to report it done (the node runs again on
+        resume, as every node in flight does)."""
+        await checkpoint_if_cancelled()
+        # Node tasks are cancelled natively (asyncio's task.cancel, which anyio's shields
+        # do not stop), so the write runs as a task of its own that a cancellation of
+        # ours cannot interrupt halfway.
+        write = asyncio.ensure_future(self._commit_node(run_id, record))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if await _see_through(write):
+                await _see_through(self.forget_nodes(run_id, [record.node_id]))
+            raise
+
+    async def _commit_node(self, run_id: str, record: NodeRecord) -> bool:
         client = self._client()
         field, digest, blob = encode_node(record)
         key = self.layout.nodes(run_id)
@@ -982,6 +1000,18 @@ class RedisStore:
             node=node_id,
             hint=_RESTORE_HINT.format(keys=keys),
         )
+
+
+async def _see_through(work: Awaitable[T]) -> T:
+    """The result of *work*, run to its end whatever cancellations this task receives
+    meanwhile (the caller re-raises the one it is handling)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
 
 
 def _run_fields(record: RunRecord) -> dict[str, bytes]:

@@ -400,6 +400,17 @@ class SQLiteStore:
 
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
         await checkpoint_if_cancelled()
+        return self.commit_node_then(run_id, record, ())
+
+    def commit_node_then(
+        self, run_id: str, record: NodeRecord, then: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> bool:
+        """Commit *record* and, if it is the first commit of that node, run the *then*
+        statements in the same transaction.
+
+        The embedded queue shares this connection and completes its task this way: the
+        node's row, the task's removal and its completion become durable together.
+        """
         db = self._db()
         value, digest, data = _split_value(record.value)
         usage = None if record.usage is None else _storable_json(_codec.dumps(record.usage))
@@ -421,8 +432,11 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 created = db.execute(_INSERT_NODE, params).rowcount == 1
-                if created and digest is not None:
-                    db.execute(_INSERT_BLOB, (digest, data))
+                if created:
+                    if digest is not None:
+                        db.execute(_INSERT_BLOB, (digest, data))
+                    for sql, args in then:
+                        db.execute(sql, args)
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)
@@ -430,6 +444,10 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id, node_id=record.node_id) from exc
         return created
+
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, for the embedded queue that lives in the same file."""
+        return self._db()
 
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         await checkpoint_if_cancelled()
