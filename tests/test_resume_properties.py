@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,3 +366,25 @@ async def test_cached_flows_through_check_resume(
     report = await check_resume(flow, x, crash=crash, context=context_factory(store, tmp_path))
     assert report.ok, report.explain()
     assert report.result == evaluate(ops, x)
+
+
+# --- the example users copy ---------------------------------------------------------------
+
+DOCS = Path(__file__).parent.parent / "docs" / "durability.md"
+
+
+def test_the_example_test_module_in_the_docs_passes(tmp_path: Path) -> None:
+    """docs/durability.md's complete test module, run by pytest as a user would."""
+    text = DOCS.read_text()
+    after = text[text.index("A complete test module you can copy") :]
+    code = after.split("```python\n", 1)[1].split("\n```", 1)[0]
+    (tmp_path / "test_triage_resume.py").write_text(code + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_triage_resume.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
