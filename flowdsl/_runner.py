@@ -388,22 +388,48 @@ async def run_node_cached(
     *,
     marker: str = "",
     llm: Any = None,
+    first_attempt: int = 1,
+    commit: bool = True,
 ) -> tuple[NodeRecord, Any]:
-    """:func:`run_node`, consulting the store's cache first for ``cache=True`` steps."""
+    """:func:`run_node`, consulting the store's cache first for ``cache=True`` steps.
+
+    With ``commit=False`` (a batch worker, which commits and completes in one go) the
+    record is returned uncommitted.
+    """
+    journal = store if commit else None
     unit = node.fn
     if unit is None or not unit.cache:
-        return await run_node(sink, node, args, kwargs, marker=marker, llm=llm)
+        return await run_node(
+            sink,
+            node,
+            args,
+            kwargs,
+            marker=marker,
+            llm=llm,
+            first_attempt=first_attempt,
+            store=journal,
+        )
     key = cache_key(node, marker, args, kwargs)
     text = await store.get_cached(key)
     if text is not None:
         now = time.time()
         value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
         record = NodeRecord(node.id, text, 0, now, now, marker)
-        await store.commit_node(sink.run_id, record)
+        if journal is not None:
+            await journal.commit_node(sink.run_id, record)
         if sink.observed:
             sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
         return record, value
-    record, value = await run_node(sink, node, args, kwargs, marker=marker, llm=llm, store=store)
+    record, value = await run_node(
+        sink,
+        node,
+        args,
+        kwargs,
+        marker=marker,
+        llm=llm,
+        first_attempt=first_attempt,
+        store=journal,
+    )
     await store.put_cached(key, record.value)
     return record, value
 

@@ -42,7 +42,7 @@ from .._errors import (
 )
 from .._graph import Node, NodeKind
 from .._records import NodeRecord
-from .._runner import run_node
+from .._runner import run_node_cached
 from ._messages import (
     Broker,
     Claimed,
@@ -444,7 +444,8 @@ class Worker:
                 return
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
-            record, _ = await run_node(
+            record, _ = await run_node_cached(
+                self.store,
                 sink,
                 node,
                 args,
@@ -452,6 +453,7 @@ class Worker:
                 marker=task.marker,
                 llm=self.llm,
                 first_attempt=item.deliveries,
+                commit=False,
             )
         except StepFailed as exc:
             await self.broker.publish_events(sink.buffer)
