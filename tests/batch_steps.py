@@ -154,7 +154,8 @@ async def resume_chain(x: int) -> int:
     c1 = await work("c1", b)
     c2 = await work("c2", b)
     c3 = await work("c3", b)
-    return await total(c1, c2, c3)
+    out: int = await total(c1, c2, c3)  # `step(retries=...)` is typed as returning Any
+    return out
 
 
 @fd.flow
@@ -165,7 +166,8 @@ async def fragile_chain(x: int) -> int:
     c1 = await work("c1", b)
     c2 = await fragile("c2", b)
     c3 = await work("c3", b)
-    return await total(c1, c2, c3)
+    out: int = await total(c1, c2, c3)  # `step(retries=...)` is typed as returning Any
+    return out
 
 
 @fd.flow

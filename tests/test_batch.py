@@ -537,7 +537,8 @@ async def vanish_0(x: int) -> int:
 
 @fd.flow
 async def vanish_1(x: int) -> int:
-    return await once_retried(x)
+    out: int = await once_retried(x)  # `step(retries=...)` is typed as returning Any
+    return out
 
 
 vanish_flows = {0: vanish_0, 1: vanish_1}

@@ -71,7 +71,7 @@ async def kill_mid_step(
         return rng.choice(candidates) if candidates else None
 
     await anyio.sleep(rng.uniform(0, 0.3))  # kills spread over the runs' lifetime
-    victim = await procs.wait_for(busy_worker, "a worker with a step in flight")
+    victim: subprocess.Popen[bytes] = await procs.wait_for(busy_worker, "a busy worker")
     await anyio.sleep(rng.uniform(0, delay))  # a random point of the step (or just after)
     procs.kill(victim)
     live.remove(victim)
