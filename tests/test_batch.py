@@ -152,6 +152,7 @@ async def test_worker_processes_share_the_work(url: str, procs: Procs) -> None:
     with anyio.fail_after(60):
         async with fd.Context(batch=True, store=url, workers=0) as ctx:
             runs = [await ctx.start(bs.diamond, x, 0.02, run_id=f"d{x}") for x in inputs]
+            results: list[Any] = []
             with anyio.move_on_after(50):
                 results = [await run.result() for run in runs]
             procs.check()

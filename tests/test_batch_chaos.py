@@ -94,6 +94,7 @@ async def test_workers_killed_mid_step_lose_nothing_and_commit_nothing_twice(
             ]
             for _ in range(KILLS):
                 killed.append(await kill_mid_step(procs, live, rng, max(delays)))
+            results: list[Any] = []
             with anyio.move_on_after(60):
                 results = [await run.result() for run in runs]
             procs.check()  # a replacement that died explains a timeout
