@@ -36,11 +36,10 @@ from strategies import DagSpec, build_flow, dag_specs, flow_inputs, recording, r
 
 pytestmark = pytest.mark.anyio
 
-# A batch run costs more than a real-time one: half the profile's examples (conftest.py:
-# 25 in dev, 75 on CI), and a fifth with worker processes (polling across processes).
+# The profile's example counts (conftest.py: 50 in dev, 150 on CI) with in-process
+# workers; a fifth with worker processes, where polling across processes costs more.
 _PROFILE = settings().max_examples
 SETTINGS = settings(
-    max_examples=max(5, _PROFILE // 2),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 PROCESS_SETTINGS = settings(SETTINGS, max_examples=max(4, _PROFILE // 5))
