@@ -199,7 +199,18 @@ def run_child(job: Job, entry: str, args: Record, directory: Path) -> Record:
     if done.returncode != 0 or not out.exists():
         raise ChildFailed(f"{job.key}: exit {done.returncode}\n{done.stderr[-3000:]}")
     record: Record = json.loads(out.read_text(encoding="utf-8"))
+    record["warnings"] = _warnings(done.stderr)
     return record
+
+
+def _warnings(stderr: str) -> list[str]:
+    """What a system warned about while it was measured (DBOS logs to stderr), once each."""
+    seen: dict[str, None] = {}
+    for line in stderr.splitlines():
+        if "warning" in line.lower():
+            # Drop a leading time stamp so that repeats of one warning count once.
+            seen.setdefault(line.split("]", 1)[-1].strip()[:200])
+    return list(seen)[:3]
 
 
 def run_workload(job: Job, directory: Path, quick: bool) -> Record:
@@ -515,10 +526,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "every result checked against the plain-Python computation: "
         + ("all right" if not wrong else f"WRONG in {', '.join(wrong)} (figures suspect)")
     )
-    notes.append(
-        f"every child process imports the shared workload module, which imports flowdsl "
-        f"(median {median(_shared_imports(records)) * 1e3:.0f} ms of each resume figure)"
-    )
+    for key, rs in records.items():
+        for warning in sorted({text for r in rs if r for text in r.get("warnings", [])}):
+            notes.append(f"{key} warned: {warning}")
+    shared = [
+        r["shared_import_s"] for j in jobs if j.workload == "resume" for r in records[j.key] if r
+    ]
+    if shared:
+        notes.append(
+            "every child process imports the shared workload module, which imports flowdsl: "
+            f"{median(shared) * 1e3:.0f} ms (median) of each resume's imports"
+        )
     title = (
         f"flowdsl beside its peers: medians of {rounds} round(s), each system in a fresh "
         f"process per workload per round" + (" (--quick sizes)" if args.quick else "")
@@ -552,10 +570,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows) + "\n", encoding="utf-8")
-
-
-def _shared_imports(records: dict[str, list[Record | None]]) -> list[float]:
-    return [r["shared_import_s"] for rs in records.values() for r in rs if r] or [float("nan")]
 
 
 main()
