@@ -211,11 +211,6 @@ async def test_cache_hits_exactly_when_the_encoded_inputs_are_equal(
     assert sum(CALLS.values()) == (1 if same else 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="batch workers run nodes with run_node, never run_node_cached: cache=True is "
-    "ignored in batch mode",
-)
 async def test_the_cache_works_in_batch_mode(tmp_path: Path) -> None:
     events: list[Any] = []
     url = f"sqlite:///{tmp_path}/batch.db"

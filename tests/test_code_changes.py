@@ -379,11 +379,6 @@ async def test_a_step_added_after_the_crash_runs_and_the_rest_is_reused(
     assert started(events) == {"side-2", "finish"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_decode_inputs does not check the stored input names against the flow's "
-    "parameters: the resume dies with KeyError 'y' inside an ExceptionGroup",
-)
 async def test_a_renamed_flow_parameter_is_a_checkpoint_error(
     modules: Modules, contexts: ContextFactory
 ) -> None:
@@ -395,7 +390,11 @@ async def test_a_renamed_flow_parameter_is_a_checkpoint_error(
         )
     )
     FAIL["on"] = False
-    with pytest.raises(fd.CheckpointError, match=r"^flow 'pipeline': the stored inputs of run"):
+    with pytest.raises(
+        fd.CheckpointError,
+        match=r"^flow 'pipeline': the stored inputs of run 'r' cannot be read: the run's inputs "
+        r"\['x'\] do not match the flow's parameters \['y'\]",
+    ):
         await resume(contexts, flow=v2.pipeline)
 
 
