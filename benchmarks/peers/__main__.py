@@ -279,6 +279,7 @@ def measure(
         order = list(jobs) if r % 2 == 0 else list(jobs)[::-1]
         started = time.perf_counter()
         for job in order:
+            began = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="flowdsl-peers-") as tmp:
                 try:
                     if job.workload == "resume":
@@ -291,6 +292,7 @@ def measure(
                     records[job.key].append(None)
                     continue
             records[job.key].append(record)
+            console.print(f"  {job.key}: {time.perf_counter() - began:.1f} s", style="dim")
         console.print(
             f"round {r + 1}/{rounds}: {time.perf_counter() - started:.0f} s, load {_load()}",
             style="dim",
