@@ -1,9 +1,10 @@
 """Flows and steps for the Redis tests, importable by worker processes (``--import
 redis_steps``), and a shared server for the store conformance suite.
 
-Every step appends ``<step>:<key>`` to the execution log named by ``FLOWDSL_TEST_LOG``
-(one line per finished execution, written with O_APPEND so that processes never
-interleave lines), so a test can say which node ran how many times in which process.
+Every step appends ``<step>:<key> <pid>`` to the execution log named by
+``FLOWDSL_TEST_LOG`` (one line per finished execution, written with O_APPEND so that
+processes never interleave lines), so a test can say which node ran how many times in
+which process.
 Results are deterministic functions of the inputs, so any process computes the same.
 """
 
@@ -22,12 +23,15 @@ import anyio
 import flowdsl as fd
 
 __all__ = [
+    "DELAY_ENV",
+    "FAN",
     "LOG_ENV",
     "chain",
     "conformance_store",
     "expected_chain",
     "expected_fan",
     "fan",
+    "fan_log_lines",
     "read_log",
 ]
 
@@ -42,16 +46,22 @@ def _log(line: str) -> None:
         return
     fd_ = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd_, (line + "\n").encode())
+        os.write(fd_, f"{line} {os.getpid()}\n".encode())
     finally:
         os.close(fd_)
 
 
-def read_log(path: Path) -> list[str]:
+def read_log(path: Path) -> list[tuple[str, int]]:
+    """``(what ran, the pid it ran in)`` per finished execution."""
     try:
-        return path.read_text().splitlines()
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
+    out = []
+    for line in lines:
+        what, _, pid = line.rpartition(" ")
+        out.append((what, int(pid)))
+    return out
 
 
 def _mix(*parts: Any) -> int:

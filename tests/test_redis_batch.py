@@ -193,8 +193,21 @@ async def test_garbage_entries_in_the_task_stream_are_dropped(redis_server: Redi
         await client.aclose()
 
 
+def wrong_arguments(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A well-formed message whose arguments are not a list."""
+    message = _codec.loads(fields[b"payload"])
+    message["args"] = "not a list of arguments"
+    return {b"payload": _codec.dumps(message).encode()}
+
+
+def not_utf8(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """An unreadable payload; the entry still names its run and node."""
+    return {**fields, b"payload": b"\xff" + fields[b"payload"]}
+
+
+@pytest.mark.parametrize("corrupt", [wrong_arguments, not_utf8])
 async def test_a_malformed_task_fails_its_run_with_a_checkpoint_error(
-    redis_server: RedisServer,
+    redis_server: RedisServer, corrupt: Callable[[dict[bytes, bytes]], dict[bytes, bytes]]
 ) -> None:
     url = fresh_url(redis_server)
     prefix = url.rpartition("prefix=")[2]
@@ -205,10 +218,9 @@ async def test_a_malformed_task_fails_its_run_with_a_checkpoint_error(
             (entry_id, fields), *_ = await poll_until(
                 lambda: client.xrange(f"{prefix}:tasks", "-", "+")
             )
-            message = _codec.loads(fields[b"payload"])
-            message["args"] = "not a list of arguments"
+            node_id = _codec.loads(fields[b"payload"])["node_id"]
             await client.xdel(f"{prefix}:tasks", entry_id)
-            await client.xadd(f"{prefix}:tasks", {"payload": _codec.dumps(message)})
+            await client.xadd(f"{prefix}:tasks", corrupt(fields))
             good = await ctx.start(fan, "good")
             worker = Worker(ctx.queue, ctx.store, local=True)
             async with anyio.create_task_group() as tg:
@@ -222,8 +234,7 @@ async def test_a_malformed_task_fails_its_run_with_a_checkpoint_error(
     error = info.value
     assert isinstance(error, StepCheckpointFailed)
     assert isinstance(error, fd.StepFailed)
-    assert error.node == message["node_id"]
-    assert error.run_id == bad.run_id
+    assert (error.node, error.run_id) == (node_id, bad.run_id)
     assert "malformed task message" in str(error)
 
 

@@ -346,14 +346,21 @@ async def test_malformed_entries_are_handed_out_as_undecodable_tasks(
 ) -> None:
     await raw.xadd(broker.tasks_key, {"junk": "1"})
     await raw.xadd(broker.tasks_key, {"payload": b"not json"})
-    await raw.xadd(broker.tasks_key, {"payload": b'{"run_id": "r9", "node_id": "n\xff"}'})
+    await raw.xadd(
+        broker.tasks_key, {"run": "r9", "node": "n", "payload": b'{"run_id": "r9", "x": "\xff"}'}
+    )
     claimed = await broker.claim("w", 10, 30)
     assert [c.payload for c in claimed[:2]] == ["", "not json"]
+    assert [(c.run_id, c.node_id) for c in claimed] == [(None, None), (None, None), ("r9", "n")]
     for c in claimed:
         with pytest.raises(fd.CheckpointError, match=r"malformed task message"):
             decode_task(c.payload)
-    # The one that is not UTF-8 still names its run, so that the run can fail.
-    assert _codec.loads(claimed[2].payload)["run_id"] == "r9"
     for c in claimed:
         await broker.complete(c.task_id, "?", "?", "{}")
     assert await broker.pending() == 0
+
+
+async def test_a_task_entry_names_its_run_and_node(broker: RedisBroker) -> None:
+    await broker.enqueue([task("run-1", "node-1")])
+    (claimed,) = await broker.claim("w", 1, 30)
+    assert (claimed.run_id, claimed.node_id) == ("run-1", "node-1")

@@ -41,7 +41,7 @@ from typing import Any, Final
 import anyio
 
 from .. import _codec
-from .._errors import CheckpointError, CodecError
+from .._errors import CheckpointError
 from .._records import NodeRecord
 from ..stores.redis import (
     COMMIT_NODE_BODY,
@@ -67,13 +67,16 @@ GROUP: Final = "workers"
 _READ_COUNT: Final = 1000  # completions or events per read
 _CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' consumer names
 
-# KEYS: tasks, queued.  ARGV: (queued field, payload) pairs.  A node already queued or
-# held is not added twice; an index entry whose task is gone (deleted by hand) is stale.
+# KEYS: tasks, queued.  ARGV: (queued field, run id, node id, payload) quadruples.  A
+# node already queued or held is not added twice; an index entry whose task is gone
+# (deleted by hand) is stale.  The entry names its run and node beside the payload, so
+# that a payload too broken to read still fails its own run.
 _ENQUEUE: Final = """
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 4 do
   local id = redis.call('HGET', KEYS[2], ARGV[i])
   if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then
-    id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[1], '*', 'run', ARGV[i + 1], 'node', ARGV[i + 2],
+                    'payload', ARGV[i + 3])
     redis.call('HSET', KEYS[2], ARGV[i], id)
   end
 end
@@ -294,7 +297,12 @@ class RedisBroker:
             return
         args: list[Any] = []
         for run_id, node_id, payload in tasks:
-            args += [_queued_field(run_id, node_id), to_bytes(payload)]
+            args += [
+                _queued_field(run_id, node_id),
+                to_bytes(run_id),
+                to_bytes(node_id),
+                to_bytes(payload),
+            ]
         await self._run("enqueue", "enqueueing tasks", [self.tasks_key, self.queued_key], args)
 
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
@@ -346,7 +354,14 @@ class RedisBroker:
     def _claimed(self, worker: str, entry_id: Any, deliveries: int, fields: Any) -> Claimed:
         task_id = from_bytes(entry_id, "entry id")
         self._holders[task_id] = worker
-        return Claimed(task_id, deliveries, _payload_of(fields))
+        fields = _as_dict(fields)
+        return Claimed(
+            task_id,
+            deliveries,
+            _payload_of(fields),
+            _field(fields, b"run") or None,
+            _field(fields, b"node") or None,
+        )
 
     async def extend(self, task_ids: list[str], lease: float) -> None:
         by_worker: dict[str, list[str]] = {}
@@ -598,35 +613,31 @@ def _queued_field(run_id: str, node_id: str) -> bytes:
     return to_bytes(_codec.dumps([run_id, node_id]))
 
 
+def _as_dict(fields: Any) -> dict[Any, Any]:
+    if isinstance(fields, list):  # a flat list, as Lua returns it
+        return dict(zip(fields[0::2], fields[1::2], strict=False))
+    return fields if isinstance(fields, dict) else {}
+
+
 def _field(fields: Any, name: bytes) -> str:
     try:
-        return from_bytes(fields.get(name), name.decode())
+        return from_bytes(_as_dict(fields).get(name), name.decode())
     except Malformed:
         return ""
 
 
 def _payload_of(fields: Any) -> str:
-    """A stream entry's payload as text.  From an entry that is not UTF-8, text that
-    fails to decode as a message but still names the run and node it seems to be for,
-    so that the run fails rather than waits."""
-    if isinstance(fields, list):  # a flat list, as Lua returns it
-        fields = dict(zip(fields[0::2], fields[1::2], strict=False))
-    raw = fields.get(b"payload") if isinstance(fields, dict) else None
+    """A stream entry's payload as text (empty when missing).  Bytes that are not UTF-8
+    get a prefix no JSON parser accepts: the message fails to decode (a task fails the
+    run its entry names) rather than being read with characters replaced."""
+    raw = _as_dict(fields).get(b"payload")
     if not isinstance(raw, bytes):
         return ""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        pass
-    try:
-        data = _codec.loads(raw.decode("utf-8", "replace"))
-    except CodecError:
-        data = None
-    seems = data if isinstance(data, dict) else {}
-    return _codec.dumps(
-        {
-            "run_id": seems.get("run_id"),
-            "node_id": seems.get("node_id"),
-            "malformed": "the task is not UTF-8 text",
-        }
-    )
+        return _NOT_UTF8 + raw.decode("utf-8", "replace")
+
+
+# Prepended to a payload that is not UTF-8 text: it can never parse as a task message.
+_NOT_UTF8: Final = "(not UTF-8) "
