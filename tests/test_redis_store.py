@@ -203,6 +203,22 @@ async def test_store_and_broker_share_one_client_per_server(redis_server: RedisS
         await other_db.close()
 
 
+async def test_an_option_redis_py_does_not_take_is_a_config_error(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url + "?bogus=1&max_connections=4")
+    with pytest.raises(
+        fd.ConfigError, match=r"^malformed Redis URL '.*\?bogus=1&max_connections=4': an option "
+    ):
+        await store.open()
+    tuned = RedisStore(redis_server.url + "?max_connections=4&prefix=tuned")
+    await tuned.open()
+    try:
+        assert tuned._link.client.connection_pool.max_connections == 4
+    finally:
+        await tuned.close()
+
+
 async def test_using_a_closed_store_says_to_open_it(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     with pytest.raises(fd.ConfigError, match=r"^the store redis://.* is not open\. Use it inside"):

@@ -279,6 +279,9 @@ async def _connect(url: RedisURL) -> Any:
             hint="Check that redis-server runs there and that host, port and scheme "
             "(rediss:// for TLS) are right",
         ) from None
+    except TypeError as exc:  # a query option redis-py's connections do not take
+        await _close_client(client)
+        raise _bad_url(url.shown, f"an option is unknown to redis-py ({exc})") from None
     except errors.RedisError as exc:
         await _close_client(client)
         raise ConfigError(
