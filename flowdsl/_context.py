@@ -674,6 +674,13 @@ def import_flow(record: RunRecord) -> Flow[..., Any]:
     import importlib
 
     module_name, _, qualname = record.flow_ref.partition(":")
+    if "<locals>" in qualname:
+        raise ConfigError(
+            f"the flow of run {record.run_id!r} was defined inside a function "
+            f"({record.flow_ref}), so it cannot be imported",
+            flow=record.flow,
+            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):

@@ -104,6 +104,9 @@ class _Unit(Generic[P, R]):
         self._return_type: Any = _UNSET
         self._code_hash: str | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        # Hashed now, from the code being decorated: a file edited later must not make
+        # the hash describe code that is not the code running.
+        self._code_hash = code_hash(fn)
         _UNITS[self.ref] = self
 
     @property

@@ -219,7 +219,7 @@ async def run_node(
             delay = scope.fail(exc)
         else:
             if store is not None:
-                await store.commit_node(sink.run_id, outcome[0])
+                await _commit(store, sink.run_id, outcome[0])
             scope.report(outcome[0])
             return outcome
         finally:
@@ -305,6 +305,17 @@ def fast_job(
     context = contextvars.copy_context()
     context.run(_SCOPE.set, job)
     return job, unit.fn(*args, **kwargs), context
+
+
+async def _commit(store: Any, run_id: str, record: NodeRecord) -> None:
+    """Commit a finished node's record, even if the run is being cancelled: the step's
+    work (an LLM call, say) is done and paid for, and a resume should find it."""
+    nowait = getattr(store, "commit_node_nowait", None)
+    if nowait is not None:
+        nowait(run_id, record)
+        return
+    with anyio.CancelScope(shield=True):
+        await store.commit_node(run_id, record)
 
 
 async def _call_slow(unit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -133,6 +133,9 @@ class BatchExecutor:
     def watch(self, run: Any) -> None:
         if run.observed:
             self._observed[run.run_id] = run
+            # A run resumed in the same context: its events are wanted again.
+            while run.run_id in self._forget:
+                self._forget.remove(run.run_id)
 
     def unwatch(self, run: Any) -> None:
         if self._observed.pop(run.run_id, None) is not None:

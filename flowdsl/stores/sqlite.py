@@ -402,6 +402,10 @@ class SQLiteStore:
         await checkpoint_if_cancelled()
         return self.commit_node_then(run_id, record, ())
 
+    def commit_node_nowait(self, run_id: str, record: NodeRecord) -> bool:
+        """:meth:`commit_node` as the synchronous write it is (see the class docstring)."""
+        return self.commit_node_then(run_id, record, ())
+
     def commit_node_then(
         self, run_id: str, record: NodeRecord, then: Sequence[tuple[str, tuple[Any, ...]]]
     ) -> bool:
