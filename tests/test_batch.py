@@ -325,6 +325,49 @@ async def test_map_in_batch_mode_many_runs_on_few_workers(url: str) -> None:
     assert results == [bs.expected_diamond(x)[0] for x in inputs]
 
 
+FIRST_FAILED: list[int] = []
+
+
+@fd.step
+async def first_fails(i: int) -> int:
+    """The first to run fails; the others would take long (they stay queued)."""
+    if not FIRST_FAILED:
+        FIRST_FAILED.append(i)
+        raise ValueError("the first input fails")
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+@fd.flow
+async def first_fails_flow(i: int) -> int:
+    out: int = await first_fails(i)
+    return out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a cancelled batch run leaves its queued tasks in fd_tasks: workers on the file go "
+    "on running (and journaling) the nodes of runs that ended, e.g. every remaining input of "
+    "a map that stopped at its first failure",
+)
+async def test_a_map_stopped_by_a_failure_leaves_no_queued_work(url: str) -> None:
+    FIRST_FAILED.clear()
+    with anyio.fail_after(20):
+        async with fd.Context(batch=True, store=url, workers=1, worker_concurrency=1) as ctx:
+            with pytest.raises(fd.StepFailed, match=r"the first input fails"):
+                await ctx.map(first_fails_flow, range(6), progress=False)
+            statuses = Counter(r.status for r in await ctx.store.list_runs())
+            queued = (
+                ctx.queue._db()
+                .execute("SELECT COUNT(*) FROM fd_tasks WHERE lease_until = 0")
+                .fetchone()[0]
+            )
+            ctx._tg.cancel_scope.cancel()  # type: ignore[union-attr]  # the held steps
+    assert statuses == {fd.RunStatus.FAILED: 1, fd.RunStatus.CANCELLED: 5}
+    assert queued == 0  # tasks held by the worker finish; nothing waits to start
+
+
 # --- the client dies ------------------------------------------------------------------------
 
 
