@@ -633,6 +633,9 @@ class Context:
             ready = state.start()
             if run.resuming:
                 ready = await self._replay(run, state, ready, strict)
+                resuming = getattr(self._executor, "resuming", None)
+                if resuming is not None:
+                    await resuming(run)
             output = await drive(
                 run, state, ready, self._executor, limiter=self._limiter, on_skipped=on_skipped
             )
@@ -660,6 +663,10 @@ class Context:
             self._active.pop(run.run_id, None)
             if watch is not None:
                 self._executor.unwatch(run)  # type: ignore[attr-defined]
+            ended = getattr(self._executor, "ended", None)
+            if ended is not None and run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+                with anyio.CancelScope(shield=True):
+                    await ended(run, False)
         await self.store.update_run(
             run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
         )

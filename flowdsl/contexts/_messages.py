@@ -195,6 +195,13 @@ class Broker(Protocol):
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         """The dead-lettered tasks of a run."""
 
+    # Optional, for tidier runs (the executor calls them when present):
+    #
+    #   async def drop_queued(run_id): remove the run's tasks no worker holds (the run
+    #       failed or was cancelled: they would only burn workers' time).
+    #   async def redeliver(run_id): make the run's tasks claimable now with their
+    #       delivery counts reset (a resume: the run's old workers may have died with it).
+    #
     # Optional, for a broker that also holds the store (Redis, NATS):
     #
     #   def holds(self, store) -> bool: whether *store* lives on this broker's server.

@@ -137,6 +137,18 @@ class BatchExecutor:
             while run.run_id in self._forget:
                 self._forget.remove(run.run_id)
 
+    async def resuming(self, run: Any) -> None:
+        """A run resumes: its tasks still queued or held are handed out afresh."""
+        redeliver = getattr(self.broker, "redeliver", None)
+        if redeliver is not None:
+            await redeliver(run.run_id)
+
+    async def ended(self, run: Any, ok: bool) -> None:
+        """A run ended; if it failed or was cancelled, its queued tasks are dropped."""
+        drop = getattr(self.broker, "drop_queued", None)
+        if not ok and drop is not None:
+            await drop(run.run_id)
+
     def unwatch(self, run: Any) -> None:
         if self._observed.pop(run.run_id, None) is not None:
             self._forget.append(run.run_id)

@@ -310,6 +310,23 @@ class SQLiteBroker:
             for r in rows
         ]
 
+    async def drop_queued(self, run_id: str) -> None:
+        """Remove a run's tasks that no worker holds (the run ended without them)."""
+        self._write(
+            [("DELETE FROM fd_tasks WHERE run_id = ? AND lease_until < ?", (run_id, time.time()))]
+        )
+
+    async def redeliver(self, run_id: str) -> None:
+        """Hand a run's queued and held tasks out afresh, their attempts forgotten.
+
+        A resume asks for this: the tasks of a run whose client died may be held by that
+        client's own workers, dead with it; waiting out their leases, then counting those
+        deliveries against the step's retries, would punish the node for the crash.
+        """
+        self._write(
+            [("UPDATE fd_tasks SET lease_until = 0, deliveries = 0 WHERE run_id = ?", (run_id,))]
+        )
+
     def pending(self) -> int:
         """Tasks queued or held (for progress displays and tests)."""
         row = self._db().execute("SELECT COUNT(*) FROM fd_tasks").fetchone()
