@@ -14,6 +14,7 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats_steps import conformance_store as nats_conformance_store
 from redis_steps import conformance_store
 
 from flowdsl import _codec
@@ -27,11 +28,13 @@ _FACTORIES: dict[str, Callable[[Path], Store]] = {
     "memory": lambda tmp: MemoryStore(),
     "sqlite": lambda tmp: SQLiteStore(tmp / "deep" / "dir" / "runs.db"),
     "redis": conformance_store,
+    "nats": nats_conformance_store,
 }
 STORES = [
     pytest.param("memory", id="memory"),
     pytest.param("sqlite", id="sqlite"),
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param("nats", id="nats", marks=pytest.mark.nats),
 ]
 
 

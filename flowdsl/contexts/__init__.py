@@ -41,10 +41,9 @@ def open_broker(url: str) -> Any:
 
         return RedisBroker(url)
     if scheme in ("nats", "tls"):
-        raise ConfigError(
-            f"the {scheme} broker is not available in this version of flowdsl",
-            hint="Use the embedded SQLite queue: fd.Context(batch=True)",
-        )
+        from .nats import NATSBroker
+
+        return NATSBroker(url)
     raise ConfigError(
         f"unknown broker URL {url!r}",
         hint="Use sqlite:///path.db (the embedded queue), redis://host:6379/0 or nats://host:4222",

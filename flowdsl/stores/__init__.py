@@ -38,6 +38,10 @@ def open_store(spec: Any, *, batch: bool = False) -> Any:
         from .redis import RedisStore
 
         return RedisStore.from_url(spec)
+    if scheme in ("nats", "tls"):
+        from .nats import NATSStore
+
+        return NATSStore.from_url(spec)
     raise ConfigError(
         f"unknown store URL {spec!r}",
         hint="Use memory:// or sqlite:///path.db",

@@ -1,0 +1,772 @@
+"""Batch mode on NATS JetStream: any number of workers, on any number of machines.
+
+Layout, under the deployment's prefix (``prefix=``, default ``flowdsl``; the store's bucket
+has the same name, see ``flowdsl.stores.nats``), ``{run}`` and ``{node}`` being base64url
+tokens of the ids::
+
+    stream {prefix}_tasks    work-queue retention; subject {prefix}.tasks.{run}.{node};
+                             at most one message per subject, a second one refused
+                             (DiscardNewPerSubject): a node queued or held is not queued twice
+    consumer workers         the durable pull consumer every worker shares; explicit acks,
+                             AckWait = the workers' lease, MaxDeliver = max_deliver
+    stream {prefix}_log      limits retention, max_age: {prefix}.log.done.{run} completions
+                             and {prefix}.log.ev.{run} events, read by stream sequence
+    stream {prefix}_dead     dead letters, {prefix}.dead.{run}
+
+A task's lease is JetStream's ack timer: ``claim`` pulls messages off the consumer
+(``no_wait`` for what is there, else one long poll that returns as soon as a task
+arrives), a task a dead worker held is redelivered after AckWait, and its
+``num_delivered`` is the attempt.  ``extend`` sends ``+WPI`` (in progress) for the
+messages this process holds, which restarts their timers.  A task is acked only once
+its completion is published, which the worker does only after committing the node to
+the store (KV create, first commit wins): a crash between any two of these steps leaves
+the task to be redelivered, and its next worker finds the committed record and completes
+with it (docs/nats.md has the whole argument).  The optional ``commit_and_complete`` hook
+is not offered: JetStream has no transaction spanning a KV write and two messages, and
+the worker's default order is already the right one.
+
+Completions and events share one stream so that a reader sees a node's events before its
+completion (they are published in that order), and the client reads both through one
+ephemeral consumer that pushes them as they come; a cursor is a stream sequence, so
+``completions(None)`` means "from now on" and a client on another machine can follow a
+run.  After a reconnect the consumer is made again from the last sequence read.
+
+Publishes carry a ``Nats-Msg-Id`` that is fixed across the retries of one call, so a
+publish retried after a lost reply is stored once.  Calls ride out a server restart
+(transient errors are retried with backoff for ``retry_for`` seconds, see ``NatsLink``);
+an ack lost in a restart makes the task come back once more, which is harmless (above).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import anyio
+import attrs
+from anyio.lowlevel import checkpoint_if_cancelled
+
+from .._errors import CheckpointError, ConfigError
+from ..stores.nats import (
+    Bucket,
+    Malformed,
+    NatsLink,
+    NatsURL,
+    dump_json,
+    ensure_stream,
+    from_token,
+    nats_modules,
+    storage_type,
+    to_bytes,
+    to_token,
+)
+from ._messages import Claimed
+
+__all__ = ["NATSBroker"]
+
+log = logging.getLogger("flowdsl.nats")
+
+CONSUMER: Final = "workers"
+#: Seconds a claim waits for a task when none is queued (it returns as soon as one comes).
+LONG_POLL: Final = 1.0
+# A reader's events that nobody takes are dropped past this many (a client with no
+# observed run has no use for other clients' events).
+_EVENTS_KEPT: Final = 100_000
+_DUPLICATE_WINDOW: Final = 120.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
+_MAX_ACK_PENDING: Final = 100_000
+_ERR_PER_SUBJECT: Final = 10077  # the task is already queued or held
+#: A message whose payload is too large for the server is stored in the bucket by content
+#: hash; the message carries its hash in this header instead.
+BLOB_HEADER: Final = "Flowdsl-Blob"
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace")  # not flowdsl's: the worker reports it
+
+
+class NATSBroker:
+    """A task queue on NATS JetStream, shared by every worker that can reach the server.
+
+    *url* is ``nats://[token@|user:password@]host:4222[,host2:4222...]`` (``tls://`` for
+    TLS) with the options of :class:`~flowdsl.stores.nats.NatsOptions` in its query
+    string or as keywords; give the store the same URL.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        nats_modules()
+        self._url = NatsURL.parse(url, **options)
+        self.url = self._url.shown
+        self.options = self._url.options
+        prefix = self.options.prefix
+        self._prefix = prefix
+        self.tasks_stream = f"{prefix}_tasks"
+        self.log_stream = f"{prefix}_log"
+        self.dead_stream = f"{prefix}_dead"
+        self._link = NatsLink(self._url)
+        self._opened = False
+        self._held: dict[str, Any] = {}  # task id -> the message, until acked or termed
+        self._puller: _Puller | None = None
+        self._reader: _LogReader | None = None
+        self._ack_wait: float | None = None  # the consumer's AckWait, once checked
+        self._forget: list[str] = []  # runs whose events go at the next read
+        self._bucket: Bucket | None = None  # for large messages, opened when one comes
+        self._message_max = 512 * 1024
+
+    def __repr__(self) -> str:
+        return f"<NATSBroker {self.url!r} prefix={self._prefix!r}>"
+
+    @property
+    def link(self) -> NatsLink:
+        return self._link
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await checkpoint_if_cancelled()
+        if self._opened:
+            return
+        await self._link.open()
+        try:
+            await self._streams()
+        except BaseException:
+            await self._link.close()
+            raise
+        self._reader = _LogReader(
+            self._link, self.log_stream, f"{self._prefix}.log.", self._large_text
+        )
+        # Headers and the JSON around a payload must fit beside it in one message.
+        self._message_max = int(self._link.nc.max_payload or 1024 * 1024) * 3 // 4
+        self._opened = True
+
+    async def _streams(self) -> None:
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
+
+        o = self.options
+        p = self._prefix
+        storage = storage_type(o)
+        tasks = await ensure_stream(
+            self._link,
+            StreamConfig(
+                name=self.tasks_stream,
+                description="flowdsl tasks: one message per queued or held node",
+                subjects=[f"{p}.tasks.>"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+                discard_new_per_subject=True,
+                max_msgs_per_subject=1,
+                storage=storage,
+                num_replicas=o.replicas,
+                duplicate_window=_DUPLICATE_WINDOW,
+            ),
+        )
+        config = tasks.config
+        if config.retention != RetentionPolicy.WORK_QUEUE or config.max_msgs_per_subject != 1:
+            raise ConfigError(
+                f"the stream {self.tasks_stream} on {self.url} exists with other settings "
+                "than flowdsl's (work-queue retention, one message per subject)",
+                hint="Delete it (nats stream rm) or use another prefix= for flowdsl",
+            )
+        await ensure_stream(
+            self._link,
+            StreamConfig(
+                name=self.log_stream,
+                description="flowdsl completions and events",
+                subjects=[f"{p}.log.>"],
+                retention=RetentionPolicy.LIMITS,
+                max_age=o.max_age or None,
+                storage=storage,
+                num_replicas=o.replicas,
+                duplicate_window=_DUPLICATE_WINDOW,
+            ),
+        )
+        await ensure_stream(
+            self._link,
+            StreamConfig(
+                name=self.dead_stream,
+                description="flowdsl dead-lettered tasks",
+                subjects=[f"{p}.dead.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=storage,
+                num_replicas=o.replicas,
+                duplicate_window=_DUPLICATE_WINDOW,
+            ),
+        )
+
+    async def close(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        with anyio.CancelScope(shield=True):
+            # Tasks taken and not finished go back at once (the worker was stopped); each
+            # counts as a delivery, as a lease that ran out would.
+            held = [*self._held.values(), *(self._puller.spare if self._puller else [])]
+            self._held.clear()
+            for msg in held:
+                await _quietly(msg.nak)
+            if self._puller is not None:
+                await self._puller.stop()
+                self._puller = None
+            if self._reader is not None:
+                await self._reader.stop()
+                self._reader = None
+            self._bucket = None
+            await self._link.close()
+
+    def _js(self) -> Any:
+        if not self._opened:
+            raise ConfigError(
+                f"the queue {self.url} is not open", hint="Use the context with `async with ctx:`"
+            )
+        return self._link.js
+
+    # --- publishing -----------------------------------------------------------------------
+
+    async def _publish(
+        self, items: list[tuple[str, bytes]], what: str, *, run_id: str | None = None
+    ) -> list[Any]:
+        """Publish *items* in order and wait for every ack; the results are PubAcks, or
+        the APIError the stream answered for that message.  One Nats-Msg-Id per message,
+        kept across retries: a retry after a lost reply is not stored twice."""
+        from nats.js.errors import APIError
+
+        js = self._js()
+        messages = []
+        for subject, data in items:
+            headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+            if len(data) > self._message_max:
+                bucket = await self._blobs()
+                headers[BLOB_HEADER] = await bucket.put_blob(data, run_id)
+                data = b""
+            messages.append((subject, data, headers))
+        timeout = self.options.timeout
+
+        async def op() -> list[Any]:
+            futures = [
+                await js.publish_async(subject, data, headers=headers)
+                for subject, data, headers in messages
+            ]
+            results: list[Any] = []
+            with anyio.fail_after(timeout):
+                for future in futures:
+                    try:
+                        results.append(await future)
+                    except APIError as exc:
+                        if exc.code == 503 and exc.err_code != _ERR_PER_SUBJECT:
+                            raise  # JetStream away for now: retry them all
+                        results.append(exc)
+            return results
+
+        return await self._link.call(what, op, run_id=run_id)
+
+    async def _blobs(self) -> Bucket:
+        if self._bucket is None:
+            self._bucket = await Bucket.open(self._link, self.options)
+        return self._bucket
+
+    async def _payload(self, msg: Any, what: str) -> str:
+        """A message's text, fetched from the bucket when it was too large to send."""
+        headers = msg.headers
+        digest = headers.get(BLOB_HEADER) if headers else None
+        if digest is None:
+            return _text(msg.data)
+        return await self._large_text(digest, what)
+
+    async def _large_text(self, digest: str, what: str) -> str:
+        bucket = await self._blobs()
+        try:
+            return _text(await bucket.get_blob(digest, what))
+        except Malformed as exc:
+            # The worker or the listener reports it as a malformed message.
+            log.warning("NATS at %s: %s", self.url, exc)
+            return ""
+
+    async def _publish_log(self, kind: str, pairs: list[tuple[str, str]], what: str) -> None:
+        items = [(f"{self._prefix}.log.{kind}.{to_token(r)}", to_bytes(t)) for r, t in pairs]
+        results = await self._publish(items, what, run_id=pairs[0][0] if pairs else None)
+        _raise_refused(results, what, self.url)
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    async def enqueue(self, tasks: list[tuple[str, str, str]]) -> None:
+        await checkpoint_if_cancelled()
+        if not tasks:
+            return
+        items = [
+            (f"{self._prefix}.tasks.{to_token(run_id)}.{to_token(node_id)}", to_bytes(payload))
+            for run_id, node_id, payload in tasks
+        ]
+        results = await self._publish(items, "queue a task", run_id=tasks[0][0])
+        # Refused per subject: the node is queued or held already, as the protocol wants.
+        _raise_refused(
+            [r for r in results if getattr(r, "err_code", None) != _ERR_PER_SUBJECT],
+            "queue a task",
+            self.url,
+        )
+
+    async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
+        await checkpoint_if_cancelled()
+        self._js()
+        puller = await self._consumer(lease)
+        msgs = await puller.pull(limit, LONG_POLL)
+        claimed = []
+        for msg in msgs:
+            meta = msg.metadata
+            task_id = f"{meta.sequence.stream}.{meta.num_delivered}"
+            self._held[task_id] = msg
+            payload = await self._payload(msg, "a task")
+            claimed.append(Claimed(task_id, int(meta.num_delivered), payload))
+        return claimed
+
+    async def _consumer(self, lease: float) -> _Puller:
+        """The shared durable consumer, made on first use; its AckWait is the lease, raised
+        (never lowered) when a worker with a longer lease joins, so that no worker's
+        heartbeats come too late for the consumer."""
+        if (
+            self._puller is not None
+            and not self._puller.stale
+            and self._ack_wait is not None
+            and lease <= self._ack_wait
+        ):
+            return self._puller
+        from nats.js.api import AckPolicy, ConsumerConfig
+        from nats.js.errors import NotFoundError
+
+        js = self._js()
+
+        async def op() -> float:
+            try:
+                info = await js.consumer_info(self.tasks_stream, CONSUMER)
+            except NotFoundError:
+                info = None
+            if info is not None and float(info.config.ack_wait or 0) >= lease:
+                return float(info.config.ack_wait)
+            if info is not None:
+                config = info.config
+                config.ack_wait = lease
+            else:
+                config = ConsumerConfig(
+                    durable_name=CONSUMER,
+                    description="flowdsl workers",
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=lease,
+                    max_deliver=self.options.max_deliver,
+                    max_ack_pending=_MAX_ACK_PENDING,
+                    filter_subject=f"{self._prefix}.tasks.>",
+                )
+            created = await js.add_consumer(self.tasks_stream, config)
+            return float(created.config.ack_wait)
+
+        self._ack_wait = await self._link.call("create the workers' consumer", op)
+        if self._puller is None:
+            self._puller = _Puller(self._link, self.tasks_stream, CONSUMER)
+        self._puller.stale = False
+        return self._puller
+
+    async def extend(self, task_ids: list[str], lease: float) -> None:
+        if not self._opened:
+            return
+        msgs = [self._held[t] for t in task_ids if t in self._held]
+        if self._puller is not None:
+            msgs += self._puller.spare  # delivered to us, not yet claimed
+        for msg in msgs:
+            await _quietly(msg.in_progress)
+        if self._ack_wait is not None and lease > self._ack_wait:
+            await self._consumer(lease)
+
+    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+        await checkpoint_if_cancelled()
+        # The completion first, the ack last: a crash in between redelivers the task,
+        # whose next worker completes it again (a second completion is ignored).
+        await self._publish_log("done", [(run_id, payload)], "publish a completion")
+        msg = self._held.pop(task_id, None)
+        if msg is not None:
+            await _quietly(msg.ack)
+
+    async def dead_letter(
+        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+    ) -> None:
+        await checkpoint_if_cancelled()
+        msg = self._held.get(task_id)
+        record = dump_json(
+            {
+                "run_id": run_id,
+                "node_id": node_id,
+                "reason": reason,
+                "at": time.time(),
+                "payload": await self._payload(msg, "a task") if msg is not None else "",
+            }
+        )
+        results = await self._publish(
+            [(f"{self._prefix}.dead.{to_token(run_id)}", record)], "record a dead letter"
+        )
+        _raise_refused(results, "record a dead letter", self.url)
+        await self._publish_log("done", [(run_id, payload)], "publish a completion")
+        self._held.pop(task_id, None)
+        if msg is not None:
+            # Term: no more deliveries, and the work queue drops the message.
+            await _quietly(msg.term)
+
+    async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
+        from nats.js.errors import NotFoundError
+
+        js = self._js()
+        subject = f"{self._prefix}.dead.{to_token(run_id)}"
+        out: list[dict[str, Any]] = []
+        seq = 1
+        while True:
+
+            async def op(seq: int = seq) -> Any:
+                try:
+                    return await js.get_msg(self.dead_stream, seq=seq, subject=subject, next=True)
+                except NotFoundError:
+                    return None
+
+            raw = await self._link.call("read the dead letters", op, run_id=run_id)
+            if raw is None:
+                return out
+            out.append(_dead_letter(raw.data or b"", run_id))
+            seq = int(raw.seq) + 1
+
+    # --- completions and events -----------------------------------------------------------
+
+    async def completions(self, cursor: Any) -> tuple[list[str], Any]:
+        await checkpoint_if_cancelled()
+        reader = self._log()
+        while self._forget:
+            await self._purge_events(self._forget.pop())
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_done(int(cursor))
+
+    async def forget_completions(self, upto: Any) -> None:
+        # Completions stay for max_age (the stream's limit), for slower readers elsewhere.
+        return None
+
+    async def publish_events(self, events: list[tuple[str, str]]) -> None:
+        if events:
+            await self._publish_log("ev", events, "publish events")
+
+    async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        reader = self._log()
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_events(int(cursor))
+
+    async def forget_events(self, run_id: str) -> None:
+        # No I/O here: the executor calls this between reading completions and events, and
+        # must not yield there (a node's events must be read with its completion).
+        self._forget.append(run_id)
+
+    async def _purge_events(self, run_id: str) -> None:
+        js = self._js()
+        subject = f"{self._prefix}.log.ev.{to_token(run_id)}"
+
+        async def op() -> None:
+            await js.purge_stream(self.log_stream, subject=subject)
+
+        await self._link.call("drop a run's events", op, run_id=run_id)
+
+    def _log(self) -> _LogReader:
+        self._js()
+        assert self._reader is not None
+        return self._reader
+
+    # --- for tests and progress displays --------------------------------------------------
+
+    async def pending(self) -> int:
+        """Tasks queued or held."""
+        js = self._js()
+
+        async def op() -> int:
+            info = await js.stream_info(self.tasks_stream)
+            return int(info.state.messages)
+
+        return await self._link.call("count the tasks", op)
+
+
+class _Puller:
+    """Pull requests on the shared durable consumer, answered on one inbox.
+
+    A request asks for up to *n* messages; the server answers with messages and, when it
+    has fewer, a status (404 no messages, 408 expired, 409 ...) sent to the request's own
+    reply subject, which is how a request's end is told from an earlier one's.  Messages
+    that arrive after their request was given up (a cancelled claim) are kept in
+    ``spare`` and handed out first.
+    """
+
+    def __init__(self, link: NatsLink, stream: str, consumer: str) -> None:
+        self._link = link
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = ""
+        self._sub: Any = None
+        self._generation = -1
+        self._numbers = itertools.count()
+        self._lock = anyio.Lock()
+        self._arrived = anyio.Event()
+        self._ended: set[str] = set()
+        self.spare: list[Any] = []
+        self.stale = False  # the consumer went away: make it again
+
+    async def pull(self, limit: int, wait: float) -> list[Any]:
+        async with self._lock:
+            await self._subscribe()
+            if len(self.spare) < limit:
+                await self._request(limit - len(self.spare), None)
+            if not self.spare:
+                await self._request(1, wait)
+            taken, self.spare = self.spare[:limit], self.spare[limit:]
+            return taken
+
+    async def _subscribe(self) -> None:
+        if self._sub is not None and self._generation == self._link.generation:
+            return
+        nc = self._link.nc
+        if self._sub is not None:
+            await _quietly(self._sub.unsubscribe)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._generation = self._link.generation
+
+    async def _on_msg(self, msg: Any) -> None:
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            self.spare.append(msg)
+        elif status != "100":  # 100: an idle heartbeat
+            self._ended.add(msg.subject)
+            if status == "409" and "deleted" in str(headers.get("Description", "")).lower():
+                self.stale = True
+        self._arrived.set()
+
+    async def _request(self, n: int, wait: float | None) -> None:
+        """One pull request, waited for until it ends, brings *n* messages, or (its end
+        lost in a reconnect) a while after it should have ended."""
+        reply = f"{self._inbox}.{next(self._numbers)}"
+        request: dict[str, Any] = {"batch": n}
+        if wait is None:
+            request["no_wait"] = True
+        else:
+            request["expires"] = int(wait * 1e9)
+        target = len(self.spare) + n
+        self._ended.clear()  # the ends of requests given up earlier
+        nc = self._link.nc
+        try:
+            await nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
+        except Exception as exc:  # the connection is away: the next claim tries again
+            log.debug("pull request failed: %r", exc)
+            await anyio.sleep(min(wait or 0.05, 0.25))
+            return
+        give_up = anyio.current_time() + (wait or 0) + min(self._link.url.options.timeout, 2.0)
+        while len(self.spare) < target and reply not in self._ended:
+            left = give_up - anyio.current_time()
+            if left <= 0:
+                break
+            with anyio.move_on_after(left):
+                await self._arrived.wait()
+            if self._arrived.is_set():
+                self._arrived = anyio.Event()
+        self._ended.discard(reply)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await _quietly(self._sub.unsubscribe)
+            self._sub = None
+
+
+class _LogReader:
+    """The completions and events of the log stream, pushed to this process by one
+    ephemeral consumer and kept until taken.
+
+    ``position`` is the last stream sequence received: every message after ``start`` up
+    to it is in the buffers or was taken.  A cursor older than ``start`` (a caller that
+    wants what this reader never asked for) makes the consumer start again from there; a
+    reconnect or a gap in the consumer's sequence (messages dropped) makes it start again
+    from ``position``.
+    """
+
+    def __init__(
+        self,
+        link: NatsLink,
+        stream: str,
+        prefix: str,
+        large: Callable[[str, str], Awaitable[str]],
+    ) -> None:
+        self._link = link
+        self._large = large
+        self._stream = stream
+        self._prefix = prefix
+        self._start: int | None = None
+        self.position = 0
+        # Texts, or the hashes of large ones (_Blob), fetched when taken.
+        self._done: collections.deque[tuple[int, str | _Blob]] = collections.deque()
+        self._events: collections.deque[tuple[int, str, str | _Blob]] = collections.deque()
+        self._sub: Any = None
+        self._consumer: str | None = None
+        self._token: object = None
+        self._generation = -1
+        self._cseq = 0
+        self._broken = False
+
+    async def tail(self) -> int:
+        js = self._link.js
+
+        async def op() -> int:
+            info = await js.stream_info(self._stream)
+            return int(info.state.last_seq)
+
+        return await self._link.call("read the log's end", op)
+
+    async def take_done(self, cursor: int) -> tuple[list[str], int]:
+        await self._ensure(cursor)
+        taken = [text for seq, text in self._done if seq > cursor]
+        self._done.clear()
+        position = max(cursor, self.position)
+        return [await self._resolve(t, "a completion") for t in taken], position
+
+    async def take_events(self, cursor: int) -> tuple[list[tuple[str, str]], int]:
+        await self._ensure(cursor)
+        taken = [(run_id, text) for seq, run_id, text in self._events if seq > cursor]
+        self._events.clear()
+        position = max(cursor, self.position)
+        return [(r, await self._resolve(t, "an event")) for r, t in taken], position
+
+    async def _resolve(self, text: str | _Blob, what: str) -> str:
+        return text if isinstance(text, str) else await self._large(text.digest, what)
+
+    async def _ensure(self, cursor: int) -> None:
+        if self._start is None or cursor + 1 < self._start:
+            await self._restart(cursor + 1, rewind=True)
+        elif self._sub is None or self._broken or self._generation != self._link.generation:
+            await self._restart(self.position + 1, rewind=False)
+
+    async def _restart(self, first: int, *, rewind: bool) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        await self.stop()
+        if rewind:
+            self._done.clear()
+            self._events.clear()
+            self._start = first
+            self.position = first - 1
+        nc = self._link.nc
+        js = self._link.js
+        self._cseq = 0
+        self._broken = False
+        self._generation = self._link.generation
+        inbox = nc.new_inbox()
+        token = object()
+        self._token = token
+
+        async def on_msg(msg: Any) -> None:
+            if self._token is token:  # not a message of an earlier subscription
+                self._on_msg(msg)
+
+        self._sub = await nc.subscribe(inbox, cb=on_msg)
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, first),
+            ack_policy=AckPolicy.NONE,
+            filter_subject=f"{self._prefix}>",
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+
+        async def op() -> str:
+            info = await js.add_consumer(self._stream, config)
+            return str(info.name)
+
+        self._consumer = await self._link.call("read completions", op)
+
+    def _on_msg(self, msg: Any) -> None:
+        try:
+            meta = msg.metadata
+        except Exception:  # not a JetStream message (a flow-control probe, say)
+            return
+        if meta.sequence.consumer != self._cseq + 1:
+            self._broken = True  # messages were dropped (a slow reader): start again
+            return
+        self._cseq = meta.sequence.consumer
+        seq = int(meta.sequence.stream)
+        if seq <= self.position:
+            return
+        self.position = seq
+        kind, _, token = msg.subject[len(self._prefix) :].partition(".")
+        headers = msg.headers
+        digest = headers.get(BLOB_HEADER) if headers else None
+        text: str | _Blob = _text(msg.data) if digest is None else _Blob(str(digest))
+        if kind == "done":
+            self._done.append((seq, text))
+        elif kind == "ev":
+            try:
+                run_id = from_token(token)
+            except (ValueError, UnicodeDecodeError):
+                log.warning("dropping an event on %s: not a flowdsl subject", msg.subject)
+                return
+            self._events.append((seq, run_id, text))
+            if len(self._events) > _EVENTS_KEPT:
+                self._events.popleft()
+
+    async def stop(self) -> None:
+        self._token = None
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            await _quietly(sub.unsubscribe)
+        if consumer is not None and self._link.is_open:
+            js = self._link.js
+            with anyio.move_on_after(1):
+                await _quietly(lambda: js.delete_consumer(self._stream, consumer))
+
+
+@attrs.frozen
+class _Blob:
+    digest: str
+
+
+async def _quietly(op: Any) -> None:
+    """An ack, a heartbeat, a clean-up: if the connection is away it will not arrive, and
+    what depends on it copes (the task comes back; the consumer times out)."""
+    import nats.errors
+
+    try:
+        await op()
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.debug("NATS: %r", exc)
+
+
+def _raise_refused(results: list[Any], what: str, url: str) -> None:
+    from nats.js.errors import APIError
+
+    for result in results:
+        if isinstance(result, APIError):
+            raise CheckpointError(
+                f"the NATS server at {url} refused to {what}: {result}",
+                hint="A stream flowdsl uses was changed by hand, or the account's limits "
+                "are reached; see docs/nats.md",
+            ) from result
+
+
+def _dead_letter(data: bytes, run_id: str) -> dict[str, Any]:
+    try:
+        fields = json.loads(_text(data))
+        if not isinstance(fields, dict):
+            raise ValueError("not an object")
+        return {
+            "node_id": str(fields["node_id"]),
+            "reason": str(fields["reason"]),
+            "at": float(fields["at"]),
+            "payload": str(fields["payload"]),
+        }
+    except (ValueError, KeyError, TypeError):
+        log.warning("an unreadable dead letter of run %s", run_id)
+        return {"node_id": "?", "reason": "unreadable dead letter", "at": 0.0, "payload": ""}
