@@ -38,6 +38,8 @@ from ._graph import Edge as Edge
 from ._graph import Graph as Graph
 from ._graph import Node as Node
 from ._records import RunStatus as RunStatus
+from ._runner import StepInfo as StepInfo
+from ._runner import current_step as current_step
 from ._secret import Secret as Secret
 
 __version__ = "0.1.0"
@@ -58,9 +60,11 @@ __all__ = [
     "Secret",
     "Step",
     "StepFailed",
+    "StepInfo",
     "TracingError",
     "branch",
     "current_context",
+    "current_step",
     "events",
     "flow",
     "llm",

@@ -172,6 +172,7 @@ class Context:
         max_concurrency: int | None = None,
         progress: bool | None = None,
         worker_concurrency: int = 16,
+        lease: float = 30.0,
     ) -> None:
         if on_event is not None and inspect.iscoroutinefunction(on_event):
             raise ConfigError(
@@ -195,6 +196,9 @@ class Context:
         self.max_concurrency = max_concurrency
         self.progress = progress
         self.worker_concurrency = worker_concurrency
+        if lease <= 0:
+            raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
+        self.lease = lease
         self.store, self.queue = _open_backends(store, broker, batch=batch)
         self._executor: Executor | None = None
         self._workers: list[Any] = []
@@ -252,6 +256,7 @@ class Context:
                 self.queue,
                 self.store,
                 concurrency=self.worker_concurrency,
+                lease=self.lease,
                 llm=self.llm,
                 local=True,
             )

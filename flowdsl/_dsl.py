@@ -302,7 +302,7 @@ def step(
     backoff: float = 1.0,
     version: str | None = None,
     cache: bool = False,
-) -> Callable[[Callable[P, Any]], Step[P, Any]]: ...
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Step[P, R]]: ...
 
 
 def step(

@@ -156,6 +156,25 @@ def current_scope() -> StepScope | None:
     return _SCOPE.get()
 
 
+@attrs.frozen
+class StepInfo:
+    """Which run, node and attempt the calling code runs in (see :func:`current_step`)."""
+
+    run_id: str
+    node_id: str
+    attempt: int
+    flow: str
+
+
+def current_step() -> StepInfo | None:
+    """The run, node and attempt of the step this code runs in; ``None`` outside a run
+    (a step called directly, as in a unit test)."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return None
+    return StepInfo(scope.sink.run_id, scope.node.id, scope.attempt, scope.sink.flow_name)
+
+
 def backoff_delay(base: float, attempt: int) -> float:
     """Exponential backoff with full jitter: uniform in [0, base * 2**(attempt-1)]."""
     if base <= 0:

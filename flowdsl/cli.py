@@ -964,6 +964,14 @@ def _flow_of(record: RunRecord) -> Flow[..., Any]:
     help="Steps this worker runs at once.",
 )
 @click.option(
+    "--lease",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a task stays this worker's if it stops renewing it (it dies).",
+)
+@click.option(
     "--store",
     metavar="URL",
     envvar="FLOWDSL_STORE",
@@ -975,6 +983,7 @@ def worker(
     broker: str,
     imports: tuple[str, ...],
     concurrency: int,
+    lease: float,
     store: str | None,
     paths: tuple[str, ...],
 ) -> None:
@@ -994,7 +1003,7 @@ def worker(
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
     serve = _batch_serve()
-    anyio.run(_serve_until_stopped, serve, broker, store, modules, concurrency)
+    anyio.run(_serve_until_stopped, serve, broker, store, modules, concurrency, lease)
 
 
 def _module_of(name: str) -> str:
@@ -1029,6 +1038,7 @@ async def _serve_until_stopped(
     store: str | None,
     modules: tuple[str, ...],
     concurrency: int,
+    lease: float = 30.0,
 ) -> None:
     import signal
 
@@ -1038,7 +1048,12 @@ async def _serve_until_stopped(
         async with anyio.create_task_group() as tg:
             await tg.start(
                 functools.partial(
-                    serve, broker, store=store, imports=modules, concurrency=concurrency
+                    serve,
+                    broker,
+                    store=store,
+                    imports=modules,
+                    concurrency=concurrency,
+                    lease=lease,
                 )
             )
             click.echo(

@@ -568,6 +568,14 @@ def import_unit(ref: str, *, node: str, flow: str) -> Any:
 
     module_name, _, qualname = ref.partition(":")
     where = f"step {ref!r}"
+    if "<locals>" in qualname:
+        raise ConfigError(
+            f"{where} is defined inside a function, which a worker process cannot import",
+            flow=flow,
+            node=node,
+            hint="Move the step to a module's top level, or run in-process workers: "
+            "fd.Context(batch=True, workers=N)",
+        )
     if module_name == "__main__":
         raise ConfigError(
             f"{where} is defined in __main__ (a notebook or the script that started the run), "
