@@ -292,7 +292,8 @@ async def test_a_step_defined_in_a_function_fails_on_a_worker_process(
     assert message.startswith("flow 'local_flow', node 'local_shout': ")
     assert (
         "step 'test_batch_bad_input:test_a_step_defined_in_a_function_fails_on_a_worker_process"
-        ".<locals>.local_shout' cannot be imported by this worker" in message
+        ".<locals>.local_shout' is defined inside a function, which a worker process "
+        "cannot import" in message
     )
     assert "in-process workers: fd.Context(batch=True, workers=N)" in message
 

@@ -118,14 +118,6 @@ async def test_random_dags_resume_as_if_never_interrupted(
             assert crash.node_id in report.on_resume
 
 
-STALE_FORGET_DROPS_EVENTS = (
-    "contexts/batch.py: unwatch() queues the crashed run's id in _forget, and the next "
-    "_drain() calls broker.forget_events(run_id) even though the resume (same run id, same "
-    "context) is watching it again by then: the resumed run's events from the workers are "
-    "deleted, so a node that ran on resume reports neither StepStarted nor StepFinished"
-)
-
-
 @settings(SETTINGS, max_examples=5)
 @given(
     spec=dag_specs(max_ops=5, max_subflows=1),
@@ -164,7 +156,6 @@ class Watched:
         self.events.append(event)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STALE_FORGET_DROPS_EVENTS)
 async def test_a_run_resumed_in_the_same_batch_context_gets_its_events(tmp_path: Path) -> None:
     # The sequence test_random_dags_resume_in_batch_mode hits at random, step by step:
     # the crashed run stops being watched, the resume watches the same id again, a
