@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from batch_steps import EXEC_LOG, HOLD
 
 import flowdsl as fd
 from flowdsl.contexts.batch import serve
+
+from batch_steps import EXEC_LOG, HOLD
 
 TESTS = Path(__file__).resolve().parent
 

@@ -21,9 +21,7 @@ from typing import Any
 
 import anyio
 import attrs
-import batch_steps as bs
 import pytest
-from _worker_proc import Procs
 from hypothesis import HealthCheck, given, settings
 
 import flowdsl as fd
@@ -32,6 +30,8 @@ from flowdsl._runner import current_scope
 from flowdsl.contexts._messages import decode_completion
 from flowdsl.contexts.batch import Worker
 
+import batch_steps as bs
+from _worker_proc import Procs
 from strategies import DagSpec, build_flow, dag_specs, flow_inputs, recording, reference
 
 pytestmark = pytest.mark.anyio

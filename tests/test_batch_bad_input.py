@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import batch_steps as bs
 import pytest
-from _worker_proc import Procs
 
 import flowdsl as fd
 from flowdsl._records import NodeRecord
 from flowdsl.contexts.batch import Worker
+
+import batch_steps as bs
+from _worker_proc import Procs
 
 pytestmark = pytest.mark.anyio
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import batch_steps as bs
 import pytest
-from _worker_proc import Procs
 
 import flowdsl as fd
+
+import batch_steps as bs
+from _worker_proc import Procs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
