@@ -81,7 +81,7 @@ async def poll_until(condition: Callable[[], Any]) -> Any:
 # --- the same results in both modes -----------------------------------------------------------
 
 
-@settings(SETTINGS, max_examples=8)
+@settings(SETTINGS, max_examples=15)
 @given(spec=dag_specs(max_ops=6), inputs=flow_inputs())
 async def test_random_dags_give_the_same_results_in_real_time_and_batch(
     redis_server: RedisServer, spec: DagSpec, inputs: tuple[int, str]
@@ -104,7 +104,7 @@ async def test_random_dags_give_the_same_results_in_real_time_and_batch(
 
 
 @pytest.mark.parametrize("mode", ["realtime", "batch"])
-@settings(SETTINGS, max_examples=5)
+@settings(SETTINGS, max_examples=10)
 @given(
     spec=dag_specs(max_ops=5, max_subflows=1),
     inputs=flow_inputs(),
