@@ -1,7 +1,7 @@
 """``python -m benchmarks.peers``: flowdsl beside LangGraph, DBOS and the plain-asyncio floor.
 
-    python -m benchmarks.peers                   # the full run (about 10 minutes on 2 cores)
-    python -m benchmarks.peers --quick           # a smoke run (under 2 minutes)
+    python -m benchmarks.peers                   # the full run (about 6 minutes on 2 cores)
+    python -m benchmarks.peers --quick           # a smoke run (under a minute)
     python -m benchmarks.peers --only w1,resume  # some workloads: w1, w2, w3, long, resume
     python -m benchmarks.peers --systems floor,flowdsl,langgraph
     python -m benchmarks.peers --json out.json --markdown out.md
@@ -470,7 +470,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.peers",
         description="flowdsl beside LangGraph, DBOS and the plain-asyncio floor",
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (under a minute)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     parser.add_argument("--only", default="", help=f"workloads among {', '.join(WORKLOADS)}")
     parser.add_argument("--systems", default="", help=f"systems among {', '.join(FAMILIES)}")
