@@ -364,3 +364,47 @@ async def test_a_task_entry_names_its_run_and_node(broker: RedisBroker) -> None:
     await broker.enqueue([task("run-1", "node-1")])
     (claimed,) = await broker.claim("w", 1, 30)
     assert (claimed.run_id, claimed.node_id) == ("run-1", "node-1")
+
+
+# --- runs that end or resume --------------------------------------------------------------------
+
+
+async def test_drop_queued_removes_only_the_runs_tasks_not_yet_taken(
+    broker: RedisBroker, raw: Any
+) -> None:
+    await broker.enqueue([task("r", "held"), task("other", "a")])
+    held, other = await broker.claim("w", 2, 30)
+    assert (held.run_id, other.run_id) == ("r", "other")
+    await broker.enqueue([task("r", "x"), task("r", "y"), task("other", "b")])
+    await broker.drop_queued("r")
+    assert await broker.pending() == 3  # r/held (taken), other/a (taken), other/b
+    claimed = await broker.claim("w2", 10, 30)
+    assert [payload_of(c)["node_id"] for c in claimed] == ["b"]
+    assert await raw.hlen(broker.queued_key) == 3
+    await broker.enqueue([task("r", "x")])  # dropped: a resume may queue it again
+    assert [payload_of(c)["node_id"] for c in await broker.claim("w2", 10, 30)] == ["x"]
+
+
+async def test_redeliver_hands_a_runs_taken_tasks_out_afresh(broker: RedisBroker) -> None:
+    await broker.enqueue([task("r", "a"), task("r", "b"), task("other", "c")])
+    taken = await broker.claim("dead-client-worker", 3, 30)
+    assert [c.deliveries for c in taken] == [1, 1, 1]
+    await broker.redeliver("r")
+    again = await broker.claim("new-worker", 10, 30)  # at once: no lease to wait out
+    assert sorted((payload_of(c)["node_id"], c.deliveries) for c in again) == [("a", 1), ("b", 1)]
+    assert await broker.pending() == 3
+    await broker.enqueue([task("r", "a")])  # still queued under its new entry
+    assert await broker.claim("new-worker", 10, 30) == []
+    # The old worker's late completion publishes nothing; the new one's does.
+    _, cursor = await broker.completions(None)
+    await broker.complete(taken[0].task_id, "r", "a", '"late"')
+    new_a = next(c for c in again if payload_of(c)["node_id"] == "a")
+    await broker.complete(new_a.task_id, "r", "a", '"fresh"')
+    assert (await broker.completions(cursor))[0] == ['"fresh"']
+    assert await broker.pending() == 2
+
+
+async def test_chunks_of_a_long_queue(broker: RedisBroker) -> None:
+    await broker.enqueue([task("r" if i % 3 else "s", f"n{i}") for i in range(1200)])
+    await broker.drop_queued("r")
+    assert await broker.pending() == 400

@@ -76,7 +76,7 @@ for i = 1, #ARGV, 4 do
   local id = redis.call('HGET', KEYS[2], ARGV[i])
   if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then
     id = redis.call('XADD', KEYS[1], '*', 'run', ARGV[i + 1], 'node', ARGV[i + 2],
-                    'payload', ARGV[i + 3])
+                    'key', ARGV[i], 'payload', ARGV[i + 3])
     redis.call('HSET', KEYS[2], ARGV[i], id)
   end
 end
@@ -186,6 +186,58 @@ return 1
 """
 )
 
+# Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
+# KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
+# what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
+# ones back as new entries, delivery counts starting afresh).  Returns {scanned, last id}.
+_RUN_TASKS: Final = """
+local function id_of(text)
+  local ms, seq = string.match(text, '^(%d+)-(%d+)$')
+  return {tonumber(ms or 0), tonumber(seq or 0)}
+end
+local function after(a, b)
+  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
+end
+local last = {0, 0}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  for j = 1, #g, 2 do
+    if g[j] == 'name' and g[j + 1] == ARGV[1] then
+      for k = 1, #g, 2 do
+        if g[k] == 'last-delivered-id' then last = id_of(g[k + 1]) end
+      end
+    end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
+for _, e in ipairs(entries) do
+  local fields, run, key = e[2], nil, nil
+  for j = 1, #fields, 2 do
+    if fields[j] == 'run' then run = fields[j + 1] end
+    if fields[j] == 'key' then key = fields[j + 1] end
+  end
+  if run == ARGV[2] then
+    local handed_out = not after(id_of(e[1]), last)
+    if ARGV[5] == 'drop' and not handed_out then
+      redis.call('XDEL', KEYS[1], e[1])
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HDEL', KEYS[2], key)
+      end
+    elseif ARGV[5] == 'redeliver' and handed_out then
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
+      redis.call('XDEL', KEYS[1], e[1])
+      local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HSET', KEYS[2], key, id)
+      end
+    end
+  end
+end
+local tail = ''
+if #entries > 0 then tail = entries[#entries][1] end
+return {#entries, tail}
+"""
+_CHUNK: Final = 500
+
 _SCRIPTS: Final = {
     "enqueue": _ENQUEUE,
     "claim": _CLAIM,
@@ -193,6 +245,7 @@ _SCRIPTS: Final = {
     "complete": _COMPLETE,
     "dead_letter": _DEAD_LETTER,
     "commit_and_complete": _COMMIT_AND_COMPLETE,
+    "run_tasks": _RUN_TASKS,
 }
 
 
@@ -468,6 +521,32 @@ class RedisBroker:
             except (ValueError, Malformed) as exc:
                 log.warning("skipping a malformed dead letter of run %s: %s", run_id, exc)
         return out
+
+    async def drop_queued(self, run_id: str) -> None:
+        """Remove a run's tasks that no worker has taken (the run ended without them).
+        Tasks being worked on finish, and their completions go unread."""
+        await self._each_chunk(run_id, "drop")
+
+    async def redeliver(self, run_id: str) -> None:
+        """Hand a run's taken tasks out afresh, as new entries whose delivery counts start
+        again (a resume: the workers that took them may have died with the run's client;
+        waiting out their leases, then counting those deliveries against the step's
+        retries, would punish the node for the crash).  A worker still running one
+        commits first or finds the other's record: the journal keeps one."""
+        await self._each_chunk(run_id, "redeliver")
+
+    async def _each_chunk(self, run_id: str, action: str) -> None:
+        start = "-"
+        while True:
+            scanned, tail = await self._run(
+                "run_tasks",
+                f"{action} tasks of run {run_id!r}",
+                [self.tasks_key, self.queued_key],
+                [GROUP, to_bytes(run_id), start, _CHUNK, action],
+            )
+            if int(scanned) < _CHUNK:
+                return
+            start = "(" + from_bytes(tail, "entry id")
 
     async def pending(self) -> int:
         """Tasks queued or held (for progress displays and tests)."""
