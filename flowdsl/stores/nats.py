@@ -420,28 +420,37 @@ async def _connect(url: NatsURL) -> _Connection:
         log.warning("NATS at %s: reconnected", url.shown)
 
     o = url.options
+    client = nats.NATS()
+    tls = _tls_context(url) if url.tls else None
+    # Each server is tried twice (below); a failed TLS handshake can leave nats-py waiting
+    # for the broken socket to close, so the whole first connection has a deadline too.
+    budget = 2 * len(url.servers) * o.connect_timeout + 1
     try:
-        nc = await nats.connect(
-            servers=list(url.servers),
-            name="flowdsl",
-            token=url.token,
-            user=url.user,
-            password=url.password,
-            tls=_tls_context(url) if url.tls else None,
-            connect_timeout=o.connect_timeout,
-            # The first connection fails fast: each server is tried twice (the least
-            # nats-py allows), a moment apart.  Once connected, see below.
-            allow_reconnect=True,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.05,
-            ping_interval=20,
-            max_outstanding_pings=3,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
+        with anyio.fail_after(budget):
+            await client.connect(
+                servers=list(url.servers),
+                name="flowdsl",
+                token=url.token,
+                user=url.user,
+                password=url.password,
+                tls=tls,
+                connect_timeout=o.connect_timeout,
+                # The first connection fails fast: each server is tried twice (the least
+                # nats-py allows), a moment apart.  Once connected, see below.
+                allow_reconnect=True,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.05,
+                ping_interval=20,
+                max_outstanding_pings=3,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
     except Exception as exc:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await client.close()
         raise _connect_error(url, exc, failures) from exc
+    nc = client
     # From now on a lost server is waited for (a restart, a failover); calls wait for at
     # most retry_for seconds each (NatsLink.call).  nats-py reads these options on every
     # reconnect; it has no other way to set them after the first connection.
@@ -466,8 +475,7 @@ def _tls_context(url: NatsURL) -> ssl.SSLContext:
 
 
 def _connect_error(url: NatsURL, exc: Exception, failures: list[BaseException]) -> ConfigError:
-    causes = [*failures, exc]
-    texts = [f"{type(c).__name__}: {c}".strip() for c in causes]
+    texts = [f"{type(c).__name__}: {c}".strip().rstrip(":") for c in [*failures, exc]]
     refused = any("authorization" in t.lower() or "authentication" in t.lower() for t in texts)
     if refused:
         return ConfigError(
@@ -476,7 +484,10 @@ def _connect_error(url: NatsURL, exc: Exception, failures: list[BaseException]) 
             "(nats://USER:PASSWORD@host:4222) in the URL",
         )
     tls = any("ssl" in t.lower() or "tls" in t.lower() or "secure" in t.lower() for t in texts)
-    why = next((t for t in reversed(texts) if "no servers available" not in t), texts[-1])
+    # The last attempt's own failure says more than "no servers available" or a timeout.
+    why = texts[len(failures) - 1] if failures else texts[-1]
+    if isinstance(exc, TimeoutError) and not failures:
+        why = "no answer in time"
     return ConfigError(
         f"cannot connect to NATS at {url.shown}: {why}",
         hint="Check TLS: tls:// and tls_ca=, tls_cert=, tls_key= options"
