@@ -26,7 +26,7 @@ from . import events as ev
 from ._dsl import Flow
 from ._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
 from ._graph import Node, NodeKind
-from ._records import RunRecord, RunStatus
+from ._records import RunRecord, RunStatus, add_usage
 from ._resume import plan_reuse
 from ._scheduler import Executor, Plan, RunState, drive
 
@@ -91,11 +91,7 @@ class Run:
 
     def add_usage(self, counts: dict[str, Any]) -> None:
         """Add a node's LLM usage to the run's totals (numbers are summed per key)."""
-        total = self.usage if self.usage is not None else {}
-        for key, value in counts.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                total[key] = total.get(key, 0) + value
-        self.usage = total
+        self.usage = add_usage(self.usage, counts)
 
     def _watch(self) -> None:
         """Keep a history of events so that late subscribers see the run from its start."""

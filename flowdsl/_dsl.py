@@ -288,6 +288,13 @@ class Flow(Generic[P, R]):
 _RETRY_ON_DEFAULT: tuple[type[BaseException], ...] = (Exception,)
 
 
+def _decorate(cls: type[_Unit[..., Any]], fn: Callable[..., Any] | None, options: Any) -> Any:
+    """``@cls`` and ``@cls(**options)`` alike."""
+    if fn is not None:
+        return cls(fn, **options)
+    return lambda f: cls(f, **options)
+
+
 @overload
 def step(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Step[P, R]: ...
 @overload
@@ -325,19 +332,9 @@ def step(
     reuses results across runs for equal inputs.
     """
 
-    def wrap(f: Callable[..., Any]) -> Step[..., Any]:
-        return Step(
-            f,
-            name=name,
-            retries=retries,
-            timeout=timeout,
-            retry_on=retry_on,
-            backoff=backoff,
-            version=version,
-            cache=cache,
-        )
-
-    return wrap(fn) if fn is not None else wrap
+    options = dict(name=name, retries=retries, timeout=timeout, retry_on=retry_on)
+    options.update(backoff=backoff, version=version, cache=cache)
+    return _decorate(Step, fn, options)
 
 
 @overload
@@ -367,19 +364,9 @@ def branch(
 ) -> Any:
     """Mark a function as a branch: its value (str, bool, int or Enum) picks a case."""
 
-    def wrap(f: Callable[..., Any]) -> Branch[..., Any]:
-        return Branch(
-            f,
-            name=name,
-            retries=retries,
-            timeout=timeout,
-            retry_on=retry_on,
-            backoff=backoff,
-            version=version,
-            cache=False,
-        )
-
-    return wrap(fn) if fn is not None else wrap
+    options = dict(name=name, retries=retries, timeout=timeout, retry_on=retry_on)
+    options.update(backoff=backoff, version=version, cache=False)
+    return _decorate(Branch, fn, options)
 
 
 def flow(

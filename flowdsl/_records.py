@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["NodeRecord", "RunRecord", "RunStatus"]
+__all__ = ["NodeRecord", "RunRecord", "RunStatus", "add_usage"]
 
 
 class RunStatus(enum.Enum):
@@ -23,6 +23,17 @@ class RunStatus(enum.Enum):
     @property
     def ended(self) -> bool:
         return self is not RunStatus.RUNNING
+
+
+def add_usage(total: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:
+    """LLM usage *counts* added to *total*: numbers summed per key, other values replaced."""
+    out = total if total is not None else {}
+    for key, value in counts.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+        else:
+            out[key] = value
+    return out
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from . import _codec
 from . import events as ev
 from ._errors import CodecError, StepCodecFailed, StepFailed
 from ._graph import Node, NodeKind
-from ._records import NodeRecord
+from ._records import NodeRecord, add_usage
 from ._trace import value_labels
 
 __all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
@@ -72,13 +72,7 @@ class StepScope:
 
     def add_usage(self, **counts: Any) -> None:
         """Add LLM usage (``input_tokens=``, ``output_tokens=``, ``cost=``, ...) to the node."""
-        usage = self.usage if self.usage is not None else {}
-        for key, value in counts.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                usage[key] = usage.get(key, 0) + value
-            else:
-                usage[key] = value
-        self.usage = usage
+        self.usage = add_usage(self.usage, counts)
 
     # attempts
 

@@ -41,7 +41,7 @@ from ._context import Context
 from ._dsl import Flow
 from ._errors import CodecError, ConfigError, FlowError, StepFailed, TracingError
 from ._graph import Graph, NodeKind
-from ._records import NodeRecord, RunRecord, RunStatus
+from ._records import NodeRecord, RunRecord, RunStatus, add_usage
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -801,10 +801,9 @@ def _total_usage(nodes: list[dict[str, Any]]) -> dict[str, Any]:
     """The run's LLM usage: every node's numbers summed per key."""
     total: dict[str, Any] = {}
     for row in nodes:
-        for key, value in (row.get("usage") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                total[key] = round(total.get(key, 0) + value, 6)
-    return total
+        add_usage(total, row.get("usage") or {})
+    # Costs are floats: sums like 0.1 + 0.2 read better rounded.
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in total.items()}
 
 
 def _usage_text(usage: dict[str, Any] | None) -> str:
