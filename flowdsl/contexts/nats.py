@@ -78,8 +78,8 @@ CONSUMER: Final = "workers"
 LONG_POLL: Final = 1.0
 # A reader's events that nobody takes are dropped past this many (a client with no
 # observed run has no use for other clients' events).
-_EVENTS_KEPT: Final = 100_000
-_DUPLICATE_WINDOW: Final = 120.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
+_EVENTS_KEPT: Final = 10_000
+_DUPLICATE_WINDOW: Final = 60.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
 _MAX_ACK_PENDING: Final = 100_000
 _ERR_PER_SUBJECT: Final = 10077  # the task is already queued or held
 _ERR_NO_MESSAGE: Final = 10057  # a message deleted or acked meanwhile
@@ -693,7 +693,8 @@ class _Puller:
             self.spare.append(msg)
         elif status != "100":  # 100: an idle heartbeat
             self._ended.add(msg.subject)
-            if status == "409" and "deleted" in str(headers.get("Description", "")).lower():
+            deleted = status == "409" and "deleted" in str(headers.get("Description", "")).lower()
+            if deleted or status == "503":  # the consumer is gone: make it again
                 self.stale = True
         self._arrived.set()
 

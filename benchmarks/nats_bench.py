@@ -1,0 +1,356 @@
+"""Batch mode on NATS JetStream (issue 6): the raw floor and flowdsl, in one run.
+
+Against a nats-server this benchmark starts itself (``-js``, file storage in a temporary
+directory) on a free port:
+
+- the floor: raw nats-py JetStream on a work-queue stream with a durable pull consumer,
+  1 KB messages: one at a time (publish and wait for its ack, fetch one, ack it), and
+  batched (publish 100 without waiting, then their acks; fetch 100; ack each);
+- flowdsl, trivial steps: W2 with ``delay=0`` (22 steps a run, 100 runs at once) through
+  ``fd.Context(batch=True, broker=nats://..., store=nats://..., workers=0)`` and 1 or 2
+  worker processes (``flowdsl.contexts.batch.serve``, as ``flowdsl worker`` runs it):
+  steps per second per worker process, against 40 % of the one-at-a-time floor;
+- W2 as it is (20 leaves that sleep 50 ms, a stand-in for an LLM call), ``--runs`` runs
+  (1,000) at once on 2 worker processes of bounded concurrency: runs per second against
+  the bound that latency alone sets (slots / (leaves x 50 ms)).
+
+    python -m benchmarks.nats_bench [--quick] [--runs N] [--rounds N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+
+import flowdsl as fd
+
+from . import workloads as w
+from ._harness import (
+    ROOT,
+    Config,
+    Section,
+    Table,
+    Target,
+    interleaved,
+    median,
+    run_section,
+    subprocess_env,
+)
+from .w2_fanout import Batch, batch
+
+__all__ = ["main", "measure", "run"]
+
+MESSAGE = b"x" * 1024
+BATCH = 100
+TARGET_SHARE = 0.40  # flowdsl's steps/s per worker process, as a share of the floor
+TRIVIAL_RUNS = 100
+STEPS = w.FANOUT + 2
+TRIVIAL_CONCURRENCY = 64  # slots per worker process for trivial steps
+W2_SLOTS = 32  # slots per worker process for W2: what makes latency the bound
+
+# A worker process: serves the URL (broker and store) until terminated.
+_SERVE = """
+import functools, sys, anyio
+from flowdsl.contexts.batch import serve
+
+async def main() -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(
+            serve, sys.argv[1], store=sys.argv[1], imports=("benchmarks.workloads",),
+            concurrency=int(sys.argv[2]),
+        ))
+        print("ready", flush=True)
+
+anyio.run(main)
+"""
+
+
+# --- the server and the workers -------------------------------------------------------------
+
+
+@contextmanager
+def nats_server() -> Iterator[str]:
+    """A nats-server with JetStream on file storage, on a free loopback port."""
+    binary = shutil.which("nats-server") or shutil.which(
+        "nats-server", path="/usr/local/sbin:/usr/sbin:/sbin"
+    )
+    if binary is None:
+        raise RuntimeError("nats-server is not installed (on Debian: apt-get install nats-server)")
+    directory = Path(tempfile.mkdtemp(prefix="flowdsl-nats-bench-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(directory / "js")]
+    log = (directory / "server.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while b"Server is ready" not in (directory / "server.log").read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start: see {directory}")
+            time.sleep(0.02)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[int]]:
+    """*count* processes serving *url* (broker and store); yields once all serve."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVE, url, str(concurrency)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker process {proc.pid} did not start (exit {proc.poll()})")
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --- the floor ------------------------------------------------------------------------------
+
+
+async def _queue(url: str) -> tuple[Any, Any, Any, str]:
+    """A connection, its JetStream context, a pull subscription and the subject of a fresh
+    work-queue stream (as flowdsl's tasks stream, minus flowdsl)."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    name = f"floor{time.monotonic_ns()}"
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[f"{name}.>"], retention=RetentionPolicy.WORK_QUEUE)
+    )
+    await js.add_consumer(
+        name, ConsumerConfig(durable_name="w", ack_policy=AckPolicy.EXPLICIT, ack_wait=30)
+    )
+    sub = await js.pull_subscribe_bind("w", name)
+    return nc, js, sub, name
+
+
+async def floor_one_at_a_time(url: str, messages: int) -> float:
+    """Messages per second: publish and wait for the ack, fetch one, ack it."""
+    nc, js, sub, name = await _queue(url)
+    try:
+        start = time.perf_counter()
+        for i in range(messages):
+            await js.publish(f"{name}.{i}", MESSAGE)
+            [msg] = await sub.fetch(1, timeout=5)
+            await msg.ack()
+        elapsed = time.perf_counter() - start
+        await js.delete_stream(name)
+    finally:
+        await nc.close()
+    return messages / elapsed
+
+
+async def floor_batched(url: str, messages: int) -> float:
+    """Messages per second in batches: BATCH publishes, then their acks; one fetch of
+    BATCH; an ack each."""
+    nc, js, sub, name = await _queue(url)
+    try:
+        start = time.perf_counter()
+        for b in range(messages // BATCH):
+            acks = [await js.publish_async(f"{name}.{b}.{i}", MESSAGE) for i in range(BATCH)]
+            await asyncio.gather(*acks)
+            got = 0
+            while got < BATCH:
+                msgs = await sub.fetch(BATCH - got, timeout=5)
+                for msg in msgs:
+                    await msg.ack()
+                got += len(msgs)
+        elapsed = time.perf_counter() - start
+        await js.delete_stream(name)
+    finally:
+        await nc.close()
+    return (messages // BATCH) * BATCH / elapsed
+
+
+# --- flowdsl --------------------------------------------------------------------------------
+
+Call = Callable[[int, float], Coroutine[Any, Any, int]]
+
+
+def _caller(ctx: fd.Context) -> Call:
+    def call(i: int, delay: float) -> Coroutine[Any, Any, int]:
+        return ctx.run(w.fanout, i, delay)
+
+    return call
+
+
+async def _trivial(urls: dict[str, str], rounds: int, messages: int) -> dict[str, list[Any]]:
+    """Interleaved rounds: the two floors and flowdsl on 1 and 2 worker processes."""
+    async with AsyncExitStack() as stack:
+        callers = {
+            name: _caller(
+                await stack.enter_async_context(
+                    fd.Context(batch=True, broker=url, store=url, workers=0)
+                )
+            )
+            for name, url in urls.items()
+        }
+        base = next(iter(urls.values())).partition("?")[0]
+
+        def flowdsl(call: Call) -> Callable[[], Coroutine[Any, Any, Batch]]:
+            return lambda: batch(call, TRIVIAL_RUNS, 0.0)
+
+        systems: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
+            "floor, one at a time": lambda: floor_one_at_a_time(base, messages),
+            f"floor, batched x{BATCH}": lambda: floor_batched(base, messages * 5),
+        }
+        systems.update({name: flowdsl(call) for name, call in callers.items()})
+        return await interleaved(rounds, systems)
+
+
+async def _w2(url: str, runs: int) -> Batch:
+    async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
+        call = _caller(ctx)
+        await batch(call, min(50, runs), w.LEAF_DELAY)  # warm up: connections, imports
+        return await batch(call, runs, w.LEAF_DELAY)
+
+
+def run(config: Config) -> Section:
+    """For ``python -m benchmarks``: the suite's options."""
+    rounds = config.pick(default=3, quick=1)
+    runs = 1000 if not config.quick else 100
+    return measure(rounds=rounds, runs=runs, messages=500 if config.quick else 2000)
+
+
+def measure(*, rounds: int, runs: int, messages: int) -> Section:
+    section = Section(
+        "nats",
+        f"Batch mode on NATS JetStream: the raw nats-py floor, trivial steps on 1 and 2 "
+        f"worker processes (medians of {rounds} interleaved rounds), and W2 with {runs} runs",
+    )
+    with nats_server() as server:
+        urls = {
+            "flowdsl, 1 worker process": f"{server}?prefix=p1",
+            "flowdsl, 2 worker processes": f"{server}?prefix=p2",
+        }
+        with (
+            worker_processes(urls["flowdsl, 1 worker process"], 1, TRIVIAL_CONCURRENCY),
+            worker_processes(urls["flowdsl, 2 worker processes"], 2, TRIVIAL_CONCURRENCY),
+        ):
+            trivial = anyio.run(functools.partial(_trivial, urls, rounds, messages))
+        w2_url = f"{server}?prefix=w2"
+        with worker_processes(w2_url, 2, W2_SLOTS):
+            w2 = anyio.run(_w2, w2_url, runs)
+
+    floor = median(trivial["floor, one at a time"])
+    batched = median(trivial[f"floor, batched x{BATCH}"])
+    table = Table(
+        "1 KB messages (floor) and trivial steps (flowdsl: W2 with delay 0, "
+        f"{TRIVIAL_RUNS} runs x {STEPS} steps at once)",
+        ["system", "messages or steps/s", "per worker process", "per process / floor"],
+    )
+    table.add("raw nats-py JetStream, one at a time", floor, "-", "-")
+    table.add(f"raw nats-py JetStream, batched x{BATCH}", batched, "-", "-")
+    data: dict[str, Any] = {"floor_one_at_a_time": floor, "floor_batched": batched}
+    for name, processes in (("flowdsl, 1 worker process", 1), ("flowdsl, 2 worker processes", 2)):
+        steps = median([TRIVIAL_RUNS * STEPS / b.wall for b in trivial[name]])
+        per_process = steps / processes
+        table.add(name, steps, per_process, f"{per_process / floor:.0%}")
+        data[name] = steps
+        section.targets.append(
+            Target(
+                f"{name}: steps/s per process >= {TARGET_SHARE:.0%} of the one-at-a-time floor",
+                per_process,
+                TARGET_SHARE * floor,
+                "steps/s",
+                at_least=True,
+            )
+        )
+    slots = 2 * W2_SLOTS
+    bound = slots / (w.FANOUT * w.LEAF_DELAY)  # runs/s if only the stand-in latency limits
+    w2_table = Table(
+        f"W2: {runs} runs at once, {w.FANOUT} leaves of {w.LEAF_DELAY * 1000:.0f} ms, "
+        f"2 worker processes x {W2_SLOTS} slots",
+        ["runs/s", "latency bound runs/s", "share of the bound", "p50 s", "p99 s", "wall s"],
+    )
+    w2_rate = runs / w2.wall
+    w2_table.add(w2_rate, bound, f"{w2_rate / bound:.0%}", w2.p50, w2.p99, w2.wall)
+    data["w2"] = {"runs": runs, "wall_s": w2.wall, "runs_per_s": w2_rate, "bound": bound}
+    section.targets.append(
+        Target(
+            "W2 runs/s within 80% of the latency bound (slots / (leaves x delay))",
+            w2_rate,
+            0.8 * bound,
+            "runs/s",
+            at_least=True,
+        )
+    )
+    section.tables += [table, w2_table]
+    section.notes += [
+        "nats-server -js, file storage, on loopback, started by the benchmark; the client, "
+        "the workers and the server share the machine's cores",
+        "floor, one at a time: one client; a publish waits for its ack, a fetch of one, an "
+        "ack without waiting (nats-py's msg.ack()): two round trips per message; flowdsl per "
+        "step: the client publishes the task (siblings pipelined), a worker pulls (batched), "
+        "runs, commits the node (KV create: a round trip), publishes the completion (a round "
+        "trip) and acks; the client's consumer pushes completions to it",
+        f"W2 bound: {slots} worker slots, each leaf holding one for {w.LEAF_DELAY} s, "
+        f"{w.FANOUT} leaves a run (the 2 trivial steps of a run are not counted)",
+    ]
+    section.data.update(data, rounds=rounds)
+    return section
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nats_bench")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per measurement")
+    parser.add_argument("--runs", type=int, default=None, help="W2 runs (default 1000)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    config = Config(quick=args.quick, rounds=args.rounds)
+    rounds = config.pick(default=3, quick=1)
+    runs = args.runs or (1000 if not args.quick else 100)
+    messages = 500 if args.quick else 2000
+
+    def run_it(_: Config) -> Section:
+        return measure(rounds=rounds, runs=runs, messages=messages)
+
+    section = run_section(run_it, config)
+    section.show(Console())
+    if args.json is not None:
+        args.json.write_text(json.dumps(section.to_json(), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
