@@ -408,3 +408,28 @@ async def test_chunks_of_a_long_queue(broker: RedisBroker) -> None:
     await broker.enqueue([task("r" if i % 3 else "s", f"n{i}") for i in range(1200)])
     await broker.drop_queued("r")
     assert await broker.pending() == 400
+
+
+async def test_a_nodes_events_are_published_with_its_commit_and_before_its_completion(
+    broker: RedisBroker, raw: Any
+) -> None:
+    await broker.enqueue([task("r", "a"), task("r", "b")])
+    a, b = await broker.claim("w", 2, 30)
+    _, events_at = await broker.events(None)
+    await raw.hset(f"{broker.prefix}:nodes:r", "b", b"{garbage")  # b cannot commit
+    done = await broker.commit_and_complete(
+        a.task_id, "r", record("a", 1), '"a done"', events=[("r", '"a finished"')]
+    )
+    assert done is True
+    # Refused commits publish no events (b's place holds garbage: it fails instead).
+    assert await broker.commit_and_complete(
+        b.task_id, "r", record("b", 2), '"b done"', events=[("r", '"b finished"')]
+    )
+    entries = await raw.xrange(broker.events_key, min=f"({events_at}")
+    assert [e[1][b"payload"] for e in entries] == [b'"a finished"']
+    # A failure's events go with its completion too.
+    await broker.enqueue([task("r", "c")])
+    (c,) = await broker.claim("w", 1, 30)
+    await broker.complete(c.task_id, "r", "c", '"c failed"', events=[("r", '"c failed"')])
+    texts, _ = await broker.events(events_at)
+    assert texts == [("r", '"a finished"'), ("r", '"c failed"')]

@@ -133,9 +133,18 @@ local function finish(tasks, queued, completions, group, id, field, payload, kee
   if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
   redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
 end
+local function publish(events, keep, first)
+  for j = first, #ARGV, 2 do
+    redis.call('XADD', events, 'MAXLEN', '~', keep, '*', 'run', ARGV[j], 'payload', ARGV[j + 1])
+  end
+end
 """
 
-# KEYS: tasks, queued, completions.  ARGV: group, id, field, payload, keep.
+# The scripts below take the node's events as (run id, event) pairs at the end of ARGV and
+# publish them with the completion, after the commit: a StepFinished is never seen for a
+# node that is not in the journal, and never after the completion that may end its run.
+
+# KEYS: tasks, queued, completions, events.  ARGV: group, id, field, payload, keep, events.
 # A task no longer pending (another worker completed it, or this is a retry after a lost
 # reply) has had its completion published already.
 _COMPLETE: Final = (
@@ -145,13 +154,14 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   redis.call('XDEL', KEYS[1], ARGV[2])
   return 0
 end
+publish(KEYS[4], ARGV[5], 6)
 finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
 )
 
-# KEYS: tasks, queued, completions, dead.  ARGV: group, id, field, payload, keep,
-# run id, node id, reason, time.
+# KEYS: tasks, queued, completions, dead, events.  ARGV: group, id, field, payload, keep,
+# run id, node id, reason, time, events.
 _DEAD_LETTER: Final = (
     _FINISH
     + """
@@ -169,18 +179,20 @@ if entry[1] then
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
            'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
+publish(KEYS[5], ARGV[5], 10)
 finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
 )
 
-# KEYS: nodes hash, blob, blobrefs, tasks, queued, completions.  ARGV: node id, record,
-# digest, blob, group, task id, queued field, payload, keep.  Returns 1 when committed and
-# completed, else the record committed first (and changes nothing).
+# KEYS: nodes hash, blob, blobrefs, tasks, queued, completions, events.  ARGV: node id,
+# record, digest, blob, group, task id, queued field, payload, keep, events.  Returns 1
+# when committed and completed, else the record committed first (and changes nothing).
 _COMMIT_AND_COMPLETE: Final = (
     _FINISH
     + COMMIT_NODE_BODY
     + """
+publish(KEYS[7], ARGV[9], 10)
 finish(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 return 1
 """
@@ -425,22 +437,46 @@ class RedisBroker:
         for worker, ids in by_worker.items():
             await self._run("extend", "renewing leases", [self.tasks_key], [GROUP, worker, *ids])
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Remove the task and publish its completion, with the node's *events* before it,
+        atomically."""
         self._holders.pop(task_id, None)
         await self._run(
             "complete",
             f"completing node {node_id!r} of run {run_id!r}",
-            [self.tasks_key, self.queued_key, self.completions_key],
-            [GROUP, task_id, _queued_field(run_id, node_id), to_bytes(payload), self.keep],
+            [self.tasks_key, self.queued_key, self.completions_key, self.events_key],
+            [
+                GROUP,
+                task_id,
+                _queued_field(run_id, node_id),
+                to_bytes(payload),
+                self.keep,
+                *_event_args(events),
+            ],
         )
 
     async def commit_and_complete(
-        self, task_id: str, run_id: str, record: NodeRecord, payload: str
+        self,
+        task_id: str,
+        run_id: str,
+        record: NodeRecord,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> bool:
-        """Commit *record* to the journal and complete the task, atomically: True.  When
-        the node was committed before, nothing changes: False (the worker then completes
-        the task with that record).  A malformed record in its place fails the node with
-        a checkpoint error: the task is completed with that failure, True."""
+        """Commit *record* to the journal, publish the node's *events* and complete the
+        task, atomically: True.  When the node was committed before, nothing changes:
+        False (the worker then completes the task with that record).  A malformed record
+        in its place fails the node with a checkpoint error: the task is completed with
+        that failure, True."""
         field, digest, blob = encode_node(record)
         node_id = record.node_id
         keys = [
@@ -450,6 +486,7 @@ class RedisBroker:
             self.tasks_key,
             self.queued_key,
             self.completions_key,
+            self.events_key,
         ]
         args = [
             to_bytes(node_id),
@@ -461,6 +498,7 @@ class RedisBroker:
             _queued_field(run_id, node_id),
             to_bytes(payload),
             self.keep,
+            *_event_args(events),
         ]
         self._holders.pop(task_id, None)
         what = f"committing node {node_id!r} of run {run_id!r}"
@@ -478,13 +516,26 @@ class RedisBroker:
         return False
 
     async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         self._holders.pop(task_id, None)
         await self._run(
             "dead_letter",
             f"dead-lettering node {node_id!r} of run {run_id!r}",
-            [self.tasks_key, self.queued_key, self.completions_key, self.dead_key],
+            [
+                self.tasks_key,
+                self.queued_key,
+                self.completions_key,
+                self.dead_key,
+                self.events_key,
+            ],
             [
                 GROUP,
                 task_id,
@@ -495,6 +546,7 @@ class RedisBroker:
                 to_bytes(node_id),
                 to_bytes(reason),
                 repr(time.time()),
+                *_event_args(events),
             ],
         )
 
@@ -677,6 +729,13 @@ class RedisBroker:
 
         reply = await self._link.call("reading a stream", read)
         return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}
+
+
+def _event_args(events: list[tuple[str, str]] | None) -> list[bytes]:
+    out: list[bytes] = []
+    for run_id, text in events or ():
+        out += [to_bytes(run_id), to_bytes(text)]
+    return out
 
 
 def _entry_key(entry_id: Any) -> tuple[int, int]:
