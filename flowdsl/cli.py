@@ -42,6 +42,7 @@ from ._dsl import Flow
 from ._errors import CodecError, ConfigError, FlowError, StepFailed, TracingError
 from ._graph import Graph, NodeKind
 from ._records import NodeRecord, RunRecord, RunStatus, add_usage
+from ._urls import hide_credentials
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -1056,7 +1057,8 @@ async def _serve_until_stopped(
                 )
             )
             click.echo(
-                f"flowdsl worker: serving {broker} ({', '.join(modules)}); Ctrl-C stops it",
+                f"flowdsl worker: serving {hide_credentials(broker)} ({', '.join(modules)}); "
+                "Ctrl-C stops it",
                 err=True,
             )
             async for signum in signals:

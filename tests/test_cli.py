@@ -339,7 +339,8 @@ def test_quiet_wins_over_live(project: Path) -> None:
         ),
         (
             ["flows.py:pipeline", "--input", "1", "--store", "foo://x"],
-            r"^Error: unknown store URL 'foo://x'\. Use memory:// or sqlite:///path\.db$",
+            r"^Error: unknown store URL 'foo://x'\. Use memory://, sqlite:///path\.db, "
+            r"redis://host:6379/0 or nats://host:4222$",
         ),
         (
             ["flows.py:pipeline", "--input", "1", "--broker", "sqlite:///b.db"],

@@ -44,5 +44,5 @@ def open_store(spec: Any, *, batch: bool = False) -> Any:
         return NATSStore.from_url(spec)
     raise ConfigError(
         f"unknown store URL {spec!r}",
-        hint="Use memory:// or sqlite:///path.db",
+        hint="Use memory://, sqlite:///path.db, redis://host:6379/0 or nats://host:4222",
     )

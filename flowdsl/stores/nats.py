@@ -63,6 +63,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from .._errors import CheckpointError, ConfigError
 from .._records import NodeRecord, RunRecord, RunStatus
+from .._urls import hide_credentials
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -357,7 +358,7 @@ def _bad_url(url: str, why: str) -> ConfigError:
 
 def _hide(url: str) -> str:
     """*url* with anything between '://' and '@' masked (it may be a credential)."""
-    return re.sub(r"(://)[^/@,?]*@", r"\1***@", url)
+    return hide_credentials(url)
 
 
 # --- one connection per server list and event loop ------------------------------------------
