@@ -39,6 +39,8 @@ MODULES = {
 FOREIGN = {
     "store_floor": "benchmarks.store_floor",
     "llm_overhead": "benchmarks.llm_overhead",
+    "redis": "benchmarks.redis_bench",
+    "nats": "benchmarks.nats_bench",
 }
 ALL = (*SECTIONS, *FOREIGN)
 

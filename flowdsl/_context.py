@@ -780,6 +780,7 @@ def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any,
 
     Batch mode with no broker keeps its queue and its store in one SQLite file: the
     store's file if it is SQLite, else ``.flowdsl/flowdsl.db`` in the working directory.
+    With a broker and no store, the journal lives on the broker's server.
     """
     from .stores import open_store
 
@@ -794,12 +795,8 @@ def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any,
             broker = f"sqlite:///{DEFAULT_BATCH_FILE}"
     queue = open_broker(broker)
     if store is None:
-        store = broker if broker.startswith("sqlite:") else None
-        if store is None:
-            raise ConfigError(
-                f"batch mode on {broker.split(':', 1)[0]} needs a durable store",
-                hint="Pass store=... (for example the same URL as the broker)",
-            )
+        # The broker's own server keeps the journal unless told otherwise.
+        store = broker
     journal = open_store(store)
     link(journal, queue)
     return journal, queue

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import anyio
 import attrs
+import sniffio
 
 from . import _codec
 from . import events as ev
@@ -231,9 +232,12 @@ async def run_node(
         except Exception as exc:
             delay = scope.fail(exc)
         else:
+            cancelled = None
             if store is not None:
-                await _commit(store, sink.run_id, outcome[0])
+                cancelled = await _commit(store, sink.run_id, outcome[0])
             scope.report(outcome[0])
+            if cancelled is not None:
+                raise cancelled
             return outcome
         finally:
             _SCOPE.reset(token)
@@ -320,15 +324,36 @@ def fast_job(
     return job, unit.fn(*args, **kwargs), context
 
 
-async def _commit(store: Any, run_id: str, record: NodeRecord) -> None:
+async def _commit(store: Any, run_id: str, record: NodeRecord) -> BaseException | None:
     """Commit a finished node's record, even if the run is being cancelled: the step's
-    work (an LLM call, say) is done and paid for, and a resume should find it."""
+    work (an LLM call, say) is done and paid for, and a resume should find it.
+
+    Returns the cancellation that arrived during the write, for the caller to raise once
+    it has reported the node: a committed node is always a reported one.
+    """
     nowait = getattr(store, "commit_node_nowait", None)
     if nowait is not None:
         nowait(run_id, record)
-        return
+        return None
+    if sniffio.current_async_library() == "asyncio":
+        # Node tasks are cancelled with asyncio's own Task.cancel(), which anyio's shields
+        # do not stop: the write runs as a task of its own, and this one waits it out.
+        import asyncio
+
+        write = asyncio.ensure_future(store.commit_node(run_id, record))
+        cancelled: BaseException | None = None
+        while True:
+            try:
+                await asyncio.shield(write)
+                return cancelled
+            except asyncio.CancelledError as exc:
+                if write.done() and not write.cancelled():
+                    write.result()  # a failed write raises its own error
+                    return exc
+                cancelled = exc
     with anyio.CancelScope(shield=True):
         await store.commit_node(run_id, record)
+    return None
 
 
 async def _call_slow(unit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

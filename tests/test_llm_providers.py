@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from _llm_server import LLMServer
 
 import flowdsl as fd
 import flowdsl.llm
 from flowdsl.llm._prices import PriceTable
+
+from _llm_server import LLMServer
 
 KEY = "sk-config-SECRET-abcdef0123"
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _llm_server import LLMServer
 
 import flowdsl as fd
 import flowdsl.llm
 from flowdsl import events as ev
+
+from _llm_server import LLMServer
 
 pytestmark = pytest.mark.anyio
 

@@ -14,12 +14,13 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from _llm_server import Answer, LLMServer, Request
 
 import flowdsl as fd
 import flowdsl.llm
 from flowdsl import events as ev
 from flowdsl.llm import LLMError, StructuredOutputError
+
+from _llm_server import Answer, LLMServer, Request
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio
 import attrs
-import nats_steps as ns
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +27,7 @@ from flowdsl.contexts.nats import NATSBroker
 from flowdsl.stores.nats import NATSStore, to_token
 from flowdsl.testing import CrashPoint, check_resume
 
+import nats_steps as ns
 from _servers import NatsServer
 from strategies import (
     DagSpec,
@@ -172,13 +172,21 @@ async def test_run_events_come_over_nats_and_another_client_can_follow(
         assert kinds[-1] == "RunFinished"
         assert Counter(kinds)["StepFinished"] == ns.FAN + 2
 
-        texts, done_cursor = await watcher.completions(done_cursor)
-        finished = [decode_completion(t) for t in texts]
-        ok = {c.node_id for c in finished if c.run_id == "watched" and c.ok}
+        # The watcher's reader is pushed to: what it holds is what has arrived so far,
+        # so it is read until everything has (or the deadline says it never will).
+        finished: list[Any] = []
+        steps: list[str] = []
+        with anyio.fail_after(10):
+            while True:
+                texts, done_cursor = await watcher.completions(done_cursor)
+                finished += [decode_completion(t) for t in texts]
+                events, event_cursor = await watcher.events(event_cursor)
+                steps += [json.loads(t)["type"] for run_id, t in events if run_id == "watched"]
+                ok = {c.node_id for c in finished if c.run_id == "watched" and c.ok}
+                if len(ok) == ns.FAN + 2 and Counter(steps)["StepFinished"] == ns.FAN + 2:
+                    break
+                await anyio.sleep(0.01)
         assert ok == {"seed", "total", *_parts()}
-        assert len(ok) == ns.FAN + 2
-        events, _ = await watcher.events(event_cursor)
-        steps = [json.loads(text)["type"] for run_id, text in events if run_id == "watched"]
         assert Counter(steps)["StepFinished"] == ns.FAN + 2
         assert await watcher.completions(done_cursor) == ([], done_cursor)
     finally:

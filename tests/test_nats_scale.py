@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import nats_steps as ns
 import pytest
 
 import flowdsl as fd
 from flowdsl.contexts.nats import NATSBroker
 
+import nats_steps as ns
 from _servers import NatsServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

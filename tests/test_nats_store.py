@@ -20,7 +20,6 @@ from urllib.parse import quote
 
 import anyio
 import attrs
-import nats_steps as ns
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,6 +32,7 @@ from flowdsl.contexts.nats import NATSBroker
 from flowdsl.stores import open_store
 from flowdsl.stores.nats import NATSStore, NatsURL, from_token, to_token
 
+import nats_steps as ns
 from _servers import HOST, NatsServer, ServerProcess, free_port, require_binary
 
 pytestmark = pytest.mark.anyio

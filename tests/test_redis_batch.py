@@ -16,7 +16,6 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redis_steps import DELAY_ENV, FAN, expected_fan, fan
 
 import flowdsl as fd
 from flowdsl import _codec
@@ -29,6 +28,7 @@ from flowdsl.stores.redis import RedisStore
 from flowdsl.testing import CrashPoint, check_resume
 
 from _servers import RedisServer
+from redis_steps import DELAY_ENV, FAN, expected_fan, fan
 from strategies import (
     DagSpec,
     build_flow,

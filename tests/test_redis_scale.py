@@ -21,13 +21,13 @@ from typing import Any
 
 import anyio
 import pytest
-from redis_steps import DELAY_ENV, FAN, LOG_ENV, expected_fan, fan, fan_log_lines, read_log
 
 import flowdsl as fd
 from flowdsl._records import RunStatus
 from flowdsl.contexts.redis import GROUP, RedisBroker
 
 from _servers import RedisServer
+from redis_steps import DELAY_ENV, FAN, LOG_ENV, expected_fan, fan, fan_log_lines, read_log
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

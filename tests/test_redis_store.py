@@ -17,7 +17,6 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from redis_steps import expected_fan, fan
 
 import flowdsl as fd
 from flowdsl import _codec
@@ -28,6 +27,7 @@ from flowdsl.stores import MemoryStore, open_store
 from flowdsl.stores.redis import INLINE_MAX, RedisStore, RedisURL
 
 from _servers import RedisServer, free_port
+from redis_steps import expected_fan, fan
 
 pytestmark = pytest.mark.anyio
 

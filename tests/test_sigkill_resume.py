@@ -23,13 +23,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import _sigkill_target as target
 import anyio
 import attrs
 import pytest
 
 import flowdsl as fd
 from flowdsl.stores.sqlite import SQLiteStore
+
+import _sigkill_target as target
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

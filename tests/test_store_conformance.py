@@ -14,13 +14,14 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats_steps import conformance_store as nats_conformance_store
-from redis_steps import conformance_store
 
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
 from flowdsl.stores import MemoryStore, Store
 from flowdsl.stores.sqlite import INLINE_MAX, SQLiteStore
+
+from nats_steps import conformance_store as nats_conformance_store
+from redis_steps import conformance_store
 
 pytestmark = pytest.mark.anyio
 

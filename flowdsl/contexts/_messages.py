@@ -202,6 +202,9 @@ class Broker(Protocol):
     #   async def redeliver(run_id): make the run's tasks claimable now with their
     #       delivery counts reset (a resume: the run's old workers may have died with it).
     #
+    #   carries_events = True: complete(), commit_and_complete() and dead_letter() take an
+    #       `events=` list and publish it atomically with the completion, ahead of it.
+    #
     # Optional, for a broker that also holds the store (Redis, NATS):
     #
     #   def holds(self, store) -> bool: whether *store* lives on this broker's server.

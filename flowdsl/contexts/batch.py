@@ -79,6 +79,10 @@ def decode_event(text: str) -> Any:
     return _codec.converter.structure(data, cls)
 
 
+# Errors a broker or store raises when its server is away; loops wait them out.
+_TRANSIENT = (CheckpointError, ConfigError, OSError)
+
+
 class StepConfigFailed(StepFailed, ConfigError):
     """A step that the worker could not import or configure: both a :class:`StepFailed`
     and a :class:`ConfigError`."""
@@ -271,7 +275,14 @@ class BatchExecutor:
     async def _listen(self) -> None:
         idle = self.poll_interval
         while True:
-            got = await self._drain()
+            try:
+                got = await self._drain()
+            except _TRANSIENT as exc:
+                # The broker is away (restarting, unreachable): keep listening; the runs
+                # waiting here get their completions once it is back.
+                log.warning("batch listener: %s; trying again", exc)
+                await anyio.sleep(self.max_poll_interval * 10)
+                continue
             if got:
                 idle = self.poll_interval
                 continue
@@ -386,7 +397,12 @@ class Worker:
                     await limiter.acquire()
                     limiter.release()
                     continue
-                claimed = await self.broker.claim(self.name, free, self.lease)
+                try:
+                    claimed = await self.broker.claim(self.name, free, self.lease)
+                except _TRANSIENT as exc:
+                    log.warning("worker %s: %s; trying again", self.name, exc)
+                    await anyio.sleep(self.max_poll_interval * 10)
+                    continue
                 if not claimed:
                     with anyio.move_on_after(idle):
                         await self._wake.wait()
@@ -406,11 +422,18 @@ class Worker:
         while True:
             await anyio.sleep(self.lease / 3)
             if self._held:
-                await self.broker.extend(sorted(self._held), self.lease)
+                try:
+                    await self.broker.extend(sorted(self._held), self.lease)
+                except _TRANSIENT as exc:
+                    log.warning("worker %s: cannot renew leases: %s", self.name, exc)
 
     async def _serve(self, item: Claimed, limiter: anyio.Semaphore) -> None:
         try:
             await self.handle(item)
+        except _TRANSIENT as exc:
+            # The task could not be completed (the broker or store is away): its lease
+            # runs out and it is handed out again; the journal keeps it from running twice.
+            log.warning("worker %s: task %s left to its lease: %s", self.name, item.task_id, exc)
         finally:
             self._held.discard(item.task_id)
             limiter.release()
@@ -471,28 +494,34 @@ class Worker:
                 commit=False,
             )
         except StepFailed as exc:
-            await self.broker.publish_events(sink.buffer)
             kind = "codec" if isinstance(exc, CodecError) else "step"
             cause = exc.__cause__
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-            await self._fail(item, task.run_id, task.node_id, f"step failed: {detail}", kind)
+            await self._fail(
+                item, task.run_id, task.node_id, f"step failed: {detail}", kind, sink.buffer
+            )
             return
+        # A node's events reach the broker after its record is committed (a StepFinished
+        # means the result is journaled) and no later than its completion (which may end
+        # the run, and with it the scheduler's interest in the run's events).  A broker
+        # that `carries_events` publishes them in the same atomic step as the completion.
+        carries = getattr(self.broker, "carries_events", False)
         atomic = getattr(self.broker, "commit_and_complete", None)
         if atomic is not None and self.broker.holds(self.store):  # type: ignore[attr-defined]
             # The broker keeps the journal too: commit the record and complete the task
             # in one atomic operation (first commit wins; the completion carries it).
-            # Events go first: the scheduler stops listening for a run's events once its
-            # last completion arrives.
-            await self.broker.publish_events(sink.buffer)
+            if not carries:
+                await self.broker.publish_events(sink.buffer)
             completion = Completion(task.run_id, task.node_id, True, record)
-            if await atomic(item.task_id, task.run_id, record, encode_completion(completion)):
+            payload = encode_completion(completion)
+            extra = {"events": sink.buffer} if carries else {}
+            if await atomic(item.task_id, task.run_id, record, payload, **extra):
                 return
             committed = False
         else:
             committed = await self.store.commit_node(task.run_id, record)
-            # After the commit (a StepFinished means the result is journaled), before the
-            # completion (which may end the run and its event stream).
-            await self.broker.publish_events(sink.buffer)
+            if not carries:
+                await self.broker.publish_events(sink.buffer)
         if not committed:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
@@ -501,22 +530,46 @@ class Worker:
             )
             stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
             record = stored if stored is not None else record
-        await self._complete(item, task, record)
+        await self._complete(item, task, record, sink.buffer if committed else [])
 
-    async def _complete(self, item: Claimed, task: TaskMessage, record: NodeRecord) -> None:
+    async def _complete(
+        self,
+        item: Claimed,
+        task: TaskMessage,
+        record: NodeRecord,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
         completion = Completion(task.run_id, task.node_id, True, record)
-        await self.broker.complete(
-            item.task_id, task.run_id, task.node_id, encode_completion(completion)
-        )
+        payload = encode_completion(completion)
+        if getattr(self.broker, "carries_events", False) and events:
+            await self.broker.complete(  # type: ignore[call-arg]
+                item.task_id, task.run_id, task.node_id, payload, events=events
+            )
+        else:
+            await self.broker.complete(item.task_id, task.run_id, task.node_id, payload)
 
     async def _fail(
-        self, item: Claimed, run_id: str, node_id: str, error: str, kind: str, *, dead: bool = False
+        self,
+        item: Claimed,
+        run_id: str,
+        node_id: str,
+        error: str,
+        kind: str,
+        events: list[tuple[str, str]] | None = None,
+        *,
+        dead: bool = False,
     ) -> None:
         payload = encode_completion(Completion(run_id, node_id, False, None, error, kind))
+        extra: dict[str, Any] = {}
+        if events:
+            if getattr(self.broker, "carries_events", False):
+                extra["events"] = events
+            else:
+                await self.broker.publish_events(events)
         if dead:
-            await self.broker.dead_letter(item.task_id, run_id, node_id, payload, error)
+            await self.broker.dead_letter(item.task_id, run_id, node_id, payload, error, **extra)
         else:
-            await self.broker.complete(item.task_id, run_id, node_id, payload)
+            await self.broker.complete(item.task_id, run_id, node_id, payload, **extra)
 
     def _node(self, task: TaskMessage) -> Node:
         unit = registered_unit(task.step) if self.local else None
@@ -629,11 +682,7 @@ async def serve(
                 hint="Check the module name and PYTHONPATH of the worker",
             ) from exc
     if store is None:
-        if not broker.startswith("sqlite:"):
-            raise ConfigError(
-                "a worker on this broker needs --store URL", hint="Pass the store the clients use"
-            )
-        store = broker
+        store = broker  # the broker's own server keeps the journal, as for the clients
     queue = open_broker(broker)
     journal = open_store(store)
     link(journal, queue)

@@ -271,6 +271,10 @@ class RedisBroker:
     that went away before giving up.
     """
 
+    # complete, commit_and_complete and dead_letter take the node's events and publish
+    # them in the same script as the completion.
+    carries_events = True
+
     def __init__(
         self,
         url: str,
