@@ -178,7 +178,8 @@ async def test_an_unknown_case_at_run_time_names_the_key_and_the_cases() -> None
         (lambda: fd.Context(max_concurrency=0), r"^max_concurrency must be at least 1, not 0$"),
         (
             lambda: fd.Context(store="bogus://x"),
-            r"^unknown store URL 'bogus://x'\. Use memory:// or sqlite:///path\.db$",
+            r"^unknown store URL 'bogus://x'\. Use memory://, sqlite:///path\.db, "
+            r"redis://host:6379/0 or nats://host:4222$",
         ),
     ],
 )
