@@ -40,14 +40,12 @@ from rich.console import Console
 import flowdsl as fd
 
 from . import workloads as w
+from ._brokers import TRIVIAL_CONCURRENCY, TRIVIAL_RUNS, W2_SLOTS, report
 from ._harness import (
     ROOT,
     Config,
     Section,
-    Table,
-    Target,
     interleaved,
-    median,
     run_section,
     subprocess_env,
 )
@@ -57,11 +55,6 @@ __all__ = ["main", "measure", "run"]
 
 MESSAGE = b"x" * 1024
 BATCH = 100
-TARGET_SHARE = 0.40  # flowdsl's steps/s per worker process, as a share of the floor
-TRIVIAL_RUNS = 100
-STEPS = w.FANOUT + 2
-TRIVIAL_CONCURRENCY = 64  # slots per worker process for trivial steps
-W2_SLOTS = 32  # slots per worker process for W2: what makes latency the bound
 
 # A worker process: serves the URL (broker and store) until terminated.
 _SERVE = """
@@ -272,50 +265,20 @@ def measure(*, rounds: int, runs: int, messages: int) -> Section:
         with worker_processes(w2_url, 2, W2_SLOTS):
             w2 = anyio.run(_w2, w2_url, runs)
 
-    floor = median(trivial["floor, one at a time"])
-    batched = median(trivial[f"floor, batched x{BATCH}"])
-    table = Table(
-        "1 KB messages (floor) and trivial steps (flowdsl: W2 with delay 0, "
-        f"{TRIVIAL_RUNS} runs x {STEPS} steps at once)",
-        ["system", "messages or steps/s", "per worker process", "per process / floor"],
+    data = report(
+        section,
+        trivial,
+        w2,
+        runs=runs,
+        floors=(
+            ("floor, one at a time", "raw nats-py JetStream, one at a time", "floor_one_at_a_time"),
+            (
+                f"floor, batched x{BATCH}",
+                f"raw nats-py JetStream, batched x{BATCH}",
+                "floor_batched",
+            ),
+        ),
     )
-    table.add("raw nats-py JetStream, one at a time", floor, "-", "-")
-    table.add(f"raw nats-py JetStream, batched x{BATCH}", batched, "-", "-")
-    data: dict[str, Any] = {"floor_one_at_a_time": floor, "floor_batched": batched}
-    for name, processes in (("flowdsl, 1 worker process", 1), ("flowdsl, 2 worker processes", 2)):
-        steps = median([TRIVIAL_RUNS * STEPS / b.wall for b in trivial[name]])
-        per_process = steps / processes
-        table.add(name, steps, per_process, f"{per_process / floor:.0%}")
-        data[name] = steps
-        section.targets.append(
-            Target(
-                f"{name}: steps/s per process >= {TARGET_SHARE:.0%} of the one-at-a-time floor",
-                per_process,
-                TARGET_SHARE * floor,
-                "steps/s",
-                at_least=True,
-            )
-        )
-    slots = 2 * W2_SLOTS
-    bound = slots / (w.FANOUT * w.LEAF_DELAY)  # runs/s if only the stand-in latency limits
-    w2_table = Table(
-        f"W2: {runs} runs at once, {w.FANOUT} leaves of {w.LEAF_DELAY * 1000:.0f} ms, "
-        f"2 worker processes x {W2_SLOTS} slots",
-        ["runs/s", "latency bound runs/s", "share of the bound", "p50 s", "p99 s", "wall s"],
-    )
-    w2_rate = runs / w2.wall
-    w2_table.add(w2_rate, bound, f"{w2_rate / bound:.0%}", w2.p50, w2.p99, w2.wall)
-    data["w2"] = {"runs": runs, "wall_s": w2.wall, "runs_per_s": w2_rate, "bound": bound}
-    section.targets.append(
-        Target(
-            "W2 runs/s within 80% of the latency bound (slots / (leaves x delay))",
-            w2_rate,
-            0.8 * bound,
-            "runs/s",
-            at_least=True,
-        )
-    )
-    section.tables += [table, w2_table]
     section.notes += [
         "nats-server -js, file storage, on loopback, started by the benchmark; the client, "
         "the workers and the server share the machine's cores",
@@ -324,8 +287,6 @@ def measure(*, rounds: int, runs: int, messages: int) -> Section:
         "step: the client publishes the task (siblings pipelined), a worker pulls (batched), "
         "runs, commits the node (KV create: a round trip), publishes the completion (a round "
         "trip) and acks; the client's consumer pushes completions to it",
-        f"W2 bound: {slots} worker slots, each leaf holding one for {w.LEAF_DELAY} s, "
-        f"{w.FANOUT} leaves a run (the 2 trivial steps of a run are not counted)",
     ]
     section.data.update(data, rounds=rounds)
     return section
