@@ -610,37 +610,86 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
 @runs.command("show")
 @click.argument("run_id")
 @_store_option(required=True)
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="FLOWDSL_BROKER",
+    help="The queue whose dead letters to list.  [default: the store's URL]",
+)
 @_path_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
 )
-def runs_show(run_id: str, store: str, paths: tuple[str, ...], as_json: bool) -> None:
-    """Show the run RUN_ID: its record and a table of its nodes.
+def runs_show(
+    run_id: str, store: str, broker: str | None, paths: tuple[str, ...], as_json: bool
+) -> None:
+    """Show the run RUN_ID: its record, a table of its nodes, and its dead letters.
 
     Nodes not run yet (or skipped by a branch) are listed when the run's flow can be
-    imported here; otherwise the table lists the nodes the journal holds.
+    imported here; otherwise the table lists the nodes the journal holds.  Tasks of a
+    batch run that were handed out more times than their step's retries allow are listed
+    as dead letters, from the broker (by default the store's URL, for a store that is
+    also a queue: sqlite, redis, nats).
 
     \b
     Example:
       flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
     """
 
-    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord]]:
+    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]]]:
         async with _opened_store(store) as opened:
             record = await opened.get_run(run_id)
             if record is None:
                 raise CommandFailed(f"no run {run_id!r} in {store} (see `flowdsl runs list`)")
-            return record, await opened.load_nodes(run_id)
+            journal = await opened.load_nodes(run_id)
+        return record, journal, await _dead_letters(broker or store, run_id)
 
-    record, journal = anyio.run(fetch)
+    record, journal, dead = anyio.run(fetch)
     for path in paths:
         add_to_path(path)
     graph_ = _graph_or_none(record)
     nodes = node_rows(record, journal, graph_)
     if as_json:
-        _write_json(sys.stdout, {"run": run_to_json(record), "nodes": nodes})
+        _write_json(sys.stdout, {"run": run_to_json(record), "nodes": nodes, "dead_letters": dead})
         return
     _print_run(record, nodes, graph_ is not None)
+    if dead:
+        _print_dead_letters(dead)
+
+
+async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:
+    """The run's dead-lettered tasks, when *url* names a queue; else none."""
+    from .contexts import open_broker
+
+    if url.split(":", 1)[0].lower() not in ("sqlite", "redis", "rediss", "nats", "tls"):
+        return []
+    try:
+        queue = open_broker(url)
+        await queue.open()
+    except FlowError:
+        return []
+    try:
+        letters = await queue.dead_letters(run_id)
+    finally:
+        await queue.close()
+    return [{k: v for k, v in letter.items() if k != "payload"} for letter in letters]
+
+
+def _print_dead_letters(dead: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text("dead letters", style="red"), title_justify="left")
+    for column in ("node", "when", "reason"):
+        table.add_column(column, overflow="fold")
+    for letter in dead:
+        at = letter.get("at")
+        table.add_row(
+            Text(str(letter.get("node_id", "?"))),
+            _local_time(float(at)) if isinstance(at, int | float) else "",
+            Text(str(letter.get("reason", ""))),
+        )
+    _stdout_console().print(table)
 
 
 def _graph_or_none(record: RunRecord) -> Graph | None:

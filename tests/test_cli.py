@@ -1029,3 +1029,39 @@ def test_process_worker_runs_the_steps_of_a_batch_run(project: Path, sqlite_url:
             worker.wait()
         if worker.stderr is not None:
             worker.stderr.close()
+
+
+def test_runs_show_lists_a_runs_dead_letters(tmp_path: Path) -> None:
+    import anyio
+
+    from flowdsl._records import RunRecord, RunStatus
+    from flowdsl.contexts import link, open_broker
+    from flowdsl.stores import open_store
+
+    url = f"sqlite:///{tmp_path}/dead.db"
+
+    async def bury() -> None:
+        store, queue = open_store(url), open_broker(url)
+        link(store, queue)
+        await store.open()
+        await queue.open()
+        try:
+            now = time.time()
+            record = RunRecord("r-dead", "f", "m:f", "fp", "{}", RunStatus.FAILED, now, now)
+            await store.create_run(record)
+            await queue.enqueue([("r-dead", "flaky", "{}")])
+            (claimed,) = await queue.claim("w", 1, 30.0)
+            await queue.dead_letter(claimed.task_id, "r-dead", "flaky", "{}", "handed out 2 times")
+        finally:
+            await queue.close()
+            await store.close()
+
+    anyio.run(bury)
+    shown = invoke("runs", "show", "r-dead", "--store", url)
+    assert shown.exit_code == 0, shown.output
+    assert "dead letters" in shown.output
+    assert re.search(r"flaky .* handed out 2 times", shown.output)
+    data = json.loads(invoke("runs", "show", "r-dead", "--store", url, "--json").output)
+    assert [(d["node_id"], d["reason"]) for d in data["dead_letters"]] == [
+        ("flaky", "handed out 2 times")
+    ]
