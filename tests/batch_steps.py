@@ -116,7 +116,7 @@ async def total(a: int, b: int, c: int) -> int:
     return (a + b + c) % 1_000_003
 
 
-@fd.branch
+@fd.branch(retries=5)  # every node of the diamond survives its worker being killed
 async def parity(x: int) -> str:
     _log("start")
     _log("end")
