@@ -1,18 +1,38 @@
-"""What the Redis and NATS benchmarks share: the tables and targets of a broker's section.
+"""What the batch-mode benchmarks share: worker processes, the calls they measure, and
+the Redis and NATS sections' tables and targets.
 
-Each broker module measures its own floor (raw client throughput) and flowdsl on that
-broker; this module turns the measurements into the same two tables and three targets,
-so the two reports cannot drift apart.
+``benchmarks.batch`` (the embedded queue), ``redis_bench`` and ``nats_bench`` start worker
+processes and run the same W2 calls the same way; each broker module measures only its own
+floor (raw client throughput) and the server it starts.  The Redis and NATS reports come
+from :func:`report`, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
-from . import workloads as w
-from ._harness import Section, Table, Target, median
+import flowdsl as fd
 
-__all__ = ["TARGET_SHARE", "TRIVIAL_CONCURRENCY", "TRIVIAL_RUNS", "W2_SLOTS", "report"]
+from . import workloads as w
+from ._harness import ROOT, Section, Table, Target, interleaved, median, subprocess_env
+from .w2_fanout import Batch, batch
+
+__all__ = [
+    "TARGET_SHARE",
+    "TRIVIAL_CONCURRENCY",
+    "TRIVIAL_RUNS",
+    "W2_SLOTS",
+    "Call",
+    "caller",
+    "report",
+    "trivial_rounds",
+    "w2_on",
+    "worker_processes",
+]
 
 TARGET_SHARE = 0.40  # flowdsl's steps/s per worker process, as a share of the floor
 TRIVIAL_RUNS = 100
@@ -20,6 +40,98 @@ STEPS = w.FANOUT + 2
 TRIVIAL_CONCURRENCY = 64  # slots per worker process for trivial steps
 W2_SLOTS = 32  # slots per worker process for W2: what makes latency the bound
 PROCESS_COUNTS = (("flowdsl, 1 worker process", 1), ("flowdsl, 2 worker processes", 2))
+
+
+# A worker process: `serve` keeps the journal on the broker's own server or file, as the
+# clients' contexts do.
+_SERVE = """
+import functools, sys, anyio
+from flowdsl.contexts.batch import serve
+
+async def main() -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(
+            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
+        ))
+        print("ready", flush=True)
+
+anyio.run(main)
+"""
+
+
+@contextmanager
+def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[int]]:
+    """*count* processes serving *url* (broker and store); yields their pids once all serve."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVE, url, str(concurrency)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker process {proc.pid} did not start (exit {proc.poll()})")
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+Call = Callable[[int, float], Coroutine[Any, Any, int]]
+
+
+def caller(ctx: fd.Context) -> Call:
+    """W2's flow run in *ctx*: ``call(i, delay)``."""
+
+    def call(i: int, delay: float) -> Coroutine[Any, Any, int]:
+        return ctx.run(w.fanout, i, delay)
+
+    return call
+
+
+async def trivial_rounds(
+    urls: dict[str, str],
+    rounds: int,
+    floors: dict[str, Callable[[], Coroutine[Any, Any, Any]]],
+) -> dict[str, list[Any]]:
+    """Interleaved rounds of the *floors* and of flowdsl with trivial steps on each of
+    *urls* (a batch context with no workers of its own: the worker processes serve it)."""
+    async with AsyncExitStack() as stack:
+        callers = {
+            name: caller(
+                await stack.enter_async_context(
+                    fd.Context(batch=True, broker=url, store=url, workers=0)
+                )
+            )
+            for name, url in urls.items()
+        }
+
+        def flowdsl(call: Call) -> Callable[[], Coroutine[Any, Any, Batch]]:
+            return lambda: batch(call, TRIVIAL_RUNS, 0.0)
+
+        systems = dict(floors)
+        systems.update({name: flowdsl(call) for name, call in callers.items()})
+        return await interleaved(rounds, systems)
+
+
+async def w2_on(url: str, runs: int) -> Batch:
+    """W2 with *runs* runs at once on the broker at *url* (after a short warm-up)."""
+    async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
+        call = caller(ctx)
+        await batch(call, min(50, runs), w.LEAF_DELAY)  # warm up: connections, imports
+        return await batch(call, runs, w.LEAF_DELAY)
 
 
 def report(

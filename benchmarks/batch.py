@@ -23,11 +23,9 @@ per second per worker process.
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,8 @@ import anyio
 import flowdsl as fd
 
 from . import workloads as w
+from ._brokers import Call, caller, worker_processes
 from ._harness import (
-    ROOT,
     Config,
     Section,
     Table,
@@ -45,71 +43,14 @@ from ._harness import (
     interleaved,
     median,
     paired,
-    subprocess_env,
 )
 from .w2_fanout import Batch, batch
 
-__all__ = ["run", "worker_processes"]
+__all__ = ["run"]
 
 THROUGHPUT_TARGET = 1000.0  # trivial steps per second per worker process
 PROCESSES = 2
 STEPS = w.FANOUT + 2
-
-_SERVE = """
-import functools, sys, anyio
-from flowdsl.contexts.batch import serve
-
-async def main() -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(functools.partial(
-            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
-        ))
-        print("ready", flush=True)
-
-anyio.run(main)
-"""
-
-
-@contextmanager
-def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[int]]:
-    """*count* worker processes serving *url*; yields their pids once all are serving."""
-    env = subprocess_env()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SERVE, url, str(concurrency)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"worker process {proc.pid} did not start (exit {proc.poll()})")
-        yield [proc.pid for proc in procs]
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-Call = Callable[[int, float], Coroutine[Any, Any, int]]
-
-
-def _caller(ctx: fd.Context) -> Call:
-    def call(i: int, delay: float) -> Coroutine[Any, Any, int]:
-        return ctx.run(w.fanout, i, delay)
-
-    return call
 
 
 async def _measure(
@@ -133,7 +74,7 @@ async def _measure(
             ),
         }
         callers = {
-            name: _caller(await stack.enter_async_context(ctx)) for name, ctx in contexts.items()
+            name: caller(await stack.enter_async_context(ctx)) for name, ctx in contexts.items()
         }
 
         def system(call: Call) -> Callable[[], Coroutine[Any, Any, tuple[Batch, Batch]]]:

@@ -26,30 +26,29 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 from rich.console import Console
 
-import flowdsl as fd
-
-from . import workloads as w
-from ._brokers import TRIVIAL_CONCURRENCY, TRIVIAL_RUNS, W2_SLOTS, report
+from ._brokers import (
+    TRIVIAL_CONCURRENCY,
+    W2_SLOTS,
+    report,
+    trivial_rounds,
+    w2_on,
+    worker_processes,
+)
 from ._harness import (
-    ROOT,
     Config,
     Section,
-    interleaved,
     run_section,
-    subprocess_env,
 )
-from .w2_fanout import Batch, batch
 
 __all__ = ["main", "measure", "run"]
 
@@ -57,20 +56,6 @@ MESSAGE = b"x" * 1024
 BATCH = 100
 
 # A worker process: serves the URL (broker and store) until terminated.
-_SERVE = """
-import functools, sys, anyio
-from flowdsl.contexts.batch import serve
-
-async def main() -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(functools.partial(
-            serve, sys.argv[1], store=sys.argv[1], imports=("benchmarks.workloads",),
-            concurrency=int(sys.argv[2]),
-        ))
-        print("ready", flush=True)
-
-anyio.run(main)
-"""
 
 
 # --- the server and the workers -------------------------------------------------------------
@@ -103,36 +88,6 @@ def nats_server() -> Iterator[str]:
         process.wait(timeout=10)
         log.close()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-@contextmanager
-def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[int]]:
-    """*count* processes serving *url* (broker and store); yields once all serve."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SERVE, url, str(concurrency)],
-            cwd=ROOT,
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"worker process {proc.pid} did not start (exit {proc.poll()})")
-        yield [proc.pid for proc in procs]
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # --- the floor ------------------------------------------------------------------------------
@@ -197,45 +152,15 @@ async def floor_batched(url: str, messages: int) -> float:
 
 # --- flowdsl --------------------------------------------------------------------------------
 
-Call = Callable[[int, float], Coroutine[Any, Any, int]]
-
-
-def _caller(ctx: fd.Context) -> Call:
-    def call(i: int, delay: float) -> Coroutine[Any, Any, int]:
-        return ctx.run(w.fanout, i, delay)
-
-    return call
-
 
 async def _trivial(urls: dict[str, str], rounds: int, messages: int) -> dict[str, list[Any]]:
     """Interleaved rounds: the two floors and flowdsl on 1 and 2 worker processes."""
-    async with AsyncExitStack() as stack:
-        callers = {
-            name: _caller(
-                await stack.enter_async_context(
-                    fd.Context(batch=True, broker=url, store=url, workers=0)
-                )
-            )
-            for name, url in urls.items()
-        }
-        base = next(iter(urls.values())).partition("?")[0]
-
-        def flowdsl(call: Call) -> Callable[[], Coroutine[Any, Any, Batch]]:
-            return lambda: batch(call, TRIVIAL_RUNS, 0.0)
-
-        systems: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
-            "floor, one at a time": lambda: floor_one_at_a_time(base, messages),
-            f"floor, batched x{BATCH}": lambda: floor_batched(base, messages * 5),
-        }
-        systems.update({name: flowdsl(call) for name, call in callers.items()})
-        return await interleaved(rounds, systems)
-
-
-async def _w2(url: str, runs: int) -> Batch:
-    async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
-        call = _caller(ctx)
-        await batch(call, min(50, runs), w.LEAF_DELAY)  # warm up: connections, imports
-        return await batch(call, runs, w.LEAF_DELAY)
+    base = next(iter(urls.values())).partition("?")[0]
+    floors: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
+        "floor, one at a time": lambda: floor_one_at_a_time(base, messages),
+        f"floor, batched x{BATCH}": lambda: floor_batched(base, messages * 5),
+    }
+    return await trivial_rounds(urls, rounds, floors)
 
 
 def run(config: Config) -> Section:
@@ -263,7 +188,7 @@ def measure(*, rounds: int, runs: int, messages: int) -> Section:
             trivial = anyio.run(functools.partial(_trivial, urls, rounds, messages))
         w2_url = f"{server}?prefix=w2"
         with worker_processes(w2_url, 2, W2_SLOTS):
-            w2 = anyio.run(_w2, w2_url, runs)
+            w2 = anyio.run(w2_on, w2_url, runs)
 
     data = report(
         section,
