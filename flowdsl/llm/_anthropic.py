@@ -15,9 +15,9 @@ from contextlib import aclosing
 from typing import Any
 
 from .._errors import ConfigError
-from ._base import INVALID_JSON, NO_DATA, BaseProvider, Exchange, Turn, where
+from ._base import INVALID_JSON, NO_DATA, Exchange, Turn, where
 from ._errors import LLMError
-from ._sdk import LoopClient, SSEParser, create_args, import_sdk
+from ._sdk import SDKProvider, SSEParser, create_args, import_sdk
 from ._translate import translate
 from ._types import Message, ToolCall, Usage
 
@@ -26,7 +26,7 @@ __all__ = ["Anthropic"]
 DEFAULT_MAX_TOKENS = 4096
 
 
-class Anthropic(BaseProvider):
+class Anthropic(SDKProvider):
     """A provider on Anthropic's Messages API.
 
     *api_key* defaults to ``ANTHROPIC_API_KEY``.  The Messages API requires a maximum
@@ -63,11 +63,7 @@ class Anthropic(BaseProvider):
                 "no Anthropic API key",
                 hint="Set ANTHROPIC_API_KEY, or pass fd.llm.Anthropic(api_key=...)",
             )
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, not {max_retries}")
         self._secrets = (key,)
-        self.base_url = base_url
-        self.max_retries = max_retries
         self.max_tokens = max_tokens
         sdk = self._sdk
         headers = dict(default_headers or {})
@@ -81,13 +77,7 @@ class Anthropic(BaseProvider):
                 default_headers=headers or None,
             )
 
-        self._client: LoopClient[Any] = LoopClient(make, lambda client: client.close())
-
-    def _repr_fields(self) -> dict[str, Any]:
-        return {"base_url": self.base_url} if self.base_url else {}
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+        self._connect(make, base_url=base_url, max_retries=max_retries)
 
     # --- one request -----------------------------------------------------------------------
 

@@ -9,16 +9,16 @@ from contextlib import aclosing
 from typing import Any
 
 from .._errors import ConfigError
-from ._base import INVALID_JSON, BaseProvider, Exchange, Turn, where
+from ._base import INVALID_JSON, Exchange, Turn, where
 from ._errors import LLMError
-from ._sdk import LoopClient, SSEParser, create_args, import_sdk
+from ._sdk import SDKProvider, SSEParser, create_args, import_sdk
 from ._translate import translate
 from ._types import Message, ToolCall, Usage
 
 __all__ = ["OpenAI"]
 
 
-class OpenAI(BaseProvider):
+class OpenAI(SDKProvider):
     """A provider on OpenAI's Chat Completions API, or any compatible server.
 
     *api_key* defaults to ``OPENAI_API_KEY``; with a *base_url* (vLLM, Ollama, a gateway)
@@ -66,11 +66,7 @@ class OpenAI(BaseProvider):
                     hint="Set OPENAI_API_KEY, or pass fd.llm.OpenAI(api_key=...)",
                 )
             key = "unused"  # a local compatible server usually wants none, the SDK wants one
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, not {max_retries}")
         self._secrets = (key,)
-        self.base_url = base_url
-        self.max_retries = max_retries
         self.max_tokens_field = max_tokens_field or (
             "max_tokens" if base_url is not None else "max_completion_tokens"
         )
@@ -88,13 +84,7 @@ class OpenAI(BaseProvider):
                 default_headers=headers or None,
             )
 
-        self._client: LoopClient[Any] = LoopClient(make, lambda client: client.close())
-
-    def _repr_fields(self) -> dict[str, Any]:
-        return {"base_url": self.base_url} if self.base_url else {}
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+        self._connect(make, base_url=base_url, max_retries=max_retries)
 
     # --- one request -----------------------------------------------------------------------
 

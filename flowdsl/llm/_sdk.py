@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import anyio.lowlevel
 
 from .._errors import ConfigError
+from ._base import BaseProvider
 
 __all__ = ["LoopClient", "SSEParser", "create_args", "import_sdk"]
 
@@ -105,3 +106,24 @@ def create_args(body: Mapping[str, Any], named: Sequence[str]) -> dict[str, Any]
     if rest:
         args["extra_body"] = rest
     return args
+
+
+class SDKProvider(BaseProvider):
+    """What the providers on an official SDK share: one SDK client per event loop
+    (closed by :meth:`aclose`), a base URL shown in the repr, and the retry count the
+    SDK is given."""
+
+    base_url: str | None = None
+
+    def _connect(self, make: Callable[[], Any], *, base_url: str | None, max_retries: int) -> None:
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, not {max_retries}")
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self._client: LoopClient[Any] = LoopClient(make, lambda client: client.close())
+
+    def _repr_fields(self) -> dict[str, Any]:
+        return {"base_url": self.base_url} if self.base_url else {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
