@@ -580,3 +580,27 @@ async def vanish_1(x: int) -> int:
 
 
 vanish_flows = {0: vanish_0, 1: vanish_1}
+
+
+async def test_the_listener_lets_the_queue_forget_old_completions(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowdsl.contexts import batch as batch_module
+    from flowdsl.contexts.sqlite import SQLiteBroker
+
+    forgotten: list[Any] = []
+    original = SQLiteBroker.forget_completions
+
+    async def counting(self: SQLiteBroker, upto: Any) -> None:
+        forgotten.append(upto)
+        await original(self, upto)
+
+    monkeypatch.setattr(batch_module, "_FORGET_EVERY", 5)
+    monkeypatch.setattr(SQLiteBroker, "forget_completions", counting)
+    with anyio.fail_after(30):
+        async with fd.Context(batch=True, store=url, workers=1) as ctx:
+            results = await ctx.map(bs.diamond, [(x, 0.0) for x in range(3)], progress=False)
+    assert results == [bs.expected_diamond(x)[0] for x in range(3)]
+    # 3 runs of the diamond complete well over 5 tasks: the cursor was handed on.
+    assert forgotten
+    assert all(isinstance(upto, int) and upto > 0 for upto in forgotten)

@@ -79,6 +79,8 @@ def decode_event(text: str) -> Any:
     return _codec.converter.structure(data, cls)
 
 
+_FORGET_EVERY = 1000  # completions read between two calls of broker.forget_completions
+
 # Errors a broker or store raises when its server is away; loops wait them out.
 _TRANSIENT = (CheckpointError, ConfigError, OSError)
 
@@ -119,6 +121,7 @@ class BatchExecutor:
         self._local_workers: list[Worker] = []
         self._forget: list[str] = []  # ended observed runs whose events can go
         self._outbox: list[tuple[str, str, str]] = []  # tasks to enqueue
+        self._read = 0  # completions read since the broker last forgot old ones
         self._flushing = False
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
@@ -296,6 +299,11 @@ class BatchExecutor:
 
     async def _drain(self) -> bool:
         texts, self._cursor = await self.broker.completions(self._cursor)
+        self._read += len(texts)
+        if self._read >= _FORGET_EVERY:
+            # Completions are read, not removed: let the broker drop old ones now and then.
+            self._read = 0
+            await self.broker.forget_completions(self._cursor)
         for text in texts:
             try:
                 completion = decode_completion(text)

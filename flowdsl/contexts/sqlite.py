@@ -152,13 +152,19 @@ class SQLiteBroker:
             )
         return self._conn
 
-    def _write(self, statements: list[tuple[str, Any]]) -> list[Any]:
+    def _write(self, statements: list[tuple[str, Any]], *, many: bool = False) -> list[Any]:
+        """Run *statements* in one write transaction; their rows, one list per statement.
+
+        With ``many=True`` each statement's parameters are a list of rows
+        (``executemany``).
+        """
         db = self._db()
         out: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
         try:
             for sql, params in statements:
-                out.append(db.execute(sql, params).fetchall())
+                cursor = db.executemany(sql, params) if many else db.execute(sql, params)
+                out.append(cursor.fetchall())
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -170,18 +176,10 @@ class SQLiteBroker:
         await checkpoint_if_cancelled()
         if not tasks:
             return
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                "INSERT OR IGNORE INTO fd_tasks (run_id, node_id, payload) VALUES (?, ?, ?)",
-                tasks,
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        self._write(
+            [("INSERT OR IGNORE INTO fd_tasks (run_id, node_id, payload) VALUES (?, ?, ?)", tasks)],
+            many=True,
+        )
 
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         await checkpoint_if_cancelled()
@@ -250,28 +248,12 @@ class SQLiteBroker:
     async def forget_completions(self, upto: Any) -> None:
         # Completions are read by whoever waits for them; keep the last few minutes'
         # worth for slower readers and drop the rest.
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM fd_completions WHERE id <= ? - 100000", (upto,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        self._write([("DELETE FROM fd_completions WHERE id <= ? - 100000", (upto,))])
 
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         if not events:
             return
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT INTO fd_events (run_id, payload) VALUES (?, ?)", events)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        self._write([("INSERT INTO fd_events (run_id, payload) VALUES (?, ?)", events)], many=True)
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
         db = self._db()
@@ -286,15 +268,7 @@ class SQLiteBroker:
         return [(str(r[1]), str(r[2])) for r in rows], int(rows[-1][0])
 
     async def forget_events(self, run_id: str) -> None:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM fd_events WHERE run_id = ?", (run_id,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        self._write([("DELETE FROM fd_events WHERE run_id = ?", (run_id,))])
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         rows = (
