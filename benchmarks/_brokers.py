@@ -46,7 +46,7 @@ PROCESS_COUNTS = (("flowdsl, 1 worker process", 1), ("flowdsl, 2 worker processe
 # clients' contexts do.
 _SERVE = """
 import functools, sys, anyio
-from flowdsl.contexts.batch import serve
+from flowdsl._executors.batch import serve
 
 async def main() -> None:
     async with anyio.create_task_group() as tg:

@@ -7,7 +7,7 @@ Four configurations, measured side by side in one process run, in interleaved ro
 - batch, in-process workers: ``fd.Context(batch=True, store=..., workers=2,
   worker_concurrency=C)``;
 - batch, two worker processes: ``fd.Context(batch=True, store=..., workers=0)`` and two
-  subprocesses serving the same file with ``flowdsl.contexts.batch.serve`` (the steps are
+  subprocesses serving the same file with ``flowdsl._executors.batch.serve`` (the steps are
   imported from ``benchmarks.workloads``);
 - batch, one worker process, for information: how far one process goes when it need not
   share the queue (on 2 cores, the client process is the other party).

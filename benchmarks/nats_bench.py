@@ -8,7 +8,7 @@ directory) on a free port:
   batched (publish 100 without waiting, then their acks; fetch 100; ack each);
 - flowdsl, trivial steps: W2 with ``delay=0`` (22 steps a run, 100 runs at once) through
   ``fd.Context(batch=True, broker=nats://..., store=nats://..., workers=0)`` and 1 or 2
-  worker processes (``flowdsl.contexts.batch.serve``, as ``flowdsl worker`` runs it):
+  worker processes (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it):
   steps per second per worker process, against 40 % of the one-at-a-time floor;
 - W2 as it is (20 leaves that sleep 50 ms, a stand-in for an LLM call), ``--runs`` runs
   (1,000) at once on 2 worker processes of bounded concurrency: runs per second against

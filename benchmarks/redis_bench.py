@@ -9,7 +9,7 @@ append-only file; both sides pay the same):
   XADD pipeline, one XREADGROUP, one XACK of all the ids);
 - flowdsl, trivial steps: W2 with ``delay=0`` (22 steps a run, 100 runs at once) through
   ``fd.Context(batch=True, broker=redis://..., store=redis://..., workers=0)`` and 1 or
-  2 worker processes (``flowdsl.contexts.batch.serve``, as ``flowdsl worker`` runs it);
+  2 worker processes (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it);
   steps per second per worker process, against 40 % of the one-at-a-time floor;
 - W2 as it is (20 leaves that sleep 50 ms, a stand-in for an LLM call), W2_RUNS runs at
   once on 2 worker processes of bounded concurrency: runs per second against the bound

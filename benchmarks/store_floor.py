@@ -30,7 +30,7 @@ import anyio
 
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.stores.sqlite import SQLiteStore
+from flowdsl.backends.sqlite.store import SQLiteStore
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 

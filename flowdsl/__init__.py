@@ -18,28 +18,28 @@ from __future__ import annotations
 
 from . import events as events
 from . import llm as llm
-from ._context import Context as Context
-from ._context import Run as Run
-from ._context import current_context as current_context
-from ._context import run as run
-from ._dsl import Branch as Branch
-from ._dsl import Flow as Flow
-from ._dsl import Step as Step
-from ._dsl import branch as branch
-from ._dsl import flow as flow
-from ._dsl import step as step
+from ._context.context import Context as Context
+from ._context.context import Run as Run
+from ._context.context import current_context as current_context
+from ._context.context import run as run
+from ._define.dsl import Branch as Branch
+from ._define.dsl import Flow as Flow
+from ._define.dsl import Step as Step
+from ._define.dsl import branch as branch
+from ._define.dsl import flow as flow
+from ._define.dsl import step as step
+from ._define.graph import Edge as Edge
+from ._define.graph import Graph as Graph
+from ._define.graph import Node as Node
+from ._engine.runner import StepInfo as StepInfo
+from ._engine.runner import current_step as current_step
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CodecError as CodecError
 from ._errors import ConfigError as ConfigError
 from ._errors import FlowError as FlowError
 from ._errors import StepFailed as StepFailed
 from ._errors import TracingError as TracingError
-from ._graph import Edge as Edge
-from ._graph import Graph as Graph
-from ._graph import Node as Node
 from ._records import RunStatus as RunStatus
-from ._runner import StepInfo as StepInfo
-from ._runner import current_step as current_step
 from ._secret import Secret as Secret
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ import time
 import anyio
 
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.stores.sqlite import SQLiteStore
+from flowdsl.backends.sqlite.store import SQLiteStore
 
 SHARED_VALUE = '"' + "shared " * 300 + '"'  # a large value every third node returns
 

@@ -3,7 +3,7 @@
     python _worker_proc.py serve URL [--import MODULE ...] [--concurrency N] [--lease S]
     python _worker_proc.py start URL FLOW RUN_ID X [--workers N]
 
-``serve`` runs :func:`flowdsl.contexts.batch.serve` on asyncio and prints ``ready`` once
+``serve`` runs :func:`flowdsl._executors.batch.serve` on asyncio and prints ``ready`` once
 it takes tasks.  ``start`` starts ``FLOW`` (``module:name``) on input ``X`` (an int) in a
 batch context on ``URL`` with ``N`` in-process workers, prints ``started``, and prints the
 result when the run ends; tests kill it before.
@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 import flowdsl as fd
-from flowdsl.contexts.batch import serve
+from flowdsl._executors.batch import serve
 
 from batch_steps import EXEC_LOG, HOLD
 

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 import flowdsl as fd
-from flowdsl._runner import current_scope
+from flowdsl._engine.runner import current_scope
 
 __all__ = [
     "EXEC_LOG",

@@ -10,7 +10,7 @@ computes the same.
 
     python nats_steps.py serve BROKER_URL STORE_URL [--lease S] [--concurrency N]
 
-serves tasks (``flowdsl.contexts.batch.serve``) and prints ``ready`` once it takes them.
+serves tasks (``flowdsl._executors.batch.serve``) and prints ``ready`` once it takes them.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def conformance_store(tmp: Path) -> Any:
     import pytest
     import sniffio
 
-    from flowdsl.stores.nats import NATSStore
+    from flowdsl.backends.nats.store import NATSStore
 
     from _servers import NatsServer, require_binary
 
@@ -224,7 +224,7 @@ def conformance_store(tmp: Path) -> Any:
 
 
 async def _serve_main(broker: str, store: str, lease: float, concurrency: int) -> None:
-    from flowdsl.contexts.batch import serve
+    from flowdsl._executors.batch import serve
 
     async with anyio.create_task_group() as tg:
         await tg.start(

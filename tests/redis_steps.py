@@ -157,7 +157,7 @@ def conformance_store(tmp: Path) -> Any:
     import pytest
     import sniffio
 
-    from flowdsl.stores.redis import RedisStore
+    from flowdsl.backends.redis.store import RedisStore
 
     from _servers import RedisServer, require_binary
 

@@ -31,7 +31,7 @@ import attrs
 from hypothesis import strategies as st
 
 import flowdsl as fd
-from flowdsl._graph import Graph, Literal, NodeKind
+from flowdsl._define.graph import Graph, Literal, NodeKind
 
 __all__ = [
     "Call",

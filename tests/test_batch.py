@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 
 import flowdsl as fd
 from flowdsl import events as ev
-from flowdsl._runner import current_scope
-from flowdsl.contexts._messages import decode_completion
-from flowdsl.contexts.batch import Worker
+from flowdsl._engine.runner import current_scope
+from flowdsl._executors.batch import Worker
+from flowdsl.backends.messages import decode_completion
 
 import batch_steps as bs
 from _worker_proc import Procs
@@ -585,8 +585,8 @@ vanish_flows = {0: vanish_0, 1: vanish_1}
 async def test_the_listener_lets_the_queue_forget_old_completions(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowdsl.contexts import batch as batch_module
-    from flowdsl.contexts.sqlite import SQLiteBroker
+    from flowdsl._executors import batch as batch_module
+    from flowdsl.backends.sqlite.broker import SQLiteBroker
 
     forgotten: list[Any] = []
     original = SQLiteBroker.forget_completions

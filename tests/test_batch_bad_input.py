@@ -25,8 +25,8 @@ import anyio
 import pytest
 
 import flowdsl as fd
+from flowdsl._executors.batch import Worker
 from flowdsl._records import NodeRecord
-from flowdsl.contexts.batch import Worker
 
 import batch_steps as bs
 from _worker_proc import Procs

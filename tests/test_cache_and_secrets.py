@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import flowdsl as fd
 import flowdsl._secret
 from flowdsl import events as ev
-from flowdsl.stores import MemoryStore
+from flowdsl.backends import MemoryStore
 
 pytestmark = pytest.mark.anyio
 
@@ -397,7 +397,7 @@ def test_secrets_compare_by_name_and_need_one() -> None:
 def test_the_cli_never_shows_a_secret(tmp_path: Path, secret: fd.Secret) -> None:
     from click.testing import CliRunner
 
-    from flowdsl.cli import cli
+    from flowdsl.cli.main import cli
 
     url = f"sqlite:///{tmp_path}/cli.db"
 

@@ -28,9 +28,9 @@ from rich.console import Console
 
 import flowdsl as fd
 from flowdsl import events as ev
-from flowdsl._cli_live import StepTable
-from flowdsl._cli_load import load_flow
-from flowdsl.cli import call_of, cli, derive_run_id
+from flowdsl.cli.live import StepTable
+from flowdsl.cli.load import load_flow
+from flowdsl.cli.main import call_of, cli, derive_run_id
 
 FLOWS = """
 from __future__ import annotations
@@ -1035,8 +1035,7 @@ def test_runs_show_lists_a_runs_dead_letters(tmp_path: Path) -> None:
     import anyio
 
     from flowdsl._records import RunRecord, RunStatus
-    from flowdsl.contexts import link, open_broker
-    from flowdsl.stores import open_store
+    from flowdsl.backends import link, open_broker, open_store
 
     url = f"sqlite:///{tmp_path}/dead.db"
 

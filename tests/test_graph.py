@@ -13,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import flowdsl as fd
-from flowdsl._graph import Edge, NodeKind
+from flowdsl._define.graph import Edge, NodeKind
 
 from strategies import DagSpec, build_flow, dag_specs
 

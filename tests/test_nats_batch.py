@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowdsl as fd
+from flowdsl._executors.batch import StepCheckpointFailed, Worker
 from flowdsl._records import NodeRecord
-from flowdsl.contexts._messages import decode_completion
-from flowdsl.contexts.batch import StepCheckpointFailed, Worker
-from flowdsl.contexts.nats import NATSBroker
-from flowdsl.stores.nats import NATSStore, to_token
+from flowdsl.backends.messages import decode_completion
+from flowdsl.backends.nats.broker import NATSBroker
+from flowdsl.backends.nats.store import NATSStore, to_token
 from flowdsl.testing import CrashPoint, check_resume
 
 import nats_steps as ns

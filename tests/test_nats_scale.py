@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 import flowdsl as fd
-from flowdsl.contexts.nats import NATSBroker
+from flowdsl.backends.nats.broker import NATSBroker
 
 import nats_steps as ns
 from _servers import NatsServer

@@ -27,10 +27,9 @@ from hypothesis import strategies as st
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.contexts import open_broker
-from flowdsl.contexts.nats import NATSBroker
-from flowdsl.stores import open_store
-from flowdsl.stores.nats import NATSStore, NatsURL, from_token, to_token
+from flowdsl.backends import open_broker, open_store
+from flowdsl.backends.nats.broker import NATSBroker
+from flowdsl.backends.nats.store import NATSStore, NatsURL, from_token, to_token
 
 import nats_steps as ns
 from _servers import HOST, NatsServer, ServerProcess, free_port, require_binary
@@ -163,7 +162,7 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_importing_flowdsl_does_not_import_nats() -> None:
     done = run_python(
-        "import sys, flowdsl, flowdsl.stores, flowdsl.contexts, flowdsl.contexts.batch\n"
+        "import sys, flowdsl, flowdsl.backends, flowdsl.backends, flowdsl._executors.batch\n"
         "assert not any(m == 'nats' or m.startswith('nats.') for m in sys.modules)\n"
         "print('clean')"
     )

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 import flowdsl as fd
 from flowdsl import events as ev
-from flowdsl._graph import Graph, NodeKind
+from flowdsl._define.graph import Graph, NodeKind
 
 from strategies import (
     DagSpec,

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl import events as ev
-from flowdsl._graph import NodeKind
+from flowdsl._define.graph import NodeKind
+from flowdsl._executors.batch import StepCheckpointFailed, Worker, decode_event
 from flowdsl._records import RunStatus
-from flowdsl.contexts.batch import StepCheckpointFailed, Worker, decode_event
-from flowdsl.contexts.redis import RedisBroker
-from flowdsl.stores.redis import RedisStore
+from flowdsl.backends.redis.broker import RedisBroker
+from flowdsl.backends.redis.store import RedisStore
 from flowdsl.testing import CrashPoint, check_resume
 
 from _servers import RedisServer

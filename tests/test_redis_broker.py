@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.contexts._messages import decode_completion, decode_task
-from flowdsl.contexts.redis import GROUP, RedisBroker
-from flowdsl.stores.redis import INLINE_MAX, RedisStore
+from flowdsl.backends.messages import decode_completion, decode_task
+from flowdsl.backends.redis.broker import GROUP, RedisBroker
+from flowdsl.backends.redis.store import INLINE_MAX, RedisStore
 
 from _servers import RedisServer
 

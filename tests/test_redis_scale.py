@@ -3,7 +3,7 @@ instants, and the server killed and restarted in the middle of a batch.  Every r
 finish once, with one journal record per node, and nothing left queued.
 
 Workers are real processes: ``flowdsl worker --broker redis://... --import redis_steps``
-(the command line), or ``flowdsl.contexts.batch.serve`` with a short lease, so that the
+(the command line), or ``flowdsl._executors.batch.serve`` with a short lease, so that the
 tasks of a killed worker come back within a second.
 """
 
@@ -24,7 +24,7 @@ import pytest
 
 import flowdsl as fd
 from flowdsl._records import RunStatus
-from flowdsl.contexts.redis import GROUP, RedisBroker
+from flowdsl.backends.redis.broker import GROUP, RedisBroker
 
 from _servers import RedisServer
 from redis_steps import DELAY_ENV, FAN, LOG_ENV, expected_fan, fan, fan_log_lines, read_log
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 TESTS = Path(__file__).resolve().parent
 _SERVE = """
 import functools, sys, anyio
-from flowdsl.contexts.batch import serve
+from flowdsl._executors.batch import serve
 url, lease = sys.argv[1], float(sys.argv[2])
 anyio.run(functools.partial(serve, url, store=url, imports=("redis_steps",), concurrency=8,
                             lease=lease))

@@ -21,10 +21,9 @@ from hypothesis import strategies as st
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.contexts import open_broker
-from flowdsl.contexts.redis import RedisBroker
-from flowdsl.stores import MemoryStore, open_store
-from flowdsl.stores.redis import INLINE_MAX, RedisStore, RedisURL
+from flowdsl.backends import MemoryStore, open_broker, open_store
+from flowdsl.backends.redis.broker import RedisBroker
+from flowdsl.backends.redis.store import INLINE_MAX, RedisStore, RedisURL
 
 from _servers import RedisServer, free_port
 from redis_steps import expected_fan, fan
@@ -105,8 +104,8 @@ def test_import_flowdsl_loads_no_redis_and_a_missing_client_says_what_to_install
 import sys
 import anyio
 import flowdsl as fd
-from flowdsl.stores import MemoryStore, open_store
-from flowdsl.contexts import open_broker
+from flowdsl.backends import MemoryStore, open_store
+from flowdsl.backends import open_broker
 store = open_store("redis://127.0.0.1:1/0")
 broker = open_broker("redis://127.0.0.1:1/0")
 assert "redis" not in sys.modules, "constructing loaded redis"

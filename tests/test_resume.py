@@ -23,7 +23,7 @@ import pytest
 
 import flowdsl as fd
 from flowdsl import events as ev
-from flowdsl.stores import MemoryStore
+from flowdsl.backends import MemoryStore
 
 pytestmark = pytest.mark.anyio
 

@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 
 import flowdsl as fd
 from flowdsl import events as ev
-from flowdsl._graph import NodeKind
-from flowdsl.stores import MemoryStore
+from flowdsl._define.graph import NodeKind
+from flowdsl.backends import MemoryStore
 from flowdsl.testing import CrashPoint, check_resume
 
 from strategies import (
@@ -160,8 +160,8 @@ async def test_a_run_resumed_in_the_same_batch_context_gets_its_events(tmp_path:
     # The sequence test_random_dags_resume_in_batch_mode hits at random, step by step:
     # the crashed run stops being watched, the resume watches the same id again, a
     # worker publishes an event of the resumed run, then the listener drains.
-    from flowdsl.contexts import open_broker
-    from flowdsl.contexts.batch import BatchExecutor, encode_event
+    from flowdsl._executors.batch import BatchExecutor, encode_event
+    from flowdsl.backends import open_broker
 
     broker = open_broker(f"sqlite:///{tmp_path}/q.db")
     await broker.open()

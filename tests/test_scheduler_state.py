@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowdsl as fd
-from flowdsl._graph import Node, NodeKind
-from flowdsl._scheduler import Plan, RunState
+from flowdsl._define.graph import Node, NodeKind
+from flowdsl._engine.scheduler import Plan, RunState
 
 from strategies import (
     build_flow,

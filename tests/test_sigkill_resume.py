@@ -28,7 +28,7 @@ import attrs
 import pytest
 
 import flowdsl as fd
-from flowdsl.stores.sqlite import SQLiteStore
+from flowdsl.backends.sqlite.store import SQLiteStore
 
 import _sigkill_target as target
 

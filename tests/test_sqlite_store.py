@@ -18,8 +18,8 @@ from _crash_writer import value_of
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.stores import open_store
-from flowdsl.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from flowdsl.backends import open_store
+from flowdsl.backends.sqlite.store import SCHEMA_VERSION, SQLiteStore
 
 WRITER = str(Path(__file__).with_name("_crash_writer.py"))
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.stores import MemoryStore, Store
-from flowdsl.stores.sqlite import INLINE_MAX, SQLiteStore
+from flowdsl.backends import MemoryStore, Store
+from flowdsl.backends.sqlite.store import INLINE_MAX, SQLiteStore
 
 from nats_steps import conformance_store as nats_conformance_store
 from redis_steps import conformance_store

@@ -20,9 +20,9 @@ import attrs
 import pytest
 
 import flowdsl as fd
-from flowdsl import _trace
-from flowdsl._graph import Input, NodeKind, Ref
-from flowdsl._graph import Literal as LiteralExpr
+from flowdsl._define import trace as _trace
+from flowdsl._define.graph import Input, NodeKind, Ref
+from flowdsl._define.graph import Literal as LiteralExpr
 
 pytestmark = pytest.mark.anyio
 

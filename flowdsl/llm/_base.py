@@ -19,8 +19,8 @@ import attrs
 import cattrs
 
 from .. import _codec
+from .._engine.runner import current_scope
 from .._errors import CodecError, ConfigError
-from .._runner import current_scope
 from ._errors import LLMError, StructuredOutputError
 from ._limits import Limits
 from ._prices import PriceTable

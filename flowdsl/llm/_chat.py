@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .._engine.runner import current_scope
 from .._errors import ConfigError
-from .._runner import current_scope
 from ._base import DEFAULT_MAX_TOOL_ROUNDS
 from ._types import Message, Reply
 

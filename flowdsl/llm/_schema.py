@@ -101,7 +101,7 @@ def tool_specs(tools: Sequence[Callable[..., Any]]) -> dict[str, ToolSpec]:
 
 
 def _tool_spec(tool: Any) -> ToolSpec:
-    from .._dsl import Branch, Flow, Step
+    from .._define.dsl import Branch, Flow, Step
 
     if isinstance(tool, Flow | Branch):
         raise ConfigError(

@@ -24,10 +24,10 @@ import anyio
 import attrs
 
 from .. import events as ev
-from .._context import Context
-from .._dsl import Flow
+from .._context.context import Context
+from .._define.dsl import Flow
+from .._define.graph import Node, NodeKind
 from .._errors import StepFailed
-from .._graph import Node, NodeKind
 
 __all__ = ["CrashPoint", "InjectedCrash", "ResumeReport", "check_resume", "crash_points"]
 

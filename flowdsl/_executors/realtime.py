@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-from .._graph import Node
+from .._define.graph import Node
+from .._engine.runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 from .._records import NodeRecord
-from .._runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 
 __all__ = ["RealtimeExecutor"]
 

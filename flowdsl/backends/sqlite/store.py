@@ -45,9 +45,9 @@ from urllib.parse import parse_qsl
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from .. import _codec
-from .._errors import CheckpointError, CodecError, ConfigError
-from .._records import NodeRecord, RunRecord, RunStatus
+from ... import _codec
+from ..._errors import CheckpointError, CodecError, ConfigError
+from ..._records import NodeRecord, RunRecord, RunStatus
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 

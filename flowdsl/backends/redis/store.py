@@ -39,9 +39,9 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from .. import _codec
-from .._errors import CheckpointError, CodecError, ConfigError
-from .._records import NodeRecord, RunRecord, RunStatus
+from ... import _codec
+from ..._errors import CheckpointError, CodecError, ConfigError
+from ..._records import NodeRecord, RunRecord, RunStatus
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisLink", "RedisStore", "RedisURL"]
 

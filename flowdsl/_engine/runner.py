@@ -20,12 +20,12 @@ import anyio
 import attrs
 import sniffio
 
-from . import _codec
-from . import events as ev
-from ._errors import CodecError, StepCodecFailed, StepFailed
-from ._graph import Node, NodeKind
-from ._records import NodeRecord, add_usage
-from ._trace import value_labels
+from .. import _codec
+from .. import events as ev
+from .._define.graph import Node, NodeKind
+from .._define.trace import value_labels
+from .._errors import CodecError, StepCodecFailed, StepFailed
+from .._records import NodeRecord, add_usage
 
 __all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
 

@@ -21,14 +21,14 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from . import _codec
-from . import events as ev
-from ._dsl import Flow
-from ._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
-from ._graph import Node, NodeKind
-from ._records import RunRecord, RunStatus, add_usage
-from ._resume import plan_reuse
-from ._scheduler import Executor, Plan, RunState, drive
+from .. import _codec
+from .. import events as ev
+from .._define.dsl import Flow
+from .._define.graph import Node, NodeKind
+from .._engine.resume import plan_reuse
+from .._engine.scheduler import Executor, Plan, RunState, drive
+from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
+from .._records import RunRecord, RunStatus, add_usage
 
 __all__ = ["Context", "Run", "current_context", "run"]
 
@@ -241,7 +241,7 @@ class Context:
 
     async def _start_services(self, tg: anyio.abc.TaskGroup) -> None:
         """Batch mode: the completion listener and the in-process workers."""
-        from .contexts.batch import BatchExecutor, Worker
+        from .._executors.batch import BatchExecutor, Worker
 
         if not isinstance(self._executor, BatchExecutor):
             return
@@ -335,11 +335,11 @@ class Context:
     def _setup(self) -> None:
         if self._executor is None:
             if self.batch:
-                from .contexts.batch import BatchExecutor
+                from .._executors.batch import BatchExecutor
 
                 self._executor = BatchExecutor(self.queue)
             else:
-                from .contexts.realtime import RealtimeExecutor
+                from .._executors.realtime import RealtimeExecutor
 
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
@@ -421,7 +421,7 @@ class Context:
         show: bool | None,
         return_exceptions: bool,
     ) -> list[R | BaseException]:
-        from ._progress import progress_for
+        from .progress import progress_for
 
         results: list[Any] = [None] * len(calls)
         with progress_for(flow.name, len(calls), show) as bar:
@@ -782,11 +782,11 @@ def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any,
     store's file if it is SQLite, else ``.flowdsl/flowdsl.db`` in the working directory.
     With a broker and no store, the journal lives on the broker's server.
     """
-    from .stores import open_store
+    from ..backends import open_store
 
     if not batch:
         return open_store(store), None
-    from .contexts import link, open_broker
+    from ..backends import link, open_broker
 
     if broker is None:
         if isinstance(store, str) and store.startswith("sqlite:"):

@@ -40,10 +40,11 @@ from typing import Any, Final
 
 import anyio
 
-from .. import _codec
-from .._errors import CheckpointError
-from .._records import NodeRecord
-from ..stores.redis import (
+from ... import _codec
+from ..._errors import CheckpointError
+from ..._records import NodeRecord
+from ..messages import Claimed, Completion, encode_completion
+from .store import (
     COMMIT_NODE_BODY,
     Layout,
     Malformed,
@@ -57,7 +58,6 @@ from ..stores.redis import (
     require_asyncio,
     to_bytes,
 )
-from ._messages import Claimed, Completion, encode_completion
 
 __all__ = ["RedisBroker"]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._dsl import Branch, Flow, Step
-from ._errors import ConfigError, FlowError
+from .._define.dsl import Branch, Flow, Step
+from .._errors import ConfigError, FlowError
 
 __all__ = ["TargetError", "add_to_path", "load_flow", "module_name_for_file"]
 

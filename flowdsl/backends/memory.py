@@ -121,3 +121,7 @@ class MemoryStore:
 
     async def put_cached(self, key: str, value: str) -> None:
         self._cache[key] = value
+
+
+def open_store(url: str) -> MemoryStore:
+    return MemoryStore()

@@ -16,9 +16,9 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from . import _trace
-from ._errors import TracingError
-from ._graph import Graph
+from .._errors import TracingError
+from . import trace as _trace
+from .graph import Graph
 
 __all__ = ["Branch", "Flow", "Step", "branch", "flow", "step"]
 
@@ -258,7 +258,7 @@ class Flow(Generic[P, R]):
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map call arguments to the flow's inputs (defaults applied)."""
-        from ._errors import ConfigError
+        from .._errors import ConfigError
 
         try:
             bound = self.signature.bind(*args, **kwargs)
@@ -275,7 +275,7 @@ class Flow(Generic[P, R]):
         tracer = _trace.current_tracer()
         if tracer is not None:
             return _trace.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
-        from ._context import current_context
+        from .._context.context import current_context
 
         # `run_id=` names the run here, so a flow parameter of that name can only be
         # passed positionally.

@@ -1,4 +1,4 @@
-"""What crosses a queue in batch mode, and the broker interface every queue implements.
+"""What crosses a queue in batch mode: tasks, completions and events.
 
 Three kinds of message, all JSON text made by the codec (never pickle):
 
@@ -15,7 +15,7 @@ SQLite queue, Redis Streams and NATS JetStream carry the same messages.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
@@ -24,7 +24,6 @@ from .._errors import CheckpointError, CodecError
 from .._records import NodeRecord
 
 __all__ = [
-    "Broker",
     "Claimed",
     "Completion",
     "TaskMessage",
@@ -147,69 +146,3 @@ def _peek(text: str | bytes, key: str) -> str | None:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) < 300 else text[:300] + "..."
-
-
-class Broker(Protocol):
-    """A durable queue of tasks, with completions and events flowing back."""
-
-    url: str
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def enqueue(self, tasks: list[tuple[str, str, str]]) -> None:
-        """Add tasks as ``(run_id, node_id, payload)``; a task for a node that is already
-        queued or held is not added twice."""
-
-    async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
-        """Up to *limit* tasks, leased to *worker* for *lease* seconds; a task whose lease
-        ran out (its worker died) is handed out again."""
-
-    async def extend(self, task_ids: list[str], lease: float) -> None:
-        """Renew leases of tasks still being worked on."""
-
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
-        """Remove the task and publish its completion (JSON text), atomically."""
-
-    async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
-    ) -> None:
-        """Move the task to the dead-letter list and publish its failed completion."""
-
-    async def completions(self, cursor: Any) -> tuple[list[str], Any]:
-        """Completions published after *cursor* (``None``: from now on), and the new cursor."""
-
-    async def forget_completions(self, upto: Any) -> None:
-        """Drop completions up to *upto* that this process has consumed."""
-
-    async def publish_events(self, events: list[tuple[str, str]]) -> None:
-        """Publish ``(run_id, event JSON)`` pairs."""
-
-    async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
-        """Events published after *cursor* (``None``: from now on), and the new cursor."""
-
-    async def forget_events(self, run_id: str) -> None:
-        """Drop a finished run's events."""
-
-    async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
-        """The dead-lettered tasks of a run."""
-
-    # Optional, for tidier runs (the executor calls them when present):
-    #
-    #   async def drop_queued(run_id): remove the run's tasks no worker holds (the run
-    #       failed or was cancelled: they would only burn workers' time).
-    #   async def redeliver(run_id): make the run's tasks claimable now with their
-    #       delivery counts reset (a resume: the run's old workers may have died with it).
-    #
-    #   carries_events = True: complete(), commit_and_complete() and dead_letter() take an
-    #       `events=` list and publish it atomically with the completion, ahead of it.
-    #
-    # Optional, for a broker that also holds the store (Redis, NATS):
-    #
-    #   def holds(self, store) -> bool: whether *store* lives on this broker's server.
-    #   async def commit_and_complete(task_id, run_id, record, payload) -> bool:
-    #       commit the node record and complete the task (publish *payload*) in one
-    #       atomic operation, returning True; when the node was already committed, do
-    #       nothing and return False (the worker then completes the task with the record
-    #       committed first).

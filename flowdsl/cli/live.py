@@ -13,8 +13,8 @@ from typing import IO, Any
 
 import attrs
 
-from . import events as ev
-from ._graph import Graph, NodeKind
+from .. import events as ev
+from .._define.graph import Graph, NodeKind
 
 __all__ = ["LiveView", "StepTable"]
 

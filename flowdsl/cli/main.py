@@ -34,15 +34,15 @@ import anyio
 import attrs
 import click
 
-from . import __version__, _codec
-from ._cli_live import LiveView, StepTable, format_duration
-from ._cli_load import TargetError, add_to_path, load_flow, module_name_for_file
-from ._context import Context
-from ._dsl import Flow
-from ._errors import CodecError, ConfigError, FlowError, StepFailed, TracingError
-from ._graph import Graph, NodeKind
-from ._records import NodeRecord, RunRecord, RunStatus, add_usage
-from ._urls import hide_credentials
+from .. import __version__, _codec
+from .._context.context import Context
+from .._define.dsl import Flow
+from .._define.graph import Graph, NodeKind
+from .._errors import CodecError, ConfigError, FlowError, StepFailed, TracingError
+from .._records import NodeRecord, RunRecord, RunStatus, add_usage
+from .._urls import hide_credentials
+from .live import LiveView, StepTable, format_duration
+from .load import TargetError, add_to_path, load_flow, module_name_for_file
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -542,7 +542,7 @@ def runs() -> None:
 
 @contextlib.asynccontextmanager
 async def _opened_store(url: str) -> AsyncIterator[Any]:
-    from .stores import open_store
+    from ..backends import open_store
 
     store = open_store(url)
     if store.url.startswith("memory:"):
@@ -659,7 +659,7 @@ def runs_show(
 
 async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:
     """The run's dead-lettered tasks, when *url* names a queue; else none."""
-    from .contexts import open_broker
+    from ..backends import open_broker
 
     if url.split(":", 1)[0].lower() not in ("sqlite", "redis", "rediss", "nats", "tls"):
         return []
@@ -1069,7 +1069,7 @@ def _module_of(name: str) -> str:
 
 def _batch_serve() -> Callable[..., Any]:
     try:
-        from .contexts import batch
+        from .._executors import batch
     except ImportError:
         batch = None  # type: ignore[assignment]
     serve: Callable[..., Any] | None = getattr(batch, "serve", None)

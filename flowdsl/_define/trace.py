@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import sniffio
 
-from . import _codec
-from ._errors import CodecError, TracingError
-from ._graph import (
+from .. import _codec
+from .._errors import CodecError, TracingError
+from .graph import (
     Expr,
     Graph,
     Guard,
@@ -41,7 +41,7 @@ from ._graph import (
 )
 
 if TYPE_CHECKING:
-    from ._dsl import Branch, Flow, Step
+    from .dsl import Branch, Flow, Step
 
 _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
     "flowdsl_tracer", default=None

@@ -31,7 +31,9 @@ import attrs
 
 from .. import _codec
 from .. import events as ev
-from .._dsl import registered_unit
+from .._define.dsl import registered_unit
+from .._define.graph import Node, NodeKind
+from .._engine.runner import run_node_cached
 from .._errors import (
     CheckpointError,
     CodecError,
@@ -40,11 +42,9 @@ from .._errors import (
     StepCodecFailed,
     StepFailed,
 )
-from .._graph import Node, NodeKind
 from .._records import NodeRecord
-from .._runner import run_node_cached
-from ._messages import (
-    Broker,
+from ..backends.base import Broker
+from ..backends.messages import (
     Claimed,
     Completion,
     TaskMessage,
@@ -625,7 +625,7 @@ def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
 
 def import_unit(ref: str, *, node: str, flow: str) -> Any:
     """A step or branch by ``module:qualname``, for a worker in another process."""
-    from .._dsl import Branch, Step
+    from .._define.dsl import Branch, Step
 
     module_name, _, qualname = ref.partition(":")
     where = f"step {ref!r}"
@@ -678,8 +678,7 @@ async def serve(
     *imports* are modules to import first, so that their steps are known; *store*
     defaults to the broker's own file for the embedded SQLite queue.
     """
-    from ..stores import open_store
-    from . import link, open_broker
+    from ..backends import link, open_broker, open_store
 
     for module in imports:
         try:

@@ -28,8 +28,8 @@ from typing import Any, Final
 
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from .._errors import ConfigError
-from ._messages import Claimed
+from ..._errors import ConfigError
+from ..messages import Claimed
 
 __all__ = ["SQLiteBroker"]
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from . import _codec
+from .. import _codec
 
 if TYPE_CHECKING:
-    from ._dsl import Branch, Step
+    from .dsl import Branch, Step
 
 __all__ = [
     "Edge",

@@ -61,9 +61,9 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from .._errors import CheckpointError, ConfigError
-from .._records import NodeRecord, RunRecord, RunStatus
-from .._urls import hide_credentials
+from ..._errors import CheckpointError, ConfigError
+from ..._records import NodeRecord, RunRecord, RunStatus
+from ..._urls import hide_credentials
 
 __all__ = [
     "DEFAULT_PREFIX",

@@ -53,8 +53,9 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from .._errors import CheckpointError, ConfigError
-from ..stores.nats import (
+from ..._errors import CheckpointError, ConfigError
+from ..messages import Claimed
+from .store import (
     Bucket,
     Malformed,
     NatsLink,
@@ -67,7 +68,6 @@ from ..stores.nats import (
     to_bytes,
     to_token,
 )
-from ._messages import Claimed
 
 __all__ = ["NATSBroker"]
 

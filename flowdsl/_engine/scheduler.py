@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._errors import StepFailed
-from ._graph import Graph, Node, NodeKind, evaluate, refs_of
-from ._records import NodeRecord
-from ._spawn import NodeGroup, open_node_group
+from .._define.graph import Graph, Node, NodeKind, evaluate, refs_of
+from .._errors import StepFailed
+from .._records import NodeRecord
+from .spawn import NodeGroup, open_node_group
 
 __all__ = ["Executor", "Plan", "RunState", "drive"]
 
@@ -98,7 +98,7 @@ class Plan:
     def markers(self) -> dict[str, str]:
         """Per step and branch node: its code and wiring marker (see :mod:`._resume`)."""
         if self._markers is None:
-            from ._resume import node_marker
+            from .resume import node_marker
 
             self._markers = {
                 n: node_marker(node)

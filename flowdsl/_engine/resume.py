@@ -22,10 +22,10 @@ from collections.abc import Mapping
 
 import attrs
 
-from . import _codec
-from ._errors import CheckpointError, CodecError
-from ._graph import Node, NodeKind, describe, refs_of
-from ._records import NodeRecord
+from .. import _codec
+from .._define.graph import Node, NodeKind, describe, refs_of
+from .._errors import CheckpointError, CodecError
+from .._records import NodeRecord
 
 __all__ = ["ReusePlan", "node_marker", "plan_reuse"]
 
