@@ -24,7 +24,8 @@ from flowdsl._executors.batch import StepCheckpointFailed, Worker
 from flowdsl._records import NodeRecord
 from flowdsl.backends.messages import decode_completion
 from flowdsl.backends.nats.broker import NATSBroker
-from flowdsl.backends.nats.store import NATSStore, to_token
+from flowdsl.backends.nats.keys import to_token
+from flowdsl.backends.nats.store import NATSStore
 from flowdsl.testing import CrashPoint, check_resume
 
 import nats_steps as ns

@@ -29,7 +29,9 @@ from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
 from flowdsl.backends import open_broker, open_store
 from flowdsl.backends.nats.broker import NATSBroker
-from flowdsl.backends.nats.store import NATSStore, NatsURL, from_token, to_token
+from flowdsl.backends.nats.keys import from_token, to_token
+from flowdsl.backends.nats.store import NATSStore
+from flowdsl.backends.nats.url import NatsURL
 
 import nats_steps as ns
 from _servers import HOST, NatsServer, ServerProcess, free_port, require_binary

@@ -23,7 +23,8 @@ from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
 from flowdsl.backends import MemoryStore, open_broker, open_store
 from flowdsl.backends.redis.broker import RedisBroker
-from flowdsl.backends.redis.store import INLINE_MAX, RedisStore, RedisURL
+from flowdsl.backends.redis.link import RedisURL
+from flowdsl.backends.redis.store import INLINE_MAX, RedisStore
 
 from _servers import RedisServer, free_port
 from redis_steps import expected_fan, fan

@@ -24,54 +24,15 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
 from ..messages import Claimed
+from . import schema
 
 __all__ = ["SQLiteBroker"]
-
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS fd_tasks (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        lease_until REAL NOT NULL DEFAULT 0,
-        deliveries INTEGER NOT NULL DEFAULT 0,
-        worker TEXT,
-        UNIQUE (run_id, node_id)
-    )""",
-    "CREATE INDEX IF NOT EXISTS fd_tasks_lease ON fd_tasks (lease_until, id)",
-    """CREATE TABLE IF NOT EXISTS fd_completions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS fd_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS fd_dead (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        at REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS fd_dead_run ON fd_dead (run_id)",
-)
-
-_CLAIM: Final = """
-    UPDATE fd_tasks SET lease_until = ?, deliveries = deliveries + 1, worker = ?
-    WHERE id IN (SELECT id FROM fd_tasks WHERE lease_until < ? ORDER BY id LIMIT ?)
-    RETURNING id, deliveries, payload, run_id, node_id
-"""
 
 
 class SQLiteBroker:
@@ -100,13 +61,7 @@ class SQLiteBroker:
             self._store.commit_node_then(
                 run_id,
                 record,
-                [
-                    ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                    (
-                        "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                        (run_id, record.node_id, payload),
-                    ),
-                ],
+                schema.complete_task(task_id, run_id, record.node_id, payload),
             )
         )
 
@@ -119,7 +74,7 @@ class SQLiteBroker:
         if self._store is not None:
             # The store is opened first and owns the connection; only the tables are ours.
             conn = self._store.connection()
-            for statement in _SCHEMA:
+            for statement in schema.QUEUE_SCHEMA:
                 conn.execute(statement)
             self._conn = conn
             return
@@ -131,7 +86,7 @@ class SQLiteBroker:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
+            for statement in schema.QUEUE_SCHEMA:
                 conn.execute(statement)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(
@@ -184,7 +139,7 @@ class SQLiteBroker:
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         await checkpoint_if_cancelled()
         now = time.time()
-        (rows,) = self._write([(_CLAIM, (now + lease, worker, now, limit))])
+        (rows,) = self._write([(schema.CLAIM, (now + lease, worker, now, limit))])
         rows.sort(key=lambda row: row[0])
         return [
             Claimed(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4])) for row in rows
@@ -203,15 +158,7 @@ class SQLiteBroker:
 
     async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
         await checkpoint_if_cancelled()
-        self._write(
-            [
-                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                (
-                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                    (run_id, node_id, payload),
-                ),
-            ]
-        )
+        self._write(schema.complete_task(task_id, run_id, node_id, payload))
 
     async def dead_letter(
         self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
@@ -224,11 +171,7 @@ class SQLiteBroker:
                     "SELECT run_id, node_id, payload, ?, ? FROM fd_tasks WHERE id = ?",
                     (reason, time.time(), int(task_id)),
                 ),
-                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                (
-                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                    (run_id, node_id, payload),
-                ),
+                *schema.complete_task(task_id, run_id, node_id, payload),
             ]
         )
 
