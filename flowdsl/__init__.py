@@ -33,6 +33,7 @@ from ._define.graph import Graph as Graph
 from ._define.graph import Node as Node
 from ._engine.runner import StepInfo as StepInfo
 from ._engine.runner import current_step as current_step
+from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CodecError as CodecError
 from ._errors import ConfigError as ConfigError
@@ -45,6 +46,7 @@ from ._secret import Secret as Secret
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailable",
     "Branch",
     "CheckpointError",
     "CodecError",

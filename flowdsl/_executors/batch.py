@@ -35,6 +35,7 @@ from .._define.dsl import registered_unit
 from .._define.graph import Node, NodeKind
 from .._engine.runner import run_node_cached
 from .._errors import (
+    BackendUnavailable,
     CheckpointError,
     CodecError,
     ConfigError,
@@ -81,8 +82,10 @@ def decode_event(text: str) -> Any:
 
 _FORGET_EVERY = 1000  # completions read between two calls of broker.forget_completions
 
-# Errors a broker or store raises when its server is away; loops wait them out.
-_TRANSIENT = (CheckpointError, ConfigError, OSError)
+# Errors a broker or store raises when its server is away; loops wait them out.  Never
+# CheckpointError (data that is wrong) or ConfigError (a setting that is wrong): waiting
+# mends neither.  (BackendUnavailable is an OSError too, as ConnectionError.)
+_TRANSIENT = (BackendUnavailable, OSError)
 
 
 class StepConfigFailed(StepFailed, ConfigError):

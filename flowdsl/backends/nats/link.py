@@ -15,7 +15,8 @@ from typing import Any, Final, TypeVar
 import anyio
 import attrs
 
-from ..._errors import CheckpointError, ConfigError
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError, FlowError
+from .._retry import retry_while_away
 from .url import NatsOptions, NatsURL, nats_modules, require_asyncio
 
 __all__ = ["ERR_PER_SUBJECT", "NatsLink", "ensure_stream", "quietly", "storage_type"]
@@ -140,7 +141,7 @@ def _tls_context(url: NatsURL) -> ssl.SSLContext:
     return context
 
 
-def _connect_error(url: NatsURL, exc: Exception, failures: list[BaseException]) -> ConfigError:
+def _connect_error(url: NatsURL, exc: Exception, failures: list[BaseException]) -> FlowError:
     texts = [f"{type(c).__name__}: {c}".strip().rstrip(":") for c in [*failures, exc]]
     refused = any("authorization" in t.lower() or "authentication" in t.lower() for t in texts)
     if refused:
@@ -154,11 +155,15 @@ def _connect_error(url: NatsURL, exc: Exception, failures: list[BaseException]) 
     why = texts[len(failures) - 1] if failures else texts[-1]
     if isinstance(exc, TimeoutError) and not failures:
         why = "no answer in time"
-    return ConfigError(
-        f"cannot connect to NATS at {url.shown}: {why}",
-        hint="Check TLS: tls:// and tls_ca=, tls_cert=, tls_key= options"
-        if tls
-        else "Check that nats-server runs there with JetStream (nats-server -js) and is "
+    if tls:
+        return ConfigError(
+            f"cannot connect to NATS at {url.shown}: {why}",
+            hint="Check TLS: tls:// and tls_ca=, tls_cert=, tls_key= options",
+        )
+    return BackendUnavailable(
+        f"the NATS server at {url.shown}",
+        reason=why,
+        hint="Check that nats-server runs there with JetStream (nats-server -js) and is "
         "reachable from this machine",
     )
 
@@ -262,43 +267,41 @@ class NatsLink:
         run_id: str | None = None,
         node: str | None = None,
     ) -> T:
-        """``await op()``, retried while the server is away (at most ``retry_for`` s).
+        """``await op()``, retried while the server is away (at most ``retry_for`` s,
+        then :class:`~flowdsl.BackendUnavailable`).
 
         Only operations that may run twice are passed here: each is idempotent, or says
         how it tells its own earlier write from another's (see the callers).
         """
         import nats.errors as ne
 
-        deadline: float | None = None
-        delay = 0.01
         where = f" (run {run_id!r})" if run_id is not None else ""
-        while True:
+
+        async def attempt() -> T:
             try:
                 return await op()
-            except Exception as exc:
-                if not _transient(exc):
-                    if isinstance(exc, ne.Error):
-                        raise CheckpointError(
-                            f"the NATS server at {self.url.shown} refused to {what}{where}: "
-                            f"{type(exc).__name__}: {exc}",
-                            node=node,
-                            hint="A stream or bucket flowdsl uses was deleted or changed by "
-                            "hand, or the account's limits are reached; see docs/nats.md",
-                        ) from exc
+            except ne.Error as exc:
+                if _transient(exc):
                     raise
-                now = anyio.current_time()
-                if deadline is None:
-                    deadline = now + self.url.options.retry_for
-                    log.warning("NATS at %s: %r (%s); retrying", self.url.shown, exc, what)
-                if now >= deadline:
-                    raise CheckpointError(
-                        f"the NATS server at {self.url.shown} has not answered for "
-                        f"{self.url.options.retry_for:g} s ({what}){where}: {exc!r}",
-                        node=node,
-                        hint="Check that nats-server runs and is reachable",
-                    ) from exc
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+                raise CheckpointError(
+                    f"the NATS server at {self.url.shown} refused to {what}{where}: "
+                    f"{type(exc).__name__}: {exc}",
+                    node=node,
+                    hint="A stream or bucket flowdsl uses was deleted or changed by "
+                    "hand, or the account's limits are reached; see docs/nats.md",
+                ) from exc
+
+        return await retry_while_away(
+            attempt,
+            away=_transient,
+            retry_for=self.url.options.retry_for,
+            server=f"the NATS server at {self.url.shown}",
+            operation=what,
+            log=log,
+            run_id=run_id,
+            node=node,
+            hint="Check that nats-server runs and is reachable",
+        )
 
 
 async def ensure_stream(link: NatsLink, config: Any) -> Any:

@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-import anyio
 import attrs
 
-from ..._errors import CheckpointError, ConfigError
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from .._retry import retry_while_away
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -190,7 +190,8 @@ async def acquire_client(url: RedisURL) -> Any:
     """The process's client for *url* on this event loop, connected and checked.
 
     A store and a broker of one context on the same server share it (and its connection
-    pool).  Connecting fails fast with a ConfigError that says which URL and why.
+    pool).  Connecting fails fast, with a BackendUnavailable (no server there) or a ConfigError
+    (refused credentials, an old server) that says which URL and why.
     """
     require_asyncio(url.shown)
     clients = _SHARED.setdefault(asyncio.get_running_loop(), {})
@@ -258,8 +259,9 @@ async def _connect(url: RedisURL) -> Any:
         ) from None
     except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
         await _close_client(client)
-        raise ConfigError(
-            f"cannot reach the Redis server at {url.shown}: {exc}",
+        raise BackendUnavailable(
+            f"the Redis server at {url.shown}",
+            reason=str(exc),
             hint="Check that redis-server runs there and that host, port and scheme "
             "(rediss:// for TLS) are right",
         ) from None
@@ -338,14 +340,15 @@ class RedisLink:
         *,
         on_response: Callable[[Exception], T] | None = None,
     ) -> T:
-        """``await op()``, retried while the server is away (at most ``retry_for`` s).
+        """``await op()``, retried while the server is away (at most ``retry_for`` s,
+        then :class:`~flowdsl.BackendUnavailable`).
 
         Only operations that may run twice are passed here: each is idempotent, or its
-        repetition is harmless (see the broker's notes on lost replies).
+        repetition is harmless (see the broker's notes on lost replies).  A refusal that is
+        not the server being away (credentials, a key of the wrong kind) is not retried.
         """
-        deadline: float | None = None
-        delay = 0.01
-        while True:
+
+        async def attempt() -> T:
             try:
                 return await op()
             except Exception as exc:
@@ -367,17 +370,14 @@ class RedisLink:
                         hint="A key flowdsl uses holds data of another kind (written by hand "
                         "or another program?); delete it or use another prefix=",
                     ) from exc
-                if not isinstance(exc, self._transient):
-                    raise
-                now = anyio.current_time()
-                if deadline is None:
-                    deadline = now + self.retry_for
-                    log.warning("Redis at %s: %s (%s); retrying", self.url.shown, exc, what)
-                if now >= deadline:
-                    raise CheckpointError(
-                        f"the Redis server at {self.url.shown} has not answered for "
-                        f"{self.retry_for:g} s ({what}): {exc}",
-                        hint="Check that redis-server runs and is reachable",
-                    ) from exc
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+                raise
+
+        return await retry_while_away(
+            attempt,
+            away=lambda exc: isinstance(exc, self._transient),
+            retry_for=self.retry_for,
+            server=f"the Redis server at {self.url.shown}",
+            operation=what,
+            log=log,
+            hint="Check that redis-server runs and is reachable",
+        )

@@ -44,7 +44,7 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import CheckpointError, CodecError, ConfigError
+from ..._errors import BackendUnavailable, CheckpointError, CodecError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from . import schema
 
@@ -500,9 +500,12 @@ class SQLiteStore:
         name = schema.error_name(exc)
         where = f" (run {run_id!r})" if run_id is not None else ""
         if schema.is_busy(exc):
-            return CheckpointError(
-                f"the store {self.url} stayed locked by another writer for "
-                f"{self.busy_timeout:g} s{where}",
+            # Another process holds the write lock: the file is fine, only busy.
+            return BackendUnavailable(
+                f"the store {self.url}",
+                reason="it stayed locked by another writer",
+                waited=self.busy_timeout,
+                run_id=run_id,
                 node=node_id,
                 hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
                 "process that holds the file",
