@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from typing import Any, Final
+
+from .._validate import Malformed
 
 __all__ = [
     "BLOB_HEADER",
@@ -58,10 +59,6 @@ def dump_json(data: Any) -> bytes:
     return to_bytes(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
 
-class Malformed(Exception):
-    """A record that does not hold what flowdsl writes."""
-
-
 def load_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(from_bytes(data))
@@ -76,13 +73,6 @@ def field(data: dict[str, Any], name: str, *kinds: type) -> Any:
             f"{name} is {type(value).__name__}, not {'/'.join(k.__name__ for k in kinds)}"
         )
     return value
-
-
-def check_time(data: dict[str, Any], name: str) -> float:
-    value = field(data, name, float, int)
-    if not math.isfinite(value):
-        raise Malformed(f"{name} is not a finite timestamp")
-    return float(value)
 
 
 def check_json_text(text: str, what: str) -> str:

@@ -50,13 +50,12 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
+from .. import _validate as v
 from .bucket import Bucket
 from .keys import (
     Malformed,
     cache_key,
-    check_time,
     dump_json,
-    field,
     id_of,
     load_json,
     node_key,
@@ -232,34 +231,13 @@ class NATSStore:
             fields = load_json(data, "the run record")
             if not isinstance(fields, dict) or fields.get("v") != _RECORD_VERSION:
                 raise Malformed("the run record is not an object of this version")
-            code = fields.get("code")
-            if not isinstance(code, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in code.items()
-            ):
-                raise Malformed("code is not a mapping of node ids to code hashes")
-            try:
-                status = RunStatus(fields.get("status"))
-            except ValueError:
-                raise Malformed(f"status {fields.get('status')!r} is not a run status") from None
-            stored_id = field(fields, "run_id", str)
-            if stored_id != run_id:
-                raise Malformed(f"the record is of run {stored_id!r}")
-            return RunRecord(
-                run_id=stored_id,
-                flow=field(fields, "flow", str),
-                flow_ref=field(fields, "flow_ref", str),
-                fingerprint=field(fields, "fingerprint", str),
-                inputs=await self._bucket.unpack(fields.get("inputs"), "inputs", run_id),
-                status=status,
-                created_at=check_time(fields, "created_at"),
-                updated_at=check_time(fields, "updated_at"),
-                result=await self._bucket.unpack_optional(fields.get("result"), "result", run_id),
-                error=await self._bucket.unpack_optional(
-                    fields.get("error"), "error", run_id, json_text=False
-                ),
-                failed_node=field(fields, "failed_node", str, type(None)),
-                code=code,
+            bucket = self._bucket
+            fields["inputs"] = await bucket.unpack(fields.get("inputs"), "inputs", run_id)
+            fields["result"] = await bucket.unpack_optional(fields.get("result"), "result", run_id)
+            fields["error"] = await bucket.unpack_optional(
+                fields.get("error"), "error", run_id, json_text=False
             )
+            return v.run_record(run_id, fields)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
 
@@ -313,19 +291,8 @@ class NATSStore:
                 raise Malformed("the node record is not an object of this version")
             if fields.get("node_id") != node_id:
                 raise Malformed(f"the record under this node's key names {fields.get('node_id')!r}")
-            attempts = field(fields, "attempts", int)
-            if attempts < 0:
-                raise Malformed(f"attempts is {attempts}, not a count")
-            usage = field(fields, "usage", dict, type(None))
-            return NodeRecord(
-                node_id=node_id,
-                value=await self._bucket.unpack(fields.get("value"), "value", run_id),
-                attempts=attempts,
-                started_at=check_time(fields, "started_at"),
-                finished_at=check_time(fields, "finished_at"),
-                code=field(fields, "code", str),
-                usage=usage,
-            )
+            fields["value"] = await self._bucket.unpack(fields.get("value"), "value", run_id)
+            return v.node_record(node_id, fields)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
 
@@ -355,8 +322,5 @@ class NATSStore:
     # --- errors ---------------------------------------------------------------------------
 
     def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
-        return CheckpointError(
-            f"run {run_id!r} in {self.url} (bucket {self.bucket!r}) is corrupted: {what}",
-            node=node_id,
-            hint=_RESTORE_HINT,
-        )
+        where = f"{self.url} (bucket {self.bucket!r})"
+        return v.corrupted(where, run_id, node_id, what, _RESTORE_HINT)

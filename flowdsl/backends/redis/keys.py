@@ -14,8 +14,8 @@ from typing import Any, Final
 import attrs
 
 from ... import _codec
-from ..._errors import CodecError
 from ..._records import NodeRecord
+from .._validate import Malformed, check_json, load_json, node_record
 
 __all__ = [
     "INLINE_MAX",
@@ -36,10 +36,6 @@ INLINE_MAX: Final = 1024
 def to_bytes(text: str) -> bytes:
     """UTF-8, keeping lone surrogates (Python text may hold them) byte-exact."""
     return text.encode("utf-8", "surrogatepass")
-
-
-class Malformed(Exception):
-    """A field that does not hold what flowdsl writes."""
 
 
 def from_bytes(data: object, field: str) -> str:
@@ -110,7 +106,8 @@ _DIGEST_CHARS: Final = frozenset("0123456789abcdef")
 
 
 def parse_node(raw: object) -> dict[str, Any]:
-    """A stored node record's fields, checked; its value may still be a blob reference."""
+    """A stored node record's fields, its shape checked (the values are checked by
+    :func:`node_from_fields`); its value may still be a blob reference."""
     data = load_json(from_bytes(raw, "the record"), "the record")
     if not isinstance(data, dict):
         raise Malformed("the record is not a JSON object")
@@ -119,20 +116,9 @@ def parse_node(raw: object) -> dict[str, Any]:
     if inline == ("blob" in keys) or keys - {"value", "blob"} != _NODE_KEYS:
         raise Malformed(f"the record has the fields {sorted(keys)}")
     if inline:
-        if not isinstance(data["value"], str):
-            raise Malformed("the value is not JSON text")
-        load_json(data["value"], "value")
+        check_json(data["value"], "value")
     elif not is_digest(data["blob"]):
         raise Malformed("the blob reference is not a SHA-256 hash")
-    attempts = data["attempts"]
-    if type(attempts) is not int or attempts < 0:
-        raise Malformed(f"attempts is {attempts!r}, not a count")
-    for name in ("started_at", "finished_at"):
-        data[name] = check_time(data[name], name)
-    if not isinstance(data["code"], str):
-        raise Malformed("code is not text")
-    if data["usage"] is not None and not isinstance(data["usage"], dict):
-        raise Malformed("usage is not a mapping")
     return data
 
 
@@ -141,16 +127,9 @@ def is_digest(value: object) -> bool:
 
 
 def node_from_fields(node_id: str, data: Mapping[str, Any], blob: object) -> NodeRecord:
+    """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked."""
     value = data["value"] if "value" in data else blob_text(data["blob"], blob)
-    return NodeRecord(
-        node_id=node_id,
-        value=value,
-        attempts=data["attempts"],
-        started_at=data["started_at"],
-        finished_at=data["finished_at"],
-        code=data["code"],
-        usage=data["usage"],
-    )
+    return node_record(node_id, {**data, "value": value})
 
 
 def blob_text(digest: str, blob: object) -> str:
@@ -159,24 +138,6 @@ def blob_text(digest: str, blob: object) -> str:
     if hashlib.sha256(blob).hexdigest() != digest:
         raise Malformed(f"the value's blob {digest[:16]}... does not match its hash")
     return check_json(from_bytes(blob, "the value's blob"), "value")
-
-
-def load_json(text: str, field: str) -> Any:
-    try:
-        return _codec.loads(text)
-    except CodecError:
-        raise Malformed(f"the stored {field} is not valid JSON") from None
-
-
-def check_json(text: str, field: str) -> str:
-    load_json(text, field)
-    return text
-
-
-def check_time(value: object, field: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise Malformed(f"{field} is {value!r}, not a timestamp")
 
 
 def float_text(value: bytes | None, field: str) -> float:

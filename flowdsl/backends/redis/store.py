@@ -34,16 +34,15 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ... import _codec
 from ..._errors import CheckpointError
 from ..._records import NodeRecord, RunRecord, RunStatus
+from .. import _validate as v
 from .keys import (
     INLINE_MAX,
     Layout,
     Malformed,
     blob_text,
-    check_json,
     encode_node,
     float_text,
     from_bytes,
-    load_json,
     node_from_fields,
     parse_cached,
     parse_node,
@@ -72,6 +71,7 @@ _RUN_FIELDS: Final = frozenset(
         "code",
     }
 )
+_TIMES: Final = ("created_at", "updated_at")
 _OPTIONAL_RUN_FIELDS: Final = frozenset({"result", "error", "failed_node"})
 _RESTORE_HINT: Final = (
     "Delete the run's keys ({keys}) and start it again, or restore the server's data from a backup"
@@ -386,42 +386,19 @@ class RedisStore:
                     f"the run hash has unknown fields {sorted(unknown)} or lacks {sorted(missing)}"
                 )
 
-            def text(name: str) -> str:
-                return from_bytes(fields[name], name)
-
-            def optional(name: str) -> str | None:
-                return None if name not in fields else text(name)
-
-            result = optional("result")
-            status_text = text("status")
-            try:
-                status = RunStatus(status_text)
-            except ValueError:
-                raise Malformed(f"status {status_text!r} is not a known run status") from None
-            return RunRecord(
-                run_id=text("run_id"),
-                flow=text("flow"),
-                flow_ref=text("flow_ref"),
-                fingerprint=text("fingerprint"),
-                inputs=check_json(text("inputs"), "inputs"),
-                status=status,
-                created_at=float_text(fields["created_at"], "created_at"),
-                updated_at=float_text(fields["updated_at"], "updated_at"),
-                result=None if result is None else check_json(result, "result"),
-                error=optional("error"),
-                failed_node=optional("failed_node"),
-                code=_code_map(text("code")),
-            )
+            values: dict[str, object] = {
+                name: from_bytes(raw, name) for name, raw in fields.items() if name not in _TIMES
+            }
+            for name in _TIMES:
+                values[name] = float_text(fields[name], name)
+            values["code"] = v.load_json(from_bytes(fields["code"], "code"), "code")
+            return v.run_record(run_id, values)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
 
     def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
         keys = f"{self.layout.run(run_id)}, {self.layout.nodes(run_id)}"
-        return CheckpointError(
-            f"run {run_id!r} in {self.url} is corrupted: {what}",
-            node=node_id,
-            hint=_RESTORE_HINT.format(keys=keys),
-        )
+        return v.corrupted(self.url, run_id, node_id, what, _RESTORE_HINT.format(keys=keys))
 
 
 async def _see_through(work: Awaitable[T]) -> T:
@@ -463,12 +440,3 @@ def _node_name(raw: object) -> str:
         return from_bytes(raw, "node id")
     except Malformed:
         return repr(raw)
-
-
-def _code_map(text: str) -> dict[str, str]:
-    data = load_json(text, "code")
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-    ):
-        raise Malformed("code is not a mapping of node ids to code hashes")
-    return data

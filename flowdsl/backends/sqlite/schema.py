@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from ... import _codec
+from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -233,7 +234,7 @@ def storable_text(text: str | None) -> str | None:
 
 def join_value(inline: object, digest: object, data: object) -> str:
     if digest is None:
-        return _text(inline)
+        return text(inline, "value")
     if inline is not None:
         raise Malformed("the row has both an inline value and a blob reference")
     if not isinstance(digest, bytes) or len(digest) != HASH_SIZE:
@@ -246,13 +247,3 @@ def join_value(inline: object, digest: object, data: object) -> str:
         return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise Malformed("the value's blob is not UTF-8 text") from None
-
-
-class Malformed(Exception):
-    """A row that does not hold what this store writes."""
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise Malformed(f"value is {type(value).__name__}, not text")
-    return value

@@ -44,8 +44,9 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import BackendUnavailable, CheckpointError, CodecError, ConfigError
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
+from .. import _validate as v
 from . import schema
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
@@ -55,6 +56,21 @@ INLINE_MAX = schema.INLINE_MAX
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
 _URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
+# The columns of a run's row, in the order the SELECTs name them.
+_RUN_COLUMNS: Final = (
+    "run_id",
+    "flow",
+    "flow_ref",
+    "fingerprint",
+    "inputs",
+    "status",
+    "created_at",
+    "updated_at",
+    "result",
+    "error",
+    "failed_node",
+    "code",
+)
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
     "(DELETE FROM nodes WHERE run_id = ...; DELETE FROM runs WHERE run_id = ...) and start "
@@ -309,7 +325,7 @@ class SQLiteStore:
             rows = self._db().execute(schema.LIST_RUNS, (max(limit, 0),)).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
-        return [self._run_from_row(_str_or(row[0], "?"), row) for row in rows]
+        return [self._run_from_row(_id_of(row), row) for row in rows]
 
     # --- the journal ----------------------------------------------------------------------
 
@@ -411,8 +427,8 @@ class SQLiteStore:
         if row is None:
             return None
         try:
-            return _check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
-        except _Malformed as exc:
+            return v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+        except v.Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
                 hint="Restore the file from a backup, or delete the entry "
@@ -440,58 +456,28 @@ class SQLiteStore:
 
     def _run_from_row(self, run_id: str, row: Sequence[Any]) -> RunRecord:
         try:
-            (
-                stored_id,
-                flow,
-                flow_ref,
-                fingerprint,
-                inputs,
-                status,
-                created_at,
-                updated_at,
-                result,
-                error,
-                failed_node,
-                code,
-            ) = row
-            return RunRecord(
-                run_id=_str(stored_id, "run_id"),
-                flow=_str(flow, "flow"),
-                flow_ref=_str(flow_ref, "flow_ref"),
-                fingerprint=_str(fingerprint, "fingerprint"),
-                inputs=_check_json(_str(inputs, "inputs"), "inputs"),
-                status=_status(status),
-                created_at=_time(created_at, "created_at"),
-                updated_at=_time(updated_at, "updated_at"),
-                result=None if result is None else _check_json(_str(result, "result"), "result"),
-                error=_optional_str(error, "error"),
-                failed_node=_optional_str(failed_node, "failed_node"),
-                code=_code_map(code),
-            )
-        except _Malformed as exc:
-            raise self._corrupted(run_id, None, str(exc)) from None
+            fields = dict(zip(_RUN_COLUMNS, row, strict=True))
+            fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
+            return v.run_record(run_id, fields)
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
     def _node_from_row(self, run_id: str, row: Sequence[Any]) -> NodeRecord:
         node_id = row[0]
+        node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
             (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
-            return NodeRecord(
-                node_id=_str(node_id, "node_id"),
-                value=_check_json(schema.join_value(value, digest, data), "value"),
-                attempts=_attempts(attempts),
-                started_at=_time(started_at, "started_at"),
-                finished_at=_time(finished_at, "finished_at"),
-                code=_str(code, "code"),
-                usage=_usage(usage),
-            )
-        except _Malformed as exc:
-            node = node_id if isinstance(node_id, str) else repr(node_id)
-            raise self._corrupted(run_id, node, str(exc)) from None
-
-    def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
-        return CheckpointError(
-            f"run {run_id!r} in {self.url} is corrupted: {what}", node=node_id, hint=_RESTORE_HINT
-        )
+            fields = {
+                "value": schema.join_value(value, digest, data),
+                "attempts": attempts,
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "code": code,
+                "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
+            }
+            return v.node_record(v.text(node_id, "node_id"), fields)
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
     def _failure(
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
@@ -529,75 +515,6 @@ class SQLiteStore:
         )
 
 
-# --- validation of rows read back -----------------------------------------------------------
-
-
-_Malformed = schema.Malformed
-
-
-def _str(value: object, field: str) -> str:
-    if not isinstance(value, str):
-        raise _Malformed(f"{field} is {type(value).__name__}, not text")
-    return value
-
-
-def _str_or(value: object, default: str) -> str:
-    return value if isinstance(value, str) else default
-
-
-def _optional_str(value: object, field: str) -> str | None:
-    return None if value is None else _str(value, field)
-
-
-def _parse_json(text: str, field: str) -> Any:
-    try:
-        return _codec.loads(text)
-    except CodecError:
-        raise _Malformed(f"the stored {field} is not valid JSON") from None
-
-
-def _check_json(text: str, field: str) -> str:
-    _parse_json(text, field)
-    return text
-
-
-def _time(value: object, field: str) -> float:
-    if type(value) is float or type(value) is int:
-        return float(value)
-    raise _Malformed(f"{field} is {type(value).__name__}, not a timestamp")
-
-
-def _attempts(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise _Malformed(f"attempts is {value!r}, not a count")
-    return value
-
-
-def _status(value: object) -> RunStatus:
-    try:
-        return RunStatus(value)
-    except ValueError:
-        raise _Malformed(f"status {value!r} is not a known run status") from None
-
-
-def _code_map(text: object) -> dict[str, str]:
-    data = _parse_json(_str(text, "code"), "code")
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-    ):
-        raise _Malformed("code is not a mapping of node ids to code hashes")
-    return data
-
-
-def _usage(text: object) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    data = _parse_json(_str(text, "usage"), "usage")
-    if not isinstance(data, dict):
-        raise _Malformed("usage is not a mapping")
-    return data
-
-
 def _url_options(url: str, query: str) -> dict[str, Any]:
     """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
     try:
@@ -631,3 +548,7 @@ def _bad_url(url: str, why: str | None = None) -> ConfigError:
         problem,
         hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
     )
+
+
+def _id_of(row: Sequence[Any]) -> str:
+    return row[0] if isinstance(row[0], str) else "?"
