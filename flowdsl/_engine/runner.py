@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import attrs
@@ -26,6 +26,9 @@ from .._define.graph import Node, NodeKind
 from .._define.trace import value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
+
+if TYPE_CHECKING:
+    from ..backends.base import Store
 
 __all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
 
@@ -204,7 +207,7 @@ async def run_node(
     marker: str = "",
     llm: Any = None,
     first_attempt: int = 1,
-    store: Any = None,
+    store: Store | None = None,
 ) -> tuple[NodeRecord, Any]:
     """Run *node* through its attempts; return its journal record and decoded value.
 
@@ -256,7 +259,7 @@ class FastJob(StepScope):
     bare task costs, which is what keeps memory per in-flight run near plain asyncio's.
     """
 
-    store: Any = None
+    store: Any = None  # a Store that commits_nowait
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = attrs.field(factory=dict)
 
@@ -304,7 +307,7 @@ def fast_job(
     kwargs: dict[str, Any],
     marker: str,
     llm: Any,
-    store: Any,
+    store: Store,
 ) -> tuple[FastJob, Coroutine[Any, Any, Any], contextvars.Context] | None:
     """A :class:`FastJob` for *node* with the coroutine to run as its task and the
     context to run it in; ``None`` when the node needs the full runner.
@@ -324,16 +327,15 @@ def fast_job(
     return job, unit.fn(*args, **kwargs), context
 
 
-async def _commit(store: Any, run_id: str, record: NodeRecord) -> BaseException | None:
+async def _commit(store: Store, run_id: str, record: NodeRecord) -> BaseException | None:
     """Commit a finished node's record, even if the run is being cancelled: the step's
     work (an LLM call, say) is done and paid for, and a resume should find it.
 
     Returns the cancellation that arrived during the write, for the caller to raise once
     it has reported the node: a committed node is always a reported one.
     """
-    nowait = getattr(store, "commit_node_nowait", None)
-    if nowait is not None:
-        nowait(run_id, record)
+    if store.commits_nowait:
+        store.commit_node_nowait(run_id, record)
         return None
     if sniffio.current_async_library() == "asyncio":
         # Node tasks are cancelled with asyncio's own Task.cancel(), which anyio's shields
@@ -429,7 +431,7 @@ def cache_key(node: Node, marker: str, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 async def run_node_cached(
-    store: Any,
+    store: Store,
     sink: EventSink,
     node: Node,
     args: tuple[Any, ...],

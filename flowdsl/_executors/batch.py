@@ -44,7 +44,7 @@ from .._errors import (
     StepFailed,
 )
 from .._records import NodeRecord
-from ..backends.base import Broker
+from ..backends.base import Broker, Store
 from ..backends.messages import (
     Claimed,
     Completion,
@@ -149,15 +149,12 @@ class BatchExecutor:
 
     async def resuming(self, run: Any) -> None:
         """A run resumes: its tasks still queued or held are handed out afresh."""
-        redeliver = getattr(self.broker, "redeliver", None)
-        if redeliver is not None:
-            await redeliver(run.run_id)
+        await self.broker.redeliver(run.run_id)
 
     async def ended(self, run: Any, ok: bool) -> None:
         """A run ended; if it failed or was cancelled, its queued tasks are dropped."""
-        drop = getattr(self.broker, "drop_queued", None)
-        if not ok and drop is not None:
-            await drop(run.run_id)
+        if not ok:
+            await self.broker.drop_queued(run.run_id)
 
     def unwatch(self, run: Any) -> None:
         if self._observed.pop(run.run_id, None) is not None:
@@ -364,7 +361,7 @@ class Worker:
     def __init__(
         self,
         broker: Broker,
-        store: Any,
+        store: Store,
         *,
         concurrency: int = 8,
         lease: float = 30.0,
@@ -514,25 +511,20 @@ class Worker:
             return
         # A node's events reach the broker after its record is committed (a StepFinished
         # means the result is journaled) and no later than its completion (which may end
-        # the run, and with it the scheduler's interest in the run's events).  A broker
-        # that `carries_events` publishes them in the same atomic step as the completion.
-        carries = getattr(self.broker, "carries_events", False)
-        atomic = getattr(self.broker, "commit_and_complete", None)
-        if atomic is not None and self.broker.holds(self.store):  # type: ignore[attr-defined]
+        # the run, and with it the scheduler's interest in the run's events): they go
+        # with the completion (atomically where the broker `carries_events`).
+        if self.broker.holds(self.store):
             # The broker keeps the journal too: commit the record and complete the task
             # in one atomic operation (first commit wins; the completion carries it).
-            if not carries:
-                await self.broker.publish_events(sink.buffer)
             completion = Completion(task.run_id, task.node_id, True, record)
             payload = encode_completion(completion)
-            extra = {"events": sink.buffer} if carries else {}
-            if await atomic(item.task_id, task.run_id, record, payload, **extra):
+            if await self.broker.commit_and_complete(
+                item.task_id, task.run_id, record, payload, events=sink.buffer
+            ):
                 return
             committed = False
         else:
             committed = await self.store.commit_node(task.run_id, record)
-            if not carries:
-                await self.broker.publish_events(sink.buffer)
         if not committed:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
@@ -552,12 +544,7 @@ class Worker:
     ) -> None:
         completion = Completion(task.run_id, task.node_id, True, record)
         payload = encode_completion(completion)
-        if getattr(self.broker, "carries_events", False) and events:
-            await self.broker.complete(  # type: ignore[call-arg]
-                item.task_id, task.run_id, task.node_id, payload, events=events
-            )
-        else:
-            await self.broker.complete(item.task_id, task.run_id, task.node_id, payload)
+        await self.broker.complete(item.task_id, task.run_id, task.node_id, payload, events=events)
 
     async def _fail(
         self,
@@ -571,16 +558,12 @@ class Worker:
         dead: bool = False,
     ) -> None:
         payload = encode_completion(Completion(run_id, node_id, False, None, error, kind))
-        extra: dict[str, Any] = {}
-        if events:
-            if getattr(self.broker, "carries_events", False):
-                extra["events"] = events
-            else:
-                await self.broker.publish_events(events)
         if dead:
-            await self.broker.dead_letter(item.task_id, run_id, node_id, payload, error, **extra)
+            await self.broker.dead_letter(
+                item.task_id, run_id, node_id, payload, error, events=events
+            )
         else:
-            await self.broker.complete(item.task_id, run_id, node_id, payload, **extra)
+            await self.broker.complete(item.task_id, run_id, node_id, payload, events=events)
 
     def _node(self, task: TaskMessage) -> Node:
         unit = registered_unit(task.step) if self.local else None

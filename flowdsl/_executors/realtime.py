@@ -8,6 +8,7 @@ from typing import Any
 from .._define.graph import Node
 from .._engine.runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 from .._records import NodeRecord
+from ..backends.base import Store
 
 __all__ = ["RealtimeExecutor"]
 
@@ -16,10 +17,10 @@ class RealtimeExecutor:
     """Runs each node in this process and writes its record to the store before the
     scheduler may count it done."""
 
-    def __init__(self, store: Any, llm: Any = None) -> None:
+    def __init__(self, store: Store, llm: Any = None) -> None:
         self.store = store
         self.llm = llm
-        self._sync_commit = hasattr(store, "commit_node_nowait")
+        self._sync_commit = store.commits_nowait
 
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]

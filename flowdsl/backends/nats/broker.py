@@ -49,6 +49,7 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
+from ..base import Broker
 from ..messages import Claimed
 from .bucket import Bucket
 from .consumers import LogReader, Puller
@@ -69,7 +70,7 @@ _MAX_ACK_PENDING: Final = 100_000
 _ERR_NO_MESSAGE: Final = 10057  # a message deleted or acked meanwhile
 
 
-class NATSBroker:
+class NATSBroker(Broker):
     """A task queue on NATS JetStream, shared by every worker that can reach the server.
 
     *url* is ``nats://[token@|user:password@]host:4222[,host2:4222...]`` (``tls://`` for
@@ -423,8 +424,18 @@ class NATSBroker:
         if self._ack_wait is not None and lease > self._ack_wait:
             await self._consumer(lease)
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
         await checkpoint_if_cancelled()
+        if events:  # on the log stream, so a reader sees them before the completion
+            await self.publish_events(events)
         # The completion first, the ack last: a crash in between redelivers the task,
         # whose next worker completes it again (a second completion is ignored).
         await self._publish_log("done", [(run_id, payload)], "publish a completion")
@@ -433,9 +444,18 @@ class NATSBroker:
             await quietly(msg.ack)
 
     async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
         msg = self._held.get(task_id)
         record = dump_json(
             {

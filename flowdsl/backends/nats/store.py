@@ -51,6 +51,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ..._errors import CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
+from ..base import Store
 from .bucket import Bucket
 from .keys import (
     Malformed,
@@ -77,7 +78,7 @@ _RESTORE_HINT: Final = (
 )
 
 
-class NATSStore:
+class NATSStore(Store):
     """Runs and node journals in a JetStream key-value bucket.
 
     *url* is ``nats://[token@|user:password@]host:4222[,host2:4222...]`` (``tls://`` for

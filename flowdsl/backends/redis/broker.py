@@ -43,6 +43,7 @@ import anyio
 from ... import _codec
 from ..._errors import CheckpointError
 from ..._records import NodeRecord
+from ..base import Broker, Store
 from ..messages import Claimed, Completion, encode_completion
 from . import scripts
 from .keys import Layout, Malformed, encode_node, from_bytes, to_bytes
@@ -70,7 +71,7 @@ _SCRIPTS: Final = {
 }
 
 
-class RedisBroker:
+class RedisBroker(Broker):
     """A task queue on Redis Streams, shared by every client and worker of a deployment.
 
     *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS) with
@@ -155,7 +156,7 @@ class RedisBroker:
 
         await self._link.call("creating the consumer group", create)
 
-    def holds(self, store: Any) -> bool:
+    def holds(self, store: Store) -> bool:
         """Whether *store* keeps its journal on this broker's server, under its prefix:
         then a node's commit and its task's completion are one script."""
         return isinstance(store, RedisStore) and store.server == (

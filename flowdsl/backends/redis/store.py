@@ -35,6 +35,7 @@ from ... import _codec
 from ..._errors import CheckpointError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
+from ..base import Store
 from .keys import (
     INLINE_MAX,
     Layout,
@@ -78,7 +79,7 @@ _RESTORE_HINT: Final = (
 )
 
 
-class RedisStore:
+class RedisStore(Store):
     """Runs and node journals on a Redis server, shared by every process that uses it.
 
     *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS), optionally

@@ -29,13 +29,16 @@ from typing import Any
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
+from ..._records import NodeRecord
+from ..base import Broker, Store
 from ..messages import Claimed
 from . import schema
+from .store import SQLiteStore
 
 __all__ = ["SQLiteBroker"]
 
 
-class SQLiteBroker:
+class SQLiteBroker(Broker):
     """A task queue in an SQLite file, shared by every process on this machine."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
@@ -43,20 +46,31 @@ class SQLiteBroker:
         self.url = f"sqlite:///{self.path}"
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        self._store: Any = None
+        self._store: SQLiteStore | None = None
 
-    def share(self, store: Any) -> None:
-        """Use *store*'s connection: the queue and the journal live in one file, so a
-        worker can commit a node and complete its task in one transaction."""
-        self._store = store
+    def share_store(self, store: Store) -> None:
+        """Use *store*'s connection when it keeps its journal in this queue's file: a
+        worker then commits a node and completes its task in one transaction."""
+        if isinstance(store, SQLiteStore) and store.path == self.path != ":memory:":
+            self._store = store
 
-    def holds(self, store: Any) -> bool:
+    def holds(self, store: Store) -> bool:
         return store is not None and store is self._store
 
     async def commit_and_complete(
-        self, task_id: str, run_id: str, record: Any, payload: str
+        self,
+        task_id: str,
+        run_id: str,
+        record: NodeRecord,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> bool:
         await checkpoint_if_cancelled()
+        if self._store is None:
+            raise NotImplementedError("the queue shares no store (see share_store)")
+        if events:
+            await self.publish_events(events)
         return bool(
             self._store.commit_node_then(
                 run_id,
@@ -156,14 +170,33 @@ class SQLiteBroker:
             ]
         )
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
         await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
         self._write(schema.complete_task(task_id, run_id, node_id, payload))
 
     async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
         self._write(
             [
                 (

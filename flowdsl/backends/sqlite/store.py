@@ -47,6 +47,7 @@ from ... import _codec
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
+from ..base import Store
 from . import schema
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
@@ -80,7 +81,7 @@ _RESTORE_HINT: Final = (
 Durability = Literal["normal", "full"]
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """Runs and node journals in one SQLite file, safe for several processes on a machine.
 
     *path* is a file (its parent directories are created) or ``":memory:"`` (for tests:
@@ -98,6 +99,9 @@ class SQLiteStore:
     checkpoints to a thread was tried: the file sync stalls the next WAL write anyway on
     ext4, and the checkpoints only got more frequent.)
     """
+
+    # A commit is a short synchronous transaction on the loop's thread (see above).
+    commits_nowait = True
 
     def __init__(
         self,
