@@ -509,7 +509,7 @@ class RedisBroker(Broker):
         """The events (JSON text) of one observed run published after *cursor* (``"0"``:
         all the stream still holds), and the new cursor: for watching a run from
         another process or machine.  Decode them with
-        ``flowdsl.contexts.batch.decode_event``."""
+        ``flowdsl.backends.messages.decode_event``."""
         entries = (await self._read({self.events_key: cursor}, 0.0)).get(self.events_key, [])
         wanted = to_bytes(run_id)
         texts = [_payload_of(f) for _, f in entries if f.get(b"run") == wanted]

@@ -12,7 +12,7 @@ A worker claims tasks by pushing their lease into the future in one UPDATE ... R
 a task whose lease lies in the past (its worker died) is claimable again, and its
 ``deliveries`` count is the attempt.  Completing a task deletes it and inserts its
 completion in one transaction.  Readers poll by row id: SQLite has no notifications, so
-in-process parties also poke each other directly (see ``contexts.batch``).
+in-process parties also poke each other directly (see ``flowdsl._executors.batch``).
 
 Like the SQLite store, every call is a short synchronous transaction on the event loop's
 thread: a thread hop per call would cost more than the call.
