@@ -532,3 +532,39 @@ async def test_a_resumed_step_waits_for_the_job_its_request_is_in(
             tg.start_soon(provider_side)
             assert await ctx.resume("resumed") == "echo: q"
     assert server.batches.submitted == [cid("resumed")]
+
+
+# --- FakeLLM's batch jobs -------------------------------------------------------------------
+
+
+async def test_fake_llm_collects_a_batch_runs_calls_into_jobs(sqlite_url: str) -> None:
+    from flowdsl.testing import FakeLLM
+
+    fake = FakeLLM(
+        lambda prompt: prompt.upper(),
+        model="gpt-4o-mini",
+        batch_api=fd.llm.BatchAPI(max_requests=4, poll_every=0.0),
+    )
+    questions = ["a", "b", "c", "d"]
+    async with fd.Context(batch=True, store=sqlite_url, llm=fake) as ctx:
+        results = await ctx.map(ask_flow, questions, run_ids=questions)
+        record = (await ctx.store.load_nodes("a"))["ask"]
+    assert results == ["A", "B", "C", "D"]
+    (job,) = fake.batch_jobs.values()
+    assert sorted(job) == sorted(cid(q) for q in questions)
+    usage = record.usage
+    assert usage is not None
+    assert usage["batch_job"] in fake.batch_jobs
+    standard = (usage["input_tokens"] * 0.15 + usage["output_tokens"] * 0.60) / 1e6
+    assert usage["cost"] == pytest.approx(standard / 2)
+
+
+async def test_fake_llm_scripted_failures_are_errored_lines(sqlite_url: str) -> None:
+    from flowdsl.testing import FakeLLM
+
+    fake = FakeLLM("ok", failures=[400], batch_api=True)
+    async with fd.Context(batch=True, store=sqlite_url, llm=fake) as ctx:
+        with pytest.raises(fd.StepFailed, match=r"FakeLLM answered 400"):
+            await ctx.run(ask_flow, "q")
+        assert await ctx.run(ask_flow, "q2") == "ok"
+    assert len(fake.batch_jobs) == 2

@@ -23,6 +23,7 @@ from ._chat import chat as chat
 from ._errors import LLMError as LLMError
 from ._errors import StructuredOutputError as StructuredOutputError
 from ._openai import OpenAI as OpenAI
+from ._prices import BATCH_DISCOUNT as BATCH_DISCOUNT
 from ._prices import DEFAULT_PRICES as DEFAULT_PRICES
 from ._types import Message as Message
 from ._types import Price as Price
@@ -32,6 +33,7 @@ from ._types import ToolCall as ToolCall
 from ._types import Usage as Usage
 
 __all__ = [
+    "BATCH_DISCOUNT",
     "DEFAULT_PRICES",
     "Anthropic",
     "BaseProvider",
