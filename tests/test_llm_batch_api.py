@@ -22,7 +22,8 @@ import flowdsl as fd
 import flowdsl.llm
 from flowdsl import events as ev
 from flowdsl._records import RunStatus
-from flowdsl.llm._batch import JOURNAL_PREFIX, custom_id, running_collector
+from flowdsl.llm._batch import running_collector
+from flowdsl.llm._batch_journal import JOURNAL_PREFIX, custom_id
 
 from _llm_batch_server import Job
 from _llm_server import LLMServer
@@ -309,11 +310,10 @@ async def test_a_transient_line_error_is_retried_by_the_steps_policy_in_a_new_jo
     assert sorted(server.batches.submitted) == sorted([cid("ra"), cid("rb"), cid("rb"), cid("rc")])
 
 
+@pytest.mark.parametrize("kind", ["openai"])  # only OpenAI's batches fail as a whole
 async def test_a_failed_job_fails_every_step_in_it(
-    make: Make, server: LLMServer, sqlite_url: str, kind: str
+    make: Make, server: LLMServer, sqlite_url: str
 ) -> None:
-    if kind != "openai":
-        pytest.skip("only OpenAI's batches fail as a whole")
     llm = make(max_requests=2)
     async with fd.Context(batch=True, store=sqlite_url, llm=llm) as ctx:
 

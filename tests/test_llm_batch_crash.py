@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 import flowdsl as fd
-from flowdsl.llm._batch import custom_id
+from flowdsl.llm._batch_journal import custom_id
 
 from _llm_server import LLMServer
 from batch_llm_steps import ask_flow

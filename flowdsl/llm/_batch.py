@@ -19,7 +19,8 @@ How one call travels, when the provider has ``batch_api`` and the step runs in b
 
 A line that expired or was cancelled before it ran is submitted again, once, in a later
 job; an errored line fails its step (the step's retries decide), and is forgotten by the
-journal so that a retry sends it afresh.  See ``docs/llm.md``.
+journal so that a retry sends it afresh.  What the journal holds is in ``_batch_journal``;
+the guide is ``docs/llm.md``.
 """
 
 from __future__ import annotations
@@ -27,28 +28,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import weakref
 from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 import attrs
 
-from .._errors import CheckpointError, ConfigError
-from .._records import RunStatus
+from .._errors import ConfigError
 from .._runner import current_scope
 from ._base import Exchange, Turn, where
+from ._batch_journal import (
+    JOB_PREFIX,
+    JOURNAL_PREFIX,
+    custom_id,
+    job_runs,
+    next_call,
+    read_entry,
+    run_cancelled,
+    write_entry,
+)
 from ._errors import LLMError
 
-__all__ = ["BatchAPI", "Collector", "JobState", "Line", "batch_option", "custom_id"]
+__all__ = [
+    "BatchAPI",
+    "Collector",
+    "JobState",
+    "Jobs",
+    "Line",
+    "batch_option",
+    "collector_for",
+    "running_collector",
+]
 
 log = logging.getLogger("flowdsl.llm.batch")
-
-JOURNAL_PREFIX: Final = "llm-batch:"
-JOB_PREFIX: Final = "llm-batch-job:"
-MAX_CUSTOM_ID: Final = 64
 
 
 @attrs.frozen
@@ -88,42 +101,6 @@ def batch_option(value: Any, provider: str) -> BatchAPI | None:
         f"batch_api= takes True, False or an fd.llm.BatchAPI, not {value!r}",
         hint=f"Write fd.llm.{provider}(batch_api=fd.llm.BatchAPI(flush_after=30.0))",
     )
-
-
-# --- custom ids ----------------------------------------------------------------------------
-
-_PLAIN = re.compile(r"[A-Za-z0-9_]+")
-
-
-def custom_id(run_id: str, node_id: str, item: Any, call: int) -> str:
-    """The ``custom_id`` of a step's *call*-th request: at most 64 characters of
-    ``[A-Za-z0-9_-]``, one for each (run, node, item, call).
-
-    Readable (``run-node-call``, or ``run-node-item-call``) when every part is plain and it
-    fits; else ``h-`` and a hash.  Plain parts hold no ``-``, so a readable id splits back
-    into its parts, and a hashed one (a single ``-``) never equals a readable one (two or
-    more).
-    """
-    parts = [run_id, node_id, *(() if item is None else (str(item),)), str(call)]
-    if all(_PLAIN.fullmatch(part) for part in parts):
-        text = "-".join(parts)
-        if len(text) <= MAX_CUSTOM_ID:
-            return text
-    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-    return f"h-{digest[: MAX_CUSTOM_ID - 2]}"
-
-
-_CALLS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
-
-
-def next_call(scope: Any) -> int:
-    """The index of this request among the requests of the step's current attempt."""
-    slot = _CALLS.get(scope)
-    if slot is None or slot[0] != scope.attempt:
-        slot = [scope.attempt, 0]
-        _CALLS[scope] = slot
-    slot[1] += 1
-    return slot[1] - 1
 
 
 # --- what a provider's jobs look like --------------------------------------------------------
@@ -272,7 +249,7 @@ class Collector:
         cid = custom_id(scope.run_id, scope.node_id, getattr(scope, "item", None), next_call(scope))
         line, model = self.jobs.line(cid, exchange)
         digest = _digest(line)
-        entry = await _read_entry(store, cid)
+        entry = await read_entry(store, cid)
         job_id: str | None = None
         round_ = 0
         if entry is not None and entry.get("digest") == digest:
@@ -290,7 +267,7 @@ class Collector:
             if outcome.body is not None:
                 return self.jobs.turn(outcome.body, exchange), job_id
             if outcome.missing:
-                if await _run_cancelled(store, scope.run_id):
+                if await run_cancelled(store, scope.run_id):
                     raise LLMError(
                         f"the run was cancelled, and with it batch job {job_id}",
                         **where(),
@@ -299,7 +276,7 @@ class Collector:
                     )
                 if round_ >= 1:
                     # Final for this attempt: a resume of the run sends the request afresh.
-                    await _write_entry(store, cid, self.name, None, digest, 0)
+                    await write_entry(store, cid, self.name, None, digest, 0)
                     raise LLMError(
                         f"{self.name} did not run the request in batch job {job_id} "
                         f"(status {status}), nor in the job before it",
@@ -312,7 +289,7 @@ class Collector:
                 round_, job_id = round_ + 1, None
                 continue
             # The retry of this step (if its policy allows one) sends the request afresh.
-            await _write_entry(store, cid, self.name, None, digest, 0)
+            await write_entry(store, cid, self.name, None, digest, 0)
             raise LLMError(
                 f"{self.name} answered the request with an error in batch job {job_id}: "
                 f"{self.provider._redact(outcome.error or '')}",
@@ -417,7 +394,7 @@ class Collector:
             about = {"provider": self.name, "runs": sorted(runs), "requests": len(requests)}
             await store.put_cached(JOB_PREFIX + job_id, json.dumps(about))
             for r in requests:
-                await _write_entry(store, r.custom_id, self.name, job_id, r.digest, r.round)
+                await write_entry(store, r.custom_id, self.name, job_id, r.digest, r.round)
         except Exception as exc:
             # The steps wait for the job all the same; only a crash before it ends would
             # send these requests again.
@@ -513,7 +490,7 @@ class Collector:
         for job in list(self._jobs.values()):
             if job.ended:
                 continue
-            runs = job.runs if job.runs is not None else await _job_runs(store, job.id)
+            runs = job.runs if job.runs is not None else await job_runs(store, job.id)
             if runs == frozenset({run_id}) and await self._cancel(job, f"run {run_id} was"):
                 cancelled.append(job.id)
         return cancelled
@@ -555,57 +532,6 @@ def running_collector(provider: Any) -> Collector | None:
     """The provider's collector in the running event loop, if it has one."""
     var = provider.__dict__.get("_batch_collector")
     return None if var is None else var.get()
-
-
-# --- the journal -----------------------------------------------------------------------------
-
-
-async def _read_entry(store: Any, cid: str) -> dict[str, Any] | None:
-    text = await store.get_cached(JOURNAL_PREFIX + cid)
-    if text is None:
-        return None
-    try:
-        entry = json.loads(text)
-        if not isinstance(entry, dict):
-            raise ValueError("not an object")
-        job, digest, round_ = entry.get("job"), entry.get("digest"), entry.get("round", 0)
-        if not (job is None or isinstance(job, str)) or not isinstance(digest, str):
-            raise ValueError("no job or digest")
-        if not isinstance(round_, int) or isinstance(round_, bool):
-            raise ValueError("a round that is not a number")
-    except ValueError as exc:
-        raise CheckpointError(
-            f"the journal entry of batch request {cid!r} in {store.url} is corrupted: {exc}",
-            **where(),
-            hint=f"Delete the cache entry {JOURNAL_PREFIX + cid!r} to send the request again",
-        ) from None
-    return entry
-
-
-async def _write_entry(
-    store: Any, cid: str, provider: str, job_id: str | None, digest: str, round_: int
-) -> None:
-    entry = {"provider": provider, "job": job_id, "digest": digest, "round": round_}
-    await store.put_cached(JOURNAL_PREFIX + cid, json.dumps(entry))
-
-
-async def _job_runs(store: Any, job_id: str) -> frozenset[str] | None:
-    if store is None:
-        return None
-    text = await store.get_cached(JOB_PREFIX + job_id)
-    try:
-        about = json.loads(text) if text is not None else None
-        runs = about.get("runs") if isinstance(about, dict) else None
-    except ValueError:
-        return None
-    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
-        return None
-    return frozenset(runs)
-
-
-async def _run_cancelled(store: Any, run_id: str) -> bool:
-    record = await store.get_run(run_id)
-    return record is not None and record.status is RunStatus.CANCELLED
 
 
 # --- helpers ---------------------------------------------------------------------------------
