@@ -309,6 +309,16 @@ class Collector:
         group = self._group_for(key, request)
         held = group.requests.get(request.custom_id)
         if held is not None:
+            if held.digest != request.digest:
+                # Two calls claim one id: sharing the answer would hand one the other's.
+                raise LLMError(
+                    f"two different requests of one step have the same batch custom_id "
+                    f"{request.custom_id!r}",
+                    **where(),
+                    provider=self.name,
+                    hint="The step runs twice at once with different inputs (the same run "
+                    "and node); run its items as separate nodes, or leave batch_api out",
+                )
             held.holders += 1  # the same request from a second copy of the step
             request = held
         else:
