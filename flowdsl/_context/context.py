@@ -668,6 +668,12 @@ class Context:
             if ended is not None and run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
                 with anyio.CancelScope(shield=True):
                     await ended(run, False)
+            # A cancelled run's provider batch jobs are cancelled too, when no other run
+            # has requests in them.
+            cancel_batches = getattr(self.llm, "cancel_batches", None)
+            if cancel_batches is not None and run.status is RunStatus.CANCELLED:
+                with anyio.CancelScope(shield=True):
+                    await cancel_batches(run.run_id, self.store)
         await self.store.update_run(
             run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
         )

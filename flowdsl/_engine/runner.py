@@ -58,6 +58,10 @@ class StepScope:
     first_attempt: int = 1
     started: float = 0.0
     usage: dict[str, Any] | None = None
+    # In batch mode, the store keeping the run's journal, for work a step journals on its
+    # own (provider batch jobs); ``None`` in real time, which is how a step tells the modes
+    # apart.  Keyword-only so that subclasses keep their positional fields.
+    batch_store: Any = attrs.field(default=None, kw_only=True)
 
     @property
     def run_id(self) -> str:
@@ -208,11 +212,12 @@ async def run_node(
     llm: Any = None,
     first_attempt: int = 1,
     store: Store | None = None,
+    batch_store: Store | None = None,
 ) -> tuple[NodeRecord, Any]:
     """Run *node* through its attempts; return its journal record and decoded value.
 
     With *store*, the record is committed before returning, so the caller may count the
-    node done.
+    node done.  *batch_store* (batch mode) is the run's store, for the step's scope.
 
     Raises :class:`~flowdsl.StepFailed` (with the step's exception as ``__cause__``) once
     the retries are spent; a codec failure or an unknown case is never retried, since
@@ -222,7 +227,9 @@ async def run_node(
     # in-flight run is a target): the bookkeeping lives in the scope's sync methods.
     unit = node.fn
     assert unit is not None, "only step and branch nodes run"
-    scope = StepScope(sink, node, first_attempt, llm, marker, first_attempt, time.time())
+    scope = StepScope(
+        sink, node, first_attempt, llm, marker, first_attempt, time.time(), batch_store=batch_store
+    )
     while True:
         scope.begin()
         token = _SCOPE.set(scope)
@@ -441,13 +448,16 @@ async def run_node_cached(
     llm: Any = None,
     first_attempt: int = 1,
     commit: bool = True,
+    batch: bool = False,
 ) -> tuple[NodeRecord, Any]:
     """:func:`run_node`, consulting the store's cache first for ``cache=True`` steps.
 
     With ``commit=False`` (a batch worker, which commits and completes in one go) the
-    record is returned uncommitted.
+    record is returned uncommitted.  ``batch=True`` (a batch worker) gives the step's
+    scope the store (:attr:`StepScope.batch_store`).
     """
     journal = store if commit else None
+    batch_store = store if batch else None
     unit = node.fn
     if unit is None or not unit.cache:
         return await run_node(
@@ -459,6 +469,7 @@ async def run_node_cached(
             llm=llm,
             first_attempt=first_attempt,
             store=journal,
+            batch_store=batch_store,
         )
     key = cache_key(node, marker, args, kwargs)
     text = await store.get_cached(key)
@@ -480,6 +491,7 @@ async def run_node_cached(
         llm=llm,
         first_attempt=first_attempt,
         store=journal,
+        batch_store=batch_store,
     )
     await store.put_cached(key, record.value)
     return record, value

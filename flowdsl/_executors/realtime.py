@@ -36,7 +36,7 @@ class RealtimeExecutor:
     def job(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[FastJob, Coroutine[Any, Any, Any], Any] | None:
-        """A node that can run as a bare task (see :class:`~flowdsl._runner.FastJob`)."""
+        """A node that can run as a bare task (see :class:`~flowdsl._engine.runner.FastJob`)."""
         if not self._sync_commit:
             return None
         return fast_job(run, node, args, kwargs, run.plan.markers[node.id], self.llm, self.store)

@@ -11,7 +11,7 @@ Conventions every command follows:
   (bad arguments, a TARGET that names no flow, bad JSON, ``ConfigError``, ``TracingError``);
   130 interrupted.  ``flowdsl --traceback ...`` adds the full traceback of an error.
 
-TARGET is ``path/to/file.py:flow`` or ``package.module:flow``; see :mod:`flowdsl._cli_load`
+TARGET is ``path/to/file.py:flow`` or ``package.module:flow``; see :mod:`flowdsl.cli.load`
 for the module name a file gets (the one ``flowdsl resume`` imports again).
 """
 

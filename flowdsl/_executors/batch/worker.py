@@ -219,6 +219,7 @@ class Worker:
                 llm=self.llm,
                 first_attempt=item.deliveries,
                 commit=False,
+                batch=True,
             )
         except StepFailed as exc:
             kind = "codec" if isinstance(exc, CodecError) else "step"
