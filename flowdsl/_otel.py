@@ -77,7 +77,7 @@ def _status_of(exc: BaseException) -> str:
     try:
         cancelled = anyio.get_cancelled_exc_class()
     except Exception:  # no async library is running (a synchronous caller)
-        cancelled = ()
+        return "failed"
     return "cancelled" if isinstance(exc, cancelled) else "failed"
 
 
@@ -174,7 +174,9 @@ def attempt_failed(exc: BaseException, attempt: int, delay: float) -> None:
         )
 
 
-async def llm_call(provider: Any, model: str | None, options: dict[str, Any], call: Awaitable[T]) -> T:
+async def llm_call(
+    provider: Any, model: str | None, options: dict[str, Any], call: Awaitable[T]
+) -> T:
     """Await an LLM *call* inside a client span with the GenAI semantic-convention
     attributes (system, request and response model, input and output tokens)."""
     api = configured()

@@ -136,7 +136,9 @@ def test_worker_spans_join_the_clients_trace(
             )
         worker_procs.append(proc)
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready", (tmp_path / f"{out.stem}.log").read_text()
+        assert proc.stdout.readline().strip() == b"ready", (
+            tmp_path / f"{out.stem}.log"
+        ).read_text()
     client_out = tmp_path / "client.jsonl"
     _run("client", url, str(client_out), cwd=tmp_path)
     client = _spans(client_out)

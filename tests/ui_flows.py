@@ -16,6 +16,8 @@ import flowdsl as fd
 
 GATE = threading.Event()
 """Opened by a test to let ``hold`` (and so the ``gated`` flow) finish."""
+FIXED = threading.Event()
+"""Set by a test to make ``parse`` succeed (the bug is fixed; resume the run)."""
 
 
 @attrs.frozen
@@ -68,7 +70,9 @@ async def load(path: str) -> list[str]:
 
 @fd.step
 async def parse(lines: list[str]) -> dict[str, int]:
-    raise ValueError(f"cannot parse {lines[1]!r}: expected 'key=value'")
+    if not FIXED.is_set():
+        raise ValueError(f"cannot parse {lines[1]!r}: expected 'key=value'")
+    return {line: len(line) for line in lines}
 
 
 @fd.step
@@ -88,9 +92,8 @@ async def prepare(n: int) -> int:
 
 @fd.step
 async def hold(n: int) -> int:
-    # Polls rather than blocking a thread: a cancelled run must not leave one behind.
-    while not GATE.is_set():
-        await anyio.sleep(0.02)
+    # A cancelled run abandons the thread; the tests open the gate when they end.
+    await anyio.to_thread.run_sync(GATE.wait, abandon_on_cancel=True)
     return n + 1
 
 

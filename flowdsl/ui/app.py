@@ -365,4 +365,3 @@ def create_app(
         exception_handlers={HTTPException: _not_found},
         lifespan=lifespan,
     )
-

@@ -93,7 +93,9 @@ class Driver:
         self._entering = anyio.Event()
         batch = self.broker is not None
         # workers=0: a resumed batch run's steps go to the broker's own workers.
-        ctx = Context(store=self.store, batch=batch, broker=self.broker, workers=0 if batch else None)
+        ctx = Context(
+            store=self.store, batch=batch, broker=self.broker, workers=0 if batch else None
+        )
         try:
             await self.tg.start(_hold, ctx)
         except BaseException:
@@ -181,8 +183,10 @@ class Driver:
                 501, "not_implemented", "this flowdsl has no signals (fd.wait_for) yet"
             )
         ctx = await self._context()
+        send = getattr(ctx, "signal", None)  # fd.wait_for's other half (issue 16)
+        assert send is not None
         try:
-            await ctx.signal(run_id, name, value)
+            await send(run_id, name, value)
         except FlowError as exc:
             raise ActionError(409, "signal_refused", str(exc)) from exc
         return {"run_id": run_id, "signalled": name}

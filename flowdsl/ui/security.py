@@ -26,7 +26,7 @@ from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["CSRF_HEADER", "COOKIE", "Guard"]
+__all__ = ["COOKIE", "CSRF_HEADER", "Guard"]
 
 CSRF_HEADER = "x-flowdsl-request"
 COOKIE = "flowdsl_token"
@@ -113,8 +113,7 @@ class Guard:
                 send,
                 403,
                 "cross_site",
-                f"actions must come from the inspector's own page (with the {CSRF_HEADER} "
-                "header)",
+                f"actions must come from the inspector's own page (with the {CSRF_HEADER} header)",
             )
             return
 
@@ -134,7 +133,8 @@ class Guard:
         given = [v for k, v in pairs if k == "token"]
         if not given or scope["method"] != "GET":
             return None
-        assert self.token is not None and self._cookie is not None
+        assert self.token is not None
+        assert self._cookie is not None
         if not hmac.compare_digest(given[0].encode(), self.token.encode()):
             return None
         rest = urlencode([(k, v) for k, v in pairs if k != "token"])
@@ -144,7 +144,8 @@ class Guard:
         return (path + ("?" + rest if rest else ""), self._cookie)
 
     def _authorized(self, scope: Scope) -> bool:
-        assert self.token is not None and self._cookie is not None
+        assert self.token is not None
+        assert self._cookie is not None
         auth = _header(scope, b"authorization")
         if auth is not None and auth[:7].lower() == "bearer ":
             return hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())

@@ -28,6 +28,8 @@ async def serve(app: Any, host: str, port: int, *, log_level: str = "warning") -
         # for a page that polls.
         access_log=False,
         server_header=False,
+        # An open page holds a stream: stopping waits this long for it, then closes it.
+        timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
     await server.serve()

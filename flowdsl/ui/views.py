@@ -206,7 +206,9 @@ def _depths(order: list[str], parents: Mapping[str, list[str]]) -> dict[str, int
     """Longest-path layer of each node (the graph is a DAG, *order* topological)."""
     depth: dict[str, int] = {}
     for node_id in order:
-        depth[node_id] = max((depth[p] + 1 for p in parents.get(node_id, []) if p in depth), default=0)
+        depth[node_id] = max(
+            (depth[p] + 1 for p in parents.get(node_id, []) if p in depth), default=0
+        )
     return depth
 
 
@@ -376,9 +378,7 @@ def timeline(record: RunRecord, nodes: list[dict[str, Any]], *, now: float) -> d
     }
 
 
-def node_diff(
-    old: dict[str, Any] | None, new: dict[str, Any]
-) -> dict[str, Any] | None:
+def node_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
     """What changed from view *old* to view *new*: top-level parts that differ, and the
     nodes that changed (by id); ``None`` when nothing did.  ``timeline.now`` is left out
     of the comparison, or every poll would be a change."""
