@@ -162,15 +162,12 @@ def test_failed_run_shows_its_nodes_and_the_error(client: TestClient) -> None:
     assert nodes["load"]["status"] == "finished"
     assert nodes["load"]["attempts"] == 1
     assert nodes["load"]["result"] == ["data.txt:0", "data.txt:1", "data.txt:2"]
-    assert nodes["load"]["arguments"] == {"args": ["data.txt"], "kwargs": {}}
+    assert nodes["load"]["arguments"] == {"path": "data.txt"}
     parse = nodes["parse"]
     assert parse["status"] == "failed"
     assert "ValueError: cannot parse 'data.txt:1'" in parse["error"]
     # What it was called with: the journaled result of load.
-    assert parse["arguments"] == {
-        "args": [["data.txt:0", "data.txt:1", "data.txt:2"]],
-        "kwargs": {},
-    }
+    assert parse["arguments"] == {"lines": ["data.txt:0", "data.txt:1", "data.txt:2"]}
     assert nodes["summarize"]["status"] == "not run"
     assert nodes["summarize"]["arguments"] is None
     assert view["edges"] == [
@@ -190,6 +187,11 @@ def test_finished_run_shows_branches_usage_and_timeline(client: TestClient) -> N
     assert nodes["route.escalate/escalate"]["status"] == "skipped"
     assert nodes["route.join"]["status"] == "finished"
     assert nodes["classify"]["result"] == {"team": "billing", "urgent": False}
+    assert nodes["route.auto/draft_reply"]["arguments"] == {
+        "ticket": "my invoice is wrong",
+        "label": {"team": "billing", "urgent": False},
+    }
+    assert nodes["route.escalate/escalate"]["arguments"] is None
     # Tokens and cost per node, and for the run.
     classify = nodes["classify"]["usage"]
     draft = nodes["route.auto/draft_reply"]["usage"]

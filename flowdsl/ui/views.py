@@ -20,6 +20,7 @@ the failed node), without edges: a flow is never imported because a record names
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Mapping
@@ -147,13 +148,27 @@ def _evaluate(expr: Expr, inputs: Mapping[str, Any], results: Mapping[str, Any])
 
 
 def _arguments(node: Node, inputs: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
+    """What the node was (or will be) called with, by parameter name; ``None`` while an
+    input is not journaled yet."""
     try:
-        return {
-            "args": [_evaluate(e, inputs, results) for e in node.args],
-            "kwargs": {k: _evaluate(e, inputs, results) for k, e in node.kwargs},
-        }
+        args = [_evaluate(e, inputs, results) for e in node.args]
+        kwargs = {k: _evaluate(e, inputs, results) for k, e in node.kwargs}
     except _Unknown:
         return None
+    names = _positional_names(node)
+    if len(names) < len(args):
+        return {"args": args, "kwargs": kwargs}  # a *args step: no names to give
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _positional_names(node: Node) -> list[str]:
+    fn = getattr(node.fn, "fn", None)
+    try:
+        parameters = inspect.signature(fn).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if p.kind in positional]
 
 
 class _Resolver:
