@@ -106,7 +106,6 @@ class _Inspector:
         self.poll_interval = poll_interval
         self.scan_limit = scan_limit
         self._static = {p.name: p for p in STATIC.iterdir() if p.is_file()}
-        self._vendor = STATIC / "vendor"
 
     # --- pages ---------------------------------------------------------------------------
 
