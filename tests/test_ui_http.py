@@ -545,3 +545,28 @@ def test_view_helpers_do_not_need_a_server() -> None:
     }
     assert node_diff(old, new) == {"nodes": [{"id": "a", "status": "running"}]}
     assert node_diff(None, new) == {"full": new}
+
+
+# --- every store ----------------------------------------------------------------------------
+
+
+def _check_store(url: str) -> None:
+    anyio.run(populate, url)
+    with TestClient(create_app(url, flows=[ui_flows])) as client:
+        runs = client.get("/api/runs?flow=triage").json()
+        assert [r["run_id"] for r in runs["runs"]] == ["t-urgent", "t-finished"]
+        view = client.get("/api/runs/t-failed").json()
+        statuses = {n["id"]: n["status"] for n in view["nodes"]}
+        assert statuses == {"load": "finished", "parse": "failed", "summarize": "not run"}
+        urgent = nodes_of(client.get("/api/runs/t-urgent").json())
+        assert urgent["route"]["result"] == "escalate"
+        assert urgent["route.auto/draft_reply"]["status"] == "skipped"
+        assert client.get("/api/runs/nope").status_code == 404
+
+
+def test_the_inspector_reads_a_redis_store(redis_server: Any) -> None:
+    _check_store(redis_server.url)
+
+
+def test_the_inspector_reads_a_nats_store(nats_server: Any) -> None:
+    _check_store(nats_server.url)
