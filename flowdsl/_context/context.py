@@ -21,7 +21,7 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .. import _codec
+from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node, NodeKind
@@ -621,6 +621,12 @@ class Context:
                 self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
+        if _otel.configured() is None:
+            return await self._drive(run, strict=strict)
+        with _otel.run_span(run):  # OpenTelemetry: a span around the drive (see _otel)
+            return await self._drive(run, strict=strict)
+
+    async def _drive(self, run: Run, *, strict: bool = False) -> Any:
         flow = run.flow
         state = RunState(run.plan, run.inputs)
         assert self._executor is not None

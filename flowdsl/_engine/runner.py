@@ -20,7 +20,7 @@ import anyio
 import attrs
 import sniffio
 
-from .. import _codec
+from .. import _codec, _otel
 from .. import events as ev
 from .._define.graph import Node, NodeKind
 from .._define.trace import value_labels
@@ -85,6 +85,8 @@ class StepScope:
     # attempts
 
     def begin(self) -> None:
+        if _otel.tracing:
+            _otel.attempt_started(self.attempt)
         if self.sink.observed:
             self.sink.emit(
                 ev.StepStarted(self.sink.run_id, self.node.id, time.time(), self.attempt)
@@ -136,6 +138,8 @@ class StepScope:
         final = final or getattr(exc, "retryable", True) is False
         if not final and self.attempt <= unit.retries and isinstance(exc, unit.retry_on):
             delay = backoff_delay(unit.backoff, self.attempt)
+            if _otel.tracing:
+                _otel.attempt_failed(exc, self.attempt, delay)
             if sink.observed:
                 sink.emit(
                     ev.StepRetrying(
@@ -323,7 +327,7 @@ def fast_job(
     spawned node, so it takes its arguments by position and does no more than it must.
     """
     unit = node.fn
-    if unit is None or not unit.bare:
+    if unit is None or not unit.bare or _otel.tracing:  # a traced node needs its span
         return None
     args, kwargs = fresh_arguments(sink, node, args, kwargs)
     job = FastJob(sink, node, 1, llm, marker, 1, time.time(), None, store, args, kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+from .. import _otel
 from .._define.graph import Node
 from .._engine.runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 from .._records import NodeRecord
@@ -30,8 +31,10 @@ class RealtimeExecutor:
         marker = run.plan.markers[node.id]
         args, kwargs = fresh_arguments(run, node, args, kwargs)
         if node.fn is not None and node.fn.cache:
-            return run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
-        return run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
+            work = run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
+        else:
+            work = run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
+        return _otel.node_span(run, node, work) if _otel.tracing else work
 
     def job(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]

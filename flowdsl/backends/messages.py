@@ -54,6 +54,8 @@ class TaskMessage:
     kwargs: dict[str, Any]  # encoded data
     marker: str
     observed: bool
+    # OpenTelemetry context of the run (W3C headers), so a worker's span joins its trace.
+    trace: dict[str, str] = attrs.field(factory=dict)
     v: int = PROTOCOL
 
 

@@ -43,6 +43,7 @@ from .._records import NodeRecord, RunRecord, RunStatus, add_usage
 from .._urls import hide_credentials
 from .live import LiveView, StepTable, format_duration
 from .load import TargetError, add_to_path, load_flow, module_name_for_file
+from .ui import ui as ui_command
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -168,6 +169,9 @@ def cli(traceback: bool) -> None:
     """
     if traceback:
         _FlowdslGroup.show_traceback = True
+
+
+cli.add_command(ui_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import _otel
 from .._engine.runner import current_scope
 from .._errors import ConfigError
 from ._base import DEFAULT_MAX_TOOL_ROUNDS
@@ -66,7 +67,7 @@ async def chat(
         batching = getattr(provider, "batching", None)
         stream = on_token is not None or (observed and not (batching and batching()))
     sink = _token_sink(scope.token if observed and scope is not None else None, on_token)
-    reply: Reply[Any] = await provider.chat(
+    call = provider.chat(
         messages,
         model=model,
         max_tokens=max_tokens,
@@ -78,6 +79,10 @@ async def chat(
         max_tool_rounds=max_tool_rounds,
         options=options,
     )
+    if _otel.tracing:  # OpenTelemetry: a GenAI client span around the call
+        options_ = {"max_tokens": max_tokens, "temperature": temperature}
+        call = _otel.llm_call(provider, model, options_, call)
+    reply: Reply[Any] = await call
     if scope is not None:
         usage = reply.usage
         counts: dict[str, Any] = {

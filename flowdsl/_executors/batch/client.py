@@ -14,7 +14,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from ... import _codec
+from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
 from ..._errors import (
     CheckpointError,
@@ -139,6 +139,7 @@ class BatchExecutor:
                 },
                 marker=run.plan.markers[node.id],
                 observed=run.observed,
+                trace=_otel.carrier(),
             )
         except CodecError as exc:
             raise StepCodecFailed(

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ... import _codec
+from ... import _codec, _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.runner import run_node_cached
@@ -209,7 +209,7 @@ class Worker:
                 return
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
-            record, _ = await run_node_cached(
+            work = run_node_cached(
                 self.store,
                 sink,
                 node,
@@ -221,6 +221,7 @@ class Worker:
                 commit=False,
                 batch=True,
             )
+            record, _ = await _otel.node_span(sink, node, work, parent=task.trace)
         except StepFailed as exc:
             kind = "codec" if isinstance(exc, CodecError) else "step"
             cause = exc.__cause__
