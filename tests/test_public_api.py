@@ -74,7 +74,7 @@ def test_event_classes_belong_to_the_events_module() -> None:
 
 
 def test_import_does_not_load_optional_backends() -> None:
-    heavy = ("redis", "nats", "openai", "anthropic")
+    heavy = ("redis", "nats", "openai", "anthropic", "grpc", "google", "grpc_tools")
     code = (
         "import json, sys\n"
         "import flowdsl\n"
