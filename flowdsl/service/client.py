@@ -67,6 +67,13 @@ class RemoteEvent:
         try:
             return _codec.converter.structure(self.data, cls)
         except Exception:
+            pass
+        # Run-level events declare `node_id: None`, which the converter has no hook for:
+        # their fields are plain JSON values, so build them directly.
+        data = {k: v for k, v in self.data.items() if k != "node_id" or v is not None}
+        try:
+            return cls(**data)
+        except TypeError:
             return None
 
 
