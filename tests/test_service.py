@@ -54,7 +54,9 @@ def gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def step_lines(tmp_path: Path) -> list[str]:
     path = tmp_path / "steps.log"
-    return [line.split(" ", 1)[1] for line in path.read_text().splitlines()] if path.exists() else []
+    return (
+        [line.split(" ", 1)[1] for line in path.read_text().splitlines()] if path.exists() else []
+    )
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +92,9 @@ async def stub(service: Any, stubs: Any) -> AsyncIterator[Any]:
 
 
 async def start(stub: Any, stubs: Any, flow: str, args: dict[str, Any], **fields: Any) -> Any:
-    request = stubs.pb.StartRunRequest(flow=f"{FLOWS}:{flow}", input_json=json.dumps(args), **fields)
+    request = stubs.pb.StartRunRequest(
+        flow=f"{FLOWS}:{flow}", input_json=json.dumps(args), **fields
+    )
     return await stub.StartRun(request)
 
 
@@ -214,7 +218,8 @@ async def test_cancel_then_resume(stub: Any, stubs: Any, gate: Path, tmp_path: P
     cancelled = (await stub.CancelRun(stubs.pb.CancelRunRequest(run_id=run_id))).run
     assert cancelled.status == "cancelled"
     rest = await events(stub, stubs, run_id, after=seq)
-    assert rest[-1].type == "RunFailed" and json.loads(rest[-1].json)["cancelled"]
+    assert rest[-1].type == "RunFailed"
+    assert json.loads(rest[-1].json)["cancelled"]
     again = (await stub.CancelRun(stubs.pb.CancelRunRequest(run_id=run_id))).run
     assert again.status == "cancelled"
 
@@ -302,7 +307,8 @@ async def test_list_pages_through_every_run_once(stub: Any, stubs: Any) -> None:
     assert [r.run_id for r in by_flow] == ids[6::-1]
     assert [r.run_id for r in await every(flow="add", status="finished")] == ids[6::-1]
     one = await stub.ListRuns(stubs.pb.ListRunsRequest())
-    assert len(one.runs) == 9 and one.next_page_token == ""
+    assert len(one.runs) == 9
+    assert one.next_page_token == ""
 
 
 @pytest.mark.parametrize(
@@ -382,20 +388,20 @@ async def test_messages_over_the_limit_are_refused_clearly(
         huge = {"greeting": {"name": "x" * (limit + 10)}}
         await fails_with(grpc.StatusCode.RESOURCE_EXHAUSTED, start(stub, stubs, "hello", huge))
         run_id = "large"
-        try:  # the run may have finished, with its large result, before the reply
+        # The run may have finished, with its large result, before the reply.
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await start(stub, stubs, "large", {"n": limit}, run_id=run_id)
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # The run finishes; only its reply is too large to send.
         while True:
             try:
                 run = (await stub.GetRun(stubs.pb.GetRunRequest(run_id=run_id))).run
             except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                details = str(exc.details())
+                failure = exc
                 break
             assert run.status == "running"
             await anyio.sleep(0.01)  # until it has finished
+        assert failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = str(failure.details())
         assert "over the service's message limit" in details
         assert "--max-message-bytes" in details
         stream = stub.WatchRun(stubs.pb.WatchRunRequest(run_id=run_id))
@@ -476,7 +482,7 @@ async def test_token_right_wrong_and_missing(tmp_path: Path, stubs: Any, gate: P
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> Iterator[tuple[bytes, bytes]]:
-    yield self_signed()
+    return self_signed()
 
 
 async def test_tls_right_and_wrong(
