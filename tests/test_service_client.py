@@ -165,3 +165,24 @@ async def test_under_trio_the_client_refuses_clearly() -> None:
 def test_the_client_is_flowdsl_client() -> None:
     assert fd.Client is fd.service.Client
     assert repr(fd.Client("grpc://127.0.0.1:1")) == "<flowdsl.Client grpc://127.0.0.1:1>"
+
+
+def test_the_docs_python_example_runs_as_written(tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    text = (Path(__file__).parent.parent / "docs" / "service.md").read_text()
+    [example] = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "4 RunFinished "

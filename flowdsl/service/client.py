@@ -9,6 +9,7 @@ imported when a client is made, so a missing ``serve`` extra is reported then, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -64,10 +65,8 @@ class RemoteEvent:
         cls = _EVENTS.get(self.type)
         if cls is None:
             return None
-        try:
+        with contextlib.suppress(Exception):
             return _codec.converter.structure(self.data, cls)
-        except Exception:
-            pass
         # Run-level events declare `node_id: None`, which the converter has no hook for:
         # their fields are plain JSON values, so build them directly.
         data = {k: v for k, v in self.data.items() if k != "node_id" or v is not None}

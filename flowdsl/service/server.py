@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -23,6 +23,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .._define.dsl import Flow
 from .._errors import ConfigError, FlowError
 from .._records import RunRecord
 from ._errors import ServiceError, require_asyncio
@@ -31,7 +32,7 @@ from ._generated import flows_pb2 as pb
 from ._generated import flows_pb2_grpc as pb_grpc
 from ._runs import RunService, as_service_error
 
-__all__ = ["SERVICE_NAME", "FlowsServicer", "Serving", "open_service"]
+__all__ = ["SERVICE_NAME", "FlowRegistry", "FlowsServicer", "Serving", "open_service"]
 
 T = TypeVar("T")
 
@@ -236,7 +237,7 @@ class Serving:
 
 @contextlib.asynccontextmanager
 async def open_service(
-    flows: FlowRegistry,
+    flows: FlowRegistry | Iterable[Flow[..., Any]],
     *,
     store: str | None,
     broker: str | None = None,
@@ -249,13 +250,16 @@ async def open_service(
 ) -> AsyncIterator[Serving]:
     """Serve *flows* on *listen* until the block ends.
 
-    *tls* is ``(certificate chain PEM, private key PEM)``; *token*, when given, is the
-    bearer token every call must carry.
+    *flows* are the flows requests may name (by ``module:qualname``), or a registry of the
+    flows of some modules (what ``flowdsl serve --import`` builds).  *tls* is ``(certificate
+    chain PEM, private key PEM)``; *token*, when given, is the bearer token every call must
+    carry.
     """
     require_asyncio("the flowdsl service")
     if token is not None and not token:
         raise ConfigError("the service's token is empty", hint="Set a non-empty token")
-    runs = RunService(flows, store=store, broker=broker, workers=workers)
+    registry = flows if isinstance(flows, FlowRegistry) else FlowRegistry(flows)
+    runs = RunService(registry, store=store, broker=broker, workers=workers)
     async with runs.running():
         server = aio.server(
             interceptors=[TokenCheck(token)] if token is not None else None,
