@@ -138,3 +138,29 @@ def proto(session: nox.Session) -> None:
         shutil.rmtree(made)
     session.run("git", "add", "--intent-to-add", GENERATED, external=True)
     session.run("git", "diff", "--exit-code", "--stat", "--", GENERATED, external=True)
+
+
+@nox.session(python=PYTHON)
+def serve_oldest(session: nox.Session) -> None:
+    """The service's tests on the lower bounds of the `serve` extra (what the checked-in
+    generated code targets)."""
+    session.install(
+        "-e",
+        ".[test]",
+        "grpcio==1.62.3",
+        "grpcio-health-checking==1.62.3",
+        "grpcio-reflection==1.62.3",
+        "grpcio-tools==1.62.3",
+        "protobuf==4.25.1",
+    )
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "--strict-config",
+        "--strict-markers",
+        "tests/test_service.py",
+        "tests/test_service_client.py",
+        "tests/test_service_process.py",
+        *session.posargs,
+    )

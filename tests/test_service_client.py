@@ -186,3 +186,22 @@ def test_the_docs_python_example_runs_as_written(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "4 RunFinished "
+
+
+async def test_batch_mode_through_the_embedded_queue(tmp_path: Path, gate: Path) -> None:
+    db = tmp_path / "batch.db"
+    async with (
+        open_service(
+            [service_flows.add],
+            store=f"sqlite:///{db}",
+            broker=f"sqlite:///{db}",
+            listen="127.0.0.1:0",
+            grace=0.0,
+        ) as service,
+        fd.Client(service.url) as client,
+    ):
+        assert service.runs.context.batch
+        run = await client.start(service_flows.add, {"a": 2, "b": 3})
+        types = [event.type async for event in client.watch(run.run_id)]
+        assert types == ["RunStarted", "StepStarted", "StepFinished", "RunFinished"]
+        assert (await client.get(run.run_id)).result == 5

@@ -129,7 +129,7 @@ class LogBook:
     """The logs this service keeps: every open one, and the newest *keep* closed ones (so
     that a watcher reconnecting soon after a run ended sees the same numbers)."""
 
-    def __init__(self, keep: int = 1000) -> None:
+    def __init__(self, keep: int = 10_000) -> None:
         self.keep = keep
         self._logs: dict[str, RunLog] = {}
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()

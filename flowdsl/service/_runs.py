@@ -73,7 +73,7 @@ class RunService:
         store: str | None = None,
         broker: str | None = None,
         workers: int | None = None,
-        keep_logs: int = 1000,
+        keep_logs: int = 10_000,
         poll: float = 0.5,
     ) -> None:
         self.flows = flows
