@@ -162,7 +162,7 @@ class RunService:
         rid = _checked_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
         driver = self._drivers.get(rid)
         record = None
-        if driver is None:
+        if driver is None and run_id:  # a fresh id names no run: no need to look
             record = await self.store.get_run(rid)
             driver = self._drivers.get(rid)  # it may have started while we read
         if driver is not None:
