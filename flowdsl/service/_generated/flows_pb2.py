@@ -3,7 +3,6 @@
 # source: flowdsl/v1/flows.proto
 # Protobuf Python Version: 4.25.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import symbol_database as _symbol_database
@@ -13,47 +12,47 @@ from google.protobuf.internal import builder as _builder
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x16\x66lowdsl/v1/flows.proto\x12\nflowdsl.v1"\xa7\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0bresult_json\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tflow_name\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x61iled_node\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01"A\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t"C\n\x0fStartRunRequest\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t"A\n\x10StartRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04"4\n\x10WatchRunResponse\x12 \n\x05\x65vent\x18\x01 \x01(\x0b\x32\x11.flowdsl.v1.Event"D\n\x10SignalRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t"1\n\x11SignalRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run""\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run""\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t"1\n\x11ResumeRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run"V\n\x0fListRunsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.flowdsl.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x03\n\x05\x46lows\x12\x45\n\x08StartRun\x12\x1b.flowdsl.v1.StartRunRequest\x1a\x1c.flowdsl.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.flowdsl.v1.GetRunRequest\x1a\x1a.flowdsl.v1.GetRunResponse\x12G\n\x08WatchRun\x12\x1b.flowdsl.v1.WatchRunRequest\x1a\x1c.flowdsl.v1.WatchRunResponse0\x01\x12H\n\tSignalRun\x12\x1c.flowdsl.v1.SignalRunRequest\x1a\x1d.flowdsl.v1.SignalRunResponse\x12H\n\tCancelRun\x12\x1c.flowdsl.v1.CancelRunRequest\x1a\x1d.flowdsl.v1.CancelRunResponse\x12H\n\tResumeRun\x12\x1c.flowdsl.v1.ResumeRunRequest\x1a\x1d.flowdsl.v1.ResumeRunResponse\x12\x45\n\x08ListRuns\x12\x1b.flowdsl.v1.ListRunsRequest\x1a\x1c.flowdsl.v1.ListRunsResponseb\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66lowdsl/v1/flows.proto\x12\nflowdsl.v1\"\xa7\x01\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0bresult_json\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tflow_name\x18\x06 \x01(\t\x12\x13\n\x0b\x66\x61iled_node\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"A\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"C\n\x0fStartRunRequest\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"A\n\x10StartRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"4\n\x10WatchRunResponse\x12 \n\x05\x65vent\x18\x01 \x01(\x0b\x32\x11.flowdsl.v1.Event\"D\n\x10SignalRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"1\n\x11SignalRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x11ResumeRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.flowdsl.v1.Run\"V\n\x0fListRunsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.flowdsl.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x03\n\x05\x46lows\x12\x45\n\x08StartRun\x12\x1b.flowdsl.v1.StartRunRequest\x1a\x1c.flowdsl.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.flowdsl.v1.GetRunRequest\x1a\x1a.flowdsl.v1.GetRunResponse\x12G\n\x08WatchRun\x12\x1b.flowdsl.v1.WatchRunRequest\x1a\x1c.flowdsl.v1.WatchRunResponse0\x01\x12H\n\tSignalRun\x12\x1c.flowdsl.v1.SignalRunRequest\x1a\x1d.flowdsl.v1.SignalRunResponse\x12H\n\tCancelRun\x12\x1c.flowdsl.v1.CancelRunRequest\x1a\x1d.flowdsl.v1.CancelRunResponse\x12H\n\tResumeRun\x12\x1c.flowdsl.v1.ResumeRunRequest\x1a\x1d.flowdsl.v1.ResumeRunResponse\x12\x45\n\x08ListRuns\x12\x1b.flowdsl.v1.ListRunsRequest\x1a\x1c.flowdsl.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "flowdsl.v1.flows_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flowdsl.v1.flows_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
-    DESCRIPTOR._options = None
-    _globals["_RUN"]._serialized_start = 39
-    _globals["_RUN"]._serialized_end = 206
-    _globals["_EVENT"]._serialized_start = 208
-    _globals["_EVENT"]._serialized_end = 273
-    _globals["_STARTRUNREQUEST"]._serialized_start = 275
-    _globals["_STARTRUNREQUEST"]._serialized_end = 342
-    _globals["_STARTRUNRESPONSE"]._serialized_start = 344
-    _globals["_STARTRUNRESPONSE"]._serialized_end = 409
-    _globals["_GETRUNREQUEST"]._serialized_start = 411
-    _globals["_GETRUNREQUEST"]._serialized_end = 442
-    _globals["_GETRUNRESPONSE"]._serialized_start = 444
-    _globals["_GETRUNRESPONSE"]._serialized_end = 490
-    _globals["_WATCHRUNREQUEST"]._serialized_start = 492
-    _globals["_WATCHRUNREQUEST"]._serialized_end = 544
-    _globals["_WATCHRUNRESPONSE"]._serialized_start = 546
-    _globals["_WATCHRUNRESPONSE"]._serialized_end = 598
-    _globals["_SIGNALRUNREQUEST"]._serialized_start = 600
-    _globals["_SIGNALRUNREQUEST"]._serialized_end = 668
-    _globals["_SIGNALRUNRESPONSE"]._serialized_start = 670
-    _globals["_SIGNALRUNRESPONSE"]._serialized_end = 719
-    _globals["_CANCELRUNREQUEST"]._serialized_start = 721
-    _globals["_CANCELRUNREQUEST"]._serialized_end = 755
-    _globals["_CANCELRUNRESPONSE"]._serialized_start = 757
-    _globals["_CANCELRUNRESPONSE"]._serialized_end = 806
-    _globals["_RESUMERUNREQUEST"]._serialized_start = 808
-    _globals["_RESUMERUNREQUEST"]._serialized_end = 842
-    _globals["_RESUMERUNRESPONSE"]._serialized_start = 844
-    _globals["_RESUMERUNRESPONSE"]._serialized_end = 893
-    _globals["_LISTRUNSREQUEST"]._serialized_start = 895
-    _globals["_LISTRUNSREQUEST"]._serialized_end = 981
-    _globals["_LISTRUNSRESPONSE"]._serialized_start = 983
-    _globals["_LISTRUNSRESPONSE"]._serialized_end = 1057
-    _globals["_FLOWS"]._serialized_start = 1060
-    _globals["_FLOWS"]._serialized_end = 1569
+  DESCRIPTOR._options = None
+  _globals['_RUN']._serialized_start=39
+  _globals['_RUN']._serialized_end=206
+  _globals['_EVENT']._serialized_start=208
+  _globals['_EVENT']._serialized_end=273
+  _globals['_STARTRUNREQUEST']._serialized_start=275
+  _globals['_STARTRUNREQUEST']._serialized_end=342
+  _globals['_STARTRUNRESPONSE']._serialized_start=344
+  _globals['_STARTRUNRESPONSE']._serialized_end=409
+  _globals['_GETRUNREQUEST']._serialized_start=411
+  _globals['_GETRUNREQUEST']._serialized_end=442
+  _globals['_GETRUNRESPONSE']._serialized_start=444
+  _globals['_GETRUNRESPONSE']._serialized_end=490
+  _globals['_WATCHRUNREQUEST']._serialized_start=492
+  _globals['_WATCHRUNREQUEST']._serialized_end=544
+  _globals['_WATCHRUNRESPONSE']._serialized_start=546
+  _globals['_WATCHRUNRESPONSE']._serialized_end=598
+  _globals['_SIGNALRUNREQUEST']._serialized_start=600
+  _globals['_SIGNALRUNREQUEST']._serialized_end=668
+  _globals['_SIGNALRUNRESPONSE']._serialized_start=670
+  _globals['_SIGNALRUNRESPONSE']._serialized_end=719
+  _globals['_CANCELRUNREQUEST']._serialized_start=721
+  _globals['_CANCELRUNREQUEST']._serialized_end=755
+  _globals['_CANCELRUNRESPONSE']._serialized_start=757
+  _globals['_CANCELRUNRESPONSE']._serialized_end=806
+  _globals['_RESUMERUNREQUEST']._serialized_start=808
+  _globals['_RESUMERUNREQUEST']._serialized_end=842
+  _globals['_RESUMERUNRESPONSE']._serialized_start=844
+  _globals['_RESUMERUNRESPONSE']._serialized_end=893
+  _globals['_LISTRUNSREQUEST']._serialized_start=895
+  _globals['_LISTRUNSREQUEST']._serialized_end=981
+  _globals['_LISTRUNSRESPONSE']._serialized_start=983
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1057
+  _globals['_FLOWS']._serialized_start=1060
+  _globals['_FLOWS']._serialized_end=1569
 # @@protoc_insertion_point(module_scope)

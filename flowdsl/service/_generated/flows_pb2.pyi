@@ -1,28 +1,12 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import (
-    ClassVar as _ClassVar,
-    Iterable as _Iterable,
-    Mapping as _Mapping,
-    Optional as _Optional,
-    Union as _Union,
-)
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Run(_message.Message):
-    __slots__ = (
-        "run_id",
-        "flow",
-        "status",
-        "result_json",
-        "error",
-        "flow_name",
-        "failed_node",
-        "created_at",
-        "updated_at",
-    )
+    __slots__ = ("run_id", "flow", "status", "result_json", "error", "flow_name", "failed_node", "created_at", "updated_at")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FLOW_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -41,18 +25,7 @@ class Run(_message.Message):
     failed_node: str
     created_at: float
     updated_at: float
-    def __init__(
-        self,
-        run_id: _Optional[str] = ...,
-        flow: _Optional[str] = ...,
-        status: _Optional[str] = ...,
-        result_json: _Optional[str] = ...,
-        error: _Optional[str] = ...,
-        flow_name: _Optional[str] = ...,
-        failed_node: _Optional[str] = ...,
-        created_at: _Optional[float] = ...,
-        updated_at: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., flow: _Optional[str] = ..., status: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., flow_name: _Optional[str] = ..., failed_node: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "type", "node_id", "json")
@@ -64,13 +37,7 @@ class Event(_message.Message):
     type: str
     node_id: str
     json: str
-    def __init__(
-        self,
-        seq: _Optional[int] = ...,
-        type: _Optional[str] = ...,
-        node_id: _Optional[str] = ...,
-        json: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., type: _Optional[str] = ..., node_id: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("flow", "input_json", "run_id")
@@ -80,12 +47,7 @@ class StartRunRequest(_message.Message):
     flow: str
     input_json: str
     run_id: str
-    def __init__(
-        self,
-        flow: _Optional[str] = ...,
-        input_json: _Optional[str] = ...,
-        run_id: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, flow: _Optional[str] = ..., input_json: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run", "created")
@@ -93,9 +55,7 @@ class StartRunResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     run: Run
     created: bool
-    def __init__(
-        self, run: _Optional[_Union[Run, _Mapping]] = ..., created: bool = ...
-    ) -> None: ...
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., created: bool = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -131,12 +91,7 @@ class SignalRunRequest(_message.Message):
     run_id: str
     name: str
     value_json: str
-    def __init__(
-        self,
-        run_id: _Optional[str] = ...,
-        name: _Optional[str] = ...,
-        value_json: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., value_json: _Optional[str] = ...) -> None: ...
 
 class SignalRunResponse(_message.Message):
     __slots__ = ("run",)
@@ -178,13 +133,7 @@ class ListRunsRequest(_message.Message):
     flow: str
     page_size: int
     page_token: str
-    def __init__(
-        self,
-        status: _Optional[str] = ...,
-        flow: _Optional[str] = ...,
-        page_size: _Optional[int] = ...,
-        page_token: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, status: _Optional[str] = ..., flow: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs", "next_page_token")
@@ -192,8 +141,4 @@ class ListRunsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[Run]
     next_page_token: str
-    def __init__(
-        self,
-        runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ...,
-        next_page_token: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
