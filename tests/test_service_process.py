@@ -216,3 +216,29 @@ def test_serve_refuses_bad_options(
     )
     assert done.returncode != 0
     assert says in done.stderr
+
+
+def test_runs_as_store_records_for_runs_list(services: Any) -> None:
+    import anyio
+
+    from flowdsl.cli.serve import records_from_service
+
+    service = services()
+
+    async def three() -> list[str]:
+        async with fd.Client(service.url) as client:
+            ids = []
+            for a in range(3):
+                run = await client.start("service_flows:add", {"a": a})
+                ids.append((await client.wait(run.run_id)).run_id)
+            return ids
+
+    ids = anyio.run(three, backend="asyncio")
+    records = records_from_service(service.url, limit=2)
+    assert [r.run_id for r in records] == ids[:0:-1]
+    finished = fd.RunStatus.FINISHED
+    assert [(r.status, r.flow, r.result) for r in records] == [
+        (finished, "add", "3"),
+        (finished, "add", "2"),
+    ]
+    assert len(records_from_service(service.url, limit=50)) == 3

@@ -13,11 +13,13 @@ from typing import Any
 import anyio
 import click
 
+from .. import _codec
 from .._errors import ConfigError
+from .._records import RunRecord
 from .._urls import hide_credentials
 from .load import add_to_path
 
-__all__ = ["serve"]
+__all__ = ["records_from_service", "serve"]
 
 
 @click.command()
@@ -190,3 +192,44 @@ def _tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
         )
     with open(cert, "rb") as c, open(key, "rb") as k:
         return c.read(), k.read()
+
+
+def records_from_service(url: str, *, token: str | None = None, limit: int = 50) -> list[RunRecord]:
+    """The newest *limit* runs a service lists, as store records, so that ``flowdsl runs
+    list --server URL`` can print them as it prints a store's.
+
+    The service does not send a run's inputs or graph fingerprint: those fields are empty.
+    """
+    from .._records import RunStatus
+
+    async def fetch() -> list[Any]:
+        from ..service import Client
+
+        runs: list[Any] = []
+        token_ = ""
+        async with Client(url, token=token) as client:
+            while len(runs) < limit:
+                page = await client.list(page_size=min(limit - len(runs), 1000), page_token=token_)
+                runs.extend(page.runs)
+                token_ = page.next_page_token
+                if not token_:
+                    break
+        return runs
+
+    infos = anyio.run(fetch, backend="asyncio")
+    return [
+        RunRecord(
+            run_id=info.run_id,
+            flow=info.flow_name,
+            flow_ref=info.flow,
+            fingerprint="",
+            inputs="",
+            status=RunStatus(info.status),
+            created_at=info.created_at,
+            updated_at=info.updated_at,
+            result=None if info.result is None else _codec.dumps(info.result),
+            error=info.error,
+            failed_node=info.failed_node,
+        )
+        for info in infos
+    ]
