@@ -1118,3 +1118,8 @@ async def _serve_until_stopped(
                 click.echo(f"flowdsl worker: {signal.Signals(signum).name}, stopping", err=True)
                 tg.cancel_scope.cancel()
                 break
+
+
+from .serve import serve as _serve  # noqa: E402  (a module of its own; registered here)
+
+cli.add_command(_serve)
