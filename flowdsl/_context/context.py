@@ -25,6 +25,7 @@ from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node, NodeKind
+from .._define.units import import_ref
 from .._engine.resume import plan_reuse
 from .._engine.scheduler import Executor, Plan, RunState, drive
 from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
@@ -691,32 +692,17 @@ class Context:
 
 def import_flow(record: RunRecord) -> Flow[..., Any]:
     """The flow a run record names by ``module:qualname``."""
-    import importlib
-
-    module_name, _, qualname = record.flow_ref.partition(":")
-    if "<locals>" in qualname:
-        raise ConfigError(
-            f"the flow of run {record.run_id!r} was defined inside a function "
-            f"({record.flow_ref}), so it cannot be imported",
-            flow=record.flow,
-            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"cannot import the flow of run {record.run_id!r} from {record.flow_ref!r}: {exc}",
-            flow=record.flow,
-            hint="Make the module importable here (PYTHONPATH), or pass the flow: "
-            "`ctx.resume(run_id, flow=my_flow)`",
-        ) from exc
+    otherwise = "pass the flow: `ctx.resume(run_id, flow=my_flow)`"
+    obj = import_ref(
+        record.flow_ref,
+        what=f"the flow of run {record.run_id!r}",
+        flow=record.flow,
+        otherwise=otherwise,
+        main=True,  # a script that resumes its own run finds its flow in its own __main__
+    )
     if not isinstance(obj, Flow):
         raise ConfigError(
-            f"{record.flow_ref!r} is not a flow",
-            flow=record.flow,
-            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
+            f"{record.flow_ref!r} is not a flow", flow=record.flow, hint=otherwise.capitalize()
         )
     return obj
 

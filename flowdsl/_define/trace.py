@@ -20,7 +20,7 @@ import inspect
 import re
 import typing
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sniffio
 
@@ -38,10 +38,19 @@ from .graph import (
     NodeKind,
     Ref,
     TupleOf,
+    Unit,
 )
 
-if TYPE_CHECKING:
-    from .dsl import Branch, Flow, Step
+
+class FlowBody(Protocol):
+    """What the tracer needs of a flow: its name and its ``async def`` body."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+
 
 _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
     "flowdsl_tracer", default=None
@@ -206,9 +215,7 @@ class _Pending:
 class StepCall(_Pending):
     __slots__ = ("args", "kwargs", "step")
 
-    def __init__(
-        self, tracer: Tracer, step: Step[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ):
+    def __init__(self, tracer: Tracer, step: Unit, args: tuple[Any, ...], kwargs: dict[str, Any]):
         super().__init__(tracer)
         self.step = step
         self.args = args
@@ -229,7 +236,7 @@ class BranchCall(_Pending):
     def __init__(
         self,
         tracer: Tracer,
-        branch: Branch[..., Any],
+        branch: Unit,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ):
@@ -288,7 +295,7 @@ class FlowCall(_Pending):
     __slots__ = ("args", "flow", "kwargs")
 
     def __init__(
-        self, tracer: Tracer, flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, tracer: Tracer, flow: FlowBody, args: tuple[Any, ...], kwargs: dict[str, Any]
     ):
         super().__init__(tracer)
         self.flow = flow
@@ -328,7 +335,7 @@ def value_labels(value: Any) -> tuple[str, ...]:
         return ()
 
 
-def allowed_labels(branch: Branch[..., Any]) -> frozenset[str] | None:
+def allowed_labels(branch: Unit) -> frozenset[str] | None:
     """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
     try:
         hints = typing.get_type_hints(branch.fn)
@@ -353,7 +360,7 @@ def allowed_labels(branch: Branch[..., Any]) -> frozenset[str] | None:
 class Tracer:
     """Collects the nodes of one flow; sub-flows and cases trace into it under a prefix."""
 
-    def __init__(self, flow: Flow[..., Any]) -> None:
+    def __init__(self, flow: FlowBody) -> None:
         self.flow_name = flow.name
         self.nodes: dict[str, Node] = {}
         self.taken: set[str] = set()  # node ids and sub-flow namespaces
@@ -663,7 +670,7 @@ def _wants_event_loop(exc: RuntimeError) -> bool:
     return "event loop" in text or "async context" in text  # asyncio; trio
 
 
-def trace(flow: Flow[..., Any]) -> Graph:
+def trace(flow: FlowBody) -> Graph:
     """Trace *flow*'s body into a :class:`Graph`."""
     fn = flow.fn
     sig = inspect.signature(fn)
