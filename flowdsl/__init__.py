@@ -20,9 +20,9 @@ from __future__ import annotations
 from . import events as events
 from . import llm as llm
 from ._context.context import Context as Context
-from ._context.context import Run as Run
-from ._context.context import current_context as current_context
-from ._context.context import run as run
+from ._context.run import Run as Run
+from ._context.sync import current_context as current_context
+from ._context.sync import run as run
 from ._define.dsl import Branch as Branch
 from ._define.dsl import Flow as Flow
 from ._define.dsl import Step as Step

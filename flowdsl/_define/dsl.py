@@ -266,7 +266,7 @@ class Flow(Generic[P, R]):
         # The one import that goes up the layers (docs/architecture.md): a flow awaited
         # outside any flow runs in the current context, which is built on this layer.
         # Deferred, so that defining flows never imports the engine or the backends.
-        from .._context.context import current_context
+        from .._context.sync import current_context
 
         # `run_id=` names the run here, so a flow parameter of that name can only be
         # passed positionally.

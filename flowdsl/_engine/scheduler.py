@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import anyio
 
 from .._define.graph import Graph, Node, NodeKind, evaluate, refs_of
-from .._errors import StepFailed
+from .._errors import StepFailed, first_leaf
 from .._records import NodeRecord
 from .spawn import NodeGroup, open_node_group
 
@@ -323,7 +323,7 @@ async def drive(
             cancelled, rest = group_exc.split(anyio.get_cancelled_exc_class())
             if cancelled is not None and rest is None:
                 # The caller was cancelled: raise that as such, not as a group.
-                raise _first(cancelled) from None
+                raise first_leaf(cancelled) from None
             raise
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
@@ -350,13 +350,6 @@ def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
         _, other = rest.split(cancelled)
         if other is not None:
             return None
-    exc = _first(failures)
+    exc = first_leaf(failures)
     assert isinstance(exc, StepFailed)
-    return exc
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
     return exc
