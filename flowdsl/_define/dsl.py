@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .._errors import ConfigError, TracingError
+from . import symbols as _symbols
 from . import trace as _trace
 from .graph import Graph
 from .units import ref_of, register
@@ -161,7 +162,7 @@ class Step(_Unit[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+            return _symbols.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -191,7 +192,7 @@ class Branch(_Unit[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BranchCallType[R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.BranchCall(tracer, self, args, kwargs)
+            return _symbols.BranchCall(tracer, self, args, kwargs)
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -262,7 +263,7 @@ class Flow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+            return _symbols.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         # The one import that goes up the layers (docs/architecture.md): a flow awaited
         # outside any flow runs in the current context, which is built on this layer.
         # Deferred, so that defining flows never imports the engine or the backends.

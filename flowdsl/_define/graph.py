@@ -19,6 +19,7 @@ import enum
 import hashlib
 import html
 import re
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -407,3 +408,46 @@ def _mermaid_text(text: str) -> str:
 def _dot_quote(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+# --- case labels --------------------------------------------------------------------------
+
+
+def case_label(key: Any) -> str:
+    """The label a case key (or a branch's return value) is known by in the graph."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, enum.Enum):
+        return key.name
+    if isinstance(key, str | int):
+        return str(key)
+    raise TypeError(f"a case key must be a str, bool, int or Enum, not {type(key).__name__}")
+
+
+def value_labels(value: Any) -> tuple[str, ...]:
+    """Labels a branch's run-time value may match, most specific first."""
+    if isinstance(value, enum.Enum):
+        return (value.name, str(value.value))
+    try:
+        return (case_label(value),)
+    except TypeError:
+        return ()
+
+
+def allowed_labels(branch: Unit) -> frozenset[str] | None:
+    """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
+    try:
+        hints = typing.get_type_hints(branch.fn)
+    except Exception:
+        return None
+    tp = hints.get("return")
+    if tp is bool:
+        return frozenset({"true", "false"})
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return frozenset(m.name for m in tp) | frozenset(str(m.value) for m in tp)
+    if typing.get_origin(tp) is typing.Literal:
+        out: set[str] = set()
+        for arg in typing.get_args(tp):
+            out.update(value_labels(arg))
+        return frozenset(out)
+    return None
