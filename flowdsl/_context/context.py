@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -28,7 +28,7 @@ from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from ..backends import DEFAULT_BATCH_FILE, Broker, Store, link, open_broker, open_store
-from .calls import as_call, check_flow
+from .calls import as_call, check_flow, flow_arguments
 from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, stored_failure
 from .stored import (
     check_same_flow,
@@ -245,10 +245,24 @@ class Context:
     # --- running --------------------------------------------------------------------------
 
     async def run(
-        self, flow: Flow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
+        self,
+        flow: Flow[..., R],
+        /,
+        *args: Any,
+        run_id: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> R:
-        """Run *flow* to its result in this context."""
+        """Run *flow* to its result in this context.
+
+        The flow's arguments follow it, positional or keyword; ``inputs={...}`` gives its
+        keyword arguments as one mapping instead, for a flow with a parameter named like
+        an option (``run_id``, ``inputs``).  *run_id* names the run: a finished run of
+        that id gives its stored result instead of running again.
+        """
         check_flow(flow)
+        given = _given(run_id=run_id, inputs=inputs)
+        args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.run")
         async with self._using():
             return await self._run(flow, args, kwargs, run_id)
 
@@ -262,10 +276,21 @@ class Context:
         return await self._execute(run)  # type: ignore[no-any-return]
 
     async def start(
-        self, flow: Flow[..., Any], /, *args: Any, run_id: str | None = None, **kwargs: Any
+        self,
+        flow: Flow[..., Any],
+        /,
+        *args: Any,
+        run_id: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> Run:
-        """Start *flow* in the background; idempotent by *run_id*."""
+        """Start *flow* in the background; idempotent by *run_id*.
+
+        The flow's arguments are given as to :meth:`run`.
+        """
         check_flow(flow)
+        given = _given(run_id=run_id, inputs=inputs)
+        args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.start")
         if self._tg is None:
             raise ConfigError(
                 "start() needs an entered context",
@@ -329,10 +354,10 @@ class Context:
                 bar.started()
                 try:
                     if limiter is None:
-                        results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                        results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                     else:
                         async with limiter:
-                            results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                            results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                 except FlowError as exc:
                     bar.failed()
                     if not return_exceptions:
@@ -548,6 +573,11 @@ def _open_backends(
     journal = open_store(store)
     link(journal, queue)
     return journal, queue
+
+
+def _given(**options: Any) -> list[str]:
+    """The options a call was given: those not left at their default, None."""
+    return [name for name, value in options.items() if value is not None]
 
 
 def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import sys
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import anyio
 
 from .._define.dsl import Flow
+from .calls import check_flow, flow_arguments
 from .context import CURRENT, Context
 
 __all__ = ["current_context", "run"]
@@ -30,14 +32,26 @@ def current_context() -> Context:
     return _DEFAULT
 
 
-def run(flow: Flow[..., R], /, *args: Any, **kwargs: Any) -> R:
+def run(
+    flow: Flow[..., R],
+    /,
+    *args: Any,
+    backend: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> R:
     """Run *flow* from synchronous code and return its result.
 
-    Inside a running event loop (a notebook cell), it runs the flow on a fresh loop in a
-    helper thread; there, ``await flow(...)`` is the better spelling.
+    The flow's arguments are given as to :meth:`Context.run`; *backend* is the event loop
+    to run on, ``"asyncio"`` (the default) or ``"trio"``.  Inside a running event loop (a
+    notebook cell), it runs the flow on a fresh loop in a helper thread; there,
+    ``await flow(...)`` is the better spelling.
     """
-    backend = kwargs.pop("backend", "asyncio")
-    call = functools.partial(current_context().run, flow, *args, **kwargs)
+    check_flow(flow)
+    given = [n for n, v in (("backend", backend), ("inputs", inputs)) if v is not None]
+    args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="fd.run")
+    backend = backend or "asyncio"
+    call = functools.partial(current_context().run, flow, *args, inputs=kwargs)
     if not _in_event_loop():
         return anyio.run(call, backend=backend)
 

@@ -269,9 +269,9 @@ class Flow(Generic[P, R]):
         # Deferred, so that defining flows never imports the engine or the backends.
         from .._context.sync import current_context
 
-        # `run_id=` names the run here, so a flow parameter of that name can only be
-        # passed positionally.
-        return current_context().run(self, *args, **kwargs)  # type: ignore[arg-type]
+        # Keywords go in as inputs=, so that a flow parameter named like an option of
+        # ctx.run (run_id, inputs) is never taken for one.
+        return current_context().run(self, *args, inputs=kwargs)
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"

@@ -17,13 +17,14 @@ nodes that finished are never run again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import anyio
 import attrs
 
 from .. import events as ev
+from .._context.calls import flow_arguments
 from .._context.context import Context
 from .._define.dsl import Flow
 from .._define.graph import Node, NodeKind
@@ -146,19 +147,25 @@ async def check_resume(
     /,
     *args: Any,
     crash: CrashPoint,
-    context: Callable[..., Context] = Context,
+    context: Callable[..., Context] | None = None,
+    inputs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> ResumeReport:
     """Run *flow* uninterrupted, then crashed at *crash* and resumed; report both.
 
-    *context* makes each context (called with ``on_event=``); give it a factory such as
-    ``lambda **kw: fd.Context(store=f"sqlite:///{tmp}/runs.db", **kw)`` to check a
-    durable store or batch mode.  A fresh context (and store) is made for each of the two
-    runs, the crashed run and its resume sharing one.
+    The flow's arguments are given as to :meth:`flowdsl.Context.run` (``inputs={...}`` for
+    a flow with a parameter named ``crash``, ``context`` or ``inputs``).  *context* makes
+    each context (called with ``on_event=``; default :class:`flowdsl.Context`); give it a
+    factory such as ``lambda **kw: fd.Context(store=f"sqlite:///{tmp}/runs.db", **kw)``
+    to check a durable store or batch mode.  A fresh context (and store) is made for each
+    of the two runs, the crashed run and its resume sharing one.
     """
+    given = ["crash", *(n for n, v in (("context", context), ("inputs", inputs)) if v is not None)]
+    args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="check_resume")
+    context = Context if context is None else context
     events: list[Any] = []
     async with context(on_event=events.append) as ctx:
-        expected = await ctx.run(flow, *args, run_id="uninterrupted", **kwargs)
+        expected = await ctx.run(flow, *args, run_id="uninterrupted", inputs=kwargs)
     uninterrupted = _finished_by(events, "uninterrupted")
 
     events.clear()
@@ -169,7 +176,7 @@ async def check_resume(
             crashing = _Crashing(inner, crash, scope)
             ctx._executor = crashing
             try:
-                result = await ctx.run(flow, *args, run_id=run_id, **kwargs)
+                result = await ctx.run(flow, *args, run_id=run_id, inputs=kwargs)
             except StepFailed as exc:
                 if not isinstance(exc.__cause__, InjectedCrash):
                     raise
