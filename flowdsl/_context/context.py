@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -22,7 +22,7 @@ import anyio.abc
 from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
-from .._engine.scheduler import Executor, RunState, drive
+from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
 from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
@@ -39,7 +39,7 @@ from .stored import (
     replay,
 )
 
-__all__ = ["CURRENT", "Context"]
+__all__ = ["CURRENT", "Context", "before_each_node"]
 
 R = TypeVar("R")
 
@@ -108,6 +108,7 @@ class Context:
         self._entered = 0
         self._users = 0
         self._active: dict[str, Run] = {}
+        self._before: NodeHook | None = None  # see before_each_node
 
     def __repr__(self) -> str:
         mode = "batch" if self.batch else "real-time"
@@ -505,7 +506,13 @@ class Context:
                 if resuming is not None:
                     await resuming(run)
             output = await drive(
-                run, state, ready, self._executor, limiter=self._limiter, on_skipped=on_skipped
+                run,
+                state,
+                ready,
+                self._executor,
+                limiter=self._limiter,
+                on_skipped=on_skipped,
+                before=self._before,
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
         except (StepFailed, CheckpointError) as exc:
@@ -573,6 +580,20 @@ def _open_backends(
     journal = open_store(store)
     link(journal, queue)
     return journal, queue
+
+
+@contextlib.contextmanager
+def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
+    """Inside the block, await *hook* as each node of *ctx*'s runs is dispatched.
+
+    The typed hook :mod:`flowdsl.testing` crashes runs with; it sees every node, in real
+    time and in batch mode alike, before the executor has it.
+    """
+    previous, ctx._before = ctx._before, hook
+    try:
+        yield
+    finally:
+        ctx._before = previous
 
 
 def _given(**options: Any) -> list[str]:
