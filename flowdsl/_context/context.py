@@ -28,6 +28,7 @@ from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from ..backends import DEFAULT_BATCH_FILE, Broker, Store, link, open_broker, open_store
+from ..llm import Provider
 from .calls import as_call, check_flow, flow_arguments
 from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, stored_failure
 from .stored import (
@@ -61,10 +62,10 @@ class Context:
         self,
         *,
         batch: bool = False,
-        store: Any = None,
+        store: str | Store | None = None,
         broker: str | None = None,
         workers: int | None = None,
-        llm: Any = None,
+        llm: Provider | None = None,
         on_event: Callable[[Any], None] | None = None,
         max_concurrency: int | None = None,
         progress: bool | None = None,
