@@ -16,7 +16,7 @@ from typing import Any
 from .._define.dsl import Flow
 from .._errors import ConfigError
 
-__all__ = ["as_call", "check_flow", "flow_arguments"]
+__all__ = ["as_call", "check_flow", "flow_arguments", "given_options"]
 
 
 def check_flow(flow: Any) -> None:
@@ -26,6 +26,11 @@ def check_flow(flow: Any) -> None:
             f"{name!r} is not a flow",
             hint="Pass a function decorated with @fd.flow; a step runs by calling it directly",
         )
+
+
+def given_options(**options: Any) -> list[str]:
+    """The options a call was given: those not left at their default, None."""
+    return [name for name, value in options.items() if value is not None]
 
 
 def flow_arguments(

@@ -27,9 +27,10 @@ from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first
 from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
-from ..backends import DEFAULT_BATCH_FILE, Broker, Store, link, open_broker, open_store
+from ..backends import Store
 from ..llm import Provider
-from .calls import as_call, check_flow, flow_arguments
+from .calls import as_call, check_flow, flow_arguments, given_options
+from .options import open_backends
 from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, stored_failure
 from .stored import (
     check_same_flow,
@@ -97,7 +98,7 @@ class Context:
         if lease <= 0:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
-        self.store, self.queue = _open_backends(store, broker, batch=batch)
+        self.store, self.queue = open_backends(store, broker, batch=batch)
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -263,7 +264,7 @@ class Context:
         that id gives its stored result instead of running again.
         """
         check_flow(flow)
-        given = _given(run_id=run_id, inputs=inputs)
+        given = given_options(run_id=run_id, inputs=inputs)
         args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.run")
         async with self._using():
             return await self._run(flow, args, kwargs, run_id)
@@ -291,7 +292,7 @@ class Context:
         The flow's arguments are given as to :meth:`run`.
         """
         check_flow(flow)
-        given = _given(run_id=run_id, inputs=inputs)
+        given = given_options(run_id=run_id, inputs=inputs)
         args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.start")
         if self._tg is None:
             raise ConfigError(
@@ -558,31 +559,6 @@ class Context:
         return value
 
 
-def _open_backends(
-    store: object, broker: str | None, *, batch: bool
-) -> tuple[Store, Broker | None]:
-    """The store and (in batch mode) the queue a context's options name.
-
-    Batch mode with no broker keeps its queue and its store in one SQLite file: the
-    store's file if it is SQLite, else ``.flowdsl/flowdsl.db`` in the working directory.
-    With a broker and no store, the journal lives on the broker's server.
-    """
-    if not batch:
-        return open_store(store), None
-    if broker is None:
-        if isinstance(store, str) and store.startswith("sqlite:"):
-            broker = store
-        else:
-            broker = f"sqlite:///{DEFAULT_BATCH_FILE}"
-    queue = open_broker(broker)
-    if store is None:
-        # The broker's own server keeps the journal unless told otherwise.
-        store = broker
-    journal = open_store(store)
-    link(journal, queue)
-    return journal, queue
-
-
 @contextlib.contextmanager
 def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
     """Inside the block, await *hook* as each node of *ctx*'s runs is dispatched.
@@ -595,11 +571,6 @@ def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
         yield
     finally:
         ctx._before = previous
-
-
-def _given(**options: Any) -> list[str]:
-    """The options a call was given: those not left at their default, None."""
-    return [name for name, value in options.items() if value is not None]
 
 
 def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:

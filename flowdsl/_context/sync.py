@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import anyio
 
 from .._define.dsl import Flow
-from .calls import check_flow, flow_arguments
+from .calls import check_flow, flow_arguments, given_options
 from .context import CURRENT, Context
 
 __all__ = ["current_context", "run"]
@@ -48,7 +48,7 @@ def run(
     ``await flow(...)`` is the better spelling.
     """
     check_flow(flow)
-    given = [n for n, v in (("backend", backend), ("inputs", inputs)) if v is not None]
+    given = given_options(backend=backend, inputs=inputs)
     args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="fd.run")
     backend = backend or "asyncio"
     call = functools.partial(current_context().run, flow, *args, inputs=kwargs)

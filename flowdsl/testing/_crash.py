@@ -25,7 +25,7 @@ import anyio
 import attrs
 
 from .. import events as ev
-from .._context.calls import flow_arguments
+from .._context.calls import flow_arguments, given_options
 from .._context.context import Context, before_each_node
 from .._define.dsl import Flow
 from .._define.graph import Node, NodeKind
@@ -150,7 +150,7 @@ async def check_resume(
     to check a durable store or batch mode.  A fresh context (and store) is made for each
     of the two runs, the crashed run and its resume sharing one.
     """
-    given = ["crash", *(n for n, v in (("context", context), ("inputs", inputs)) if v is not None)]
+    given = given_options(crash=crash, context=context, inputs=inputs)
     args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="check_resume")
     context = Context if context is None else context
     events: list[Any] = []
