@@ -52,9 +52,8 @@ from ._errors import StepFailed as StepFailed
 from ._errors import TracingError as TracingError
 from ._records import RunStatus as RunStatus
 from ._secret import Secret as Secret
+from ._version import __version__ as __version__
 from .service.client import Client as Client
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",

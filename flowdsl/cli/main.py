@@ -15,8 +15,9 @@ TARGET is ``path/to/file.py:flow`` or ``package.module:flow``; see :mod:`flowdsl
 for the module name a file gets (the one ``flowdsl resume`` imports again).
 
 One module per command (:mod:`.run`, :mod:`.resume`, :mod:`.runs`, :mod:`.graph`,
-:mod:`.worker`, :mod:`.ui`, :mod:`.serve`); this one holds the group, the options several commands share and the
-error handling every command gets.  ``flowdsl.cli`` adds the commands to the group.
+:mod:`.worker`, :mod:`.ui`, :mod:`.serve`); this one holds the group, the options several
+commands share and the error handling every command gets.  ``flowdsl.cli`` adds the
+commands to the group.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import IO, Any, NoReturn, TypeVar
 import anyio
 import click
 
-from .. import __version__
 from .._errors import ConfigError, FlowError, TracingError, leaves
+from .._version import __version__
 from ..backends import Store, open_store
 
 __all__ = ["CommandFailed", "cli", "main"]
