@@ -27,11 +27,11 @@ from typing import Any, Protocol
 import anyio
 
 from .._define.graph import Graph, Node, NodeKind, evaluate, refs_of
-from .._errors import StepFailed
+from .._errors import StepFailed, first_leaf
 from .._records import NodeRecord
 from .spawn import NodeGroup, open_node_group
 
-__all__ = ["Executor", "Plan", "RunState", "drive"]
+__all__ = ["Executor", "NodeHook", "Plan", "RunState", "drive"]
 
 WAITING, READY, RUNNING, DONE, SKIPPED = range(5)
 _NO_KWARGS: dict[str, Any] = {}  # shared: callees receive it as **kwargs, a copy
@@ -247,6 +247,14 @@ class Executor(Protocol):
     ) -> Awaitable[tuple[NodeRecord, Any]]: ...
 
 
+NodeHook = Callable[[Any, Node], Awaitable[None]]
+"""Awaited with the run and the node as each node is dispatched, before the executor has it.
+
+:mod:`flowdsl.testing` injects crashes this way: a hook that raises fails the node as its
+step would, one that cancels stops the run where it stands.
+"""
+
+
 async def drive(
     run: Any,
     state: RunState,
@@ -255,18 +263,21 @@ async def drive(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     on_skipped: Callable[[list[str]], None] | None = None,
+    before: NodeHook | None = None,
 ) -> Any:
     """Run the nodes of *state* to the end; return the flow's output.
 
     *ready* are the nodes to dispatch first (``state.start()``, or what a resume left).
     The first chain runs in the calling task; every other ready node gets a task of its
     own.  The first failure cancels every node still in flight and is raised once they
-    are gone.
+    are gone.  *before*, if given, is awaited as each node is dispatched.
     """
     execute = executor.execute
 
     def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
         args, kwargs = state.args_of(node)
+        if before is not None:
+            return _hooked(before, limiter, execute, run, node, args, kwargs)
         if limiter is None:
             return execute(run, node, args, kwargs)
         return _limited(limiter, execute, run, node, args, kwargs)
@@ -276,7 +287,8 @@ async def drive(
             skipped, state.skipped = state.skipped, []
             on_skipped(skipped)
 
-    make_job = getattr(executor, "job", None) if limiter is None else None
+    # A bare job skips dispatch(): only without a limiter or a hook to go through.
+    make_job = getattr(executor, "job", None) if limiter is None and before is None else None
 
     def spawn(group: NodeGroup, node: Node) -> None:
         """Give *node* a task of its own: a bare job when the executor offers one."""
@@ -323,7 +335,7 @@ async def drive(
             cancelled, rest = group_exc.split(anyio.get_cancelled_exc_class())
             if cancelled is not None and rest is None:
                 # The caller was cancelled: raise that as such, not as a group.
-                raise _first(cancelled) from None
+                raise first_leaf(cancelled) from None
             raise
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
@@ -340,6 +352,20 @@ async def _limited(
         return await execute(*args)
 
 
+async def _hooked(
+    before: NodeHook,
+    limiter: anyio.CapacityLimiter | None,
+    execute: Callable[..., Awaitable[tuple[NodeRecord, Any]]],
+    run: Any,
+    node: Node,
+    *args: Any,
+) -> tuple[NodeRecord, Any]:
+    await before(run, node)
+    if limiter is None:
+        return await execute(run, node, *args)
+    return await _limited(limiter, execute, run, node, *args)
+
+
 def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
     """The first StepFailed, when the rest of *group* is only what it caused."""
     cancelled = anyio.get_cancelled_exc_class()
@@ -350,13 +376,6 @@ def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
         _, other = rest.split(cancelled)
         if other is not None:
             return None
-    exc = _first(failures)
+    exc = first_leaf(failures)
     assert isinstance(exc, StepFailed)
-    return exc
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
     return exc
