@@ -23,6 +23,10 @@ from ._context.context import Run as Run
 from ._context.context import current_context as current_context
 from ._context.context import run as run
 from ._define.dsl import Branch as Branch
+from ._define.dynamic import Continue as Continue
+from ._define.dynamic import Done as Done
+from ._define.dynamic import loop as loop
+from ._define.dynamic import wait_for as wait_for
 from ._define.dsl import Flow as Flow
 from ._define.dsl import Step as Step
 from ._define.dsl import branch as branch
@@ -50,6 +54,8 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "Context",
+    "Continue",
+    "Done",
     "Edge",
     "Flow",
     "FlowError",
@@ -68,8 +74,10 @@ __all__ = [
     "events",
     "flow",
     "llm",
+    "loop",
     "run",
     "step",
+    "wait_for",
 ]
 
 

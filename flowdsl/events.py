@@ -19,6 +19,7 @@ import attrs
 __all__ = [
     "BranchTaken",
     "Event",
+    "MapStarted",
     "RunFailed",
     "RunFinished",
     "RunStarted",
@@ -134,6 +135,17 @@ class BranchTaken:
 
 
 @attrs.frozen
+class MapStarted:
+    """A map node has its list: ``items`` items follow, each as a node ``<id>[<index>]``
+    (a mapped flow's nodes as ``<id>[<index>]/<node>``)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    items: int
+
+
+@attrs.frozen
 class TokenDelta:
     """A piece of LLM output as it streams, from inside a step."""
 
@@ -176,6 +188,7 @@ Event = (
     | StepReused
     | StepInvalidated
     | BranchTaken
+    | MapStarted
     | TokenDelta
     | RunFinished
     | RunFailed
@@ -192,6 +205,7 @@ EVENT_TYPES: tuple[type[Any], ...] = (
     StepReused,
     StepInvalidated,
     BranchTaken,
+    MapStarted,
     TokenDelta,
     RunFinished,
     RunFailed,

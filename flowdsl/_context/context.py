@@ -24,7 +24,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .. import _codec
 from .. import events as ev
 from .._define.dsl import Flow
-from .._define.graph import Node, NodeKind
+from .._define.graph import Node
+from .._engine.dynamic import journaled_value
 from .._engine.resume import plan_reuse
 from .._engine.scheduler import Executor, Plan, RunState, drive
 from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
@@ -602,7 +603,7 @@ class Context:
             if node.id not in reuse.reused:
                 dispatch.append(node)
                 continue
-            value = _decode_journaled(run, node, journal[node.id].value)
+            value = journaled_value(run, node, journal)
             if journal[node.id].usage:
                 run.add_usage(journal[node.id].usage or {})
             if run.observed:
@@ -638,7 +639,13 @@ class Context:
                 if resuming is not None:
                     await resuming(run)
             output = await drive(
-                run, state, ready, self._executor, limiter=self._limiter, on_skipped=on_skipped
+                run,
+                state,
+                ready,
+                self._executor,
+                limiter=self._limiter,
+                on_skipped=on_skipped,
+                store=self.store,
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
         except (StepFailed, CheckpointError) as exc:
@@ -749,26 +756,6 @@ def _decode_inputs(record: RunRecord, flow: Flow[..., Any]) -> dict[str, Any]:
             f"the stored inputs of run {record.run_id!r} cannot be read: {exc.problem}",
             flow=flow.name,
             hint="The store is corrupted, or the flow's parameters changed since the run",
-        ) from exc
-
-
-def _decode_journaled(run: Run, node: Node, text: str) -> Any:
-    try:
-        if node.kind is NodeKind.BRANCH:
-            label = _codec.loads(text)
-            if label not in node.labels:
-                raise CodecError(f"case {label!r} is none of {list(node.labels)}")
-            return label
-        assert node.fn is not None
-        return _codec.decode(text, node.fn.return_type, what=f"the result of {node.id!r}")
-    except CodecError as exc:
-        raise CheckpointError(
-            f"the journaled result of node {node.id!r} in run {run.run_id!r} cannot be "
-            f"read: {exc.problem}",
-            flow=run.flow_name,
-            node=node.id,
-            hint="The store is corrupted, or the step's return type changed: bump the "
-            "step's version= so that it runs again",
         ) from exc
 
 

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import textwrap
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .._errors import TracingError
@@ -174,6 +174,14 @@ class Step(_Unit[P, R]):
             return _trace.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
+    def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
+        """One call per element of *items* (the first argument), *shared* passed to each;
+        the results in input order.  Inside a flow, ONE node whose items are journaled one
+        by one; outside a flow, the plain calls, run concurrently."""
+        from .dynamic import map_call
+
+        return map_call(self, items, shared)  # type: ignore[no-any-return]
+
 
 T = TypeVar("T")
 R_co = TypeVar("R_co", covariant=True)
@@ -280,6 +288,14 @@ class Flow(Generic[P, R]):
         # `run_id=` names the run here, so a flow parameter of that name can only be
         # passed positionally.
         return current_context().run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
+        """The flow once per element of *items* (its first argument), *shared* passed to
+        each.  Inside a flow, ONE node that inlines one sub-graph per item at run time;
+        outside a flow, one run per item in the current context (as ``ctx.map``)."""
+        from .dynamic import map_call
+
+        return map_call(self, items, shared)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"
