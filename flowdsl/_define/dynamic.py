@@ -21,7 +21,7 @@ import attrs
 
 from .. import _codec
 from .._errors import TracingError
-from .graph import Expr, ListOf, Literal, Node, NodeKind, Ref, TupleOf
+from .graph import Expr, Literal, Node, NodeKind, Ref
 from .trace import Symbol, Tracer, _Pending, check_name, current_tracer
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class WaitCall(_Pending):
         yield  # pragma: no cover
 
 
-def _check_body(tracer: Tracer, body: Any, shared: dict[str, Any], what: str) -> None:
+def _check_body(tracer: Tracer, body: Any, shared: dict[str, Any], what: str, verb: str) -> None:
     from .dsl import Branch, Flow, Step
 
     if isinstance(body, Branch) or not isinstance(body, Step | Flow):
@@ -252,7 +252,7 @@ def _check_body(tracer: Tracer, body: Any, shared: dict[str, Any], what: str) ->
         )
     if isinstance(body, Flow) and body.name in tracer.stack:
         raise TracingError(
-            f"flow {body.name!r} {what.split()[0]}s itself (through {' -> '.join(tracer.stack)})",
+            f"flow {body.name!r} {verb} itself (through {' -> '.join(tracer.stack)})",
             flow=tracer.flow_name,
             hint="A flow is a finite graph; for work that repeats, loop over a step or "
             "another flow with `fd.loop(body, state, max_iterations=N)`",
@@ -269,7 +269,7 @@ def _kwargs(tracer: Tracer, node_id: str, shared: dict[str, Any]) -> tuple[tuple
 
 def _add_map(tracer: Tracer, call: MapCall) -> Symbol:
     body = call.body
-    _check_body(tracer, body, call.shared, f"`{body.name}.map`")
+    _check_body(tracer, body, call.shared, f"`{body.name}.map`", "maps")
     node_id = tracer._new_id(body.name)
     items = tracer.to_expr(call.items, node=node_id, what="the list to map over")
     if isinstance(items, Literal) and not isinstance(items.value, list | tuple):
@@ -293,7 +293,7 @@ def _add_map(tracer: Tracer, call: MapCall) -> Symbol:
 
 def _add_loop(tracer: Tracer, call: LoopCall) -> Symbol:
     body = call.body
-    _check_body(tracer, body, call.shared, "`fd.loop`")
+    _check_body(tracer, body, call.shared, "`fd.loop`", "loops over")
     node_id = tracer._new_id(body.name)
     init = tracer.to_expr(call.init, node=node_id, what="the loop's first state")
     tracer.nodes[node_id] = Node(
@@ -325,11 +325,6 @@ def _add_wait(tracer: Tracer, call: WaitCall) -> Symbol:
         spec=WaitSpec(call.name, call.type, call.timeout),
     )
     return Symbol(Ref(node_id), tracer.guard, tracer)
-
-
-def item_refs(expr: Expr) -> bool:
-    """Whether *expr* could be a list at run time (for the error of a wrong map input)."""
-    return isinstance(expr, (Ref | ListOf | TupleOf | Literal, Symbol))
 
 
 # --- the public calls -----------------------------------------------------------------------

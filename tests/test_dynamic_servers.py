@@ -1,0 +1,94 @@
+"""Maps and loops on Redis and NATS: random flows in batch mode (tasks on the server's
+broker, the journal in its store) agree with plain Python and with real time, and resume
+after a crash at any node, item or iteration as if never interrupted."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flowdsl as fd
+from flowdsl import events as ev
+from flowdsl.testing import CrashPoint, check_resume
+
+from _servers import NatsServer, RedisServer
+from strategies import DagSpec, build_flow, dag_specs, flow_inputs, recording, reference
+
+pytestmark = pytest.mark.anyio
+
+# A server round trip per node and item: a handful of examples per property.
+SETTINGS = settings(
+    max_examples=10,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+_n = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    """The Redis and NATS clients run on asyncio."""
+    return ("asyncio", {"debug": False})
+
+
+@pytest.fixture(params=["redis", "nats"])
+def server_url(request: pytest.FixtureRequest) -> Any:
+    """A URL factory on a running server: each call a deployment of its own (a prefix)."""
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        return lambda: f"{redis.url}?prefix=d{next(_n)}"
+    nats: NatsServer = request.getfixturevalue("nats_server")
+    return lambda: f"{nats.url}?prefix=d{uuid.uuid4().hex[:8]}"
+
+
+def _batch(url: str, **kwargs: Any) -> fd.Context:
+    return fd.Context(batch=True, broker=url, store=url, workers=2, **kwargs)
+
+
+@SETTINGS
+@given(spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True), inputs=flow_inputs())
+async def test_random_dynamic_dags_in_batch_mode_match_real_time(
+    server_url: Any, spec: DagSpec, inputs: tuple[int, str]
+) -> None:
+    flow = build_flow(spec)
+    expected = await reference(spec, *inputs)
+    url = server_url()
+    async with fd.Context(store=url) as ctx:
+        assert await ctx.run(flow, *inputs, run_id="rt") == expected.result
+    with recording() as rec:
+        async with _batch(url) as ctx:
+            assert await ctx.run(flow, *inputs, run_id="batch") == expected.result
+            journals = [await ctx.store.load_nodes(r) for r in ("rt", "batch")]
+    assert rec.counts == expected.ran
+    values = [{n: r.value for n, r in journal.items()} for journal in journals]
+    assert values[0] == values[1]
+
+
+@SETTINGS
+@given(
+    spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True),
+    inputs=flow_inputs(),
+    point=st.integers(0, 1000),
+    mode=st.sampled_from(["realtime", "batch"]),
+)
+async def test_random_dynamic_dags_resume_after_a_crash(
+    server_url: Any, spec: DagSpec, inputs: tuple[int, str], point: int, mode: str
+) -> None:
+    flow = build_flow(spec)
+    events: list[Any] = []
+    async with fd.Context(on_event=events.append) as ctx:
+        await ctx.run(flow, *inputs)
+    ids = sorted({e.node_id for e in events if isinstance(e, ev.StepStarted)})
+    crash = CrashPoint(ids[point % len(ids)], "exception")
+
+    def make(**kwargs: Any) -> fd.Context:
+        url = server_url()
+        return _batch(url, **kwargs) if mode == "batch" else fd.Context(store=url, **kwargs)
+
+    report = await check_resume(flow, *inputs, crash=crash, context=make)
+    assert report.result == report.expected == (await reference(spec, *inputs)).result
+    assert not report.rerun, report.explain()
