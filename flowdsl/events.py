@@ -23,6 +23,8 @@ __all__ = [
     "RunFailed",
     "RunFinished",
     "RunStarted",
+    "RunWaiting",
+    "SignalReceived",
     "StepFailed",
     "StepFinished",
     "StepInvalidated",
@@ -31,6 +33,7 @@ __all__ = [
     "StepSkipped",
     "StepStarted",
     "TokenDelta",
+    "WaitStarted",
 ]
 
 
@@ -146,6 +149,40 @@ class MapStarted:
 
 
 @attrs.frozen
+class WaitStarted:
+    """A wait found no signal ``name`` yet; the run waits for one (until ``deadline``, a
+    timestamp, when it has a timeout)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    name: str
+    deadline: float | None = None
+
+
+@attrs.frozen
+class SignalReceived:
+    """A wait consumed signal ``name`` (the ``index``-th sent to the run under that name)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    name: str
+    index: int = 0
+
+
+@attrs.frozen
+class RunWaiting:
+    """Everything the run can do now waits for a signal: its status is ``waiting``, and it
+    holds no task and no worker until one arrives."""
+
+    run_id: str
+    at: float
+    waits: tuple[str, ...] = ()
+    node_id: None = None
+
+
+@attrs.frozen
 class TokenDelta:
     """A piece of LLM output as it streams, from inside a step."""
 
@@ -189,6 +226,9 @@ Event = (
     | StepInvalidated
     | BranchTaken
     | MapStarted
+    | WaitStarted
+    | SignalReceived
+    | RunWaiting
     | TokenDelta
     | RunFinished
     | RunFailed
@@ -206,6 +246,9 @@ EVENT_TYPES: tuple[type[Any], ...] = (
     StepInvalidated,
     BranchTaken,
     MapStarted,
+    WaitStarted,
+    SignalReceived,
+    RunWaiting,
     TokenDelta,
     RunFinished,
     RunFailed,

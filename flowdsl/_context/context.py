@@ -85,10 +85,22 @@ class Run:
     resuming: bool = attrs.field(default=False, repr=False)
 
     usage: dict[str, Any] | None = attrs.field(default=None, repr=False)
+    # Set by the scheduler while everything the run can do waits for a signal (parked),
+    # and to wake its waits when a signal is sent through this context.
+    parked: bool = attrs.field(default=False, repr=False)
+    waker: Callable[[], None] | None = attrs.field(default=None, repr=False)
 
     @property
     def flow_name(self) -> str:
         return self.flow.name
+
+    def park(self, parked: bool) -> None:
+        """The run waits only for signals now (or no longer): leaving its context does
+        not wait for a parked run (see :mod:`._engine.waits`)."""
+        self.parked = parked
+        idle = self.context._idle
+        if parked and idle is not None:
+            idle.set()
 
     def add_usage(self, counts: dict[str, Any]) -> None:
         """Add a node's LLM usage to the run's totals (numbers are summed per key)."""
@@ -136,7 +148,7 @@ class Run:
     async def events(self) -> AsyncIterator[Any]:
         """Every event of the run, from its start, until it ends."""
         history = list(self._history or ())
-        if self.status.ended:
+        if self.status.ended or self.status is RunStatus.WAITING:
             for event in history:
                 yield event
             return
@@ -274,7 +286,8 @@ class Context:
                 # Runs started in the block belong to it: wait for them, then stop the
                 # services (listener, in-process workers), which never end on their own.
                 try:
-                    while self._started:
+                    # A run parked on a wait is left waiting (in the store), not awaited.
+                    while any(not r.parked for r in self._started):
                         self._idle = anyio.Event()
                         await self._idle.wait()
                 except BaseException as waiting:
@@ -565,6 +578,17 @@ class Context:
             self._active[run_id] = run
             return await self._execute(run, strict=strict)
 
+    async def signal(self, run_id: str, name: str, value: Any) -> None:
+        """Send *value* as signal *name* to run *run_id* (waiting or not yet at its wait),
+        from any process: a wait in it for *name* takes it (each signal once)."""
+        from .signals import send_signal
+
+        async with self._using():
+            await send_signal(self.store, run_id, name, _codec.encode(value, what="the signal"))
+        run = self._active.get(run_id)
+        if run is not None and run.waker is not None:
+            run.waker()
+
     async def _replay(
         self, run: Run, state: RunState, ready: list[Node], strict: bool
     ) -> list[Node]:
@@ -618,7 +642,7 @@ class Context:
             pass  # kept on the run; whoever awaits run.result() gets it
         finally:
             self._started.discard(run)
-            if not self._started and self._idle is not None:
+            if self._idle is not None and all(r.parked for r in self._started):
                 self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
@@ -659,6 +683,10 @@ class Context:
             run._settle(RunStatus.FAILED, error=exc)
             raise
         except anyio.get_cancelled_exc_class():
+            if run.parked:
+                # Left waiting for a signal: it stays so in the store, for a resume.
+                run._settle(RunStatus.WAITING, error=_still_waiting(run))
+                raise
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
                     run.run_id, status=RunStatus.CANCELLED, error="cancelled"
@@ -846,6 +874,15 @@ def _stored_failure(record: RunRecord) -> BaseException:
         node=record.failed_node,
         run_id=record.run_id,
         hint=f"Resume it with `ctx.resume({record.run_id!r})`",
+    )
+
+
+def _still_waiting(run: Run) -> BaseException:
+    return FlowError(
+        "the run is waiting for a signal, and its context ended",
+        flow=run.flow_name,
+        hint=f"Send the signal (`ctx.signal({run.run_id!r}, name, value)` or `flowdsl "
+        f"signal`), then `ctx.resume({run.run_id!r})` from any process",
     )
 
 

@@ -41,6 +41,7 @@ from .resume import plan_reuse
 from .runner import _commit
 from .scheduler import Plan, RunState, _first_failure, _limited, drive
 from .spawn import open_node_group
+from .waits import Signals, counting, has_waits, wait
 
 __all__ = ["Dynamic", "RunView", "Scope", "journaled_value"]
 
@@ -212,6 +213,7 @@ class Dynamic:
     def __init__(
         self,
         run: Any,
+        plan: Plan,
         store: Any,
         executor: Any,
         limiter: anyio.CapacityLimiter | None,
@@ -226,6 +228,20 @@ class Dynamic:
         self.on_skipped = on_skipped
         self._journal: dict[str, NodeRecord] | None = None
         self.root = Scope(self, "", None)
+        self._signals: Signals | None = None
+        self._signals_loaded = False
+        if has_waits(plan.graph):
+            # Only a run that can wait pays for knowing whether all it does is wait.
+            self._signals = Signals(self)
+            self.executor = counting(executor, self._signals)
+
+    async def signals(self) -> Signals:
+        """The run's waits' bookkeeping, with the signals its journal says were taken."""
+        assert self._signals is not None
+        if not self._signals_loaded:
+            self._signals.load(await self.journal())
+            self._signals_loaded = True
+        return self._signals
 
     async def journal(self) -> dict[str, NodeRecord]:
         if self._journal is None:
@@ -244,6 +260,8 @@ class Dynamic:
     async def forget(self, stale: list[str], reason: str = "changed") -> None:
         if not stale:
             return
+        if self._signals is not None:
+            self._signals.release(stale)
         await self.store.forget_nodes(self.run.run_id, stale)
         if self.run.observed:
             now = time.time()
@@ -305,8 +323,6 @@ class Scope:
         elif node.kind is NodeKind.LOOP:
             data, value = await self._loop(run, node, full, marker, args, kwargs)
         else:
-            from .waits import wait
-
             data, value = await wait(self, run, node, full, marker)
         record = NodeRecord(full, _codec.dumps(data), 1, started, time.time(), marker)
         await dyn.commit(record)

@@ -274,11 +274,12 @@ async def drive(
     through the same *executor*, and a mapped or looped flow's sub-graph through this
     very function, with *scope* naming where in the run that sub-graph sits.
     """
-    execute = executor.execute
     if scope is None and state.plan.dynamic:
         from .dynamic import Dynamic
 
-        scope = Dynamic(run, store, executor, limiter, on_skipped).root
+        dynamic = Dynamic(run, state.plan, store, executor, limiter, on_skipped)
+        scope, executor = dynamic.root, dynamic.executor
+    execute = executor.execute
     prefix = scope.prefix if scope is not None else ""
 
     if scope is None:

@@ -610,6 +610,58 @@ class SQLiteStore:
             hint="Check the disk (space, permissions) and the file",
         )
 
+    # --- signals (fd.wait_for) --------------------------------------------------------------
+
+    def _signals(self) -> sqlite3.Connection:
+        db = self._db()
+        if not getattr(self, "_signals_ready", False):
+            db.execute(_SIGNALS_TABLE)
+            self._signals_ready = True
+        return db
+
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the run's signals called *name*; its index."""
+        await checkpoint_if_cancelled()
+        try:
+            db = self._signals()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (index,) = db.execute(_COUNT_SIGNALS, (run_id, name)).fetchone()
+                db.execute(_INSERT_SIGNAL, (run_id, name, index, value))
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return int(index)
+
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
+        await checkpoint_if_cancelled()
+        try:
+            row = self._signals().execute(_SELECT_SIGNAL, (run_id, name, index)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if row is None:
+            return None
+        try:
+            return _check_json(_str(row[0], "the signal"), "the signal")
+        except _Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+
+
+_SIGNALS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signals (
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (run_id, name, seq)
+) WITHOUT ROWID"""
+_COUNT_SIGNALS: Final = "SELECT count(*) FROM signals WHERE run_id = ? AND name = ?"
+_INSERT_SIGNAL: Final = "INSERT INTO signals (run_id, name, seq, value) VALUES (?, ?, ?, ?)"
+_SELECT_SIGNAL: Final = "SELECT value FROM signals WHERE run_id = ? AND name = ? AND seq = ?"
+
 
 # --- values: inline or by content hash ------------------------------------------------------
 

@@ -1,0 +1,44 @@
+"""Sending a signal to a run (``ctx.signal``, ``flowdsl signal``): checked, then stored.
+
+The run's waits pick it up from the store (see ``_engine/waits.py``), in this process or
+any other: the sender needs nothing but the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _codec
+from .._define.trace import check_name
+from .._errors import CodecError, ConfigError, FlowError, TracingError
+
+__all__ = ["send_signal"]
+
+
+async def send_signal(store: Any, run_id: str, name: str, value_json: str) -> int:
+    """Store signal *name* (JSON text *value_json*) for run *run_id*; its index."""
+    try:
+        check_name(name, "signal")
+    except TracingError:
+        raise ConfigError(
+            f"signal name {name!r} is not a valid name",
+            hint="Use the name the flow waits for: `fd.wait_for(name, ...)`",
+        ) from None
+    try:
+        _codec.loads(value_json)
+    except CodecError as exc:
+        raise ConfigError(f"the signal's value is not JSON: {exc.problem}") from None
+    record = await store.get_run(run_id)
+    if record is None:
+        raise FlowError(
+            f"no run {run_id!r} in store {store.url}",
+            hint="Check the run id (`flowdsl runs list`) and the store URL",
+        )
+    if record.status.ended:
+        raise FlowError(
+            f"run {run_id!r} has {record.status.value}; a signal cannot reach it",
+            flow=record.flow,
+            hint="Signal a run that is running or waiting; `flowdsl runs show` shows its state",
+        )
+    index: int = await store.put_signal(run_id, name, value_json)
+    return index
