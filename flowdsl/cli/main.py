@@ -43,6 +43,7 @@ from .._records import NodeRecord, RunRecord, RunStatus, add_usage
 from .._urls import hide_credentials
 from .live import LiveView, StepTable, format_duration
 from .load import TargetError, add_to_path, load_flow, module_name_for_file
+from .progress import dynamic_progress
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -168,6 +169,11 @@ def cli(traceback: bool) -> None:
     """
     if traceback:
         _FlowdslGroup.show_traceback = True
+
+
+from .signal import signal as _signal_command  # noqa: E402 - the group is defined above
+
+cli.add_command(_signal_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -714,12 +720,17 @@ def node_rows(
         if record.failed_node is not None and record.failed_node not in journal:
             order.append(record.failed_node)
     rows = []
+    progress = dynamic_progress(record, journal, graph_)
     for node_id in order:
         node = journal.get(node_id)
         row: dict[str, Any] = {
             "node_id": node_id,
             "status": _node_status(node_id, node, record, journal, graph_),
         }
+        if node_id in progress:  # a map's items, a loop's iterations, a wait's signal
+            row["progress"] = progress[node_id]
+            if node is None and record.status is RunStatus.WAITING:
+                row["status"] = "waiting" if "signal" in progress[node_id] else row["status"]
         if node is not None:
             row.update(
                 attempts=node.attempts,
@@ -794,7 +805,7 @@ def _print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -
             format_duration(row.get("duration")),
             Text(_preview(json.dumps(row["result"], ensure_ascii=False), PREVIEW))
             if "result" in row
-            else "",
+            else Text(row.get("progress", ""), style="dim"),
         ]
         if with_usage:
             cells.append(Text(_usage_text(row.get("usage"))))
@@ -869,6 +880,7 @@ _STATUS_STYLES = {
     "failed": "bold red",
     "cancelled": "yellow",
     "running": "cyan",
+    "waiting": "magenta",
     "pending": "dim",
     "not run": "dim",
     "skipped": "dim",
