@@ -5,7 +5,12 @@ after a crash at any node, item or iteration as if never interrupted."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +97,50 @@ async def test_random_dynamic_dags_resume_after_a_crash(
     report = await check_resume(flow, *inputs, crash=crash, context=make)
     assert report.result == report.expected == (await reference(spec, *inputs)).result
     assert not report.rerun, report.explain()
+
+
+# --- a wait outlives its process --------------------------------------------------------------
+
+TESTS = Path(__file__).parent
+
+
+def _python(*args: str) -> str:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, *args], cwd=TESTS, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "nats"])
+def test_a_wait_started_in_one_process_is_signalled_and_resumed_in_others(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/waits.db"
+    elif backend == "redis":
+        url = f"{request.getfixturevalue('redis_server').url}?prefix=w{next(_n)}"
+    else:
+        url = f"{request.getfixturevalue('nats_server').url}?prefix=w{uuid.uuid4().hex[:8]}"
+    # Process 1 starts the run; it reaches its wait, and the process exits.
+    start = "import sys, anyio, wait_flows; anyio.run(wait_flows.start, *sys.argv[1:])"
+    assert _python("-c", start, url, "otter-1") == "waiting"
+    # Process 2 signals it; process 3 resumes it to its end.
+    sent = _python(
+        "-m",
+        "flowdsl",
+        "signal",
+        "otter-1",
+        "approval",
+        "--value",
+        '{"ok": true, "by": "pat"}',
+        "--store",
+        url,
+    )
+    assert json.loads(sent) == {"run_id": "otter-1", "signal": "approval", "index": 0}
+    result = _python("-m", "flowdsl", "resume", "otter-1", "--store", url, "--quiet")
+    assert json.loads(result) == "draft about otters: approved by pat"

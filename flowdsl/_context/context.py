@@ -118,7 +118,13 @@ class Run:
         if self._history is not None:
             self._history.append(event)
         for stream in self._subscribers:
-            stream.send_nowait(event)
+            try:
+                stream.send_nowait(event)
+            except anyio.BrokenResourceError:
+                # A subscriber that stopped iterating run.events() early: drop it, the
+                # run goes on.
+                stream.close()
+                self._subscribers = [s for s in self._subscribers if s is not stream]
         callback = self.context.on_event
         if callback is not None:
             callback(event)
@@ -154,9 +160,10 @@ class Run:
             return
         send, receive = anyio.create_memory_object_stream[Any](math.inf)
         self._subscribers.append(send)
-        for event in history:
-            yield event
+        # Closed however the caller stops iterating (a `break` included).
         async with receive:
+            for event in history:
+                yield event
             async for event in receive:
                 yield event
 

@@ -11,6 +11,7 @@ from typing import Any
 from .. import _codec
 from .._define.trace import check_name
 from .._errors import CodecError, ConfigError, FlowError, TracingError
+from .._records import RunStatus
 
 __all__ = ["send_signal"]
 
@@ -34,11 +35,14 @@ async def send_signal(store: Any, run_id: str, name: str, value_json: str) -> in
             f"no run {run_id!r} in store {store.url}",
             hint="Check the run id (`flowdsl runs list`) and the store URL",
         )
-    if record.status.ended:
+    if record.status is RunStatus.FINISHED:
+        # A failed or cancelled run still takes signals: a resume can consume them (a wait
+        # that timed out, say).
         raise FlowError(
-            f"run {run_id!r} has {record.status.value}; a signal cannot reach it",
+            f"run {run_id!r} has finished; a signal cannot reach it",
             flow=record.flow,
-            hint="Signal a run that is running or waiting; `flowdsl runs show` shows its state",
+            hint="Signal a run that is running, waiting, or failed and about to be resumed; "
+            "`flowdsl runs show` shows its state",
         )
     index: int = await store.put_signal(run_id, name, value_json)
     return index
