@@ -42,9 +42,11 @@ __all__ = [
     "LoopOp",
     "MapOp",
     "Recorder",
+    "Signalling",
     "SubCall",
     "SubFlowSpec",
     "Switch",
+    "WaitOp",
     "build_flow",
     "dag_specs",
     "flat_label",
@@ -56,6 +58,8 @@ __all__ = [
     "recording",
     "reference",
     "run_sync",
+    "signal_value",
+    "wait_names",
 ]
 
 
@@ -242,7 +246,40 @@ class LoopOp:
     flow: bool = False
 
 
-Op = Call | Switch | SubCall | MapOp | LoopOp
+@attrs.frozen
+class WaitOp:
+    """``await fd.wait_for(f"w_{label}", int, after=values[arg])``: its value is the signal
+    a test sends, :func:`signal_value` of the name."""
+
+    label: str
+    arg: int
+
+    @property
+    def name(self) -> str:
+        return f"w_{self.label}"
+
+
+def signal_value(name: str) -> int:
+    return int(_digest(name, [])[:8], 16)
+
+
+def wait_names(spec: DagSpec) -> list[str]:
+    """The signal names a run of *spec* may wait for (top level and branch cases)."""
+    names: list[str] = []
+
+    def walk(ops: Sequence[Op]) -> None:
+        for op in ops:
+            if isinstance(op, WaitOp):
+                names.append(op.name)
+            elif isinstance(op, Switch):
+                for case in op.cases:
+                    walk(case.ops)
+
+    walk(spec.ops)
+    return names
+
+
+Op = Call | Switch | SubCall | MapOp | LoopOp | WaitOp
 
 
 @attrs.frozen
@@ -312,6 +349,7 @@ def _draw_block(
     max_ops: int,
     dynamic: bool = False,
     item_flows: int = 0,
+    waits: bool = False,
 ) -> tuple[Op, ...]:
     ops: list[Op] = []
     n_ops = draw(st.integers(min_ops, max_ops))
@@ -323,7 +361,13 @@ def _draw_block(
             kinds.append("sub")
         if dynamic:
             kinds += ["map", "loop"]
+        if waits:
+            kinds.append("wait")
         kind = draw(st.sampled_from(kinds))
+        if kind == "wait":
+            ops.append(WaitOp(labels.next(), draw(st.integers(0, visible - 1))))
+            visible += 1
+            continue
         if kind == "map":
             args = draw(st.lists(st.integers(0, visible - 1), max_size=2))
             sub = draw(st.sampled_from([None, *range(item_flows)]))
@@ -355,6 +399,7 @@ def _draw_block(
                     max_ops=3,
                     dynamic=dynamic,
                     item_flows=item_flows,
+                    waits=waits,
                 )
                 end = visible + len(body)
                 result = draw(st.sampled_from([end - 1, end - 1, end - 1, *range(end)]))
@@ -377,6 +422,7 @@ def dag_specs(
     max_depth: int = 2,
     max_subflows: int = 2,
     dynamic: bool = False,
+    waits: bool = False,
 ) -> DagSpec:
     """Random flows: fan-in from any earlier value, fan-out, branches of 2-3 cases holding
     sub-chains (nested up to *max_depth*), and sub-flows called once or several times;
@@ -427,6 +473,7 @@ def dag_specs(
         max_ops=max_ops,
         dynamic=dynamic,
         item_flows=len(item_flows),
+        waits=waits,  # at the top level and in its cases: one signal per name will do
     )
     return DagSpec(ops, tuple(subflows), tuple(item_flows))
 
@@ -451,7 +498,9 @@ async def _trace_block(
     values = list(values)
     for op in ops:
         label = _label(prefix, op.label)
-        if isinstance(op, MapOp):
+        if isinstance(op, WaitOp):
+            value = await fd.wait_for(op.name, int, after=values[op.arg])
+        elif isinstance(op, MapOp):
             xs = await make_list(
                 _label(prefix, [op.label, "list"]), op.n, *[values[i] for i in op.args]
             )
@@ -572,7 +621,9 @@ class _Evaluator:
         values = list(values)
         for op in ops:
             label = _label(prefix, op.label)
-            if isinstance(op, MapOp):
+            if isinstance(op, WaitOp):
+                value = signal_value(op.name)
+            elif isinstance(op, MapOp):
                 xs = await make_list(
                     _label(prefix, [op.label, "list"]), op.n, *[values[i] for i in op.args]
                 )
@@ -613,6 +664,8 @@ class _Evaluator:
                 self.skipped.add(flat_label(_label(prefix, [op.label, "list"])))
             if isinstance(op, LoopOp):
                 self.skipped.add(flat_label(_label(prefix, [op.label, "init"])))
+            if isinstance(op, WaitOp):
+                continue  # a wait has no label argument (its name says which)
             if not isinstance(op, SubCall):  # a sub-flow call is a namespace, not a node
                 self.skipped.add(flat_label(label))
             if isinstance(op, Switch):
@@ -642,6 +695,22 @@ def labels_by_node(graph: Graph) -> dict[str, str]:
         assert isinstance(first, Literal), node
         out[node_id] = flat_label(first.value)
     return out
+
+
+class Signalling(fd.Context):
+    """A context that sends every run it makes the signals its waits expect, right after
+    creating the run (signals sent before a wait are kept for it)."""
+
+    def __init__(self, names: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = names
+
+    async def _prepare(self, *args: Any, **kwargs: Any) -> Any:
+        run, fresh = await super()._prepare(*args, **kwargs)
+        if fresh and not run.resuming:
+            for name in dict.fromkeys(self.names):
+                await self.signal(run.run_id, name, signal_value(name))
+        return run, fresh
 
 
 def run_sync(awaitable: Awaitable[Any]) -> Any:

@@ -18,7 +18,17 @@ import flowdsl as fd
 from flowdsl import events as ev
 from flowdsl.testing import CrashPoint, check_resume
 
-from strategies import DagSpec, LoopOp, MapOp, build_flow, dag_specs, flow_inputs, recording
+from strategies import (
+    DagSpec,
+    LoopOp,
+    MapOp,
+    Signalling,
+    build_flow,
+    dag_specs,
+    flow_inputs,
+    recording,
+    wait_names,
+)
 from strategies import reference as reference_of
 
 pytestmark = pytest.mark.anyio
@@ -173,3 +183,65 @@ async def test_random_dynamic_dags_resume_in_batch_mode(
     report = await check_resume(flow, *inputs, crash=crash, context=_context("batch", tmp_path))
     assert report.result == report.expected == (await reference_of(spec, *inputs)).result
     assert not report.rerun
+
+
+# --- with waits ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(spec=dag_specs(max_ops=5, dynamic=True, waits=True), inputs=flow_inputs())
+async def test_random_dags_with_waits_match_plain_python(
+    spec: DagSpec, inputs: tuple[int, str]
+) -> None:
+    flow = build_flow(spec)
+    expected = await reference_of(spec, *inputs)
+    with recording() as rec:
+        async with Signalling(wait_names(spec)) as ctx:
+            assert await ctx.run(flow, *inputs) == expected.result
+    assert rec.counts == expected.ran
+
+
+@settings(SETTINGS, max_examples=6)
+@given(spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True, waits=True), inputs=flow_inputs())
+async def test_random_dags_with_waits_in_batch_mode(
+    tmp_path: Path, spec: DagSpec, inputs: tuple[int, str]
+) -> None:
+    flow = build_flow(spec)
+    expected = await reference_of(spec, *inputs)
+    url = f"sqlite:///{tmp_path}/w{next(_files)}.db"
+    async with Signalling(wait_names(spec), batch=True, store=url, workers=2) as ctx:
+        assert await ctx.run(flow, *inputs) == expected.result
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+@SETTINGS
+@given(
+    spec=dag_specs(max_ops=5, max_subflows=1, dynamic=True, waits=True),
+    inputs=flow_inputs(),
+    point=st.integers(0, 1000),
+    kind=st.sampled_from(["exception", "cancel"]),
+)
+async def test_random_dags_with_waits_resume_as_if_never_interrupted(
+    tmp_path: Path,
+    store: str,
+    spec: DagSpec,
+    inputs: tuple[int, str],
+    point: int,
+    kind: str,
+) -> None:
+    flow = build_flow(spec)
+    names = wait_names(spec)
+
+    def make(**kwargs: Any) -> fd.Context:
+        if store == "memory":
+            return Signalling(names, **kwargs)
+        return Signalling(names, store=f"sqlite:///{tmp_path}/s{next(_files)}.db", **kwargs)
+
+    events: list[Any] = []
+    async with make(on_event=events.append) as ctx:
+        await ctx.run(flow, *inputs)
+    ids = sorted({e.node_id for e in events if isinstance(e, ev.StepStarted)})
+    crash = CrashPoint(ids[point % len(ids)], kind)  # type: ignore[arg-type]
+    report = await check_resume(flow, *inputs, crash=crash, context=make)
+    assert report.ok, report.explain()
+    assert report.result == (await reference_of(spec, *inputs)).result

@@ -22,7 +22,16 @@ from flowdsl import events as ev
 from flowdsl.testing import CrashPoint, check_resume
 
 from _servers import NatsServer, RedisServer
-from strategies import DagSpec, build_flow, dag_specs, flow_inputs, recording, reference
+from strategies import (
+    DagSpec,
+    Signalling,
+    build_flow,
+    dag_specs,
+    flow_inputs,
+    recording,
+    reference,
+    wait_names,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -50,22 +59,23 @@ def server_url(request: pytest.FixtureRequest) -> Any:
     return lambda: f"{nats.url}?prefix=d{uuid.uuid4().hex[:8]}"
 
 
-def _batch(url: str, **kwargs: Any) -> fd.Context:
-    return fd.Context(batch=True, broker=url, store=url, workers=2, **kwargs)
+def _batch(url: str, names: list[str], **kwargs: Any) -> fd.Context:
+    return Signalling(names, batch=True, broker=url, store=url, workers=2, **kwargs)
 
 
 @SETTINGS
-@given(spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True), inputs=flow_inputs())
+@given(spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True, waits=True), inputs=flow_inputs())
 async def test_random_dynamic_dags_in_batch_mode_match_real_time(
     server_url: Any, spec: DagSpec, inputs: tuple[int, str]
 ) -> None:
     flow = build_flow(spec)
     expected = await reference(spec, *inputs)
     url = server_url()
-    async with fd.Context(store=url) as ctx:
+    names = wait_names(spec)
+    async with Signalling(names, store=url) as ctx:
         assert await ctx.run(flow, *inputs, run_id="rt") == expected.result
     with recording() as rec:
-        async with _batch(url) as ctx:
+        async with _batch(url, names) as ctx:
             assert await ctx.run(flow, *inputs, run_id="batch") == expected.result
             journals = [await ctx.store.load_nodes(r) for r in ("rt", "batch")]
     assert rec.counts == expected.ran
@@ -75,7 +85,7 @@ async def test_random_dynamic_dags_in_batch_mode_match_real_time(
 
 @SETTINGS
 @given(
-    spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True),
+    spec=dag_specs(max_ops=4, max_subflows=1, dynamic=True, waits=True),
     inputs=flow_inputs(),
     point=st.integers(0, 1000),
     mode=st.sampled_from(["realtime", "batch"]),
@@ -84,15 +94,18 @@ async def test_random_dynamic_dags_resume_after_a_crash(
     server_url: Any, spec: DagSpec, inputs: tuple[int, str], point: int, mode: str
 ) -> None:
     flow = build_flow(spec)
+    names = wait_names(spec)
     events: list[Any] = []
-    async with fd.Context(on_event=events.append) as ctx:
+    async with Signalling(names, on_event=events.append) as ctx:
         await ctx.run(flow, *inputs)
     ids = sorted({e.node_id for e in events if isinstance(e, ev.StepStarted)})
     crash = CrashPoint(ids[point % len(ids)], "exception")
 
     def make(**kwargs: Any) -> fd.Context:
         url = server_url()
-        return _batch(url, **kwargs) if mode == "batch" else fd.Context(store=url, **kwargs)
+        if mode == "batch":
+            return _batch(url, names, **kwargs)
+        return Signalling(names, store=url, **kwargs)
 
     report = await check_resume(flow, *inputs, crash=crash, context=make)
     assert report.result == report.expected == (await reference(spec, *inputs)).result

@@ -109,12 +109,16 @@ class _Counting:
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Awaitable[tuple[NodeRecord, Any]]:
+        # Counted from now (not from when its task starts), or a wait polling meanwhile
+        # would park a run that is about to work.
         self.signals.busy += 1
-        return self._counted(self.inner.execute(run, node, args, kwargs))
+        return self._counted(run, node, args, kwargs)
 
-    async def _counted(self, work: Awaitable[tuple[NodeRecord, Any]]) -> tuple[NodeRecord, Any]:
+    async def _counted(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[NodeRecord, Any]:
         try:
-            return await work
+            return await self.inner.execute(run, node, args, kwargs)  # type: ignore[no-any-return]
         finally:
             self.signals.busy -= 1
 
