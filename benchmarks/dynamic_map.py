@@ -141,6 +141,10 @@ async def _batch(url: str, rounds: int) -> list[float]:
     return walls
 
 
+def _per_w1_step(flowdsl: float, floor: float) -> float:
+    return (flowdsl - floor) / ((w1_chain.w.W1_RUNS // 5) * w1_chain.w.CHAIN_STEPS) * 1e6
+
+
 def run(config: Config) -> Section:
     rounds = config.pick(default=9, quick=3)
     section = Section(
@@ -155,8 +159,7 @@ def run(config: Config) -> Section:
     )
     for backend in ("asyncio", "trio"):
         w1 = anyio.run(w1_chain._measure, rounds, w1_chain.w.W1_RUNS // 5, backend=backend)
-        w1_steps = (w1_chain.w.W1_RUNS // 5) * w1_chain.w.CHAIN_STEPS
-        w1_overhead = paired(w1["flowdsl"], w1["floor"], lambda a, b: (a - b) / w1_steps * 1e6)
+        w1_overhead = paired(w1["flowdsl"], w1["floor"], _per_w1_step)
         times = anyio.run(_timing, rounds, backend, backend=backend)
         overhead = paired(times["flowdsl"], times["floor"], lambda a, b: (a - b) / ITEMS * 1e6)
         ratio = overhead / w1_overhead

@@ -2,9 +2,11 @@
 
 The flow::
 
-    find_sources ──> summarize.map(sources) ──> plan ──> fd.loop(agent_turn) ──> wait_for("approval") ──> publish
-                     (one node, one item per              (one node, one iteration    (one node: the run
-                      source, run concurrently)            per turn, at most 8)        waits, durably)
+    find_sources ──> summarize.map(sources) ──> plan ──> fd.loop(agent_turn)
+                     (one node; one item per             (one node; one iteration
+                      source, concurrently)               per turn, at most 8)
+        ──> fd.wait_for("approval") ──> publish
+            (one node: the run waits, durably)
 
 - ``summarize.map(sources, question=...)`` is ONE node of the graph; at run time it has one
   item per source, each journaled on its own (``summarize[0]``, ``summarize[1]``, ...) and, in
@@ -34,7 +36,7 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import attrs
@@ -150,7 +152,7 @@ async def research(question: str) -> Report:
 class ScriptedResearcher:
     """Answers like a careful model: sources, summaries, then tool calls turn by turn."""
 
-    TOOLS = [("lookup", {"topic": "otters"}), ("lookup", {"topic": "urchins"})]
+    TOOLS: ClassVar = [("lookup", {"topic": "otters"}), ("lookup", {"topic": "urchins"})]
 
     def __init__(self) -> None:
         self.asked: dict[str, int] = {}
@@ -197,7 +199,8 @@ async def main(batch: bool, approve: bool) -> None:
             report: Report = await run.result()
     verdict = "approved" if report.approved else "rejected"
     print(f"{verdict} by {report.reviewer}: {report.answer.split(' | ')[0]}")
-    print(f"{report.sources} sources, {report.turns} agent turns, mode: {'batch' if batch else 'real time'}")
+    mode = "batch" if batch else "real time"
+    print(f"{report.sources} sources, {report.turns} agent turns, mode: {mode}")
 
 
 if __name__ == "__main__":

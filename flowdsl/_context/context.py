@@ -25,7 +25,7 @@ from .. import _codec
 from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node
-from .._engine.dynamic import journaled_value
+from .._engine.derived import journaled_value
 from .._engine.resume import plan_reuse
 from .._engine.scheduler import Executor, Plan, RunState, drive
 from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed

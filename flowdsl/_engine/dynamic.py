@@ -25,7 +25,7 @@ part.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -33,174 +33,19 @@ import attrs
 
 from .. import _codec
 from .. import events as ev
-from .._define.dynamic import Done, as_outcome, outcome_types
+from .._define.dynamic import Done, as_outcome
 from .._define.graph import Node, NodeKind
-from .._errors import CheckpointError, CodecError, StepFailed
+from .._errors import CodecError, StepFailed
 from .._records import NodeRecord
+from .derived import ConstMarkers, Piece, PrefixMarkers, RunView, journaled_value, plan_of
+from .derived import pieces as journal_pieces
 from .resume import plan_reuse
 from .runner import _commit
 from .scheduler import Plan, RunState, _first_failure, _limited, drive
 from .spawn import open_node_group
 from .waits import Signals, counting, has_waits, wait
 
-__all__ = ["Dynamic", "RunView", "Scope", "journaled_value"]
-
-
-# --- what an executor sees ------------------------------------------------------------------
-
-
-class _ConstMarkers(Mapping[str, str]):
-    """Every item of a map (every iteration of a loop) has the node's own marker."""
-
-    __slots__ = ("marker",)
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __getitem__(self, key: str) -> str:
-        return self.marker
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-class _PrefixMarkers(Mapping[str, str]):
-    """The markers of a sub-graph's nodes, by the ids they run under (``map[2]/node``)."""
-
-    __slots__ = ("inner", "size")
-
-    def __init__(self, size: int, inner: Mapping[str, str]) -> None:
-        self.size = size
-        self.inner = inner
-
-    def __getitem__(self, key: str) -> str:
-        return self.inner[key[self.size :]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-@attrs.define(eq=False)
-class _MarkerPlan:
-    markers: Mapping[str, str]
-
-
-class RunView:
-    """A run as an executor sees it while it runs an item, an iteration or a node of a
-    sub-graph: the run's identity and events, with markers for the ids it runs under."""
-
-    __slots__ = ("base", "flow_name", "observed", "plan", "run_id")
-
-    def __init__(self, base: Any, markers: Mapping[str, str]) -> None:
-        self.base = base
-        self.run_id: str = base.run_id
-        self.flow_name: str = base.flow_name
-        self.observed: bool = base.observed
-        self.plan = _MarkerPlan(markers)
-
-    def emit(self, event: Any) -> None:
-        self.base.emit(event)
-
-    def add_usage(self, counts: dict[str, Any]) -> None:
-        self.base.add_usage(counts)
-
-
-def _base(run: Any) -> Any:
-    return run.base if isinstance(run, RunView) else run
-
-
-def plan_of(flow: Any) -> Plan:
-    plan: Plan | None = getattr(flow, "_fd_plan", None)
-    if plan is None or plan.graph is not flow.graph:
-        plan = Plan(flow.graph)
-        flow._fd_plan = plan
-    return plan
-
-
-# --- journal --------------------------------------------------------------------------------
-
-
-@attrs.define
-class _Piece:
-    """What the journal holds for one item or iteration: its own record, and the records
-    of its sub-graph's nodes by their ids inside it."""
-
-    record: NodeRecord | None = None
-    inner: dict[str, NodeRecord] = attrs.field(factory=dict)
-
-
-def _pieces(journal: Mapping[str, NodeRecord], node_id: str, sep: str) -> dict[int, _Piece]:
-    """The journal's records of *node_id*'s items (``sep="["``) or iterations (``"@"``)."""
-    out: dict[int, _Piece] = {}
-    start = node_id + sep
-    for key, record in journal.items():
-        if not key.startswith(start):
-            continue
-        rest = key[len(start) :]
-        if sep == "[":
-            index, close, tail = rest.partition("]")
-            if not close:
-                continue
-        else:
-            index, slash, tail = rest.partition("/")
-            tail = slash + tail
-        if not index.isdigit():
-            continue
-        piece = out.setdefault(int(index), _Piece())
-        if not tail:
-            piece.record = record
-        elif tail.startswith("/"):
-            piece.inner[tail[1:]] = record
-    return out
-
-
-def journaled_value(run: Any, node: Node, journal: Mapping[str, NodeRecord]) -> Any:
-    """The value of a node the journal says finished, decoded as its type; a map's or a
-    loop's put together from its items' or last iteration's records."""
-    text = journal[node.id].value
-    try:
-        if node.kind is NodeKind.BRANCH:
-            label = _codec.loads(text)
-            if label not in node.labels:
-                raise CodecError(f"case {label!r} is none of {list(node.labels)}")
-            return label
-        if node.kind is NodeKind.STEP:
-            assert node.fn is not None
-            return _codec.decode(text, node.fn.return_type, what=f"the result of {node.id!r}")
-        data = _codec.loads(text)
-        if node.kind is NodeKind.WAIT:
-            return _codec.from_data(data["value"], node.spec.type, what=f"signal {node.name!r}")
-        body = node.spec.body
-        if node.kind is NodeKind.MAP:
-            return [
-                _codec.decode(
-                    journal[f"{node.id}[{i}]"].value,
-                    body.return_type,
-                    what=f"item {i} of {node.id!r}",
-                )
-                for i in range(int(data["items"]))
-            ]
-        last = journal[f"{node.id}@{int(data['iterations']) - 1}"]
-        outcome = as_outcome(_codec.loads(last.value))  # data: decoded as the result type
-        if not isinstance(outcome, Done):
-            raise CodecError("the last iteration did not return fd.Done")
-        return _codec.from_data(outcome.result, outcome_types(body.return_type)[1])
-    except (CodecError, KeyError, TypeError, ValueError) as exc:
-        problem = exc.problem if isinstance(exc, CodecError) else f"missing or bad {exc}"
-        raise CheckpointError(
-            f"the journaled result of node {node.id!r} in run {run.run_id!r} cannot be "
-            f"read: {problem}",
-            flow=run.flow_name,
-            node=node.id,
-            hint="The store is corrupted, or the step's return type changed: bump the "
-            "step's version= so that it runs again",
-        ) from exc
+__all__ = ["Dynamic", "RunView", "Scope", "journaled_value"]  # the last two: derived.py
 
 
 # --- the per-run engine ---------------------------------------------------------------------
@@ -221,7 +66,7 @@ class Dynamic:
     ) -> None:
         if store is None:
             raise RuntimeError("a flow with map, loop or wait nodes needs drive(store=...)")
-        self.run = _base(run)
+        self.run = run.base if isinstance(run, RunView) else run
         self.store = store
         self.executor = executor
         self.limiter = limiter
@@ -353,7 +198,7 @@ class Scope:
             )
         if dyn.run.observed:
             dyn.emit(ev.MapStarted(dyn.run.run_id, full, time.time(), len(items)))
-        pieces = _pieces(await self._journal(), node.id, "[")
+        pieces = journal_pieces(await self._journal(), node.id, "[")
         if node.spec.is_flow:
             results = await self._map_flows(run, node, full, marker, items, kwargs, pieces)
         else:
@@ -376,7 +221,7 @@ class Scope:
         marker: str,
         items: list[Any] | tuple[Any, ...],
         kwargs: dict[str, Any],
-        pieces: dict[int, _Piece],
+        pieces: dict[int, Piece],
     ) -> list[Any]:
         dyn = self.dyn
         step = node.spec.body
@@ -397,7 +242,7 @@ class Scope:
         await dyn.forget(stale)
         if not todo:
             return results
-        view = RunView(dyn.run, _ConstMarkers(marker))
+        view = RunView(dyn.run, ConstMarkers(marker))
         start = len(full) + 1
 
         def then(key: Node, outcome: tuple[NodeRecord, Any]) -> None:
@@ -431,7 +276,7 @@ class Scope:
         marker: str,
         items: list[Any] | tuple[Any, ...],
         kwargs: dict[str, Any],
-        pieces: dict[int, _Piece],
+        pieces: dict[int, Piece],
     ) -> list[Any]:
         dyn = self.dyn
         flow = node.spec.body
@@ -475,7 +320,7 @@ class Scope:
         marker: str,
         first: dict[str, Any],
         kwargs: dict[str, Any],
-        piece: _Piece | None,
+        piece: Piece | None,
     ) -> tuple[Any, Any]:
         """Run *flow*'s graph as the piece *full* of this scope (an item or an iteration)
         and journal its result under *full*; the result's data and value."""
@@ -489,7 +334,7 @@ class Scope:
         ready = state.start()
         prefix = full + "/"
         child = Scope(dyn, prefix, piece.inner if piece is not None else {})
-        view = RunView(dyn.run, _PrefixMarkers(len(prefix), plan.markers))
+        view = RunView(dyn.run, PrefixMarkers(len(prefix), plan.markers))
         if piece is not None and piece.inner:
             ready = await child.replay(view, plan, state, ready)
         on_skipped = dyn.on_skipped
@@ -569,7 +414,7 @@ class Scope:
         spec = node.spec
         body = spec.body
         state = args[0]
-        pieces = _pieces(await self._journal(), node.id, "@")
+        pieces = journal_pieces(await self._journal(), node.id, "@")
         i = 0
         # Iterations already journaled are replayed in order: each took the state the one
         # before it returned, so the first that cannot be reused ends the replay.
@@ -597,7 +442,7 @@ class Scope:
             if j > i:  # its sub-graph took a state that is about to be computed again
                 stale.extend(f"{full}@{j}/{k}" for k in piece.inner)
         await dyn.forget(stale)
-        view = RunView(dyn.run, _ConstMarkers(marker))
+        view = RunView(dyn.run, ConstMarkers(marker))
         while i < spec.max_iterations:
             piece = pieces.get(i)
             if spec.is_flow:
