@@ -33,7 +33,10 @@ from strategies import reference as reference_of
 
 pytestmark = pytest.mark.anyio
 
+# Each example runs several contexts; a capped count keeps the suite within CI's budget
+# (the random DAGs without maps, in test_random_dags.py, take the profile's full count).
 SETTINGS = settings(
+    max_examples=40,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 _files = itertools.count()

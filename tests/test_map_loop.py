@@ -510,3 +510,23 @@ def test_fingerprints_see_what_a_map_maps() -> None:
         return await shout.map(words, suffix="?")
 
     assert one.graph.fingerprint != other.graph.fingerprint
+
+
+async def test_ctx_map_progress_counts_the_items_of_maps_inside_the_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextlib
+
+    from flowdsl._context import progress
+
+    counts: list[Any] = []
+
+    @contextlib.contextmanager
+    def spy(name: str, total: int, show: bool | None) -> Any:
+        counts.append(progress._Counts())
+        yield counts[-1]
+
+    monkeypatch.setattr(progress, "progress_for", spy)
+    async with fd.Context() as ctx:
+        assert await ctx.map(shouting, ["a b c", "", "d e"]) == ["A? B? C?", "", "D? E?"]
+    assert (counts[0].items_total, counts[0].items_done) == (5, 5)

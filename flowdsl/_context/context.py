@@ -26,6 +26,7 @@ from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node
 from .._engine.derived import journaled_value
+from .._engine.dynamic import ITEM_PROGRESS
 from .._engine.resume import plan_reuse
 from .._engine.scheduler import Executor, Plan, RunState, drive
 from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
@@ -450,6 +451,7 @@ class Context:
             async def one(i: int) -> None:
                 args, kwargs = calls[i]
                 rid = run_ids[i] if run_ids is not None else None
+                ITEM_PROGRESS.set(bar)  # this task's runs count their maps' items on the bar
                 bar.started()
                 try:
                     if limiter is None:

@@ -24,6 +24,7 @@ part.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -45,7 +46,18 @@ from .scheduler import Plan, RunState, _first_failure, _limited, drive
 from .spawn import open_node_group
 from .waits import Signals, counting, has_waits, wait
 
-__all__ = ["Dynamic", "RunView", "Scope", "journaled_value"]  # the last two: derived.py
+# Who counts the items of the maps run in this task (ctx.map's progress bar), if anyone.
+ITEM_PROGRESS: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "flowdsl_item_progress", default=None
+)
+
+__all__ = [
+    "ITEM_PROGRESS",
+    "Dynamic",
+    "RunView",
+    "Scope",
+    "journaled_value",
+]  # the last two: derived.py
 
 
 # --- the per-run engine ---------------------------------------------------------------------
@@ -198,6 +210,9 @@ class Scope:
             )
         if dyn.run.observed:
             dyn.emit(ev.MapStarted(dyn.run.run_id, full, time.time(), len(items)))
+        progress = ITEM_PROGRESS.get()
+        if progress is not None:
+            progress.items(len(items))
         pieces = journal_pieces(await self._journal(), node.id, "[")
         if node.spec.is_flow:
             results = await self._map_flows(run, node, full, marker, items, kwargs, pieces)
@@ -245,10 +260,14 @@ class Scope:
         view = RunView(dyn.run, ConstMarkers(marker))
         start = len(full) + 1
 
+        progress = ITEM_PROGRESS.get()
+
         def then(key: Node, outcome: tuple[NodeRecord, Any]) -> None:
             if outcome[0].usage:
                 dyn.run.add_usage(outcome[0].usage)
             results[int(key.id[start:-1])] = outcome[1]
+            if progress is not None:
+                progress.item_done()
 
         executor, limiter = dyn.executor, dyn.limiter
         make_job = getattr(executor, "job", None) if limiter is None else None
