@@ -42,6 +42,7 @@ FOREIGN = {
     "llm_overhead": "benchmarks.llm_overhead",
     "redis": "benchmarks.redis_bench",
     "nats": "benchmarks.nats_bench",
+    "service": "benchmarks.service_bench",
 }
 ALL = (*SECTIONS, *FOREIGN)
 

@@ -11,7 +11,8 @@ How the package stacks, bottom up (each layer imports only those below it):
 - ``stores/``: where journals live; ``contexts/``: executors that carry nodes to where they
   run; ``_context``: :class:`Context` and :class:`Run`, the user's handle on all of it.
 - ``llm/``: LLM providers reached from inside steps; ``testing``: helpers for users' tests;
-  ``cli``: the ``flowdsl`` command.
+  ``cli``: the ``flowdsl`` command; ``service/``: ``flowdsl serve`` and :class:`Client`
+  (grpc is imported only when a client or a service is made).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ._define.graph import Graph as Graph
 from ._define.graph import Node as Node
 from ._engine.runner import StepInfo as StepInfo
 from ._engine.runner import current_step as current_step
+from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CodecError as CodecError
 from ._errors import ConfigError as ConfigError
@@ -45,12 +47,15 @@ from ._errors import StepFailed as StepFailed
 from ._errors import TracingError as TracingError
 from ._records import RunStatus as RunStatus
 from ._secret import Secret as Secret
+from .service.client import Client as Client
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailable",
     "Branch",
     "CheckpointError",
+    "Client",
     "CodecError",
     "ConfigError",
     "Context",
@@ -85,7 +90,7 @@ def _fixup_module_metadata() -> None:
     # Tracebacks and reprs say `flowdsl.StepFailed`, not `flowdsl._errors.StepFailed`.
     for name in __all__:
         obj = globals()[name]
-        if isinstance(obj, type) and obj.__module__.startswith("flowdsl._"):
+        if isinstance(obj, type) and obj.__module__.startswith(("flowdsl._", "flowdsl.service.")):
             obj.__module__ = __name__
 
 

@@ -8,7 +8,10 @@ The hierarchy::
     ├── CodecError (TypeError)    a value the codec cannot carry, or data it cannot read back
     ├── CheckpointError (RuntimeError)
     │                             a corrupted store record, or a resume the flow's changes forbid
-    └── ConfigError (ValueError)  a bad URL, a missing server or extra, an unimportable step
+    ├── ConfigError (ValueError)  a bad URL or option, a missing extra, an unimportable step
+    └── BackendUnavailable (ConnectionError)
+                                  a store or queue server that does not answer (down,
+                                  restarting, unreachable): worth waiting for, unlike the rest
 
 Each subclass also inherits the builtin it resembles, so ``except TypeError`` code written
 before flowdsl still catches what it used to.  Constructors take the structured parts (the
@@ -19,6 +22,7 @@ flow, the node, a hint) and build the message, so every message has the same sha
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailable",
     "CheckpointError",
     "CodecError",
     "ConfigError",
@@ -124,7 +128,84 @@ class CheckpointError(FlowError, RuntimeError):
 
 
 class ConfigError(FlowError, ValueError):
-    """A bad URL or option, an unreachable server, a missing extra or an unimportable step."""
+    """A bad URL or option, a missing extra or an unimportable step."""
+
+
+class BackendUnavailable(FlowError, ConnectionError):
+    """A store's or queue's server that does not answer: down, restarting, unreachable.
+
+    Raised where flowdsl calls the client library, after the backend's calls have waited
+    out the server as long as they may (``retry_for``).  Unlike a :class:`CheckpointError`
+    (data that is wrong), it says nothing about the data: workers wait and try again.
+
+    ``server`` names the server (its URL's credentials hidden), ``operation`` what was
+    being done, ``waited`` how many seconds calls were retried (``None``: the first
+    connection failed), ``reason`` the client library's own words.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        operation: str | None = None,
+        waited: float | None = None,
+        reason: str | None = None,
+        run_id: str | None = None,
+        flow: str | None = None,
+        node: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.server = server
+        self.operation = operation
+        self.waited = waited
+        self.reason = reason
+        self.run_id = run_id
+        if waited is None:
+            problem = f"cannot reach {server}"
+        else:
+            problem = f"{server} has not answered for {waited:g} s"
+        if operation is not None:
+            problem += f" ({operation})"
+        if run_id is not None:
+            problem += f" (run {run_id!r})"
+        if reason:
+            problem += f": {reason}"
+        super().__init__(
+            problem,
+            flow=flow,
+            node=node,
+            hint=hint or "Check that the server runs and is reachable from this machine",
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_unavailable,
+            (
+                type(self),
+                self.server,
+                (self.operation, self.reason, self.run_id, self.flow, self.node, self.hint),
+                self.waited,
+            ),
+        )
+
+
+def _rebuild_unavailable(
+    cls: type[BackendUnavailable],
+    server: str,
+    texts: tuple[str | None, ...],
+    waited: float | None,
+) -> BackendUnavailable:
+    operation, reason, run_id, flow, node, hint = texts
+    return cls(
+        server,
+        operation=operation,
+        waited=waited,
+        reason=reason,
+        run_id=run_id,
+        flow=flow,
+        node=node,
+        hint=hint,
+    )
 
 
 class StepCodecFailed(StepFailed, CodecError):

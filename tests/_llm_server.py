@@ -15,6 +15,9 @@ chunked transfer encoding), records every request, and answers from a per-test s
 When the script is empty, ``server.default`` answers (by default an echo of the last user
 message). ``server.hold()`` keeps requests waiting until ``server.release()``, so a test can
 observe how many are in flight at once without sleeping.
+
+``server.batches`` (``_llm_batch_server``) adds OpenAI's Files + Batches and Anthropic's
+Message Batches endpoints, whose jobs end when the test says so.
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ class LLMServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._ids = itertools.count(1)
+        from _llm_batch_server import BatchJobs
+
+        self.batches = BatchJobs(self)
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(
@@ -167,6 +173,7 @@ class LLMServer:
             self._script.clear()
             self.default = echo
             self.max_in_flight = 0
+        self.batches.reset()
 
     def hold(self) -> None:
         """Keep every request waiting (after it is recorded) until :meth:`release`."""
@@ -220,10 +227,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
 
+    def do_GET(self) -> None:
+        self.server.owner.batches.get(self, self.path.split("?")[0])
+
     def do_POST(self) -> None:
         owner = self.server.owner
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length)
+        path = self.path.split("?")[0]
+        if owner.batches.handles(path):
+            owner.batches.post(self, path, raw)
+            return
         body = json.loads(raw) if raw else None
         headers = {k.lower(): v for k, v in self.headers.items()}
         request = Request("POST", self.path.split("?")[0], headers, body)
@@ -330,6 +344,10 @@ class _OpenAIReply:
         if self.request.streamed:
             self.stream()
             return
+        self.handler.send_json(200, self.body())
+
+    def body(self) -> dict[str, Any]:
+        """The chat completion, as a non-streamed answer (or a batch job's line) holds it."""
         message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
         if self.answer.tool_calls:
             message["tool_calls"] = self.calls()
@@ -341,7 +359,7 @@ class _OpenAIReply:
             "choices": [{"index": 0, "message": message, "finish_reason": self.finish()}],
             "usage": self.usage(),
         }
-        self.handler.send_json(200, body)
+        return body
 
     def finish(self) -> str:
         return "tool_calls" if self.answer.tool_calls else "stop"
@@ -435,7 +453,12 @@ class _AnthropicReply:
         if self.request.streamed:
             self.stream(blocks)
             return
-        self.handler.send_json(200, self.message(blocks, self.out_tokens(blocks)))
+        self.handler.send_json(200, self.body())
+
+    def body(self) -> dict[str, Any]:
+        """The message, as a non-streamed answer (or a batch job's result) holds it."""
+        blocks = self.blocks()
+        return self.message(blocks, self.out_tokens(blocks))
 
     def stream(self, blocks: list[dict[str, Any]]) -> None:
         h = self.handler

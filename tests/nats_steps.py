@@ -220,6 +220,15 @@ def conformance_store(tmp: Path) -> Any:
     return NATSStore(_SERVER.url, prefix=prefix, inline_max=256)
 
 
+def conformance_broker(tmp: Path) -> Any:
+    """A NATS broker for tests/test_broker_conformance.py, on the store suite's server and
+    under the same prefix as :func:`conformance_store` of *tmp*."""
+    from flowdsl.backends.nats.broker import NATSBroker
+
+    store = conformance_store(tmp)  # starts the server once, and names the prefix
+    return NATSBroker(_SERVER.url, prefix=store.bucket)
+
+
 # --- a worker process -------------------------------------------------------------------------
 
 

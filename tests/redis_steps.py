@@ -173,3 +173,13 @@ def conformance_store(tmp: Path) -> Any:
         _SERVER = server
     prefix = "conformance-" + hashlib.sha256(str(tmp).encode()).hexdigest()[:16]
     return RedisStore(_SERVER.url, prefix=prefix)
+
+
+def conformance_broker(tmp: Path) -> Any:
+    """A Redis broker for tests/test_broker_conformance.py, on the store suite's server and
+    under the same prefix as :func:`conformance_store` of *tmp*: a claim that finds nothing
+    returns at once (no blocking read), so that tests wait on their own conditions."""
+    from flowdsl.backends.redis.broker import RedisBroker
+
+    store = conformance_store(tmp)  # starts the server once, and names the prefix
+    return RedisBroker(_SERVER.url, prefix=store.prefix, claim_block=0)

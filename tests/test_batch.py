@@ -585,7 +585,7 @@ vanish_flows = {0: vanish_0, 1: vanish_1}
 async def test_the_listener_lets_the_queue_forget_old_completions(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowdsl._executors import batch as batch_module
+    from flowdsl._executors.batch import client as batch_module
     from flowdsl.backends.sqlite.broker import SQLiteBroker
 
     forgotten: list[Any] = []

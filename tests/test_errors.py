@@ -21,6 +21,7 @@ from flowdsl._errors import StepCodecFailed
         (fd.CodecError, TypeError),
         (fd.CheckpointError, RuntimeError),
         (fd.ConfigError, ValueError),
+        (fd.BackendUnavailable, ConnectionError),
     ],
 )
 def test_each_error_is_a_flow_error_and_its_builtin(cls: type[Exception], builtin: type) -> None:
@@ -28,6 +29,34 @@ def test_each_error_is_a_flow_error_and_its_builtin(cls: type[Exception], builti
     assert issubclass(cls, builtin)
     with pytest.raises(builtin):
         raise cls("problem")
+
+
+def test_backend_unavailable_builds_its_message_from_its_fields() -> None:
+    away = fd.BackendUnavailable(
+        "the Redis server at redis://h:6379/0",
+        operation="reading run 'r1'",
+        waited=30,
+        reason="Connection refused",
+    )
+    assert str(away) == (
+        "the Redis server at redis://h:6379/0 has not answered for 30 s (reading run 'r1'): "
+        "Connection refused. Check that the server runs and is reachable from this machine"
+    )
+    assert (away.server, away.operation, away.waited) == (
+        "the Redis server at redis://h:6379/0",
+        "reading run 'r1'",
+        30,
+    )
+    first = fd.BackendUnavailable("the NATS server at nats://h:4222", reason="refused", hint="H")
+    assert str(first) == "cannot reach the NATS server at nats://h:4222: refused. H"
+    back = pickle.loads(pickle.dumps(away))  # noqa: S301 - our own bytes
+    assert (back.server, back.operation, back.waited, back.reason, str(back)) == (
+        away.server,
+        away.operation,
+        away.waited,
+        away.reason,
+        str(away),
+    )
 
 
 def test_flow_error_is_an_exception() -> None:
@@ -93,6 +122,7 @@ ERRORS = [
     fd.CodecError("cannot encode", node="n"),
     fd.CheckpointError("corrupt", flow="f", node="n", hint="Resume"),
     fd.ConfigError("bad url", hint="Use sqlite:///x.db"),
+    fd.BackendUnavailable("the store x", node="n", hint="Wait"),
     fd.StepFailed("step failed", flow="f", node="n", hint="h"),
     StepCodecFailed("cannot encode", flow="f", node="n"),
 ]

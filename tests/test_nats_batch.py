@@ -23,8 +23,10 @@ import flowdsl as fd
 from flowdsl._executors.batch import StepCheckpointFailed, Worker
 from flowdsl._records import NodeRecord
 from flowdsl.backends.messages import decode_completion
+from flowdsl.backends.nats import broker as nats_broker_module
 from flowdsl.backends.nats.broker import NATSBroker
-from flowdsl.backends.nats.store import NATSStore, to_token
+from flowdsl.backends.nats.keys import to_token
+from flowdsl.backends.nats.store import NATSStore
 from flowdsl.testing import CrashPoint, check_resume
 
 import nats_steps as ns
@@ -254,20 +256,27 @@ async def test_a_resumed_runs_tasks_are_handed_out_afresh(broker: NATSBroker) ->
     assert await broker.claim("w", 10, 30.0) == []  # the other run's task is still held
 
 
-async def test_claim_returns_at_once_when_a_task_comes(broker: NATSBroker) -> None:
-    async def later() -> None:
-        await anyio.sleep(0.2)
-        await broker.enqueue([("r", "n", "{}")])
+async def test_claim_returns_at_once_when_a_task_comes(
+    broker: NATSBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long poll far longer than the deadline: the claim can only end in time by being
+    # answered when the task arrives, not by its poll running out.
+    monkeypatch.setattr(nats_broker_module, "LONG_POLL", 60.0)
+    started = anyio.Event()
+    claimed: list[Any] = []
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(later)
-        start = anyio.current_time()
-        claimed: list[Any] = []
+    async def claim() -> None:
+        started.set()
         while not claimed:
-            claimed = await broker.claim("w", 8, 30.0)
-        waited = anyio.current_time() - start
+            claimed.extend(await broker.claim("w", 8, 30.0))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim)
+            await started.wait()
+            await anyio.sleep(0.2)  # let the long poll reach the server first
+            await broker.enqueue([("r", "n", "{}")])
     assert [c.payload for c in claimed] == ["{}"]
-    assert waited < 0.2 + 0.5  # the long poll answered on arrival, not at its end
 
 
 async def test_a_task_whose_lease_runs_out_comes_back_as_another_delivery(

@@ -23,7 +23,8 @@ from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
 from flowdsl.backends import MemoryStore, open_broker, open_store
 from flowdsl.backends.redis.broker import RedisBroker
-from flowdsl.backends.redis.store import INLINE_MAX, RedisStore, RedisURL
+from flowdsl.backends.redis.link import RedisURL
+from flowdsl.backends.redis.store import INLINE_MAX, RedisStore
 
 from _servers import RedisServer, free_port
 from redis_steps import expected_fan, fan
@@ -131,7 +132,7 @@ async def test_an_unreachable_server_fails_fast_naming_the_url() -> None:
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
     started = time.monotonic()
     for backend in (RedisStore(url), RedisBroker(url)):
-        with pytest.raises(fd.ConfigError) as info:
+        with pytest.raises(fd.BackendUnavailable) as info:
             await backend.open()
         message = str(info.value)
         assert message.startswith(
@@ -422,13 +423,13 @@ async def test_calls_ride_out_a_server_restart(redis_server: RedisServer) -> Non
         await store.close()
 
 
-async def test_a_server_away_too_long_is_a_checkpoint_error(redis_server: RedisServer) -> None:
+async def test_a_server_away_too_long_is_backend_unavailable(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url, retry_for=0.3)
     await store.open()
     try:
         redis_server.kill()
         with pytest.raises(
-            fd.CheckpointError, match=r"has not answered for 0\.3 s \(reading run 'r1'\)"
+            fd.BackendUnavailable, match=r"has not answered for 0\.3 s \(reading run 'r1'\)"
         ):
             await store.get_run("r1")
     finally:

@@ -21,7 +21,7 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .. import _codec
+from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node
@@ -655,6 +655,12 @@ class Context:
                 self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
+        if _otel.configured() is None:
+            return await self._drive(run, strict=strict)
+        with _otel.run_span(run):  # OpenTelemetry: a span around the drive (see _otel)
+            return await self._drive(run, strict=strict)
+
+    async def _drive(self, run: Run, *, strict: bool = False) -> Any:
         flow = run.flow
         state = RunState(run.plan, run.inputs)
         assert self._executor is not None
@@ -712,6 +718,12 @@ class Context:
             if ended is not None and run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
                 with anyio.CancelScope(shield=True):
                     await ended(run, False)
+            # A cancelled run's provider batch jobs are cancelled too, when no other run
+            # has requests in them.
+            cancel_batches = getattr(self.llm, "cancel_batches", None)
+            if cancel_batches is not None and run.status is RunStatus.CANCELLED:
+                with anyio.CancelScope(shield=True):
+                    await cancel_batches(run.run_id, self.store)
         await self.store.update_run(
             run.run_id, status=RunStatus.FINISHED, result=_codec.dumps(data)
         )

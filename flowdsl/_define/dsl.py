@@ -2,7 +2,7 @@
 
 A decorated function stays what it was outside a flow: calling a step from a test or a
 notebook cell runs the function itself.  Inside a flow body being traced, the same call
-records a node instead (see :mod:`flowdsl._trace`).  Calling a flow outside any flow runs it
+records a node instead (see :mod:`flowdsl._define.trace`).  Calling a flow outside any flow runs it
 in the current context.
 """
 

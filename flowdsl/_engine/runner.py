@@ -14,18 +14,21 @@ import json
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import attrs
 import sniffio
 
-from .. import _codec
+from .. import _codec, _otel
 from .. import events as ev
 from .._define.graph import Node, NodeKind
 from .._define.trace import value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
+
+if TYPE_CHECKING:
+    from ..backends.base import Store
 
 __all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
 
@@ -55,6 +58,10 @@ class StepScope:
     first_attempt: int = 1
     started: float = 0.0
     usage: dict[str, Any] | None = None
+    # In batch mode, the store keeping the run's journal, for work a step journals on its
+    # own (provider batch jobs); ``None`` in real time, which is how a step tells the modes
+    # apart.  Keyword-only so that subclasses keep their positional fields.
+    batch_store: Any = attrs.field(default=None, kw_only=True)
 
     @property
     def run_id(self) -> str:
@@ -78,6 +85,8 @@ class StepScope:
     # attempts
 
     def begin(self) -> None:
+        if _otel.tracing:
+            _otel.attempt_started(self.attempt)
         if self.sink.observed:
             self.sink.emit(
                 ev.StepStarted(self.sink.run_id, self.node.id, time.time(), self.attempt)
@@ -129,6 +138,8 @@ class StepScope:
         final = final or getattr(exc, "retryable", True) is False
         if not final and self.attempt <= unit.retries and isinstance(exc, unit.retry_on):
             delay = backoff_delay(unit.backoff, self.attempt)
+            if _otel.tracing:
+                _otel.attempt_failed(exc, self.attempt, delay)
             if sink.observed:
                 sink.emit(
                     ev.StepRetrying(
@@ -204,12 +215,13 @@ async def run_node(
     marker: str = "",
     llm: Any = None,
     first_attempt: int = 1,
-    store: Any = None,
+    store: Store | None = None,
+    batch_store: Store | None = None,
 ) -> tuple[NodeRecord, Any]:
     """Run *node* through its attempts; return its journal record and decoded value.
 
     With *store*, the record is committed before returning, so the caller may count the
-    node done.
+    node done.  *batch_store* (batch mode) is the run's store, for the step's scope.
 
     Raises :class:`~flowdsl.StepFailed` (with the step's exception as ``__cause__``) once
     the retries are spent; a codec failure or an unknown case is never retried, since
@@ -219,7 +231,9 @@ async def run_node(
     # in-flight run is a target): the bookkeeping lives in the scope's sync methods.
     unit = node.fn
     assert unit is not None, "only step and branch nodes run"
-    scope = StepScope(sink, node, first_attempt, llm, marker, first_attempt, time.time())
+    scope = StepScope(
+        sink, node, first_attempt, llm, marker, first_attempt, time.time(), batch_store=batch_store
+    )
     while True:
         scope.begin()
         token = _SCOPE.set(scope)
@@ -256,7 +270,7 @@ class FastJob(StepScope):
     bare task costs, which is what keeps memory per in-flight run near plain asyncio's.
     """
 
-    store: Any = None
+    store: Any = None  # a Store that commits_nowait
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = attrs.field(factory=dict)
 
@@ -304,7 +318,7 @@ def fast_job(
     kwargs: dict[str, Any],
     marker: str,
     llm: Any,
-    store: Any,
+    store: Store,
 ) -> tuple[FastJob, Coroutine[Any, Any, Any], contextvars.Context] | None:
     """A :class:`FastJob` for *node* with the coroutine to run as its task and the
     context to run it in; ``None`` when the node needs the full runner.
@@ -313,7 +327,7 @@ def fast_job(
     spawned node, so it takes its arguments by position and does no more than it must.
     """
     unit = node.fn
-    if unit is None or not unit.bare:
+    if unit is None or not unit.bare or _otel.tracing:  # a traced node needs its span
         return None
     args, kwargs = fresh_arguments(sink, node, args, kwargs)
     job = FastJob(sink, node, 1, llm, marker, 1, time.time(), None, store, args, kwargs)
@@ -324,16 +338,15 @@ def fast_job(
     return job, unit.fn(*args, **kwargs), context
 
 
-async def _commit(store: Any, run_id: str, record: NodeRecord) -> BaseException | None:
+async def _commit(store: Store, run_id: str, record: NodeRecord) -> BaseException | None:
     """Commit a finished node's record, even if the run is being cancelled: the step's
     work (an LLM call, say) is done and paid for, and a resume should find it.
 
     Returns the cancellation that arrived during the write, for the caller to raise once
     it has reported the node: a committed node is always a reported one.
     """
-    nowait = getattr(store, "commit_node_nowait", None)
-    if nowait is not None:
-        nowait(run_id, record)
+    if store.commits_nowait:
+        store.commit_node_nowait(run_id, record)
         return None
     if sniffio.current_async_library() == "asyncio":
         # Node tasks are cancelled with asyncio's own Task.cancel(), which anyio's shields
@@ -429,7 +442,7 @@ def cache_key(node: Node, marker: str, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 async def run_node_cached(
-    store: Any,
+    store: Store,
     sink: EventSink,
     node: Node,
     args: tuple[Any, ...],
@@ -439,13 +452,16 @@ async def run_node_cached(
     llm: Any = None,
     first_attempt: int = 1,
     commit: bool = True,
+    batch: bool = False,
 ) -> tuple[NodeRecord, Any]:
     """:func:`run_node`, consulting the store's cache first for ``cache=True`` steps.
 
     With ``commit=False`` (a batch worker, which commits and completes in one go) the
-    record is returned uncommitted.
+    record is returned uncommitted.  ``batch=True`` (a batch worker) gives the step's
+    scope the store (:attr:`StepScope.batch_store`).
     """
     journal = store if commit else None
+    batch_store = store if batch else None
     unit = node.fn
     if unit is None or not unit.cache:
         return await run_node(
@@ -457,6 +473,7 @@ async def run_node_cached(
             llm=llm,
             first_attempt=first_attempt,
             store=journal,
+            batch_store=batch_store,
         )
     key = cache_key(node, marker, args, kwargs)
     text = await store.get_cached(key)
@@ -478,6 +495,7 @@ async def run_node_cached(
         llm=llm,
         first_attempt=first_attempt,
         store=journal,
+        batch_store=batch_store,
     )
     await store.put_cached(key, record.value)
     return record, value

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+from .. import _otel
 from .._define.graph import Node
 from .._engine.runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
 from .._records import NodeRecord
+from ..backends.base import Store
 
 __all__ = ["RealtimeExecutor"]
 
@@ -16,10 +18,10 @@ class RealtimeExecutor:
     """Runs each node in this process and writes its record to the store before the
     scheduler may count it done."""
 
-    def __init__(self, store: Any, llm: Any = None) -> None:
+    def __init__(self, store: Store, llm: Any = None) -> None:
         self.store = store
         self.llm = llm
-        self._sync_commit = hasattr(store, "commit_node_nowait")
+        self._sync_commit = store.commits_nowait
 
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -29,13 +31,15 @@ class RealtimeExecutor:
         marker = run.plan.markers[node.id]
         args, kwargs = fresh_arguments(run, node, args, kwargs)
         if node.fn is not None and node.fn.cache:
-            return run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
-        return run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
+            work = run_node_cached(self.store, run, node, args, kwargs, marker=marker, llm=self.llm)
+        else:
+            work = run_node(run, node, args, kwargs, marker=marker, llm=self.llm, store=self.store)
+        return _otel.node_span(run, node, work) if _otel.tracing else work
 
     def job(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[FastJob, Coroutine[Any, Any, Any], Any] | None:
-        """A node that can run as a bare task (see :class:`~flowdsl._runner.FastJob`)."""
+        """A node that can run as a bare task (see :class:`~flowdsl._engine.runner.FastJob`)."""
         if not self._sync_commit:
             return None
         return fast_job(run, node, args, kwargs, run.plan.markers[node.id], self.llm, self.store)

@@ -104,6 +104,4 @@ def open_broker(url: str) -> Broker:
 def link(store: Store, broker: Broker) -> None:
     """Let a broker share its store's connection where the backend allows it (one SQLite
     file for journal and queue, so that a commit and a completion are one transaction)."""
-    share = getattr(broker, "share_store", None)
-    if share is not None:
-        share(store)
+    broker.share_store(store)

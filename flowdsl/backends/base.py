@@ -1,14 +1,32 @@
-"""The store interface: where runs and their node journals are kept.
+"""The two backend interfaces: :class:`Store` (where runs and their journals are kept) and
+:class:`Broker` (what carries tasks, completions and events in batch mode).
 
-A store is written through by the scheduler's executors and read back on resume.  It
-keeps one :class:`~flowdsl._records.RunRecord` per run and one
+Both are abstract base classes: every backend subclasses them.  What every backend must do
+is abstract; what only some can do is declared here with a default, next to a flag (or a
+query) that says whether the backend offers it, so that callers branch on a declared
+capability rather than probe for attributes:
+
+=====================================  ===================================================
+capability                             declared as
+=====================================  ===================================================
+a commit that does not await           ``Store.commits_nowait`` / ``commit_node_nowait``
+commit and completion in one step      ``Broker.holds(store)`` / ``commit_and_complete``
+events published with the completion   ``Broker.carries_events`` (the ``events=`` argument
+                                       is always accepted; without the flag the events are
+                                       published just before, not atomically)
+tidier runs                            ``drop_queued``, ``redeliver`` (no-ops by default)
+one connection for store and queue     ``Broker.share_store`` (a no-op by default)
+=====================================  ===================================================
+
+A store keeps one :class:`~flowdsl._records.RunRecord` per run and one
 :class:`~flowdsl._records.NodeRecord` per finished node; finishing a node writes that
 node's record and nothing else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import abc
+from typing import Any, ClassVar
 
 from .._records import NodeRecord, RunRecord, RunStatus
 from .messages import Claimed
@@ -16,25 +34,33 @@ from .messages import Claimed
 __all__ = ["Broker", "Store"]
 
 
-@runtime_checkable
-class Store(Protocol):
+class Store(abc.ABC):
     """Durable (or not) storage of runs and node results.  All methods are async."""
 
     url: str
 
+    #: Whether :meth:`commit_node_nowait` is offered: the store's commit is a synchronous
+    #: write (a dict, an embedded file), so a node can be committed without awaiting.
+    commits_nowait: ClassVar[bool] = False
+
+    @abc.abstractmethod
     async def open(self) -> None:
         """Connect, create tables or keys; idempotent."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; the store may be opened again."""
 
+    @abc.abstractmethod
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         """Insert *record* unless its run id exists; return the stored record and
         whether it was created now."""
 
+    @abc.abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run's record, or ``None``."""
 
+    @abc.abstractmethod
     async def update_run(
         self,
         run_id: str,
@@ -48,94 +74,159 @@ class Store(Protocol):
     ) -> None:
         """Change a run's status (and its result, error or resume bookkeeping)."""
 
+    @abc.abstractmethod
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
         """Make a node's result durable.  Returns ``False``, keeping the first record, when
         the node was already committed (a duplicate delivery)."""
 
+    def commit_node_nowait(self, run_id: str, record: NodeRecord) -> bool:
+        """:meth:`commit_node` without awaiting, where :attr:`commits_nowait` says so."""
+        raise NotImplementedError(f"{type(self).__name__} has no synchronous commit")
+
+    @abc.abstractmethod
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         """Every committed node of a run."""
 
+    @abc.abstractmethod
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         """Drop node records so that those nodes run again on resume."""
 
+    @abc.abstractmethod
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         """The newest runs first."""
 
+    @abc.abstractmethod
     async def get_cached(self, key: str) -> str | None:
         """A cached step result (JSON text) by cache key."""
 
+    @abc.abstractmethod
     async def put_cached(self, key: str, value: str) -> None:
         """Remember a step result under a cache key."""
 
+    @abc.abstractmethod
     async def put_signal(self, run_id: str, name: str, value: str) -> int:
         """Append *value* (JSON text) to the signals called *name* sent to a run; return
         its index (0 for the first).  Signals are kept until a wait consumes them."""
 
+    @abc.abstractmethod
     async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
         """The *index*-th signal called *name* sent to the run, or ``None`` if not yet."""
 
 
-class Broker(Protocol):
+class Broker(abc.ABC):
     """A durable queue of tasks, with completions and events flowing back."""
 
     url: str
 
+    #: Whether :meth:`complete`, :meth:`commit_and_complete` and :meth:`dead_letter`
+    #: publish their ``events`` atomically with the completion, ahead of it.  Without it
+    #: they publish them with :meth:`publish_events` just before.
+    carries_events: ClassVar[bool] = False
+
+    @abc.abstractmethod
     async def open(self) -> None: ...
 
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
     async def enqueue(self, tasks: list[tuple[str, str, str]]) -> None:
         """Add tasks as ``(run_id, node_id, payload)``; a task for a node that is already
         queued or held is not added twice."""
 
+    @abc.abstractmethod
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         """Up to *limit* tasks, leased to *worker* for *lease* seconds; a task whose lease
         ran out (its worker died) is handed out again."""
 
+    @abc.abstractmethod
     async def extend(self, task_ids: list[str], lease: float) -> None:
         """Renew leases of tasks still being worked on."""
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
-        """Remove the task and publish its completion (JSON text), atomically."""
+    @abc.abstractmethod
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Remove the task and publish its completion (JSON text), atomically; the node's
+        *events* go first (see :attr:`carries_events`)."""
 
+    @abc.abstractmethod
     async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         """Move the task to the dead-letter list and publish its failed completion."""
 
+    @abc.abstractmethod
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
         """Completions published after *cursor* (``None``: from now on), and the new cursor."""
 
+    @abc.abstractmethod
     async def forget_completions(self, upto: Any) -> None:
         """Drop completions up to *upto* that this process has consumed."""
 
+    @abc.abstractmethod
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         """Publish ``(run_id, event JSON)`` pairs."""
 
+    @abc.abstractmethod
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
         """Events published after *cursor* (``None``: from now on), and the new cursor."""
 
+    @abc.abstractmethod
     async def forget_events(self, run_id: str) -> None:
         """Drop a finished run's events."""
 
+    @abc.abstractmethod
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         """The dead-lettered tasks of a run."""
 
-    # Optional, for tidier runs (the executor calls them when present):
-    #
-    #   async def drop_queued(run_id): remove the run's tasks no worker holds (the run
-    #       failed or was cancelled: they would only burn workers' time).
-    #   async def redeliver(run_id): make the run's tasks claimable now with their
-    #       delivery counts reset (a resume: the run's old workers may have died with it).
-    #
-    #   carries_events = True: complete(), commit_and_complete() and dead_letter() take an
-    #       `events=` list and publish it atomically with the completion, ahead of it.
-    #
-    # Optional, for a broker that also holds the store (Redis, NATS):
-    #
-    #   def holds(self, store) -> bool: whether *store* lives on this broker's server.
-    #   async def commit_and_complete(task_id, run_id, record, payload) -> bool:
-    #       commit the node record and complete the task (publish *payload*) in one
-    #       atomic operation, returning True; when the node was already committed, do
-    #       nothing and return False (the worker then completes the task with the record
-    #       committed first).
+    # --- optional, with defaults ------------------------------------------------------------
+
+    async def drop_queued(self, run_id: str) -> None:
+        """Remove the run's tasks no worker holds (the run failed or was cancelled: they
+        would only burn workers' time).  By default they stay and are run for nothing."""
+        return None
+
+    async def redeliver(self, run_id: str) -> None:
+        """Make the run's tasks claimable now with their delivery counts reset (a resume:
+        the run's old workers may have died with it).  By default they wait out their
+        leases."""
+        return None
+
+    def share_store(self, store: Store) -> None:
+        """Use *store*'s connection where both live in one place (one SQLite file), so that
+        a commit and its completion can be one transaction.  By default: nothing to share."""
+        return None
+
+    def holds(self, store: Store) -> bool:
+        """Whether *store* lives where this broker does, so that :meth:`commit_and_complete`
+        can commit a node and complete its task in one atomic step."""
+        return False
+
+    async def commit_and_complete(
+        self,
+        task_id: str,
+        run_id: str,
+        record: NodeRecord,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> bool:
+        """Commit the node's *record* and complete the task (publish *payload*) in one
+        atomic operation, returning True; when the node was already committed, do nothing
+        and return False (the worker then completes the task with the record committed
+        first).  Offered where :meth:`holds` says so."""
+        raise NotImplementedError(f"{type(self).__name__} cannot commit and complete at once")

@@ -7,13 +7,16 @@ from collections import OrderedDict
 import attrs
 
 from .._records import NodeRecord, RunRecord, RunStatus
+from .base import Store
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(Store):
     """Keeps runs in a dict.  Ended runs beyond ``max_runs`` are forgotten, oldest first,
     so a long-lived process that runs flows forever does not grow without bound."""
+
+    commits_nowait = True  # a commit is a dict assignment
 
     def __init__(self, *, max_runs: int = 10_000) -> None:
         self.url = "memory://"

@@ -6,7 +6,8 @@ Three kinds of message, all JSON text made by the codec (never pickle):
   process that started or resumed the run) puts it on the queue;
 - a **completion**: a worker's answer for a task: the node's committed journal record, or
   why it failed; the scheduler waits for it;
-- an **event** of an observed run, produced where the step runs.
+- an **event** of an observed run, produced where the step runs (one of
+  :mod:`flowdsl.events`, tagged with its class name).
 
 A broker only carries these.  The dependency logic stays in the scheduler, the same one
 real-time mode runs; the journal stays in the store.  The layout is broker-neutral: the
@@ -20,6 +21,7 @@ from typing import Any
 import attrs
 
 from .. import _codec
+from .. import events as ev
 from .._errors import CheckpointError, CodecError
 from .._records import NodeRecord
 
@@ -28,8 +30,10 @@ __all__ = [
     "Completion",
     "TaskMessage",
     "decode_completion",
+    "decode_event",
     "decode_task",
     "encode_completion",
+    "encode_event",
     "encode_task",
 ]
 
@@ -50,6 +54,8 @@ class TaskMessage:
     kwargs: dict[str, Any]  # encoded data
     marker: str
     observed: bool
+    # OpenTelemetry context of the run (W3C headers), so a worker's span joins its trace.
+    trace: dict[str, str] = attrs.field(factory=dict)
     v: int = PROTOCOL
 
 
@@ -146,3 +152,24 @@ def _peek(text: str | bytes, key: str) -> str | None:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) < 300 else text[:300] + "..."
+
+
+_EVENTS = {cls.__name__: cls for cls in ev.EVENT_TYPES}
+
+
+def encode_event(event: Any) -> str:
+    """An event as JSON text, its class named under ``type``."""
+    data = _codec.converter.unstructure(event)
+    data["type"] = type(event).__name__
+    return _codec.dumps(data)
+
+
+def decode_event(text: str) -> Any:
+    """An event from untrusted text: only the known event classes can come out."""
+    data = _codec.loads(text)
+    if not isinstance(data, dict):
+        raise CodecError("an event must be a JSON object")
+    cls = _EVENTS.get(data.pop("type", None))
+    if cls is None:
+        raise CodecError("unknown event type")
+    return _codec.converter.structure(data, cls)

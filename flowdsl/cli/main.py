@@ -11,7 +11,7 @@ Conventions every command follows:
   (bad arguments, a TARGET that names no flow, bad JSON, ``ConfigError``, ``TracingError``);
   130 interrupted.  ``flowdsl --traceback ...`` adds the full traceback of an error.
 
-TARGET is ``path/to/file.py:flow`` or ``package.module:flow``; see :mod:`flowdsl._cli_load`
+TARGET is ``path/to/file.py:flow`` or ``package.module:flow``; see :mod:`flowdsl.cli.load`
 for the module name a file gets (the one ``flowdsl resume`` imports again).
 """
 
@@ -44,6 +44,7 @@ from .._urls import hide_credentials
 from .live import LiveView, StepTable, format_duration
 from .load import TargetError, add_to_path, load_flow, module_name_for_file
 from .progress import dynamic_progress
+from .ui import ui as ui_command
 
 __all__ = ["call_of", "cli", "derive_run_id", "main", "node_rows", "run_to_json"]
 
@@ -173,6 +174,7 @@ def cli(traceback: bool) -> None:
 
 from .signal import signal as _signal_command  # noqa: E402 - the group is defined above
 
+cli.add_command(ui_command)
 cli.add_command(_signal_command)
 
 
@@ -1126,3 +1128,8 @@ async def _serve_until_stopped(
                 click.echo(f"flowdsl worker: {signal.Signals(signum).name}, stopping", err=True)
                 tg.cancel_scope.cancel()
                 break
+
+
+from .serve import serve as _serve  # noqa: E402  (a module of its own; registered here)
+
+cli.add_command(_serve)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._errors import ConfigError
 from ._base import INVALID_JSON, NO_DATA, Exchange, Turn, where
+from ._batch import BatchAPI
 from ._errors import LLMError
 from ._sdk import SDKProvider, SSEParser, create_args, import_sdk
 from ._translate import translate
@@ -30,8 +31,9 @@ class Anthropic(SDKProvider):
     """A provider on Anthropic's Messages API.
 
     *api_key* defaults to ``ANTHROPIC_API_KEY``.  The Messages API requires a maximum
-    answer length: calls without ``max_tokens=`` use *max_tokens* (4096).  The other
-    options mean what they mean for :class:`~flowdsl.llm.OpenAI`.
+    answer length: calls without ``max_tokens=`` use *max_tokens* (4096).  *batch_api*
+    sends the calls of batch runs through Message Batches.  The other options mean what
+    they mean for :class:`~flowdsl.llm.OpenAI`.
     """
 
     name = "Anthropic"
@@ -49,12 +51,14 @@ class Anthropic(SDKProvider):
         prices: Mapping[str, Any] | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         default_headers: Mapping[str, str] | None = None,
+        batch_api: bool | BatchAPI = False,
     ) -> None:
         super().__init__(
             model=model,
             max_concurrency=max_concurrency,
             tokens_per_minute=tokens_per_minute,
             prices=prices,
+            batch_api=batch_api,
         )
         self._sdk = import_sdk("anthropic", "Anthropic")
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
@@ -89,29 +93,29 @@ class Anthropic(SDKProvider):
                 return await self._stream(client, body, exchange)
             # As for OpenAI: the SDK's generic request, without response models.
             raw = await client.post("/v1/messages", cast_to=bytes, body=body)
-            data = json.loads(raw)
-            usage = data.get("usage") or {}
-            return _turn(
-                data.get("content") or [],
-                Usage(usage.get("input_tokens") or 0, usage.get("output_tokens") or 0),
-                data.get("model") or exchange.model,
-                data.get("stop_reason"),
-                exchange,
-            )
+            return message_turn(json.loads(raw), exchange)
         except Exception as exc:
-            error = translate(
-                self._sdk,
-                exc,
-                provider=self.name,
-                model=exchange.model,
-                url=self.base_url or "https://api.anthropic.com",
-                key_help="ANTHROPIC_API_KEY, or fd.llm.Anthropic(api_key=...)",
-                retries=self.max_retries,
-                redact=self._redact,
-            )
+            error = self._translate(exc, exchange.model)
             if error is None:
                 raise
             raise error from exc
+
+    def _translate(self, exc: BaseException, model: str) -> LLMError | None:
+        return translate(
+            self._sdk,
+            exc,
+            provider=self.name,
+            model=model,
+            url=self.base_url or "https://api.anthropic.com",
+            key_help="ANTHROPIC_API_KEY, or fd.llm.Anthropic(api_key=...)",
+            retries=self.max_retries,
+            redact=self._redact,
+        )
+
+    def _batch_jobs(self) -> Any:
+        from ._batch_anthropic import AnthropicJobs
+
+        return AnthropicJobs(self)
 
     def _body(self, exchange: Exchange) -> dict[str, Any]:
         system, messages = _wire_messages(exchange.messages)
@@ -220,6 +224,18 @@ class Anthropic(SDKProvider):
             provider=self.name,
             retryable=kind in ("overloaded_error", "api_error", "rate_limit_error"),
         )
+
+
+def message_turn(data: Mapping[str, Any], exchange: Exchange) -> Turn:
+    """A Messages API answer (a ``message`` object) as a :class:`Turn`."""
+    usage = data.get("usage") or {}
+    return _turn(
+        data.get("content") or [],
+        Usage(usage.get("input_tokens") or 0, usage.get("output_tokens") or 0),
+        data.get("model") or exchange.model,
+        data.get("stop_reason"),
+        exchange,
+    )
 
 
 def _decode_input(text: str) -> Any:

@@ -23,7 +23,7 @@ from .._engine.runner import current_scope
 from .._errors import CodecError, ConfigError
 from ._errors import LLMError, StructuredOutputError
 from ._limits import Limits
-from ._prices import PriceTable
+from ._prices import BATCH_DISCOUNT, PriceTable
 from ._schema import AnswerSpec, ToolSpec, answer_spec, tool_specs
 from ._types import Message, Reply, ToolCall, Usage
 
@@ -96,10 +96,14 @@ class BaseProvider:
         max_concurrency: int | None = None,
         tokens_per_minute: int | None = None,
         prices: Mapping[str, Any] | None = None,
+        batch_api: Any = None,
     ) -> None:
+        from ._batch import batch_option
+
         self.model = model
         self.limits = Limits(max_concurrency, tokens_per_minute)
         self.prices = PriceTable(prices)
+        self.batch_api = batch_option(batch_api, type(self).__name__)
         self._secrets: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
@@ -114,6 +118,34 @@ class BaseProvider:
 
     async def _send(self, exchange: Exchange) -> Turn:
         raise NotImplementedError
+
+    def _batch_jobs(self) -> Any:
+        """The provider's batch API (see ``_batch.Jobs``), or ``None`` when it has none."""
+        return None
+
+    # --- provider batch APIs ---------------------------------------------------------------
+
+    def batching(self) -> bool:
+        """Whether calls made here go through provider batch jobs: ``batch_api`` is set and
+        the calling step runs in batch mode (a real-time run calls the live API)."""
+        if self.batch_api is None:
+            return False
+        scope = current_scope()
+        return scope is not None and scope.batch_store is not None
+
+    async def cancel_batches(self, run_id: str, store: Any = None) -> list[str]:
+        """Withdraw the requests of run *run_id* not yet in a job and cancel the batch jobs
+        that hold only its requests (those this event loop knows); the ids cancelled.
+
+        A context calls this when one of its runs is cancelled; *store* is the run's
+        store, where jobs submitted by other processes are journaled.
+        """
+        from ._batch import running_collector
+
+        collector = running_collector(self)
+        if collector is None:
+            return []
+        return await collector.cancel_run(run_id, store)
 
     async def aclose(self) -> None:
         """Close the connections this provider holds in the current event loop."""
@@ -164,10 +196,23 @@ class BaseProvider:
                 **where(),
                 hint="Rename the tool step: @fd.step(name=...)",
             )
+        route = None
+        if self.batching():
+            from ._batch import collector_for
+
+            if stream or on_token is not None:
+                raise ConfigError(
+                    "a provider batch job cannot stream its answer (TokenDelta events, on_token=)",
+                    **where(),
+                    hint="Leave stream= and on_token= out of fd.llm.chat in batch mode, or "
+                    "pass llm= a provider without batch_api= for this call",
+                )
+            route = collector_for(self)
         history: Sequence[Message] = messages
         usage = Usage()
         calls = rounds = 0
         made: list[ToolCall] = []
+        job: str | None = None
         while True:
             exchange = Exchange(
                 model,
@@ -180,9 +225,14 @@ class BaseProvider:
                 on_token,
                 options,
             )
-            async with self.limits.slot(_estimate(history, max_tokens)) as budget:
-                turn = await self._send(exchange)
-                budget.used(turn.usage.total_tokens)
+            if route is not None:
+                # No request slot nor token budget: those limit the live API, and a
+                # request waiting in a job for hours must not hold one.
+                turn, job = await route.send(exchange)
+            else:
+                async with self.limits.slot(_estimate(history, max_tokens)) as budget:
+                    turn = await self._send(exchange)
+                    budget.used(turn.usage.total_tokens)
             calls += 1
             usage += turn.usage
             if turn.tool_calls and turn.data is NO_DATA:
@@ -199,6 +249,9 @@ class BaseProvider:
                 continue
             parsed = None if answer is None else self._parse(answer, turn)
             price = self.prices.lookup(turn.model or model) or self.prices.lookup(model)
+            cost = None if price is None else price.cost(usage)
+            if cost is not None and route is not None:
+                cost *= BATCH_DISCOUNT
             return Reply(
                 text=turn.text if turn.data is NO_DATA else _codec.dumps(turn.data),
                 usage=usage,
@@ -206,8 +259,9 @@ class BaseProvider:
                 parsed=parsed,
                 tool_calls=tuple(made),
                 raw_finish_reason=turn.finish_reason,
-                cost=None if price is None else price.cost(usage),
+                cost=cost,
                 calls=calls,
+                batch_job=job,
             )
 
     def _too_many_rounds(self, rounds: int, turn: Turn) -> LLMError:

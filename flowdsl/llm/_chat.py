@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import _otel
 from .._engine.runner import current_scope
 from .._errors import ConfigError
 from ._base import DEFAULT_MAX_TOOL_ROUNDS
@@ -43,7 +44,9 @@ async def chat(
       function and its result goes back to the model, for at most *max_tool_rounds* rounds.
     - *stream*: by default the answer streams when someone watches the run (an
       ``on_event`` callback, ``run.events()``), as ``TokenDelta`` events, or when
-      *on_token* is given; the reply holds the full text either way.
+      *on_token* is given; the reply holds the full text either way.  A call through a
+      provider batch job (``batch_api=``, in batch mode) does not stream, and asking it to
+      is a :class:`~flowdsl.ConfigError`.
     - *options*: more fields for the request's JSON body, sent as they are (``top_p``,
       ``stop``, ``seed``, ...); they override what flowdsl would send.
 
@@ -60,9 +63,11 @@ async def chat(
         messages = [{"role": "system", "content": system}, *messages]
     observed = scope is not None and scope.sink.observed
     if stream is None:
-        stream = observed or on_token is not None
+        # A provider batch job cannot stream: watchers then see the answer at the end.
+        batching = getattr(provider, "batching", None)
+        stream = on_token is not None or (observed and not (batching and batching()))
     sink = _token_sink(scope.token if observed and scope is not None else None, on_token)
-    reply: Reply[Any] = await provider.chat(
+    call = provider.chat(
         messages,
         model=model,
         max_tokens=max_tokens,
@@ -74,21 +79,24 @@ async def chat(
         max_tool_rounds=max_tool_rounds,
         options=options,
     )
+    if _otel.tracing:  # OpenTelemetry: a GenAI client span around the call
+        options_ = {"max_tokens": max_tokens, "temperature": temperature}
+        call = _otel.llm_call(provider, model, options_, call)
+    reply: Reply[Any] = await call
     if scope is not None:
         usage = reply.usage
-        if reply.cost is None:
-            scope.add_usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                calls=reply.calls,
-            )
-        else:
-            scope.add_usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                calls=reply.calls,
-                cost=reply.cost,
-            )
+        counts: dict[str, Any] = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "calls": reply.calls,
+        }
+        if reply.cost is not None:
+            counts["cost"] = reply.cost
+        batch_job = getattr(reply, "batch_job", None)
+        if batch_job is not None:
+            counts["batch_calls"] = reply.calls
+            counts["batch_job"] = batch_job
+        scope.add_usage(**counts)
     return reply
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from .._errors import ConfigError
 from ._base import INVALID_JSON, Exchange, Turn, where
+from ._batch import BatchAPI
 from ._errors import LLMError
 from ._sdk import SDKProvider, SSEParser, create_args, import_sdk
 from ._translate import translate
@@ -31,6 +32,8 @@ class OpenAI(SDKProvider):
     wants ``max_completion_tokens``, many compatible servers only ``max_tokens`` (the
     default when *base_url* is given).  *stream_usage* asks streams to report usage
     (``stream_options.include_usage``), which some compatible servers refuse.
+    *batch_api* (``True``, or an :class:`~flowdsl.llm.BatchAPI`) sends the calls of batch
+    runs through OpenAI's Batch API, at half the price; real-time runs ignore it.
     """
 
     name = "OpenAI"
@@ -50,12 +53,14 @@ class OpenAI(SDKProvider):
         default_headers: Mapping[str, str] | None = None,
         max_tokens_field: str | None = None,
         stream_usage: bool = True,
+        batch_api: bool | BatchAPI = False,
     ) -> None:
         super().__init__(
             model=model,
             max_concurrency=max_concurrency,
             tokens_per_minute=tokens_per_minute,
             prices=prices,
+            batch_api=batch_api,
         )
         self._sdk = import_sdk("openai", "OpenAI")
         key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -104,6 +109,11 @@ class OpenAI(SDKProvider):
             if error is None:
                 raise
             raise error from exc
+
+    def _batch_jobs(self) -> Any:
+        from ._batch_openai import OpenAIJobs
+
+        return OpenAIJobs(self)
 
     def _translate(self, exc: BaseException, model: str) -> Any:
         return translate(

@@ -15,7 +15,11 @@ from typing import Any
 from .._errors import ConfigError
 from ._types import Price
 
-__all__ = ["DEFAULT_PRICES", "PriceTable"]
+__all__ = ["BATCH_DISCOUNT", "DEFAULT_PRICES", "PriceTable"]
+
+BATCH_DISCOUNT = 0.5
+"""What a call through a provider batch job costs, as a share of the standard price (both
+OpenAI's Batch API and Anthropic's Message Batches charge half)."""
 
 DEFAULT_PRICES: Mapping[str, Price] = {
     # OpenAI

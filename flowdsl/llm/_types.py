@@ -64,7 +64,9 @@ class Reply(Generic[T]):
     ``response_model`` for structured output (``None`` otherwise); ``tool_calls`` are the
     calls to tool steps the model made on the way, in order; ``usage`` and ``cost`` cover
     every request the call needed (``calls`` of them); ``cost`` is ``None`` when the price
-    table does not know the model.
+    table does not know the model.  ``batch_job`` is the provider batch job that answered,
+    when the call went through one (the last job, when tool rounds took several); its
+    ``cost`` then has the batch discount.
     """
 
     text: str
@@ -75,6 +77,7 @@ class Reply(Generic[T]):
     raw_finish_reason: str | None = None
     cost: float | None = None
     calls: int = 1
+    batch_job: str | None = None
 
 
 @runtime_checkable

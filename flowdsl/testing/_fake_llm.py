@@ -17,11 +17,14 @@ import attrs
 
 from .. import _codec
 from ..llm._base import NO_DATA, BaseProvider, Exchange, Turn
+from ..llm._batch import BatchAPI
 from ..llm._errors import LLMError
 from ..llm._translate import retryable_status
 from ..llm._types import Message, ToolCall, Usage
 
 __all__ = ["FakeCall", "FakeLLM", "FakeReply"]
+
+FAKE_BATCH_API = BatchAPI(flush_after=0.01, poll_every=0.0)
 
 
 @attrs.frozen
@@ -83,6 +86,11 @@ class FakeLLM(BaseProvider):
     ``retryable=False``) or an exception to raise.  Streams arrive in pieces of
     *chunk_size* characters, *delay* seconds apart; *latency* seconds pass before any
     answer, as they would with a real model.  :attr:`calls` records every request.
+
+    *batch_api* (``True`` or an :class:`~flowdsl.llm.BatchAPI`) sends the calls of batch
+    runs through fake provider batch jobs, kept in memory and ended as they are submitted;
+    :attr:`batch_jobs` maps each job's id to its requests' custom ids.  ``True`` means
+    ``BatchAPI(flush_after=0.01, poll_every=0.0)``, so that a test does not wait.
     """
 
     name = "FakeLLM"
@@ -99,13 +107,16 @@ class FakeLLM(BaseProvider):
         max_concurrency: int | None = None,
         tokens_per_minute: int | None = None,
         prices: Mapping[str, Any] | None = None,
+        batch_api: Any = False,
     ) -> None:
         super().__init__(
             model=model,
             max_concurrency=max_concurrency,
             tokens_per_minute=tokens_per_minute,
             prices=prices,
+            batch_api=FAKE_BATCH_API if batch_api is True else batch_api,
         )
+        self.batch_jobs: dict[str, list[str]] = {}
         self.script = script
         self.failures = list(failures)
         self.chunk_size = max(1, chunk_size)
@@ -116,6 +127,11 @@ class FakeLLM(BaseProvider):
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"calls": len(self.calls)}
+
+    def _batch_jobs(self) -> Any:
+        from ._fake_batch import FakeJobs
+
+        return FakeJobs(self)
 
     @property
     def prompts(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Batch mode on NATS JetStream: any number of workers, on any number of machines.
 
 Layout, under the deployment's prefix (``prefix=``, default ``flowdsl``; the store's bucket
-has the same name, see ``flowdsl.stores.nats``), ``{run}`` and ``{node}`` being base64url
+has the same name, see ``store``), ``{run}`` and ``{node}`` being base64url
 tokens of the ids::
 
     stream {prefix}_tasks    work-queue retention; subject {prefix}.tasks.{run}.{node};
@@ -39,35 +39,24 @@ an ack lost in a restart makes the task come back once more, which is harmless (
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
-import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from ..._errors import CheckpointError, ConfigError
+from ..._errors import ConfigError
+from ..base import Broker
 from ..messages import Claimed
-from .store import (
-    Bucket,
-    Malformed,
-    NatsLink,
-    NatsURL,
-    dump_json,
-    ensure_stream,
-    from_token,
-    nats_modules,
-    storage_type,
-    to_bytes,
-    to_token,
-)
+from .bucket import Bucket
+from .consumers import LogReader, Puller
+from .keys import BLOB_HEADER, Malformed, dump_json, from_token, text_of, to_bytes, to_token
+from .link import NatsLink, ensure_stream, quietly, storage_type
+from .publisher import ERR_PER_SUBJECT, Publisher, Refused, raise_refused
+from .url import NatsURL, nats_modules
 
 __all__ = ["NATSBroker"]
 
@@ -76,30 +65,16 @@ log = logging.getLogger("flowdsl.nats")
 CONSUMER: Final = "workers"
 #: Seconds a claim waits for a task when none is queued (it returns as soon as one comes).
 LONG_POLL: Final = 1.0
-# A reader's events that nobody takes are dropped past this many (a client with no
-# observed run has no use for other clients' events).
-_EVENTS_KEPT: Final = 10_000
 _DUPLICATE_WINDOW: Final = 60.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
 _MAX_ACK_PENDING: Final = 100_000
-_ERR_PER_SUBJECT: Final = 10077  # the task is already queued or held
 _ERR_NO_MESSAGE: Final = 10057  # a message deleted or acked meanwhile
-#: A message whose payload is too large for the server is stored in the bucket by content
-#: hash; the message carries its hash in this header instead.
-BLOB_HEADER: Final = "Flowdsl-Blob"
 
 
-def _text(data: bytes) -> str:
-    try:
-        return data.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace")  # not flowdsl's: the worker reports it
-
-
-class NATSBroker:
+class NATSBroker(Broker):
     """A task queue on NATS JetStream, shared by every worker that can reach the server.
 
     *url* is ``nats://[token@|user:password@]host:4222[,host2:4222...]`` (``tls://`` for
-    TLS) with the options of :class:`~flowdsl.stores.nats.NatsOptions` in its query
+    TLS) with the options of :class:`~flowdsl.backends.nats.url.NatsOptions` in its query
     string or as keywords; give the store the same URL.
     """
 
@@ -116,11 +91,11 @@ class NATSBroker:
         self._link = NatsLink(self._url)
         self._opened = False
         self._held: dict[str, Any] = {}  # task id -> the message, until acked or termed
-        self._puller: _Puller | None = None
-        self._reader: _LogReader | None = None
+        self._puller: Puller | None = None
+        self._reader: LogReader | None = None
         self._ack_wait: float | None = None  # the consumer's AckWait, once checked
         self._bucket: Bucket | None = None  # for large messages, opened when one comes
-        self._publisher = _Publisher(self._link)
+        self._publisher = Publisher(self._link)
         self._message_max = 512 * 1024
 
     def __repr__(self) -> str:
@@ -142,7 +117,7 @@ class NATSBroker:
         except BaseException:
             await self._link.close()
             raise
-        self._reader = _LogReader(
+        self._reader = LogReader(
             self._link, self.log_stream, f"{self._prefix}.log.", self._large_text
         )
         # Headers and the JSON around a payload must fit beside it in one message.
@@ -213,7 +188,7 @@ class NATSBroker:
             held = [*self._held.values(), *(self._puller.spare if self._puller else [])]
             self._held.clear()
             for msg in held:
-                await _quietly(msg.nak)
+                await quietly(msg.nak)
             if self._puller is not None:
                 await self._puller.stop()
                 self._puller = None
@@ -235,7 +210,7 @@ class NATSBroker:
 
     async def _publish(
         self, items: list[tuple[str, bytes]], what: str, *, run_id: str | None = None
-    ) -> list[_Refused | None]:
+    ) -> list[Refused | None]:
         """Publish *items* in order and wait for every ack: None for a stored message, or
         why the stream refused it.  One Nats-Msg-Id per message, kept across retries: a
         retry after a lost reply is not stored twice."""
@@ -251,7 +226,7 @@ class NATSBroker:
         publisher = self._publisher
         timeout = self.options.timeout
 
-        async def op() -> list[_Refused | None]:
+        async def op() -> list[Refused | None]:
             with anyio.fail_after(timeout):
                 return await publisher.publish(messages)
 
@@ -267,13 +242,13 @@ class NATSBroker:
         headers = msg.headers
         digest = headers.get(BLOB_HEADER) if headers else None
         if digest is None:
-            return _text(msg.data)
+            return text_of(msg.data)
         return await self._large_text(digest, what)
 
     async def _large_text(self, digest: str, what: str) -> str:
         bucket = await self._blobs()
         try:
-            return _text(await bucket.get_blob(digest, what))
+            return text_of(await bucket.get_blob(digest, what))
         except Malformed as exc:
             # The worker or the listener reports it as a malformed message.
             log.warning("NATS at %s: %s", self.url, exc)
@@ -282,7 +257,7 @@ class NATSBroker:
     async def _publish_log(self, kind: str, pairs: list[tuple[str, str]], what: str) -> None:
         items = [(f"{self._prefix}.log.{kind}.{to_token(r)}", to_bytes(t)) for r, t in pairs]
         results = await self._publish(items, what, run_id=pairs[0][0] if pairs else None)
-        _raise_refused(results, what, self.url)
+        raise_refused(results, what, self.url)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -296,8 +271,8 @@ class NATSBroker:
         ]
         results = await self._publish(items, "queue a task", run_id=tasks[0][0])
         # Refused per subject: the node is queued or held already, as the protocol wants.
-        _raise_refused(
-            [r for r in results if r is not None and r.err_code != _ERR_PER_SUBJECT],
+        raise_refused(
+            [r for r in results if r is not None and r.err_code != ERR_PER_SUBJECT],
             "queue a task",
             self.url,
         )
@@ -346,8 +321,8 @@ class NATSBroker:
                 data = to_bytes(await self._large_text(digest, "a task"))
             items = [(str(raw.subject), data)]
             results = await self._publish(items, "queue a task again", run_id=run_id)
-            _raise_refused(
-                [r for r in results if r is not None and r.err_code != _ERR_PER_SUBJECT],
+            raise_refused(
+                [r for r in results if r is not None and r.err_code != ERR_PER_SUBJECT],
                 "queue a task again",
                 self.url,
             )
@@ -393,7 +368,7 @@ class NATSBroker:
 
         await self._link.call("remove a task", op, run_id=run_id)
 
-    async def _consumer(self, lease: float) -> _Puller:
+    async def _consumer(self, lease: float) -> Puller:
         """The shared durable consumer, made on first use; its AckWait is the lease, raised
         (never lowered) when a worker with a longer lease joins, so that no worker's
         heartbeats come too late for the consumer."""
@@ -434,7 +409,7 @@ class NATSBroker:
 
         self._ack_wait = await self._link.call("create the workers' consumer", op)
         if self._puller is None:
-            self._puller = _Puller(self._link, self.tasks_stream, CONSUMER)
+            self._puller = Puller(self._link, self.tasks_stream, CONSUMER)
         self._puller.stale = False
         return self._puller
 
@@ -445,23 +420,42 @@ class NATSBroker:
         if self._puller is not None:
             msgs += self._puller.spare  # delivered to us, not yet claimed
         for msg in msgs:
-            await _quietly(msg.in_progress)
+            await quietly(msg.in_progress)
         if self._ack_wait is not None and lease > self._ack_wait:
             await self._consumer(lease)
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
         await checkpoint_if_cancelled()
+        if events:  # on the log stream, so a reader sees them before the completion
+            await self.publish_events(events)
         # The completion first, the ack last: a crash in between redelivers the task,
         # whose next worker completes it again (a second completion is ignored).
         await self._publish_log("done", [(run_id, payload)], "publish a completion")
         msg = self._held.pop(task_id, None)
         if msg is not None:
-            await _quietly(msg.ack)
+            await quietly(msg.ack)
 
     async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
         msg = self._held.get(task_id)
         record = dump_json(
             {
@@ -475,12 +469,12 @@ class NATSBroker:
         results = await self._publish(
             [(f"{self._prefix}.dead.{to_token(run_id)}", record)], "record a dead letter"
         )
-        _raise_refused(results, "record a dead letter", self.url)
+        raise_refused(results, "record a dead letter", self.url)
         await self._publish_log("done", [(run_id, payload)], "publish a completion")
         self._held.pop(task_id, None)
         if msg is not None:
             # Term: no more deliveries, and the work queue drops the message.
-            await _quietly(msg.term)
+            await quietly(msg.term)
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         from nats.js.errors import NotFoundError
@@ -532,7 +526,7 @@ class NATSBroker:
         # skip messages of other subjects (completions), seen in this package's tests.
         return None
 
-    def _log(self) -> _LogReader:
+    def _log(self) -> LogReader:
         self._js()
         assert self._reader is not None
         return self._reader
@@ -550,365 +544,9 @@ class NATSBroker:
         return await self._link.call("count the tasks", op)
 
 
-@attrs.frozen
-class _Refused:
-    """A stream's refusal of a message (its JetStream API error)."""
-
-    code: int
-    err_code: int
-    description: str
-
-
-class _Publisher:
-    """JetStream publishes, pipelined: every message goes out in order, then all their
-    acks are awaited (a round trip for the lot, not one each).
-
-    Replies come to one wildcard inbox.  (nats-py's ``publish_async`` would do, but its
-    reply handler raises instead of failing the future when a stream refuses a message,
-    so a refused publish never completes.)
-    """
-
-    def __init__(self, link: NatsLink) -> None:
-        self._link = link
-        self._sub: Any = None
-        self._prefix = ""
-        self._generation = -1
-        self._numbers = itertools.count()
-        self._pending: dict[str, asyncio.Future[_Refused | None]] = {}
-
-    async def publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> list[Any]:
-        if self._sub is None or self._generation != self._link.generation:
-            await self._subscribe()
-        nc = self._link.nc
-        loop = asyncio.get_running_loop()
-        tokens = []
-        try:
-            for subject, data, headers in messages:
-                token = str(next(self._numbers))
-                self._pending[token] = loop.create_future()
-                tokens.append(token)
-                await nc.publish(subject, data, reply=self._prefix + token, headers=headers)
-            results = [await self._pending[token] for token in tokens]
-        finally:
-            for token in tokens:
-                self._pending.pop(token, None)
-        away = next((r for r in results if r is not None and _is_away(r)), None)
-        if away is not None:
-            import nats.js.errors as je
-
-            # JetStream is (re)starting: the caller retries the lot (Nats-Msg-Id dedupes).
-            raise je.ServiceUnavailableError(
-                code=away.code, err_code=away.err_code, description=away.description
-            )
-        return results
-
-    async def _subscribe(self) -> None:
-        await self.stop()
-        nc = self._link.nc
-        self._prefix = nc.new_inbox() + "."
-        self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
-        self._generation = self._link.generation
-
-    async def _on_reply(self, msg: Any) -> None:
-        future = self._pending.get(msg.subject[len(self._prefix) :])
-        if future is None or future.done():
-            return
-        headers = msg.headers
-        if headers and headers.get("Status") == "503":  # no responders: no stream there
-            future.set_result(_Refused(503, 0, "no stream answered (JetStream away)"))
-            return
-        try:
-            reply = json.loads(msg.data)
-            error = reply.get("error") if isinstance(reply, dict) else None
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_result(
-                    _Refused(
-                        int(error.get("code", 0)),
-                        int(error.get("err_code", 0)),
-                        str(error.get("description", "")),
-                    )
-                )
-        except (ValueError, TypeError, AttributeError):
-            future.set_result(_Refused(0, 0, f"an unreadable reply: {msg.data[:100]!r}"))
-
-    async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            await _quietly(sub.unsubscribe)
-
-
-def _is_away(refused: _Refused) -> bool:
-    return refused.code == 503 and refused.err_code != _ERR_PER_SUBJECT
-
-
-class _Puller:
-    """Pull requests on the shared durable consumer, answered on one inbox.
-
-    A request asks for up to *n* messages; the server answers with messages and, when it
-    has fewer, a status (404 no messages, 408 expired, 409 ...) sent to the request's own
-    reply subject, which is how a request's end is told from an earlier one's.  Messages
-    that arrive after their request was given up (a cancelled claim) are kept in
-    ``spare`` and handed out first.
-    """
-
-    def __init__(self, link: NatsLink, stream: str, consumer: str) -> None:
-        self._link = link
-        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = ""
-        self._sub: Any = None
-        self._generation = -1
-        self._numbers = itertools.count()
-        self._lock = anyio.Lock()
-        self._arrived = anyio.Event()
-        self._ended: set[str] = set()
-        self.spare: list[Any] = []
-        self.stale = False  # the consumer went away: make it again
-
-    async def pull(self, limit: int, wait: float) -> list[Any]:
-        async with self._lock:
-            await self._subscribe()
-            if len(self.spare) < limit:
-                await self._request(limit - len(self.spare), None)
-            if not self.spare:
-                await self._request(1, wait)
-            taken, self.spare = self.spare[:limit], self.spare[limit:]
-            return taken
-
-    async def _subscribe(self) -> None:
-        if self._sub is not None and self._generation == self._link.generation:
-            return
-        nc = self._link.nc
-        if self._sub is not None:
-            await _quietly(self._sub.unsubscribe)
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
-        self._generation = self._link.generation
-
-    async def _on_msg(self, msg: Any) -> None:
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is None:
-            self.spare.append(msg)
-        elif status != "100":  # 100: an idle heartbeat
-            self._ended.add(msg.subject)
-            deleted = status == "409" and "deleted" in str(headers.get("Description", "")).lower()
-            if deleted or status == "503":  # the consumer is gone: make it again
-                self.stale = True
-        self._arrived.set()
-
-    async def _request(self, n: int, wait: float | None) -> None:
-        """One pull request, waited for until it ends, brings *n* messages, or (its end
-        lost in a reconnect) a while after it should have ended."""
-        reply = f"{self._inbox}.{next(self._numbers)}"
-        request: dict[str, Any] = {"batch": n}
-        if wait is None:
-            request["no_wait"] = True
-        else:
-            request["expires"] = int(wait * 1e9)
-        target = len(self.spare) + n
-        self._ended.clear()  # the ends of requests given up earlier
-        nc = self._link.nc
-        try:
-            await nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
-        except Exception as exc:  # the connection is away: the next claim tries again
-            log.debug("pull request failed: %r", exc)
-            await anyio.sleep(min(wait or 0.05, 0.25))
-            return
-        give_up = anyio.current_time() + (wait or 0) + min(self._link.url.options.timeout, 2.0)
-        while len(self.spare) < target and reply not in self._ended:
-            left = give_up - anyio.current_time()
-            if left <= 0:
-                break
-            with anyio.move_on_after(left):
-                await self._arrived.wait()
-            if self._arrived.is_set():
-                self._arrived = anyio.Event()
-        self._ended.discard(reply)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await _quietly(self._sub.unsubscribe)
-            self._sub = None
-
-
-class _LogReader:
-    """The completions and events of the log stream, pushed to this process by one
-    ephemeral consumer and kept until taken.
-
-    ``position`` is the last stream sequence received: every message after ``start`` up
-    to it is in the buffers or was taken.  A cursor older than ``start`` (a caller that
-    wants what this reader never asked for) makes the consumer start again from there; a
-    reconnect or a gap in the consumer's sequence (messages dropped) makes it start again
-    from ``position``.
-    """
-
-    def __init__(
-        self,
-        link: NatsLink,
-        stream: str,
-        prefix: str,
-        large: Callable[[str, str], Awaitable[str]],
-    ) -> None:
-        self._link = link
-        self._large = large
-        self._stream = stream
-        self._prefix = prefix
-        self._start: int | None = None
-        self.position = 0
-        # Texts, or the hashes of large ones (_Blob), fetched when taken.
-        self._done: collections.deque[tuple[int, str | _Blob]] = collections.deque()
-        self._events: collections.deque[tuple[int, str, str | _Blob]] = collections.deque()
-        self._sub: Any = None
-        self._consumer: str | None = None
-        self._token: object = None
-        self._generation = -1
-        self._cseq = 0
-        self._broken = False
-
-    async def tail(self) -> int:
-        js = self._link.js
-
-        async def op() -> int:
-            info = await js.stream_info(self._stream)
-            return int(info.state.last_seq)
-
-        return await self._link.call("read the log's end", op)
-
-    async def take_done(self, cursor: int) -> tuple[list[str], int]:
-        await self._ensure(cursor)
-        taken = [text for seq, text in self._done if seq > cursor]
-        self._done.clear()
-        position = max(cursor, self.position)
-        return [await self._resolve(t, "a completion") for t in taken], position
-
-    async def take_events(self, cursor: int) -> tuple[list[tuple[str, str]], int]:
-        await self._ensure(cursor)
-        taken = [(run_id, text) for seq, run_id, text in self._events if seq > cursor]
-        self._events.clear()
-        position = max(cursor, self.position)
-        return [(r, await self._resolve(t, "an event")) for r, t in taken], position
-
-    async def _resolve(self, text: str | _Blob, what: str) -> str:
-        return text if isinstance(text, str) else await self._large(text.digest, what)
-
-    async def _ensure(self, cursor: int) -> None:
-        if self._start is None or cursor + 1 < self._start:
-            await self._restart(cursor + 1, rewind=True)
-        elif self._sub is None or self._broken or self._generation != self._link.generation:
-            await self._restart(self.position + 1, rewind=False)
-
-    async def _restart(self, first: int, *, rewind: bool) -> None:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        await self.stop()
-        if rewind:
-            self._done.clear()
-            self._events.clear()
-            self._start = first
-            self.position = first - 1
-        nc = self._link.nc
-        js = self._link.js
-        self._cseq = 0
-        self._broken = False
-        self._generation = self._link.generation
-        inbox = nc.new_inbox()
-        token = object()
-        self._token = token
-
-        async def on_msg(msg: Any) -> None:
-            if self._token is token:  # not a message of an earlier subscription
-                self._on_msg(msg)
-
-        self._sub = await nc.subscribe(inbox, cb=on_msg)
-        config = ConsumerConfig(
-            deliver_subject=inbox,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, first),
-            ack_policy=AckPolicy.NONE,
-            filter_subject=f"{self._prefix}>",
-            inactive_threshold=60.0,
-            mem_storage=True,
-        )
-
-        async def op() -> str:
-            info = await js.add_consumer(self._stream, config)
-            return str(info.name)
-
-        self._consumer = await self._link.call("read completions", op)
-
-    def _on_msg(self, msg: Any) -> None:
-        try:
-            meta = msg.metadata
-        except Exception:  # not a JetStream message (a flow-control probe, say)
-            return
-        if meta.sequence.consumer != self._cseq + 1:
-            self._broken = True  # messages were dropped (a slow reader): start again
-            return
-        self._cseq = meta.sequence.consumer
-        seq = int(meta.sequence.stream)
-        if seq <= self.position:
-            return
-        self.position = seq
-        kind, _, token = msg.subject[len(self._prefix) :].partition(".")
-        headers = msg.headers
-        digest = headers.get(BLOB_HEADER) if headers else None
-        text: str | _Blob = _text(msg.data) if digest is None else _Blob(str(digest))
-        if kind == "done":
-            self._done.append((seq, text))
-        elif kind == "ev":
-            try:
-                run_id = from_token(token)
-            except (ValueError, UnicodeDecodeError):
-                log.warning("dropping an event on %s: not a flowdsl subject", msg.subject)
-                return
-            self._events.append((seq, run_id, text))
-            if len(self._events) > _EVENTS_KEPT:
-                self._events.popleft()
-
-    async def stop(self) -> None:
-        self._token = None
-        sub, self._sub = self._sub, None
-        consumer, self._consumer = self._consumer, None
-        if sub is not None:
-            await _quietly(sub.unsubscribe)
-        if consumer is not None and self._link.is_open:
-            js = self._link.js
-            with anyio.move_on_after(1):
-                await _quietly(lambda: js.delete_consumer(self._stream, consumer))
-
-
-@attrs.frozen
-class _Blob:
-    digest: str
-
-
-async def _quietly(op: Any) -> None:
-    """An ack, a heartbeat, a clean-up: if the connection is away it will not arrive, and
-    what depends on it copes (the task comes back; the consumer times out)."""
-    import nats.errors
-
-    try:
-        await op()
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        log.debug("NATS: %r", exc)
-
-
-def _raise_refused(results: list[_Refused | None], what: str, url: str) -> None:
-    for result in results:
-        if result is not None:
-            raise CheckpointError(
-                f"the NATS server at {url} refused to {what}: {result.description} "
-                f"(error {result.err_code})",
-                hint="A stream flowdsl uses was changed by hand, or the account's limits "
-                "are reached; see docs/nats.md",
-            )
-
-
 def _dead_letter(data: bytes, run_id: str) -> dict[str, Any]:
     try:
-        fields = json.loads(_text(data))
+        fields = json.loads(text_of(data))
         if not isinstance(fields, dict):
             raise ValueError("not an object")
         return {

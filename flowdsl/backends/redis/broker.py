@@ -1,7 +1,7 @@
 """Batch mode on Redis Streams: any number of workers, on any number of machines.
 
 Layout, under the deployment's key prefix (``prefix=``, default ``flowdsl``; the store's
-keys share it, see ``flowdsl.stores.redis``)::
+keys share it, see ``store``)::
 
     {prefix}:tasks         stream of ready tasks, read through the consumer group "workers"
     {prefix}:queued        hash: [run_id, node_id] -> the id of its entry in tasks
@@ -15,7 +15,7 @@ over entries left pending longer than the lease by a dead worker with XAUTOCLAIM
 group's delivery count is the attempt.  ``extend`` resets a held entry's idle time
 (XCLAIM ... JUSTID, only while this worker still owns it).
 
-Every write that must be atomic is one Lua script: enqueueing (an entry per node while
+Every write that must be atomic is one Lua script (``scripts``): enqueueing (an entry per node while
 it is queued or held: the ``queued`` hash), completing (XACK + XDEL + clear ``queued`` +
 XADD the completion), dead-lettering, and, when the store lives under the same prefix
 on the same server, committing a node's record together with completing its task
@@ -43,21 +43,12 @@ import anyio
 from ... import _codec
 from ..._errors import CheckpointError
 from ..._records import NodeRecord
+from ..base import Broker, Store
 from ..messages import Claimed, Completion, encode_completion
-from .store import (
-    COMMIT_NODE_BODY,
-    Layout,
-    Malformed,
-    RedisLink,
-    RedisStore,
-    RedisURL,
-    encode_node,
-    from_bytes,
-    parse_keep,
-    parse_prefix,
-    require_asyncio,
-    to_bytes,
-)
+from . import scripts
+from .keys import Layout, Malformed, encode_node, from_bytes, to_bytes
+from .link import RedisLink, RedisURL, parse_keep, parse_prefix, require_asyncio
+from .store import RedisStore
 
 __all__ = ["RedisBroker"]
 
@@ -67,201 +58,20 @@ GROUP: Final = "workers"
 _READ_COUNT: Final = 1000  # completions or events per read
 _CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' consumer names
 
-# KEYS: tasks, queued.  ARGV: (queued field, run id, node id, payload) quadruples.  A
-# node already queued or held is not added twice; an index entry whose task is gone
-# (deleted by hand) is stale.  The entry names its run and node beside the payload, so
-# that a payload too broken to read still fails its own run.
-_ENQUEUE: Final = """
-for i = 1, #ARGV, 4 do
-  local id = redis.call('HGET', KEYS[2], ARGV[i])
-  if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then
-    id = redis.call('XADD', KEYS[1], '*', 'run', ARGV[i + 1], 'node', ARGV[i + 2],
-                    'key', ARGV[i], 'payload', ARGV[i + 3])
-    redis.call('HSET', KEYS[2], ARGV[i], id)
-  end
-end
-return 1
-"""
-
-# KEYS: tasks.  ARGV: group, consumer, count, min idle ms ('' to skip reclaiming),
-# reclaim cursor.  Returns {next cursor, {{id, deliveries, fields}, ...}}.
-_CLAIM: Final = """
-local out = {}
-local n = tonumber(ARGV[3])
-local cursor = ARGV[5]
-if ARGV[4] ~= '' then
-  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], cursor, 'COUNT', n)
-  cursor = r[1]
-  for _, e in ipairs(r[2]) do
-    if e[2] then
-      local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-      local count = 1
-      if p[1] then count = p[1][4] end
-      out[#out + 1] = {e[1], count, e[2]}
-    end
-  end
-  n = n - #out
-end
-if n > 0 then
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n,
-                       'STREAMS', KEYS[1], '>')
-  if r then
-    for _, e in ipairs(r[1][2]) do out[#out + 1] = {e[1], 1, e[2]} end
-  end
-end
-return {cursor, out}
-"""
-
-# KEYS: tasks.  ARGV: group, consumer, ids.  Only entries this consumer still owns.
-_EXTEND: Final = """
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  end
-end
-return 1
-"""
-
-# Removing a task and publishing its completion.  Expects KEYS[t] tasks, KEYS[q] queued,
-# KEYS[c] completions and ARGV[g] group, ARGV[i] task id, ARGV[f] queued field,
-# ARGV[p] payload, ARGV[k] keep, bound by the scripts that include it.
-_FINISH: Final = """
-local function finish(tasks, queued, completions, group, id, field, payload, keep)
-  redis.call('XACK', tasks, group, id)
-  redis.call('XDEL', tasks, id)
-  if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
-  redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
-end
-local function publish(events, keep, first)
-  for j = first, #ARGV, 2 do
-    redis.call('XADD', events, 'MAXLEN', '~', keep, '*', 'run', ARGV[j], 'payload', ARGV[j + 1])
-  end
-end
-"""
-
-# The scripts below take the node's events as (run id, event) pairs at the end of ARGV and
-# publish them with the completion, after the commit: a StepFinished is never seen for a
-# node that is not in the journal, and never after the completion that may end its run.
-
-# KEYS: tasks, queued, completions, events.  ARGV: group, id, field, payload, keep, events.
-# A task no longer pending (another worker completed it, or this is a retry after a lost
-# reply) has had its completion published already.
-_COMPLETE: Final = (
-    _FINISH
-    + """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-publish(KEYS[4], ARGV[5], 6)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
-# KEYS: tasks, queued, completions, dead, events.  ARGV: group, id, field, payload, keep,
-# run id, node id, reason, time, events.
-_DEAD_LETTER: Final = (
-    _FINISH
-    + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-local task = ''
-if entry[1] then
-  local fields = entry[1][2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'payload' then task = fields[j + 1] end
-  end
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
-           'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
-publish(KEYS[5], ARGV[5], 10)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
-# KEYS: nodes hash, blob, blobrefs, tasks, queued, completions, events.  ARGV: node id,
-# record, digest, blob, group, task id, queued field, payload, keep, events.  Returns 1
-# when committed and completed, else the record committed first (and changes nothing).
-_COMMIT_AND_COMPLETE: Final = (
-    _FINISH
-    + COMMIT_NODE_BODY
-    + """
-publish(KEYS[7], ARGV[9], 10)
-finish(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
-return 1
-"""
-)
-
-# Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
-# KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
-# what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
-# ones back as new entries, delivery counts starting afresh).  Returns {scanned, last id}.
-_RUN_TASKS: Final = """
-local function id_of(text)
-  local ms, seq = string.match(text, '^(%d+)-(%d+)$')
-  return {tonumber(ms or 0), tonumber(seq or 0)}
-end
-local function after(a, b)
-  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
-end
-local last = {0, 0}
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  for j = 1, #g, 2 do
-    if g[j] == 'name' and g[j + 1] == ARGV[1] then
-      for k = 1, #g, 2 do
-        if g[k] == 'last-delivered-id' then last = id_of(g[k + 1]) end
-      end
-    end
-  end
-end
-local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
-for _, e in ipairs(entries) do
-  local fields, run, key = e[2], nil, nil
-  for j = 1, #fields, 2 do
-    if fields[j] == 'run' then run = fields[j + 1] end
-    if fields[j] == 'key' then key = fields[j + 1] end
-  end
-  if run == ARGV[2] then
-    local handed_out = not after(id_of(e[1]), last)
-    if ARGV[5] == 'drop' and not handed_out then
-      redis.call('XDEL', KEYS[1], e[1])
-      if key and redis.call('HGET', KEYS[2], key) == e[1] then
-        redis.call('HDEL', KEYS[2], key)
-      end
-    elseif ARGV[5] == 'redeliver' and handed_out then
-      redis.call('XACK', KEYS[1], ARGV[1], e[1])
-      redis.call('XDEL', KEYS[1], e[1])
-      local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-      if key and redis.call('HGET', KEYS[2], key) == e[1] then
-        redis.call('HSET', KEYS[2], key, id)
-      end
-    end
-  end
-end
-local tail = ''
-if #entries > 0 then tail = entries[#entries][1] end
-return {#entries, tail}
-"""
 _CHUNK: Final = 500
 
 _SCRIPTS: Final = {
-    "enqueue": _ENQUEUE,
-    "claim": _CLAIM,
-    "extend": _EXTEND,
-    "complete": _COMPLETE,
-    "dead_letter": _DEAD_LETTER,
-    "commit_and_complete": _COMMIT_AND_COMPLETE,
-    "run_tasks": _RUN_TASKS,
+    "enqueue": scripts.ENQUEUE,
+    "claim": scripts.CLAIM,
+    "extend": scripts.EXTEND,
+    "complete": scripts.COMPLETE,
+    "dead_letter": scripts.DEAD_LETTER,
+    "commit_and_complete": scripts.COMMIT_AND_COMPLETE,
+    "run_tasks": scripts.RUN_TASKS,
 }
 
 
-class RedisBroker:
+class RedisBroker(Broker):
     """A task queue on Redis Streams, shared by every client and worker of a deployment.
 
     *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS) with
@@ -346,7 +156,7 @@ class RedisBroker:
 
         await self._link.call("creating the consumer group", create)
 
-    def holds(self, store: Any) -> bool:
+    def holds(self, store: Store) -> bool:
         """Whether *store* keeps its journal on this broker's server, under its prefix:
         then a node's commit and its task's completion are one script."""
         return isinstance(store, RedisStore) and store.server == (
@@ -699,7 +509,7 @@ class RedisBroker:
         """The events (JSON text) of one observed run published after *cursor* (``"0"``:
         all the stream still holds), and the new cursor: for watching a run from
         another process or machine.  Decode them with
-        ``flowdsl.contexts.batch.decode_event``."""
+        ``flowdsl.backends.messages.decode_event``."""
         entries = (await self._read({self.events_key: cursor}, 0.0)).get(self.events_key, [])
         wanted = to_bytes(run_id)
         texts = [_payload_of(f) for _, f in entries if f.get(b"run") == wanted]

@@ -12,7 +12,7 @@ A worker claims tasks by pushing their lease into the future in one UPDATE ... R
 a task whose lease lies in the past (its worker died) is claimable again, and its
 ``deliveries`` count is the attempt.  Completing a task deletes it and inserts its
 completion in one transaction.  Readers poll by row id: SQLite has no notifications, so
-in-process parties also poke each other directly (see ``contexts.batch``).
+in-process parties also poke each other directly (see ``flowdsl._executors.batch``).
 
 Like the SQLite store, every call is a short synchronous transaction on the event loop's
 thread: a thread hop per call would cost more than the call.
@@ -24,57 +24,21 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
+from ..._records import NodeRecord
+from ..base import Broker, Store
 from ..messages import Claimed
+from . import schema
+from .store import SQLiteStore
 
 __all__ = ["SQLiteBroker"]
 
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS fd_tasks (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        lease_until REAL NOT NULL DEFAULT 0,
-        deliveries INTEGER NOT NULL DEFAULT 0,
-        worker TEXT,
-        UNIQUE (run_id, node_id)
-    )""",
-    "CREATE INDEX IF NOT EXISTS fd_tasks_lease ON fd_tasks (lease_until, id)",
-    """CREATE TABLE IF NOT EXISTS fd_completions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS fd_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS fd_dead (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        at REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS fd_dead_run ON fd_dead (run_id)",
-)
 
-_CLAIM: Final = """
-    UPDATE fd_tasks SET lease_until = ?, deliveries = deliveries + 1, worker = ?
-    WHERE id IN (SELECT id FROM fd_tasks WHERE lease_until < ? ORDER BY id LIMIT ?)
-    RETURNING id, deliveries, payload, run_id, node_id
-"""
-
-
-class SQLiteBroker:
+class SQLiteBroker(Broker):
     """A task queue in an SQLite file, shared by every process on this machine."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
@@ -82,31 +46,36 @@ class SQLiteBroker:
         self.url = f"sqlite:///{self.path}"
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
-        self._store: Any = None
+        self._store: SQLiteStore | None = None
 
-    def share(self, store: Any) -> None:
-        """Use *store*'s connection: the queue and the journal live in one file, so a
-        worker can commit a node and complete its task in one transaction."""
-        self._store = store
+    def share_store(self, store: Store) -> None:
+        """Use *store*'s connection when it keeps its journal in this queue's file: a
+        worker then commits a node and completes its task in one transaction."""
+        if isinstance(store, SQLiteStore) and store.path == self.path != ":memory:":
+            self._store = store
 
-    def holds(self, store: Any) -> bool:
+    def holds(self, store: Store) -> bool:
         return store is not None and store is self._store
 
     async def commit_and_complete(
-        self, task_id: str, run_id: str, record: Any, payload: str
+        self,
+        task_id: str,
+        run_id: str,
+        record: NodeRecord,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> bool:
         await checkpoint_if_cancelled()
+        if self._store is None:
+            raise NotImplementedError("the queue shares no store (see share_store)")
+        if events:
+            await self.publish_events(events)
         return bool(
             self._store.commit_node_then(
                 run_id,
                 record,
-                [
-                    ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                    (
-                        "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                        (run_id, record.node_id, payload),
-                    ),
-                ],
+                schema.complete_task(task_id, run_id, record.node_id, payload),
             )
         )
 
@@ -119,7 +88,7 @@ class SQLiteBroker:
         if self._store is not None:
             # The store is opened first and owns the connection; only the tables are ours.
             conn = self._store.connection()
-            for statement in _SCHEMA:
+            for statement in schema.QUEUE_SCHEMA:
                 conn.execute(statement)
             self._conn = conn
             return
@@ -131,7 +100,7 @@ class SQLiteBroker:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
+            for statement in schema.QUEUE_SCHEMA:
                 conn.execute(statement)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(
@@ -184,7 +153,7 @@ class SQLiteBroker:
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         await checkpoint_if_cancelled()
         now = time.time()
-        (rows,) = self._write([(_CLAIM, (now + lease, worker, now, limit))])
+        (rows,) = self._write([(schema.CLAIM, (now + lease, worker, now, limit))])
         rows.sort(key=lambda row: row[0])
         return [
             Claimed(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4])) for row in rows
@@ -201,22 +170,33 @@ class SQLiteBroker:
             ]
         )
 
-    async def complete(self, task_id: str, run_id: str, node_id: str, payload: str) -> None:
-        await checkpoint_if_cancelled()
-        self._write(
-            [
-                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                (
-                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                    (run_id, node_id, payload),
-                ),
-            ]
-        )
-
-    async def dead_letter(
-        self, task_id: str, run_id: str, node_id: str, payload: str, reason: str
+    async def complete(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
+        self._write(schema.complete_task(task_id, run_id, node_id, payload))
+
+    async def dead_letter(
+        self,
+        task_id: str,
+        run_id: str,
+        node_id: str,
+        payload: str,
+        reason: str,
+        *,
+        events: list[tuple[str, str]] | None = None,
+    ) -> None:
+        await checkpoint_if_cancelled()
+        if events:
+            await self.publish_events(events)
         self._write(
             [
                 (
@@ -224,11 +204,7 @@ class SQLiteBroker:
                     "SELECT run_id, node_id, payload, ?, ? FROM fd_tasks WHERE id = ?",
                     (reason, time.time(), int(task_id)),
                 ),
-                ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
-                (
-                    "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
-                    (run_id, node_id, payload),
-                ),
+                *schema.complete_task(task_id, run_id, node_id, payload),
             ]
         )
 

@@ -32,12 +32,10 @@ malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the ru
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl
@@ -46,110 +44,44 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import CheckpointError, CodecError, ConfigError
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
+from .. import _validate as v
+from ..base import Store
+from . import schema
+
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+
+INLINE_MAX = schema.INLINE_MAX
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 1
-#: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
-INLINE_MAX: Final = 256
-# 'flow' in ASCII: marks the file as a flowdsl store so a stranger's database is refused.
-_APPLICATION_ID: Final = 0x666C6F77
-# 8 KiB pages hold seven 1 KiB results where 4 KiB pages hold three, which is what keeps a
-# journal of 1 KiB results within 1.5x their size (4 KiB pages: just over 1.5x).
-_PAGE_SIZE: Final = 8192
-_HASH_SIZE: Final = 32
-# SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
-_CHUNK: Final = 500
 _URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
+# The columns of a run's row, in the order the SELECTs name them.
+_RUN_COLUMNS: Final = (
+    "run_id",
+    "flow",
+    "flow_ref",
+    "fingerprint",
+    "inputs",
+    "status",
+    "created_at",
+    "updated_at",
+    "result",
+    "error",
+    "failed_node",
+    "code",
+)
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
     "(DELETE FROM nodes WHERE run_id = ...; DELETE FROM runs WHERE run_id = ...) and start "
     "it again"
 )
 
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS runs (
-        run_id TEXT PRIMARY KEY NOT NULL,
-        flow TEXT NOT NULL,
-        flow_ref TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        inputs TEXT NOT NULL,
-        status TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        result TEXT,
-        error TEXT,
-        failed_node TEXT,
-        code TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at)",
-    # WITHOUT ROWID: the primary key is the row, so (run_id, node_id) is stored once.
-    """CREATE TABLE IF NOT EXISTS nodes (
-        run_id TEXT NOT NULL,
-        node_id TEXT NOT NULL,
-        value TEXT,
-        blob BLOB,
-        attempts INTEGER NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL NOT NULL,
-        code TEXT NOT NULL,
-        usage TEXT,
-        PRIMARY KEY (run_id, node_id)
-    ) WITHOUT ROWID""",
-    # A rowid table on purpose: its leaves hold rows up to a page, where a WITHOUT ROWID
-    # table spills any row over ~1/4 page to overflow pages and wastes most of them.
-    """CREATE TABLE IF NOT EXISTS blobs (
-        hash BLOB PRIMARY KEY NOT NULL,
-        data BLOB NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS cache (
-        key TEXT PRIMARY KEY NOT NULL,
-        value TEXT,
-        blob BLOB
-    ) WITHOUT ROWID""",
-)
-
-_INSERT_RUN: Final = (
-    "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
-    "created_at, updated_at, result, error, failed_node, code) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SELECT_RUN: Final = (
-    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
-    "result, error, failed_node, code FROM runs WHERE run_id = ?"
-)
-_LIST_RUNS: Final = (
-    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
-    "result, error, failed_node, code FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?"
-)
-_UPDATE_RUN: Final = (
-    "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
-    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code) WHERE run_id = ?"
-)
-_INSERT_NODE: Final = (
-    "INSERT OR IGNORE INTO nodes (run_id, node_id, value, blob, attempts, started_at, "
-    "finished_at, code, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_BLOB: Final = "INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)"
-_SELECT_NODES: Final = (
-    "SELECT n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, n.finished_at, "
-    "n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
-    "WHERE n.run_id = ?"
-)
-_NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
-_DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
-_GET_CACHED: Final = (
-    "SELECT c.value, c.blob, b.data FROM cache AS c LEFT JOIN blobs AS b ON b.hash = c.blob "
-    "WHERE c.key = ?"
-)
-_PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob) VALUES (?, ?, ?)"
-
 Durability = Literal["normal", "full"]
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """Runs and node journals in one SQLite file, safe for several processes on a machine.
 
     *path* is a file (its parent directories are created) or ``":memory:"`` (for tests:
@@ -167,6 +99,9 @@ class SQLiteStore:
     checkpoints to a thread was tried: the file sync stalls the next WAL write anyway on
     ext4, and the checkpoints only got more frequent.)
     """
+
+    # A commit is a short synchronous transaction on the loop's thread (see above).
+    commits_nowait = True
 
     def __init__(
         self,
@@ -227,7 +162,7 @@ class SQLiteStore:
                 self._conn = self._connect()
                 return
             except sqlite3.Error as exc:
-                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                if not schema.is_busy(exc) or anyio.current_time() >= deadline:
                     raise self._failure(exc) from exc
             except OSError as exc:  # the parent directory could not be created
                 raise ConfigError(
@@ -259,7 +194,7 @@ class SQLiteStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             self._check_identity(conn)
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only a new file takes it
+            conn.execute(f"PRAGMA page_size = {schema.PAGE_SIZE}")  # only a new file takes it
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if not memory and str(mode).lower() != "wal":
                 raise ConfigError(
@@ -277,33 +212,33 @@ class SQLiteStore:
     def _check_identity(self, conn: sqlite3.Connection) -> None:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, _APPLICATION_ID):
+        if app_id not in (0, schema.APPLICATION_ID):
             raise ConfigError(
                 f"{self.path} is an SQLite database that another program owns, not a flowdsl store",
                 hint="Give the store a file of its own",
             )
-        if version > SCHEMA_VERSION:
+        if version > schema.SCHEMA_VERSION:
             raise CheckpointError(
                 f"the store {self.url} has schema version {version}, newer than the "
-                f"{SCHEMA_VERSION} this flowdsl knows",
+                f"{schema.SCHEMA_VERSION} this flowdsl knows",
                 hint="Upgrade flowdsl to the version that wrote it",
             )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Read again under the write lock: another process may have just created it.
             self._check_identity(conn)
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in _SCHEMA:
+                for statement in schema.SCHEMA:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            schema.rollback(conn)
             raise
 
     def _db(self) -> sqlite3.Connection:
@@ -324,21 +259,21 @@ class SQLiteStore:
             record.flow,
             record.flow_ref,
             record.fingerprint,
-            _storable_json(record.inputs),
+            schema.storable_json(record.inputs),
             record.status.value,
             record.created_at,
             record.updated_at,
-            _storable_json(record.result),
-            _storable_text(record.error),
+            schema.storable_json(record.result),
+            schema.storable_text(record.error),
             record.failed_node,
             _codec.dumps(record.code),
         )
         try:
             # INSERT OR IGNORE decides races between processes: one insert wins, and every
             # loser reads the winner's row.
-            if db.execute(_INSERT_RUN, row).rowcount == 1:
+            if db.execute(schema.INSERT_RUN, row).rowcount == 1:
                 return record, True
-            stored = db.execute(_SELECT_RUN, (record.run_id,)).fetchone()
+            stored = db.execute(schema.SELECT_RUN, (record.run_id,)).fetchone()
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=record.run_id) from exc
         if stored is None:  # deleted between the two statements by another process
@@ -351,7 +286,7 @@ class SQLiteStore:
     async def get_run(self, run_id: str) -> RunRecord | None:
         await checkpoint_if_cancelled()
         try:
-            row = self._db().execute(_SELECT_RUN, (run_id,)).fetchone()
+            row = self._db().execute(schema.SELECT_RUN, (run_id,)).fetchone()
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
         return None if row is None else self._run_from_row(run_id, row)
@@ -370,8 +305,8 @@ class SQLiteStore:
         await checkpoint_if_cancelled()
         params = (
             status.value,
-            _storable_json(result),
-            _storable_text(error),
+            schema.storable_json(result),
+            schema.storable_text(error),
             failed_node,
             time.time(),
             fingerprint,
@@ -379,7 +314,7 @@ class SQLiteStore:
             run_id,
         )
         try:
-            updated = self._db().execute(_UPDATE_RUN, params).rowcount
+            updated = self._db().execute(schema.UPDATE_RUN, params).rowcount
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
         if updated == 0:
@@ -391,10 +326,10 @@ class SQLiteStore:
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         await checkpoint_if_cancelled()
         try:
-            rows = self._db().execute(_LIST_RUNS, (max(limit, 0),)).fetchall()
+            rows = self._db().execute(schema.LIST_RUNS, (max(limit, 0),)).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
-        return [self._run_from_row(_str_or(row[0], "?"), row) for row in rows]
+        return [self._run_from_row(_id_of(row), row) for row in rows]
 
     # --- the journal ----------------------------------------------------------------------
 
@@ -416,8 +351,8 @@ class SQLiteStore:
         node's row, the task's removal and its completion become durable together.
         """
         db = self._db()
-        value, digest, data = _split_value(record.value)
-        usage = None if record.usage is None else _storable_json(_codec.dumps(record.usage))
+        value, digest, data = schema.split_value(record.value)
+        usage = None if record.usage is None else schema.storable_json(_codec.dumps(record.usage))
         params = (
             run_id,
             record.node_id,
@@ -435,15 +370,15 @@ class SQLiteStore:
             # (busy_timeout) rather than fail on a lock upgrade.
             db.execute("BEGIN IMMEDIATE")
             try:
-                created = db.execute(_INSERT_NODE, params).rowcount == 1
+                created = db.execute(schema.INSERT_NODE, params).rowcount == 1
                 if created:
                     if digest is not None:
-                        db.execute(_INSERT_BLOB, (digest, data))
+                        db.execute(schema.INSERT_BLOB, (digest, data))
                     for sql, args in then:
                         db.execute(sql, args)
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                schema.rollback(db)
                 raise
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id, node_id=record.node_id) from exc
@@ -456,7 +391,7 @@ class SQLiteStore:
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         await checkpoint_if_cancelled()
         try:
-            rows = self._db().execute(_SELECT_NODES, (run_id,)).fetchall()
+            rows = self._db().execute(schema.SELECT_NODES, (run_id,)).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
         records = (self._node_from_row(run_id, row) for row in rows)
@@ -473,14 +408,14 @@ class SQLiteStore:
             try:
                 hashes: set[bytes] = set()
                 for key in keys:
-                    row = db.execute(_NODE_BLOB, key).fetchone()
+                    row = db.execute(schema.NODE_BLOB, key).fetchone()
                     if row is not None and isinstance(row[0], bytes):
                         hashes.add(row[0])
-                db.executemany(_DELETE_NODE, keys)
-                _drop_unreferenced(db, hashes)
+                db.executemany(schema.DELETE_NODE, keys)
+                schema.drop_unreferenced(db, hashes)
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                schema.rollback(db)
                 raise
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
@@ -490,14 +425,14 @@ class SQLiteStore:
     async def get_cached(self, key: str) -> str | None:
         await checkpoint_if_cancelled()
         try:
-            row = self._db().execute(_GET_CACHED, (key,)).fetchone()
+            row = self._db().execute(schema.GET_CACHED, (key,)).fetchone()
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         if row is None:
             return None
         try:
-            return _check_json(_join_value(row[0], row[1], row[2]), "the cached value")
-        except _Malformed as exc:
+            return v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+        except v.Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
                 hint="Restore the file from a backup, or delete the entry "
@@ -507,16 +442,16 @@ class SQLiteStore:
     async def put_cached(self, key: str, value: str) -> None:
         await checkpoint_if_cancelled()
         db = self._db()
-        inline, digest, data = _split_value(value)
+        inline, digest, data = schema.split_value(value)
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if digest is not None:
-                    db.execute(_INSERT_BLOB, (digest, data))
-                db.execute(_PUT_CACHED, (key, inline, digest))
+                    db.execute(schema.INSERT_BLOB, (digest, data))
+                db.execute(schema.PUT_CACHED, (key, inline, digest))
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                schema.rollback(db)
                 raise
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
@@ -525,69 +460,42 @@ class SQLiteStore:
 
     def _run_from_row(self, run_id: str, row: Sequence[Any]) -> RunRecord:
         try:
-            (
-                stored_id,
-                flow,
-                flow_ref,
-                fingerprint,
-                inputs,
-                status,
-                created_at,
-                updated_at,
-                result,
-                error,
-                failed_node,
-                code,
-            ) = row
-            return RunRecord(
-                run_id=_str(stored_id, "run_id"),
-                flow=_str(flow, "flow"),
-                flow_ref=_str(flow_ref, "flow_ref"),
-                fingerprint=_str(fingerprint, "fingerprint"),
-                inputs=_check_json(_str(inputs, "inputs"), "inputs"),
-                status=_status(status),
-                created_at=_time(created_at, "created_at"),
-                updated_at=_time(updated_at, "updated_at"),
-                result=None if result is None else _check_json(_str(result, "result"), "result"),
-                error=_optional_str(error, "error"),
-                failed_node=_optional_str(failed_node, "failed_node"),
-                code=_code_map(code),
-            )
-        except _Malformed as exc:
-            raise self._corrupted(run_id, None, str(exc)) from None
+            fields = dict(zip(_RUN_COLUMNS, row, strict=True))
+            fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
+            return v.run_record(run_id, fields)
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
     def _node_from_row(self, run_id: str, row: Sequence[Any]) -> NodeRecord:
         node_id = row[0]
+        node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
             (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
-            return NodeRecord(
-                node_id=_str(node_id, "node_id"),
-                value=_check_json(_join_value(value, digest, data), "value"),
-                attempts=_attempts(attempts),
-                started_at=_time(started_at, "started_at"),
-                finished_at=_time(finished_at, "finished_at"),
-                code=_str(code, "code"),
-                usage=_usage(usage),
-            )
-        except _Malformed as exc:
-            node = node_id if isinstance(node_id, str) else repr(node_id)
-            raise self._corrupted(run_id, node, str(exc)) from None
-
-    def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
-        return CheckpointError(
-            f"run {run_id!r} in {self.url} is corrupted: {what}", node=node_id, hint=_RESTORE_HINT
-        )
+            fields = {
+                "value": schema.join_value(value, digest, data),
+                "attempts": attempts,
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "code": code,
+                "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
+            }
+            return v.node_record(v.text(node_id, "node_id"), fields)
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
     def _failure(
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
     ) -> Exception:
         """Translate an sqlite3 error at the edge, naming the file and what to do."""
-        name = _error_name(exc)
+        name = schema.error_name(exc)
         where = f" (run {run_id!r})" if run_id is not None else ""
-        if _is_busy(exc):
-            return CheckpointError(
-                f"the store {self.url} stayed locked by another writer for "
-                f"{self.busy_timeout:g} s{where}",
+        if schema.is_busy(exc):
+            # Another process holds the write lock: the file is fine, only busy.
+            return BackendUnavailable(
+                f"the store {self.url}",
+                reason="it stayed locked by another writer",
+                waited=self.busy_timeout,
+                run_id=run_id,
                 node=node_id,
                 hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
                 "process that holds the file",
@@ -630,7 +538,7 @@ class SQLiteStore:
                 db.execute(_INSERT_SIGNAL, (run_id, name, index, value))
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                schema.rollback(db)
                 raise
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
@@ -646,9 +554,9 @@ class SQLiteStore:
         if row is None:
             return None
         try:
-            return _check_json(_str(row[0], "the signal"), "the signal")
-        except _Malformed as exc:
-            raise self._corrupted(run_id, None, str(exc)) from None
+            return v.check_json(row[0], "the signal")
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
 
 _SIGNALS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signals (
@@ -661,164 +569,6 @@ _SIGNALS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signals (
 _COUNT_SIGNALS: Final = "SELECT count(*) FROM signals WHERE run_id = ? AND name = ?"
 _INSERT_SIGNAL: Final = "INSERT INTO signals (run_id, name, seq, value) VALUES (?, ?, ?, ?)"
 _SELECT_SIGNAL: Final = "SELECT value FROM signals WHERE run_id = ? AND name = ? AND seq = ?"
-
-
-# --- values: inline or by content hash ------------------------------------------------------
-
-
-def _split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:
-    """``(inline, hash, data)``: small JSON text stays in the row, large goes to ``blobs``."""
-    try:
-        data = value.encode()
-    except UnicodeEncodeError:
-        # A lone surrogate: Python strings (and the codec's JSON text) may hold one, SQLite
-        # text may not.  Kept byte-exact in a blob, whatever its size.
-        data = value.encode("utf-8", "surrogatepass")
-        return None, hashlib.sha256(data).digest(), data
-    if len(data) <= INLINE_MAX:
-        return value, None, None
-    return None, hashlib.sha256(data).digest(), data
-
-
-def _storable_json(text: str | None) -> str | None:
-    """JSON text SQLite can hold: lone surrogates, if any, become ``\\udXXX`` escapes,
-    which parse back to the same value."""
-    if text is None:
-        return None
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return json.dumps(_codec.loads(text), ensure_ascii=True, separators=(",", ":"))
-    return text
-
-
-def _storable_text(text: str | None) -> str | None:
-    """Free text (an error message) SQLite can hold: lone surrogates become escapes."""
-    if text is None:
-        return None
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode()
-    return text
-
-
-def _join_value(inline: object, digest: object, data: object) -> str:
-    if digest is None:
-        return _str(inline, "value")
-    if inline is not None:
-        raise _Malformed("the row has both an inline value and a blob reference")
-    if not isinstance(digest, bytes) or len(digest) != _HASH_SIZE:
-        raise _Malformed(f"the blob reference is not a {_HASH_SIZE}-byte hash")
-    if data is None:
-        raise _Malformed(f"the value's blob {digest.hex()[:16]}... is missing")
-    if not isinstance(data, bytes) or hashlib.sha256(data).digest() != digest:
-        raise _Malformed(f"the value's blob {digest.hex()[:16]}... does not match its hash")
-    try:
-        return data.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        raise _Malformed("the value's blob is not UTF-8 text") from None
-
-
-def _drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
-    """Delete the blobs among *hashes* that no node and no cache entry refers to any more.
-
-    Forgetting is rare (a resume after a code change), so this scans rather than keep an
-    index on ``nodes.blob`` that every commit would pay for in time and space.
-    """
-    candidates = list(hashes)
-    for start in range(0, len(candidates), _CHUNK):
-        chunk = candidates[start : start + _CHUNK]
-        marks = ", ".join("?" * len(chunk))  # only placeholders go into the text
-        query = (
-            f"SELECT blob FROM nodes WHERE blob IN ({marks}) "  # noqa: S608
-            f"UNION SELECT blob FROM cache WHERE blob IN ({marks})"
-        )
-        used = {row[0] for row in db.execute(query, chunk + chunk)}
-        db.executemany("DELETE FROM blobs WHERE hash = ?", [(h,) for h in chunk if h not in used])
-
-
-def _error_name(exc: sqlite3.Error) -> str:
-    return str(getattr(exc, "sqlite_errorname", "") or "")
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    return _error_name(exc).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    if db.in_transaction:
-        db.execute("ROLLBACK")
-
-
-# --- validation of rows read back -----------------------------------------------------------
-
-
-class _Malformed(Exception):
-    """A row that does not hold what this store writes."""
-
-
-def _str(value: object, field: str) -> str:
-    if not isinstance(value, str):
-        raise _Malformed(f"{field} is {type(value).__name__}, not text")
-    return value
-
-
-def _str_or(value: object, default: str) -> str:
-    return value if isinstance(value, str) else default
-
-
-def _optional_str(value: object, field: str) -> str | None:
-    return None if value is None else _str(value, field)
-
-
-def _parse_json(text: str, field: str) -> Any:
-    try:
-        return _codec.loads(text)
-    except CodecError:
-        raise _Malformed(f"the stored {field} is not valid JSON") from None
-
-
-def _check_json(text: str, field: str) -> str:
-    _parse_json(text, field)
-    return text
-
-
-def _time(value: object, field: str) -> float:
-    if type(value) is float or type(value) is int:
-        return float(value)
-    raise _Malformed(f"{field} is {type(value).__name__}, not a timestamp")
-
-
-def _attempts(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise _Malformed(f"attempts is {value!r}, not a count")
-    return value
-
-
-def _status(value: object) -> RunStatus:
-    try:
-        return RunStatus(value)
-    except ValueError:
-        raise _Malformed(f"status {value!r} is not a known run status") from None
-
-
-def _code_map(text: object) -> dict[str, str]:
-    data = _parse_json(_str(text, "code"), "code")
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-    ):
-        raise _Malformed("code is not a mapping of node ids to code hashes")
-    return data
-
-
-def _usage(text: object) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    data = _parse_json(_str(text, "usage"), "usage")
-    if not isinstance(data, dict):
-        raise _Malformed("usage is not a mapping")
-    return data
 
 
 def _url_options(url: str, query: str) -> dict[str, Any]:
@@ -854,3 +604,7 @@ def _bad_url(url: str, why: str | None = None) -> ConfigError:
         problem,
         hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
     )
+
+
+def _id_of(row: Sequence[Any]) -> str:
+    return row[0] if isinstance(row[0], str) else "?"

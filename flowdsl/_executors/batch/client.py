@@ -1,0 +1,289 @@
+"""The client's side of batch mode: :class:`BatchExecutor`, the executor the scheduler talks
+to.  ``execute`` encodes the node's arguments into a task, enqueues it, and waits for the
+completion; a listener task reads completions (and the events of observed runs) off the
+broker and wakes the waiting nodes.  The scheduler does not know the difference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+from ... import _codec, _otel
+from ..._define.graph import Node, NodeKind
+from ..._errors import (
+    CheckpointError,
+    CodecError,
+    ConfigError,
+    StepCodecFailed,
+    StepFailed,
+)
+from ..._records import NodeRecord
+from ...backends.base import Broker
+from ...backends.messages import (
+    Completion,
+    TaskMessage,
+    decode_completion,
+    decode_event,
+    encode_task,
+    peek_run_id,
+)
+from .worker import TRANSIENT, Worker
+
+__all__ = ["BatchExecutor", "RemoteError", "StepCheckpointFailed", "StepConfigFailed"]
+
+log = logging.getLogger("flowdsl.batch")
+
+_FORGET_EVERY = 1000  # completions read between two calls of broker.forget_completions
+
+
+class StepConfigFailed(StepFailed, ConfigError):
+    """A step that the worker could not import or configure: both a :class:`StepFailed`
+    and a :class:`ConfigError`."""
+
+
+class StepCheckpointFailed(StepFailed, CheckpointError):
+    """A node whose task message or state was malformed."""
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    event: anyio.Event
+    completion: Completion | None = None
+
+
+class BatchExecutor:
+    """The scheduler's side of batch mode."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        poll_interval: float = 0.002,
+        max_poll_interval: float = 0.05,
+    ) -> None:
+        self.broker = broker
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self._waiting: dict[tuple[str, str], _Waiter] = {}
+        self._observed: dict[str, Any] = {}  # run id -> run, for events
+        self._cursor: Any = None
+        self._event_cursor: Any = None
+        self._wake = anyio.Event()
+        self._local_workers: list[Worker] = []
+        self._forget: list[str] = []  # ended observed runs whose events can go
+        self._outbox: list[tuple[str, str, str]] = []  # tasks to enqueue
+        self._read = 0  # completions read since the broker last forgot old ones
+        self._flushing = False
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        _, self._cursor = await self.broker.completions(None)
+        _, self._event_cursor = await self.broker.events(None)
+        tg.start_soon(self._listen, name="flowdsl batch listener")
+
+    def attach(self, worker: Worker) -> None:
+        """An in-process worker: poke it on enqueue, and let it poke us on completion."""
+        self._local_workers.append(worker)
+        worker.on_complete = self.poke
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def watch(self, run: Any) -> None:
+        if run.observed:
+            self._observed[run.run_id] = run
+            # A run resumed in the same context: its events are wanted again.
+            while run.run_id in self._forget:
+                self._forget.remove(run.run_id)
+
+    async def resuming(self, run: Any) -> None:
+        """A run resumes: its tasks still queued or held are handed out afresh."""
+        await self.broker.redeliver(run.run_id)
+
+    async def ended(self, run: Any, ok: bool) -> None:
+        """A run ended; if it failed or was cancelled, its queued tasks are dropped."""
+        if not ok:
+            await self.broker.drop_queued(run.run_id)
+
+    def unwatch(self, run: Any) -> None:
+        if self._observed.pop(run.run_id, None) is not None:
+            self._forget.append(run.run_id)
+
+    def execute(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[tuple[NodeRecord, Any]]:
+        return self._execute(run, node, args, kwargs)
+
+    async def _execute(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[NodeRecord, Any]:
+        unit = node.fn
+        assert unit is not None
+        try:
+            task = TaskMessage(
+                run_id=run.run_id,
+                node_id=node.id,
+                flow=run.flow_name,
+                step=unit.ref,
+                kind=node.kind.value,
+                labels=node.labels,
+                args=tuple(_codec.to_data(a, what=f"an argument of {node.id!r}") for a in args),
+                kwargs={
+                    k: _codec.to_data(v, what=f"argument {k!r} of {node.id!r}")
+                    for k, v in kwargs.items()
+                },
+                marker=run.plan.markers[node.id],
+                observed=run.observed,
+                trace=_otel.carrier(),
+            )
+        except CodecError as exc:
+            raise StepCodecFailed(
+                f"cannot send the node's arguments to a worker: {exc.problem}",
+                flow=run.flow_name,
+                node=node.id,
+                run_id=run.run_id,
+                hint=exc.hint,
+            ) from exc
+        key = (run.run_id, node.id)
+        waiter = _Waiter(anyio.Event())
+        self._waiting[key] = waiter
+        try:
+            self._outbox.append((run.run_id, node.id, encode_task(task)))
+            if not self._flushing:
+                await self._flush()
+            await waiter.event.wait()
+        finally:
+            self._waiting.pop(key, None)
+        completion = waiter.completion
+        assert completion is not None
+        return self._outcome(run, node, completion)
+
+    async def _flush(self) -> None:
+        """Enqueue what the outbox holds, in as few transactions as it takes.
+
+        Siblings made ready by one completion all reach ``execute`` in the same tick: the
+        first one yields once so that the others can add theirs, then sends them all.
+        """
+        self._flushing = True
+        try:
+            await anyio.lowlevel.checkpoint()
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                await self.broker.enqueue(batch)
+                for worker in self._local_workers:
+                    worker.poke()
+                self.poke()
+        finally:
+            self._flushing = False
+
+    def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
+        if completion.ok and completion.record is None:
+            raise StepCheckpointFailed(
+                "the worker's completion says ok but carries no record",
+                flow=run.flow_name,
+                node=node.id,
+                run_id=run.run_id,
+                hint="The queue holds data flowdsl did not write",
+            )
+        if completion.ok and completion.record is not None:
+            record = completion.record
+            try:
+                if node.kind is NodeKind.BRANCH:
+                    value = _codec.loads(record.value)
+                    if value not in node.labels:
+                        raise CodecError(f"case {value!r} is none of {list(node.labels)}")
+                else:
+                    assert node.fn is not None
+                    value = _codec.decode(
+                        record.value, node.fn.return_type, what=f"the result of {node.id!r}"
+                    )
+            except CodecError as exc:
+                raise StepCheckpointFailed(
+                    f"the worker's result cannot be read: {exc.problem}",
+                    flow=run.flow_name,
+                    node=node.id,
+                    run_id=run.run_id,
+                    hint="The queue or store holds data flowdsl did not write",
+                ) from exc
+            return record, value
+        cls: type[StepFailed] = {
+            "config": StepConfigFailed,
+            "codec": StepCodecFailed,
+            "checkpoint": StepCheckpointFailed,
+        }.get(completion.error_kind or "", StepFailed)
+        hint = None
+        if completion.error_kind == "dead":
+            hint = (
+                "Workers died running it more times than its retries allow; see the "
+                "dead-letter list with `flowdsl runs show`"
+            )
+        raise cls(
+            completion.error or "failed on a worker",
+            flow=run.flow_name,
+            node=node.id,
+            run_id=run.run_id,
+            hint=hint,
+        ) from RemoteError(completion.error or "")
+
+    async def _listen(self) -> None:
+        idle = self.poll_interval
+        while True:
+            try:
+                got = await self._drain()
+            except TRANSIENT as exc:
+                # The broker is away (restarting, unreachable): keep listening; the runs
+                # waiting here get their completions once it is back.
+                log.warning("batch listener: %s; trying again", exc)
+                await anyio.sleep(self.max_poll_interval * 10)
+                continue
+            if got:
+                idle = self.poll_interval
+                continue
+            with anyio.move_on_after(idle if self._waiting else self.max_poll_interval):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+                idle = self.poll_interval
+            else:
+                idle = min(idle * 2, self.max_poll_interval)
+
+    async def _drain(self) -> bool:
+        texts, self._cursor = await self.broker.completions(self._cursor)
+        self._read += len(texts)
+        if self._read >= _FORGET_EVERY:
+            # Completions are read, not removed: let the broker drop old ones now and then.
+            self._read = 0
+            await self.broker.forget_completions(self._cursor)
+        for text in texts:
+            try:
+                completion = decode_completion(text)
+            except CheckpointError as exc:
+                run_id = peek_run_id(text)
+                log.warning("dropping a malformed completion (run %s): %s", run_id, exc)
+                continue
+            waiter = self._waiting.get((completion.run_id, completion.node_id))
+            if waiter is not None and waiter.completion is None:
+                waiter.completion = completion
+                waiter.event.set()
+        while self._forget:
+            await self.broker.forget_events(self._forget.pop())
+        if self._observed:
+            events, self._event_cursor = await self.broker.events(self._event_cursor)
+            for run_id, text in events:
+                run = self._observed.get(run_id)
+                if run is None:
+                    continue
+                try:
+                    run.emit(decode_event(text))
+                except (CodecError, Exception) as exc:  # an event is a report: never fatal
+                    log.warning("dropping a malformed event of run %s: %s", run_id, exc)
+        return bool(texts)
+
+
+class RemoteError(Exception):
+    """The description of an exception raised in a worker process."""

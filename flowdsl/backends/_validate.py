@@ -1,0 +1,147 @@
+"""The one check of a record read back from a store, shared by the SQLite, Redis and NATS
+stores.
+
+What a store reads is data from outside: a file, a server that other programs write to.
+Each store first takes its own encoding apart (SQLite columns, Redis hash fields, NATS
+JSON, blobs fetched by hash) into plain values; :func:`run_record` and
+:func:`node_record` then check those values the same way for every store and build the
+record.  Anything that is not what flowdsl writes raises :class:`Malformed`, which the
+store turns into a :class:`~flowdsl.CheckpointError` naming the run and the node with
+:func:`corrupted`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .. import _codec
+from .._errors import CheckpointError, CodecError
+from .._records import NodeRecord, RunRecord, RunStatus
+
+__all__ = [
+    "Malformed",
+    "check_json",
+    "corrupted",
+    "load_json",
+    "node_record",
+    "run_record",
+    "text",
+    "timestamp",
+]
+
+
+class Malformed(Exception):
+    """A stored value that does not hold what flowdsl writes; its text says which and why."""
+
+
+def text(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise Malformed(f"{field} is {type(value).__name__}, not text")
+    return value
+
+
+def optional_text(value: object, field: str) -> str | None:
+    return None if value is None else text(value, field)
+
+
+def load_json(data: str, field: str) -> Any:
+    """The value JSON text *data* holds; Malformed when it is not JSON."""
+    try:
+        return _codec.loads(data)
+    except CodecError:
+        raise Malformed(f"the stored {field} is not valid JSON") from None
+
+
+def check_json(value: object, field: str) -> str:
+    """*value* itself, once it is known to be text holding valid JSON."""
+    data = text(value, field)
+    load_json(data, field)
+    return data
+
+
+def timestamp(value: object, field: str) -> float:
+    if type(value) is not float and type(value) is not int:
+        raise Malformed(f"{field} is {type(value).__name__}, not a timestamp")
+    if not math.isfinite(value):
+        raise Malformed(f"{field} is {value!r}, not a timestamp")
+    return float(value)
+
+
+def _status(value: object) -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise Malformed(f"status {value!r} is not a known run status") from None
+
+
+def _code_map(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise Malformed("code is not a mapping of node ids to code hashes")
+    return value
+
+
+def _attempts(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise Malformed(f"attempts is {value!r}, not a count")
+    return value
+
+
+def _usage(value: object) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise Malformed("usage is not a mapping")
+    return value
+
+
+def run_record(run_id: str, fields: Mapping[str, object]) -> RunRecord:
+    """The run record *fields* describe, checked.
+
+    *fields* holds every attribute of :class:`~flowdsl._records.RunRecord` as plain
+    values: texts (``inputs`` and ``result`` JSON text), numbers for the times, the
+    status's text and ``code`` as a mapping; ``result``, ``error`` and ``failed_node``
+    may be None.  The record must be of the run it was read for.
+    """
+    stored_id = text(fields.get("run_id"), "run_id")
+    if stored_id != run_id:
+        raise Malformed(f"the record is of run {stored_id!r}")
+    result = fields.get("result")
+    return RunRecord(
+        run_id=stored_id,
+        flow=text(fields.get("flow"), "flow"),
+        flow_ref=text(fields.get("flow_ref"), "flow_ref"),
+        fingerprint=text(fields.get("fingerprint"), "fingerprint"),
+        inputs=check_json(fields.get("inputs"), "inputs"),
+        status=_status(fields.get("status")),
+        created_at=timestamp(fields.get("created_at"), "created_at"),
+        updated_at=timestamp(fields.get("updated_at"), "updated_at"),
+        result=None if result is None else check_json(result, "result"),
+        error=optional_text(fields.get("error"), "error"),
+        failed_node=optional_text(fields.get("failed_node"), "failed_node"),
+        code=_code_map(fields.get("code")),
+    )
+
+
+def node_record(node_id: str, fields: Mapping[str, object]) -> NodeRecord:
+    """The node record *fields* describe, checked: ``value`` JSON text, ``attempts`` a
+    count, the times numbers, ``code`` text and ``usage`` a mapping or None."""
+    return NodeRecord(
+        node_id=node_id,
+        value=check_json(fields.get("value"), "value"),
+        attempts=_attempts(fields.get("attempts")),
+        started_at=timestamp(fields.get("started_at"), "started_at"),
+        finished_at=timestamp(fields.get("finished_at"), "finished_at"),
+        code=text(fields.get("code"), "code"),
+        usage=_usage(fields.get("usage")),
+    )
+
+
+def corrupted(
+    where: str, run_id: str, node_id: str | None, what: str, hint: str
+) -> CheckpointError:
+    """The error for a record of *run_id* (and *node_id*) in *where* that is malformed."""
+    return CheckpointError(
+        f"run {run_id!r} in {where} is corrupted: {what}", node=node_id, hint=hint
+    )

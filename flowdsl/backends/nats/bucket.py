@@ -1,0 +1,224 @@
+"""A JetStream key-value bucket and the calls flowdsl makes on it, each retried while the
+server is away; values larger than ``inline_max`` are stored once, by content hash, in
+chunks of the same bucket (see the store's notes for why not the object store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Final
+
+import anyio
+
+from .keys import Malformed, check_json_text, dump_json, field, from_bytes, load_json, to_bytes
+from .link import NatsLink, storage_type
+from .url import NatsOptions
+
+__all__ = ["Bucket"]
+
+_CHUNK: Final = 256 * 1024
+_HEX: Final = re.compile(r"^[0-9a-f]{64}$")
+
+# --- a bucket -------------------------------------------------------------------------------
+
+
+class Bucket:
+    """A JetStream key-value bucket and the calls flowdsl makes on it, each retried while
+    the server is away; large values are stored once, by content hash, in chunks."""
+
+    def __init__(self, link: NatsLink, kv: Any, *, inline_max: int) -> None:
+        self.link = link
+        self.kv = kv
+        # Every record must fit in one message: chunks and inline values stay well below
+        # the server's max payload (1 MB by default).
+        max_payload = int(link.nc.max_payload or 1024 * 1024)
+        self.max_payload = max_payload
+        self.chunk = max(1024, min(_CHUNK, max_payload - 4096))
+        self.inline_max = min(inline_max, max(256, max_payload // 8))
+
+    @classmethod
+    async def open(cls, link: NatsLink, options: NatsOptions) -> Bucket:
+        """The deployment's bucket, created on first use."""
+        from nats.js.api import KeyValueConfig
+        from nats.js.errors import BadRequestError, BucketNotFoundError
+
+        js = link.require("store")
+        name = options.prefix
+        config = KeyValueConfig(
+            bucket=name,
+            description="flowdsl runs and node journals",
+            history=1,
+            replicas=options.replicas,
+            storage=storage_type(options),
+        )
+
+        async def op() -> Any:
+            try:
+                return await js.key_value(name)
+            except BucketNotFoundError:
+                pass
+            try:
+                return await js.create_key_value(config=config)
+            except BadRequestError:  # created meanwhile by another process
+                return await js.key_value(name)
+
+        kv = await link.call(f"open the bucket {name}", op)
+        return cls(link, kv, inline_max=options.inline_max)
+
+    async def get(self, key: str, what: str, run_id: str | None = None) -> tuple[bytes, int] | None:
+        from nats.js.errors import KeyNotFoundError
+
+        kv = self.kv
+
+        async def op() -> tuple[bytes, int] | None:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # never written, deleted or purged
+                return None
+            return bytes(entry.value or b""), int(entry.revision)
+
+        return await self.link.call(what, op, run_id=run_id)
+
+    async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
+        """KV create: True when this call wrote the key, False when it existed."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        kv = self.kv
+
+        async def op() -> bool:
+            try:
+                await kv.create(key, value)
+            except KeyWrongLastSequenceError:
+                return False
+            return True
+
+        return await self.link.call(what, op, run_id=run_id)
+
+    async def update(self, key: str, value: bytes, last: int, what: str, run_id: str) -> bool:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        kv = self.kv
+
+        async def op() -> bool:
+            try:
+                await kv.update(key, value, last=last)
+            except KeyWrongLastSequenceError:
+                return False
+            return True
+
+        return await self.link.call(what, op, run_id=run_id)
+
+    async def put(self, key: str, value: bytes, what: str) -> None:
+        kv = self.kv
+
+        async def op() -> None:
+            await kv.put(key, value)
+
+        await self.link.call(what, op)
+
+    async def delete(self, key: str, what: str, run_id: str) -> None:
+        kv = self.kv
+
+        async def op() -> None:
+            await kv.delete(key)
+
+        await self.link.call(what, op, run_id=run_id)
+
+    async def scan(
+        self, pattern: str, what: str, run_id: str | None = None
+    ) -> list[tuple[str, bytes]]:
+        """The latest value of every live key matching *pattern*: one consumer streams
+        them all (a get per key would cost a round trip each)."""
+        kv = self.kv
+        timeout = self.link.url.options.timeout
+
+        async def op() -> list[tuple[str, bytes]]:
+            watcher = await kv.watch(pattern, ignore_deletes=True)
+            try:
+                found: list[tuple[str, bytes]] = []
+                while True:
+                    entry = await watcher.updates(timeout=timeout)
+                    if entry is None:  # the initial values are all in
+                        return found
+                    if entry.operation is None:
+                        found.append((str(entry.key), bytes(entry.value or b"")))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await watcher.stop()
+
+        return await self.link.call(what, op, run_id=run_id)
+
+    async def pack(self, text: str, run_id: str | None = None) -> str | dict[str, str]:
+        """Text kept inline, or a reference to its content-addressed blob."""
+        data = to_bytes(text)
+        if len(data) <= self.inline_max:
+            return text
+        return {"blob": await self.put_blob(data, run_id)}
+
+    async def put_blob(self, data: bytes, run_id: str | None = None) -> str:
+        """Store *data* once by content; its SHA-256 (hex) names it."""
+        digest = hashlib.sha256(data).hexdigest()
+        head = f"blob.{digest}"
+        if await self.get(head, "read a large value", run_id) is None:
+            # Chunks first, head last: a head always finds its chunks.  Writing the same
+            # content twice (two workers) writes the same bytes, so needs no coordination.
+            chunks = [data[i : i + self.chunk] for i in range(0, len(data), self.chunk)]
+            async with anyio.create_task_group() as tg:
+                for i, chunk in enumerate(chunks):
+                    tg.start_soon(self.put, f"{head}.{i}", chunk, "store a large value")
+            info = dump_json({"size": len(data), "chunks": len(chunks)})
+            await self.put(head, info, "store a large value")
+        return digest
+
+    async def get_blob(self, digest: object, what: str, run_id: str | None = None) -> bytes:
+        """The bytes :meth:`put_blob` stored; Malformed when they are missing or altered."""
+        if not isinstance(digest, str) or not _HEX.match(digest):
+            raise Malformed(f"{what}'s blob reference is not a SHA-256")
+        head = await self.get(f"blob.{digest}", "read a large value", run_id)
+        if head is None:
+            raise Malformed(f"{what}'s blob {digest[:16]}... is missing")
+        info = load_json(head[0], "a blob head")
+        if not isinstance(info, dict):
+            raise Malformed(f"{what}'s blob head is not an object")
+        size = field(info, "size", int)
+        count = field(info, "chunks", int)
+        if not 0 < count <= size // 1024 + 2:
+            raise Malformed(f"{what}'s blob head names {count} chunks for {size} bytes")
+        parts: list[bytes | None] = [None] * count
+
+        async def fetch(i: int) -> None:
+            got = await self.get(f"blob.{digest}.{i}", "read a large value", run_id)
+            parts[i] = None if got is None else got[0]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(fetch, i)
+        if any(part is None for part in parts):
+            raise Malformed(f"{what}'s blob {digest[:16]}... lost a chunk")
+        data = b"".join(p for p in parts if p is not None)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise Malformed(f"{what}'s blob {digest[:16]}... does not match its hash")
+        return data
+
+    async def unpack(
+        self, value: object, what: str, run_id: str | None, *, json_text: bool = True
+    ) -> str:
+        """The text :meth:`pack` was given; Malformed for anything it cannot have made."""
+        if isinstance(value, str):
+            return check_json_text(value, what) if json_text else value
+        if not (isinstance(value, dict) and set(value) == {"blob"}):
+            raise Malformed(f"{what} is neither text nor a blob reference")
+        data = await self.get_blob(value["blob"], what, run_id)
+        try:
+            text = from_bytes(data)
+        except UnicodeDecodeError:
+            raise Malformed(f"{what}'s blob is not UTF-8 text") from None
+        return check_json_text(text, what) if json_text else text
+
+    async def unpack_optional(
+        self, value: object, what: str, run_id: str | None, *, json_text: bool = True
+    ) -> str | None:
+        if value is None:
+            return None
+        return await self.unpack(value, what, run_id, json_text=json_text)

@@ -1,0 +1,267 @@
+"""The consumers of the NATS broker: ``Puller`` takes tasks off the workers' shared durable
+consumer; ``LogReader`` follows the log stream's completions and events through one
+ephemeral push consumer and keeps them until they are taken."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import anyio
+import attrs
+
+from .keys import BLOB_HEADER, from_token, text_of
+from .link import NatsLink, quietly
+
+__all__ = ["LogReader", "Puller"]
+
+log = logging.getLogger("flowdsl.nats")
+
+# A reader's events that nobody takes are dropped past this many (a client with no
+# observed run has no use for other clients' events).
+_EVENTS_KEPT: Final = 10_000
+
+
+class Puller:
+    """Pull requests on the shared durable consumer, answered on one inbox.
+
+    A request asks for up to *n* messages; the server answers with messages and, when it
+    has fewer, a status (404 no messages, 408 expired, 409 ...) sent to the request's own
+    reply subject, which is how a request's end is told from an earlier one's.  Messages
+    that arrive after their request was given up (a cancelled claim) are kept in
+    ``spare`` and handed out first.
+    """
+
+    def __init__(self, link: NatsLink, stream: str, consumer: str) -> None:
+        self._link = link
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = ""
+        self._sub: Any = None
+        self._generation = -1
+        self._numbers = itertools.count()
+        self._lock = anyio.Lock()
+        self._arrived = anyio.Event()
+        self._ended: set[str] = set()
+        self.spare: list[Any] = []
+        self.stale = False  # the consumer went away: make it again
+
+    async def pull(self, limit: int, wait: float) -> list[Any]:
+        async with self._lock:
+            await self._subscribe()
+            if len(self.spare) < limit:
+                await self._request(limit - len(self.spare), None)
+            if not self.spare:
+                await self._request(1, wait)
+            taken, self.spare = self.spare[:limit], self.spare[limit:]
+            return taken
+
+    async def _subscribe(self) -> None:
+        if self._sub is not None and self._generation == self._link.generation:
+            return
+        nc = self._link.nc
+        if self._sub is not None:
+            await quietly(self._sub.unsubscribe)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._generation = self._link.generation
+
+    async def _on_msg(self, msg: Any) -> None:
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            self.spare.append(msg)
+        elif status != "100":  # 100: an idle heartbeat
+            self._ended.add(msg.subject)
+            deleted = status == "409" and "deleted" in str(headers.get("Description", "")).lower()
+            if deleted or status == "503":  # the consumer is gone: make it again
+                self.stale = True
+        self._arrived.set()
+
+    async def _request(self, n: int, wait: float | None) -> None:
+        """One pull request, waited for until it ends, brings *n* messages, or (its end
+        lost in a reconnect) a while after it should have ended."""
+        reply = f"{self._inbox}.{next(self._numbers)}"
+        request: dict[str, Any] = {"batch": n}
+        if wait is None:
+            request["no_wait"] = True
+        else:
+            request["expires"] = int(wait * 1e9)
+        target = len(self.spare) + n
+        self._ended.clear()  # the ends of requests given up earlier
+        nc = self._link.nc
+        try:
+            await nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
+        except Exception as exc:  # the connection is away: the next claim tries again
+            log.debug("pull request failed: %r", exc)
+            await anyio.sleep(min(wait or 0.05, 0.25))
+            return
+        give_up = anyio.current_time() + (wait or 0) + min(self._link.url.options.timeout, 2.0)
+        while len(self.spare) < target and reply not in self._ended:
+            left = give_up - anyio.current_time()
+            if left <= 0:
+                break
+            with anyio.move_on_after(left):
+                await self._arrived.wait()
+            if self._arrived.is_set():
+                self._arrived = anyio.Event()
+        self._ended.discard(reply)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await quietly(self._sub.unsubscribe)
+            self._sub = None
+
+
+class LogReader:
+    """The completions and events of the log stream, pushed to this process by one
+    ephemeral consumer and kept until taken.
+
+    ``position`` is the last stream sequence received: every message after ``start`` up
+    to it is in the buffers or was taken.  A cursor older than ``start`` (a caller that
+    wants what this reader never asked for) makes the consumer start again from there; a
+    reconnect or a gap in the consumer's sequence (messages dropped) makes it start again
+    from ``position``.
+    """
+
+    def __init__(
+        self,
+        link: NatsLink,
+        stream: str,
+        prefix: str,
+        large: Callable[[str, str], Awaitable[str]],
+    ) -> None:
+        self._link = link
+        self._large = large
+        self._stream = stream
+        self._prefix = prefix
+        self._start: int | None = None
+        self.position = 0
+        # Texts, or the hashes of large ones (_Blob), fetched when taken.
+        self._done: collections.deque[tuple[int, str | _Blob]] = collections.deque()
+        self._events: collections.deque[tuple[int, str, str | _Blob]] = collections.deque()
+        self._sub: Any = None
+        self._consumer: str | None = None
+        self._token: object = None
+        self._generation = -1
+        self._cseq = 0
+        self._broken = False
+
+    async def tail(self) -> int:
+        js = self._link.js
+
+        async def op() -> int:
+            info = await js.stream_info(self._stream)
+            return int(info.state.last_seq)
+
+        return await self._link.call("read the log's end", op)
+
+    async def take_done(self, cursor: int) -> tuple[list[str], int]:
+        await self._ensure(cursor)
+        taken = [text for seq, text in self._done if seq > cursor]
+        self._done.clear()
+        position = max(cursor, self.position)
+        return [await self._resolve(t, "a completion") for t in taken], position
+
+    async def take_events(self, cursor: int) -> tuple[list[tuple[str, str]], int]:
+        await self._ensure(cursor)
+        taken = [(run_id, text) for seq, run_id, text in self._events if seq > cursor]
+        self._events.clear()
+        position = max(cursor, self.position)
+        return [(r, await self._resolve(t, "an event")) for r, t in taken], position
+
+    async def _resolve(self, text: str | _Blob, what: str) -> str:
+        return text if isinstance(text, str) else await self._large(text.digest, what)
+
+    async def _ensure(self, cursor: int) -> None:
+        if self._start is None or cursor + 1 < self._start:
+            await self._restart(cursor + 1, rewind=True)
+        elif self._sub is None or self._broken or self._generation != self._link.generation:
+            await self._restart(self.position + 1, rewind=False)
+
+    async def _restart(self, first: int, *, rewind: bool) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        await self.stop()
+        if rewind:
+            self._done.clear()
+            self._events.clear()
+            self._start = first
+            self.position = first - 1
+        nc = self._link.nc
+        js = self._link.js
+        self._cseq = 0
+        self._broken = False
+        self._generation = self._link.generation
+        inbox = nc.new_inbox()
+        token = object()
+        self._token = token
+
+        async def on_msg(msg: Any) -> None:
+            if self._token is token:  # not a message of an earlier subscription
+                self._on_msg(msg)
+
+        self._sub = await nc.subscribe(inbox, cb=on_msg)
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, first),
+            ack_policy=AckPolicy.NONE,
+            filter_subject=f"{self._prefix}>",
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+
+        async def op() -> str:
+            info = await js.add_consumer(self._stream, config)
+            return str(info.name)
+
+        self._consumer = await self._link.call("read completions", op)
+
+    def _on_msg(self, msg: Any) -> None:
+        try:
+            meta = msg.metadata
+        except Exception:  # not a JetStream message (a flow-control probe, say)
+            return
+        if meta.sequence.consumer != self._cseq + 1:
+            self._broken = True  # messages were dropped (a slow reader): start again
+            return
+        self._cseq = meta.sequence.consumer
+        seq = int(meta.sequence.stream)
+        if seq <= self.position:
+            return
+        self.position = seq
+        kind, _, token = msg.subject[len(self._prefix) :].partition(".")
+        headers = msg.headers
+        digest = headers.get(BLOB_HEADER) if headers else None
+        text: str | _Blob = text_of(msg.data) if digest is None else _Blob(str(digest))
+        if kind == "done":
+            self._done.append((seq, text))
+        elif kind == "ev":
+            try:
+                run_id = from_token(token)
+            except (ValueError, UnicodeDecodeError):
+                log.warning("dropping an event on %s: not a flowdsl subject", msg.subject)
+                return
+            self._events.append((seq, run_id, text))
+            if len(self._events) > _EVENTS_KEPT:
+                self._events.popleft()
+
+    async def stop(self) -> None:
+        self._token = None
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            await quietly(sub.unsubscribe)
+        if consumer is not None and self._link.is_open:
+            js = self._link.js
+            with anyio.move_on_after(1):
+                await quietly(lambda: js.delete_consumer(self._stream, consumer))
+
+
+@attrs.frozen
+class _Blob:
+    digest: str

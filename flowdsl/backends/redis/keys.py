@@ -1,0 +1,163 @@
+"""Redis key names and the encoding of what is stored under them, shared by the store and
+the broker: text to bytes and back, node records (inline or by content hash), cache
+entries.  Every reader here checks what it reads and raises :class:`Malformed`; the
+store turns that into a :class:`~flowdsl.CheckpointError` naming the run and the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+from ... import _codec
+from ..._records import NodeRecord
+from .._validate import Malformed, check_json, load_json, node_record
+
+__all__ = [
+    "INLINE_MAX",
+    "Layout",
+    "Malformed",
+    "encode_node",
+    "from_bytes",
+    "node_from_fields",
+    "parse_cached",
+    "parse_node",
+    "to_bytes",
+]
+
+#: A value whose UTF-8 text is longer than this many bytes is stored once, by content hash.
+INLINE_MAX: Final = 1024
+
+
+def to_bytes(text: str) -> bytes:
+    """UTF-8, keeping lone surrogates (Python text may hold them) byte-exact."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def from_bytes(data: object, field: str) -> str:
+    if not isinstance(data, bytes):
+        raise Malformed(f"{field} is missing")
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise Malformed(f"{field} is not UTF-8 text") from None
+
+
+@attrs.frozen
+class Layout:
+    """Key names under one prefix: the store's and the broker's (see the module docs)."""
+
+    prefix: str
+
+    def run(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    def nodes(self, run_id: str) -> str:
+        return f"{self.prefix}:nodes:{run_id}"
+
+    def blob(self, digest: str) -> str:
+        return f"{self.prefix}:blob:{digest}"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    @property
+    def blobrefs(self) -> str:
+        return f"{self.prefix}:blobrefs"
+
+    @property
+    def cache(self) -> str:
+        return f"{self.prefix}:cache"
+
+    @property
+    def no_blob(self) -> str:
+        # A key slot for scripts called without a blob (never written).
+        return f"{self.prefix}:blob:-"
+
+
+def encode_node(record: NodeRecord) -> tuple[bytes, str, bytes]:
+    """``(field, digest, blob)`` of a node record: digest and blob are empty when the
+    value sits inline."""
+    data = to_bytes(record.value)
+    fields: dict[str, Any] = {}
+    digest = ""
+    blob = b""
+    if len(data) > INLINE_MAX:
+        digest = hashlib.sha256(data).hexdigest()
+        blob = data
+        fields["blob"] = digest  # first: the Lua scripts find it with a pattern
+    else:
+        fields["value"] = record.value
+    fields["attempts"] = record.attempts
+    fields["started_at"] = record.started_at
+    fields["finished_at"] = record.finished_at
+    fields["code"] = record.code
+    fields["usage"] = record.usage
+    return to_bytes(_codec.dumps(fields)), digest, blob
+
+
+_NODE_KEYS: Final = frozenset({"attempts", "started_at", "finished_at", "code", "usage"})
+_DIGEST_CHARS: Final = frozenset("0123456789abcdef")
+
+
+def parse_node(raw: object) -> dict[str, Any]:
+    """A stored node record's fields, its shape checked (the values are checked by
+    :func:`node_from_fields`); its value may still be a blob reference."""
+    data = load_json(from_bytes(raw, "the record"), "the record")
+    if not isinstance(data, dict):
+        raise Malformed("the record is not a JSON object")
+    keys = set(data)
+    inline = "value" in keys
+    if inline == ("blob" in keys) or keys - {"value", "blob"} != _NODE_KEYS:
+        raise Malformed(f"the record has the fields {sorted(keys)}")
+    if inline:
+        check_json(data["value"], "value")
+    elif not is_digest(data["blob"]):
+        raise Malformed("the blob reference is not a SHA-256 hash")
+    return data
+
+
+def is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _DIGEST_CHARS
+
+
+def node_from_fields(node_id: str, data: Mapping[str, Any], blob: object) -> NodeRecord:
+    """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked."""
+    value = data["value"] if "value" in data else blob_text(data["blob"], blob)
+    return node_record(node_id, {**data, "value": value})
+
+
+def blob_text(digest: str, blob: object) -> str:
+    if not isinstance(blob, bytes):
+        raise Malformed(f"the value's blob {digest[:16]}... is missing")
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise Malformed(f"the value's blob {digest[:16]}... does not match its hash")
+    return check_json(from_bytes(blob, "the value's blob"), "value")
+
+
+def float_text(value: bytes | None, field: str) -> float:
+    text = from_bytes(value, field)
+    try:
+        number = float(text)
+    except ValueError:
+        raise Malformed(f"{field} is {text!r}, not a timestamp") from None
+    if not math.isfinite(number):
+        raise Malformed(f"{field} is {text!r}, not a timestamp")
+    return number
+
+
+def parse_cached(raw: object) -> dict[str, Any]:
+    data = load_json(from_bytes(raw, "the entry"), "entry")
+    if not isinstance(data, dict) or len(data) != 1:
+        raise Malformed("the entry is not a value or a blob reference")
+    if "value" in data and isinstance(data["value"], str):
+        load_json(data["value"], "value")
+        return data
+    if "blob" in data and is_digest(data["blob"]):
+        return data
+    raise Malformed("the entry is not a value or a blob reference")

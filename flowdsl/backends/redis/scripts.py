@@ -1,0 +1,271 @@
+"""The Lua scripts of the Redis backend: each is one atomic step on the server.
+
+The store's scripts come first, then the broker's; committing a node is shared by both
+(``COMMIT_NODE_BODY``), so that the broker can commit a record and complete its task in
+one script.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# KEYS: run hash, runs zset.  ARGV: run id, created_at, field/value pairs.
+CREATE_RUN: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return false
+"""
+
+# KEYS: run hash.  ARGV: n, n field/value pairs to set, then fields to delete.
+UPDATE_RUN: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2, 1 + 2 * n))
+if #ARGV > 1 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 2 + 2 * n)) end
+return 1
+"""
+
+# A node's commit, first one wins.  KEYS: nodes hash, blob key, blobrefs.
+# ARGV: node id, record, digest ('' for an inline value), blob.  Shared with the broker's
+# commit-and-complete, which appends its own steps after it.
+COMMIT_NODE_BODY: Final = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return redis.call('HGET', KEYS[1], ARGV[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'NX')
+  redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+end
+"""
+COMMIT_NODE: Final = COMMIT_NODE_BODY + "return 1\n"
+
+# Drop a use of a blob; the blob goes with its last use.
+_UNREF: Final = """
+local function blob_of(record)
+  if not record then return nil end
+  return string.match(record, '^{"blob":"(%x+)"')
+end
+local function unref(prefix, refs, digest)
+  if not digest then return end
+  if redis.call('HINCRBY', refs, digest, -1) <= 0 then
+    redis.call('HDEL', refs, digest)
+    redis.call('DEL', prefix .. ':blob:' .. digest)
+  end
+end
+"""
+
+# KEYS: nodes hash, blobrefs.  ARGV: prefix, node ids.
+FORGET_NODES: Final = (
+    _UNREF
+    + """
+for i = 2, #ARGV do
+  local record = redis.call('HGET', KEYS[1], ARGV[i])
+  if record then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    unref(ARGV[1], KEYS[2], blob_of(record))
+  end
+end
+return 1
+"""
+)
+
+# KEYS: cache hash, blob key, blobrefs.  ARGV: prefix, cache key, entry, digest, blob.
+PUT_CACHED: Final = (
+    _UNREF
+    + """
+local old = redis.call('HGET', KEYS[1], ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[5], 'NX')
+  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+unref(ARGV[1], KEYS[3], blob_of(old))
+return 1
+"""
+)
+
+
+# --- the broker's ------------------------------------------------------------------------
+
+# KEYS: tasks, queued.  ARGV: (queued field, run id, node id, payload) quadruples.  A
+# node already queued or held is not added twice; an index entry whose task is gone
+# (deleted by hand) is stale.  The entry names its run and node beside the payload, so
+# that a payload too broken to read still fails its own run.
+ENQUEUE: Final = """
+for i = 1, #ARGV, 4 do
+  local id = redis.call('HGET', KEYS[2], ARGV[i])
+  if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    id = redis.call('XADD', KEYS[1], '*', 'run', ARGV[i + 1], 'node', ARGV[i + 2],
+                    'key', ARGV[i], 'payload', ARGV[i + 3])
+    redis.call('HSET', KEYS[2], ARGV[i], id)
+  end
+end
+return 1
+"""
+
+# KEYS: tasks.  ARGV: group, consumer, count, min idle ms ('' to skip reclaiming),
+# reclaim cursor.  Returns {next cursor, {{id, deliveries, fields}, ...}}.
+CLAIM: Final = """
+local out = {}
+local n = tonumber(ARGV[3])
+local cursor = ARGV[5]
+if ARGV[4] ~= '' then
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], cursor, 'COUNT', n)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    if e[2] then
+      local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+      local count = 1
+      if p[1] then count = p[1][4] end
+      out[#out + 1] = {e[1], count, e[2]}
+    end
+  end
+  n = n - #out
+end
+if n > 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', n,
+                       'STREAMS', KEYS[1], '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do out[#out + 1] = {e[1], 1, e[2]} end
+  end
+end
+return {cursor, out}
+"""
+
+# KEYS: tasks.  ARGV: group, consumer, ids.  Only entries this consumer still owns.
+EXTEND: Final = """
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return 1
+"""
+
+# Removing a task and publishing its completion.  Expects KEYS[t] tasks, KEYS[q] queued,
+# KEYS[c] completions and ARGV[g] group, ARGV[i] task id, ARGV[f] queued field,
+# ARGV[p] payload, ARGV[k] keep, bound by the scripts that include it.
+FINISH: Final = """
+local function finish(tasks, queued, completions, group, id, field, payload, keep)
+  redis.call('XACK', tasks, group, id)
+  redis.call('XDEL', tasks, id)
+  if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
+  redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
+end
+local function publish(events, keep, first)
+  for j = first, #ARGV, 2 do
+    redis.call('XADD', events, 'MAXLEN', '~', keep, '*', 'run', ARGV[j], 'payload', ARGV[j + 1])
+  end
+end
+"""
+
+# The scripts below take the node's events as (run id, event) pairs at the end of ARGV and
+# publish them with the completion, after the commit: a StepFinished is never seen for a
+# node that is not in the journal, and never after the completion that may end its run.
+
+# KEYS: tasks, queued, completions, events.  ARGV: group, id, field, payload, keep, events.
+# A task no longer pending (another worker completed it, or this is a retry after a lost
+# reply) has had its completion published already.
+COMPLETE: Final = (
+    FINISH
+    + """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+publish(KEYS[4], ARGV[5], 6)
+finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: tasks, queued, completions, dead, events.  ARGV: group, id, field, payload, keep,
+# run id, node id, reason, time, events.
+DEAD_LETTER: Final = (
+    FINISH
+    + """
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+local task = ''
+if entry[1] then
+  local fields = entry[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'payload' then task = fields[j + 1] end
+  end
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
+           'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
+publish(KEYS[5], ARGV[5], 10)
+finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS: nodes hash, blob, blobrefs, tasks, queued, completions, events.  ARGV: node id,
+# record, digest, blob, group, task id, queued field, payload, keep, events.  Returns 1
+# when committed and completed, else the record committed first (and changes nothing).
+COMMIT_AND_COMPLETE: Final = (
+    FINISH
+    + COMMIT_NODE_BODY
+    + """
+publish(KEYS[7], ARGV[9], 10)
+finish(KEYS[4], KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+return 1
+"""
+)
+
+# Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
+# KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
+# what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
+# ones back as new entries, delivery counts starting afresh).  Returns {scanned, last id}.
+RUN_TASKS: Final = """
+local function id_of(text)
+  local ms, seq = string.match(text, '^(%d+)-(%d+)$')
+  return {tonumber(ms or 0), tonumber(seq or 0)}
+end
+local function after(a, b)
+  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
+end
+local last = {0, 0}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  for j = 1, #g, 2 do
+    if g[j] == 'name' and g[j + 1] == ARGV[1] then
+      for k = 1, #g, 2 do
+        if g[k] == 'last-delivered-id' then last = id_of(g[k + 1]) end
+      end
+    end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
+for _, e in ipairs(entries) do
+  local fields, run, key = e[2], nil, nil
+  for j = 1, #fields, 2 do
+    if fields[j] == 'run' then run = fields[j + 1] end
+    if fields[j] == 'key' then key = fields[j + 1] end
+  end
+  if run == ARGV[2] then
+    local handed_out = not after(id_of(e[1]), last)
+    if ARGV[5] == 'drop' and not handed_out then
+      redis.call('XDEL', KEYS[1], e[1])
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HDEL', KEYS[2], key)
+      end
+    elseif ARGV[5] == 'redeliver' and handed_out then
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
+      redis.call('XDEL', KEYS[1], e[1])
+      local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HSET', KEYS[2], key, id)
+      end
+    end
+  end
+end
+local tail = ''
+if #entries > 0 then tail = entries[#entries][1] end
+return {#entries, tail}
+"""

@@ -1,0 +1,249 @@
+"""The SQLite file's layout, shared by the store and the embedded queue: the tables of each
+(the journal's, versioned in ``PRAGMA user_version``, and the queue's ``fd_*`` tables,
+created on first use), the statements both run, and the helpers of a write transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from typing import Any, Final
+
+from ... import _codec
+from .._validate import Malformed, text
+
+__all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION: Final = 1
+#: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
+INLINE_MAX: Final = 256
+HASH_SIZE: Final = 32
+#: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
+# 'flow' in ASCII: marks the file as a flowdsl store so a stranger's database is refused.
+APPLICATION_ID: Final = 0x666C6F77
+# 8 KiB pages hold seven 1 KiB results where 4 KiB pages hold three, which is what keeps a
+# journal of 1 KiB results within 1.5x their size (4 KiB pages: just over 1.5x).
+PAGE_SIZE: Final = 8192
+# SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
+CHUNK: Final = 500
+
+SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY NOT NULL,
+        flow TEXT NOT NULL,
+        flow_ref TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        result TEXT,
+        error TEXT,
+        failed_node TEXT,
+        code TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at)",
+    # WITHOUT ROWID: the primary key is the row, so (run_id, node_id) is stored once.
+    """CREATE TABLE IF NOT EXISTS nodes (
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        value TEXT,
+        blob BLOB,
+        attempts INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        code TEXT NOT NULL,
+        usage TEXT,
+        PRIMARY KEY (run_id, node_id)
+    ) WITHOUT ROWID""",
+    # A rowid table on purpose: its leaves hold rows up to a page, where a WITHOUT ROWID
+    # table spills any row over ~1/4 page to overflow pages and wastes most of them.
+    """CREATE TABLE IF NOT EXISTS blobs (
+        hash BLOB PRIMARY KEY NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS cache (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT,
+        blob BLOB
+    ) WITHOUT ROWID""",
+)
+
+INSERT_RUN: Final = (
+    "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
+    "created_at, updated_at, result, error, failed_node, code) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_RUN: Final = (
+    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
+    "result, error, failed_node, code FROM runs WHERE run_id = ?"
+)
+LIST_RUNS: Final = (
+    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
+    "result, error, failed_node, code FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?"
+)
+UPDATE_RUN: Final = (
+    "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
+    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code) WHERE run_id = ?"
+)
+INSERT_NODE: Final = (
+    "INSERT OR IGNORE INTO nodes (run_id, node_id, value, blob, attempts, started_at, "
+    "finished_at, code, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_BLOB: Final = "INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)"
+SELECT_NODES: Final = (
+    "SELECT n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, n.finished_at, "
+    "n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
+    "WHERE n.run_id = ?"
+)
+NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
+DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
+GET_CACHED: Final = (
+    "SELECT c.value, c.blob, b.data FROM cache AS c LEFT JOIN blobs AS b ON b.hash = c.blob "
+    "WHERE c.key = ?"
+)
+PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob) VALUES (?, ?, ?)"
+
+
+def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
+    """Delete the blobs among *hashes* that no node and no cache entry refers to any more.
+
+    Forgetting is rare (a resume after a code change), so this scans rather than keep an
+    index on ``nodes.blob`` that every commit would pay for in time and space.
+    """
+    candidates = list(hashes)
+    for start in range(0, len(candidates), CHUNK):
+        chunk = candidates[start : start + CHUNK]
+        marks = ", ".join("?" * len(chunk))  # only placeholders go into the text
+        query = (
+            f"SELECT blob FROM nodes WHERE blob IN ({marks}) "  # noqa: S608
+            f"UNION SELECT blob FROM cache WHERE blob IN ({marks})"
+        )
+        used = {row[0] for row in db.execute(query, chunk + chunk)}
+        db.executemany("DELETE FROM blobs WHERE hash = ?", [(h,) for h in chunk if h not in used])
+
+
+def error_name(exc: sqlite3.Error) -> str:
+    return str(getattr(exc, "sqlite_errorname", "") or "")
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    return error_name(exc).startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+# --- the embedded queue ---------------------------------------------------------------------
+
+QUEUE_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS fd_tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        lease_until REAL NOT NULL DEFAULT 0,
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        worker TEXT,
+        UNIQUE (run_id, node_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS fd_tasks_lease ON fd_tasks (lease_until, id)",
+    """CREATE TABLE IF NOT EXISTS fd_completions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS fd_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS fd_dead (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS fd_dead_run ON fd_dead (run_id)",
+)
+
+CLAIM: Final = """
+    UPDATE fd_tasks SET lease_until = ?, deliveries = deliveries + 1, worker = ?
+    WHERE id IN (SELECT id FROM fd_tasks WHERE lease_until < ? ORDER BY id LIMIT ?)
+    RETURNING id, deliveries, payload, run_id, node_id
+"""
+
+
+def complete_task(task_id: str, run_id: str, node_id: str, payload: str) -> list[tuple[str, Any]]:
+    """The statements that remove a task and publish its completion (one transaction)."""
+    return [
+        ("DELETE FROM fd_tasks WHERE id = ?", (int(task_id),)),
+        (
+            "INSERT INTO fd_completions (run_id, node_id, payload) VALUES (?, ?, ?)",
+            (run_id, node_id, payload),
+        ),
+    ]
+
+
+# --- values: inline or by content hash ------------------------------------------------------
+
+
+def split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:
+    """``(inline, hash, data)``: small JSON text stays in the row, large goes to ``blobs``."""
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate: Python strings (and the codec's JSON text) may hold one, SQLite
+        # text may not.  Kept byte-exact in a blob, whatever its size.
+        data = value.encode("utf-8", "surrogatepass")
+        return None, hashlib.sha256(data).digest(), data
+    if len(data) <= INLINE_MAX:
+        return value, None, None
+    return None, hashlib.sha256(data).digest(), data
+
+
+def storable_json(text: str | None) -> str | None:
+    """JSON text SQLite can hold: lone surrogates, if any, become ``\\udXXX`` escapes,
+    which parse back to the same value."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(_codec.loads(text), ensure_ascii=True, separators=(",", ":"))
+    return text
+
+
+def storable_text(text: str | None) -> str | None:
+    """Free text (an error message) SQLite can hold: lone surrogates become escapes."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def join_value(inline: object, digest: object, data: object) -> str:
+    if digest is None:
+        return text(inline, "value")
+    if inline is not None:
+        raise Malformed("the row has both an inline value and a blob reference")
+    if not isinstance(digest, bytes) or len(digest) != HASH_SIZE:
+        raise Malformed(f"the blob reference is not a {HASH_SIZE}-byte hash")
+    if data is None:
+        raise Malformed(f"the value's blob {digest.hex()[:16]}... is missing")
+    if not isinstance(data, bytes) or hashlib.sha256(data).digest() != digest:
+        raise Malformed(f"the value's blob {digest.hex()[:16]}... does not match its hash")
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise Malformed("the value's blob is not UTF-8 text") from None
