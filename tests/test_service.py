@@ -269,9 +269,15 @@ async def test_signal_a_waiting_run(stub: Any, stubs: Any) -> None:
     # A flow waiting for "approval" is signalled through SignalRun and finishes with the
     # value; signalling it again, or an ended run, is FAILED_PRECONDITION.
     run_id = (await start(stub, stubs, "approved", {"topic": "otters"})).run.run_id
-    with anyio.fail_after(20):
-        while (await stub.GetRun(stubs.pb.GetRunRequest(run_id=run_id))).run.status != "waiting":
-            await anyio.sleep(0.02)
+    call = stub.WatchRun(stubs.pb.WatchRunRequest(run_id=run_id))
+    try:
+        async for reply in call:
+            if reply.event.type == "RunWaiting":
+                break
+    finally:
+        call.cancel()
+    waiting = (await stub.GetRun(stubs.pb.GetRunRequest(run_id=run_id))).run
+    assert waiting.status == "waiting"
     request = stubs.pb.SignalRunRequest(run_id=run_id, name="approval", value_json="true")
     await stub.SignalRun(request)
     seen = await events(stub, stubs, run_id)
