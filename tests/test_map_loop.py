@@ -530,3 +530,18 @@ async def test_ctx_map_progress_counts_the_items_of_maps_inside_the_runs(
     async with fd.Context() as ctx:
         assert await ctx.map(shouting, ["a b c", "", "d e"]) == ["A? B? C?", "", "D? E?"]
     assert (counts[0].items_total, counts[0].items_done) == (5, 5)
+
+
+async def test_the_inspector_shows_items_under_their_map(sqlite_url: str) -> None:
+    pytest.importorskip("starlette")
+    from flowdsl.ui import views
+
+    async with fd.Context(store=sqlite_url) as ctx:
+        await ctx.run(shouting, "a b", run_id="m")
+        record = await ctx.store.get_run("m")
+        journal = await ctx.store.load_nodes("m")
+    assert record is not None
+    nodes = {n["id"]: n for n in views.run_view(record, journal, shouting)["nodes"]}
+    assert nodes["shout"]["kind"] == "map"
+    assert nodes["shout[1]"]["item_of"] == "shout"
+    assert "unknown_to_flow" not in nodes["shout[1]"]
