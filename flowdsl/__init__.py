@@ -1,18 +1,27 @@
 """flowdsl: LLM workflows as plain async functions, traced into a DAG, run anywhere.
 
-How the package stacks, bottom up (each layer imports only those below it):
+How the package stacks, top down; each layer imports only the layers below it (the
+contracts in pyproject.toml, checked by ``lint-imports``; docs/architecture.md):
 
-- ``_errors``, ``events``, ``_codec``: the error hierarchy, the event records, and the one
-  codec every value crosses.
-- ``_graph``: the immutable DAG; ``_trace`` and ``_dsl``: the decorators and the tracer that
-  turns a flow body into a graph.
-- ``_scheduler``: the run state machine and the one loop that drives it; ``_runner``: one
-  node's attempts, retries, timeout and events.
-- ``stores/``: where journals live; ``contexts/``: executors that carry nodes to where they
-  run; ``_context``: :class:`Context` and :class:`Run`, the user's handle on all of it.
-- ``llm/``: LLM providers reached from inside steps; ``testing``: helpers for users' tests;
-  ``cli``: the ``flowdsl`` command; ``service/``: ``flowdsl serve`` and :class:`Client`
-  (grpc is imported only when a client or a service is made).
+- ``cli/`` (the ``flowdsl`` command) and ``testing/`` (helpers for users' tests).
+- ``service/`` (``flowdsl serve`` and :class:`Client`; grpc is imported only when a client
+  or a service is made) and ``ui/`` (the inspector, ``flowdsl ui``).
+- ``_context/``: :class:`Context` and :class:`Run`, the user's handle; ``fd.run`` and the
+  current context.
+- ``llm/``: LLM providers, called from inside steps.
+- ``_executors/``: how a ready node reaches where it runs: here (real time), or through a
+  broker to workers (batch).
+- ``_engine/``: one run of a graph: the scheduler's state and its one loop, the runner of
+  one node, what a resume reuses.
+- ``backends/``: stores and brokers, one package per technology (memory, sqlite, redis,
+  nats), independent of each other, behind the interfaces of ``backends/base.py``.
+- ``_define/``: what a flow is: the graph and the ``Unit`` protocol its nodes refer to, the
+  registry of units, the tracer and the ``@step``/``@branch``/``@flow`` decorators.
+- Foundations: ``_secret``, ``events``, ``_records``, ``_urls``, ``_otel`` (OpenTelemetry
+  spans, when it is installed); then ``_codec``; then ``_errors``.
+
+One import goes upwards, deferred to call time: a flow awaited outside any flow runs in the
+current context, so ``_define/dsl.py`` imports ``_context/sync.py`` when that happens.
 """
 
 from __future__ import annotations
@@ -20,9 +29,9 @@ from __future__ import annotations
 from . import events as events
 from . import llm as llm
 from ._context.context import Context as Context
-from ._context.context import Run as Run
-from ._context.context import current_context as current_context
-from ._context.context import run as run
+from ._context.run import Run as Run
+from ._context.sync import current_context as current_context
+from ._context.sync import run as run
 from ._define.dsl import Branch as Branch
 from ._define.dsl import Flow as Flow
 from ._define.dsl import Step as Step
@@ -47,9 +56,8 @@ from ._errors import StepFailed as StepFailed
 from ._errors import TracingError as TracingError
 from ._records import RunStatus as RunStatus
 from ._secret import Secret as Secret
+from ._version import __version__ as __version__
 from .service.client import Client as Client
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",

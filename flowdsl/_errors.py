@@ -21,6 +21,8 @@ flow, the node, a hint) and build the message, so every message has the same sha
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackendUnavailable",
     "CheckpointError",
@@ -214,3 +216,26 @@ class StepCodecFailed(StepFailed, CodecError):
     It is both a :class:`StepFailed` (the run failed at that node) and a
     :class:`CodecError` (the reason), so either ``except`` clause catches it.
     """
+
+
+# --- exception groups -------------------------------------------------------------------------
+# Task groups wrap what fails inside them; the scheduler, Context.map and the command line
+# each hand the user the error itself, found the same way.
+
+
+def leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions in *group* and its nested groups, depth first, in order."""
+    out: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(reversed(exc.exceptions))
+        else:
+            out.append(exc)
+    return out
+
+
+def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in *group* that is not itself a group."""
+    return leaves(group)[0]

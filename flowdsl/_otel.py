@@ -28,6 +28,8 @@ import sys
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
+from ._version import __version__
+
 __all__ = ["carrier", "configured", "llm_call", "node_span", "run_span", "tracing"]
 
 T = TypeVar("T")
@@ -56,8 +58,6 @@ def configured() -> Any:
 
 
 def _tracer(api: Any) -> Any:
-    from . import __version__
-
     return api.get_tracer("flowdsl", __version__)
 
 

@@ -1,6 +1,8 @@
-"""Batch mode: the same flows give the same results, journals and events as real time.
+"""Batch mode on the embedded SQLite queue: worker processes, events, retries, leases.
 
-In-process workers run on asyncio and trio; worker processes (``_worker_proc.py serve``,
+The property that batch mode gives what real time gives, with in-process workers, is
+checked on every broker in test_backend_properties.py; here it is checked with worker
+processes.  In-process workers run on asyncio and trio; worker processes (``_worker_proc.py serve``,
 on asyncio) join the same SQLite file.  Every test passes ``store=`` so that nothing is
 written to the working directory, and bounds every wait with ``fail_after``.
 """
@@ -32,7 +34,7 @@ from flowdsl.backends.messages import decode_completion
 
 import batch_steps as bs
 from _worker_proc import Procs
-from strategies import DagSpec, build_flow, dag_specs, flow_inputs, recording, reference
+from strategies import DagSpec, build_flow, dag_specs, flow_inputs
 
 pytestmark = pytest.mark.anyio
 
@@ -88,30 +90,6 @@ async def run_real_time(flow: fd.Flow[..., Any], *args: Any) -> tuple[Any, set[s
 
 
 # --- mode equivalence ---------------------------------------------------------------------
-
-
-@SETTINGS
-@given(spec=dag_specs(max_ops=6), inputs=flow_inputs())
-async def test_random_dag_in_batch_mode_matches_real_time(
-    spec: DagSpec, inputs: tuple[int, str], url: str
-) -> None:
-    flow = build_flow(spec)
-    expected = await reference(spec, *inputs)
-    result, nodes, events = await run_real_time(flow, *inputs)
-    assert result == expected.result
-
-    batch_events: list[Any] = []
-    run_id = uuid.uuid4().hex
-    with anyio.fail_after(20), recording() as rec:
-        # The recorder is set before the context starts its workers: they inherit it.
-        async with fd.Context(
-            batch=True, store=url, workers=2, on_event=batch_events.append
-        ) as ctx:
-            assert await ctx.run(flow, *inputs, run_id=run_id) == expected.result
-            assert set(await ctx.store.load_nodes(run_id)) == nodes
-    assert rec.counts == expected.ran  # each node ran once, on an in-process worker
-    assert skipped(batch_events) == skipped(events)
-    assert Counter(map(signature, batch_events)) == Counter(map(signature, events))
 
 
 @PROCESS_SETTINGS

@@ -30,7 +30,8 @@ import flowdsl as fd
 from flowdsl import events as ev
 from flowdsl.cli.live import StepTable
 from flowdsl.cli.load import load_flow
-from flowdsl.cli.main import call_of, cli, derive_run_id
+from flowdsl.cli.main import cli
+from flowdsl.cli.run import call_of, derive_run_id
 
 FLOWS = """
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Batch mode on NATS JetStream, in one process: the same flows give the same results as
-real time, resume works, events reach other clients, large values travel, the queue keeps
-one task per node, leases are renewed and run out, dead letters, bad input.  Against real
-nats-server processes; worker processes are in test_nats_scale.py.
+"""Batch mode on NATS JetStream, in one process: events reach other clients, large values
+travel, the queue keeps one task per node, leases are renewed and run out, dead letters,
+bad input.  Against real nats-server processes; worker processes are in
+test_nats_scale.py.  That batch mode gives what real time gives, and that crashed runs
+resume, is checked on NATS with every other backend (test_backend_properties.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings
 
 import flowdsl as fd
 from flowdsl._executors.batch import StepCheckpointFailed, Worker
@@ -27,19 +27,9 @@ from flowdsl.backends.nats import broker as nats_broker_module
 from flowdsl.backends.nats.broker import NATSBroker
 from flowdsl.backends.nats.keys import to_token
 from flowdsl.backends.nats.store import NATSStore
-from flowdsl.testing import CrashPoint, check_resume
 
 import nats_steps as ns
 from _servers import NatsServer
-from strategies import (
-    DagSpec,
-    build_flow,
-    dag_specs,
-    flow_inputs,
-    labels_by_node,
-    recording,
-    reference,
-)
 
 pytestmark = pytest.mark.anyio
 
@@ -87,68 +77,6 @@ def signature(event: Any) -> tuple[str, str]:
     for key in ("at", "duration", "run_id"):
         data.pop(key, None)
     return type(event).__name__, json.dumps(data, sort_keys=True, default=str)
-
-
-# --- mode equivalence and resume ----------------------------------------------------------
-
-
-@SETTINGS
-@given(spec=dag_specs(max_ops=6), inputs=flow_inputs())
-async def test_random_dag_in_batch_mode_on_nats_matches_real_time(
-    spec: DagSpec, inputs: tuple[int, str], nats_server: NatsServer
-) -> None:
-    flow = build_flow(spec)
-    expected = await reference(spec, *inputs)
-    rt_events: list[Any] = []
-    url = fresh(nats_server)
-    async with fd.Context(store=url, on_event=rt_events.append) as ctx:
-        assert await ctx.run(flow, *inputs, run_id="rt") == expected.result
-        nodes = set(await ctx.store.load_nodes("rt"))
-
-    batch_events: list[Any] = []
-    with anyio.fail_after(20), recording() as rec:
-        async with fd.Context(
-            batch=True, broker=url, store=url, workers=2, on_event=batch_events.append
-        ) as ctx:
-            assert await ctx.run(flow, *inputs, run_id="batch") == expected.result
-            assert set(await ctx.store.load_nodes("batch")) == nodes
-    assert rec.counts == expected.ran  # each node ran once
-    assert Counter(map(signature, batch_events)) == Counter(map(signature, rt_events))
-
-
-@pytest.mark.parametrize("mode", ["real-time", "batch"])
-@SETTINGS
-@given(
-    spec=dag_specs(max_ops=5, max_subflows=1),
-    inputs=flow_inputs(),
-    point=st.integers(0, 100),
-    kind=st.sampled_from(["exception", "cancel"]),
-)
-async def test_random_dags_resume_on_nats(
-    nats_server: NatsServer,
-    mode: str,
-    spec: DagSpec,
-    inputs: tuple[int, str],
-    point: int,
-    kind: str,
-) -> None:
-    flow = build_flow(spec)
-    nodes = [n for n in flow.graph.order if flow.graph[n].kind.value != "join"]
-    crash = CrashPoint(nodes[point % len(nodes)], kind)  # type: ignore[arg-type]
-    labels = labels_by_node(flow.graph)
-
-    def context(**kwargs: Any) -> fd.Context:
-        url = fresh(nats_server)  # each context its own bucket, as check_resume wants
-        if mode == "batch":
-            return fd.Context(batch=True, broker=url, store=url, workers=2, **kwargs)
-        return fd.Context(store=url, **kwargs)
-
-    with anyio.fail_after(30), recording() as rec:
-        report = await check_resume(flow, *inputs, crash=crash, context=context)
-    assert report.result == report.expected == (await reference(spec, *inputs)).result
-    assert not report.rerun, report.explain()
-    for node_id in report.before_crash:  # uninterrupted, then crashed: never a third time
-        assert rec.counts[labels[node_id]] == 2, node_id
 
 
 # --- events and other clients ---------------------------------------------------------------

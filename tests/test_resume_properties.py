@@ -1,17 +1,10 @@
-"""Resume equivalence as a property: random flows x random crash points x both stores.
+"""Resume, beyond the random DAGs of test_backend_properties.py (which crashes and resumes
+``strategies.dag_specs`` on every store and broker): the sequences it hits at random, step
+by step; a family of flows that mixes ``cache=True`` steps with plain ones (the shared
+strategies have no cached steps), crashed several times in a row by the steps themselves,
+then resumed to the end; and the example users copy.
 
-Two families of flows:
-
-- ``strategies.dag_specs``: fan-in, fan-out, nested branches and sub-flows, checked with the
-  same :func:`flowdsl.testing.check_resume` users call: the resumed result equals an
-  uninterrupted run's, and every node the uninterrupted run finished finished exactly
-  once across the crash and the resume.
-- a family defined here that mixes ``cache=True`` steps with plain ones (the shared
-  strategies have no cached steps), crashed several times in a row by the steps
-  themselves, then resumed to the end.
-
-Example counts come from the hypothesis profile (conftest.py: more on CI); batch mode, the
-slowest, draws a few.
+Example counts come from the hypothesis profile (conftest.py: more on CI).
 """
 
 from __future__ import annotations
@@ -37,16 +30,7 @@ from flowdsl._define.graph import NodeKind
 from flowdsl.backends import MemoryStore
 from flowdsl.testing import CrashPoint, check_resume
 
-from strategies import (
-    Call,
-    DagSpec,
-    build_flow,
-    dag_specs,
-    flow_inputs,
-    labels_by_node,
-    recording,
-    reference,
-)
+from strategies import labels_by_node
 
 pytestmark = pytest.mark.anyio
 
@@ -78,70 +62,11 @@ def context_factory(kind: str, directory: Path) -> ContextFactory:
     return make
 
 
-# --- the shared random DAGs through check_resume ------------------------------------------
-
-
 def crash_point(flow: fd.Flow[..., Any], point: int, kind: str) -> CrashPoint:
     """The *point*-th step or branch node (modulo their number): a draw that, unlike
     ``crash_points(flow)``, can be pinned in an ``@example``."""
     nodes = [n for n in flow.graph.order if flow.graph[n].kind is not NodeKind.JOIN]
     return CrashPoint(nodes[point % len(nodes)], kind)  # type: ignore[arg-type]
-
-
-# Two independent steps, the first crashing: its sibling's task is already spawned.
-SIBLINGS = DagSpec((Call("n1", "int", ()), Call("n2", "int", ())))
-
-
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-@SETTINGS
-@given(spec=dag_specs(), inputs=flow_inputs(), point=st.integers(0, 100), kind=KINDS)
-@example(spec=SIBLINGS, inputs=(0, ""), point=0, kind="exception")
-@example(spec=SIBLINGS, inputs=(0, ""), point=0, kind="cancel")
-async def test_random_dags_resume_as_if_never_interrupted(
-    tmp_path: Path,
-    store: str,
-    spec: DagSpec,
-    inputs: tuple[int, str],
-    point: int,
-    kind: str,
-) -> None:
-    flow = build_flow(spec)
-    crash = crash_point(flow, point, kind)
-    report = await check_resume(
-        flow, *inputs, crash=crash, context=context_factory(store, tmp_path)
-    )
-    assert report.ok, report.explain()
-    assert report.expected == (await reference(spec, *inputs)).result
-    if report.crashed:
-        assert crash.node_id not in report.before_crash  # it never got to finish
-        if crash.node_id in report.uninterrupted:
-            assert crash.node_id in report.on_resume
-
-
-@settings(SETTINGS, max_examples=5)
-@given(
-    spec=dag_specs(max_ops=5, max_subflows=1),
-    inputs=flow_inputs(),
-    point=st.integers(0, 100),
-)
-@example(spec=SIBLINGS, inputs=(0, ""), point=1)
-async def test_random_dags_resume_in_batch_mode(
-    tmp_path: Path, spec: DagSpec, inputs: tuple[int, str], point: int
-) -> None:
-    # Counted by the steps themselves (in-process workers inherit the recorder), not by
-    # events, which batch mode may lose on resume (see the test after this one).
-    flow = build_flow(spec)
-    crash = crash_point(flow, point, "exception")
-    labels = labels_by_node(flow.graph)
-    with recording() as rec:
-        report = await check_resume(
-            flow, *inputs, crash=crash, context=context_factory("batch", tmp_path)
-        )
-    assert report.result == report.expected == (await reference(spec, *inputs)).result
-    # A node that finished before the crash ran twice in all: uninterrupted, then crashed.
-    for node_id in report.before_crash:
-        assert rec.counts[labels[node_id]] == 2, node_id
-    assert not report.rerun
 
 
 @attrs.define
@@ -157,7 +82,8 @@ class Watched:
 
 
 async def test_a_run_resumed_in_the_same_batch_context_gets_its_events(tmp_path: Path) -> None:
-    # The sequence test_random_dags_resume_in_batch_mode hits at random, step by step:
+    # A sequence the batch-mode resume property hits at random (test_backend_properties),
+    # step by step:
     # the crashed run stops being watched, the resume watches the same id again, a
     # worker publishes an event of the resumed run, then the listener drains.
     from flowdsl._executors.batch import BatchExecutor, encode_event

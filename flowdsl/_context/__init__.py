@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .context import Context as Context
-from .context import Run as Run
-from .context import current_context as current_context
-from .context import run as run
+from .run import Run as Run
+from .sync import current_context as current_context
+from .sync import run as run
 
 __all__ = ["Context", "Run", "current_context", "run"]

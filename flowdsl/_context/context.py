@@ -1,8 +1,10 @@
-"""Contexts and runs: where a flow runs, and the handle a caller holds on one run.
+"""Contexts: where flows run.
 
 A :class:`Context` chooses the executor (real time in this process, or batch through a
 queue), the store that keeps the journal, the LLM provider and who hears events.  The
-scheduler is the same in every context; only the executor differs.
+scheduler is the same in every context; only the executor differs.  A run's own handle is
+:class:`~flowdsl._context.run.Run`; what a store gives back on resume is read in
+:mod:`.stored`; reaching a context from plain code is :mod:`.sync`.
 """
 
 from __future__ import annotations
@@ -10,163 +12,45 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import math
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
-import attrs
-from anyio.streams.memory import MemoryObjectSendStream
 
 from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
-from .._define.graph import Node
-from .._engine.derived import journaled_value
 from .._engine.dynamic import ITEM_PROGRESS
-from .._engine.resume import plan_reuse
-from .._engine.scheduler import Executor, Plan, RunState, drive
-from .._errors import CheckpointError, CodecError, ConfigError, FlowError, StepFailed
-from .._records import RunRecord, RunStatus, add_usage
+from .._engine.scheduler import Executor, NodeHook, RunState, drive
+from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
+from .._executors.batch import BatchExecutor, Worker
+from .._executors.realtime import RealtimeExecutor
+from .._records import RunRecord, RunStatus
+from ..backends import Store
+from ..llm import Provider
+from .calls import as_call, check_flow, flow_arguments, given_options
+from .options import open_backends
+from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, still_waiting, stored_failure
+from .signals import signal_run
+from .stored import (
+    check_same_flow,
+    decode_inputs,
+    decode_result,
+    encode_inputs,
+    import_flow,
+    replay,
+)
 
-__all__ = ["Context", "Run", "current_context", "run"]
+__all__ = ["CURRENT", "Context", "before_each_node"]
 
 R = TypeVar("R")
 
-_CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
     "flowdsl_context", default=None
 )
-_DEFAULT: Context | None = None
-
-
-def current_context() -> Context:
-    """The context entered with ``async with``, or a process-wide real-time default."""
-    ctx = _CURRENT.get()
-    if ctx is not None:
-        return ctx
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Context()
-    return _DEFAULT
-
-
-def plan_of(flow: Flow[..., Any]) -> Plan:
-    plan: Plan | None = getattr(flow, "_fd_plan", None)
-    if plan is None or plan.graph is not flow.graph:
-        plan = Plan(flow.graph)
-        flow._fd_plan = plan  # type: ignore[attr-defined]
-    return plan
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-@attrs.define(eq=False)
-class Run:
-    """One run of a flow: its id, its events as they happen, and its result."""
-
-    run_id: str
-    flow: Flow[..., Any]
-    context: Context = attrs.field(repr=False)
-    observed: bool = attrs.field(default=False, repr=False)
-    _history: list[Any] | None = attrs.field(default=None, init=False, repr=False)
-    _subscribers: list[MemoryObjectSendStream[Any]] = attrs.field(
-        factory=list, init=False, repr=False
-    )
-    _done: anyio.Event | None = attrs.field(default=None, init=False, repr=False)
-    _result: Any = attrs.field(default=None, init=False, repr=False)
-    _error: BaseException | None = attrs.field(default=None, init=False, repr=False)
-    status: RunStatus = attrs.field(default=RunStatus.RUNNING, init=False)
-    inputs: dict[str, Any] = attrs.field(factory=dict, repr=False)
-    plan: Plan = attrs.field(default=None, repr=False)
-    resuming: bool = attrs.field(default=False, repr=False)
-
-    usage: dict[str, Any] | None = attrs.field(default=None, repr=False)
-    # Set by the scheduler while everything the run can do waits for a signal (parked),
-    # and to wake its waits when a signal is sent through this context.
-    parked: bool = attrs.field(default=False, repr=False)
-    waker: Callable[[], None] | None = attrs.field(default=None, repr=False)
-
-    @property
-    def flow_name(self) -> str:
-        return self.flow.name
-
-    def park(self, parked: bool) -> None:
-        """The run waits only for signals now (or no longer): leaving its context does
-        not wait for a parked run (see :mod:`._engine.waits`)."""
-        self.parked = parked
-        idle = self.context._idle
-        if parked and idle is not None:
-            idle.set()
-
-    def add_usage(self, counts: dict[str, Any]) -> None:
-        """Add a node's LLM usage to the run's totals (numbers are summed per key)."""
-        self.usage = add_usage(self.usage, counts)
-
-    def _watch(self) -> None:
-        """Keep a history of events so that late subscribers see the run from its start."""
-        self.observed = True
-        if self._history is None:
-            self._history = []
-        if self._done is None:
-            self._done = anyio.Event()
-
-    def emit(self, event: Any) -> None:
-        if self._history is not None:
-            self._history.append(event)
-        for stream in self._subscribers:
-            try:
-                stream.send_nowait(event)
-            except anyio.BrokenResourceError:
-                # A subscriber that stopped iterating run.events() early: drop it, the
-                # run goes on.
-                stream.close()
-                self._subscribers = [s for s in self._subscribers if s is not stream]
-        callback = self.context.on_event
-        if callback is not None:
-            callback(event)
-
-    def _settle(
-        self, status: RunStatus, result: Any = None, error: BaseException | None = None
-    ) -> None:
-        self.status = status
-        self._result = result
-        self._error = error
-        for stream in self._subscribers:
-            stream.close()
-        self._subscribers.clear()
-        if self._done is not None:
-            self._done.set()
-
-    async def result(self) -> Any:
-        """Wait for the run to end; its result, or the :class:`StepFailed` that ended it."""
-        if self._done is None:
-            self._done = anyio.Event()
-        if not self.status.ended:
-            await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    async def events(self) -> AsyncIterator[Any]:
-        """Every event of the run, from its start, until it ends."""
-        history = list(self._history or ())
-        if self.status.ended or self.status is RunStatus.WAITING:
-            for event in history:
-                yield event
-            return
-        send, receive = anyio.create_memory_object_stream[Any](math.inf)
-        self._subscribers.append(send)
-        # Closed however the caller stops iterating (a `break` included).
-        async with receive:
-            for event in history:
-                yield event
-            async for event in receive:
-                yield event
+"""The context entered with ``async with`` in this task (see :func:`.sync.current_context`)."""
 
 
 class Context:
@@ -181,10 +65,10 @@ class Context:
         self,
         *,
         batch: bool = False,
-        store: Any = None,
+        store: str | Store | None = None,
         broker: str | None = None,
         workers: int | None = None,
-        llm: Any = None,
+        llm: Provider | None = None,
         on_event: Callable[[Any], None] | None = None,
         max_concurrency: int | None = None,
         progress: bool | None = None,
@@ -216,7 +100,7 @@ class Context:
         if lease <= 0:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
-        self.store, self.queue = _open_backends(store, broker, batch=batch)
+        self.store, self.queue = open_backends(store, broker, batch=batch)
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -228,6 +112,7 @@ class Context:
         self._entered = 0
         self._users = 0
         self._active: dict[str, Run] = {}
+        self._before: NodeHook | None = None  # see before_each_node
 
     def __repr__(self) -> str:
         mode = "batch" if self.batch else "real-time"
@@ -251,7 +136,7 @@ class Context:
             with anyio.CancelScope(shield=True):
                 await self._close_backends()
             raise
-        self._token = _CURRENT.set(self)
+        self._token = CURRENT.set(self)
         self._entered = 1
         try:
             await self._start_services(self._tg)
@@ -262,10 +147,9 @@ class Context:
 
     async def _start_services(self, tg: anyio.abc.TaskGroup) -> None:
         """Batch mode: the completion listener and the in-process workers."""
-        from .._executors.batch import BatchExecutor, Worker
-
         if not isinstance(self._executor, BatchExecutor):
             return
+        assert self.queue is not None  # batch mode always has one
         await self._executor.start(tg)
         count = self.workers if self.workers is not None else 4
         self._workers = [
@@ -316,7 +200,7 @@ class Context:
         finally:
             self._tg = self._tg_cm = None
             if self._token is not None:
-                _CURRENT.reset(self._token)
+                CURRENT.reset(self._token)
                 self._token = None
             self._entered = 0
             self._workers = []
@@ -357,12 +241,9 @@ class Context:
     def _setup(self) -> None:
         if self._executor is None:
             if self.batch:
-                from .._executors.batch import BatchExecutor
-
+                assert self.queue is not None  # batch mode always has one
                 self._executor = BatchExecutor(self.queue)
             else:
-                from .._executors.realtime import RealtimeExecutor
-
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.max_concurrency)
@@ -370,10 +251,24 @@ class Context:
     # --- running --------------------------------------------------------------------------
 
     async def run(
-        self, flow: Flow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
+        self,
+        flow: Flow[..., R],
+        /,
+        *args: Any,
+        run_id: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> R:
-        """Run *flow* to its result in this context."""
-        _check_flow(flow)
+        """Run *flow* to its result in this context.
+
+        The flow's arguments follow it, positional or keyword; ``inputs={...}`` gives its
+        keyword arguments as one mapping instead, for a flow with a parameter named like
+        an option (``run_id``, ``inputs``).  *run_id* names the run: a finished run of
+        that id gives its stored result instead of running again.
+        """
+        check_flow(flow)
+        given = given_options(run_id=run_id, inputs=inputs)
+        args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.run")
         async with self._using():
             return await self._run(flow, args, kwargs, run_id)
 
@@ -387,10 +282,21 @@ class Context:
         return await self._execute(run)  # type: ignore[no-any-return]
 
     async def start(
-        self, flow: Flow[..., Any], /, *args: Any, run_id: str | None = None, **kwargs: Any
+        self,
+        flow: Flow[..., Any],
+        /,
+        *args: Any,
+        run_id: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> Run:
-        """Start *flow* in the background; idempotent by *run_id*."""
-        _check_flow(flow)
+        """Start *flow* in the background; idempotent by *run_id*.
+
+        The flow's arguments are given as to :meth:`run`.
+        """
+        check_flow(flow)
+        given = given_options(run_id=run_id, inputs=inputs)
+        args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.start")
         if self._tg is None:
             raise ConfigError(
                 "start() needs an entered context",
@@ -420,7 +326,7 @@ class Context:
         Each input is the flow's single argument; for a flow of several parameters, give a
         tuple (positional) or a dict (keyword) per input.
         """
-        _check_flow(flow)
+        check_flow(flow)
         items = list(inputs)
         if run_ids is not None and len(run_ids) != len(items):
             raise ConfigError(
@@ -428,7 +334,7 @@ class Context:
                 flow=flow.name,
                 hint="Give one run id per input, or none",
             )
-        calls = [_as_call(flow, item) for item in items]
+        calls = [as_call(flow, item) for item in items]
         limiter = anyio.CapacityLimiter(concurrency) if concurrency else None
         show = self.progress if progress is None else progress
         async with self._using():
@@ -455,10 +361,10 @@ class Context:
                 bar.started()
                 try:
                     if limiter is None:
-                        results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                        results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                     else:
                         async with limiter:
-                            results[i] = await self.run(flow, *args, run_id=rid, **kwargs)
+                            results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                 except FlowError as exc:
                     bar.failed()
                     if not return_exceptions:
@@ -475,7 +381,7 @@ class Context:
                 # Surface the first flowdsl failure itself, not a group of one.
                 flow_errors, rest = group.split(FlowError)
                 if rest is None and flow_errors is not None:
-                    leaf = _first_leaf(flow_errors)
+                    leaf = first_leaf(flow_errors)
                     raise leaf from leaf.__cause__
                 raise
         return results
@@ -500,22 +406,7 @@ class Context:
         if run_id is not None and run_id in self._active:
             return self._active[run_id], False
         plan = plan_of(flow)
-        inputs = flow.bind(args, kwargs)
-        types = flow.input_types
-        encoded: dict[str, Any] = {}
-        decoded: dict[str, Any] = {}
-        for name, value in inputs.items():
-            try:
-                data, value2 = _codec.roundtrip(value, types.get(name, Any), what=f"input {name!r}")
-            except CodecError as exc:
-                raise CodecError(
-                    exc.problem,
-                    flow=flow.name,
-                    hint=f"Pass a value of the type `{flow.name}` annotates for {name!r}: "
-                    "flow inputs cross the codec like step results",
-                ) from exc
-            encoded[name] = data
-            decoded[name] = value2
+        encoded, decoded = encode_inputs(flow, flow.bind(args, kwargs))
         now = time.time()
         record = RunRecord(
             run_id=run_id or new_run_id(),
@@ -533,7 +424,7 @@ class Context:
         if watch:
             run._watch()
         if not created:
-            _check_same_flow(stored, flow)
+            check_same_flow(stored, flow)
             if stored.status.ended:
                 self._settle_from_record(run, stored)
                 return run, False
@@ -544,9 +435,15 @@ class Context:
 
     def _settle_from_record(self, run: Run, record: RunRecord) -> None:
         if record.status is RunStatus.FINISHED:
-            run._settle(RunStatus.FINISHED, _decode_result(record, run.flow))
+            run._settle(RunStatus.FINISHED, decode_result(record, run.flow))
         else:
-            run._settle(record.status, error=_stored_failure(record))
+            run._settle(record.status, error=stored_failure(record))
+
+    async def signal(self, run_id: str, name: str, value: Any) -> None:
+        """Send *value* as signal *name* to run *run_id*, from any process: the next wait
+        for *name* in the run takes it (each signal once; see ``_engine/waits.py``)."""
+        async with self._using():
+            await signal_run(self.store, self._active.get(run_id), run_id, name, value)
 
     async def resume(
         self, run_id: str, /, *, strict: bool = False, flow: Flow[..., Any] | None = None
@@ -569,8 +466,8 @@ class Context:
                     hint="Check the run id (`flowdsl runs list`) and the store URL",
                 )
             flow = flow if flow is not None else import_flow(record)
-            _check_flow(flow)
-            _check_same_flow(record, flow)
+            check_flow(flow)
+            check_same_flow(record, flow)
             run = Run(run_id, flow, self, observed=self.on_event is not None)
             run.plan = plan_of(flow)
             if record.status is RunStatus.FINISHED:
@@ -582,67 +479,10 @@ class Context:
                     flow=flow.name,
                     hint="Resume without strict=True to re-run what changed",
                 )
-            run.inputs = _decode_inputs(record, flow)
+            run.inputs = decode_inputs(record, flow)
             run.resuming = True
             self._active[run_id] = run
             return await self._execute(run, strict=strict)
-
-    async def signal(self, run_id: str, name: str, value: Any) -> None:
-        """Send *value* as signal *name* to run *run_id* (waiting or not yet at its wait),
-        from any process: a wait in it for *name* takes it (each signal once)."""
-        from .signals import send_signal
-
-        async with self._using():
-            await send_signal(self.store, run_id, name, _codec.encode(value, what="the signal"))
-        run = self._active.get(run_id)
-        if run is not None and run.waker is not None:
-            run.waker()
-
-    async def _replay(
-        self, run: Run, state: RunState, ready: list[Node], strict: bool
-    ) -> list[Node]:
-        """Feed the journal into *state*; return the nodes that must still run."""
-        plan = run.plan
-        journal = await self.store.load_nodes(run.run_id)
-        reuse = plan_reuse(
-            flow=run.flow_name,
-            run_id=run.run_id,
-            nodes=plan.nodes,
-            order=plan.graph.order,
-            markers=plan.markers,
-            journal=journal,
-            strict=strict,
-        )
-        if reuse.stale:
-            await self.store.forget_nodes(run.run_id, list(reuse.stale))
-        await self.store.update_run(
-            run.run_id, status=RunStatus.RUNNING, fingerprint=plan.fingerprint
-        )
-        now = time.time()
-        if run.observed:
-            for node_id in reuse.stale:
-                run.emit(
-                    ev.StepInvalidated(
-                        run.run_id,
-                        node_id,
-                        now,
-                        "changed" if node_id in reuse.changed else "upstream",
-                    )
-                )
-        pending = list(ready)
-        dispatch: list[Node] = []
-        while pending:
-            node = pending.pop(0)
-            if node.id not in reuse.reused:
-                dispatch.append(node)
-                continue
-            value = journaled_value(run, node, journal)
-            if journal[node.id].usage:
-                run.add_usage(journal[node.id].usage or {})
-            if run.observed:
-                run.emit(ev.StepReused(run.run_id, node.id, now, "journal"))
-            pending.extend(state.complete(node.id, value))
-        return dispatch
 
     async def _execute_quietly(self, run: Run) -> None:
         try:
@@ -664,7 +504,7 @@ class Context:
         flow = run.flow
         state = RunState(run.plan, run.inputs)
         assert self._executor is not None
-        on_skipped = _skip_reporter(run) if run.observed else None
+        on_skipped = skip_reporter(run) if run.observed else None
         watch = getattr(self._executor, "watch", None)
         if watch is not None:
             watch(run)
@@ -673,7 +513,7 @@ class Context:
                 run.emit(ev.RunStarted(run.run_id, flow.name, time.time(), run.resuming))
             ready = state.start()
             if run.resuming:
-                ready = await self._replay(run, state, ready, strict)
+                ready = await replay(self.store, run, state, ready, strict)
                 resuming = getattr(self._executor, "resuming", None)
                 if resuming is not None:
                     await resuming(run)
@@ -684,6 +524,7 @@ class Context:
                 self._executor,
                 limiter=self._limiter,
                 on_skipped=on_skipped,
+                before=self._before,
                 store=self.store,
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
@@ -700,7 +541,7 @@ class Context:
         except anyio.get_cancelled_exc_class():
             if run.parked:
                 # Left waiting for a signal: it stays so in the store, for a resume.
-                run._settle(RunStatus.WAITING, error=_still_waiting(run))
+                run._settle(RunStatus.WAITING, error=still_waiting(run))
                 raise
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
@@ -708,7 +549,7 @@ class Context:
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), "cancelled", cancelled=True))
-            run._settle(RunStatus.CANCELLED, error=_cancelled(run))
+            run._settle(RunStatus.CANCELLED, error=cancelled(run))
             raise
         finally:
             self._active.pop(run.run_id, None)
@@ -733,132 +574,18 @@ class Context:
         return value
 
 
-def import_flow(record: RunRecord) -> Flow[..., Any]:
-    """The flow a run record names by ``module:qualname``."""
-    import importlib
+@contextlib.contextmanager
+def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
+    """Inside the block, await *hook* as each node of *ctx*'s runs is dispatched.
 
-    module_name, _, qualname = record.flow_ref.partition(":")
-    if "<locals>" in qualname:
-        raise ConfigError(
-            f"the flow of run {record.run_id!r} was defined inside a function "
-            f"({record.flow_ref}), so it cannot be imported",
-            flow=record.flow,
-            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"cannot import the flow of run {record.run_id!r} from {record.flow_ref!r}: {exc}",
-            flow=record.flow,
-            hint="Make the module importable here (PYTHONPATH), or pass the flow: "
-            "`ctx.resume(run_id, flow=my_flow)`",
-        ) from exc
-    if not isinstance(obj, Flow):
-        raise ConfigError(
-            f"{record.flow_ref!r} is not a flow",
-            flow=record.flow,
-            hint="Pass the flow: `ctx.resume(run_id, flow=my_flow)`",
-        )
-    return obj
-
-
-def _check_same_flow(record: RunRecord, flow: Flow[..., Any]) -> None:
-    if record.flow != flow.name:
-        raise CheckpointError(
-            f"run {record.run_id!r} exists and belongs to flow {record.flow!r}",
-            flow=flow.name,
-            hint="Choose another run id, or resume it with its own flow",
-        )
-
-
-def _decode_result(record: RunRecord, flow: Flow[..., Any]) -> Any:
-    try:
-        return _codec.decode(record.result or "null", flow.return_type, what="the stored result")
-    except CodecError as exc:
-        raise CheckpointError(
-            f"the stored result of run {record.run_id!r} cannot be read: {exc.problem}",
-            flow=flow.name,
-            hint="The store is corrupted or the flow's return type changed",
-        ) from exc
-
-
-def _decode_inputs(record: RunRecord, flow: Flow[..., Any]) -> dict[str, Any]:
-    try:
-        data = _codec.loads(record.inputs)
-        if not isinstance(data, dict):
-            raise CodecError("inputs are not a JSON object")
-        types = flow.input_types
-        if set(data) != set(types):
-            raise CodecError(
-                f"the run's inputs {sorted(data)} do not match the flow's parameters "
-                f"{sorted(types)}"
-            )
-        return {
-            name: _codec.from_data(value, types.get(name, Any), what=f"input {name!r}")
-            for name, value in data.items()
-        }
-    except CodecError as exc:
-        raise CheckpointError(
-            f"the stored inputs of run {record.run_id!r} cannot be read: {exc.problem}",
-            flow=flow.name,
-            hint="The store is corrupted, or the flow's parameters changed since the run",
-        ) from exc
-
-
-DEFAULT_BATCH_FILE = ".flowdsl/flowdsl.db"
-
-
-def _open_backends(store: Any, broker: str | None, *, batch: bool) -> tuple[Any, Any]:
-    """The store and (in batch mode) the queue a context's options name.
-
-    Batch mode with no broker keeps its queue and its store in one SQLite file: the
-    store's file if it is SQLite, else ``.flowdsl/flowdsl.db`` in the working directory.
-    With a broker and no store, the journal lives on the broker's server.
+    The typed hook :mod:`flowdsl.testing` crashes runs with; it sees every node, in real
+    time and in batch mode alike, before the executor has it.
     """
-    from ..backends import open_store
-
-    if not batch:
-        return open_store(store), None
-    from ..backends import link, open_broker
-
-    if broker is None:
-        if isinstance(store, str) and store.startswith("sqlite:"):
-            broker = store
-        else:
-            broker = f"sqlite:///{DEFAULT_BATCH_FILE}"
-    queue = open_broker(broker)
-    if store is None:
-        # The broker's own server keeps the journal unless told otherwise.
-        store = broker
-    journal = open_store(store)
-    link(journal, queue)
-    return journal, queue
-
-
-def _check_flow(flow: Any) -> None:
-    if not isinstance(flow, Flow):
-        name = getattr(flow, "__name__", type(flow).__name__)
-        raise ConfigError(
-            f"{name!r} is not a flow",
-            hint="Pass a function decorated with @fd.flow; a step runs by calling it directly",
-        )
-
-
-def _as_call(flow: Flow[..., Any], item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if len(flow.signature.parameters) == 1:
-        return (item,), {}
-    if isinstance(item, dict):
-        return (), dict(item)
-    if isinstance(item, tuple | list):
-        return tuple(item), {}
-    raise ConfigError(
-        f"input {item!r} does not fit a flow of {len(flow.signature.parameters)} parameters",
-        flow=flow.name,
-        hint="Give a tuple (positional) or a dict (keyword) per input",
-    )
+    previous, ctx._before = ctx._before, hook
+    try:
+        yield
+    finally:
+        ctx._before = previous
 
 
 def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
@@ -870,84 +597,3 @@ def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
         return True
     _, other = rest.split(anyio.get_cancelled_exc_class())
     return other is None
-
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _skip_reporter(run: Run) -> Callable[[list[str]], None]:
-    def report(node_ids: list[str]) -> None:
-        now = time.time()
-        for node_id in node_ids:
-            run.emit(ev.StepSkipped(run.run_id, node_id, now))
-
-    return report
-
-
-def _stored_failure(record: RunRecord) -> BaseException:
-    return StepFailed(
-        f"the run ended {record.status.value}: {record.error}",
-        flow=record.flow,
-        node=record.failed_node,
-        run_id=record.run_id,
-        hint=f"Resume it with `ctx.resume({record.run_id!r})`",
-    )
-
-
-def _still_waiting(run: Run) -> BaseException:
-    return FlowError(
-        "the run is waiting for a signal, and its context ended",
-        flow=run.flow_name,
-        hint=f"Send the signal (`ctx.signal({run.run_id!r}, name, value)` or `flowdsl "
-        f"signal`), then `ctx.resume({run.run_id!r})` from any process",
-    )
-
-
-def _cancelled(run: Run) -> BaseException:
-    return StepFailed(
-        "the run was cancelled",
-        flow=run.flow_name,
-        run_id=run.run_id,
-        hint=f"Resume it with `ctx.resume({run.run_id!r})`",
-    )
-
-
-def run(flow: Flow[..., R], /, *args: Any, **kwargs: Any) -> R:
-    """Run *flow* from synchronous code and return its result.
-
-    Inside a running event loop (a notebook cell), it runs the flow on a fresh loop in a
-    helper thread; there, ``await flow(...)`` is the better spelling.
-    """
-    import concurrent.futures
-    import functools
-
-    backend = kwargs.pop("backend", "asyncio")
-    call = functools.partial(current_context().run, flow, *args, **kwargs)
-    if not _in_event_loop():
-        return anyio.run(call, backend=backend)
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flowdsl-run") as pool:
-        return pool.submit(anyio.run, call, backend=backend).result()
-
-
-def _in_event_loop() -> bool:
-    import asyncio
-    import sys
-
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-            return True
-        except RuntimeError:
-            pass
-    return False

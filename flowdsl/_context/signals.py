@@ -13,7 +13,15 @@ from .._define.trace import check_name
 from .._errors import CodecError, ConfigError, FlowError, TracingError
 from .._records import RunStatus
 
-__all__ = ["send_signal"]
+__all__ = ["send_signal", "signal_run"]
+
+
+async def signal_run(store: Any, live: Any, run_id: str, name: str, value: Any) -> None:
+    """``ctx.signal``: *value* encoded and stored; *live*, the run if this context drives
+    it, is woken at once rather than at its waits' next poll."""
+    await send_signal(store, run_id, name, _codec.encode(value, what="the signal"))
+    if live is not None and live.waker is not None:
+        live.waker()
 
 
 async def send_signal(store: Any, run_id: str, name: str, value_json: str) -> int:

@@ -16,9 +16,12 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from .._errors import TracingError
+from .._errors import ConfigError, TracingError
+from . import symbols as _symbols
 from . import trace as _trace
 from .graph import Graph
+from .units import ref_of, register
+from .units import registered_unit as registered_unit  # the batch executor imports it here
 
 __all__ = ["Branch", "Flow", "Step", "branch", "flow", "step"]
 
@@ -26,10 +29,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNSET: Any = object()
-
-
-def _ref(fn: Callable[..., Any]) -> str:
-    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 def code_hash(fn: Callable[..., Any]) -> str:
@@ -51,19 +50,11 @@ def _bytecode_material(code: Any) -> bytes:
     return b"\0".join(parts)
 
 
-_UNITS: dict[str, Any] = {}
-
-
-def registered_unit(ref: str) -> Any:
-    """The step or branch defined in this process under ``module:qualname``, if any.
-
-    In-process batch workers find steps here, so steps defined in a notebook run too.
-    """
-    return _UNITS.get(ref)
-
-
 class _Unit(Generic[P, R]):
-    """What steps and branches share: the function, its options, its return type."""
+    """What steps and branches share: the function, its options, its return type.
+
+    Instances satisfy :class:`flowdsl._define.graph.Unit`, the protocol graph nodes refer to.
+    """
 
     kind: str = "step"
 
@@ -100,14 +91,14 @@ class _Unit(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         # Runs as a bare task in real time (see _runner.FastJob): nothing to wrap it in.
         self.bare = self.is_async and timeout is None and not cache
-        self.ref = _ref(fn)
+        self.ref = ref_of(fn)
         self._return_type: Any = _UNSET
         self._code_hash: str | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         # Hashed now, from the code being decorated: a file edited later must not make
         # the hash describe code that is not the code running.
         self._code_hash = code_hash(fn)
-        _UNITS[self.ref] = self
+        register(self)
 
     @property
     def return_type(self) -> Any:
@@ -171,7 +162,7 @@ class Step(_Unit[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+            return _symbols.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
     def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
@@ -209,7 +200,7 @@ class Branch(_Unit[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BranchCallType[R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.BranchCall(tracer, self, args, kwargs)
+            return _symbols.BranchCall(tracer, self, args, kwargs)
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -224,7 +215,7 @@ class Flow(Generic[P, R]):
             )
         self.fn = fn
         self.name = _trace.check_name(name or fn.__name__, "flow")
-        self.ref = _ref(fn)
+        self.ref = ref_of(fn)
         self.signature = inspect.signature(fn)
         self._graph: Graph | None = None
         self._input_types: dict[str, Any] | None = None
@@ -266,8 +257,6 @@ class Flow(Generic[P, R]):
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map call arguments to the flow's inputs (defaults applied)."""
-        from .._errors import ConfigError
-
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -282,20 +271,27 @@ class Flow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         tracer = _trace.current_tracer()
         if tracer is not None:
-            return _trace.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
-        from .._context.context import current_context
+            return _symbols.FlowCall(tracer, self, args, kwargs)  # type: ignore[return-value]
+        # The one import that goes up the layers (docs/architecture.md): a flow awaited
+        # outside any flow runs in the current context, which is built on this layer.
+        # Deferred, so that defining flows never imports the engine or the backends.
+        from .._context.sync import current_context
 
-        # `run_id=` names the run here, so a flow parameter of that name can only be
-        # passed positionally.
-        return current_context().run(self, *args, **kwargs)  # type: ignore[arg-type]
+        # Keywords go in as inputs=, so that a flow parameter named like an option of
+        # ctx.run (run_id, inputs) is never taken for one.
+        return current_context().run(self, *args, inputs=kwargs)
 
     def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
         """The flow once per element of *items* (its first argument), *shared* passed to
         each.  Inside a flow, ONE node that inlines one sub-graph per item at run time;
         outside a flow, one run per item in the current context (as ``ctx.map``)."""
-        from .dynamic import map_call
+        from .dynamic import map_call, map_inputs
 
-        return map_call(self, items, shared)  # type: ignore[no-any-return]
+        if _trace.current_tracer() is not None:
+            return map_call(self, items, shared)  # type: ignore[no-any-return]
+        from .._context.sync import current_context
+
+        return current_context().map(self, map_inputs(self, items, shared))  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"

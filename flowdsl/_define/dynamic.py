@@ -15,14 +15,15 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import attrs
 
 from .. import _codec
 from .._errors import TracingError
 from .graph import Expr, Literal, Node, NodeKind, Ref
-from .trace import Symbol, Tracer, _Pending, check_name, current_tracer
+from .symbols import Pending, Symbol
+from .trace import Tracer, check_name, current_tracer
 
 if TYPE_CHECKING:
     from .dsl import Flow, Step
@@ -181,7 +182,7 @@ class _Item:
         return "<item>"
 
 
-class MapCall(_Pending):
+class MapCall(Pending):
     __slots__ = ("body", "items", "shared")
 
     def __init__(self, tracer: Tracer, body: Any, items: Any, shared: dict[str, Any]) -> None:
@@ -195,11 +196,11 @@ class MapCall(_Pending):
 
     def __await__(self) -> Generator[Any, None, Any]:
         self.awaited = True
-        return _add_map(self.tracer, self)
+        return _add_map(cast(Tracer, self.tracer), self)
         yield  # pragma: no cover
 
 
-class LoopCall(_Pending):
+class LoopCall(Pending):
     __slots__ = ("body", "init", "max_iterations", "shared")
 
     def __init__(
@@ -216,11 +217,11 @@ class LoopCall(_Pending):
 
     def __await__(self) -> Generator[Any, None, Any]:
         self.awaited = True
-        return _add_loop(self.tracer, self)
+        return _add_loop(cast(Tracer, self.tracer), self)
         yield  # pragma: no cover
 
 
-class WaitCall(_Pending):
+class WaitCall(Pending):
     __slots__ = ("after", "name", "timeout", "type")
 
     def __init__(
@@ -237,7 +238,7 @@ class WaitCall(_Pending):
 
     def __await__(self) -> Generator[Any, None, Any]:
         self.awaited = True
-        return _add_wait(self.tracer, self)
+        return _add_wait(cast(Tracer, self.tracer), self)
         yield  # pragma: no cover
 
 
@@ -335,11 +336,7 @@ def map_call(body: Step[..., Any] | Flow[..., Any], items: Any, shared: dict[str
     tracer = current_tracer()
     if tracer is not None:
         return MapCall(tracer, body, items, shared)
-    from .dsl import Flow
-
-    if isinstance(body, Flow):
-        return _map_runs(body, items, shared)
-    return _map_plain(body.fn, items, shared)
+    return _map_plain(body.fn, items, shared)  # a flow's map runs in a context: see dsl.py
 
 
 async def _map_plain(fn: Callable[..., Awaitable[Any]], items: Any, shared: dict[str, Any]) -> Any:
@@ -357,12 +354,10 @@ async def _map_plain(fn: Callable[..., Awaitable[Any]], items: Any, shared: dict
     return results
 
 
-async def _map_runs(flow: Flow[..., Any], items: Any, shared: dict[str, Any]) -> Any:
-    from .._context.context import current_context
-
+def map_inputs(flow: Flow[..., Any], items: Any, shared: dict[str, Any]) -> list[Any]:
+    """``flow.map(items, **shared)`` outside a flow, as inputs of ``ctx.map``: one run each."""
     first = next(iter(flow.signature.parameters))
-    calls = [{first: item, **shared} for item in items] if shared else list(items)
-    return await current_context().map(flow, calls)
+    return [{first: item, **shared} for item in items] if shared else list(items)
 
 
 def loop(

@@ -1,7 +1,9 @@
 """The traced DAG: immutable data the tracer builds and the scheduler reads.
 
 A :class:`Graph` is plain data.  Nodes refer to their step by object (for in-process
-execution) and by ``module:qualname`` (for workers in other processes).  Arguments are small
+execution) and by ``module:qualname`` (for workers in other processes); what a node needs of
+that object is the :class:`Unit` protocol, so this module knows nothing of the decorators
+that make units (:mod:`.dsl`).  Arguments are small
 expression trees (:data:`Expr`): a literal, a flow input, another node's result (optionally
 projected by attribute or item), or a list, tuple or dict of these.
 
@@ -17,15 +19,13 @@ import enum
 import hashlib
 import html
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import attrs
 
 from .. import _codec
-
-if TYPE_CHECKING:
-    from .dsl import Branch, Step
 
 __all__ = [
     "DYNAMIC_KINDS",
@@ -39,7 +39,68 @@ __all__ = [
     "NodeKind",
     "Ref",
     "TupleOf",
+    "Unit",
 ]
+
+
+class Unit(Protocol):
+    """What a step or branch node refers to: the code it runs and how it runs it.
+
+    ``@fd.step`` and ``@fd.branch`` make units (:mod:`.dsl`); the engine reads only these
+    members, so the graph, the scheduler and the executors never import the decorators.
+    """
+
+    @property
+    def kind(self) -> str:
+        """``"step"`` or ``"branch"``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ref(self) -> str:
+        """``module:qualname``: where a worker in another process imports it from."""
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The decorated function itself."""
+
+    @property
+    def retries(self) -> int: ...
+
+    @property
+    def timeout(self) -> float | None: ...
+
+    @property
+    def retry_on(self) -> tuple[type[BaseException], ...]: ...
+
+    @property
+    def backoff(self) -> float: ...
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def cache(self) -> bool: ...
+
+    @property
+    def is_async(self) -> bool: ...
+
+    @property
+    def bare(self) -> bool:
+        """Whether real time may run it as a bare task: async, no timeout, no cache."""
+
+    @property
+    def code_hash(self) -> str:
+        """A hash of its code, taken when it was decorated (see :mod:`flowdsl._engine.resume`)."""
+
+    @property
+    def return_type(self) -> Any:
+        """The return annotation (``Any`` when there is none): how results are decoded."""
+
+    @property
+    def param_types(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The annotated parameter types, by position and by name: how arguments are decoded."""
 
 
 # --- argument expressions -----------------------------------------------------------------
@@ -188,7 +249,7 @@ class Node:
     cases: tuple[tuple[str, Expr], ...] = ()
     # For a BRANCH: the labels of its cases, which its value must name.
     labels: tuple[str, ...] = ()
-    fn: Step[..., Any] | Branch[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    fn: Unit | None = attrs.field(default=None, eq=False, repr=False)
     # For a MAP, LOOP or WAIT: what it maps or loops over, or what it waits for (a
     # MapSpec, LoopSpec or WaitSpec of _define/dynamic.py).
     spec: Any = attrs.field(default=None, eq=False, repr=False)
@@ -378,3 +439,46 @@ def _mermaid_text(text: str) -> str:
 def _dot_quote(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+# --- case labels --------------------------------------------------------------------------
+
+
+def case_label(key: Any) -> str:
+    """The label a case key (or a branch's return value) is known by in the graph."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, enum.Enum):
+        return key.name
+    if isinstance(key, str | int):
+        return str(key)
+    raise TypeError(f"a case key must be a str, bool, int or Enum, not {type(key).__name__}")
+
+
+def value_labels(value: Any) -> tuple[str, ...]:
+    """Labels a branch's run-time value may match, most specific first."""
+    if isinstance(value, enum.Enum):
+        return (value.name, str(value.value))
+    try:
+        return (case_label(value),)
+    except TypeError:
+        return ()
+
+
+def allowed_labels(branch: Unit) -> frozenset[str] | None:
+    """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
+    try:
+        hints = typing.get_type_hints(branch.fn)
+    except Exception:
+        return None
+    tp = hints.get("return")
+    if tp is bool:
+        return frozenset({"true", "false"})
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return frozenset(m.name for m in tp) | frozenset(str(m.value) for m in tp)
+    if typing.get_origin(tp) is typing.Literal:
+        out: set[str] = set()
+        for arg in typing.get_args(tp):
+            out.update(value_labels(arg))
+        return frozenset(out)
+    return None

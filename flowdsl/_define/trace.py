@@ -6,21 +6,18 @@ stand-in for the step's future result.  Nothing suspends: the tracer drives the 
 coroutine with a single ``send(None)``, so a body that awaits anything real (a sleep, a
 socket) is caught as an error instead of being run.
 
-Symbols refuse everything that would need the value itself (``if``, ``for``, arithmetic,
-formatting), with a message that says what to write instead.  Attribute and item access
-are allowed: they record a projection that is applied when the value exists.
+Symbols and pending calls live in :mod:`.symbols`; the labels a branch's cases are known
+by, in :mod:`.graph`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import enum
 import inspect
 import re
-import typing
-from collections.abc import Awaitable, Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sniffio
 
@@ -38,10 +35,10 @@ from .graph import (
     NodeKind,
     Ref,
     TupleOf,
+    allowed_labels,
+    case_label,
 )
-
-if TYPE_CHECKING:
-    from .dsl import Branch, Flow, Step
+from .symbols import CasesCall, FlowBody, FlowCall, Pending, StepCall, Symbol
 
 _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
     "flowdsl_tracer", default=None
@@ -63,314 +60,18 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-# --- symbols ------------------------------------------------------------------------------
-
-_USE_BRANCH = (
-    "Inside a flow, step results are placeholders until the flow runs: decide with an "
-    "@fd.branch step (`await route(x).cases(...)`), or move the logic into a step"
-)
-
-
-_USE_MAP = (
-    "Inside a flow, a step's list result is a placeholder until the flow runs: to run a "
-    "step (or a flow) once per element, write `await step.map(values)`; to compute "
-    "over the whole list, do it inside a step"
-)
-_USE_LOOP = (
-    _USE_BRANCH + "; for a `while` that repeats steps until a result says stop, write "
-    "`await fd.loop(body, state, max_iterations=N)` with a body returning "
-    "fd.Continue(next_state) or fd.Done(result)"
-)
-
-
-def _refuse(what: str, hint: str = _USE_BRANCH) -> Callable[..., Any]:
-    def method(self: Symbol, *args: Any) -> Any:
-        raise TracingError(
-            f"{what} on {self._fd_describe()} inside a flow body",
-            flow=self._fd_tracer.flow_name,
-            hint=hint,
-        )
-
-    method.__name__ = what
-    return method
-
-
-class Symbol:
-    """A traced value: the future result of a node (or a flow input)."""
-
-    __slots__ = ("_fd_expr", "_fd_guard", "_fd_tracer")
-
-    def __init__(self, expr: Ref | Input, guard: Guard, tracer: Tracer) -> None:
-        self._fd_expr = expr
-        self._fd_guard = guard
-        self._fd_tracer = tracer
-
-    def _fd_describe(self) -> str:
-        expr = self._fd_expr
-        base = f"input {expr.name!r}" if isinstance(expr, Input) else f"the result of {expr.node!r}"
-        if expr.path:
-            rendered = "".join(f".{k}" if kind == "attr" else f"[{k!r}]" for kind, k in expr.path)
-            base += f" (projected as `{rendered}`)"
-        return base
-
-    def _fd_project(self, kind: str, key: Any) -> Symbol:
-        expr = self._fd_expr
-        if isinstance(expr, Input):
-            new: Ref | Input = Input(expr.name, (*expr.path, (kind, key)))
-        else:
-            new = Ref(expr.node, (*expr.path, (kind, key)))
-        return Symbol(new, self._fd_guard, self._fd_tracer)
-
-    def __getattr__(self, name: str) -> Symbol:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self._fd_project("attr", name)
-
-    def __getitem__(self, key: Any) -> Symbol:
-        if isinstance(key, Symbol):
-            raise TracingError(
-                "indexing with another step's result inside a flow body",
-                flow=self._fd_tracer.flow_name,
-                hint="Do the lookup inside a step that takes both values",
-            )
-        try:
-            _codec.to_data(key)
-        except CodecError:
-            raise TracingError(
-                f"index {key!r} cannot be recorded in the graph",
-                flow=self._fd_tracer.flow_name,
-                hint="Index with a string, a number or another plain value",
-            ) from None
-        return self._fd_project("item", key)
-
-    def __repr__(self) -> str:
-        return f"<flowdsl symbol: {self._fd_describe()}>"
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        raise TracingError(
-            f"awaiting {self._fd_describe()}, which is already a value",
-            flow=self._fd_tracer.flow_name,
-            hint="Await the step call itself once: `x = await step(...)`, then use `x`",
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TracingError(
-            f"calling {self._fd_describe()} inside a flow body",
-            flow=self._fd_tracer.flow_name,
-            hint="Make the call inside a step",
-        )
-
-    __bool__ = _refuse("bool() (an `if`, `while`, `and`/`or` or `not`)", _USE_LOOP)
-    __iter__ = _refuse("iteration", _USE_MAP)
-    __len__ = _refuse("len()", _USE_MAP)
-    __contains__ = _refuse("`in`")
-    __index__ = _refuse("use as an index")
-    __int__ = _refuse("int()")
-    __float__ = _refuse("float()")
-    __str__ = _refuse("str()")
-    __format__ = _refuse("string formatting (an f-string or format())")
-    __eq__ = _refuse("comparison (==)")
-    __ne__ = _refuse("comparison (!=)")
-    __lt__ = _refuse("comparison (<)")
-    __le__ = _refuse("comparison (<=)")
-    __gt__ = _refuse("comparison (>)")
-    __ge__ = _refuse("comparison (>=)")
-
-
-def _install_arithmetic() -> None:
-    binary = ["add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow"]
-    binary += ["lshift", "rshift", "and", "xor", "or"]
-    ops = [*binary, *(f"r{op}" for op in binary), "neg", "pos", "abs", "invert"]
-    for op in ops:
-        setattr(Symbol, f"__{op}__", _refuse(f"arithmetic (__{op}__)"))
-
-
-_install_arithmetic()
-
-
-# --- pending calls ------------------------------------------------------------------------
-
-
-class _Pending:
-    """A call made while tracing that has not been awaited yet."""
-
-    __slots__ = ("awaited", "tracer")
-
-    def __init__(self, tracer: Tracer) -> None:
-        self.tracer = tracer
-        self.awaited = False
-        tracer.pending.append(self)
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def __bool__(self) -> bool:
-        raise TracingError(
-            f"{self.describe()} was used as a condition without being awaited",
-            flow=self.tracer.flow_name,
-            hint=_USE_BRANCH,
-        )
-
-
-class StepCall(_Pending):
-    __slots__ = ("args", "kwargs", "step")
-
-    def __init__(
-        self, tracer: Tracer, step: Step[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ):
-        super().__init__(tracer)
-        self.step = step
-        self.args = args
-        self.kwargs = kwargs
-
-    def describe(self) -> str:
-        return f"`{self.step.name}(...)`"
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        self.awaited = True
-        return self.tracer.add_step(self)
-        yield  # pragma: no cover - makes this a generator that never suspends
-
-
-class BranchCall(_Pending):
-    __slots__ = ("args", "branch", "kwargs")
-
-    def __init__(
-        self,
-        tracer: Tracer,
-        branch: Branch[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ):
-        super().__init__(tracer)
-        self.branch = branch
-        self.args = args
-        self.kwargs = kwargs
-
-    def describe(self) -> str:
-        return f"`{self.branch.name}(...)`"
-
-    def cases(
-        self,
-        mapping: Mapping[Any, Callable[[], Any]] | None = None,
-        /,
-        **by_name: Callable[[], Any],
-    ) -> CasesCall:
-        """Choose what runs by the branch's value: ``.cases(a=lambda: ..., b=...)``."""
-        self.awaited = True  # the CasesCall takes over the obligation to be awaited
-        table: dict[Any, Callable[[], Any]] = dict(mapping or {})
-        for key, thunk in by_name.items():
-            if key in table:
-                raise TracingError(
-                    f"case {key!r} given twice", flow=self.tracer.flow_name, node=self.branch.name
-                )
-            table[key] = thunk
-        return CasesCall(self.tracer, self, table)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        raise TracingError(
-            f"{self.describe()} is a branch; awaiting it alone does nothing",
-            flow=self.tracer.flow_name,
-            node=self.branch.name,
-            hint=f"Write `await {self.branch.name}(...).cases(name=lambda: step(...), ...)`",
-        )
-
-
-class CasesCall(_Pending):
-    __slots__ = ("call", "table")
-
-    def __init__(self, tracer: Tracer, call: BranchCall, table: dict[Any, Callable[[], Any]]):
-        super().__init__(tracer)
-        self.call = call
-        self.table = table
-
-    def describe(self) -> str:
-        return f"`{self.call.branch.name}(...).cases(...)`"
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        self.awaited = True
-        return self.tracer.add_branch(self)
-        yield  # pragma: no cover
-
-
-class FlowCall(_Pending):
-    __slots__ = ("args", "flow", "kwargs")
-
-    def __init__(
-        self, tracer: Tracer, flow: Flow[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ):
-        super().__init__(tracer)
-        self.flow = flow
-        self.args = args
-        self.kwargs = kwargs
-
-    def describe(self) -> str:
-        return f"`{self.flow.name}(...)`"
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        self.awaited = True
-        return self.tracer.add_subflow(self)
-        yield  # pragma: no cover
-
-
-# --- case labels --------------------------------------------------------------------------
-
-
-def case_label(key: Any) -> str:
-    """The label a case key (or a branch's return value) is known by in the graph."""
-    if isinstance(key, bool):
-        return "true" if key else "false"
-    if isinstance(key, enum.Enum):
-        return key.name
-    if isinstance(key, str | int):
-        return str(key)
-    raise TypeError(f"a case key must be a str, bool, int or Enum, not {type(key).__name__}")
-
-
-def value_labels(value: Any) -> tuple[str, ...]:
-    """Labels a branch's run-time value may match, most specific first."""
-    if isinstance(value, enum.Enum):
-        return (value.name, str(value.value))
-    try:
-        return (case_label(value),)
-    except TypeError:
-        return ()
-
-
-def allowed_labels(branch: Branch[..., Any]) -> frozenset[str] | None:
-    """The labels a branch can return, when its annotation says (Literal, Enum, bool)."""
-    try:
-        hints = typing.get_type_hints(branch.fn)
-    except Exception:
-        return None
-    tp = hints.get("return")
-    if tp is bool:
-        return frozenset({"true", "false"})
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return frozenset(m.name for m in tp) | frozenset(str(m.value) for m in tp)
-    if typing.get_origin(tp) is typing.Literal:
-        out: set[str] = set()
-        for arg in typing.get_args(tp):
-            out.update(value_labels(arg))
-        return frozenset(out)
-    return None
-
-
 # --- the tracer ---------------------------------------------------------------------------
 
 
 class Tracer:
     """Collects the nodes of one flow; sub-flows and cases trace into it under a prefix."""
 
-    def __init__(self, flow: Flow[..., Any]) -> None:
+    def __init__(self, flow: FlowBody) -> None:
         self.flow_name = flow.name
         self.nodes: dict[str, Node] = {}
         self.taken: set[str] = set()  # node ids and sub-flow namespaces
         self.counts: dict[str, int] = {}  # per id base, the last suffix handed out
-        self.pending: list[_Pending] = []
+        self.pending: list[Pending] = []
         self.prefix = ""
         self.guard: Guard = ()
         self.stack: list[str] = [flow.name]  # flows being traced, to refuse recursion
@@ -398,7 +99,7 @@ class Tracer:
         if isinstance(value, Symbol):
             self._check_visible(value, node=node, what=what)
             return value._fd_expr
-        if isinstance(value, _Pending):
+        if isinstance(value, Pending):
             raise TracingError(
                 f"{what} is {value.describe()}, a call that was never awaited",
                 flow=self.flow_name,
@@ -614,7 +315,7 @@ class Tracer:
 
 
 def _contains_symbol(value: Any) -> bool:
-    if isinstance(value, Symbol | _Pending):
+    if isinstance(value, Symbol | Pending):
         return True
     if isinstance(value, list | tuple):
         return any(_contains_symbol(v) for v in value)
@@ -677,7 +378,7 @@ def _wants_event_loop(exc: RuntimeError) -> bool:
     return "event loop" in text or "async context" in text  # asyncio; trio
 
 
-def trace(flow: Flow[..., Any]) -> Graph:
+def trace(flow: FlowBody) -> Graph:
     """Trace *flow*'s body into a :class:`Graph`."""
     fn = flow.fn
     sig = inspect.signature(fn)

@@ -42,7 +42,7 @@ from .derived import ConstMarkers, Piece, PrefixMarkers, RunView, journaled_valu
 from .derived import pieces as journal_pieces
 from .resume import plan_reuse
 from .runner import _commit
-from .scheduler import Plan, RunState, _first_failure, _limited, drive
+from .scheduler import NodeHook, Plan, RunState, _first_failure, _hooked, _limited, drive
 from .spawn import open_node_group
 from .waits import Signals, counting, has_waits, wait
 
@@ -75,6 +75,7 @@ class Dynamic:
         executor: Any,
         limiter: anyio.CapacityLimiter | None,
         on_skipped: Callable[[list[str]], None] | None,
+        before: NodeHook | None = None,
     ) -> None:
         if store is None:
             raise RuntimeError("a flow with map, loop or wait nodes needs drive(store=...)")
@@ -83,6 +84,7 @@ class Dynamic:
         self.executor = executor
         self.limiter = limiter
         self.on_skipped = on_skipped
+        self.before = before  # awaited as each item, iteration and sub-graph node starts
         self._journal: dict[str, NodeRecord] | None = None
         self.root = Scope(self, "", None)
         self._signals: Signals | None = None
@@ -128,6 +130,10 @@ class Dynamic:
     def dispatch(
         self, view: RunView, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Awaitable[tuple[NodeRecord, Any]]:
+        if self.before is not None:
+            return _hooked(
+                self.before, self.limiter, self.executor.execute, view, node, args, kwargs
+            )
         if self.limiter is None:
             return self.executor.execute(view, node, args, kwargs)  # type: ignore[no-any-return]
         return _limited(self.limiter, self.executor.execute, view, node, args, kwargs)
@@ -270,7 +276,9 @@ class Scope:
                 progress.item_done()
 
         executor, limiter = dyn.executor, dyn.limiter
-        make_job = getattr(executor, "job", None) if limiter is None else None
+        make_job = (
+            getattr(executor, "job", None) if limiter is None and dyn.before is None else None
+        )
         name, guard = node.name, node.guard
         try:
             async with open_node_group(then) as group:
@@ -366,6 +374,7 @@ class Scope:
             on_skipped=(lambda ids: on_skipped([prefix + i for i in ids])) if on_skipped else None,
             store=dyn.store,
             scope=child,
+            before=dyn.before,
         )
         try:
             data, value = _codec.roundtrip(output, flow.return_type, what=f"the result of {full!r}")

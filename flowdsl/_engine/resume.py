@@ -1,4 +1,4 @@
-"""Deciding, on resume, which journaled results may be reused.
+"""Deciding, on resume, which journaled results may be reused, and reading them back.
 
 A finished node is reused (never run again) when all of these hold:
 
@@ -28,7 +28,23 @@ from .._define.graph import DYNAMIC_KINDS, Node, NodeKind, describe, refs_of
 from .._errors import CheckpointError, CodecError
 from .._records import NodeRecord
 
-__all__ = ["ReusePlan", "node_marker", "plan_reuse"]
+__all__ = ["ReusePlan", "decode_node_result", "node_marker", "plan_reuse"]
+
+
+def decode_node_result(node: Node, text: str) -> Any:
+    """A node's result as the JSON text of its record holds it, read back as a value.
+
+    A branch's value is its case label, which must be one of its cases; a step's result
+    is decoded as its return annotation says.  :class:`CodecError` when the text does not
+    fit: the caller says whose data it was (a journal, a worker's completion).
+    """
+    if node.kind is NodeKind.BRANCH:
+        label = _codec.loads(text)
+        if label not in node.labels:
+            raise CodecError(f"case {label!r} is none of {list(node.labels)}")
+        return label
+    assert node.fn is not None
+    return _codec.decode(text, node.fn.return_type, what=f"the result of {node.id!r}")
 
 
 def node_wiring(node: Node) -> str:

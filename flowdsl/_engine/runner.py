@@ -22,8 +22,7 @@ import sniffio
 
 from .. import _codec, _otel
 from .. import events as ev
-from .._define.graph import Node, NodeKind
-from .._define.trace import value_labels
+from .._define.graph import Node, NodeKind, value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
 

@@ -27,11 +27,11 @@ from typing import Any, Protocol
 import anyio
 
 from .._define.graph import DYNAMIC_KINDS, Graph, Node, NodeKind, evaluate, refs_of
-from .._errors import StepFailed
+from .._errors import StepFailed, first_leaf
 from .._records import NodeRecord
 from .spawn import NodeGroup, open_node_group
 
-__all__ = ["Executor", "Plan", "RunState", "drive"]
+__all__ = ["Executor", "NodeHook", "Plan", "RunState", "drive"]
 
 WAITING, READY, RUNNING, DONE, SKIPPED = range(5)
 _NO_KWARGS: dict[str, Any] = {}  # shared: callees receive it as **kwargs, a copy
@@ -251,6 +251,14 @@ class Executor(Protocol):
     ) -> Awaitable[tuple[NodeRecord, Any]]: ...
 
 
+NodeHook = Callable[[Any, Node], Awaitable[None]]
+"""Awaited with the run and the node as each node is dispatched, before the executor has it.
+
+:mod:`flowdsl.testing` injects crashes this way: a hook that raises fails the node as its
+step would, one that cancels stops the run where it stands.
+"""
+
+
 async def drive(
     run: Any,
     state: RunState,
@@ -259,6 +267,7 @@ async def drive(
     *,
     limiter: anyio.CapacityLimiter | None = None,
     on_skipped: Callable[[list[str]], None] | None = None,
+    before: NodeHook | None = None,
     store: Any = None,
     scope: Any = None,
 ) -> Any:
@@ -267,17 +276,17 @@ async def drive(
     *ready* are the nodes to dispatch first (``state.start()``, or what a resume left).
     The first chain runs in the calling task; every other ready node gets a task of its
     own.  The first failure cancels every node still in flight and is raised once they
-    are gone.
+    are gone.  *before*, if given, is awaited as each node is dispatched.
 
     Map, loop and wait nodes are carried by a :class:`~._engine.dynamic.Scope` (made
     here, over *store*, when the plan has any), which runs their items and iterations
-    through the same *executor*, and a mapped or looped flow's sub-graph through this
-    very function, with *scope* naming where in the run that sub-graph sits.
+    through the same *executor* (and *before*), and a mapped or looped flow's sub-graph
+    through this very function, with *scope* naming where in the run that sub-graph sits.
     """
     if scope is None and state.plan.dynamic:
         from .dynamic import Dynamic
 
-        dynamic = Dynamic(run, state.plan, store, executor, limiter, on_skipped)
+        dynamic = Dynamic(run, state.plan, store, executor, limiter, on_skipped, before)
         scope, executor = dynamic.root, dynamic.executor
     execute = executor.execute
     prefix = scope.prefix if scope is not None else ""
@@ -286,6 +295,8 @@ async def drive(
 
         def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
             args, kwargs = state.args_of(node)
+            if before is not None:
+                return _hooked(before, limiter, execute, run, node, args, kwargs)
             if limiter is None:
                 return execute(run, node, args, kwargs)
             return _limited(limiter, execute, run, node, args, kwargs)
@@ -299,6 +310,8 @@ async def drive(
                 return scope.execute(run, node, args, kwargs)  # type: ignore[no-any-return]
             if prefix:
                 node = scope.named(node)
+            if before is not None:
+                return _hooked(before, limiter, execute, run, node, args, kwargs)
             if limiter is None:
                 return execute(run, node, args, kwargs)
             return _limited(limiter, execute, run, node, args, kwargs)
@@ -308,9 +321,13 @@ async def drive(
             skipped, state.skipped = state.skipped, []
             on_skipped(skipped)
 
-    # A sub-graph's nodes run under ids of their own (`map[2]/node`): a job would report
-    # that id back, so they go through dispatch.
-    make_job = getattr(executor, "job", None) if limiter is None and not prefix else None
+    # A bare job skips dispatch(): only without a limiter or a hook to go through, and not
+    # for a sub-graph's nodes, which run under ids of their own (`map[2]/node`).
+    make_job = (
+        getattr(executor, "job", None)
+        if limiter is None and before is None and not prefix
+        else None
+    )
 
     def spawn(group: NodeGroup, node: Node) -> None:
         """Give *node* a task of its own: a bare job when the executor offers one."""
@@ -361,7 +378,7 @@ async def drive(
             cancelled, rest = group_exc.split(anyio.get_cancelled_exc_class())
             if cancelled is not None and rest is None:
                 # The caller was cancelled: raise that as such, not as a group.
-                raise _first(cancelled) from None
+                raise first_leaf(cancelled) from None
             raise
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
@@ -378,6 +395,20 @@ async def _limited(
         return await execute(*args)
 
 
+async def _hooked(
+    before: NodeHook,
+    limiter: anyio.CapacityLimiter | None,
+    execute: Callable[..., Awaitable[tuple[NodeRecord, Any]]],
+    run: Any,
+    node: Node,
+    *args: Any,
+) -> tuple[NodeRecord, Any]:
+    await before(run, node)
+    if limiter is None:
+        return await execute(run, node, *args)
+    return await _limited(limiter, execute, run, node, *args)
+
+
 def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
     """The first StepFailed, when the rest of *group* is only what it caused."""
     cancelled = anyio.get_cancelled_exc_class()
@@ -388,13 +419,6 @@ def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
         _, other = rest.split(cancelled)
         if other is not None:
             return None
-    exc = _first(failures)
+    exc = first_leaf(failures)
     assert isinstance(exc, StepFailed)
-    return exc
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
     return exc

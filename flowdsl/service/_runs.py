@@ -171,7 +171,7 @@ class RunService:
         if record is not None:
             _check_same_flow(rid, record.flow_ref, flow)
             return record, False
-        call = functools.partial(self.context.run, flow, *args, run_id=rid, **kwargs)
+        call = functools.partial(self.context.run, flow, *args, run_id=rid, inputs=kwargs)
         return await self._started(self._spawn(rid, flow, call)), True
 
     async def get(self, run_id: str) -> RunRecord:

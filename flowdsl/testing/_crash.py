@@ -8,8 +8,9 @@ each to :func:`check_resume`::
         report = await check_resume(triage, "My invoice is wrong!", crash=crash)
         assert report.ok, report.explain()
 
-A crash is injected where the scheduler hands a node to the executor, so it works the
-same in real-time and batch contexts: ``"exception"`` fails that node (as a bug in the
+A crash is injected where the scheduler hands a node to the executor (a node hook, see
+:func:`flowdsl._context.context.before_each_node`), so it works the same in real-time and
+batch contexts: ``"exception"`` fails that node (as a bug in the
 step would), ``"cancel"`` cancels the whole run as the node starts (as a killed notebook
 cell or a Ctrl-C would).  Nodes in flight at that moment are lost and run again on resume;
 nodes that finished are never run again.
@@ -17,14 +18,15 @@ nodes that finished are never run again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import anyio
 import attrs
 
 from .. import events as ev
-from .._context.context import Context
+from .._context.calls import flow_arguments, given_options
+from .._context.context import Context, before_each_node
 from .._define.dsl import Flow
 from .._define.graph import Node, NodeKind
 from .._errors import StepFailed
@@ -101,29 +103,18 @@ class ResumeReport:
         return "; ".join(lines)
 
 
-class _Crashing:
-    """An executor that crashes at one node, then behaves as the one it wraps."""
+class _Crash:
+    """A node hook that crashes the run at one node, once."""
 
-    def __init__(self, inner: Any, crash: CrashPoint, scope: anyio.CancelScope) -> None:
-        self.inner = inner
+    def __init__(self, crash: CrashPoint, scope: anyio.CancelScope) -> None:
         self.crash = crash
         self.scope = scope
         self.fired = False
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "job":  # every node must pass through execute()
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def execute(
-        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Awaitable[Any]:
-        if node.id == self.crash.node_id and not self.fired:
-            self.fired = True
-            return self._crash(run, node)
-        return self.inner.execute(run, node, args, kwargs)  # type: ignore[no-any-return]
-
-    async def _crash(self, run: Any, node: Node) -> Any:
+    async def __call__(self, run: Any, node: Node) -> None:
+        if node.id != self.crash.node_id or self.fired:
+            return
+        self.fired = True
         if self.crash.kind == "cancel":
             self.scope.cancel()
             await anyio.sleep_forever()
@@ -146,35 +137,38 @@ async def check_resume(
     /,
     *args: Any,
     crash: CrashPoint,
-    context: Callable[..., Context] = Context,
+    context: Callable[..., Context] | None = None,
+    inputs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> ResumeReport:
     """Run *flow* uninterrupted, then crashed at *crash* and resumed; report both.
 
-    *context* makes each context (called with ``on_event=``); give it a factory such as
-    ``lambda **kw: fd.Context(store=f"sqlite:///{tmp}/runs.db", **kw)`` to check a
-    durable store or batch mode.  A fresh context (and store) is made for each of the two
-    runs, the crashed run and its resume sharing one.
+    The flow's arguments are given as to :meth:`flowdsl.Context.run` (``inputs={...}`` for
+    a flow with a parameter named ``crash``, ``context`` or ``inputs``).  *context* makes
+    each context (called with ``on_event=``; default :class:`flowdsl.Context`); give it a
+    factory such as ``lambda **kw: fd.Context(store=f"sqlite:///{tmp}/runs.db", **kw)``
+    to check a durable store or batch mode.  A fresh context (and store) is made for each
+    of the two runs, the crashed run and its resume sharing one.
     """
+    given = given_options(crash=crash, context=context, inputs=inputs)
+    args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="check_resume")
+    context = Context if context is None else context
     events: list[Any] = []
     async with context(on_event=events.append) as ctx:
-        expected = await ctx.run(flow, *args, run_id="uninterrupted", **kwargs)
+        expected = await ctx.run(flow, *args, run_id="uninterrupted", inputs=kwargs)
     uninterrupted = _finished_by(events, "uninterrupted")
 
     events.clear()
     run_id = "crashed"
     async with context(on_event=events.append) as ctx:
-        inner = ctx._executor
         with anyio.CancelScope() as scope:
-            crashing = _Crashing(inner, crash, scope)
-            ctx._executor = crashing
+            crashing = _Crash(crash, scope)
             try:
-                result = await ctx.run(flow, *args, run_id=run_id, **kwargs)
+                with before_each_node(ctx, crashing):
+                    result = await ctx.run(flow, *args, run_id=run_id, inputs=kwargs)
             except StepFailed as exc:
                 if not isinstance(exc.__cause__, InjectedCrash):
                     raise
-            finally:
-                ctx._executor = inner
         before = _finished_by(events, run_id)
         events.clear()
         if crashing.fired:

@@ -523,7 +523,7 @@ class SQLiteStore(Store):
     def _signals(self) -> sqlite3.Connection:
         db = self._db()
         if not getattr(self, "_signals_ready", False):
-            db.execute(_SIGNALS_TABLE)
+            db.execute(schema.SIGNALS_TABLE)
             self._signals_ready = True
         return db
 
@@ -534,8 +534,8 @@ class SQLiteStore(Store):
             db = self._signals()
             db.execute("BEGIN IMMEDIATE")
             try:
-                (index,) = db.execute(_COUNT_SIGNALS, (run_id, name)).fetchone()
-                db.execute(_INSERT_SIGNAL, (run_id, name, index, value))
+                (index,) = db.execute(schema.COUNT_SIGNALS, (run_id, name)).fetchone()
+                db.execute(schema.INSERT_SIGNAL, (run_id, name, index, value))
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
@@ -548,7 +548,7 @@ class SQLiteStore(Store):
         """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
         await checkpoint_if_cancelled()
         try:
-            row = self._signals().execute(_SELECT_SIGNAL, (run_id, name, index)).fetchone()
+            row = self._signals().execute(schema.SELECT_SIGNAL, (run_id, name, index)).fetchone()
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
         if row is None:
@@ -557,18 +557,6 @@ class SQLiteStore(Store):
             return v.check_json(row[0], "the signal")
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
-
-
-_SIGNALS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signals (
-    run_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (run_id, name, seq)
-) WITHOUT ROWID"""
-_COUNT_SIGNALS: Final = "SELECT count(*) FROM signals WHERE run_id = ? AND name = ?"
-_INSERT_SIGNAL: Final = "INSERT INTO signals (run_id, name, seq, value) VALUES (?, ?, ?, ?)"
-_SELECT_SIGNAL: Final = "SELECT value FROM signals WHERE run_id = ? AND name = ? AND seq = ?"
 
 
 def _url_options(url: str, query: str) -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""Runs as a store keeps them: inputs written and read back, the flow a record names, and
+a journal replayed into a fresh run state on resume.
+
+Everything read here is untrusted data: what does not decode is a :class:`CheckpointError`
+that names the run, never a value guessed at.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .. import _codec
+from .. import events as ev
+from .._define.dsl import Flow
+from .._define.graph import Node
+from .._define.units import import_ref
+from .._engine.derived import journaled_value
+from .._engine.resume import plan_reuse
+from .._engine.scheduler import RunState
+from .._errors import CheckpointError, CodecError, ConfigError
+from .._records import RunRecord, RunStatus
+from ..backends.base import Store
+from .run import Run
+
+__all__ = [
+    "check_same_flow",
+    "decode_inputs",
+    "decode_result",
+    "encode_inputs",
+    "import_flow",
+    "replay",
+]
+
+
+def encode_inputs(
+    flow: Flow[..., Any], inputs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flow's inputs as the run record keeps them, and as the run sees them.
+
+    Both come from one round trip through the codec, so a run's steps see what a resumed
+    run would read back from its record.
+    """
+    types = flow.input_types
+    encoded: dict[str, Any] = {}
+    decoded: dict[str, Any] = {}
+    for name, value in inputs.items():
+        try:
+            data, value2 = _codec.roundtrip(value, types.get(name, Any), what=f"input {name!r}")
+        except CodecError as exc:
+            raise CodecError(
+                exc.problem,
+                flow=flow.name,
+                hint=f"Pass a value of the type `{flow.name}` annotates for {name!r}: "
+                "flow inputs cross the codec like step results",
+            ) from exc
+        encoded[name] = data
+        decoded[name] = value2
+    return encoded, decoded
+
+
+def decode_inputs(record: RunRecord, flow: Flow[..., Any]) -> dict[str, Any]:
+    """The inputs of the run *record* keeps, as *flow*'s parameters annotate them."""
+    try:
+        data = _codec.loads(record.inputs)
+        if not isinstance(data, dict):
+            raise CodecError("inputs are not a JSON object")
+        types = flow.input_types
+        if set(data) != set(types):
+            raise CodecError(
+                f"the run's inputs {sorted(data)} do not match the flow's parameters "
+                f"{sorted(types)}"
+            )
+        return {
+            name: _codec.from_data(value, types.get(name, Any), what=f"input {name!r}")
+            for name, value in data.items()
+        }
+    except CodecError as exc:
+        raise CheckpointError(
+            f"the stored inputs of run {record.run_id!r} cannot be read: {exc.problem}",
+            flow=flow.name,
+            hint="The store is corrupted, or the flow's parameters changed since the run",
+        ) from exc
+
+
+def decode_result(record: RunRecord, flow: Flow[..., Any]) -> Any:
+    """The result of the finished run *record* keeps, as *flow*'s return annotation says."""
+    try:
+        return _codec.decode(record.result or "null", flow.return_type, what="the stored result")
+    except CodecError as exc:
+        raise CheckpointError(
+            f"the stored result of run {record.run_id!r} cannot be read: {exc.problem}",
+            flow=flow.name,
+            hint="The store is corrupted or the flow's return type changed",
+        ) from exc
+
+
+def import_flow(record: RunRecord) -> Flow[..., Any]:
+    """The flow a run record names by ``module:qualname``."""
+    otherwise = "pass the flow: `ctx.resume(run_id, flow=my_flow)`"
+    obj = import_ref(
+        record.flow_ref,
+        what=f"the flow of run {record.run_id!r}",
+        flow=record.flow,
+        otherwise=otherwise,
+        main=True,  # a script that resumes its own run finds its flow in its own __main__
+    )
+    if not isinstance(obj, Flow):
+        raise ConfigError(
+            f"{record.flow_ref!r} is not a flow", flow=record.flow, hint=otherwise.capitalize()
+        )
+    return obj
+
+
+def check_same_flow(record: RunRecord, flow: Flow[..., Any]) -> None:
+    """Refuse to run *flow* under the id of a run of another flow."""
+    if record.flow != flow.name:
+        raise CheckpointError(
+            f"run {record.run_id!r} exists and belongs to flow {record.flow!r}",
+            flow=flow.name,
+            hint="Choose another run id, or resume it with its own flow",
+        )
+
+
+async def replay(
+    store: Store, run: Run, state: RunState, ready: list[Node], strict: bool
+) -> list[Node]:
+    """Feed *run*'s journal into *state*; return the nodes that must still run.
+
+    Journaled results that :func:`plan_reuse` allows are fed in as if their nodes had just
+    finished; the records of nodes that changed (and of what depends on them) are
+    forgotten, so that they run again.
+    """
+    plan = run.plan
+    journal = await store.load_nodes(run.run_id)
+    reuse = plan_reuse(
+        flow=run.flow_name,
+        run_id=run.run_id,
+        nodes=plan.nodes,
+        order=plan.graph.order,
+        markers=plan.markers,
+        journal=journal,
+        strict=strict,
+    )
+    if reuse.stale:
+        await store.forget_nodes(run.run_id, list(reuse.stale))
+    await store.update_run(run.run_id, status=RunStatus.RUNNING, fingerprint=plan.fingerprint)
+    now = time.time()
+    if run.observed:
+        for node_id in reuse.stale:
+            why = "changed" if node_id in reuse.changed else "upstream"
+            run.emit(ev.StepInvalidated(run.run_id, node_id, now, why))
+    pending = list(ready)
+    dispatch: list[Node] = []
+    while pending:
+        node = pending.pop(0)
+        if node.id not in reuse.reused:
+            dispatch.append(node)
+            continue
+        record = journal[node.id]
+        # A map's or a loop's value is put together from its items' or iterations' records.
+        value = journaled_value(run, node, journal)
+        if record.usage:
+            run.add_usage(record.usage)
+        if run.observed:
+            run.emit(ev.StepReused(run.run_id, node.id, now, "journal"))
+        pending.extend(state.complete(node.id, value))
+    return dispatch

@@ -1,0 +1,231 @@
+"""``flowdsl runs list`` and ``flowdsl runs show``: what a store keeps about runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+import click
+
+from .._define.graph import Graph, NodeKind
+from .._errors import FlowError
+from .._records import NodeRecord, RunRecord
+from ..backends import open_broker
+from .live import format_duration
+from .load import add_to_path, load_flow
+from .main import CommandFailed, opened_store, path_option, store_option, write_json
+from .progress import dynamic_progress
+from .render import (
+    iso,
+    json_or_text,
+    local_time,
+    print_dead_letters,
+    print_run,
+    run_duration,
+    status_text,
+    stdout_console,
+)
+
+__all__ = ["node_rows", "run_to_json", "runs"]
+
+
+@click.group()
+def runs() -> None:
+    """List the runs a store keeps, or show one of them node by node."""
+
+
+@runs.command("list")
+@store_option(required=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    metavar="N",
+    help="Show the N newest runs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def runs_list(store: str, limit: int, as_json: bool) -> None:
+    """List the newest runs in a store: id, flow, status, started, duration.
+
+    \b
+    Example:
+      flowdsl runs list --store sqlite:///runs.db --limit 20
+    """
+
+    async def fetch() -> list[RunRecord]:
+        async with opened_store(store) as opened:
+            found: list[RunRecord] = await opened.list_runs(limit=limit)
+            return found
+
+    records = anyio.run(fetch)
+    if as_json:
+        write_json(sys.stdout, [run_to_json(r) for r in records])
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"runs in {store}"), title_justify="left")
+    for column in ("run id", "flow", "status", "started", "duration"):
+        table.add_column(
+            column, justify="right" if column == "duration" else "left", no_wrap=column == "run id"
+        )
+    for record in records:
+        table.add_row(
+            Text(record.run_id),
+            Text(record.flow),
+            status_text(record.status),
+            local_time(record.created_at),
+            format_duration(run_duration(record)),
+        )
+    if not records:
+        table.caption = "no runs yet"
+    stdout_console().print(table)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@store_option(required=True)
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="FLOWDSL_BROKER",
+    help="The queue whose dead letters to list.  [default: the store's URL]",
+)
+@path_option
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
+)
+def runs_show(
+    run_id: str, store: str, broker: str | None, paths: tuple[str, ...], as_json: bool
+) -> None:
+    """Show the run RUN_ID: its record, a table of its nodes, and its dead letters.
+
+    Nodes not run yet (or skipped by a branch) are listed when the run's flow can be
+    imported here; otherwise the table lists the nodes the journal holds.  Tasks of a
+    batch run that were handed out more times than their step's retries allow are listed
+    as dead letters, from the broker (by default the store's URL, for a store that is
+    also a queue: sqlite, redis, nats).
+
+    \b
+    Example:
+      flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
+    """
+
+    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]]]:
+        async with opened_store(store) as opened:
+            record = await opened.get_run(run_id)
+            if record is None:
+                raise CommandFailed(f"no run {run_id!r} in {store} (see `flowdsl runs list`)")
+            journal = await opened.load_nodes(run_id)
+        return record, journal, await _dead_letters(broker or store, run_id)
+
+    record, journal, dead = anyio.run(fetch)
+    for path in paths:
+        add_to_path(path)
+    graph_ = _graph_or_none(record)
+    nodes = node_rows(record, journal, graph_)
+    if as_json:
+        write_json(sys.stdout, {"run": run_to_json(record), "nodes": nodes, "dead_letters": dead})
+        return
+    print_run(record, nodes, graph_ is not None)
+    if dead:
+        print_dead_letters(dead)
+
+
+async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:
+    """The run's dead-lettered tasks, when *url* names a queue; else none."""
+    try:  # the scheme table says which URLs name a queue: any other is refused here
+        queue = open_broker(url)
+        await queue.open()
+    except FlowError:
+        return []
+    try:
+        letters = await queue.dead_letters(run_id)
+    finally:
+        await queue.close()
+    return [{k: v for k, v in letter.items() if k != "payload"} for letter in letters]
+
+
+def _graph_or_none(record: RunRecord) -> Graph | None:
+    """The run's graph, if its flow imports here (any failure only shortens the table)."""
+    if record.flow_ref.startswith("__main__:"):
+        return None
+    try:
+        return load_flow(record.flow_ref).graph
+    except Exception:
+        return None
+
+
+def node_rows(
+    record: RunRecord, journal: dict[str, NodeRecord], graph_: Graph | None
+) -> list[dict[str, Any]]:
+    """One dict per node: its status, attempts, timings, result and usage."""
+    if graph_ is not None:
+        order = [n for n in graph_.order if graph_[n].kind is not NodeKind.JOIN]
+        order += [n for n in journal if n not in graph_.nodes_by_id]
+    else:
+        order = sorted(journal, key=lambda n: journal[n].started_at)
+        if record.failed_node is not None and record.failed_node not in journal:
+            order.append(record.failed_node)
+    rows = []
+    progress = dynamic_progress(record, journal, graph_)
+    for node_id in order:
+        node = journal.get(node_id)
+        row: dict[str, Any] = {
+            "node_id": node_id,
+            "status": _node_status(node_id, node, record, journal, graph_),
+        }
+        if node_id in progress:  # a map's items, a loop's iterations, a wait's signal
+            row["progress"] = progress[node_id]
+            if node is None and "signal" in progress[node_id]:
+                row["status"] = "waiting"
+        if node is not None:
+            row.update(
+                attempts=node.attempts,
+                started_at=iso(node.started_at),
+                finished_at=iso(node.finished_at),
+                duration=node.duration,
+                result=json_or_text(node.value),
+                usage=node.usage,
+            )
+        rows.append(row)
+    return rows
+
+
+def _node_status(
+    node_id: str,
+    node: NodeRecord | None,
+    record: RunRecord,
+    journal: dict[str, NodeRecord],
+    graph_: Graph | None,
+) -> str:
+    if node is not None:
+        return "cached" if node.attempts == 0 else "done"
+    if node_id == record.failed_node:
+        return "failed"
+    if graph_ is not None and node_id in graph_.nodes_by_id:
+        for branch, case in graph_[node_id].guard:
+            taken = journal.get(branch)
+            if taken is not None and json_or_text(taken.value) != case:
+                return "skipped"
+    return "not run" if record.status.ended else "pending"
+
+
+def run_to_json(record: RunRecord) -> dict[str, Any]:
+    """A run record as JSON data (values decoded from their JSON text)."""
+    return {
+        "run_id": record.run_id,
+        "flow": record.flow,
+        "flow_ref": record.flow_ref,
+        "status": record.status.value,
+        "started_at": iso(record.created_at),
+        "updated_at": iso(record.updated_at),
+        "duration": run_duration(record),
+        "inputs": json_or_text(record.inputs),
+        "result": json_or_text(record.result) if record.result is not None else None,
+        "error": record.error,
+        "failed_node": record.failed_node,
+        "fingerprint": record.fingerprint,
+    }

@@ -1,0 +1,130 @@
+"""``flowdsl worker``: a batch worker process."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import anyio
+import click
+
+from .._executors.batch import serve
+from .._urls import hide_credentials
+from .load import add_to_path, module_name_for_file
+from .main import path_option, usage_error
+
+__all__ = ["worker"]
+
+
+@click.command()
+@click.option(
+    "--broker",
+    metavar="URL",
+    envvar="FLOWDSL_BROKER",
+    required=True,
+    help="The queue to take steps from: sqlite:///path.db (the embedded queue), "
+    "redis://... or nats://... (or set FLOWDSL_BROKER).",
+)
+@click.option(
+    "--import",
+    "imports",
+    metavar="MODULE",
+    multiple=True,
+    required=True,
+    help="A module (or path/to/file.py) defining the steps to run (repeatable).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Steps this worker runs at once.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a task stays this worker's if it stops renewing it (it dies).",
+)
+@click.option(
+    "--store",
+    metavar="URL",
+    envvar="FLOWDSL_STORE",
+    help="The store the runs journal to.  [default: the broker's file, for the "
+    "embedded SQLite queue]",
+)
+@path_option
+def worker(
+    broker: str,
+    imports: tuple[str, ...],
+    concurrency: int,
+    lease: float,
+    store: str | None,
+    paths: tuple[str, ...],
+) -> None:
+    """Run a batch worker: take ready steps off the broker's queue and run them.
+
+    The worker runs until it is interrupted (Ctrl-C or SIGTERM), then stops taking tasks;
+    steps it had taken and not finished go back to the queue when their leases expire.
+
+    \b
+    Example:
+      flowdsl worker --broker sqlite:///runs.db --import app.flows --concurrency 32
+      flowdsl run app.flows:triage --inputs tickets.jsonl --batch --workers 0 \\
+          --store sqlite:///runs.db
+    """
+    add_to_path(os.getcwd())
+    for path in paths:
+        add_to_path(path)
+    modules = tuple(_module_of(name) for name in imports)
+    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease)
+
+
+def _module_of(name: str) -> str:
+    """An --import value as a module name; a file path is named as `flowdsl run` names it."""
+    if not (name.endswith(".py") or "/" in name or os.sep in name):
+        return name
+    path = Path(name).resolve()
+    if not path.is_file():
+        usage_error(f"--import {name}: no such file")
+    module, root = module_name_for_file(path)
+    add_to_path(root)
+    return module
+
+
+async def _serve_until_stopped(
+    broker: str,
+    store: str | None,
+    modules: tuple[str, ...],
+    concurrency: int,
+    lease: float = 30.0,
+) -> None:
+    import signal
+
+    # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
+    # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                functools.partial(
+                    serve,
+                    broker,
+                    store=store,
+                    imports=modules,
+                    concurrency=concurrency,
+                    lease=lease,
+                )
+            )
+            click.echo(
+                f"flowdsl worker: serving {hide_credentials(broker)} ({', '.join(modules)}); "
+                "Ctrl-C stops it",
+                err=True,
+            )
+            async for signum in signals:
+                click.echo(f"flowdsl worker: {signal.Signals(signum).name}, stopping", err=True)
+                tg.cancel_scope.cancel()
+                break
