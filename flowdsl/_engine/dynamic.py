@@ -178,6 +178,8 @@ class Scope:
         full = self.prefix + node.id
         marker = run.plan.markers[full]
         dyn = self.dyn
+        if dyn.before is not None:  # the node hook sees a map, loop or wait start too
+            await dyn.before(run, self.named(node) if self.prefix else node)
         if dyn.run.observed:
             dyn.emit(ev.StepStarted(dyn.run.run_id, full, time.time()))
         started = time.time()
@@ -352,6 +354,8 @@ class Scope:
         """Run *flow*'s graph as the piece *full* of this scope (an item or an iteration)
         and journal its result under *full*; the result's data and value."""
         dyn = self.dyn
+        if dyn.before is not None:  # and each item's (or iteration's) sub-graph
+            await dyn.before(dyn.run, Node(full, NodeKind.STEP, flow.name))
         started = time.time()
         if dyn.run.observed:
             dyn.emit(ev.StepStarted(dyn.run.run_id, full, started))
