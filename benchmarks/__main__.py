@@ -28,12 +28,13 @@ from rich.console import Console
 from ._harness import Config, Section, machine, run_section
 
 # name -> module; the order in which they run.
-SECTIONS = ("w1", "w2", "w3", "batch")
+SECTIONS = ("w1", "w2", "w3", "batch", "map")
 MODULES = {
     "w1": "benchmarks.w1_chain",
     "w2": "benchmarks.w2_fanout",
     "w3": "benchmarks.w3_durable",
     "batch": "benchmarks.batch",
+    "map": "benchmarks.dynamic_map",
 }
 # Owned by other modules' authors: a `main()` that parses its own arguments and prints.
 FOREIGN = {

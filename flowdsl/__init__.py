@@ -38,6 +38,10 @@ from ._define.dsl import Step as Step
 from ._define.dsl import branch as branch
 from ._define.dsl import flow as flow
 from ._define.dsl import step as step
+from ._define.dynamic import Continue as Continue
+from ._define.dynamic import Done as Done
+from ._define.dynamic import loop as loop
+from ._define.dynamic import wait_for as wait_for
 from ._define.graph import Edge as Edge
 from ._define.graph import Graph as Graph
 from ._define.graph import Node as Node
@@ -63,6 +67,8 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "Context",
+    "Continue",
+    "Done",
     "Edge",
     "Flow",
     "FlowError",
@@ -81,8 +87,10 @@ __all__ = [
     "events",
     "flow",
     "llm",
+    "loop",
     "run",
     "step",
+    "wait_for",
 ]
 
 

@@ -19,10 +19,11 @@ class RunStatus(enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    WAITING = "waiting"  # for a signal (fd.wait_for): no task, no worker, no process
 
     @property
     def ended(self) -> bool:
-        return self is not RunStatus.RUNNING
+        return self is not RunStatus.RUNNING and self is not RunStatus.WAITING
 
 
 def add_usage(total: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:

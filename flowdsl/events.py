@@ -19,9 +19,12 @@ import attrs
 __all__ = [
     "BranchTaken",
     "Event",
+    "MapStarted",
     "RunFailed",
     "RunFinished",
     "RunStarted",
+    "RunWaiting",
+    "SignalReceived",
     "StepFailed",
     "StepFinished",
     "StepInvalidated",
@@ -30,6 +33,7 @@ __all__ = [
     "StepSkipped",
     "StepStarted",
     "TokenDelta",
+    "WaitStarted",
 ]
 
 
@@ -134,6 +138,51 @@ class BranchTaken:
 
 
 @attrs.frozen
+class MapStarted:
+    """A map node has its list: ``items`` items follow, each as a node ``<id>[<index>]``
+    (a mapped flow's nodes as ``<id>[<index>]/<node>``)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    items: int
+
+
+@attrs.frozen
+class WaitStarted:
+    """A wait found no signal ``name`` yet; the run waits for one (until ``deadline``, a
+    timestamp, when it has a timeout)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    name: str
+    deadline: float | None = None
+
+
+@attrs.frozen
+class SignalReceived:
+    """A wait consumed signal ``name`` (the ``index``-th sent to the run under that name)."""
+
+    run_id: str
+    node_id: str
+    at: float
+    name: str
+    index: int = 0
+
+
+@attrs.frozen
+class RunWaiting:
+    """Everything the run can do now waits for a signal: its status is ``waiting``, and it
+    holds no task and no worker until one arrives."""
+
+    run_id: str
+    at: float
+    waits: tuple[str, ...] = ()
+    node_id: None = None
+
+
+@attrs.frozen
 class TokenDelta:
     """A piece of LLM output as it streams, from inside a step."""
 
@@ -176,6 +225,10 @@ Event = (
     | StepReused
     | StepInvalidated
     | BranchTaken
+    | MapStarted
+    | WaitStarted
+    | SignalReceived
+    | RunWaiting
     | TokenDelta
     | RunFinished
     | RunFailed
@@ -192,6 +245,10 @@ EVENT_TYPES: tuple[type[Any], ...] = (
     StepReused,
     StepInvalidated,
     BranchTaken,
+    MapStarted,
+    WaitStarted,
+    SignalReceived,
+    RunWaiting,
     TokenDelta,
     RunFinished,
     RunFailed,

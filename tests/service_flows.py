@@ -116,3 +116,14 @@ async def big(n: int) -> str:
 @fd.flow
 async def large(n: int) -> str:
     return await big(n)
+
+
+@fd.step
+async def verdict(topic: str, approved: bool) -> str:
+    return f"{topic}: {'yes' if approved else 'no'}"
+
+
+@fd.flow
+async def approved(topic: str) -> str:
+    approval = await fd.wait_for("approval", bool)
+    return await verdict(topic, approval)

@@ -42,6 +42,13 @@ EXPECTED_OUTPUT: dict[str, list[str]] = {
         + (rf"\s+-> team {team}$" if team else r"\s*$")
         for ticket, (action, label, language, mood, team) in TRIAGED.items()
     ],
+    "research_agent.py": [
+        r"^summarizing 3 sources \(summarize\.map\)$",
+        r"^agent turn 2 done$",
+        r"^run otters is waiting for approval$",
+        r"^approved by the reviewer: Otters protect kelp forests by eating urchins$",
+        r"^3 sources, 3 agent turns, mode: real time$",
+    ],
 }
 
 
@@ -64,6 +71,19 @@ def test_every_example_script_runs(script: str) -> None:
     lines = done.stdout.splitlines()
     for pattern in EXPECTED_OUTPUT[script]:
         assert any(re.match(pattern, line) for line in lines), (pattern, done.stdout)
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--reject"])
+def test_the_research_agent_runs_in_batch_mode_and_can_be_rejected(flag: str) -> None:
+    done = run_script(EXAMPLES / "research_agent.py", flag)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "run otters is waiting for approval" in lines
+    if flag == "--batch":
+        assert "3 sources, 3 agent turns, mode: batch" in lines
+        assert lines[-2].startswith("approved by the reviewer")
+    else:
+        assert lines[-2].startswith("rejected by the reviewer")
 
 
 def test_the_example_readme_names_every_script() -> None:

@@ -266,10 +266,29 @@ async def test_signal_without_wait_for_support_is_unimplemented(stub: Any, stubs
     "answers UNIMPLEMENTED until then",
 )
 async def test_signal_a_waiting_run(stub: Any, stubs: Any) -> None:
-    # Filled in when fd.wait_for lands: a flow waiting for "approval" is signalled through
-    # SignalRun and finishes with the value; signalling it again is FAILED_PRECONDITION.
-    wait_for = fd.wait_for  # type: ignore[attr-defined]
-    assert wait_for is not None
+    # A flow waiting for "approval" is signalled through SignalRun and finishes with the
+    # value; signalling it again, or an ended run, is FAILED_PRECONDITION.
+    run_id = (await start(stub, stubs, "approved", {"topic": "otters"})).run.run_id
+    call = stub.WatchRun(stubs.pb.WatchRunRequest(run_id=run_id))
+    try:
+        async for reply in call:
+            if reply.event.type == "RunWaiting":
+                break
+    finally:
+        call.cancel()
+    waiting = (await stub.GetRun(stubs.pb.GetRunRequest(run_id=run_id))).run
+    assert waiting.status == "waiting"
+    request = stubs.pb.SignalRunRequest(run_id=run_id, name="approval", value_json="true")
+    await stub.SignalRun(request)
+    seen = await events(stub, stubs, run_id)
+    assert [e.type for e in seen if e.type in ("RunWaiting", "SignalReceived")] == [
+        "RunWaiting",
+        "SignalReceived",
+    ]
+    run = (await stub.GetRun(stubs.pb.GetRunRequest(run_id=run_id))).run
+    assert run.status == "finished"
+    assert json.loads(run.result_json) == "otters: yes"
+    await fails_with(grpc.StatusCode.FAILED_PRECONDITION, stub.SignalRun(request))
     ended = (await start(stub, stubs, "add", {"a": 1})).run.run_id
     await events(stub, stubs, ended)
     request = stubs.pb.SignalRunRequest(run_id=ended, name="approval", value_json="true")

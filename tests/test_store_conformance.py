@@ -308,3 +308,45 @@ async def test_random_commits_read_back_equal(store: Store, commits: list[tuple[
         assert created is (node_id not in expected)
         expected.setdefault(node_id, record)
     assert await store.load_nodes(run_id) == expected
+
+
+async def test_signals_are_kept_in_order_per_run_and_name(store: Store) -> None:
+    await store.create_run(run_record("s1"))
+    assert await store.get_signal("s1", "approval", 0) is None
+    assert await store.put_signal("s1", "approval", '{"ok":true}') == 0
+    assert await store.put_signal("s1", "approval", '{"ok":false}') == 1
+    assert await store.put_signal("s1", "other", '"x"') == 0
+    assert await store.put_signal("s2", "approval", "[1]") == 0
+    assert await store.get_signal("s1", "approval", 0) == '{"ok":true}'
+    assert await store.get_signal("s1", "approval", 1) == '{"ok":false}'
+    assert await store.get_signal("s1", "approval", 2) is None
+    assert await store.get_signal("s1", "other", 0) == '"x"'
+    assert await store.get_signal("s2", "approval", 0) == "[1]"
+    big = _codec.dumps("x" * (INLINE_MAX * 3))
+    assert await store.put_signal("s1", "big", big) == 0
+    assert await store.get_signal("s1", "big", 0) == big
+
+
+async def test_signals_outlive_the_store_object(make_store: Callable[[], Store]) -> None:
+    first = make_store()
+    await first.open()
+    try:
+        await first.put_signal("s9", "go", '"now"')
+    finally:
+        await first.close()
+    second = make_store()
+    await second.open()
+    try:
+        assert await second.get_signal("s9", "go", 0) == '"now"'
+        assert await second.put_signal("s9", "go", '"again"') == 1
+    finally:
+        await second.close()
+
+
+async def test_a_waiting_run_is_not_ended(store: Store) -> None:
+    await store.create_run(run_record("w1"))
+    await store.update_run("w1", status=RunStatus.WAITING)
+    record = await store.get_run("w1")
+    assert record is not None
+    assert record.status is RunStatus.WAITING
+    assert not record.status.ended

@@ -391,8 +391,20 @@ USE_BRANCH = (
 )
 
 
-def _refused(what: str, on: str = "the result of 'classify'") -> str:
-    return rf"^flow 'bad': {what} on {on} inside a flow body{USE_BRANCH}"
+USE_LOOP = USE_BRANCH[:-1] + (
+    r"; for a `while` that repeats steps until a result says stop, write "
+    r"`await fd\.loop\(body, state, max_iterations=N\)` with a body returning "
+    r"fd\.Continue\(next_state\) or fd\.Done\(result\)$"
+)
+USE_MAP = (
+    r"\. Inside a flow, a step's list result is a placeholder until the flow runs: to run a "
+    r"step \(or a flow\) once per element, write `await step\.map\(values\)`; to compute "
+    r"over the whole list, do it inside a step$"
+)
+
+
+def _refused(what: str, on: str = "the result of 'classify'", hint: str = USE_BRANCH) -> str:
+    return rf"^flow 'bad': {what} on {on} inside a flow body{hint}"
 
 
 async def _if(ticket: str) -> Any:
@@ -452,11 +464,17 @@ async def _input_if(ticket: str) -> Any:
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        pytest.param(_if, _refused(r"bool\(\) \(an `if`, `while`, `and`/`or` or `not`\)"), id="if"),
-        pytest.param(_while, _refused(r"bool\(\) \(an `if`, `while`.*\)"), id="while"),
-        pytest.param(_bool, _refused(r"bool\(\) .*"), id="bool"),
-        pytest.param(_not, _refused(r"bool\(\) .*"), id="not"),
-        pytest.param(_for, _refused("iteration"), id="for"),
+        pytest.param(
+            _if,
+            _refused(r"bool\(\) \(an `if`, `while`, `and`/`or` or `not`\)", hint=USE_LOOP),
+            id="if",
+        ),
+        pytest.param(
+            _while, _refused(r"bool\(\) \(an `if`, `while`.*\)", hint=USE_LOOP), id="while"
+        ),
+        pytest.param(_bool, _refused(r"bool\(\) .*", hint=USE_LOOP), id="bool"),
+        pytest.param(_not, _refused(r"bool\(\) .*", hint=USE_LOOP), id="not"),
+        pytest.param(_for, _refused("iteration", hint=USE_MAP), id="for"),
         pytest.param(
             _add, _refused(r"arithmetic \(__add__\)", "the result of 'sentiment'"), id="+"
         ),
@@ -468,8 +486,10 @@ async def _input_if(ticket: str) -> Any:
         ),
         pytest.param(_eq, _refused(r"comparison \(==\)"), id="=="),
         pytest.param(_lt, _refused(r"comparison \(<\)", "the result of 'sentiment'"), id="<"),
-        pytest.param(_len, _refused(r"len\(\)"), id="len"),
-        pytest.param(_input_if, _refused(r"bool\(\) .*", "input 'ticket'"), id="input"),
+        pytest.param(_len, _refused(r"len\(\)", hint=USE_MAP), id="len"),
+        pytest.param(
+            _input_if, _refused(r"bool\(\) .*", "input 'ticket'", hint=USE_LOOP), id="input"
+        ),
     ],
 )
 def test_using_a_result_as_a_python_value_says_use_a_branch(body: Any, match: str) -> None:
@@ -756,7 +776,8 @@ def test_recursion_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         fd.TracingError,
         match=r"^flow 'countdown': flow 'countdown' calls itself \(through countdown\)\. A flow "
-        r"is a finite graph; recursion has no end at definition time$",
+        r"is a finite graph; recursion has no end at definition time\. For work that repeats "
+        r"until a result says stop, write `await fd\.loop\(body, state, max_iterations=N\)`$",
     ):
         module.countdown.graph  # noqa: B018
     with pytest.raises(

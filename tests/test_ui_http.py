@@ -342,12 +342,33 @@ def _put_run(url: str, run_id: str, status: RunStatus) -> None:
     anyio.run(put)
 
 
-@pytest.mark.skipif(
-    not hasattr(fd.Context, "signal"),
-    reason="fd.Context.signal (fd.wait_for, issue 16) is not in this flowdsl yet",
-)
-def test_signal_reaches_a_waiting_run(client: TestClient) -> None:  # pragma: no cover
-    raise AssertionError("write this test once fd.wait_for lands: signal a waiting run")
+def test_signal_reaches_a_waiting_run(client: TestClient, store_url: str) -> None:
+    async def leave_waiting() -> None:
+        async with fd.Context(store=store_url) as ctx:
+            run = await ctx.start(ui_flows.approval, "the post", run_id="t-waiting")
+            async for event in run.events():
+                if isinstance(event, fd.events.RunWaiting):
+                    break
+
+    anyio.run(leave_waiting)
+    view = client.get("/api/runs/t-waiting").json()
+    assert view["run"]["status"] == "waiting"
+    assert view["actions"]["signal"] is True
+    response = client.post(
+        "/api/runs/t-waiting/signal", headers=ACTION, json={"name": "approval", "value": True}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"run_id": "t-waiting", "signalled": "approval"}
+
+    async def resume() -> Any:
+        async with fd.Context(store=store_url) as ctx:
+            return await ctx.resume("t-waiting", flow=ui_flows.approval)
+
+    assert anyio.run(resume) == "the post: approved"
+    again = client.post(
+        "/api/runs/t-waiting/signal", headers=ACTION, json={"name": "approval", "value": True}
+    )
+    assert again.status_code == 409
 
 
 @pytest.mark.skipif(hasattr(fd.Context, "signal"), reason="signals exist: 501 no longer applies")

@@ -105,3 +105,15 @@ async def publish(n: int) -> str:
 @fd.flow
 async def gated(n: int) -> str:
     return await publish(await hold(await prepare(n)))
+
+
+@fd.step
+async def decide(text: str, ok: bool) -> str:
+    return f"{text}: {'approved' if ok else 'refused'}"
+
+
+@fd.flow
+async def approval(text: str) -> str:
+    """Waits for signal ``approval`` (a bool), then says what was decided."""
+    ok = await fd.wait_for("approval", bool)
+    return await decide(text, ok)

@@ -22,6 +22,7 @@ import anyio.abc
 from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
+from .._engine.dynamic import ITEM_PROGRESS
 from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
 from .._executors.batch import BatchExecutor, Worker
@@ -31,7 +32,8 @@ from ..backends import Store
 from ..llm import Provider
 from .calls import as_call, check_flow, flow_arguments, given_options
 from .options import open_backends
-from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, stored_failure
+from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, still_waiting, stored_failure
+from .signals import signal_run
 from .stored import (
     check_same_flow,
     decode_inputs,
@@ -176,7 +178,8 @@ class Context:
                 # Runs started in the block belong to it: wait for them, then stop the
                 # services (listener, in-process workers), which never end on their own.
                 try:
-                    while self._started:
+                    # A run parked on a wait is left waiting (in the store), not awaited.
+                    while any(not r.parked for r in self._started):
                         self._idle = anyio.Event()
                         await self._idle.wait()
                 except BaseException as waiting:
@@ -354,6 +357,7 @@ class Context:
             async def one(i: int) -> None:
                 args, kwargs = calls[i]
                 rid = run_ids[i] if run_ids is not None else None
+                ITEM_PROGRESS.set(bar)  # this task's runs count their maps' items on the bar
                 bar.started()
                 try:
                     if limiter is None:
@@ -435,6 +439,12 @@ class Context:
         else:
             run._settle(record.status, error=stored_failure(record))
 
+    async def signal(self, run_id: str, name: str, value: Any) -> None:
+        """Send *value* as signal *name* to run *run_id*, from any process: the next wait
+        for *name* in the run takes it (each signal once; see ``_engine/waits.py``)."""
+        async with self._using():
+            await signal_run(self.store, self._active.get(run_id), run_id, name, value)
+
     async def resume(
         self, run_id: str, /, *, strict: bool = False, flow: Flow[..., Any] | None = None
     ) -> Any:
@@ -481,7 +491,7 @@ class Context:
             pass  # kept on the run; whoever awaits run.result() gets it
         finally:
             self._started.discard(run)
-            if not self._started and self._idle is not None:
+            if self._idle is not None and all(r.parked for r in self._started):
                 self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
@@ -515,6 +525,7 @@ class Context:
                 limiter=self._limiter,
                 on_skipped=on_skipped,
                 before=self._before,
+                store=self.store,
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
         except (StepFailed, CheckpointError) as exc:
@@ -528,6 +539,10 @@ class Context:
             run._settle(RunStatus.FAILED, error=exc)
             raise
         except anyio.get_cancelled_exc_class():
+            if run.parked:
+                # Left waiting for a signal: it stays so in the store, for a resume.
+                run._settle(RunStatus.WAITING, error=still_waiting(run))
+                raise
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
                     run.run_id, status=RunStatus.CANCELLED, error="cancelled"

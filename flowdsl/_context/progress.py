@@ -17,6 +17,17 @@ class _Counts:
         self.bar = bar
         self.task = task
         self.running = self.done_count = self.failed_count = 0
+        self.items_total = self.items_done = 0  # of the maps inside the runs
+
+    def items(self, count: int) -> None:
+        """A map inside one of the runs has *count* items."""
+        self.items_total += count
+        self._refresh()
+
+    def item_done(self) -> None:
+        self.items_done += 1
+        if self.items_done % 16 == 0 or self.items_done == self.items_total:
+            self._refresh()  # not on every item: a map of trivial items is fast
 
     def _refresh(self, advance: int = 0) -> None:
         if self.bar is not None:
@@ -26,6 +37,7 @@ class _Counts:
                 running=self.running,
                 done=self.done_count,
                 failed=self.failed_count,
+                items=f"{self.items_done}/{self.items_total} items" if self.items_total else "",
             )
 
     def started(self) -> None:
@@ -67,11 +79,12 @@ def progress_for(name: str, total: int, show: bool | None) -> Iterator[_Counts]:
         TextColumn("[green]{task.fields[done]} done"),
         TextColumn("[red]{task.fields[failed]} failed"),
         TextColumn("[cyan]{task.fields[running]} running"),
+        TextColumn("[dim]{task.fields[items]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(name, total=total, done=0, failed=0, running=0)
+        task = bar.add_task(name, total=total, done=0, failed=0, running=0, items="")
         yield _Counts(bar, task)
 
 

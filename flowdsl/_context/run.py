@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .. import events as ev
 from .._define.dsl import Flow
 from .._engine.scheduler import Plan
-from .._errors import StepFailed
+from .._errors import FlowError, StepFailed
 from .._records import RunRecord, RunStatus, add_usage
 
 if TYPE_CHECKING:
@@ -58,10 +58,22 @@ class Run:
     resuming: bool = attrs.field(default=False, repr=False)
 
     usage: dict[str, Any] | None = attrs.field(default=None, repr=False)
+    # Set by the scheduler while everything the run can do waits for a signal (parked),
+    # and to wake its waits when a signal is sent through this context.
+    parked: bool = attrs.field(default=False, repr=False)
+    waker: Callable[[], None] | None = attrs.field(default=None, repr=False)
 
     @property
     def flow_name(self) -> str:
         return self.flow.name
+
+    def park(self, parked: bool) -> None:
+        """The run waits only for signals now (or no longer): leaving its context does
+        not wait for a parked run (see :mod:`._engine.waits`)."""
+        self.parked = parked
+        idle = self.context._idle
+        if parked and idle is not None:
+            idle.set()
 
     def add_usage(self, counts: dict[str, Any]) -> None:
         """Add a node's LLM usage to the run's totals (numbers are summed per key)."""
@@ -79,7 +91,13 @@ class Run:
         if self._history is not None:
             self._history.append(event)
         for stream in self._subscribers:
-            stream.send_nowait(event)
+            try:
+                stream.send_nowait(event)
+            except anyio.BrokenResourceError:
+                # A subscriber that stopped iterating run.events() early: drop it, the
+                # run goes on.
+                stream.close()
+                self._subscribers = [s for s in self._subscribers if s is not stream]
         callback = self.context.on_event
         if callback is not None:
             callback(event)
@@ -107,17 +125,18 @@ class Run:
         return self._result
 
     async def events(self) -> AsyncIterator[Any]:
-        """Every event of the run, from its start, until it ends."""
+        """Every event of the run, from its start, until it ends (or is left waiting)."""
         history = list(self._history or ())
-        if self.status.ended:
+        if self.status.ended or self.status is RunStatus.WAITING:
             for event in history:
                 yield event
             return
         send, receive = anyio.create_memory_object_stream[Any](math.inf)
         self._subscribers.append(send)
-        for event in history:
-            yield event
+        # Closed however the caller stops iterating (a `break` included).
         async with receive:
+            for event in history:
+                yield event
             async for event in receive:
                 yield event
 
@@ -141,6 +160,15 @@ def stored_failure(record: RunRecord) -> BaseException:
         node=record.failed_node,
         run_id=record.run_id,
         hint=f"Resume it with `ctx.resume({record.run_id!r})`",
+    )
+
+
+def still_waiting(run: Run) -> BaseException:
+    return FlowError(
+        "the run is waiting for a signal, and its context ended",
+        flow=run.flow_name,
+        hint=f"Send the signal (`ctx.signal({run.run_id!r}, name, value)` or `flowdsl "
+        f"signal`), then `ctx.resume({run.run_id!r})` from any process",
     )
 
 

@@ -15,7 +15,8 @@ from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node
 from .._define.units import import_ref
-from .._engine.resume import decode_node_result, plan_reuse
+from .._engine.derived import journaled_value
+from .._engine.resume import plan_reuse
 from .._engine.scheduler import RunState
 from .._errors import CheckpointError, CodecError, ConfigError
 from .._records import RunRecord, RunStatus
@@ -157,17 +158,8 @@ async def replay(
             dispatch.append(node)
             continue
         record = journal[node.id]
-        try:
-            value = decode_node_result(node, record.value)
-        except CodecError as exc:
-            raise CheckpointError(
-                f"the journaled result of node {node.id!r} in run {run.run_id!r} cannot be "
-                f"read: {exc.problem}",
-                flow=run.flow_name,
-                node=node.id,
-                hint="The store is corrupted, or the step's return type changed: bump the "
-                "step's version= so that it runs again",
-            ) from exc
+        # A map's or a loop's value is put together from its items' or iterations' records.
+        value = journaled_value(run, node, journal)
         if record.usage:
             run.add_usage(record.usage)
         if run.observed:

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import textwrap
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .._errors import ConfigError, TracingError
@@ -165,6 +165,14 @@ class Step(_Unit[P, R]):
             return _symbols.StepCall(tracer, self, args, kwargs)  # type: ignore[return-value]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
+    def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
+        """One call per element of *items* (the first argument), *shared* passed to each;
+        the results in input order.  Inside a flow, ONE node whose items are journaled one
+        by one; outside a flow, the plain calls, run concurrently."""
+        from .dynamic import map_call
+
+        return map_call(self, items, shared)  # type: ignore[no-any-return]
+
 
 T = TypeVar("T")
 R_co = TypeVar("R_co", covariant=True)
@@ -272,6 +280,18 @@ class Flow(Generic[P, R]):
         # Keywords go in as inputs=, so that a flow parameter named like an option of
         # ctx.run (run_id, inputs) is never taken for one.
         return current_context().run(self, *args, inputs=kwargs)
+
+    def map(self, items: Iterable[Any], /, **shared: Any) -> Coroutine[Any, Any, list[R]]:
+        """The flow once per element of *items* (its first argument), *shared* passed to
+        each.  Inside a flow, ONE node that inlines one sub-graph per item at run time;
+        outside a flow, one run per item in the current context (as ``ctx.map``)."""
+        from .dynamic import map_call, map_inputs
+
+        if _trace.current_tracer() is not None:
+            return map_call(self, items, shared)  # type: ignore[no-any-return]
+        from .._context.sync import current_context
+
+        return current_context().map(self, map_inputs(self, items, shared))  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"

@@ -28,6 +28,7 @@ import attrs
 from .. import _codec
 
 __all__ = [
+    "DYNAMIC_KINDS",
     "Edge",
     "Graph",
     "Input",
@@ -221,6 +222,13 @@ class NodeKind(enum.Enum):
     STEP = "step"
     BRANCH = "branch"
     JOIN = "join"  # the value of ``branch(...).cases(...)``: the chosen case's result
+    # Dynamic nodes: one node in the graph, expanded at run time (see _define/dynamic.py).
+    MAP = "map"  # ``step.map(items)`` / ``flow.map(items)``: one item per element
+    LOOP = "loop"  # ``fd.loop(body, init)``: iterations until the body says Done
+    WAIT = "wait"  # ``fd.wait_for(name, type)``: a value sent from outside
+
+
+DYNAMIC_KINDS = frozenset({NodeKind.MAP, NodeKind.LOOP, NodeKind.WAIT})
 
 
 Guard = tuple[tuple[str, str], ...]
@@ -242,6 +250,9 @@ class Node:
     # For a BRANCH: the labels of its cases, which its value must name.
     labels: tuple[str, ...] = ()
     fn: Unit | None = attrs.field(default=None, eq=False, repr=False)
+    # For a MAP, LOOP or WAIT: what it maps or loops over, or what it waits for (a
+    # MapSpec, LoopSpec or WaitSpec of _define/dynamic.py).
+    spec: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def data_deps(self) -> tuple[str, ...]:
@@ -331,6 +342,9 @@ class Graph:
                 "cases": [[c, describe(e)] for c, e in node.cases],
                 "labels": list(node.labels),
             }
+            if node.spec is not None:
+                # Only dynamic nodes add the key: other graphs keep their fingerprints.
+                desc["spec"] = node.spec.describe()
             h.update(_codec.dumps(desc).encode())
         h.update(_codec.dumps(describe(self.output)).encode())
         return h.hexdigest()[:16]
@@ -348,6 +362,12 @@ class Graph:
                 lines.append(f'    {mid}{{"{label}"}}')
             elif node.kind is NodeKind.JOIN:
                 lines.append(f'    {mid}(("{label}"))')
+            elif node.kind is NodeKind.MAP:
+                lines.append(f'    {mid}[["{label} (map)"]]')
+            elif node.kind is NodeKind.LOOP:
+                lines.append(f'    {mid}{{{{"{label} (loop)"}}}}')
+            elif node.kind is NodeKind.WAIT:
+                lines.append(f'    {mid}>"{label} (wait)"]')
             else:
                 lines.append(f'    {mid}["{label}"]')
         for edge in self.edges:
@@ -364,10 +384,11 @@ class Graph:
     def to_dot(self) -> str:
         """The graph in Graphviz DOT."""
         lines = [f"digraph {_dot_quote(self.flow)} {{", "    rankdir=TB;"]
-        shapes = {NodeKind.STEP: "box", NodeKind.BRANCH: "diamond", NodeKind.JOIN: "circle"}
         for node_id in self.order:
             node = self.nodes_by_id[node_id]
-            lines.append(f"    {_dot_quote(node_id)} [shape={shapes[node.kind]}];")
+            extra = _DOT_LABELS.get(node.kind)
+            label = f", label={_dot_quote(f'{node_id} ({extra})')}" if extra else ""
+            lines.append(f"    {_dot_quote(node_id)} [shape={_DOT_SHAPES[node.kind]}{label}];")
         for edge in self.edges:
             attrs_: list[str] = []
             if edge.case is not None and edge.kind == "case":
@@ -396,6 +417,16 @@ class Graph:
             f"<th>inputs from</th></tr>{rows}</table></details>"
         )
 
+
+_DOT_SHAPES = {
+    NodeKind.STEP: "box",
+    NodeKind.BRANCH: "diamond",
+    NodeKind.JOIN: "circle",
+    NodeKind.MAP: "box3d",  # a stack: one item per element
+    NodeKind.LOOP: "hexagon",
+    NodeKind.WAIT: "invhouse",
+}
+_DOT_LABELS = {NodeKind.MAP: "map", NodeKind.LOOP: "loop", NodeKind.WAIT: "wait"}
 
 _LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

@@ -59,12 +59,24 @@ _USE_BRANCH = (
 )
 
 
-def _refuse(what: str) -> Callable[..., Any]:
+_USE_MAP = (
+    "Inside a flow, a step's list result is a placeholder until the flow runs: to run a "
+    "step (or a flow) once per element, write `await step.map(values)`; to compute "
+    "over the whole list, do it inside a step"
+)
+_USE_LOOP = (
+    _USE_BRANCH + "; for a `while` that repeats steps until a result says stop, write "
+    "`await fd.loop(body, state, max_iterations=N)` with a body returning "
+    "fd.Continue(next_state) or fd.Done(result)"
+)
+
+
+def _refuse(what: str, hint: str = _USE_BRANCH) -> Callable[..., Any]:
     def method(self: Symbol, *args: Any) -> Any:
         raise TracingError(
             f"{what} on {self._fd_describe()} inside a flow body",
             flow=self._fd_tracer.flow_name,
-            hint=_USE_BRANCH,
+            hint=hint,
         )
 
     method.__name__ = what
@@ -139,9 +151,9 @@ class Symbol:
             hint="Make the call inside a step",
         )
 
-    __bool__ = _refuse("bool() (an `if`, `while`, `and`/`or` or `not`)")
-    __iter__ = _refuse("iteration")
-    __len__ = _refuse("len()")
+    __bool__ = _refuse("bool() (an `if`, `while`, `and`/`or` or `not`)", _USE_LOOP)
+    __iter__ = _refuse("iteration", _USE_MAP)
+    __len__ = _refuse("len()", _USE_MAP)
     __contains__ = _refuse("`in`")
     __index__ = _refuse("use as an index")
     __int__ = _refuse("int()")

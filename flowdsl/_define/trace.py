@@ -293,7 +293,9 @@ class Tracer:
             raise TracingError(
                 f"flow {flow.name!r} calls itself (through {' -> '.join(self.stack)})",
                 flow=self.flow_name,
-                hint="A flow is a finite graph; recursion has no end at definition time",
+                hint="A flow is a finite graph; recursion has no end at definition time. "
+                "For work that repeats until a result says stop, write "
+                "`await fd.loop(body, state, max_iterations=N)`",
             )
         bound = self._bind(flow.fn, call.args, call.kwargs, name=flow.name)
         bound.apply_defaults()

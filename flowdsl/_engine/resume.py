@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from .. import _codec
-from .._define.graph import Node, NodeKind, describe, refs_of
+from .._define.graph import DYNAMIC_KINDS, Node, NodeKind, describe, refs_of
 from .._errors import CheckpointError, CodecError
 from .._records import NodeRecord
 
@@ -57,15 +57,65 @@ def node_wiring(node: Node) -> str:
         "guard": [list(g) for g in node.guard],
         "labels": list(node.labels),
     }
+    if node.spec is not None:
+        desc["spec"] = node.spec.describe()
     return hashlib.sha256(_codec.dumps(desc).encode()).hexdigest()[:12]
 
 
 def node_marker(node: Node) -> str:
     """What a journal record must match to be reused: code and wiring."""
+    if node.kind in DYNAMIC_KINDS:
+        return dynamic_marker(node, frozenset())
     unit = node.fn
     assert unit is not None
-    code = f"version:{unit.version}" if unit.version is not None else unit.code_hash
-    return f"{code}/{node_wiring(node)}"
+    return f"{unit_code(unit)}/{node_wiring(node)}"
+
+
+def unit_code(unit: Any) -> str:
+    return f"version:{unit.version}" if unit.version is not None else str(unit.code_hash)
+
+
+def dynamic_marker(node: Node, seen: frozenset[str]) -> str:
+    """A map's or loop's marker covers the code of its body (every node of a flow body,
+    so that changing one step of a mapped flow invalidates the items' results); a wait's
+    starts with ``wait:``, which is how a resume finds the signals already consumed."""
+    spec = node.spec
+    if node.kind is NodeKind.WAIT:
+        return f"wait:{node_wiring(node)}"
+    body = spec.body
+    if not spec.is_flow:
+        return f"{unit_code(body)}/{node_wiring(node)}"
+    return f"flow:{flow_code(body, seen)}/{node_wiring(node)}"
+
+
+def flow_code(flow: Any, seen: frozenset[str] = frozenset()) -> str:
+    """A hash of a flow's shape and the code of every node in it (maps inside included)."""
+    if flow.ref in seen:  # a flow that maps itself, through others: its name is enough
+        return str(flow.ref)
+    seen = seen | {flow.ref}
+    graph = flow.graph
+    parts = [graph.fingerprint]
+    for node_id in graph.order:
+        node = graph[node_id]
+        if node.kind is NodeKind.JOIN:
+            continue
+        if node.kind in DYNAMIC_KINDS:
+            parts.append(dynamic_marker(node, seen))
+        else:
+            assert node.fn is not None
+            parts.append(unit_code(node.fn))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+DERIVED = "[@#"  # what follows a dynamic node's id in the ids of its items, iterations, ...
+
+
+def derived_base(node_id: str, dynamic: frozenset[str]) -> str | None:
+    """The dynamic node whose item, iteration or deadline *node_id* records, if any."""
+    for base in dynamic:
+        if node_id.startswith(base) and len(node_id) > len(base) and node_id[len(base)] in DERIVED:
+            return base
+    return None
 
 
 @attrs.frozen
@@ -85,8 +135,21 @@ def plan_reuse(
     journal: Mapping[str, NodeRecord],
     strict: bool,
 ) -> ReusePlan:
-    """Which journaled nodes a resume may reuse."""
-    missing = sorted(set(journal) - set(nodes))
+    """Which journaled nodes a resume may reuse.
+
+    A dynamic node (map, loop, wait) is reused whole when its own record is there (it ended)
+    and everything upstream is reused.  Otherwise its items' and iterations' records stay
+    in the journal for the node to judge one by one when it runs again, unless what it
+    takes changed: then they are stale with it.
+    """
+    dynamic = frozenset(n for n, node in nodes.items() if node.kind in DYNAMIC_KINDS)
+    derived: dict[str, list[str]] = {}
+    for node_id in journal:
+        if node_id not in nodes:
+            base = derived_base(node_id, dynamic) if dynamic else None
+            if base is not None:
+                derived.setdefault(base, []).append(node_id)
+    missing = sorted(set(journal) - set(nodes) - {d for ids in derived.values() for d in ids})
     if missing:
         raise CheckpointError(
             f"run {run_id!r} has results for node(s) {', '.join(map(repr, missing[:5]))} "
@@ -105,13 +168,19 @@ def plan_reuse(
         if node.kind is NodeKind.JOIN:
             continue  # joins are recomputed, never journaled
         record = journal.get(node_id)
-        if record is None:
-            continue
-        own_change = record.code != markers[node_id]
         upstream = list(node.data_deps)
         if node.guard:
             upstream.append(node.guard[-1][0])
+        if record is None:
+            if node_id in derived and not all(
+                _resolved(dep, nodes, reused, journal) for dep in upstream
+            ):
+                stale.extend(derived[node_id])
+            continue
+        own_change = record.code != markers[node_id]
         upstream_ok = all(_resolved(dep, nodes, reused, journal) for dep in upstream)
+        if node_id in derived and not upstream_ok:
+            stale.extend(derived[node_id])
         if own_change:
             changed.append(node_id)
         if own_change or not upstream_ok:

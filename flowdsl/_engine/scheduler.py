@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .._define.graph import Graph, Node, NodeKind, evaluate, refs_of
+from .._define.graph import DYNAMIC_KINDS, Graph, Node, NodeKind, evaluate, refs_of
 from .._errors import StepFailed, first_leaf
 from .._records import NodeRecord
 from .spawn import NodeGroup, open_node_group
@@ -46,6 +46,7 @@ class Plan:
         "_markers",
         "case_members",
         "dependents",
+        "dynamic",
         "graph",
         "guard_dependents",
         "initial",
@@ -85,6 +86,9 @@ class Plan:
         self.case_members = {k: tuple(v) for k, v in case_members.items()}
         self.joins = joins
         self.roots = tuple(n for n in graph.order if initial[n] == 0)
+        # Whether a node expands at run time (map, loop, wait): the driver then hands
+        # those to _engine/dynamic.py, and runs with no such node pay nothing for it.
+        self.dynamic = any(n.kind in DYNAMIC_KINDS for n in self.nodes.values())
         self._fingerprint: str | None = None
         self._markers: dict[str, str] | None = None
 
@@ -264,6 +268,8 @@ async def drive(
     limiter: anyio.CapacityLimiter | None = None,
     on_skipped: Callable[[list[str]], None] | None = None,
     before: NodeHook | None = None,
+    store: Any = None,
+    scope: Any = None,
 ) -> Any:
     """Run the nodes of *state* to the end; return the flow's output.
 
@@ -271,28 +277,65 @@ async def drive(
     The first chain runs in the calling task; every other ready node gets a task of its
     own.  The first failure cancels every node still in flight and is raised once they
     are gone.  *before*, if given, is awaited as each node is dispatched.
-    """
-    execute = executor.execute
 
-    def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
-        args, kwargs = state.args_of(node)
-        if before is not None:
-            return _hooked(before, limiter, execute, run, node, args, kwargs)
-        if limiter is None:
-            return execute(run, node, args, kwargs)
-        return _limited(limiter, execute, run, node, args, kwargs)
+    Map, loop and wait nodes are carried by a :class:`~._engine.dynamic.Scope` (made
+    here, over *store*, when the plan has any), which runs their items and iterations
+    through the same *executor* (and *before*), and a mapped or looped flow's sub-graph
+    through this very function, with *scope* naming where in the run that sub-graph sits.
+    """
+    if scope is None and state.plan.dynamic:
+        from .dynamic import Dynamic
+
+        dynamic = Dynamic(run, state.plan, store, executor, limiter, on_skipped, before)
+        scope, executor = dynamic.root, dynamic.executor
+    execute = executor.execute
+    prefix = scope.prefix if scope is not None else ""
+
+    if scope is None:
+
+        def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
+            args, kwargs = state.args_of(node)
+            if before is not None:
+                return _hooked(before, limiter, execute, run, node, args, kwargs)
+            if limiter is None:
+                return execute(run, node, args, kwargs)
+            return _limited(limiter, execute, run, node, args, kwargs)
+
+    else:
+
+        def dispatch(node: Node) -> Awaitable[tuple[NodeRecord, Any]]:
+            args, kwargs = state.args_of(node)
+            if node.kind in DYNAMIC_KINDS:
+                # Never under the limiter: a map holds no slot while its items wait for one.
+                return scope.execute(run, node, args, kwargs)  # type: ignore[no-any-return]
+            if prefix:
+                node = scope.named(node)
+            if before is not None:
+                return _hooked(before, limiter, execute, run, node, args, kwargs)
+            if limiter is None:
+                return execute(run, node, args, kwargs)
+            return _limited(limiter, execute, run, node, args, kwargs)
 
     def report_skipped() -> None:
         if state.skipped and on_skipped is not None:
             skipped, state.skipped = state.skipped, []
             on_skipped(skipped)
 
-    # A bare job skips dispatch(): only without a limiter or a hook to go through.
-    make_job = getattr(executor, "job", None) if limiter is None and before is None else None
+    # A bare job skips dispatch(): only without a limiter or a hook to go through, and not
+    # for a sub-graph's nodes, which run under ids of their own (`map[2]/node`).
+    make_job = (
+        getattr(executor, "job", None)
+        if limiter is None and before is None and not prefix
+        else None
+    )
 
     def spawn(group: NodeGroup, node: Node) -> None:
         """Give *node* a task of its own: a bare job when the executor offers one."""
-        if make_job is not None and group.supports_jobs:
+        if (
+            make_job is not None
+            and group.supports_jobs
+            and (scope is None or node.kind not in DYNAMIC_KINDS)
+        ):
             args, kwargs = state.args_of(node)
             job = make_job(run, node, args, kwargs)
             if job is not None:

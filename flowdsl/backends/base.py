@@ -103,6 +103,15 @@ class Store(abc.ABC):
     async def put_cached(self, key: str, value: str) -> None:
         """Remember a step result under a cache key."""
 
+    @abc.abstractmethod
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the signals called *name* sent to a run; return
+        its index (0 for the first).  Signals are kept until a wait consumes them."""
+
+    @abc.abstractmethod
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal called *name* sent to the run, or ``None`` if not yet."""
+
 
 class Broker(abc.ABC):
     """A durable queue of tasks, with completions and events flowing back."""

@@ -24,6 +24,7 @@ class MemoryStore(Store):
         self._runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._nodes: dict[str, dict[str, NodeRecord]] = {}
         self._cache: dict[str, str] = {}
+        self._signals: dict[tuple[str, str], list[str]] = {}
 
     async def open(self) -> None:
         pass
@@ -124,6 +125,19 @@ class MemoryStore(Store):
 
     async def put_cached(self, key: str, value: str) -> None:
         self._cache[key] = value
+
+    # --- signals (fd.wait_for) --------------------------------------------------------------
+
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the run's signals called *name*; its index."""
+        queue = self._signals.setdefault((run_id, name), [])
+        queue.append(value)
+        return len(queue) - 1
+
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
+        queue = self._signals.get((run_id, name), ())
+        return queue[index] if 0 <= index < len(queue) else None
 
 
 def open_store(url: str) -> MemoryStore:

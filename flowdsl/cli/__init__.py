@@ -9,10 +9,11 @@ from .resume import resume
 from .run import run
 from .runs import runs
 from .serve import serve as serve_command
+from .signal import signal
 from .ui import ui as ui_command
 from .worker import worker
 
-for _command in (run, graph, runs, resume, worker, ui_command, serve_command):
+for _command in (run, graph, runs, resume, signal, worker, ui_command, serve_command):
     cli.add_command(_command)
 del _command
 

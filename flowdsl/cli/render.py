@@ -89,7 +89,7 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
             format_duration(row.get("duration")),
             Text(preview(json.dumps(row["result"], ensure_ascii=False), PREVIEW))
             if "result" in row
-            else "",
+            else Text(row.get("progress", ""), style="dim"),
         ]
         if with_usage:
             cells.append(Text(_usage_text(row.get("usage"))))
@@ -146,6 +146,7 @@ _STATUS_STYLES = {
     "failed": "bold red",
     "cancelled": "yellow",
     "running": "cyan",
+    "waiting": "magenta",
     "pending": "dim",
     "not run": "dim",
     "skipped": "dim",

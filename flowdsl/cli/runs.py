@@ -15,6 +15,7 @@ from ..backends import open_broker
 from .live import format_duration
 from .load import add_to_path, load_flow
 from .main import CommandFailed, opened_store, path_option, store_option, write_json
+from .progress import dynamic_progress
 from .render import (
     iso,
     json_or_text,
@@ -169,12 +170,17 @@ def node_rows(
         if record.failed_node is not None and record.failed_node not in journal:
             order.append(record.failed_node)
     rows = []
+    progress = dynamic_progress(record, journal, graph_)
     for node_id in order:
         node = journal.get(node_id)
         row: dict[str, Any] = {
             "node_id": node_id,
             "status": _node_status(node_id, node, record, journal, graph_),
         }
+        if node_id in progress:  # a map's items, a loop's iterations, a wait's signal
+            row["progress"] = progress[node_id]
+            if node is None and "signal" in progress[node_id]:
+                row["status"] = "waiting"
         if node is not None:
             row.update(
                 attempts=node.attempts,

@@ -27,7 +27,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._define.dsl import Flow
-from .._define.graph import Expr, Graph, Input, ListOf, Literal, MapOf, Node, NodeKind, Ref
+from .._define.graph import (
+    DYNAMIC_KINDS,
+    Expr,
+    Graph,
+    Input,
+    ListOf,
+    Literal,
+    MapOf,
+    Node,
+    NodeKind,
+    Ref,
+)
+from .._engine.resume import derived_base
 from .._records import NodeRecord, RunRecord, RunStatus, add_usage
 
 __all__ = ["list_view", "node_diff", "run_summary", "run_view", "timeline"]
@@ -284,11 +296,17 @@ def run_view(
                 view["finished_at"] = record.updated_at
                 view["duration"] = max(0.0, record.updated_at - view["started_at"])
             nodes.append(view)
-        # Journaled nodes the flow no longer has (it changed since the run).
+        # Journaled nodes the flow no longer has (it changed since the run), and the items
+        # and iterations of its maps and loops (`summarize[3]`, `agent@2/tool`).
+        dynamic = frozenset(n for n in order if graph.nodes_by_id[n].kind in DYNAMIC_KINDS)
         for node_id in sorted(set(journal) - set(graph.nodes_by_id)):
             view = _node_view(node_id, node_id, "step", journal[node_id])
-            view["depth"] = 0
-            view["unknown_to_flow"] = True
+            base = derived_base(node_id, dynamic) if dynamic else None
+            view["depth"] = depth[base] + 1 if base is not None else 0
+            if base is not None:
+                view["item_of"] = base
+            else:
+                view["unknown_to_flow"] = True
             nodes.append(view)
     else:
         for node_id in sorted(journal, key=lambda n: journal[n].started_at):

@@ -325,3 +325,38 @@ class NATSStore(Store):
     def _corrupted(self, run_id: str, node_id: str | None, what: str) -> CheckpointError:
         where = f"{self.url} (bucket {self.bucket!r})"
         return v.corrupted(where, run_id, node_id, what, _RESTORE_HINT)
+
+    # --- signals (fd.wait_for) --------------------------------------------------------------
+
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the run's signals called *name*; its index.
+
+        Each signal is a key of its own, created at the first free index (a create of a
+        live key is refused), so two senders never take the same index.
+        """
+        await checkpoint_if_cancelled()
+        data = dump_json({"value": await self._bucket.pack(value, run_id)})
+        index = 0
+        while not await self._bucket.create(
+            _signal_key(run_id, name, index), data, "send a signal", run_id
+        ):
+            index += 1
+        return index
+
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
+        await checkpoint_if_cancelled()
+        got = await self._bucket.get(_signal_key(run_id, name, index), "read a signal", run_id)
+        if got is None:
+            return None
+        try:
+            fields = load_json(got[0], "the signal")
+            if not isinstance(fields, dict) or "value" not in fields:
+                raise Malformed("the signal is not an object with a value")
+            return await self._bucket.unpack(fields["value"], "the signal", run_id)
+        except Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+
+
+def _signal_key(run_id: str, name: str, index: int) -> str:
+    return f"signal.{to_token(run_id)}.{to_token(name)}.{index}"

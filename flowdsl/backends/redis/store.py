@@ -401,6 +401,35 @@ class RedisStore(Store):
         keys = f"{self.layout.run(run_id)}, {self.layout.nodes(run_id)}"
         return v.corrupted(self.url, run_id, node_id, what, _RESTORE_HINT.format(keys=keys))
 
+    # --- signals (fd.wait_for) --------------------------------------------------------------
+
+    def _signal_key(self, run_id: str, name: str) -> str:
+        # A signal name is an identifier (no ':'), so the name ends the key unambiguously.
+        return f"{self.prefix}:signals:{run_id}:{name}"
+
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the run's signals called *name*; its index."""
+        client = self._client()
+        key, data = self._signal_key(run_id, name), to_bytes(value)
+        length = await self._link.call(
+            f"sending signal {name!r} to run {run_id!r}", lambda: client.rpush(key, data)
+        )
+        return int(length) - 1
+
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
+        client = self._client()
+        key = self._signal_key(run_id, name)
+        raw = await self._link.call(
+            f"reading signal {name!r} of run {run_id!r}", lambda: client.lindex(key, index)
+        )
+        if raw is None:
+            return None
+        try:
+            return v.check_json(from_bytes(raw, "the signal"), "the signal")
+        except Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+
 
 async def _see_through(work: Awaitable[T]) -> T:
     """The result of *work*, run to its end whatever cancellations this task receives

@@ -100,6 +100,18 @@ SELECT_NODES: Final = (
 )
 NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
 DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
+# Signals for fd.wait_for: the table is made on first use, so that a file made before
+# signals existed gets it without a schema migration.
+SIGNALS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signals (
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (run_id, name, seq)
+) WITHOUT ROWID"""
+COUNT_SIGNALS: Final = "SELECT count(*) FROM signals WHERE run_id = ? AND name = ?"
+INSERT_SIGNAL: Final = "INSERT INTO signals (run_id, name, seq, value) VALUES (?, ?, ?, ?)"
+SELECT_SIGNAL: Final = "SELECT value FROM signals WHERE run_id = ? AND name = ? AND seq = ?"
 GET_CACHED: Final = (
     "SELECT c.value, c.blob, b.data FROM cache AS c LEFT JOIN blobs AS b ON b.hash = c.blob "
     "WHERE c.key = ?"

@@ -518,6 +518,46 @@ class SQLiteStore(Store):
             hint="Check the disk (space, permissions) and the file",
         )
 
+    # --- signals (fd.wait_for) --------------------------------------------------------------
+
+    def _signals(self) -> sqlite3.Connection:
+        db = self._db()
+        if not getattr(self, "_signals_ready", False):
+            db.execute(schema.SIGNALS_TABLE)
+            self._signals_ready = True
+        return db
+
+    async def put_signal(self, run_id: str, name: str, value: str) -> int:
+        """Append *value* (JSON text) to the run's signals called *name*; its index."""
+        await checkpoint_if_cancelled()
+        try:
+            db = self._signals()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (index,) = db.execute(schema.COUNT_SIGNALS, (run_id, name)).fetchone()
+                db.execute(schema.INSERT_SIGNAL, (run_id, name, index, value))
+                db.execute("COMMIT")
+            except BaseException:
+                schema.rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return int(index)
+
+    async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
+        """The *index*-th signal *name* sent to the run (from 0), or ``None`` if not yet."""
+        await checkpoint_if_cancelled()
+        try:
+            row = self._signals().execute(schema.SELECT_SIGNAL, (run_id, name, index)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if row is None:
+            return None
+        try:
+            return v.check_json(row[0], "the signal")
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
+
 
 def _url_options(url: str, query: str) -> dict[str, Any]:
     """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
