@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox`` runs tests, lint and typecheck; ``nox -s docs``, ``bench``, ...
+"""Developer sessions: ``nox`` runs tests (on each Python), lint and typecheck; ``nox -s dist``,
+``docs``, ``bench``, ...
 
 Every session that runs the test suite goes through :func:`run_tests`, so the way pytest is
 installed and invoked cannot drift between sessions (the shape urllib3's noxfile uses).
@@ -6,7 +7,9 @@ installed and invoked cannot drift between sessions (the shape urllib3's noxfile
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import nox
 
@@ -15,7 +18,30 @@ nox.options.error_on_missing_interpreters = True
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
+# Every version the classifiers in pyproject.toml claim; `nox -s tests` runs all of them.
+PYTHONS = ["3.11", "3.12", "3.13"]
 DOCS_BUILD = os.path.join("docs", "_build", "html")
+
+
+def _find_pyenv_interpreters() -> None:
+    """Put each interpreter pyenv has installed on PATH, newest patch release first.
+
+    pyenv's shims run only the versions `pyenv global` names: nox would find a
+    `python3.12` shim and then fail to run it.
+    """
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = glob.glob(os.path.join(root, "versions", "3.*", "bin"))
+
+    def version(bin_dir: str) -> tuple[int, ...]:
+        name = os.path.basename(os.path.dirname(bin_dir))
+        return tuple(int(p) if p.isdigit() else -1 for p in name.split("."))
+
+    bins = sorted(found, key=version, reverse=True)
+    if bins:
+        os.environ["PATH"] = os.pathsep.join([*bins, os.environ.get("PATH", "")])
+
+
+_find_pyenv_interpreters()
 
 
 def run_tests(
@@ -41,10 +67,26 @@ def run_tests(
     )
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The whole suite, on asyncio and trio (the ``anyio_backend`` fixture covers both)."""
+    """The whole suite, on asyncio and trio (the ``anyio_backend`` fixture covers both).
+
+    One session per Python: ``nox -s tests-3.13`` runs one of them.
+    """
     run_tests(session)
+
+
+@nox.session(python=PYTHON)
+def dist(session: nox.Session) -> None:
+    """Build the sdist and the wheel into dist/ as a release does, and ``twine check`` them.
+
+    Built with build isolation, from a clean dist/, so what is checked is what would be
+    uploaded.  (tests/test_distribution.py checks the same artifacts' contents.)
+    """
+    session.install("build", "twine")
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", "dist")
+    session.run("twine", "check", "--strict", *sorted(glob.glob(os.path.join("dist", "*"))))
 
 
 @nox.session(python=PYTHON)

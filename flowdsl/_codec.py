@@ -12,7 +12,10 @@ caller names (a step's return annotation), never a type named by the data.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+import re
+import zoneinfo
 from typing import Any, Final, get_args, get_origin
 
 import attrs
@@ -49,6 +52,70 @@ for _tp, _accepts in (
     (bool, (bool,)),
 ):
     converter.register_structure_hook(_tp, _strict(_tp, _accepts))
+
+
+# Datetimes: ISO 8601 text, then the IANA zone key in brackets (as RFC 9557 and java.time
+# write it) when the zone is a ZoneInfo, then "[fold=1]" when fold is set.  A ZoneInfo
+# datetime *is* a wall time, a key and a fold, and the UTC offset alone cannot give back
+# the key nor, outside ambiguous or skipped hours, the fold; comparing a ZoneInfo datetime
+# with a fixed-offset one at an ambiguous hour is always unequal.  The offset is written
+# for readers; on decoding, the wall time and the key win (the zone's rules may have
+# changed since), exactly as Python treats a ZoneInfo datetime.
+_ZONE_KEY: Final = re.compile(r"[A-Za-z0-9_+\-]{1,64}(?:/[A-Za-z0-9_+\-]{1,64}){0,3}")
+_DATETIME: Final = re.compile(
+    r"(?P<iso>[^\[\]]{1,64})(?:\[(?P<zone>[^\[\]=]*)\])?(?P<fold>\[fold=1\])?"
+)
+
+
+def _unstructure_datetime(value: dt.datetime) -> str:
+    text = value.isoformat()
+    tz = value.tzinfo
+    if isinstance(tz, zoneinfo.ZoneInfo) and tz.key is not None and _ZONE_KEY.fullmatch(tz.key):
+        text += f"[{tz.key}]"
+    elif tz is not None and tz.utcoffset(None) is None:
+        # A zone with rules that is not a keyed ZoneInfo (pytz, dateutil, ZoneInfo.from_file):
+        # as a fixed offset it would come back as a different value.
+        raise CodecError(
+            f"cannot encode the datetime {value.isoformat()}: its time zone {tz!r} is neither "
+            "a fixed offset nor a ZoneInfo with an IANA key",
+            hint="Use zoneinfo.ZoneInfo('Area/City') (its key is kept) or a fixed "
+            "datetime.timezone offset",
+        )
+    return text + "[fold=1]" if value.fold else text
+
+
+def _structure_datetime(data: Any, _: Any) -> dt.datetime:
+    if type(data) is not str:
+        raise TypeError(f"expected an ISO 8601 string, got {type(data).__name__}")
+    match = _DATETIME.fullmatch(data)
+    if match is None:
+        raise ValueError(f"not an ISO 8601 datetime: {data[:100]!r}")
+    value = dt.datetime.fromisoformat(match["iso"])
+    key = match["zone"]
+    if key is not None:
+        if value.tzinfo is None:
+            raise ValueError(f"the zone {key!r} comes without a UTC offset")
+        value = value.replace(tzinfo=_zone(key))
+    return value.replace(fold=1) if match["fold"] else value
+
+
+def _zone(key: str) -> zoneinfo.ZoneInfo:
+    # The key comes from stored data.  ZoneInfo itself refuses absolute paths and "..";
+    # the pattern also keeps out dots, so a key can only name a file under the zoneinfo
+    # directories or a data package inside tzdata, never any other file or module.
+    if not _ZONE_KEY.fullmatch(key):
+        raise ValueError(f"{key[:100]!r} is not an IANA time zone key")
+    try:
+        return zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(
+            f"unknown time zone {key!r} (this machine's time zone data lacks it; "
+            "`pip install tzdata` brings a current copy)"
+        ) from exc
+
+
+converter.register_unstructure_hook(dt.datetime, _unstructure_datetime)
+converter.register_structure_hook(dt.datetime, _structure_datetime)
 
 
 def _require(expected: tuple[type, ...], what: str, inner: Any) -> Any:
@@ -130,8 +197,11 @@ def to_data(value: object, *, what: str = "value") -> Any:
         raise CodecError(
             f"cannot encode {what} of type {_type_name(value)}{_culprit(value)}",
             hint=(
-                "Values crossing steps must be builtins, attrs classes, dataclasses, enums, "
-                "datetimes, bytes or containers of these"
+                # A hook's own hint (a datetime's zone) says more than the general one.
+                exc.hint
+                if isinstance(exc, CodecError) and exc.hint
+                else "Values crossing steps must be builtins, attrs classes, dataclasses, "
+                "enums, datetimes, bytes or containers of these"
             ),
         ) from exc
     return data

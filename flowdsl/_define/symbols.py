@@ -19,6 +19,7 @@ from .._errors import CodecError, TracingError
 from .graph import Guard, Input, Ref, Unit
 
 __all__ = [
+    "REAL_AWAIT_HINT",
     "BranchCall",
     "CasesCall",
     "FlowBody",
@@ -52,6 +53,13 @@ class Recorder(Protocol):
 
     def add_subflow(self, call: FlowCall) -> Any: ...
 
+
+# What a flow body that awaits something real is told (here, and by the tracer's drive).
+REAL_AWAIT_HINT = (
+    "A flow body only wires steps together; move real awaits (sleeps, I/O, "
+    "asyncio.gather) into a @fd.step; steps with no data dependency already run "
+    "concurrently"
+)
 
 _USE_BRANCH = (
     "Inside a flow, step results are placeholders until the flow runs: decide with an "
@@ -200,6 +208,19 @@ class Pending:
             f"{self.describe()} was used as a condition without being awaited",
             flow=self.tracer.flow_name,
             hint=_USE_BRANCH,
+        )
+
+    # asyncio takes anything with this attribute for a future: asyncio.gather and
+    # ensure_future hand the call back unchanged and ask it for its loop, so the mistake is
+    # refused here, before asyncio looks up (or, before 3.14, creates) an event loop.
+    _asyncio_future_blocking = False
+
+    def get_loop(self) -> Any:
+        raise TracingError(
+            f"{self.describe()} was handed to asyncio (asyncio.gather, ensure_future, ...) "
+            "inside a flow body",
+            flow=self.tracer.flow_name,
+            hint=REAL_AWAIT_HINT,
         )
 
 

@@ -38,6 +38,7 @@ from .graph import (
     allowed_labels,
     case_label,
 )
+from .symbols import REAL_AWAIT_HINT as _REAL_AWAIT_HINT
 from .symbols import CasesCall, FlowBody, FlowCall, Pending, StepCall, Symbol
 
 _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
@@ -342,7 +343,7 @@ def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
         yielded = gen.send(None)
     except StopIteration as stop:
         return stop.value
-    except RuntimeError as exc:
+    except (RuntimeError, DeprecationWarning) as exc:
         # Traced outside an event loop, `await anyio.sleep(0)` or `await asyncio.sleep(1)`
         # fails looking for the loop before it can suspend: the same mistake.
         if not _wants_event_loop(exc):
@@ -364,17 +365,14 @@ def drive(awaitable: Awaitable[Any], tracer: Tracer, *, what: str) -> Any:
     )
 
 
-_REAL_AWAIT_HINT = (
-    "A flow body only wires steps together; move real awaits (sleeps, I/O, "
-    "asyncio.gather) into a @fd.step; steps with no data dependency already run "
-    "concurrently"
-)
-
-
-def _wants_event_loop(exc: RuntimeError) -> bool:
+def _wants_event_loop(exc: RuntimeError | DeprecationWarning) -> bool:
     if isinstance(exc, sniffio.AsyncLibraryNotFoundError):  # anyio, and sniffio users
         return True
     text = str(exc)
+    if isinstance(exc, DeprecationWarning):
+        # Python 3.12 and 3.13 warn before creating a loop for asyncio.gather(coroutine);
+        # where warnings are errors (pytest -W error) the warning is what reaches us.
+        return text.startswith("There is no current event loop")
     return "event loop" in text or "async context" in text  # asyncio; trio
 
 
