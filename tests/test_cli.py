@@ -926,7 +926,8 @@ def test_hints_on_the_command_line_are_commands(project: Path, sqlite_url: str) 
     assert again.exit_code == 1
     one_error_line(
         again,
-        rf"^Error: flow 'fragile', node 'check': the run ended failed: .* \(run 'h-1': "
+        rf"^Error: flow 'fragile', node 'check': the run ended failed: step failed: "
+        rf"ValueError: check refuses 4 \(run 'h-1': "
         rf"`flowdsl resume h-1 --store {re.escape(sqlite_url)}`\)$",
     )
     (project / "in.jsonl").write_text("2\n")
