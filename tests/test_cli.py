@@ -466,6 +466,17 @@ def test_inputs_reports_failed_runs_as_error_lines(project: Path) -> None:
     assert result.stderr.splitlines()[-1] == "Error: 2 of 2 runs failed"
 
 
+def test_failed_runs_of_inputs_in_a_durable_store_say_how_to_resume_them(
+    project: Path, sqlite_url: str
+) -> None:
+    (project / "broken").touch()
+    result = invoke("run", "flows.py:fragile", "--inputs", "-", "--store", sqlite_url, input="1\n")
+    assert result.stderr.splitlines()[-1] == (
+        "Error: 1 of 1 runs failed "
+        f"(once fixed: `flowdsl resume --all-failed --store {sqlite_url}`)"
+    )
+
+
 def test_inputs_all_succeeding_exits_0(project: Path) -> None:
     result = invoke(
         "run",
