@@ -29,6 +29,8 @@ from typing import Any
 import attrs
 
 FRAGMENT = "<!-- fragment -->"
+# The mark, optionally with the reason the block cannot run: <!-- fragment: needs a key -->
+_FRAGMENT = re.compile(r"^<!-- fragment(?:: [^>]*[^ >])? -->$")
 PYTHON = frozenset({"python", "py"})
 SHELL = frozenset({"sh", "bash", "shell"})
 CONSOLE = frozenset({"console"})
@@ -76,7 +78,7 @@ def blocks_of(path: Path) -> list[Block]:
                 break
             body.append(lines[j][indent:] if lines[j][:indent].isspace() else lines[j])
             j += 1
-        fragment = i > 0 and lines[i - 1].strip() == FRAGMENT
+        fragment = i > 0 and _FRAGMENT.match(lines[i - 1].strip()) is not None
         found.append(Block(path, i + 1, lang, "\n".join(body) + "\n", fragment))
         i = j + 1
     return found
@@ -88,7 +90,8 @@ def dangling_fragment_marks(path: Path) -> list[int]:
     return [
         n + 1
         for n, line in enumerate(lines)
-        if line.strip() == FRAGMENT and (n + 1 >= len(lines) or _FENCE.match(lines[n + 1]) is None)
+        if _FRAGMENT.match(line.strip())
+        and (n + 1 >= len(lines) or _FENCE.match(lines[n + 1]) is None)
     ]
 
 

@@ -5,8 +5,9 @@ The conventions a document follows (``_docs.py`` reads and runs the blocks):
 - ``python``, ``sh``, ``bash``, ``shell`` and ``console`` blocks run; blocks in any other
   language (``text``, ``toml``, ``mermaid``, ``{eval-rst}``...) or with none do not.
 - A line ``<!-- fragment -->`` immediately before the opening fence marks a fragment, which
-  does not run.  Mark only what truly cannot run here: a command that needs a remote
-  server, a benchmark that runs for minutes, a listing of a signature.
+  does not run; ``<!-- fragment: the reason -->`` says why.  Mark only what truly cannot run
+  here: a command that needs a remote server or an API key, a server that runs until
+  Ctrl-C, a package installation, a benchmark that runs for minutes, a signature listing.
 - The python blocks of a document run in document order and share their state.  If any of
   them uses top-level ``await``, they all run as cells of one Jupyter kernel (nbclient and
   ipykernel), as in a notebook; otherwise as one script (one interpreter, no event loop
@@ -200,7 +201,8 @@ def test_blocks_and_commands_are_read_as_documented(tmp_path: Path) -> None:
         "text\n\n```python\nx = 1\n```\n\n<!-- fragment -->\n```python\nreturn x\n```\n\n"
         "```console\n$ flowdsl run a.py:f \\\n      --input 1\n2\n$ flowdsl run a.py:g\n"
         "Error: flow 'g': ...\n$ flowdsl worker --broker sqlite:///q.db &\n```\n\n"
-        "```toml\n[x]\n```\n\n<!-- fragment -->\n\ntext\n",
+        "```toml\n[x]\n```\n\n<!-- fragment -->\n\ntext\n"
+        "<!-- fragment: needs a key -->\n```sh\nx\n```\n",
         encoding="utf-8",
     )
     blocks = blocks_of(doc)
@@ -209,6 +211,7 @@ def test_blocks_and_commands_are_read_as_documented(tmp_path: Path) -> None:
         (8, "python", True, False),
         (12, "console", False, True),
         (21, "toml", False, False),
+        (29, "sh", True, False),
     ]
     run, fail, worker = commands_of(blocks[2])
     assert run.text == "flowdsl run a.py:f \\\n      --input 1"
