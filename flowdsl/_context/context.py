@@ -321,8 +321,7 @@ class Context:
         run_ids: Sequence[str] | None = None,
         progress: bool | None = None,
     ) -> list[R | BaseException]:
-        """One run per input; results in input order, with a progress bar on a terminal (and
-        a progress line in a notebook).
+        """One run per input; results in input order, with a progress bar (terminal, notebook).
 
         Each input is the flow's single argument; for a flow of several parameters, give a
         tuple (positional) or a dict (keyword) per input.

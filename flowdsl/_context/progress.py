@@ -28,7 +28,7 @@ class _Counts:
     (``concurrency=``), not when it was merely handed to the map.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int = 0) -> None:
         self.total = total
         self.running = self.done_count = self.failed_count = 0
         self.items_total = self.items_done = 0  # of the maps inside the runs
