@@ -52,7 +52,9 @@ class RunRecord:
     result: str | None = None  # JSON text of the flow's result
     error: str | None = None
     failed_node: str | None = None
-    code: dict[str, str] = attrs.field(factory=dict)  # node id -> step code hash/version
+    # Node id -> why a resume ran its journaled result again: "changed" (its step's code,
+    # version or wiring changed) or "upstream" (a node it depends on did).
+    code: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

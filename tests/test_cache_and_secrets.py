@@ -221,6 +221,65 @@ async def test_the_cache_works_in_batch_mode(tmp_path: Path) -> None:
     assert CALLS["summarize"] == 1
 
 
+@fd.step(cache=True)
+async def slow_count(text: str) -> int:
+    CALLS["slow_count"] += 1
+    await anyio.sleep(0.01)  # so that the second call starts while the first runs
+    return len(text.split())
+
+
+@fd.step
+async def pair(a: int, b: int) -> list[int]:
+    return [a, b]
+
+
+@fd.flow
+async def twice(text: str) -> list[int]:
+    # Two nodes, one step, equal arguments, no dependency between them: both are ready at
+    # once, and neither finds the other's result in the cache yet.
+    return await pair(await slow_count(text), await slow_count(text))
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
+async def test_equal_calls_in_one_run_run_the_cached_step_once(tmp_path: Path, batch: bool) -> None:
+    events: list[Any] = []
+    url = f"sqlite:///{tmp_path}/twice.db"
+    async with fd.Context(batch=batch, store=url, on_event=events.append) as ctx:
+        assert await ctx.run(twice, "a b c d", run_id="r") == [4, 4]
+        journal = await ctx.store.load_nodes("r")
+    assert CALLS["slow_count"] == 1
+    assert list(reused(events, "r").values()) == ["cache"]  # one of the two, either
+    assert set(journal) == {"slow_count", "slow_count-2", "pair"}
+
+
+async def test_a_failed_cached_call_lets_the_waiting_one_run(tmp_path: Path) -> None:
+    FLAKY["fail"] = 1
+    async with fd.Context(store=f"sqlite:///{tmp_path}/flaky.db") as ctx:
+        results = await ctx.map(echo_flaky, ["x", "x"], return_exceptions=True)
+    # The run whose call failed failed; the other, which waited for that call, then ran
+    # the step itself instead of taking the failure (or nothing) from it.
+    assert sorted(map(type, results), key=str) == sorted([str, fd.StepFailed], key=str)
+    assert CALLS["flaky"] == 2
+
+
+FLAKY = {"fail": 0}
+
+
+@fd.step(cache=True)
+async def flaky(text: str) -> str:
+    CALLS["flaky"] += 1
+    await anyio.sleep(0.01)
+    if FLAKY["fail"]:
+        FLAKY["fail"] -= 1
+        raise RuntimeError("the first call fails")
+    return text
+
+
+@fd.flow
+async def echo_flaky(text: str) -> str:
+    return await flaky(text)
+
+
 # --- secrets --------------------------------------------------------------------------------
 
 KEY = "sk-live-0123456789-DO-NOT-STORE"

@@ -466,6 +466,17 @@ def test_inputs_reports_failed_runs_as_error_lines(project: Path) -> None:
     assert result.stderr.splitlines()[-1] == "Error: 2 of 2 runs failed"
 
 
+def test_failed_runs_of_inputs_in_a_durable_store_say_how_to_resume_them(
+    project: Path, sqlite_url: str
+) -> None:
+    (project / "broken").touch()
+    result = invoke("run", "flows.py:fragile", "--inputs", "-", "--store", sqlite_url, input="1\n")
+    assert result.stderr.splitlines()[-1] == (
+        "Error: 1 of 1 runs failed "
+        f"(once fixed: `flowdsl resume --all-failed --store {sqlite_url}`)"
+    )
+
+
 def test_inputs_all_succeeding_exits_0(project: Path) -> None:
     result = invoke(
         "run",
@@ -708,13 +719,21 @@ def test_runs_show_without_the_flow_lists_the_journal(
     ]
 
 
-def test_runs_errors(sqlite_url: str) -> None:
+NO_STORE = (
+    r"^Error: no --store given, and no \.flowdsl/flowdsl\.db here \(where `flowdsl run --batch` "
+    r"keeps its runs by default\)\. Name the store: --store sqlite:///runs\.db \(or set "
+    r"FLOWDSL_STORE\)$"
+)
+
+
+def test_runs_errors(project: Path, sqlite_url: str) -> None:
     result = invoke("runs", "show", "nope", "--store", sqlite_url)
     assert result.exit_code == 1
     one_error_line(result, rf"^Error: no run 'nope' in {re.escape(sqlite_url)}")
-    result = invoke("runs", "list")
-    assert result.exit_code == 2
-    one_error_line(result, r"^Error: Missing option '--store' \(see 'cli runs list --help'\)$")
+    for command in (["runs", "list"], ["runs", "show", "r-1"], ["resume", "r-1"]):
+        result = invoke(*command)
+        assert result.exit_code == 2
+        one_error_line(result, NO_STORE)
     result = invoke("runs", "list", "--store", "memory://")
     assert result.exit_code == 2
     one_error_line(result, r"^Error: memory:// keeps runs only inside one process")
@@ -789,10 +808,18 @@ def test_resume_a_run_started_in_main_needs_flow(project: Path, sqlite_url: str)
 
             import anyio
 
-            ctx = fd.Context(store=sys.argv[1])
-            print(anyio.run(lambda: ctx.run(pipeline, 1, run_id="m-1")))
+            async def main() -> None:
+                async with fd.Context(store=sys.argv[1]) as ctx:
+                    print(await ctx.run(pipeline, 1, run_id="m-1"))
+                    try:
+                        await ctx.run(fragile, 1, run_id="m-2")
+                    except fd.StepFailed:
+                        print("m-2 failed")
+
+            anyio.run(main)
     """)
     )
+    (project / "broken").touch()
     done = subprocess.run(
         [sys.executable, "script.py", sqlite_url],
         cwd=project,
@@ -800,25 +827,194 @@ def test_resume_a_run_started_in_main_needs_flow(project: Path, sqlite_url: str)
         text=True,
         timeout=120,
     )
-    assert done.stdout == "3\n", done.stderr
-    result = invoke("resume", "m-1", "--store", sqlite_url)
+    assert done.stdout == "3\nm-2 failed\n", done.stderr
+    (project / "broken").unlink()
+    # A finished run has nothing left to run: its stored result, without its flow.
+    finished = invoke("resume", "m-1", "--store", sqlite_url)
+    assert finished.exit_code == 0, finished.stderr
+    assert json.loads(finished.stdout) == 3
+    result = invoke("resume", "m-2", "--store", sqlite_url)
     assert result.exit_code == 2
     one_error_line(
         result,
-        r"^Error: flow 'pipeline': run 'm-1' was started by a script run as "
+        r"^Error: flow 'fragile': run 'm-2' was started by a script run as "
         r"__main__.*--flow path/to/script\.py:flow",
     )
-    named = invoke("resume", "m-1", "--store", sqlite_url, "--flow", "script.py:pipeline")
-    assert json.loads(named.stdout) == 3  # finished: its stored result, nothing runs
+    named = invoke("resume", "m-2", "--store", sqlite_url, "--flow", "script.py:fragile")
+    assert named.exit_code == 0, named.stderr
+    assert json.loads(named.stdout) == 3
 
 
 def test_resume_errors(project: Path, sqlite_url: str) -> None:
     result = invoke("resume", "nope", "--store", sqlite_url)
     assert result.exit_code == 1
     one_error_line(result, r"^Error: no run 'nope' in ")
-    result = invoke("resume", "nope")
+    result = invoke("resume", "--store", sqlite_url)
     assert result.exit_code == 2
-    one_error_line(result, r"^Error: Missing option '--store'")
+    one_error_line(result, r"^Error: give the RUN_ID to resume, or --all-failed to resume every")
+    result = invoke("resume", "r-1", "--all-failed", "--store", sqlite_url)
+    assert result.exit_code == 2
+    one_error_line(result, r"^Error: give a RUN_ID or --all-failed, not both")
+
+
+# --- what a new user runs into ---------------------------------------------------------
+
+
+def test_commands_that_read_runs_default_to_the_batch_file(project: Path) -> None:
+    (project / "broken").touch()
+    ran = invoke("run", "flows.py:fragile", "--input", "1", "--batch", "--run-id", "d-1")
+    assert ran.exit_code == 1
+    # The hint names the default file the batch used, as a command to type.
+    assert "`flowdsl resume d-1 --store sqlite:///.flowdsl/flowdsl.db`" in ran.stderr
+    listed = json.loads(invoke("runs", "list", "--json").stdout)
+    assert [(r["run_id"], r["status"]) for r in listed] == [("d-1", "failed")]
+    shown = json.loads(invoke("runs", "show", "d-1", "--json").stdout)
+    assert shown["run"]["status"] == "failed"
+    (project / "broken").unlink()
+    resumed = invoke("resume", "d-1")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout) == 3
+
+
+def test_runs_list_by_status(project: Path, sqlite_url: str) -> None:
+    for run_id, x in (("a-1", 1), ("a-2", 2)):
+        invoke(
+            "run", "flows.py:pipeline", "--input", str(x), "--store", sqlite_url, "--run-id", run_id
+        )
+    (project / "broken").touch()
+    for run_id, x in (("f-1", 1), ("f-2", 2)):
+        invoke(
+            "run", "flows.py:fragile", "--input", str(x), "--store", sqlite_url, "--run-id", run_id
+        )
+
+    def listed(*options: str) -> list[str]:
+        result = invoke("runs", "list", "--store", sqlite_url, "--json", *options)
+        assert result.exit_code == 0, result.stderr
+        return [r["run_id"] for r in json.loads(result.stdout)]
+
+    assert listed("--status", "failed") == ["f-2", "f-1"]
+    assert listed("--status", "finished", "--limit", "1") == ["a-2"]
+    assert listed("--status", "finished", "--status", "failed") == ["f-2", "f-1", "a-2", "a-1"]
+    assert listed("--status", "cancelled") == []
+    table = invoke("runs", "list", "--store", sqlite_url, "--status", "cancelled").stdout
+    assert "no cancelled runs" in table
+    bad = invoke("runs", "list", "--store", sqlite_url, "--status", "broken")
+    assert bad.exit_code == 2
+
+
+def test_resume_all_failed(project: Path, sqlite_url: str) -> None:
+    invoke("run", "flows.py:pipeline", "--input", "1", "--store", sqlite_url, "--run-id", "ok")
+    (project / "broken").touch()
+    for run_id, x in (("f-1", 1), ("f-2", 2)):
+        invoke(
+            "run", "flows.py:fragile", "--input", str(x), "--store", sqlite_url, "--run-id", run_id
+        )
+    again = invoke("resume", "--all-failed", "--store", sqlite_url)
+    assert again.exit_code == 1
+    assert again.stderr == "Error: 2 of 2 runs failed again\n"
+    lines = jsonl(again.stdout)
+    assert [(line["run_id"], "error" in line) for line in lines] == [("f-2", True), ("f-1", True)]
+    assert "ctx.resume" not in again.stdout
+    (project / "broken").unlink()
+    fixed = invoke("resume", "--all-failed", "--store", sqlite_url)
+    assert fixed.exit_code == 0, fixed.stderr
+    assert jsonl(fixed.stdout) == [
+        {"run_id": "f-2", "flow": "fragile", "result": 5},
+        {"run_id": "f-1", "flow": "fragile", "result": 3},
+    ]
+    assert calls(project).count("double") == 3  # each run's double ran once, in its first try
+    none_left = invoke("resume", "--all-failed", "--store", sqlite_url)
+    assert none_left.exit_code == 0
+    assert none_left.stdout == ""
+    assert none_left.stderr == f"flowdsl resume: no failed runs in {sqlite_url}\n"
+
+
+def test_hints_on_the_command_line_are_commands(project: Path, sqlite_url: str) -> None:
+    (project / "broken").touch()
+    args = ("run", "flows.py:fragile", "--input", "2", "--store", sqlite_url, "--run-id", "h-1")
+    invoke(*args)
+    again = invoke(*args)  # the stored failure, not a second attempt
+    assert again.exit_code == 1
+    one_error_line(
+        again,
+        rf"^Error: flow 'fragile', node 'check': the run ended failed: step failed: "
+        rf"ValueError: check refuses 4 \(run 'h-1': "
+        rf"`flowdsl resume h-1 --store {re.escape(sqlite_url)}`\)$",
+    )
+    (project / "in.jsonl").write_text("2\n")
+    inputs = ("run", "flows.py:fragile", "--inputs", "in.jsonl", "--store", sqlite_url)
+    invoke(*inputs)
+    (line,) = jsonl(invoke(*inputs).stdout)
+    assert "ctx.resume" not in line["error"]
+    assert f"Resume it: `flowdsl resume {line['run_id']} --store {sqlite_url}`" in line["error"]
+
+
+def test_backend_trio_without_trio_is_one_line(project: Path) -> None:
+    code = "import sys; sys.modules['trio'] = None; from flowdsl.cli import main; main()"
+    for command in (["run", "flows.py:pipeline", "--input", "1"], ["resume", "r-1"]):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *command, "--backend", "trio"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert done.returncode == 2
+        assert done.stderr == (
+            "Error: --backend trio needs trio, which is not installed. Install it: "
+            "pip install 'flowdsl[trio]', or use --backend asyncio\n"
+        )
+        assert done.stdout == ""
+
+
+FRAGILE_AT_THE_END = """
+@fd.step
+async def finish(x: int) -> int:
+    _log("finish")
+    if (HERE / "broken").exists():
+        raise ValueError("finish refuses")
+    return x
+
+
+@fd.flow
+async def long(x: int) -> int:
+    return await finish(await inc(await double(x)))
+"""
+
+
+def test_a_resume_after_a_code_change_says_what_ran_again_and_why(
+    project: Path, sqlite_url: str
+) -> None:
+    (project / "flows.py").write_text(FLOWS + FRAGILE_AT_THE_END)
+    (project / "broken").touch()
+    invoke("run", "flows.py:long", "--input", "1", "--store", sqlite_url, "--run-id", "c-1")
+    assert calls(project) == ["double", "inc", "finish"]
+    # Change double's code (not what it returns); fix finish; resume in a new "process".
+    source = (project / "flows.py").read_text()
+    (project / "flows.py").write_text(source.replace("return x * 2", "return 2 * x"))
+    (project / "broken").unlink()
+    del sys.modules["flows"]
+    strict = invoke("resume", "c-1", "--store", sqlite_url, "--strict")
+    assert strict.exit_code == 1
+    assert "without --strict" in strict.stderr
+    assert "strict=True" not in strict.stderr
+    resumed = invoke("resume", "c-1", "--store", sqlite_url, "--live")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout) == 3
+    assert calls(project)[3:] == ["double", "inc", "finish"]
+    assert "run c-1 · done · 2 nodes ran again after code changes" in resumed.stderr
+    assert re.search(r"double\s+│ done .* re-ran: its code changed", resumed.stderr)
+    assert re.search(r"inc\s+│ done .* re-ran: a node it depends on changed", resumed.stderr)
+    shown = json.loads(invoke("runs", "show", "c-1", "--store", sqlite_url, "--json").stdout)
+    assert {n["node_id"]: n.get("rerun") for n in shown["nodes"]} == {
+        "double": "changed",
+        "inc": "upstream",
+        "finish": None,
+    }
+    table = invoke("runs", "show", "c-1", "--store", sqlite_url).stdout
+    assert re.search(r"double .* re-ran on resume: its code changed", table)
+    assert re.search(r"inc .* re-ran on resume: a node it depends on changed", table)
 
 
 # --- the live view, driven by hand --------------------------------------------------------
@@ -868,10 +1064,21 @@ def test_step_table_shows_resume_events(project: Path) -> None:
     table.handle(ev.RunStarted("r-2", "fragile", t, resumed=True))
     table.handle(ev.StepReused("r-2", "double", t, "journal"))
     table.handle(ev.StepInvalidated("r-2", "check", t, "changed"))
+    table.handle(ev.StepInvalidated("r-2", "inc", t, "upstream"))
     text = render(table)
-    assert "run r-2 · resuming" in text
+    assert "run r-2 · resuming · 2 nodes ran again after code changes" in text
     assert re.search(r"double\s+│ reused .* from the journal", text)
-    assert re.search(r"check\s+│ waiting .* runs again \(changed\)", text)
+    assert re.search(r"check\s+│ waiting .* runs again: its code changed", text)
+    assert re.search(r"inc\s+│ waiting .* runs again: a node it depends on changed", text)
+    for node in ("check", "inc"):
+        table.handle(ev.StepStarted("r-2", node, t, 1))
+        table.handle(ev.StepFinished("r-2", node, t + 0.01, 1, 1, 0.01))
+    table.handle(ev.RunFinished("r-2", t, 1, None))
+    text = render(table)
+    # Once done, the rows still say why they ran: "done" alone would hide the re-run.
+    assert "run r-2 · done · 2 nodes ran again after code changes" in text
+    assert re.search(r"check\s+│ done .* re-ran: its code changed", text)
+    assert re.search(r"inc\s+│ done .* re-ran: a node it depends on changed", text)
 
 
 # --- pure helpers -------------------------------------------------------------------------

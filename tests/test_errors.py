@@ -188,6 +188,33 @@ async def test_a_failed_step_names_flow_node_and_cause() -> None:
     assert isinstance(error.__cause__, KeyError)
 
 
+class Opaque:
+    pass
+
+
+@fd.step
+async def opaque() -> Any:
+    return Opaque()
+
+
+@fd.flow
+async def carries_opaque() -> Any:
+    return await opaque()
+
+
+@pytest.mark.anyio
+async def test_a_codec_failure_gives_its_hint_once() -> None:
+    async with fd.Context() as ctx:
+        with pytest.raises(fd.CodecError) as info:
+            await ctx.run(carries_opaque)
+    message = str(info.value)
+    assert message.count("Values crossing steps must be") == 1
+    assert message.startswith(
+        "flow 'carries_opaque', node 'opaque': step failed: CodecError: cannot encode the "
+        "result of 'opaque' of type "
+    )
+
+
 @pytest.mark.anyio
 async def test_an_unknown_case_at_run_time_names_the_key_and_the_cases() -> None:
     async with fd.Context() as ctx:

@@ -321,7 +321,7 @@ class Context:
         run_ids: Sequence[str] | None = None,
         progress: bool | None = None,
     ) -> list[R | BaseException]:
-        """One run per input; results in input order, with a progress bar on a terminal.
+        """One run per input; results in input order, with a progress bar (terminal, notebook).
 
         Each input is the flow's single argument; for a flow of several parameters, give a
         tuple (positional) or a dict (keyword) per input.
@@ -358,12 +358,13 @@ class Context:
                 args, kwargs = calls[i]
                 rid = run_ids[i] if run_ids is not None else None
                 ITEM_PROGRESS.set(bar)  # this task's runs count their maps' items on the bar
-                bar.started()
                 try:
                     if limiter is None:
+                        bar.started()
                         results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                     else:
                         async with limiter:
+                            bar.started()  # waiting for a slot is not running
                             results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
                 except FlowError as exc:
                     bar.failed()

@@ -154,8 +154,12 @@ def skip_reporter(run: Run) -> Callable[[list[str]], None]:
 
 def stored_failure(record: RunRecord) -> BaseException:
     """What awaiting a run that ended failed or cancelled, in a store, raises."""
+    error = record.error or ""
+    where = f"flow {record.flow!r}, node {record.failed_node!r}: "
+    if error.startswith(where):  # said once, by this error's own prefix
+        error = error[len(where) :]
     return StepFailed(
-        f"the run ended {record.status.value}: {record.error}",
+        f"the run ended {record.status.value}: {error}",
         flow=record.flow,
         node=record.failed_node,
         run_id=record.run_id,

@@ -142,9 +142,16 @@ async def replay(
         journal=journal,
         strict=strict,
     )
+    rerun: dict[str, str] | None = None
     if reuse.stale:
         await store.forget_nodes(run.run_id, list(reuse.stale))
-    await store.update_run(run.run_id, status=RunStatus.RUNNING, fingerprint=plan.fingerprint)
+        # Kept on the run record, so that `flowdsl runs show` can say what ran again, why.
+        before = await store.get_run(run.run_id)
+        rerun = dict(before.code) if before is not None else {}
+        rerun.update((n, "changed" if n in reuse.changed else "upstream") for n in reuse.stale)
+    await store.update_run(
+        run.run_id, status=RunStatus.RUNNING, fingerprint=plan.fingerprint, code=rerun
+    )
     now = time.time()
     if run.observed:
         for node_id in reuse.stale:

@@ -19,8 +19,9 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 from .._errors import ConfigError, TracingError
 from . import symbols as _symbols
 from . import trace as _trace
+from .checks import check_types
 from .graph import Graph
-from .units import ref_of, register
+from .units import redefinitions, ref_of, register
 from .units import registered_unit as registered_unit  # the batch executor imports it here
 
 __all__ = ["Branch", "Flow", "Step", "branch", "flow", "step"]
@@ -218,21 +219,32 @@ class Flow(Generic[P, R]):
         self.ref = ref_of(fn)
         self.signature = inspect.signature(fn)
         self._graph: Graph | None = None
+        self._seen = redefinitions()
         self._input_types: dict[str, Any] | None = None
         self._return_type: Any = _UNSET
         functools.update_wrapper(self, fn)
 
     @property
     def graph(self) -> Graph:
-        """The traced DAG (traced on first access if a name was missing at definition)."""
-        if self._graph is None:
-            self._graph = _trace.trace(self)
-        return self._graph
+        """The traced DAG (traced on first access if a name was missing at definition).
+
+        A step the graph uses that was defined again since (its notebook cell run again,
+        fixed) makes the body be traced again, so that runs and resumes use the new code,
+        as they would had the flow's own cell been run again too.
+        """
+        graph = self._graph
+        if graph is None:
+            graph = self._graph = _traced(self)
+        elif self._seen != redefinitions():
+            self._seen = redefinitions()
+            if any(_superseded(node.fn) for node in graph.nodes_by_id.values()):
+                graph = self._graph = _traced(self)
+        return graph
 
     def try_trace(self) -> None:
         """Trace now; a name defined later in the module defers tracing to first use."""
         try:
-            self._graph = _trace.trace(self)
+            self._graph = _traced(self)
         except NameError:
             self._graph = None
 
@@ -295,6 +307,17 @@ class Flow(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<flowdsl flow {self.name!r} ({self.ref})>"
+
+
+def _traced(flow: Flow[..., Any]) -> Graph:
+    graph = _trace.trace(flow)
+    check_types(flow, graph)
+    return graph
+
+
+def _superseded(unit: Any) -> bool:
+    """Whether *unit* is a module-level step or branch defined again since."""
+    return unit is not None and "<locals>" not in unit.ref and registered_unit(unit.ref) is not unit
 
 
 _RETRY_ON_DEFAULT: tuple[type[BaseException], ...] = (Exception,)

@@ -16,9 +16,20 @@ from typing import Any
 from .._errors import ConfigError
 from .graph import Unit
 
-__all__ = ["import_ref", "import_unit", "ref_of", "register", "registered_unit"]
+__all__ = [
+    "import_ref",
+    "import_unit",
+    "redefinitions",
+    "ref_of",
+    "register",
+    "registered_unit",
+]
 
 _UNITS: dict[str, Unit] = {}
+# How many times a module-level step or branch was decorated again under a ref already
+# taken (a notebook cell run again, after a fix): flows traced before then look for
+# stale steps in their graph (see Flow.graph).
+_REDEFINED = 0
 
 
 def ref_of(fn: Callable[..., Any]) -> str:
@@ -28,7 +39,15 @@ def ref_of(fn: Callable[..., Any]) -> str:
 
 def register(unit: Unit) -> None:
     """Make *unit* known under its ref; a unit decorated again replaces the older one."""
+    if unit.ref in _UNITS and "<locals>" not in unit.ref:
+        global _REDEFINED
+        _REDEFINED += 1
     _UNITS[unit.ref] = unit
+
+
+def redefinitions() -> int:
+    """How many module-level units were defined again so far, in this process."""
+    return _REDEFINED
 
 
 def registered_unit(ref: str) -> Unit | None:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
@@ -475,28 +476,51 @@ async def run_node_cached(
             batch_store=batch_store,
         )
     key = cache_key(node, marker, args, kwargs)
-    text = await store.get_cached(key)
-    if text is not None:
-        now = time.time()
-        value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
-        record = NodeRecord(node.id, text, 0, now, now, marker)
-        if journal is not None:
-            await journal.commit_node(sink.run_id, record)
-        if sink.observed:
-            sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
-        return record, value
-    record, value = await run_node(
-        sink,
-        node,
-        args,
-        kwargs,
-        marker=marker,
-        llm=llm,
-        first_attempt=first_attempt,
-        store=journal,
-        batch_store=batch_store,
-    )
-    await store.put_cached(key, record.value)
+    # Two nodes of one run (or of two runs) calling the step with equal arguments at once
+    # would both miss the cache: the second waits for the first, then reads its result.
+    slot = (id(store), threading.get_ident(), key)
+    while True:
+        text = await store.get_cached(key)
+        if text is not None:
+            return await _reuse_cached(journal, sink, node, unit, marker, text)
+        running = _CACHE_IN_FLIGHT.get(slot)
+        if running is None:
+            break
+        await running.wait()  # then read the cache again: a failed first call left nothing
+    _CACHE_IN_FLIGHT[slot] = done = anyio.Event()
+    try:
+        record, value = await run_node(
+            sink,
+            node,
+            args,
+            kwargs,
+            marker=marker,
+            llm=llm,
+            first_attempt=first_attempt,
+            store=journal,
+            batch_store=batch_store,
+        )
+        await store.put_cached(key, record.value)
+    finally:
+        del _CACHE_IN_FLIGHT[slot]
+        done.set()
+    return record, value
+
+
+# (store, thread, cache key) -> set when the call computing that key ends.
+_CACHE_IN_FLIGHT: dict[tuple[int, int, str], anyio.Event] = {}
+
+
+async def _reuse_cached(
+    journal: Store | None, sink: EventSink, node: Node, unit: Any, marker: str, text: str
+) -> tuple[NodeRecord, Any]:
+    now = time.time()
+    value = _codec.decode(text, unit.return_type, what=f"the cached result of {node.id!r}")
+    record = NodeRecord(node.id, text, 0, now, now, marker)
+    if journal is not None:
+        await journal.commit_node(sink.run_id, record)
+    if sink.observed:
+        sink.emit(ev.StepReused(sink.run_id, node.id, now, "cache"))
     return record, value
 
 
@@ -529,12 +553,15 @@ def _emit_failed(sink: EventSink, node: Node, attempt: int, exc: BaseException) 
 def _failure(sink: EventSink, node: Node, exc: BaseException) -> StepFailed:
     cls = StepCodecFailed if isinstance(exc, CodecError) else StepFailed
     hint = None
+    described = _describe(exc)
     if isinstance(exc, TimeoutError) and node.fn is not None and node.fn.timeout is not None:
         hint = f"The step ran longer than its timeout of {node.fn.timeout} s"
     elif isinstance(exc, CodecError):
+        # The codec's hint becomes the failure's own; its text must not say it twice.
         hint = exc.hint
+        described = f"{type(exc).__name__}: {exc.problem}"
     return cls(
-        f"step failed: {_describe(exc)}",
+        f"step failed: {described}",
         flow=sink.flow_name,
         node=node.id,
         hint=hint,

@@ -16,7 +16,7 @@ import attrs
 from .. import events as ev
 from .._define.graph import Graph, NodeKind
 
-__all__ = ["LiveView", "StepTable"]
+__all__ = ["LiveView", "StepTable", "rerun_reason"]
 
 _STYLES = {
     "waiting": "dim",
@@ -39,6 +39,22 @@ class Row:
     duration: float | None = None
     detail: str = ""
     tokens: str = ""
+    rerun: str = ""  # why a resume runs the node again: "changed" or "upstream"
+
+    @property
+    def note(self) -> str:
+        if self.detail or not self.rerun:
+            return self.detail
+        verb = "re-ran" if self.status == "done" else "runs again"
+        return f"{verb}: {rerun_reason(self.rerun)}"
+
+
+def rerun_reason(reason: str) -> str:
+    """What a ``StepInvalidated`` reason means, for a person."""
+    return {
+        "changed": "its code changed",
+        "upstream": "a node it depends on changed",
+    }.get(reason, reason)
 
 
 class StepTable:
@@ -95,7 +111,7 @@ class StepTable:
         elif isinstance(event, ev.StepReused):
             row.status, row.detail = "reused", f"from the {event.reason}"
         elif isinstance(event, ev.StepInvalidated):
-            row.status, row.detail = "waiting", f"runs again ({event.reason})"
+            row.status, row.rerun = "waiting", event.reason
         elif isinstance(event, ev.BranchTaken):
             row.detail = f"case {event.case!r}"
         elif isinstance(event, ev.TokenDelta):
@@ -110,6 +126,9 @@ class StepTable:
         with self._lock:
             rows = [attrs.evolve(row) for row in self.rows.values()]
             status = self.status
+        rerun = sum(1 for row in rows if row.rerun)
+        if rerun:
+            status += f" · {rerun} node{'s' * (rerun > 1)} ran again after code changes"
         now = time.time()
         table = Table(
             title=Text.assemble("flow ", (self.flow, "bold"), f" · run {self.run_id} · {status}"),
@@ -136,7 +155,7 @@ class StepTable:
                 Text(row.status, style=_STYLES.get(row.status, "")),
                 str(row.attempt) if row.attempt else "",
                 format_duration(duration),
-                Text(row.detail),
+                Text(row.note),
             )
         streams = [
             Panel(

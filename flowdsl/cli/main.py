@@ -36,6 +36,8 @@ import click
 from .._errors import ConfigError, FlowError, TracingError, leaves
 from .._version import __version__
 from ..backends import Store, open_store
+from .hints import cli_message
+from .stores import check_backend
 
 __all__ = ["CommandFailed", "cli", "main"]
 
@@ -92,7 +94,7 @@ class _FlowdslGroup(click.Group):
         except click.Abort as exc:
             _fail("interrupted", EXIT_INTERRUPTED, exc)  # click turns Ctrl-C into Abort
         except FlowError as exc:
-            _fail(str(exc), _exit_code_of(exc), exc)
+            _fail(cli_message(exc), _exit_code_of(exc), exc)
         except KeyboardInterrupt as exc:
             _fail("interrupted", EXIT_INTERRUPTED, exc)
         sys.exit(code if isinstance(code, int) else 0)
@@ -160,16 +162,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def store_option(required: bool) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    # "required" stores are read (runs list/show, resume): without one, the default batch
+    # file is read if it exists (see stores.store_or_default).
     if required:
-        text = "The store, e.g. sqlite:///runs.db (or set FLOWDSL_STORE)."
+        text = (
+            "The store, e.g. sqlite:///runs.db (or set FLOWDSL_STORE).  [default: "
+            ".flowdsl/flowdsl.db, where `flowdsl run --batch` keeps its runs, if it exists]"
+        )
     else:
         text = (
             "Keep the run's journal in this store, e.g. sqlite:///runs.db (or set "
             "FLOWDSL_STORE).  [default: in memory]"
         )
-    return click.option(
-        "--store", metavar="URL", envvar="FLOWDSL_STORE", required=required, help=text
-    )
+    return click.option("--store", metavar="URL", envvar="FLOWDSL_STORE", help=text)
 
 
 backend_option = click.option(
@@ -178,6 +183,7 @@ backend_option = click.option(
     default="asyncio",
     show_default=True,
     envvar="FLOWDSL_BACKEND",
+    callback=lambda ctx, param, value: check_backend(value),
     help="The event loop to run on.",
 )
 quiet_option = click.option(

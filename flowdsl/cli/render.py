@@ -14,7 +14,7 @@ from typing import Any
 from .. import _codec
 from .._errors import CodecError
 from .._records import RunRecord, RunStatus, add_usage
-from .live import format_duration
+from .live import format_duration, rerun_reason
 
 __all__ = [
     "iso",
@@ -75,6 +75,9 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
     with_usage = any(row.get("usage") for row in nodes)
     if with_usage:  # LLM token counts and costs, when a step reported any
         columns.append("usage")
+    with_notes = any("rerun" in row for row in nodes)
+    if with_notes:  # nodes a resume ran again, and why
+        columns.append("note")
     for column in columns:
         table.add_column(
             column,
@@ -93,6 +96,9 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
         ]
         if with_usage:
             cells.append(Text(_usage_text(row.get("usage"))))
+        if with_notes:
+            rerun = row.get("rerun")
+            cells.append(Text(f"re-ran on resume: {rerun_reason(rerun)}" if rerun else ""))
         table.add_row(*cells)
     if not complete:
         table.caption = "the flow does not import here: only journaled nodes are listed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from typing import Any
@@ -14,10 +15,12 @@ from .. import _codec
 from .._context.context import Context
 from .._define.dsl import Flow
 from .._errors import StepFailed
-from .._records import RunRecord
+from .._records import RunRecord, RunStatus
+from .hints import cli_message
 from .live import LiveView, StepTable
 from .load import TargetError, add_to_path, load_flow
 from .main import (
+    EXIT_FAILED,
     CommandFailed,
     backend_option,
     live_option,
@@ -26,15 +29,32 @@ from .main import (
     quiet_option,
     store_option,
     unwrapped,
+    usage_error,
     write_json,
 )
+from .render import json_or_text
+from .resume_many import default_show, resume_failed
+from .stores import store_or_default
 
 __all__ = ["resume"]
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @store_option(required=True)
+@click.option(
+    "--all-failed",
+    is_flag=True,
+    help="Resume every failed run in the store instead of RUN_ID (one JSON line each).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    metavar="N",
+    help="With --all-failed: at most N runs at once.",
+)
 @click.option(
     "--strict",
     is_flag=True,
@@ -52,8 +72,10 @@ __all__ = ["resume"]
 @live_option
 @backend_option
 def resume(
-    run_id: str,
-    store: str,
+    run_id: str | None,
+    store: str | None,
+    all_failed: bool,
+    concurrency: int,
     strict: bool,
     target: str | None,
     paths: tuple[str, ...],
@@ -67,14 +89,39 @@ def resume(
     from the module the run recorded (for a run started with `flowdsl run path/to/file.py:f`,
     that is the file's module name: run from the same directory, or add it with --path).
 
+    With --all-failed, every run of the store whose status is failed is resumed (a few at a
+    time, --concurrency), and each prints one JSON line: {"run_id": ..., "flow": ...,
+    "result": ...}, or "error" instead of "result" for a run that fails again.
+
     \b
-    Example:
+    Examples:
       flowdsl resume 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
+      flowdsl resume --all-failed --store sqlite:///runs.db
     """
+    if run_id is None and not all_failed:
+        usage_error("give the RUN_ID to resume, or --all-failed to resume every failed run")
+    if run_id is not None and all_failed:
+        usage_error("give a RUN_ID or --all-failed, not both")
+    store = store_or_default(store)
     add_to_path(os.getcwd())
     for path in paths:
         add_to_path(path)
     flow = load_flow(target) if target is not None else None
+    if run_id is None:
+        many = functools.partial(
+            resume_failed,
+            store,
+            strict=strict,
+            flow=flow,
+            flow_of=_flow_of,
+            concurrency=concurrency,
+            show=default_show(quiet, live),
+            output=sys.stdout,
+        )
+        count, failed = anyio.run(many, backend=backend)
+        if failed:
+            raise CommandFailed(f"{failed} of {count} runs failed again", EXIT_FAILED)
+        return
     show_live = not quiet and (live or sys.stdout.isatty() or sys.stderr.isatty())
     result = anyio.run(_resume, run_id, store, strict, flow, show_live, backend=backend)
     write_json(sys.stdout, result)
@@ -88,6 +135,8 @@ async def _resume(
             record: RunRecord | None = await opened.get_run(run_id)
         if record is None:
             raise CommandFailed(f"no run {run_id!r} in {store} (see `flowdsl runs list`)")
+        if record.status is RunStatus.FINISHED:
+            return json_or_text(record.result or "null")  # nothing runs: no flow needed
         flow = _flow_of(record)
     table = StepTable(flow.graph, run_id) if show_live else None
     ctx = Context(store=store, on_event=table.handle if table is not None else None)
@@ -96,7 +145,8 @@ async def _resume(
             result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow))
     except StepFailed as exc:
         raise CommandFailed(
-            f"{exc} (fix it, then `flowdsl resume {run_id} --store {store}` again)"
+            f"{cli_message(exc, resume=False)} (fix it, then "
+            f"`flowdsl resume {run_id} --store {store}` again)"
         ) from exc
     return _codec.to_data(result, what="the flow's result")
 

@@ -17,7 +17,8 @@ import click
 from .. import _codec
 from .._context.context import Context
 from .._define.dsl import Flow
-from .._errors import CodecError, ConfigError, StepFailed
+from .._errors import CodecError, ConfigError, FlowError, StepFailed
+from .hints import cli_message
 from .live import LiveView, StepTable
 from .load import load_flow
 from .main import (
@@ -131,11 +132,14 @@ def run(
     if inputs_file is not None:
         lines = _read_jsonl(inputs_file)
         show = False if quiet else (True if live else None)
-        failed = anyio.run(
+        failed, url = anyio.run(
             _run_many, flow, lines, options, output, concurrency, show, backend=backend
         )
         if failed:
-            raise CommandFailed(f"{failed} of {len(lines)} runs failed", EXIT_FAILED)
+            message = f"{failed} of {len(lines)} runs failed"
+            if not (url.startswith("memory:") or url.endswith(":memory:")):
+                message += f" (once fixed: `flowdsl resume --all-failed --store {url}`)"
+            raise CommandFailed(message, EXIT_FAILED)
         return
     value = (
         parse_json(sys.stdin.read() if input_json == "-" else input_json, "--input")
@@ -200,7 +204,8 @@ async def _run_one(
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
             result = await unwrapped(ctx.run(flow, *args, run_id=run_id, **kwargs))
     except StepFailed as exc:
-        raise CommandFailed(_with_resume_hint(str(exc), run_id, ctx.store.url)) from exc
+        message = cli_message(exc, resume=False)
+        raise CommandFailed(_with_resume_hint(message, run_id, ctx.store.url)) from exc
     return _codec.to_data(result, what="the flow's result")
 
 
@@ -224,8 +229,9 @@ async def _run_many(
     output: IO[str],
     concurrency: int | None,
     show: bool | None,
-) -> int:
-    """Run every input through ``ctx.map``; write one JSON line each; return the failures."""
+) -> tuple[int, str]:
+    """Run every input through ``ctx.map``; write one JSON line each; return the failures
+    and the store's URL."""
     ctx = options.context()
     run_ids = [derive_run_id(flow.name, value) for value in lines]
     # Inputs that do not fit the flow fail alone, as their own line, without a run.
@@ -252,6 +258,8 @@ async def _run_many(
         result = outcome.get(i)
         if i in misfits:
             line["error"] = misfits[i]
+        elif isinstance(result, FlowError):
+            line["error"] = cli_message(result, ctx.store.url)
         elif isinstance(result, BaseException):
             line["error"] = str(result)
         else:
@@ -262,7 +270,7 @@ async def _run_many(
         failed += "error" in line
         output.write(json.dumps(line, ensure_ascii=False) + "\n")
     output.flush()
-    return failed
+    return failed, ctx.store.url
 
 
 def fit_input(

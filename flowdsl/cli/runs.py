@@ -26,6 +26,7 @@ from .render import (
     status_text,
     stdout_console,
 )
+from .stores import STATUSES, runs_with_status, store_or_default
 
 __all__ = ["node_rows", "run_to_json", "runs"]
 
@@ -45,19 +46,27 @@ def runs() -> None:
     metavar="N",
     help="Show the N newest runs.",
 )
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(STATUSES),
+    multiple=True,
+    help="Only runs of this status (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def runs_list(store: str, limit: int, as_json: bool) -> None:
+def runs_list(store: str | None, limit: int, statuses: tuple[str, ...], as_json: bool) -> None:
     """List the newest runs in a store: id, flow, status, started, duration.
 
     \b
-    Example:
+    Examples:
       flowdsl runs list --store sqlite:///runs.db --limit 20
+      flowdsl runs list --status failed
     """
+    store = store_or_default(store)
 
     async def fetch() -> list[RunRecord]:
         async with opened_store(store) as opened:
-            found: list[RunRecord] = await opened.list_runs(limit=limit)
-            return found
+            return await runs_with_status(opened, statuses, limit)
 
     records = anyio.run(fetch)
     if as_json:
@@ -80,7 +89,7 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
             format_duration(run_duration(record)),
         )
     if not records:
-        table.caption = "no runs yet"
+        table.caption = f"no {' or '.join(statuses)} runs" if statuses else "no runs yet"
     stdout_console().print(table)
 
 
@@ -98,7 +107,7 @@ def runs_list(store: str, limit: int, as_json: bool) -> None:
     "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
 )
 def runs_show(
-    run_id: str, store: str, broker: str | None, paths: tuple[str, ...], as_json: bool
+    run_id: str, store: str | None, broker: str | None, paths: tuple[str, ...], as_json: bool
 ) -> None:
     """Show the run RUN_ID: its record, a table of its nodes, and its dead letters.
 
@@ -112,6 +121,7 @@ def runs_show(
     Example:
       flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
     """
+    store = store_or_default(store)
 
     async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]]]:
         async with opened_store(store) as opened:
@@ -190,6 +200,8 @@ def node_rows(
                 result=json_or_text(node.value),
                 usage=node.usage,
             )
+        if node_id in record.code:  # a resume ran it again after a code change
+            row["rerun"] = record.code[node_id]
         rows.append(row)
     return rows
 

@@ -54,8 +54,8 @@ __all__ = ["worker"]
     "--store",
     metavar="URL",
     envvar="FLOWDSL_STORE",
-    help="The store the runs journal to.  [default: the broker's file, for the "
-    "embedded SQLite queue]",
+    help="The store the runs journal to.  [default: the broker's URL: its file, for the "
+    "embedded SQLite queue, or its Redis or NATS server]",
 )
 @path_option
 def worker(
