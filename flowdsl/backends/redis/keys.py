@@ -59,6 +59,9 @@ class Layout:
     def nodes(self, run_id: str) -> str:
         return f"{self.prefix}:nodes:{run_id}"
 
+    def lease(self, run_id: str) -> str:
+        return f"{self.prefix}:lease:{run_id}"
+
     def blob(self, digest: str) -> str:
         return f"{self.prefix}:blob:{digest}"
 

@@ -85,6 +85,37 @@ return 1
 """
 )
 
+# The run lease: a key holding the owner, expiring on the server's clock (PX), so hosts
+# whose clocks differ agree on when it ran out.
+# KEYS: lease.  ARGV: owner, ttl ms, the holder known dead ('' for none).  Returns nil
+# when taken, else {holder, ms left}.
+ACQUIRE_LEASE: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] or (ARGV[3] ~= '' and holder == ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+return {holder, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: leases.  ARGV: owner, ttl ms.  Returns the (1-based) indexes of the leases lost.
+RENEW_LEASES: Final = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+# KEYS: lease.  ARGV: owner.
+RELEASE_LEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 
 # --- the broker's ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Layout, under one key prefix per deployment (``prefix=``, default ``flowdsl``)::
     {prefix}:blob:{sha256}    string: a large value, once per distinct content
     {prefix}:blobrefs         hash: sha256 -> how many records and cache entries use it
     {prefix}:cache            hash: cache key -> a value (JSON) or a blob reference
+    {prefix}:lease:{run_id}   string: who drives the run; expires (PX) unless renewed
 
 Committing a node is one ``HSETNX`` (first commit wins), with its blob in the same Lua
 script when the value is larger than :data:`INLINE_MAX` bytes.  Every field read back is
@@ -25,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
 from ..._errors import CheckpointError
-from ..._records import NodeRecord, RunRecord, RunStatus
+from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from .keys import (
@@ -50,7 +52,16 @@ from .keys import (
     to_bytes,
 )
 from .link import DEFAULT_PREFIX, RedisLink, RedisURL, parse_prefix, require_asyncio
-from .scripts import COMMIT_NODE, CREATE_RUN, FORGET_NODES, PUT_CACHED, UPDATE_RUN
+from .scripts import (
+    ACQUIRE_LEASE,
+    COMMIT_NODE,
+    CREATE_RUN,
+    FORGET_NODES,
+    PUT_CACHED,
+    RELEASE_LEASE,
+    RENEW_LEASES,
+    UPDATE_RUN,
+)
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisStore"]
 
@@ -135,6 +146,9 @@ class RedisStore(Store):
                 ("commit_node", COMMIT_NODE),
                 ("forget_nodes", FORGET_NODES),
                 ("put_cached", PUT_CACHED),
+                ("acquire_lease", ACQUIRE_LEASE),
+                ("renew_leases", RENEW_LEASES),
+                ("release_lease", RELEASE_LEASE),
             )
         }
 
@@ -327,6 +341,27 @@ class RedisStore(Store):
         except Malformed as exc:
             raise self._corrupted(run_id, node_id, str(exc)) from None
 
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        pairs = list(dict.fromkeys(keys))
+        if not pairs:
+            return {}
+        client = self._client()
+
+        async def read_all() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for run_id, node_id in pairs:
+                pipe.hget(self.layout.nodes(run_id), to_bytes(node_id))
+            return list(await pipe.execute())
+
+        raws = await self._link.call("reading node records", read_all)
+        found: dict[tuple[str, str], NodeRecord] = {}
+        for (run_id, node_id), raw in zip(pairs, raws, strict=True):
+            if raw is not None:
+                found[run_id, node_id] = await self.node_from_raw(run_id, node_id, raw)
+        return found
+
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         if not node_ids:
             return
@@ -335,6 +370,48 @@ class RedisStore(Store):
             f"forgetting nodes of run {run_id!r}",
             [self.layout.nodes(run_id), self.layout.blobrefs],
             [self.prefix, *(to_bytes(n) for n in node_ids)],
+        )
+
+    # --- the run lease ----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        held = await self._script(
+            "acquire_lease",
+            f"taking the lease of run {run_id!r}",
+            [self.layout.lease(run_id)],
+            [to_bytes(owner), _milliseconds(ttl), to_bytes(replacing or "")],
+        )
+        if not held:
+            return None
+        try:
+            holder = from_bytes(held[0], "the lease's owner")
+        except Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+        # PTTL is -1 for a key written by hand without an expiry: it never runs out.
+        left = int(held[1])
+        expires = math.inf if left < 0 else time.time() + left / 1000
+        return Lease(run_id, holder, expires)
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        ids = list(run_ids)
+        if not ids:
+            return []
+        lost = await self._script(
+            "renew_leases",
+            "renewing run leases",
+            [self.layout.lease(run_id) for run_id in ids],
+            [to_bytes(owner), _milliseconds(ttl)],
+        )
+        return [ids[int(i) - 1] for i in lost]
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await self._script(
+            "release_lease",
+            f"releasing the lease of run {run_id!r}",
+            [self.layout.lease(run_id)],
+            [to_bytes(owner)],
         )
 
     # --- the step cache -------------------------------------------------------------------
@@ -459,6 +536,10 @@ def _run_fields(record: RunRecord) -> dict[str, bytes]:
         "code": _codec.dumps(record.code),
     }
     return {k: to_bytes(v) for k, v in fields.items() if v is not None}
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:

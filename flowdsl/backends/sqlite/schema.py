@@ -16,7 +16,7 @@ from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
 INLINE_MAX: Final = 256
 HASH_SIZE: Final = 32
@@ -28,6 +28,15 @@ APPLICATION_ID: Final = 0x666C6F77
 PAGE_SIZE: Final = 8192
 # SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
 CHUNK: Final = 500
+
+# Version 2: who drives each run, until when (wall-clock seconds).
+_LEASES: Final = (
+    """CREATE TABLE IF NOT EXISTS leases (
+        run_id TEXT PRIMARY KEY NOT NULL,
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+)
 
 SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -69,7 +78,10 @@ SCHEMA: Final = (
         value TEXT,
         blob BLOB
     ) WITHOUT ROWID""",
+    *_LEASES,
 )
+#: What brings a file of each older version to the next one.
+MIGRATIONS: Final = {1: _LEASES}
 
 INSERT_RUN: Final = (
     "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
@@ -98,6 +110,12 @@ SELECT_NODES: Final = (
     "n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
     "WHERE n.run_id = ?"
 )
+# Followed by "(?, ?), (?, ?), ..." (row values): the records of given (run, node) pairs.
+SELECT_NODE_PAIRS: Final = (
+    "SELECT n.run_id, n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, "
+    "n.finished_at, n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
+    "WHERE (n.run_id, n.node_id) IN (VALUES"
+)
 NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
 DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
 # Signals for fd.wait_for: the table is made on first use, so that a file made before
@@ -117,6 +135,19 @@ GET_CACHED: Final = (
     "WHERE c.key = ?"
 )
 PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob) VALUES (?, ?, ?)"
+# Taken when free, ran out, ours already, or held by the one named as dead: one statement,
+# so two processes cannot both take it.  RETURNING says whether the row is ours now.
+ACQUIRE_LEASE: Final = (
+    "INSERT INTO leases (run_id, owner, expires_at) VALUES (:run, :owner, :until) "
+    "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+    "WHERE leases.owner = :owner OR leases.owner = :replacing OR leases.expires_at <= :now "
+    "RETURNING owner"
+)
+SELECT_LEASE: Final = "SELECT owner, expires_at FROM leases WHERE run_id = ?"
+RENEW_LEASE: Final = (
+    "UPDATE leases SET expires_at = ? WHERE run_id = ? AND owner = ? RETURNING run_id"
+)
+RELEASE_LEASE: Final = "DELETE FROM leases WHERE run_id = ? AND owner = ?"
 
 
 def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:

@@ -1,6 +1,7 @@
 """The SQLite store: the durable embedded default (``store="sqlite:///runs.db"``).
 
-Layout (schema version 1, kept in ``PRAGMA user_version``)::
+Layout (schema version 2, kept in ``PRAGMA user_version``; a version 1 file gains the
+``leases`` table when it is opened)::
 
     runs(run_id PRIMARY KEY, flow, flow_ref, fingerprint, inputs, status,
          created_at, updated_at, result, error, failed_node, code)
@@ -8,6 +9,7 @@ Layout (schema version 1, kept in ``PRAGMA user_version``)::
          PRIMARY KEY (run_id, node_id)     -- the journal: one row per finished node
     blobs(hash PRIMARY KEY, data)          -- large values, once per distinct content
     cache(key PRIMARY KEY, value, blob)    -- ``@fd.step(cache=True)`` results
+    leases(run_id PRIMARY KEY, owner, expires_at)   -- who drives each run, until when
 
 A node's JSON text of at most :data:`INLINE_MAX` bytes sits in its row; a larger one goes to
 ``blobs`` under its SHA-256 and the row keeps the hash, so a value returned by a thousand
@@ -38,17 +40,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl
 
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
-from ..._records import NodeRecord, RunRecord, RunStatus
+from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
+from .url import parse_url
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 
@@ -56,7 +58,6 @@ INLINE_MAX = schema.INLINE_MAX
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
-_URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
 # The columns of a run's row, in the order the SELECTs name them.
 _RUN_COLUMNS: Final = (
     "run_id",
@@ -130,17 +131,8 @@ class SQLiteStore(Store):
     def from_url(cls, url: str) -> SQLiteStore:
         """A store from ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
         ``sqlite://:memory:``, with optional ``?durability=full&busy_timeout=10``."""
-        rest, _, query = url.partition("?")
-        scheme, sep, location = rest.partition("://")
-        if scheme.lower() != "sqlite" or not sep:
-            raise _bad_url(url)
-        if location == ":memory:":
-            path = ":memory:"
-        elif location.startswith("/") and len(location) > 1 and not location.endswith("/"):
-            path = location[1:]  # the third slash ends the (empty) host part
-        else:
-            raise _bad_url(url)
-        return cls(path, **_url_options(url, query))
+        path, options = parse_url(url)
+        return cls(path, **options)
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None else "closed"
@@ -231,11 +223,16 @@ class SQLiteStore(Store):
         try:
             # Read again under the write lock: another process may have just created it.
             self._check_identity(conn)
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for statement in schema.SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+            # A file an older flowdsl wrote: its data stays, what is new is added.
+            for older in range(version or schema.SCHEMA_VERSION, schema.SCHEMA_VERSION):
+                for statement in schema.MIGRATIONS[older]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             schema.rollback(conn)
@@ -397,6 +394,27 @@ class SQLiteStore(Store):
         records = (self._node_from_row(run_id, row) for row in rows)
         return {record.node_id: record for record in records}
 
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        await checkpoint_if_cancelled()
+        pairs = list(dict.fromkeys(keys))
+        found: dict[tuple[str, str], NodeRecord] = {}
+        db = self._db()
+        for start in range(0, len(pairs), schema.CHUNK // 2):
+            chunk = pairs[start : start + schema.CHUNK // 2]
+            marks = ", ".join("(?, ?)" for _ in chunk)  # only placeholders go into the text
+            query = f"{schema.SELECT_NODE_PAIRS} {marks})"
+            try:
+                rows = db.execute(query, [part for pair in chunk for part in pair]).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failure(exc, run_id=chunk[0][0]) from exc
+            for row in rows:
+                run_id = row[0] if isinstance(row[0], str) else repr(row[0])
+                record = self._node_from_row(run_id, row[1:])
+                found[run_id, record.node_id] = record
+        return found
+
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
         if not node_ids:
@@ -417,6 +435,62 @@ class SQLiteStore(Store):
             except BaseException:
                 schema.rollback(db)
                 raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+
+    # --- the run lease ----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        now = time.time()
+        params = {
+            "run": run_id,
+            "owner": owner,
+            "until": now + ttl,
+            "replacing": replacing,
+            "now": now,
+        }
+        try:
+            if db.execute(schema.ACQUIRE_LEASE, params).fetchall():
+                return None
+            row = db.execute(schema.SELECT_LEASE, (run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if row is None:  # released between the two statements: free now, try again
+            return await self.acquire_lease(run_id, owner, ttl, replacing=replacing)
+        try:
+            return Lease(run_id, v.text(row[0], "owner"), v.timestamp(row[1], "expires_at"))
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, f"its lease: {exc}", _RESTORE_HINT) from None
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        await checkpoint_if_cancelled()
+        if not run_ids:
+            return []
+        db = self._db()
+        until = time.time() + ttl
+        renewed: set[str] = set()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for run_id in run_ids:
+                    if db.execute(schema.RENEW_LEASE, (until, run_id, owner)).fetchall():
+                        renewed.add(run_id)
+                db.execute("COMMIT")
+            except BaseException:
+                schema.rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        return [run_id for run_id in run_ids if run_id not in renewed]
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await checkpoint_if_cancelled()
+        try:
+            self._db().execute(schema.RELEASE_LEASE, (run_id, owner))
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
 
@@ -557,41 +631,6 @@ class SQLiteStore(Store):
             return v.check_json(row[0], "the signal")
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
-
-
-def _url_options(url: str, query: str) -> dict[str, Any]:
-    """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
-    except ValueError:
-        raise _bad_url(url, f"cannot read the options {query!r}") from None
-    options: dict[str, Any] = {}
-    for name, value in pairs:
-        if name == "durability":
-            if value not in ("normal", "full"):
-                raise _bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
-            options["durability"] = value
-        elif name == "busy_timeout":
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not seconds >= 0:
-                raise _bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
-            options["busy_timeout"] = seconds
-        else:
-            raise _bad_url(url, f"unknown option {name!r}")
-    return options
-
-
-def _bad_url(url: str, why: str | None = None) -> ConfigError:
-    problem = f"malformed SQLite store URL {url!r}"
-    if why:
-        problem = f"{problem}: {why}"
-    return ConfigError(
-        problem,
-        hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
-    )
 
 
 def _id_of(row: Sequence[Any]) -> str:
