@@ -300,6 +300,31 @@ async def test_redeliver_hands_a_runs_held_tasks_out_afresh(broker: Broker, othe
     assert await other.claim("w", 10, 30.0) == []  # the other run's task is still held
 
 
+async def test_redeliver_drops_the_tasks_of_the_nodes_it_is_told_to_skip(
+    broker: Broker, other: Broker
+) -> None:
+    """A resume reuses committed nodes: their tasks, queued or held, go instead of coming
+    back; the others come back afresh."""
+    await broker.enqueue([task("r", "done-held"), task("r", "todo-held")])
+    held: list[Claimed] = []
+    while len(held) < 2:
+        held += await claim_until(broker, "dies with its client", 30.0)
+    await broker.enqueue([task("r", "done-queued"), task("r", "todo-queued")])
+    await broker.redeliver("r", skip={"done-held", "done-queued", "never-queued"})
+    again: list[Claimed] = []
+    while len(again) < 2:
+        again += await claim_until(other, "w", 30.0)
+    assert sorted((node_of(c), c.deliveries) for c in again) == [
+        ("todo-held", 1),
+        ("todo-queued", 1),
+    ]
+    assert await other.claim("w", 10, 30.0) == []
+    # A node whose task was dropped can be queued again (a later resume re-runs it).
+    await broker.enqueue([task("r", "done-held")])
+    (back,) = await claim_until(other, "w", 30.0)
+    assert node_of(back) == "done-held"
+
+
 # --- optional features, per declared capability ---------------------------------------------
 
 

@@ -39,7 +39,7 @@ one run, one drives it and the other waits for its result.  What a store promise
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, ClassVar
 
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
@@ -240,10 +240,11 @@ class Broker(abc.ABC):
         would only burn workers' time).  By default they stay and are run for nothing."""
         return None
 
-    async def redeliver(self, run_id: str) -> None:
+    async def redeliver(self, run_id: str, *, skip: Collection[str] = ()) -> None:
         """Make the run's tasks claimable now with their delivery counts reset (a resume:
-        the run's old workers may have died with it).  By default they wait out their
-        leases."""
+        the run's old workers may have died with it), except those of the nodes in
+        *skip* (committed: the resume reuses them), which are removed.  By default they
+        wait out their leases (and a worker completes a committed node's task unrun)."""
         return None
 
     def share_store(self, store: Store) -> None:

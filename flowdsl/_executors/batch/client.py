@@ -7,7 +7,7 @@ broker and wakes the waiting nodes.  The scheduler does not know the difference.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any
 
 import anyio
@@ -66,8 +66,12 @@ class BatchExecutor:
         *,
         poll_interval: float = 0.002,
         max_poll_interval: float = 0.05,
+        max_deliveries: int | None = None,
     ) -> None:
         self.broker = broker
+        # Carried in every task: how many deliveries before a poison task (None: the
+        # worker's own setting).
+        self.max_deliveries = max_deliveries
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self._waiting: dict[tuple[str, str], _Waiter] = {}
@@ -101,9 +105,11 @@ class BatchExecutor:
             while run.run_id in self._forget:
                 self._forget.remove(run.run_id)
 
-    async def resuming(self, run: Any) -> None:
-        """A run resumes: its tasks still queued or held are handed out afresh."""
-        await self.broker.redeliver(run.run_id)
+    async def resuming(self, run: Any, reused: Collection[str] = ()) -> None:
+        """A run resumes: its tasks still queued or held are handed out afresh, but those
+        of the *reused* nodes (committed: the resume took their results from the journal)
+        are dropped, never sent again."""
+        await self.broker.redeliver(run.run_id, skip=reused)
 
     async def ended(self, run: Any, ok: bool) -> None:
         """A run ended; if it failed or was cancelled, its queued tasks are dropped."""
@@ -140,6 +146,7 @@ class BatchExecutor:
                 marker=run.plan.markers[node.id],
                 observed=run.observed,
                 trace=_otel.carrier(),
+                max_deliveries=self.max_deliveries,
             )
         except CodecError as exc:
             raise StepCodecFailed(
@@ -219,8 +226,9 @@ class BatchExecutor:
         hint = None
         if completion.error_kind == "dead":
             hint = (
-                "Workers died running it more times than its retries allow; see the "
-                "dead-letter list with `flowdsl runs show`"
+                "A worker process died (or stalled past its lease) each time it ran this "
+                "step: find what kills it (memory, a crash in native code), or raise "
+                "max_deliveries; the task is on the dead-letter list (`flowdsl runs show`)"
             )
         raise cls(
             completion.error or "failed on a worker",

@@ -289,17 +289,23 @@ class NATSStore(Store):
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
         found: dict[tuple[str, str], NodeRecord] = {}
+        failed: list[Exception] = []
 
         async def look(run_id: str, node_id: str) -> None:
             key = node_key(run_id, node_id)
-            got = await self._bucket.get(key, "read a node", run_id)
-            if got is not None:
-                found[run_id, node_id] = await self._decode_node(run_id, key, got[0])
+            try:
+                got = await self._bucket.get(key, "read a node", run_id)
+                if got is not None:
+                    found[run_id, node_id] = await self._decode_node(run_id, key, got[0])
+            except Exception as exc:  # raised below as itself, not in a group
+                failed.append(exc)
 
         # KV has no multi-get: the reads go out together, one round trip in all.
         async with anyio.create_task_group() as tg:
             for run_id, node_id in pairs:
                 tg.start_soon(look, run_id, node_id)
+        if failed:
+            raise failed[0]
         return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
@@ -349,21 +355,27 @@ class NATSStore(Store):
     async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
         await checkpoint_if_cancelled()
         lost: list[str] = []
+        failed: list[Exception] = []
 
         async def renew(run_id: str) -> None:
             key = lease_key(run_id)
-            while True:
-                got = await self._bucket.get(key, "read a run's lease", run_id)
-                if got is None or self._decode_lease(run_id, got[0]).owner != owner:
-                    lost.append(run_id)
-                    return
-                mine = dump_json({"owner": owner, "expires_at": time.time() + ttl})
-                if await self._bucket.update(key, mine, got[1], "renew a run's lease", run_id):
-                    return
+            try:
+                while True:
+                    got = await self._bucket.get(key, "read a run's lease", run_id)
+                    if got is None or self._decode_lease(run_id, got[0]).owner != owner:
+                        lost.append(run_id)
+                        return
+                    mine = dump_json({"owner": owner, "expires_at": time.time() + ttl})
+                    if await self._bucket.update(key, mine, got[1], "renew a lease", run_id):
+                        return
+            except Exception as exc:  # raised below as itself, not in a group
+                failed.append(exc)
 
         async with anyio.create_task_group() as tg:
             for run_id in dict.fromkeys(run_ids):
                 tg.start_soon(renew, run_id)
+        if failed:
+            raise failed[0]
         return [run_id for run_id in run_ids if run_id in lost]
 
     async def release_lease(self, run_id: str, owner: str) -> None:

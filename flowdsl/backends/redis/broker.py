@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any, Final
 
 import anyio
@@ -393,22 +393,23 @@ class RedisBroker(Broker):
         Tasks being worked on finish, and their completions go unread."""
         await self._each_chunk(run_id, "drop")
 
-    async def redeliver(self, run_id: str) -> None:
+    async def redeliver(self, run_id: str, *, skip: Collection[str] = ()) -> None:
         """Hand a run's taken tasks out afresh, as new entries whose delivery counts start
         again (a resume: the workers that took them may have died with the run's client;
-        waiting out their leases, then counting those deliveries against the step's
-        retries, would punish the node for the crash).  A worker still running one
-        commits first or finds the other's record: the journal keeps one."""
-        await self._each_chunk(run_id, "redeliver")
+        waiting out their leases, then counting those deliveries toward a poison task,
+        would punish the node for the crash); delete those of the nodes in *skip*
+        (committed: the resume reuses them).  A worker still running one commits first
+        or finds the other's record: the journal keeps one."""
+        await self._each_chunk(run_id, "redeliver", [to_bytes(n) for n in skip])
 
-    async def _each_chunk(self, run_id: str, action: str) -> None:
+    async def _each_chunk(self, run_id: str, action: str, extra: list[bytes] | None = None) -> None:
         start = "-"
         while True:
             scanned, tail = await self._run(
                 "run_tasks",
                 f"{action} tasks of run {run_id!r}",
                 [self.tasks_key, self.queued_key],
-                [GROUP, to_bytes(run_id), start, _CHUNK, action],
+                [GROUP, to_bytes(run_id), start, _CHUNK, action, *(extra or [])],
             )
             if int(scanned) < _CHUNK:
                 return

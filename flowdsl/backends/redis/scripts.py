@@ -253,8 +253,11 @@ return 1
 # Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
 # KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
 # what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
-# ones back as new entries, delivery counts starting afresh).  Returns {scanned, last id}.
+# ones back as new entries, delivery counts starting afresh), then the node ids whose
+# tasks "redeliver" deletes instead (committed nodes).  Returns {scanned, last id}.
 RUN_TASKS: Final = """
+local skip = {}
+for i = 6, #ARGV do skip[ARGV[i]] = true end
 local function id_of(text)
   local ms, seq = string.match(text, '^(%d+)-(%d+)$')
   return {tonumber(ms or 0), tonumber(seq or 0)}
@@ -274,14 +277,21 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
 for _, e in ipairs(entries) do
-  local fields, run, key = e[2], nil, nil
+  local fields, run, node, key = e[2], nil, nil, nil
   for j = 1, #fields, 2 do
     if fields[j] == 'run' then run = fields[j + 1] end
+    if fields[j] == 'node' then node = fields[j + 1] end
     if fields[j] == 'key' then key = fields[j + 1] end
   end
   if run == ARGV[2] then
     local handed_out = not after(id_of(e[1]), last)
-    if ARGV[5] == 'drop' and not handed_out then
+    if ARGV[5] == 'redeliver' and node and skip[node] then
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
+      redis.call('XDEL', KEYS[1], e[1])
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HDEL', KEYS[2], key)
+      end
+    elseif ARGV[5] == 'drop' and not handed_out then
       redis.call('XDEL', KEYS[1], e[1])
       if key and redis.call('HGET', KEYS[2], key) == e[1] then
         redis.call('HDEL', KEYS[2], key)

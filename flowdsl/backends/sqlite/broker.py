@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -266,15 +267,21 @@ class SQLiteBroker(Broker):
             [("DELETE FROM fd_tasks WHERE run_id = ? AND lease_until < ?", (run_id, time.time()))]
         )
 
-    async def redeliver(self, run_id: str) -> None:
-        """Hand a run's queued and held tasks out afresh, their attempts forgotten.
+    async def redeliver(self, run_id: str, *, skip: Collection[str] = ()) -> None:
+        """Hand a run's queued and held tasks out afresh, their deliveries forgotten; drop
+        those of the nodes in *skip* (committed: the resume reuses them).
 
         A resume asks for this: the tasks of a run whose client died may be held by that
         client's own workers, dead with it; waiting out their leases, then counting those
-        deliveries against the step's retries, would punish the node for the crash.
+        deliveries toward a poison task, would punish the node for the crash.
         """
+        await checkpoint_if_cancelled()
+        drop = "DELETE FROM fd_tasks WHERE run_id = ? AND node_id = ?"
         self._write(
-            [("UPDATE fd_tasks SET lease_until = 0, deliveries = 0 WHERE run_id = ?", (run_id,))]
+            [
+                *((drop, (run_id, node_id)) for node_id in skip),
+                ("UPDATE fd_tasks SET lease_until = 0, deliveries = 0 WHERE run_id = ?", (run_id,)),
+            ]
         )
 
     def pending(self) -> int:
