@@ -10,6 +10,7 @@ capability rather than probe for attributes:
 capability                             declared as
 =====================================  ===================================================
 a commit that does not await           ``Store.commits_nowait`` / ``commit_node_nowait``
+leases no other process can see        ``Store.process_local``
 commit and completion in one step      ``Broker.holds(store)`` / ``commit_and_complete``
 events published with the completion   ``Broker.carries_events`` (the ``events=`` argument
                                        is always accepted; without the flag the events are
@@ -56,6 +57,10 @@ class Store(abc.ABC):
     #: Whether :meth:`commit_node_nowait` is offered: the store's commit is a synchronous
     #: write (a dict, an embedded file), so a node can be committed without awaiting.
     commits_nowait: ClassVar[bool] = False
+
+    #: Whether only this process can see the store (the memory store): its run leases
+    #: need no expiry and no renewal, only the check of which drivers here are alive.
+    process_local: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def open(self) -> None:

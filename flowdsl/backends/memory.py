@@ -19,6 +19,7 @@ class MemoryStore(Store):
     so a long-lived process that runs flows forever does not grow without bound."""
 
     commits_nowait = True  # a commit is a dict assignment
+    process_local = True  # no other process sees it: its leases need no renewal
 
     def __init__(self, *, max_runs: int = 10_000) -> None:
         self.url = "memory://"
