@@ -13,6 +13,8 @@ Two environment variables steer the steps, so that a test can set them for one p
   never interleave.  :func:`read_log` reads it back.
 - ``FLOWDSL_TEST_HOLD``: comma-separated step labels; a step called with one of them never
   ends in that process (it is in flight when the test kills the process).
+- ``FLOWDSL_TEST_KILL``: comma-separated step labels; a step called with one of them
+  SIGKILLs its own process as it starts (a step that kills every worker that runs it).
 
 Results depend only on the label and the inputs (SHA-256), identical in every process.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -33,9 +36,11 @@ from flowdsl._engine.runner import current_scope
 __all__ = [
     "EXEC_LOG",
     "HOLD",
+    "KILL",
     "diamond",
     "expected_chain",
     "expected_diamond",
+    "expected_trio_chain",
     "fragile",
     "fragile_chain",
     "mix",
@@ -43,11 +48,13 @@ __all__ = [
     "read_log",
     "resume_chain",
     "stalls",
+    "trio_chain",
     "work",
 ]
 
 EXEC_LOG = "FLOWDSL_TEST_EXEC_LOG"
 HOLD = "FLOWDSL_TEST_HOLD"
+KILL = "FLOWDSL_TEST_KILL"
 
 
 def _log(event: str, label: str = "") -> None:
@@ -89,6 +96,8 @@ def mix(label: str, *values: Any) -> int:
 
 async def _body(label: str, x: int, delay: float) -> int:
     _log("start", label)
+    if label in os.environ.get(KILL, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
     if delay > 0:
         await anyio.sleep(delay)
     if label in os.environ.get(HOLD, "").split(","):
@@ -175,6 +184,18 @@ async def stalls(x: int) -> int:
     """A node without retries after an ordinary one: hold ``stall`` to kill its worker."""
     a = await work("a", x)
     return await fragile("stall", a)
+
+
+@fd.flow
+async def trio_chain(x: int) -> int:
+    """a -> b -> c, none with retries: kill a worker between b's commit and its ack."""
+    a = await fragile("a", x)
+    b = await fragile("b", a)
+    return await fragile("c", b)
+
+
+def expected_trio_chain(x: int) -> int:
+    return mix("c", mix("b", mix("a", x)))
 
 
 def expected_chain(x: int) -> int:

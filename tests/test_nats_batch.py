@@ -174,11 +174,17 @@ async def test_a_failed_runs_tasks_are_dropped_and_others_stay(broker: NATSBroke
     assert {(c.run_id, c.node_id) for c in claimed} == {("b", "n1"), ("b", "n2")}
 
 
-async def test_a_resumed_runs_tasks_are_handed_out_afresh(broker: NATSBroker) -> None:
+async def test_a_resumed_runs_tasks_are_handed_out_afresh(url: str, broker: NATSBroker) -> None:
     await broker.enqueue([("r", "n", "held by a dead client's worker"), ("other", "n", "o")])
     held = await broker.claim("dies with its client", 10, 30.0)
     assert len(held) == 2
-    await broker.redeliver("r")  # claimable now, not after the 30 s lease
+    # The resuming process (its own connection: what this one holds is held by the dead).
+    resumer = NATSBroker(url)
+    await resumer.open()
+    try:
+        await resumer.redeliver("r")  # claimable now, not after the 30 s lease
+    finally:
+        await resumer.close()
     [again] = await broker.claim("w", 10, 30.0)
     assert (again.payload, again.deliveries) == ("held by a dead client's worker", 1)
     assert await broker.claim("w", 10, 30.0) == []  # the other run's task is still held

@@ -46,7 +46,7 @@ from .._records import Lease
 if TYPE_CHECKING:
     from ..backends.base import Store
 
-__all__ = ["DEFAULT_TTL", "LeaseKeeper", "Owner", "process_gone"]
+__all__ = ["DEFAULT_TTL", "LeaseKeeper", "Owner", "new_owner", "process_alive", "process_gone"]
 
 log = logging.getLogger("flowdsl.lease")
 
@@ -135,29 +135,43 @@ def new_owner() -> Owner:
     return Owner(host, pid, _start_time(pid) or "", _machine(), uuid.uuid4().hex[:8])
 
 
+def _runs(owner: Owner) -> bool | None:
+    """Whether the process *owner* names runs: ``None`` when that cannot be told here
+    (another machine or container)."""
+    if owner.machine != _machine():
+        return None
+    started = _start_time(owner.pid)
+    if started is None:
+        return False
+    if started and owner.started:
+        return started == owner.started
+    try:
+        os.kill(owner.pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
+
+
 def process_gone(text: str) -> bool:
     """Whether the process that *text* names as a lease's owner is certainly gone: on this
     machine, its pid runs no more (or runs another process), or it is this process and
     none of its live keepers has that name.  ``False`` when it cannot be told (another
     machine, an owner flowdsl did not make): then only the lease's expiry tells."""
     owner = Owner.parse(text)
-    if owner is None or owner.machine != _machine():
+    if owner is None:
         return False
-    pid = os.getpid()
-    if owner.pid == pid:
+    if owner.pid == os.getpid() and owner.machine == _machine():
         return text not in _LIVE
-    started = _start_time(owner.pid)
-    if started is None:
-        return True
-    if started and owner.started:
-        return started != owner.started
-    try:
-        os.kill(owner.pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it exists, as another user
-    return False
+    return _runs(owner) is False
+
+
+def process_alive(text: str) -> bool:
+    """Whether the process that *text* names (a worker's name) certainly still runs: on
+    this machine, its pid runs the same process.  ``False`` when it cannot be told."""
+    owner = Owner.parse(text)
+    return owner is not None and _runs(owner) is True
 
 
 class LeaseKeeper:

@@ -40,7 +40,7 @@ one run, one drives it and the other waits for its result.  What a store promise
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
@@ -245,11 +245,19 @@ class Broker(abc.ABC):
         would only burn workers' time).  By default they stay and are run for nothing."""
         return None
 
-    async def redeliver(self, run_id: str, *, skip: Collection[str] = ()) -> None:
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
         """Make the run's tasks claimable now with their delivery counts reset (a resume:
         the run's old workers may have died with it), except those of the nodes in
-        *skip* (committed: the resume reuses them), which are removed.  By default they
-        wait out their leases (and a worker completes a committed node's task unrun)."""
+        *skip* (committed: the resume reuses them), which are removed, and those held by
+        a worker that *alive* (given a worker's name) or this process says still runs,
+        which are left to it.  By default they wait out their leases (and a worker
+        completes a committed node's task unrun)."""
         return None
 
     def share_store(self, store: Store) -> None:

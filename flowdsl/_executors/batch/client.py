@@ -16,6 +16,7 @@ import attrs
 
 from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
+from ..._engine.lease import process_alive
 from ..._errors import (
     CheckpointError,
     CodecError,
@@ -106,10 +107,11 @@ class BatchExecutor:
                 self._forget.remove(run.run_id)
 
     async def resuming(self, run: Any, reused: Collection[str] = ()) -> None:
-        """A run resumes: its tasks still queued or held are handed out afresh, but those
-        of the *reused* nodes (committed: the resume took their results from the journal)
-        are dropped, never sent again."""
-        await self.broker.redeliver(run.run_id, skip=reused)
+        """A run resumes: its tasks still queued, or held by workers that are gone with
+        the run's last driver, are handed out afresh; those of the *reused* nodes
+        (committed: the resume took their results from the journal) are dropped, never
+        sent again; those a live worker holds are left to it."""
+        await self.broker.redeliver(run.run_id, skip=reused, alive=process_alive)
 
     async def ended(self, run: Any, ok: bool) -> None:
         """A run ended; if it failed or was cancelled, its queued tasks are dropped."""

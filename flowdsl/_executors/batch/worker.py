@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -33,6 +30,7 @@ import anyio.abc
 from ... import _codec, _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
+from ..._engine.lease import new_owner
 from ..._engine.runner import run_node_cached
 from ..._errors import (
     BackendUnavailable,
@@ -123,7 +121,9 @@ class Worker:
         self.local = local
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Named as a lease owner is (host, pid, start time...): a resume on this machine
+        # can tell whether the worker holding a task still runs (see BatchExecutor).
+        self.name = name or str(new_owner())
         self.on_complete: Any = None
         self._wake = anyio.Event()
         self._held: set[str] = set()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
 import anyio
@@ -393,14 +393,34 @@ class RedisBroker(Broker):
         Tasks being worked on finish, and their completions go unread."""
         await self._each_chunk(run_id, "drop")
 
-    async def redeliver(self, run_id: str, *, skip: Collection[str] = ()) -> None:
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
         """Hand a run's taken tasks out afresh, as new entries whose delivery counts start
         again (a resume: the workers that took them may have died with the run's client;
         waiting out their leases, then counting those deliveries toward a poison task,
         would punish the node for the crash); delete those of the nodes in *skip*
-        (committed: the resume reuses them).  A worker still running one commits first
-        or finds the other's record: the journal keeps one."""
-        await self._each_chunk(run_id, "redeliver", [to_bytes(n) for n in skip])
+        (committed: the resume reuses them); leave those held by a live worker (one of
+        this process's, or one *alive* vouches for) to it.  A worker still running one
+        that was handed out again commits first or finds the other's record: the journal
+        keeps one."""
+        live = set(self._holders.values())
+        if alive is not None:
+            client = self._link.require("queue")
+            consumers = await self._link.call(
+                "listing the workers", lambda: client.xinfo_consumers(self.tasks_key, GROUP)
+            )
+            for consumer in consumers:
+                name = consumer["name"]
+                text = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                if alive(text):  # idle now, it may claim one before the script runs
+                    live.add(text)
+        extra = [str(len(skip)).encode(), *(to_bytes(n) for n in skip)]
+        await self._each_chunk(run_id, "redeliver", extra + [to_bytes(n) for n in live])
 
     async def _each_chunk(self, run_id: str, action: str, extra: list[bytes] | None = None) -> None:
         start = "-"

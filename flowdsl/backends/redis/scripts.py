@@ -253,11 +253,18 @@ return 1
 # Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
 # KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
 # what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
-# ones back as new entries, delivery counts starting afresh), then the node ids whose
-# tasks "redeliver" deletes instead (committed nodes).  Returns {scanned, last id}.
+# ones back as new entries, delivery counts starting afresh), n, then n node ids whose
+# tasks "redeliver" deletes instead (committed nodes), then the names of live workers,
+# whose tasks "redeliver" leaves to them.  Returns {scanned, last id}.
 RUN_TASKS: Final = """
-local skip = {}
-for i = 6, #ARGV do skip[ARGV[i]] = true end
+local skip, live = {}, {}
+local n = tonumber(ARGV[6] or '0')
+for i = 7, 6 + n do skip[ARGV[i]] = true end
+for i = 7 + n, #ARGV do live[ARGV[i]] = true end
+local function held_by_live(id)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  return p[1] ~= nil and live[p[1][2]] == true
+end
 local function id_of(text)
   local ms, seq = string.match(text, '^(%d+)-(%d+)$')
   return {tonumber(ms or 0), tonumber(seq or 0)}
@@ -296,7 +303,7 @@ for _, e in ipairs(entries) do
       if key and redis.call('HGET', KEYS[2], key) == e[1] then
         redis.call('HDEL', KEYS[2], key)
       end
-    elseif ARGV[5] == 'redeliver' and handed_out then
+    elseif ARGV[5] == 'redeliver' and handed_out and not held_by_live(e[1]) then
       redis.call('XACK', KEYS[1], ARGV[1], e[1])
       redis.call('XDEL', KEYS[1], e[1])
       local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
