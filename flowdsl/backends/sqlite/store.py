@@ -45,11 +45,12 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._errors import CheckpointError, ConfigError
 from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
+from .files import check_identity, failure, migrate
 from .url import parse_url
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
@@ -185,7 +186,7 @@ class SQLiteStore(Store):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            self._check_identity(conn)
+            check_identity(conn, self.path, self.url)
             conn.execute(f"PRAGMA page_size = {schema.PAGE_SIZE}")  # only a new file takes it
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if not memory and str(mode).lower() != "wal":
@@ -195,48 +196,11 @@ class SQLiteStore(Store):
                 )
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
-            self._migrate(conn)
+            migrate(conn, self.path, self.url)
         except BaseException:
             conn.close()
             raise
         return conn
-
-    def _check_identity(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, schema.APPLICATION_ID):
-            raise ConfigError(
-                f"{self.path} is an SQLite database that another program owns, not a flowdsl store",
-                hint="Give the store a file of its own",
-            )
-        if version > schema.SCHEMA_VERSION:
-            raise CheckpointError(
-                f"the store {self.url} has schema version {version}, newer than the "
-                f"{schema.SCHEMA_VERSION} this flowdsl knows",
-                hint="Upgrade flowdsl to the version that wrote it",
-            )
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have just created it.
-            self._check_identity(conn)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in schema.SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
-            # A file an older flowdsl wrote: its data stays, what is new is added.
-            for older in range(version or schema.SCHEMA_VERSION, schema.SCHEMA_VERSION):
-                for statement in schema.MIGRATIONS[older]:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            schema.rollback(conn)
-            raise
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -560,37 +524,7 @@ class SQLiteStore(Store):
     def _failure(
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
     ) -> Exception:
-        """Translate an sqlite3 error at the edge, naming the file and what to do."""
-        name = schema.error_name(exc)
-        where = f" (run {run_id!r})" if run_id is not None else ""
-        if schema.is_busy(exc):
-            # Another process holds the write lock: the file is fine, only busy.
-            return BackendUnavailable(
-                f"the store {self.url}",
-                reason="it stayed locked by another writer",
-                waited=self.busy_timeout,
-                run_id=run_id,
-                node=node_id,
-                hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
-                "process that holds the file",
-            )
-        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            return CheckpointError(
-                f"the store {self.url} is corrupted{where}: {exc}",
-                node=node_id,
-                hint="Restore the file from a backup",
-            )
-        if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            return ConfigError(
-                f"cannot write the store {self.url}: {exc}",
-                node=node_id,
-                hint="Check that the file and its directory exist and are writable",
-            )
-        return CheckpointError(
-            f"the store {self.url} failed{where}: {exc}",
-            node=node_id,
-            hint="Check the disk (space, permissions) and the file",
-        )
+        return failure(self.url, self.busy_timeout, exc, run_id=run_id, node_id=node_id)
 
     # --- signals (fd.wait_for) --------------------------------------------------------------
 
