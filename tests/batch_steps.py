@@ -15,6 +15,8 @@ Two environment variables steer the steps, so that a test can set them for one p
   ends in that process (it is in flight when the test kills the process).
 - ``FLOWDSL_TEST_KILL``: comma-separated step labels; a step called with one of them
   SIGKILLs its own process as it starts (a step that kills every worker that runs it).
+- ``FLOWDSL_TEST_FAIL``: comma-separated step labels; a step called with one of them
+  raises ``RuntimeError`` after it starts (a bug, fixed by unsetting it and resuming).
 
 Results depend only on the label and the inputs (SHA-256), identical in every process.
 """
@@ -35,6 +37,7 @@ from flowdsl._engine.runner import current_scope
 
 __all__ = [
     "EXEC_LOG",
+    "FAIL",
     "HOLD",
     "KILL",
     "diamond",
@@ -47,6 +50,7 @@ __all__ = [
     "parity",
     "read_log",
     "resume_chain",
+    "slow_chain",
     "stalls",
     "trio_chain",
     "work",
@@ -55,6 +59,7 @@ __all__ = [
 EXEC_LOG = "FLOWDSL_TEST_EXEC_LOG"
 HOLD = "FLOWDSL_TEST_HOLD"
 KILL = "FLOWDSL_TEST_KILL"
+FAIL = "FLOWDSL_TEST_FAIL"
 
 
 def _log(event: str, label: str = "") -> None:
@@ -98,6 +103,8 @@ async def _body(label: str, x: int, delay: float) -> int:
     _log("start", label)
     if label in os.environ.get(KILL, "").split(","):
         os.kill(os.getpid(), signal.SIGKILL)
+    if label in os.environ.get(FAIL, "").split(","):
+        raise RuntimeError(f"step {label!r} fails ({FAIL})")
     if delay > 0:
         await anyio.sleep(delay)
     if label in os.environ.get(HOLD, "").split(","):
@@ -196,6 +203,15 @@ async def trio_chain(x: int) -> int:
 
 def expected_trio_chain(x: int) -> int:
     return mix("c", mix("b", mix("a", x)))
+
+
+@fd.flow
+async def slow_chain(x: int, delay: float) -> int:
+    """a -> b -> c, each step taking *delay* seconds: long enough for a second process to
+    come while the first drives it."""
+    a = await fragile("a", x, delay)
+    b = await fragile("b", a, delay)
+    return await fragile("c", b, delay)
 
 
 def expected_chain(x: int) -> int:

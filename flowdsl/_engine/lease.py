@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -189,6 +190,7 @@ class LeaseKeeper:
         self.every = ttl / 3
         self.owner = str(new_owner())
         self._held: dict[str, Callable[[], None] | None] = {}
+        self._renewed = 0.0  # time.monotonic() of the last renewal
         _LIVE[self.owner] = self
 
     def __repr__(self) -> str:
@@ -220,6 +222,7 @@ class LeaseKeeper:
         (their ``on_lost`` has been called)."""
         if not self._held or self.local:
             return []
+        self._renewed = time.monotonic()
         lost = await self.store.renew_leases(self.owner, list(self._held), self.ttl)
         for run_id in lost:
             log.warning("lost the lease of run %s: another process drives it now", run_id)
@@ -229,11 +232,17 @@ class LeaseKeeper:
         return lost
 
     async def keep(self) -> None:
-        """Renew the held leases every third of the lease, until cancelled."""
+        """Renew the held leases every third of the lease, until cancelled.
+
+        Several loops may keep one keeper (each run of a context that is not entered has
+        one): a loop that wakes just after another renewed lets it be, so the leases are
+        renewed about once a period whatever the number of loops."""
         if self.local:
             return
         while True:
             await anyio.sleep(self.every)
+            if time.monotonic() - self._renewed < self.every / 2:
+                continue
             try:
                 await self.renew()
             except (BackendUnavailable, OSError) as exc:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from ...backends.messages import decode_event, encode_event
 from .client import BatchExecutor, RemoteError, StepCheckpointFailed, StepConfigFailed
-from .worker import Worker, import_unit, serve
+from .worker import DEFAULT_MAX_DELIVERIES, Worker, import_unit, serve
 
 __all__ = [
+    "DEFAULT_MAX_DELIVERIES",
     "BatchExecutor",
     "RemoteError",
     "StepCheckpointFailed",
