@@ -10,7 +10,7 @@ import anyio
 from .._define.dsl import Flow
 from .._engine.dynamic import ITEM_PROGRESS
 from .._errors import FlowError, first_leaf
-from .progress import progress_for
+from . import progress
 
 if TYPE_CHECKING:
     from .context import Context
@@ -31,7 +31,7 @@ async def map_runs(
 ) -> list[R | BaseException]:
     """Run *flow* once per call in *ctx*; results in input order (see ``Context.map``)."""
     results: list[Any] = [None] * len(calls)
-    with progress_for(flow.name, len(calls), show) as bar:
+    with progress.progress_for(flow.name, len(calls), show) as bar:
 
         async def one(i: int) -> None:
             args, kwargs = calls[i]

@@ -29,6 +29,7 @@ from . import symbols as _symbols
 from . import trace as _trace
 from .checks import check_types
 from .graph import Graph
+from .handlers import check_handlers
 from .units import redefinitions, ref_of, register, superseded
 from .units import registered_unit as registered_unit  # the batch executor imports it here
 
@@ -319,6 +320,7 @@ class Flow(Generic[P, R]):
 
 
 def _traced(flow: Flow[..., Any]) -> Graph:
+    check_handlers(flow.name, flow.fn)
     graph = _trace.trace(flow)
     check_types(flow, graph)
     return graph
