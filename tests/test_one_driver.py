@@ -218,3 +218,28 @@ def test_run_lease_and_max_deliveries_are_checked() -> None:
         fd.Context(run_lease=0)
     with pytest.raises(fd.ConfigError, match=r"^max_deliveries must be a whole number"):
         fd.Context(batch=True, max_deliveries=0)
+
+
+async def test_a_context_used_without_async_with_renews_its_leases_and_raises_plainly(
+    sqlite_url: str, exec_log: Path
+) -> None:
+    """Outside ``async with``, each drive renews its lease beside it: a run longer than
+    its lease is not taken over by a process that waits for it; its failure is the
+    step's StepFailed, not a group."""
+    ctx = fd.Context(store=sqlite_url, run_lease=0.3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(bs.FAIL, "a")
+        with pytest.raises(fd.StepFailed) as info:
+            await ctx.run(bs.slow_chain, 3, 0.0, run_id="plain")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    results: list[int] = []
+
+    async def drive() -> None:
+        results.append(await ctx.run(bs.slow_chain, 3, 0.3, run_id="long"))
+
+    async with anyio.create_task_group() as tg, fd.Context(store=sqlite_url) as other:
+        tg.start_soon(drive)
+        await until(lambda: started(exec_log, "long", "a"))
+        results.append(await other.resume("long"))  # waits: three leases' worth and more
+    assert results == [bs.expected_trio_chain(3)] * 2
+    assert ends(exec_log, "long") == Counter({"a": 1, "b": 1, "c": 1})

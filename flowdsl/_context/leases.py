@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from .._engine.lease import describe_owner, process_gone
-from .._errors import CheckpointError, RunBusy
+from .._errors import CheckpointError, RunBusy, first_leaf
 from .._records import Lease, RunRecord, RunStatus
 from .run import Run
 from .stored import decode_inputs, settle_from_record
@@ -137,12 +137,18 @@ async def keeping(ctx: Context, run: Run) -> AsyncIterator[anyio.CancelScope]:
             if ctx._entered or ctx._leases.local:
                 yield scope
             else:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(ctx._leases.keep)
-                    try:
-                        yield scope
-                    finally:
-                        tg.cancel_scope.cancel()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(ctx._leases.keep)
+                        try:
+                            yield scope
+                        finally:
+                            tg.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # The drive's own error, not a group of one: the renewal task only
+                    # ever ends cancelled.
+                    leaf = first_leaf(group)
+                    raise leaf from leaf.__cause__
     finally:
         run.lease_scope = None
         with anyio.CancelScope(shield=True):

@@ -61,6 +61,12 @@ __all__ = ["resume"]
     help="Refuse to resume if any step's code or the graph changed since the run.",
 )
 @click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Fail at once (RunBusy) if another process drives the run, instead of waiting "
+    "for its result (and taking it over should that process die).",
+)
+@click.option(
     "--flow",
     "target",
     metavar="TARGET",
@@ -77,6 +83,7 @@ def resume(
     all_failed: bool,
     concurrency: int,
     strict: bool,
+    no_wait: bool,
     target: str | None,
     paths: tuple[str, ...],
     quiet: bool,
@@ -85,7 +92,9 @@ def resume(
 ) -> None:
     """Finish the failed, cancelled or crashed run RUN_ID and print its result as JSON.
 
-    Finished nodes are read back from the store and never run again.  The flow is imported
+    Finished nodes are read back from the store and never run again.  A run that another
+    process drives is not driven twice: this waits for its result (--no-wait: fails at
+    once), and takes the run over if that process dies.  The flow is imported
     from the module the run recorded (for a run started with `flowdsl run path/to/file.py:f`,
     that is the file's module name: run from the same directory, or add it with --path).
 
@@ -123,12 +132,19 @@ def resume(
             raise CommandFailed(f"{failed} of {count} runs failed again", EXIT_FAILED)
         return
     show_live = not quiet and (live or sys.stdout.isatty() or sys.stderr.isatty())
-    result = anyio.run(_resume, run_id, store, strict, flow, show_live, backend=backend)
+    call = functools.partial(_resume, run_id, store, strict, flow, show_live, wait=not no_wait)
+    result = anyio.run(call, backend=backend)
     write_json(sys.stdout, result)
 
 
 async def _resume(
-    run_id: str, store: str, strict: bool, flow: Flow[..., Any] | None, show_live: bool
+    run_id: str,
+    store: str,
+    strict: bool,
+    flow: Flow[..., Any] | None,
+    show_live: bool,
+    *,
+    wait: bool = True,
 ) -> Any:
     if flow is None:
         async with opened_store(store) as opened:
@@ -142,7 +158,7 @@ async def _resume(
     ctx = Context(store=store, on_event=table.handle if table is not None else None)
     try:
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
-            result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow))
+            result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow, wait=wait))
     except StepFailed as exc:
         raise CommandFailed(
             f"{cli_message(exc, resume=False)} (fix it, then "

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import click
 
-from .._executors.batch import serve
+from .._executors.batch import DEFAULT_MAX_DELIVERIES, serve
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
 from .main import path_option, usage_error
@@ -51,6 +51,16 @@ __all__ = ["worker"]
     help="How long a task stays this worker's if it stops renewing it (it dies).",
 )
 @click.option(
+    "--max-deliveries",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_DELIVERIES,
+    show_default=True,
+    metavar="N",
+    help="How many times a task may be handed out to workers that die (or lose its lease) "
+    "before it is dead-lettered as a poison task; a run's own fd.Context(max_deliveries=...) "
+    "wins.",
+)
+@click.option(
     "--store",
     metavar="URL",
     envvar="FLOWDSL_STORE",
@@ -63,13 +73,15 @@ def worker(
     imports: tuple[str, ...],
     concurrency: int,
     lease: float,
+    max_deliveries: int,
     store: str | None,
     paths: tuple[str, ...],
 ) -> None:
     """Run a batch worker: take ready steps off the broker's queue and run them.
 
     The worker runs until it is interrupted (Ctrl-C or SIGTERM), then stops taking tasks;
-    steps it had taken and not finished go back to the queue when their leases expire.
+    steps it had taken and not finished go back to the queue when their leases expire.  A
+    step whose record is committed never runs again, however often its task comes back.
 
     \b
     Example:
@@ -81,7 +93,7 @@ def worker(
     for path in paths:
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
-    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease)
+    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease, max_deliveries)
 
 
 def _module_of(name: str) -> str:
@@ -102,6 +114,7 @@ async def _serve_until_stopped(
     modules: tuple[str, ...],
     concurrency: int,
     lease: float = 30.0,
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
 ) -> None:
     import signal
 
@@ -117,6 +130,7 @@ async def _serve_until_stopped(
                     imports=modules,
                     concurrency=concurrency,
                     lease=lease,
+                    max_deliveries=max_deliveries,
                 )
             )
             click.echo(
