@@ -133,3 +133,28 @@ async def test_keep_renews_until_cancelled(tmp_path: Path) -> None:
             tg.cancel_scope.cancel()
     finally:
         await store.close()
+
+
+async def test_a_worker_of_this_process_is_alive_only_while_it_works(tmp_path: Path) -> None:
+    from flowdsl._engine.lease import process_alive
+    from flowdsl._executors.batch import Worker
+    from flowdsl.backends.sqlite.broker import SQLiteBroker
+
+    store = SQLiteStore(tmp_path / "q.db")
+    queue = SQLiteBroker(tmp_path / "q.db")
+    queue.share_store(store)
+    await store.open()
+    await queue.open()
+    try:
+        worker = Worker(queue, store)
+        assert not process_alive(worker.name)  # not started: holds nothing
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            assert process_alive(worker.name)
+            tg.cancel_scope.cancel()
+        # Its context ended: a resume in this process hands its tasks out again.
+        assert not process_alive(worker.name)
+        assert not process_alive("garbage")
+    finally:
+        await queue.close()
+        await store.close()

@@ -47,7 +47,16 @@ from .._records import Lease
 if TYPE_CHECKING:
     from ..backends.base import Store
 
-__all__ = ["DEFAULT_TTL", "LeaseKeeper", "Owner", "new_owner", "process_alive", "process_gone"]
+__all__ = [
+    "DEFAULT_TTL",
+    "LeaseKeeper",
+    "Owner",
+    "mark_alive",
+    "mark_gone",
+    "new_owner",
+    "process_alive",
+    "process_gone",
+]
 
 log = logging.getLogger("flowdsl.lease")
 
@@ -57,8 +66,19 @@ DEFAULT_TTL: Final = 5.0
 # A process-local store's leases never run out: only the in-process check replaces them.
 _FOREVER: Final = 10.0 * 365 * 24 * 3600
 
-# The keepers alive in this process, by owner string.
-_LIVE: weakref.WeakValueDictionary[str, LeaseKeeper] = weakref.WeakValueDictionary()
+# What is alive in this process under an owner's name: lease keepers, and batch workers
+# (named as owners are, so that a resume can tell whether the worker holding a task runs).
+_LIVE: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
+
+
+def mark_alive(name: str, holder: object) -> None:
+    """*holder* (a keeper, a worker) runs in this process under *name* until
+    :func:`mark_gone` (or until it is garbage)."""
+    _LIVE[name] = holder
+
+
+def mark_gone(name: str) -> None:
+    _LIVE.pop(name, None)
 
 
 @attrs.frozen
@@ -169,10 +189,15 @@ def process_gone(text: str) -> bool:
 
 
 def process_alive(text: str) -> bool:
-    """Whether the process that *text* names (a worker's name) certainly still runs: on
-    this machine, its pid runs the same process.  ``False`` when it cannot be told."""
+    """Whether what *text* names (a worker's name) certainly still runs: on this machine,
+    its pid runs the same process, and in this process, it is still at work.  ``False``
+    when it cannot be told."""
     owner = Owner.parse(text)
-    return owner is not None and _runs(owner) is True
+    if owner is None:
+        return False
+    if owner.pid == os.getpid() and owner.machine == _machine():
+        return text in _LIVE  # a worker of a context that ended is gone, if we are not
+    return _runs(owner) is True
 
 
 class LeaseKeeper:
@@ -191,7 +216,7 @@ class LeaseKeeper:
         self.owner = str(new_owner())
         self._held: dict[str, Callable[[], None] | None] = {}
         self._renewed = 0.0  # time.monotonic() of the last renewal
-        _LIVE[self.owner] = self
+        mark_alive(self.owner, self)
 
     def __repr__(self) -> str:
         return f"<LeaseKeeper {self.owner} holding {len(self._held)}>"
@@ -251,4 +276,4 @@ class LeaseKeeper:
 
     def close(self) -> None:
         """This keeper drives nothing more: its leases may be taken over at once."""
-        _LIVE.pop(self.owner, None)
+        mark_gone(self.owner)

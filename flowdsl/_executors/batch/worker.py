@@ -30,7 +30,7 @@ import anyio.abc
 from ... import _codec, _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
-from ..._engine.lease import new_owner
+from ..._engine.lease import mark_alive, mark_gone, new_owner
 from ..._engine.runner import run_node_cached
 from ..._errors import (
     BackendUnavailable,
@@ -137,6 +137,13 @@ class Worker:
     ) -> None:
         """Serve tasks until cancelled."""
         limiter = anyio.Semaphore(self.concurrency)
+        mark_alive(self.name, self)  # a resume here leaves this worker's tasks to it
+        try:
+            await self._run(limiter, task_status)
+        finally:
+            mark_gone(self.name)
+
+    async def _run(self, limiter: anyio.Semaphore, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat)
             task_status.started()
