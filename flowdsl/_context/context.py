@@ -388,14 +388,9 @@ class Context:
         wait: bool = True,
     ) -> tuple[Run, str, RunRecord | None]:
         """Make the run record, or find the existing run: the run, whether to ``"drive"``
-        it, ``"observe"`` it (another process drives it) or not (``"done"``), and the
-        record as read.
-
-        An existing run is not run twice: a finished one gives its stored result, a failed
-        or cancelled one its failure (resume it explicitly), one another live process
-        drives is observed, and one left running by a process that died is resumed from
-        its journal.
-        """
+        it, ``"observe"`` it or not (``"done"``), and the record as read.  A finished run
+        gives its stored result, a failed or cancelled one its failure, one another live
+        process drives is observed, one left by a process that died is resumed."""
         if run_id is not None and run_id in self._active:
             return self._active[run_id], "done", None
         plan = plan_of(flow)
@@ -499,14 +494,24 @@ class Context:
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
         """Drive *run*, whose lease this context holds, to its end."""
+        if self._leases.local:
+            # Only this process sees the store: the lease cannot be lost, and giving it
+            # up never suspends (no scope, nothing more per run: thousands run at once).
+            try:
+                return await self._spanned(run, strict)
+            finally:
+                await self._leases.release(run.run_id)
         async with keeping(self, run):
-            if _otel.configured() is None:
-                return await self._drive(run, strict=strict)
-            with _otel.run_span(run):  # OpenTelemetry: a span around the drive (see _otel)
-                return await self._drive(run, strict=strict)
+            return await self._spanned(run, strict)
         # Another process took the run over (this one stalled past its lease): it drives
         # the run now, and this one waits for its end like any observer.
         return await observe(self, run, None, strict=strict)
+
+    async def _spanned(self, run: Run, strict: bool) -> Any:
+        if _otel.configured() is None:
+            return await self._drive(run, strict=strict)
+        with _otel.run_span(run):  # OpenTelemetry: a span around the drive (see _otel)
+            return await self._drive(run, strict=strict)
 
     async def _drive(self, run: Run, *, strict: bool = False) -> Any:
         flow = run.flow

@@ -62,6 +62,8 @@ async def claim(ctx: Context, run: Run, record: RunRecord, *, wait: bool) -> Cla
 
 
 async def take(ctx: Context, run: Run) -> Lease | None:
+    if ctx._leases.local:
+        return await ctx._leases.take(run.run_id)  # never lost: nothing to tell
     run.lease_lost = False
     return await ctx._leases.take(run.run_id, on_lost=lambda: _lost(run))
 
@@ -126,15 +128,17 @@ async def took_over(ctx: Context, run: Run, baseline: RunRecord | None, *, stric
 
 @contextlib.asynccontextmanager
 async def keeping(ctx: Context, run: Run) -> AsyncIterator[anyio.CancelScope]:
-    """Around one drive: a scope that losing the lease cancels, the renewal of the lease
-    (an entered context renews all its leases in one task; a call made without
-    ``async with ctx`` renews in one beside the drive), and the lease given up after."""
+    """Around one drive on a store other processes see: a scope that losing the lease
+    cancels, the renewal of the lease (an entered context renews all its leases in one
+    task; a call made without ``async with ctx`` renews in one beside the drive), and the
+    lease given up after.  (A process-local store needs none of it: see
+    ``Context._execute``.)"""
     try:
         with anyio.CancelScope() as scope:
             run.lease_scope = scope
             if run.lease_lost:
                 scope.cancel()
-            if ctx._entered or ctx._leases.local:
+            if ctx._entered:
                 yield scope
             else:
                 try:
