@@ -39,7 +39,7 @@ DEFAULT_PREFIX: Final = "flowdsl"
 _INSTALL_HINT: Final = "Install the Redis client: pip install 'flowdsl[redis]'"
 _URL_FORM: Final = "redis://[user:password@]host:6379/0 (rediss:// for TLS)"
 # Options flowdsl reads from the URL's query string; the rest go to redis-py.
-_OWN_OPTIONS: Final = frozenset({"prefix", "keep"})
+_OWN_OPTIONS: Final = frozenset({"prefix", "keep", "ttl"})
 _MIN_SERVER: Final = (6, 2)  # XAUTOCLAIM
 #: Connections per server and process, by default (each blocking read holds one).
 MAX_CONNECTIONS: Final = 64
@@ -127,6 +127,11 @@ class RedisURL:
 
     def option(self, name: str, default: str) -> str:
         return self.options.get(name, default)
+
+    @property
+    def query_ttl(self) -> str | None:
+        """The ``ttl`` option of the URL (how long ended runs are kept), if given."""
+        return self.options.get("ttl")
 
 
 def _hide_password(url: str) -> str:

@@ -41,6 +41,7 @@ from typing import Any, Final, Literal
 from urllib.parse import parse_qsl
 
 import anyio
+import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
@@ -71,6 +72,8 @@ _RUN_COLUMNS: Final = (
     "error",
     "failed_node",
     "code",
+    "check",
+    "state_check",
 )
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
@@ -175,8 +178,18 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # The last connection to close checkpoints the WAL into the file and removes it.
+            # The last connection to close checkpoints the WAL into the file and removes it;
+            # while others stay open, copy what we can and cut the WAL back to its limit.
+            self._checkpoint(conn)
             conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        if self.path == ":memory:":
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # busy (another process writes): its own checkpoints will do
 
     def _connect(self) -> sqlite3.Connection:
         memory = self.path == ":memory:"
@@ -203,6 +216,7 @@ class SQLiteStore(Store):
                 )
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {schema.JOURNAL_SIZE_LIMIT}")
             self._migrate(conn)
         except BaseException:
             conn.close()
@@ -231,10 +245,15 @@ class SQLiteStore(Store):
         try:
             # Read again under the write lock: another process may have just created it.
             self._check_identity(conn)
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for statement in schema.SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+            elif version == 1:
+                for statement in schema.MIGRATE_1_TO_2:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -254,19 +273,24 @@ class SQLiteStore(Store):
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         await checkpoint_if_cancelled()
         db = self._db()
+        kept = _as_stored(record)
         row = (
             record.run_id,
             record.flow,
             record.flow_ref,
             record.fingerprint,
-            schema.storable_json(record.inputs),
+            kept.inputs,
             record.status.value,
             record.created_at,
             record.updated_at,
-            schema.storable_json(record.result),
-            schema.storable_text(record.error),
+            kept.result,
+            kept.error,
             record.failed_node,
             _codec.dumps(record.code),
+            self.seal.run_head(kept),
+            self.seal.run_state(
+                record.run_id, record.status.value, kept.result, kept.error, record.failed_node
+            ),
         )
         try:
             # INSERT OR IGNORE decides races between processes: one insert wins, and every
@@ -303,14 +327,17 @@ class SQLiteStore(Store):
         code: dict[str, str] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        result = schema.storable_json(result)
+        error = schema.storable_text(error)
         params = (
             status.value,
-            schema.storable_json(result),
-            schema.storable_text(error),
+            result,
+            error,
             failed_node,
             time.time(),
             fingerprint,
             None if code is None else _codec.dumps(code),
+            self.seal.run_state(run_id, status.value, result, error, failed_node),
             run_id,
         )
         try:
@@ -363,6 +390,7 @@ class SQLiteStore(Store):
             record.finished_at,
             record.code,
             usage,
+            self.seal.node(run_id, record),
         )
         try:
             # One transaction per node: the row and its blob become durable together.
@@ -396,6 +424,44 @@ class SQLiteStore(Store):
             raise self._failure(exc, run_id=run_id) from exc
         records = (self._node_from_row(run_id, row) for row in rows)
         return {record.node_id: record for record in records}
+
+    async def load_node(self, run_id: str, node_id: str) -> NodeRecord | None:
+        await checkpoint_if_cancelled()
+        try:
+            row = self._db().execute(schema.SELECT_NODE, (run_id, node_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return None if row is None else self._node_from_row(run_id, row)
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        cutoff = time.time() - older_than
+        wanted = {s.value for s in statuses} if statuses is not None else None
+        pruned: list[str] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for run_id, status in db.execute(schema.PRUNABLE, (cutoff,)).fetchall():
+                    if wanted is not None and status not in wanted:
+                        continue
+                    hashes = {r[0] for r in db.execute(schema.RUN_BLOBS, (run_id,))}
+                    db.execute(schema.DELETE_RUN_NODES, (run_id,))
+                    db.execute(schema.DELETE_RUN, (run_id,))
+                    schema.drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
+                    pruned.append(run_id)
+                db.execute("COMMIT")
+            except BaseException:
+                schema.rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        self._checkpoint(db)
+        return pruned
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
@@ -431,7 +497,9 @@ class SQLiteStore(Store):
         if row is None:
             return None
         try:
-            return v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            value = v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            v.check_cached(self.seal, key, value, row[3])
+            return value
         except v.Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
@@ -448,7 +516,8 @@ class SQLiteStore(Store):
             try:
                 if digest is not None:
                     db.execute(schema.INSERT_BLOB, (digest, data))
-                db.execute(schema.PUT_CACHED, (key, inline, digest))
+                check = self.seal.cached(key, value)
+                db.execute(schema.PUT_CACHED, (key, inline, digest, check))
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
@@ -462,7 +531,7 @@ class SQLiteStore(Store):
         try:
             fields = dict(zip(_RUN_COLUMNS, row, strict=True))
             fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
-            return v.run_record(run_id, fields)
+            return v.run_record(run_id, fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
@@ -470,7 +539,7 @@ class SQLiteStore(Store):
         node_id = row[0]
         node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
-            (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
+            (_, value, digest, data, attempts, started_at, finished_at, code, usage, check) = row
             fields = {
                 "value": schema.join_value(value, digest, data),
                 "attempts": attempts,
@@ -478,8 +547,9 @@ class SQLiteStore(Store):
                 "finished_at": finished_at,
                 "code": code,
                 "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
+                "check": check,
             }
-            return v.node_record(v.text(node_id, "node_id"), fields)
+            return v.node_record(run_id, v.text(node_id, "node_id"), fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
@@ -592,6 +662,17 @@ def _bad_url(url: str, why: str | None = None) -> ConfigError:
         problem,
         hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
     )
+
+
+def _as_stored(record: RunRecord) -> RunRecord:
+    """*record* with its texts as SQLite keeps them (lone surrogates escaped), which is
+    what its integrity checks must cover."""
+    inputs = schema.storable_json(record.inputs)
+    result = schema.storable_json(record.result)
+    error = schema.storable_text(record.error)
+    if inputs is record.inputs and result is record.result and error is record.error:
+        return record
+    return attrs.evolve(record, inputs=inputs, result=result, error=error)
 
 
 def _id_of(row: Sequence[Any]) -> str:
