@@ -29,7 +29,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Any, Final
 
-__all__ = ["Invalid", "Seal", "UNKEYED"]
+__all__ = ["UNKEYED", "Invalid", "Seal"]
 
 _B2: Final = "b2:"
 _HS: Final = "hs:"
@@ -63,10 +63,14 @@ class Seal:
     checks it cannot verify instead of refusing them.
     """
 
-    __slots__ = ("_key", "_kid", "_keys", "trust_signed")
+    __slots__ = ("_key", "_keys", "_kid", "trust_signed")
 
     def __init__(
-        self, key: bytes | None = None, old_keys: Iterable[bytes] = (), *, trust_signed: bool = False
+        self,
+        key: bytes | None = None,
+        old_keys: Iterable[bytes] = (),
+        *,
+        trust_signed: bool = False,
     ) -> None:
         self._key = key
         self._kid = key_id(key) if key is not None else ""
@@ -123,9 +127,7 @@ class Seal:
                 if not self._keys and self.trust_signed:
                     return
                 if not self._keys:
-                    raise Invalid(
-                        "it is signed, and this process has no signing key to verify it"
-                    )
+                    raise Invalid("it is signed, and this process has no signing key to verify it")
                 raise Invalid(f"it is signed with a key this process does not know ({kid})")
             if not hmac.compare_digest(mac, hmac.digest(key, data, "sha256").hex()):
                 raise Invalid("its content does not match its signature")

@@ -325,7 +325,7 @@ class RedisBroker(Broker):
             await reader.node_from_raw(run_id, node_id, done)
         except CheckpointError as exc:
             failed = Completion(run_id, node_id, False, None, str(exc), "checkpoint")
-            await self.complete(task_id, run_id, node_id, encode_completion(failed))
+            await self.complete(task_id, run_id, node_id, encode_completion(failed, self.seal))
             return True
         return False
 

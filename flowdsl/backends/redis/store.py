@@ -77,9 +77,7 @@ _RUN_FIELDS: Final = frozenset(
 )
 _TIMES: Final = ("created_at", "updated_at")
 # The checks are missing from records written before integrity checks.
-_OPTIONAL_RUN_FIELDS: Final = frozenset(
-    {"result", "error", "failed_node", "check", "state_check"}
-)
+_OPTIONAL_RUN_FIELDS: Final = frozenset({"result", "error", "failed_node", "check", "state_check"})
 _RESTORE_HINT: Final = (
     "Delete the run's keys ({keys}) and start it again, or restore the server's data from a backup"
 )
@@ -417,9 +415,7 @@ class RedisStore(Store):
                 value = str(data["value"])
             else:
                 blob_key = self.layout.blob(data["blob"])
-                blob = await self._link.call(
-                    "reading the step cache", lambda: client.get(blob_key)
-                )
+                blob = await self._link.call("reading the step cache", lambda: client.get(blob_key))
                 value = blob_text(data["blob"], blob)
             v.check_cached(self.seal, key, value, data["check"])
             return value

@@ -136,9 +136,7 @@ GET_CACHED: Final = (
     "SELECT c.value, c.blob, b.data, c.integrity FROM cache AS c "
     "LEFT JOIN blobs AS b ON b.hash = c.blob WHERE c.key = ?"
 )
-PUT_CACHED: Final = (
-    "INSERT OR REPLACE INTO cache (key, value, blob, integrity) VALUES (?, ?, ?, ?)"
-)
+PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob, integrity) VALUES (?, ?, ?, ?)"
 
 
 def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
