@@ -32,6 +32,7 @@ malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -186,10 +187,9 @@ class SQLiteStore(Store):
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         if self.path == ":memory:":
             return
-        try:
+        # Busy (another process writes): its own checkpoints will do.
+        with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass  # busy (another process writes): its own checkpoints will do
 
     def _connect(self) -> sqlite3.Connection:
         memory = self.path == ":memory:"
