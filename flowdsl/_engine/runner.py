@@ -531,7 +531,7 @@ def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
     cls = type(raw)
     # Primitives are their own data and decode as themselves: skip the codec (this runs
     # once per node, so its cost is the engine's cost).
-    if cls is int and (tp is int or tp is Any):
+    if cls is int and (tp is int or tp is Any) and raw.bit_length() < 8192:
         return raw, int.__repr__(raw), raw
     if raw is None:
         return None, "null", None
