@@ -13,11 +13,12 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._urls import hide_credentials
 from .._retry import retry_while_away
 
 __all__ = [
@@ -135,17 +136,8 @@ class RedisURL:
 
 
 def _hide_password(url: str) -> str:
-    """*url* with its password replaced by ``***`` (user names stay: they help)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<a malformed URL>"
-    if password is None:
-        return url
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    """*url* with its credentials masked (the one helper: :func:`hide_credentials`)."""
+    return hide_credentials(url)
 
 
 def _bad_url(shown: str, why: str) -> ConfigError:
