@@ -205,3 +205,41 @@ def _head_parts(record: Any) -> tuple[Any, ...]:
 
 #: The seal of a process without a key: digests only.
 UNKEYED: Final = Seal()
+
+
+def seal_from(signing_key: Any = None, old_keys: Iterable[Any] = ()) -> Seal:
+    """The seal a context's ``signing_key=`` and ``old_signing_keys=`` make: each a
+    :class:`~flowdsl.Secret` (or text or bytes), revealed here."""
+    if signing_key is None:
+        if list(old_keys):
+            from ._errors import ConfigError
+
+            raise ConfigError(
+                "old_signing_keys= without signing_key=",
+                hint="Old keys only verify what was signed before a rotation; give the "
+                "current key as signing_key= too",
+            )
+        return UNKEYED
+    return Seal(_key_bytes(signing_key), [_key_bytes(k) for k in old_keys])
+
+
+def _key_bytes(key: Any) -> bytes:
+    from ._errors import ConfigError
+    from ._secret import Secret
+
+    if isinstance(key, Secret):
+        key = key.reveal()
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes):
+        raise ConfigError(
+            f"a signing key must be an fd.Secret, text or bytes, not {type(key).__name__}",
+            hint='Write signing_key=fd.Secret("FLOWDSL_SIGNING_KEY")',
+        )
+    if len(key) < 16:
+        raise ConfigError(
+            f"a signing key of {len(key)} bytes is too short to be one",
+            hint="Use at least 16 random bytes, for example: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    return key

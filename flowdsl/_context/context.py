@@ -27,7 +27,9 @@ from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
 from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
+from .._integrity import seal_from
 from .._records import RunRecord, RunStatus
+from .._secret import redact
 from ..backends import Store
 from ..llm import Provider
 from .calls import as_call, check_flow, flow_arguments, given_options
@@ -74,6 +76,8 @@ class Context:
         progress: bool | None = None,
         worker_concurrency: int = 16,
         lease: float = 30.0,
+        signing_key: Any = None,
+        old_signing_keys: Sequence[Any] = (),
     ) -> None:
         if on_event is not None and inspect.iscoroutinefunction(on_event):
             raise ConfigError(
@@ -101,6 +105,12 @@ class Context:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
         self.store, self.queue = open_backends(store, broker, batch=batch)
+        # Records and messages are checked with this seal: a digest, or an HMAC under
+        # the signing key (see docs/security.md).
+        self.seal = seal_from(signing_key, old_signing_keys)
+        self.store.seal = self.seal
+        if self.queue is not None:
+            self.queue.seal = self.seal
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -242,7 +252,7 @@ class Context:
         if self._executor is None:
             if self.batch:
                 assert self.queue is not None  # batch mode always has one
-                self._executor = BatchExecutor(self.queue)
+                self._executor = BatchExecutor(self.queue, store=self.store)
             else:
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
@@ -533,7 +543,7 @@ class Context:
             node = exc.node
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=node
+                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))

@@ -17,6 +17,7 @@ from .._errors import ConfigError
 from .graph import Unit
 
 __all__ = [
+    "find_ref",
     "import_ref",
     "import_unit",
     "redefinitions",
@@ -98,6 +99,47 @@ def import_ref(
             flow=flow,
             node=node,
             hint=f"Make the module importable here (PYTHONPATH), or {otherwise}",
+        ) from exc
+    return obj
+
+
+def find_ref(
+    ref: str, *, what: str, flow: str | None = None, node: str | None = None, otherwise: str
+) -> Any:
+    """The object ``module:qualname`` names, in a module this process has imported already.
+
+    For refs read from a store or a queue (data, which whoever can write there may have
+    edited): unlike :func:`import_ref` this never imports anything.  A ref whose module is
+    not loaded raises :class:`ConfigError` saying *otherwise*.
+    """
+    import sys
+
+    module_name, _, qualname = ref.partition(":")
+    if "<locals>" in qualname:
+        raise ConfigError(
+            f"{what} is defined inside a function ({ref}), so it cannot be found by name",
+            flow=flow,
+            node=node,
+            hint=f"Move it to a module's top level, or {otherwise}",
+        )
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        raise ConfigError(
+            f"{what} is {ref!r}, and module {module_name!r} is not imported in this process "
+            "(what a store or a queue names is never imported)",
+            flow=flow,
+            node=node,
+            hint=otherwise[:1].upper() + otherwise[1:],
+        )
+    try:
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        raise ConfigError(
+            f"{what} is not found at {ref!r}: {exc}",
+            flow=flow,
+            node=node,
+            hint=otherwise[:1].upper() + otherwise[1:],
         ) from exc
     return obj
 
