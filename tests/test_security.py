@@ -62,6 +62,18 @@ def raw(path: Path, *statements: str) -> list[Any]:
         db.close()
 
 
+def write(path: Path, sql: str, *params: object) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(sql, params)
+    finally:
+        db.close()
+
+
+def wal_size(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
 async def finished_pair(url: str, run_id: str = "p", **options: Any) -> None:
     async with fd.Context(store=url, **options) as ctx:
         assert await ctx.run(ss.pair, 7, run_id=run_id) == 35
@@ -216,7 +228,8 @@ async def test_a_completion_that_disagrees_with_the_journal_fails_the_node(
         )
     finally:
         await store.close()
-    assert checked[0][1].ok and checked[0][1].record == agreeing
+    assert checked[0][1].ok
+    assert checked[0][1].record == agreeing
     assert not checked[1][1].ok
     assert checked[1][1].error_kind == "checkpoint"
     assert "disagrees with the journal" in (checked[1][1].error or "")
@@ -251,11 +264,8 @@ async def test_swapped_node_results_in_sqlite_are_a_checkpoint_error(tmp_path: P
     db = tmp_path / "s.db"
     [(a,)] = raw(db, "SELECT value FROM nodes WHERE node_id = 'double'")
     [(b,)] = raw(db, "SELECT value FROM nodes WHERE node_id = 'triple'")
-    raw(
-        db,
-        f"UPDATE nodes SET value = '{b}' WHERE node_id = 'double'",
-        f"UPDATE nodes SET value = '{a}' WHERE node_id = 'triple'",
-    )
+    write(db, "UPDATE nodes SET value = ? WHERE node_id = 'double'", b)
+    write(db, "UPDATE nodes SET value = ? WHERE node_id = 'triple'", a)
     with pytest.raises(fd.CheckpointError, match=r"run 'p' .* corrupted") as info:
         await resumed(url)
     assert info.value.node in ("double", "triple")
@@ -365,7 +375,7 @@ async def test_a_tamperer_without_the_key_cannot_pass_a_digest_for_a_signature(
     db = tmp_path / "k.db"
     # What an attacker can compute: the unkeyed digest of an edited record, or no check.
     forged = Seal().node("p", NodeRecord("triple", "2", 1, 0.0, 0.0, ""))
-    raw(db, f"UPDATE nodes SET value = '2', integrity = '{forged}' WHERE node_id = 'triple'")
+    write(db, "UPDATE nodes SET value = '2', integrity = ? WHERE node_id = 'triple'", forged)
     with pytest.raises(fd.CheckpointError, match=r"is not signed"):
         await resumed(url, signing_key=KEY)
     raw(db, "UPDATE nodes SET integrity = NULL WHERE node_id = 'triple'")
@@ -528,10 +538,9 @@ async def test_the_sqlite_wal_does_not_stay_large_after_a_big_batch(tmp_path: Pa
         value = _codec.dumps("x" * 1000)
         for i in range(3000):
             store.commit_node_nowait("r", NodeRecord(f"n{i}", value, 1, 1.0, 2.0, "c"))
-        wal = Path(f"{path}-wal")
-        assert wal.stat().st_size > 8 * 1024 * 1024
+        assert wal_size(path) > 8 * 1024 * 1024
         reader.execute("COMMIT")
         await store.close()  # another connection (the reader) is still open
-        assert wal.stat().st_size < 1024 * 1024
+        assert wal_size(path) < 1024 * 1024
     finally:
         reader.close()
