@@ -5,7 +5,7 @@ a canonical encoding of its identity (run, node, attempt, code) and its value.  
 that was corrupted, truncated, or moved to another node or run no longer matches and
 raises :class:`~flowdsl.CheckpointError` naming the run and the node.
 
-Without a key the check is a BLAKE2b digest, which anyone can recompute: it catches
+Without a key the check is a SHA-256 digest, which anyone can recompute: it catches
 accidents, not an attacker.  With a signing key (``fd.Context(signing_key=fd.Secret(...))``,
 ``flowdsl worker --signing-key-env VAR``) it is an HMAC-SHA256, which nobody without the
 key can make, so deliberate tampering is detected too.  Older keys can be given for
@@ -14,7 +14,7 @@ still being read.
 
 The forms::
 
-    b2:<32 hex>                 BLAKE2b-128, no key
+    sd:<32 hex>                 SHA-256, truncated to 128 bits, no key
     hs:<8 hex key id>:<64 hex>  HMAC-SHA256 under the key whose id (a hash) is given
 
 A process with a key refuses what carries no check or only a digest: an attacker who can
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 __all__ = ["UNKEYED", "Invalid", "Seal"]
 
-_B2: Final = "b2:"
+_SD: Final = "sd:"
 _HS: Final = "hs:"
 
 
@@ -46,13 +46,15 @@ def key_id(key: bytes) -> str:
 
 def _encode(parts: Iterable[Any]) -> bytes:
     # Each part with its length first, so that no two different sequences of parts give
-    # the same bytes ("a|b" + "c" vs "a" + "b|c").
-    pieces = []
-    for part in parts:
-        text = part if type(part) is str else ("" if part is None else repr(part))
-        mark = "-" if part is None else str(len(text))
-        pieces.append(f"{mark}:{text}")
-    return "|".join(pieces).encode("utf-8", "surrogatepass")
+    # the same bytes ("a|b" + "c" vs "a" + "b|c"); None is "-" (no length), so that it
+    # differs from every text.
+    return "|".join(
+        [
+            "-:" if part is None else f"{len(text)}:{text}"
+            for part in parts
+            for text in (part if type(part) is str else repr(part),)
+        ]
+    ).encode("utf-8", "surrogatepass")
 
 
 class Seal:
@@ -95,11 +97,14 @@ class Seal:
         """The check of *parts* (identity first, then value) as a record of *kind*."""
         data = _encode((kind, *parts))
         if self._key is None:
-            return _B2 + hashlib.blake2b(data, digest_size=16).hexdigest()
+            return _SD + hashlib.sha256(data).hexdigest()[:32]
         return f"{_HS}{self._kid}:{hmac.digest(self._key, data, 'sha256').hex()}"
 
     def verify(self, check: object, kind: str, *parts: Any) -> None:
         """Raise :class:`Invalid` unless *check* is the check of *parts* as *kind*."""
+        self._verify(check, lambda: _encode((kind, *parts)))
+
+    def _verify(self, check: object, data: Callable[[], bytes]) -> None:
         if check is None or check == "":
             if self._key is not None:
                 raise Invalid(
@@ -109,15 +114,14 @@ class Seal:
             return
         if not isinstance(check, str):
             raise Invalid("its integrity check is not text")
-        data = _encode((kind, *parts))
-        if check.startswith(_B2):
+        if check.startswith(_SD):
             if self._key is not None:
                 raise Invalid(
                     "it is not signed (written by a process without the signing key, or "
                     "tampered with), and this process requires signed data"
                 )
-            expected = hashlib.blake2b(data, digest_size=16).hexdigest()
-            if not hmac.compare_digest(check[len(_B2) :], expected):
+            expected = hashlib.sha256(data()).hexdigest()[:32]
+            if not hmac.compare_digest(check[len(_SD) :], expected):
                 raise Invalid("its content does not match its integrity check")
             return
         if check.startswith(_HS):
@@ -129,7 +133,7 @@ class Seal:
                 if not self._keys:
                     raise Invalid("it is signed, and this process has no signing key to verify it")
                 raise Invalid(f"it is signed with a key this process does not know ({kid})")
-            if not hmac.compare_digest(mac, hmac.digest(key, data, "sha256").hex()):
+            if not hmac.compare_digest(mac, hmac.digest(key, data(), "sha256").hex()):
                 raise Invalid("its content does not match its signature")
             return
         raise Invalid("its integrity check is of no known form")
@@ -138,10 +142,15 @@ class Seal:
 
     def node(self, run_id: str, record: Any) -> str:
         """The check of a :class:`~flowdsl._records.NodeRecord` of *run_id*."""
-        return self.make("node", *_node_parts(run_id, record))
+        # Every committed node pays for this: one encoding, one hash, no intermediate list
+        # (the same bytes as make("node", *_node_parts(...))).
+        data = _node_bytes(run_id, record)
+        if self._key is None:
+            return _SD + hashlib.sha256(data).hexdigest()[:32]
+        return f"{_HS}{self._kid}:{hmac.digest(self._key, data, 'sha256').hex()}"
 
     def verify_node(self, run_id: str, record: Any, check: object) -> None:
-        self.verify(check, "node", *_node_parts(run_id, record))
+        self._verify(check, lambda: _node_bytes(run_id, record))
 
     def run_head(self, record: Any) -> str:
         """The check of what a run record never changes: its identity and inputs."""
@@ -178,6 +187,25 @@ class Seal:
 
     def verify_cached(self, key: str, value: str, check: object) -> None:
         self.verify(check, "cache", key, value)
+
+
+def _node_bytes(run_id: str, record: Any) -> bytes:
+    usage = record.usage
+    if usage is None:
+        usage_part = "-:"
+    else:
+        import json
+
+        text = json.dumps(usage, sort_keys=True, separators=(",", ":"))
+        usage_part = f"{len(text)}:{text}"
+    node_id, code, value = record.node_id, record.code, record.value
+    attempts = repr(record.attempts)
+    started, finished = repr(record.started_at), repr(record.finished_at)
+    return (
+        f"4:node|{len(run_id)}:{run_id}|{len(node_id)}:{node_id}|{len(attempts)}:{attempts}"
+        f"|{len(code)}:{code}|{len(started)}:{started}|{len(finished)}:{finished}"
+        f"|{usage_part}|{len(value)}:{value}"
+    ).encode("utf-8", "surrogatepass")
 
 
 def _node_parts(run_id: str, record: Any) -> tuple[Any, ...]:
