@@ -273,7 +273,7 @@ class BatchExecutor:
             waiter = self._waiting.get((completion.run_id, completion.node_id))
             if waiter is not None and waiter.completion is None:
                 accepted.append((waiter, completion))
-        if self.store is not None and any(c.ok for _, c in accepted):
+        if self.store is not None and any(_journaled(c) for _, c in accepted):
             accepted = await self._agreeing(accepted)
         for waiter, completion in accepted:
             if waiter.completion is None:
@@ -316,11 +316,12 @@ class BatchExecutor:
 
         async with anyio.create_task_group() as tg:
             for i, (_, completion) in enumerate(accepted):
-                if completion.ok:
+                if _journaled(completion):
                     tg.start_soon(read, i, completion)
         out = []
         for i, (waiter, completion) in enumerate(accepted):
-            if not completion.ok:
+            if not _journaled(completion):
+                # A failure, or an "ok" without a record (refused by _outcome).
                 out.append((waiter, completion))
                 continue
             journaled = results.get(i)
@@ -344,6 +345,11 @@ class BatchExecutor:
             else:
                 out.append((waiter, attrs.evolve(completion, record=journaled)))
         return out
+
+
+def _journaled(completion: Completion) -> bool:
+    """Whether *completion* says a record was committed (so the journal must have it)."""
+    return completion.ok and completion.record is not None
 
 
 def _same(journaled: NodeRecord, sent: NodeRecord | None) -> bool:

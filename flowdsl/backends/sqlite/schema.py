@@ -157,6 +157,27 @@ def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
         db.executemany("DELETE FROM blobs WHERE hash = ?", [(h,) for h in chunk if h not in used])
 
 
+def prune_runs(db: sqlite3.Connection, cutoff: float, wanted: set[str] | None) -> list[str]:
+    """Delete the ended runs last updated before *cutoff* (of the *wanted* statuses, or
+    any), their nodes and the blobs only they used, in one transaction; their ids."""
+    pruned: list[str] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for run_id, status in db.execute(PRUNABLE, (cutoff,)).fetchall():
+            if wanted is not None and status not in wanted:
+                continue
+            hashes = {r[0] for r in db.execute(RUN_BLOBS, (run_id,))}
+            db.execute(DELETE_RUN_NODES, (run_id,))
+            db.execute(DELETE_RUN, (run_id,))
+            drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
+            pruned.append(run_id)
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
+    return pruned
+
+
 def error_name(exc: sqlite3.Error) -> str:
     return str(getattr(exc, "sqlite_errorname", "") or "")
 

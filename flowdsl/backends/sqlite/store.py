@@ -39,7 +39,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl
 
 import anyio
 import attrs
@@ -51,6 +50,8 @@ from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
+from .url import bad_url as _bad_url
+from .url import url_options as _url_options
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 
@@ -58,7 +59,6 @@ INLINE_MAX = schema.INLINE_MAX
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
-_URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
 # The columns of a run's row, in the order the SELECTs name them.
 _RUN_COLUMNS: Final = (
     "run_id",
@@ -442,22 +442,8 @@ class SQLiteStore(Store):
         db = self._db()
         cutoff = time.time() - older_than
         wanted = {s.value for s in statuses} if statuses is not None else None
-        pruned: list[str] = []
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for run_id, status in db.execute(schema.PRUNABLE, (cutoff,)).fetchall():
-                    if wanted is not None and status not in wanted:
-                        continue
-                    hashes = {r[0] for r in db.execute(schema.RUN_BLOBS, (run_id,))}
-                    db.execute(schema.DELETE_RUN_NODES, (run_id,))
-                    db.execute(schema.DELETE_RUN, (run_id,))
-                    schema.drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
-                    pruned.append(run_id)
-                db.execute("COMMIT")
-            except BaseException:
-                schema.rollback(db)
-                raise
+            pruned = schema.prune_runs(db, cutoff, wanted)
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         self._checkpoint(db)
@@ -629,45 +615,10 @@ class SQLiteStore(Store):
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
 
-def _url_options(url: str, query: str) -> dict[str, Any]:
-    """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
-    except ValueError:
-        raise _bad_url(url, f"cannot read the options {query!r}") from None
-    options: dict[str, Any] = {}
-    for name, value in pairs:
-        if name == "durability":
-            if value not in ("normal", "full"):
-                raise _bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
-            options["durability"] = value
-        elif name == "busy_timeout":
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not seconds >= 0:
-                raise _bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
-            options["busy_timeout"] = seconds
-        else:
-            raise _bad_url(url, f"unknown option {name!r}")
-    return options
-
-
-def _bad_url(url: str, why: str | None = None) -> ConfigError:
-    problem = f"malformed SQLite store URL {url!r}"
-    if why:
-        problem = f"{problem}: {why}"
-    return ConfigError(
-        problem,
-        hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
-    )
-
-
 def _as_stored(record: RunRecord) -> RunRecord:
     """*record* with its texts as SQLite keeps them (lone surrogates escaped), which is
     what its integrity checks must cover."""
-    inputs = schema.storable_json(record.inputs)
+    inputs = schema.storable_json(record.inputs) or ""
     result = schema.storable_json(record.result)
     error = schema.storable_text(record.error)
     if inputs is record.inputs and result is record.result and error is record.error:
