@@ -419,7 +419,7 @@ def test_a_failing_run_with_a_store_says_how_to_resume(project: Path, sqlite_url
     one_error_line(
         result,
         rf"^Error: .*check refuses 4 \(run 'r-9': `flowdsl resume r-9 "
-        rf"--store {re.escape(sqlite_url)}`\)$",
+        rf"--store {re.escape(sqlite_url)} --import flows.py`\)$",
     )
 
 
@@ -1173,12 +1173,21 @@ def test_process_run_fails_then_another_process_resumes(project: Path, sqlite_ur
     assert failed.stdout == ""
     assert failed.stderr.splitlines() == [
         "Error: flow 'fragile', node 'check': step failed: ValueError: check refuses 10 "
-        f"(run 'p-1': `flowdsl resume p-1 --store {sqlite_url}`)"
+        f"(run 'p-1': `flowdsl resume p-1 --store {sqlite_url} --import flows.py`)"
     ]
     (project / "broken").unlink()
-    # Resumed from another directory: the run's module is found again through --path.
+    # Resumed from another directory: the run's module is imported again because the
+    # command says so (a run record never makes it import anything).
     resumed = flowdsl(
-        "resume", "p-1", "--store", sqlite_url, "--path", str(project), cwd=project.parent
+        "resume",
+        "p-1",
+        "--store",
+        sqlite_url,
+        "--import",
+        "flows",
+        "--path",
+        str(project),
+        cwd=project.parent,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == 11

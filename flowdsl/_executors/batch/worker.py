@@ -30,6 +30,7 @@ from ..._errors import (
     FlowError,
     StepFailed,
 )
+from ..._integrity import Seal
 from ..._records import NodeRecord
 from ..._secret import redact
 from ...backends.base import Broker, Store
@@ -382,12 +383,14 @@ async def serve(
     concurrency: int = 16,
     lease: float = 30.0,
     llm: Any = None,
+    seal: Seal | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve tasks from *broker* until cancelled: what ``flowdsl worker`` runs.
 
-    *imports* are modules to import first, so that their steps are known; *store*
-    defaults to the broker's own file for the embedded SQLite queue.
+    *imports* are modules to import first, so that their steps are known (the worker runs
+    no others); *store* defaults to the broker's own file for the embedded SQLite queue;
+    *seal* checks records and messages (a signing key's, see docs/security.md).
     """
     from ...backends import link, open_broker, open_store
 
@@ -403,6 +406,8 @@ async def serve(
         store = broker  # the broker's own server keeps the journal, as for the clients
     queue = open_broker(broker)
     journal = open_store(store)
+    if seal is not None:
+        journal.seal = seal
     link(journal, queue)
     await journal.open()
     try:
