@@ -203,7 +203,7 @@ class Worker:
         unit = node.fn
         assert unit is not None
         if item.deliveries > 1:
-            stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
+            stored = await self.store.load_node(task.run_id, task.node_id)
             if stored is not None:
                 # Committed by a worker that died before completing the task.
                 await self._complete(item, task, stored)
@@ -260,7 +260,7 @@ class Worker:
                 task.node_id,
                 task.run_id,
             )
-            stored = (await self.store.load_nodes(task.run_id)).get(task.node_id)
+            stored = await self.store.load_node(task.run_id, task.node_id)
             record = stored if stored is not None else record
         await self._complete(item, task, record, sink.buffer if committed else [])
 
