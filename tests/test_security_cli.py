@@ -106,6 +106,8 @@ def every_command(project: Path, url: str) -> Iterator[tuple[str, str]]:
     yield run("runs show --json", "runs", "show", "ok", "--store", url, "--json")
     yield run("runs show, missing", "runs", "show", "missing", "--store", url)
     yield run("runs prune", "runs", "prune", "--store", url, "--older-than", "30d")
+    yield run("signal", "signal", "bad", "go", "--value", "1", "--store", url)
+    yield run("signal, missing", "signal", "missing", "go", "--store", url)
     yield run("resume, missing", "resume", "missing", "--store", url)
     yield run("resume", "resume", "bad", "--store", url, "--import", "flows.py")
     yield run("resume, no --import", "resume", "ok", "--store", url)

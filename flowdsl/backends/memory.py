@@ -126,9 +126,12 @@ class MemoryStore(Store):
             and record.updated_at < cutoff
             and (statuses is None or record.status in statuses)
         ]
+        gone = set(pruned)
         for run_id in pruned:
             del self._runs[run_id]
             self._nodes.pop(run_id, None)
+        for key in [k for k in self._signals if k[0] in gone]:
+            del self._signals[key]
         return pruned
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:

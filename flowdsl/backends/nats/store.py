@@ -224,6 +224,11 @@ class NATSStore(Store):
             )
             # Nodes first: a run record without its journal would resume from nothing.
             await self.forget_nodes(run_id, [id_of(k, "node") for k, _ in nodes])
+            signals = await self._bucket.scan(
+                f"signal.{to_token(run_id)}.>", "list a pruned run's signals", run_id
+            )
+            for signal_key, _ in signals:
+                await self._bucket.delete(signal_key, "prune a run's signals", run_id)
             await self._bucket.delete(key, "prune a run", run_id)
             pruned.append(run_id)
         return pruned

@@ -83,7 +83,7 @@ if not status then
   redis.call('ZREM', KEYS[3], ARGV[2])
   return 0
 end
-if status == 'running' or not updated or updated >= tonumber(ARGV[3]) then return 0 end
+if not updated or updated >= tonumber(ARGV[3]) then return 0 end
 local allowed = false
 for i = 4, #ARGV do
   if ARGV[i] == status then allowed = true end

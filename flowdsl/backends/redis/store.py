@@ -261,8 +261,22 @@ class RedisStore(Store):
                 [self.prefix, raw, repr(cutoff), *allowed],
             )
             if done == 1:
+                await self._forget_signals(client, run_id)
                 pruned.append(run_id)
         return pruned
+
+    async def _forget_signals(self, client: Any, run_id: str) -> None:
+        # Signal keys end with the signal's name: the run's are found by a pattern, its
+        # id escaped so that glob characters in it match only themselves.
+        escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in run_id)
+        pattern = f"{self.prefix}:signals:{escaped}:*"
+
+        async def delete() -> None:
+            keys = [key async for key in client.scan_iter(match=pattern, count=500)]
+            if keys:
+                await client.delete(*keys)
+
+        await self._link.call(f"pruning the signals of run {run_id!r}", delete)
 
     async def _expire(self) -> None:
         """Prune the runs past the store's ``ttl``, at most every tenth of it."""

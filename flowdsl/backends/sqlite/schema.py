@@ -103,7 +103,10 @@ UPDATE_RUN: Final = (
     "WHERE run_id = ?"
 )
 # Ended runs last updated before a time (their ids): what `flowdsl runs prune` deletes.
-PRUNABLE: Final = "SELECT run_id, status FROM runs WHERE status != 'running' AND updated_at < ?"
+PRUNABLE: Final = (
+    "SELECT run_id, status FROM runs "
+    "WHERE status IN ('finished', 'failed', 'cancelled') AND updated_at < ?"
+)
 INSERT_NODE: Final = (
     "INSERT OR IGNORE INTO nodes (run_id, node_id, value, blob, attempts, started_at, "
     "finished_at, code, usage, integrity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -163,12 +166,17 @@ def prune_runs(db: sqlite3.Connection, cutoff: float, wanted: set[str] | None) -
     pruned: list[str] = []
     db.execute("BEGIN IMMEDIATE")
     try:
+        signals = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signals'"
+        ).fetchone()
         for run_id, status in db.execute(PRUNABLE, (cutoff,)).fetchall():
             if wanted is not None and status not in wanted:
                 continue
             hashes = {r[0] for r in db.execute(RUN_BLOBS, (run_id,))}
             db.execute(DELETE_RUN_NODES, (run_id,))
             db.execute(DELETE_RUN, (run_id,))
+            if signals:
+                db.execute("DELETE FROM signals WHERE run_id = ?", (run_id,))
             drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
             pruned.append(run_id)
         db.execute("COMMIT")
