@@ -27,12 +27,17 @@ from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
 from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
-from .._integrity import seal_from
 from .._records import RunRecord, RunStatus
 from .._secret import redact
 from ..backends import Store
 from ..llm import Provider
-from .calls import as_call, check_flow, flow_arguments, given_options
+from .calls import (
+    as_call,
+    check_flow,
+    flow_arguments,
+    given_options,
+    only_besides_cancellations,
+)
 from .options import open_backends
 from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, still_waiting, stored_failure
 from .signals import signal_run
@@ -104,13 +109,10 @@ class Context:
         if lease <= 0:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
-        self.store, self.queue = open_backends(store, broker, batch=batch)
-        # Records and messages are checked with this seal: a digest, or an HMAC under
-        # the signing key (see docs/security.md).
-        self.seal = seal_from(signing_key, old_signing_keys)
-        self.store.seal = self.seal
-        if self.queue is not None:
-            self.queue.seal = self.seal
+        # Records and messages are checked with a digest, or an HMAC under the signing key.
+        keys = (signing_key, old_signing_keys)
+        self.store, self.queue = open_backends(store, broker, batch=batch, keys=keys)
+        self.seal = self.store.seal
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -200,7 +202,7 @@ class Context:
             except BaseExceptionGroup as group:
                 # The task group wraps what the block raised; the block's own error is
                 # what the caller should see, not a group of one.
-                if exc is not None and _only(group, exc):
+                if exc is not None and only_besides_cancellations(group, exc):
                     raise exc from exc.__cause__
                 raise
             if from_wait and not suppressed:
@@ -597,14 +599,3 @@ def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
         yield
     finally:
         ctx._before = previous
-
-
-def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
-    """Whether *group* holds *exc* and nothing else but cancellations."""
-    mine, rest = group.split(lambda e: e is exc)
-    if mine is None:
-        return False
-    if rest is None:
-        return True
-    _, other = rest.split(anyio.get_cancelled_exc_class())
-    return other is None

@@ -11,7 +11,11 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any, Final
 
+import attrs
+
 from ... import _codec
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._records import RunRecord
 from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
@@ -308,3 +312,50 @@ def join_value(inline: object, digest: object, data: object) -> str:
         return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise Malformed("the value's blob is not UTF-8 text") from None
+
+
+def failure(
+    url: str, busy_timeout: float, exc: sqlite3.Error, run_id: str | None, node_id: str | None
+) -> Exception:
+    """Translate an sqlite3 error at the edge, naming the file and what to do."""
+    name = error_name(exc)
+    where = f" (run {run_id!r})" if run_id is not None else ""
+    if is_busy(exc):
+        # Another process holds the write lock: the file is fine, only busy.
+        return BackendUnavailable(
+            f"the store {url}",
+            reason="it stayed locked by another writer",
+            waited=busy_timeout,
+            run_id=run_id,
+            node=node_id,
+            hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
+            "process that holds the file",
+        )
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return CheckpointError(
+            f"the store {url} is corrupted{where}: {exc}",
+            node=node_id,
+            hint="Restore the file from a backup",
+        )
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+        return ConfigError(
+            f"cannot write the store {url}: {exc}",
+            node=node_id,
+            hint="Check that the file and its directory exist and are writable",
+        )
+    return CheckpointError(
+        f"the store {url} failed{where}: {exc}",
+        node=node_id,
+        hint="Check the disk (space, permissions) and the file",
+    )
+
+
+def as_stored(record: RunRecord) -> RunRecord:
+    """*record* with its texts as SQLite keeps them (lone surrogates escaped), which is
+    what its integrity checks must cover."""
+    inputs = storable_json(record.inputs) or ""
+    result = storable_json(record.result)
+    error = storable_text(record.error)
+    if inputs is record.inputs and result is record.result and error is record.error:
+        return record
+    return attrs.evolve(record, inputs=inputs, result=result, error=error)

@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import anyio
-import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._errors import CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
@@ -273,7 +272,7 @@ class SQLiteStore(Store):
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         await checkpoint_if_cancelled()
         db = self._db()
-        kept = _as_stored(record)
+        kept = schema.as_stored(record)
         row = (
             record.run_id,
             record.flow,
@@ -543,36 +542,7 @@ class SQLiteStore(Store):
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
     ) -> Exception:
         """Translate an sqlite3 error at the edge, naming the file and what to do."""
-        name = schema.error_name(exc)
-        where = f" (run {run_id!r})" if run_id is not None else ""
-        if schema.is_busy(exc):
-            # Another process holds the write lock: the file is fine, only busy.
-            return BackendUnavailable(
-                f"the store {self.url}",
-                reason="it stayed locked by another writer",
-                waited=self.busy_timeout,
-                run_id=run_id,
-                node=node_id,
-                hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
-                "process that holds the file",
-            )
-        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            return CheckpointError(
-                f"the store {self.url} is corrupted{where}: {exc}",
-                node=node_id,
-                hint="Restore the file from a backup",
-            )
-        if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            return ConfigError(
-                f"cannot write the store {self.url}: {exc}",
-                node=node_id,
-                hint="Check that the file and its directory exist and are writable",
-            )
-        return CheckpointError(
-            f"the store {self.url} failed{where}: {exc}",
-            node=node_id,
-            hint="Check the disk (space, permissions) and the file",
-        )
+        return schema.failure(self.url, self.busy_timeout, exc, run_id, node_id)
 
     # --- signals (fd.wait_for) --------------------------------------------------------------
 
@@ -613,17 +583,6 @@ class SQLiteStore(Store):
             return v.check_json(row[0], "the signal")
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
-
-
-def _as_stored(record: RunRecord) -> RunRecord:
-    """*record* with its texts as SQLite keeps them (lone surrogates escaped), which is
-    what its integrity checks must cover."""
-    inputs = schema.storable_json(record.inputs) or ""
-    result = schema.storable_json(record.result)
-    error = schema.storable_text(record.error)
-    if inputs is record.inputs and result is record.result and error is record.error:
-        return record
-    return attrs.evolve(record, inputs=inputs, result=result, error=error)
 
 
 def _id_of(row: Sequence[Any]) -> str:
