@@ -109,7 +109,6 @@ class Context:
         if lease <= 0:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
-        # Records and messages are checked with a digest, or an HMAC under the signing key.
         keys = (signing_key, old_signing_keys)
         self.store, self.queue = open_backends(store, broker, batch=batch, keys=keys)
         self.seal = self.store.seal
