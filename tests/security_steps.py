@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import anyio
 
@@ -74,15 +75,15 @@ async def too_big(x: int) -> int:
 
 
 @fd.step(retries=3)
-async def loop(x: int) -> list[object]:
+async def loop(x: int) -> list[Any]:
     CALLS["loop"] = CALLS.get("loop", 0) + 1
-    items: list[object] = [x]
+    items: list[Any] = [x]
     items.append(items)
     return items
 
 
 @fd.flow
-async def recursive(x: int) -> list[object]:
+async def recursive(x: int) -> list[Any]:
     return await loop(x)
 
 
