@@ -219,11 +219,8 @@ class NATSStore(Store):
                 continue  # a record this store cannot read is left for a person to see
             if status not in allowed or not old:
                 continue
-            nodes = await self._bucket.scan(
-                f"node.{to_token(run_id)}.*", "list a pruned run's journal", run_id
-            )
             # Nodes first: a run record without its journal would resume from nothing.
-            await self.forget_nodes(run_id, [id_of(k, "node") for k, _ in nodes])
+            await self._forget_journal(run_id)
             signals = await self._bucket.scan(
                 f"signal.{to_token(run_id)}.>", "list a pruned run's signals", run_id
             )
@@ -232,6 +229,17 @@ class NATSStore(Store):
             await self._bucket.delete(key, "prune a run", run_id)
             pruned.append(run_id)
         return pruned
+
+    async def _forget_journal(self, run_id: str) -> None:
+        """Delete every node of the run, scanning again until none is left: a scan under
+        load can miss keys written just before it."""
+        for _ in range(5):
+            nodes = await self._bucket.scan(
+                f"node.{to_token(run_id)}.*", "list a pruned run's journal", run_id
+            )
+            if not nodes:
+                return
+            await self.forget_nodes(run_id, [id_of(k, "node") for k, _ in nodes])
 
     async def _expire(self) -> None:
         """Prune the runs past the store's ``ttl``, at most every tenth of it."""
