@@ -28,9 +28,16 @@ from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first
 from .._executors.batch import BatchExecutor, Worker
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
+from .._secret import redact
 from ..backends import Store
 from ..llm import Provider
-from .calls import as_call, check_flow, flow_arguments, given_options
+from .calls import (
+    as_call,
+    check_flow,
+    flow_arguments,
+    given_options,
+    only_besides_cancellations,
+)
 from .options import open_backends
 from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, still_waiting, stored_failure
 from .signals import signal_run
@@ -74,6 +81,8 @@ class Context:
         progress: bool | None = None,
         worker_concurrency: int = 16,
         lease: float = 30.0,
+        signing_key: Any = None,
+        old_signing_keys: Sequence[Any] = (),
     ) -> None:
         if on_event is not None and inspect.iscoroutinefunction(on_event):
             raise ConfigError(
@@ -100,7 +109,9 @@ class Context:
         if lease <= 0:
             raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
-        self.store, self.queue = open_backends(store, broker, batch=batch)
+        keys = (signing_key, old_signing_keys)
+        self.store, self.queue = open_backends(store, broker, batch=batch, keys=keys)
+        self.seal = self.store.seal
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -190,7 +201,7 @@ class Context:
             except BaseExceptionGroup as group:
                 # The task group wraps what the block raised; the block's own error is
                 # what the caller should see, not a group of one.
-                if exc is not None and _only(group, exc):
+                if exc is not None and only_besides_cancellations(group, exc):
                     raise exc from exc.__cause__
                 raise
             if from_wait and not suppressed:
@@ -242,7 +253,7 @@ class Context:
         if self._executor is None:
             if self.batch:
                 assert self.queue is not None  # batch mode always has one
-                self._executor = BatchExecutor(self.queue)
+                self._executor = BatchExecutor(self.queue, store=self.store)
             else:
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
@@ -533,7 +544,7 @@ class Context:
             node = exc.node
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=node
+                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))
@@ -587,14 +598,3 @@ def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
         yield
     finally:
         ctx._before = previous
-
-
-def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
-    """Whether *group* holds *exc* and nothing else but cancellations."""
-    mine, rest = group.split(lambda e: e is exc)
-    if mine is None:
-        return False
-    if rest is None:
-        return True
-    _, other = rest.split(anyio.get_cancelled_exc_class())
-    return other is None

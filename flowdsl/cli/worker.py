@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import click
@@ -12,7 +14,7 @@ import click
 from .._executors.batch import serve
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
-from .main import path_option, usage_error
+from .main import path_option, seal_of, signing_options, usage_error
 
 __all__ = ["worker"]
 
@@ -58,6 +60,7 @@ __all__ = ["worker"]
     "embedded SQLite queue, or its Redis or NATS server]",
 )
 @path_option
+@signing_options
 def worker(
     broker: str,
     imports: tuple[str, ...],
@@ -65,23 +68,37 @@ def worker(
     lease: float,
     store: str | None,
     paths: tuple[str, ...],
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Run a batch worker: take ready steps off the broker's queue and run them.
 
     The worker runs until it is interrupted (Ctrl-C or SIGTERM), then stops taking tasks;
     steps it had taken and not finished go back to the queue when their leases expire.
 
+    The worker runs only the steps of the modules given with --import: a task naming any
+    other step is refused, without importing anything, and dead-lettered.  The current
+    directory is not on its import path (a file planted there could shadow a module),
+    unless an --import names a file in it; add directories with --path DIR.
+
     \b
     Example:
-      flowdsl worker --broker sqlite:///runs.db --import app.flows --concurrency 32
+      flowdsl worker --broker sqlite:///runs.db --import app.flows --path . --concurrency 32
       flowdsl run app.flows:triage --inputs tickets.jsonl --batch --workers 0 \\
           --store sqlite:///runs.db
     """
-    add_to_path(os.getcwd())
+    _leave_current_directory()
     for path in paths:
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
-    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease)
+    seal = seal_of(signing_key_env, old_signing_key_envs)
+    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease, seal)
+
+
+def _leave_current_directory() -> None:
+    """Take the current directory off the import path (``python -m`` puts it first)."""
+    here = os.path.abspath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != here]
 
 
 def _module_of(name: str) -> str:
@@ -102,6 +119,7 @@ async def _serve_until_stopped(
     modules: tuple[str, ...],
     concurrency: int,
     lease: float = 30.0,
+    seal: Any = None,
 ) -> None:
     import signal
 
@@ -117,6 +135,7 @@ async def _serve_until_stopped(
                     imports=modules,
                     concurrency=concurrency,
                     lease=lease,
+                    seal=seal,
                 )
             )
             click.echo(

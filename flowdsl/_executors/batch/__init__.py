@@ -19,16 +19,16 @@ from __future__ import annotations
 
 from ...backends.messages import decode_event, encode_event
 from .client import BatchExecutor, RemoteError, StepCheckpointFailed, StepConfigFailed
-from .worker import Worker, import_unit, serve
+from .worker import UnknownStep, Worker, serve
 
 __all__ = [
     "BatchExecutor",
     "RemoteError",
     "StepCheckpointFailed",
     "StepConfigFailed",
+    "UnknownStep",
     "Worker",
     "decode_event",
     "encode_event",
-    "import_unit",
     "serve",
 ]

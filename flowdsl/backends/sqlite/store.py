@@ -32,23 +32,25 @@ malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl
 
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
-from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._errors import CheckpointError, ConfigError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
+from .url import bad_url as _bad_url
+from .url import url_options as _url_options
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 
@@ -56,7 +58,6 @@ INLINE_MAX = schema.INLINE_MAX
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
-_URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
 # The columns of a run's row, in the order the SELECTs name them.
 _RUN_COLUMNS: Final = (
     "run_id",
@@ -71,6 +72,8 @@ _RUN_COLUMNS: Final = (
     "error",
     "failed_node",
     "code",
+    "check",
+    "state_check",
 )
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
@@ -175,8 +178,17 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # The last connection to close checkpoints the WAL into the file and removes it.
+            # The last connection to close checkpoints the WAL into the file and removes it;
+            # while others stay open, copy what we can and cut the WAL back to its limit.
+            self._checkpoint(conn)
             conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        if self.path == ":memory:":
+            return
+        # Busy (another process writes): its own checkpoints will do.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _connect(self) -> sqlite3.Connection:
         memory = self.path == ":memory:"
@@ -203,6 +215,7 @@ class SQLiteStore(Store):
                 )
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {schema.JOURNAL_SIZE_LIMIT}")
             self._migrate(conn)
         except BaseException:
             conn.close()
@@ -231,10 +244,15 @@ class SQLiteStore(Store):
         try:
             # Read again under the write lock: another process may have just created it.
             self._check_identity(conn)
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for statement in schema.SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+            elif version == 1:
+                for statement in schema.MIGRATE_1_TO_2:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -254,19 +272,24 @@ class SQLiteStore(Store):
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         await checkpoint_if_cancelled()
         db = self._db()
+        kept = schema.as_stored(record)
         row = (
             record.run_id,
             record.flow,
             record.flow_ref,
             record.fingerprint,
-            schema.storable_json(record.inputs),
+            kept.inputs,
             record.status.value,
             record.created_at,
             record.updated_at,
-            schema.storable_json(record.result),
-            schema.storable_text(record.error),
+            kept.result,
+            kept.error,
             record.failed_node,
             _codec.dumps(record.code),
+            self.seal.run_head(kept),
+            self.seal.run_state(
+                record.run_id, record.status.value, kept.result, kept.error, record.failed_node
+            ),
         )
         try:
             # INSERT OR IGNORE decides races between processes: one insert wins, and every
@@ -303,14 +326,17 @@ class SQLiteStore(Store):
         code: dict[str, str] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        result = schema.storable_json(result)
+        error = schema.storable_text(error)
         params = (
             status.value,
-            schema.storable_json(result),
-            schema.storable_text(error),
+            result,
+            error,
             failed_node,
             time.time(),
             fingerprint,
             None if code is None else _codec.dumps(code),
+            self.seal.run_state(run_id, status.value, result, error, failed_node),
             run_id,
         )
         try:
@@ -363,6 +389,7 @@ class SQLiteStore(Store):
             record.finished_at,
             record.code,
             usage,
+            self.seal.node(run_id, record),
         )
         try:
             # One transaction per node: the row and its blob become durable together.
@@ -396,6 +423,30 @@ class SQLiteStore(Store):
             raise self._failure(exc, run_id=run_id) from exc
         records = (self._node_from_row(run_id, row) for row in rows)
         return {record.node_id: record for record in records}
+
+    async def load_node(self, run_id: str, node_id: str) -> NodeRecord | None:
+        await checkpoint_if_cancelled()
+        try:
+            row = self._db().execute(schema.SELECT_NODE, (run_id, node_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return None if row is None else self._node_from_row(run_id, row)
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        await checkpoint_if_cancelled()
+        db = self._db()
+        cutoff = time.time() - older_than
+        wanted = {s.value for s in statuses} if statuses is not None else None
+        try:
+            pruned = schema.prune_runs(db, cutoff, wanted)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        self._checkpoint(db)
+        return pruned
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
@@ -431,7 +482,9 @@ class SQLiteStore(Store):
         if row is None:
             return None
         try:
-            return v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            value = v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            v.check_cached(self.seal, key, value, row[3])
+            return value
         except v.Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
@@ -448,7 +501,8 @@ class SQLiteStore(Store):
             try:
                 if digest is not None:
                     db.execute(schema.INSERT_BLOB, (digest, data))
-                db.execute(schema.PUT_CACHED, (key, inline, digest))
+                check = self.seal.cached(key, value)
+                db.execute(schema.PUT_CACHED, (key, inline, digest, check))
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
@@ -462,7 +516,7 @@ class SQLiteStore(Store):
         try:
             fields = dict(zip(_RUN_COLUMNS, row, strict=True))
             fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
-            return v.run_record(run_id, fields)
+            return v.run_record(run_id, fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
@@ -470,7 +524,7 @@ class SQLiteStore(Store):
         node_id = row[0]
         node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
-            (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
+            (_, value, digest, data, attempts, started_at, finished_at, code, usage, check) = row
             fields = {
                 "value": schema.join_value(value, digest, data),
                 "attempts": attempts,
@@ -478,8 +532,9 @@ class SQLiteStore(Store):
                 "finished_at": finished_at,
                 "code": code,
                 "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
+                "check": check,
             }
-            return v.node_record(v.text(node_id, "node_id"), fields)
+            return v.node_record(run_id, v.text(node_id, "node_id"), fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
@@ -487,36 +542,7 @@ class SQLiteStore(Store):
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
     ) -> Exception:
         """Translate an sqlite3 error at the edge, naming the file and what to do."""
-        name = schema.error_name(exc)
-        where = f" (run {run_id!r})" if run_id is not None else ""
-        if schema.is_busy(exc):
-            # Another process holds the write lock: the file is fine, only busy.
-            return BackendUnavailable(
-                f"the store {self.url}",
-                reason="it stayed locked by another writer",
-                waited=self.busy_timeout,
-                run_id=run_id,
-                node=node_id,
-                hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
-                "process that holds the file",
-            )
-        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            return CheckpointError(
-                f"the store {self.url} is corrupted{where}: {exc}",
-                node=node_id,
-                hint="Restore the file from a backup",
-            )
-        if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            return ConfigError(
-                f"cannot write the store {self.url}: {exc}",
-                node=node_id,
-                hint="Check that the file and its directory exist and are writable",
-            )
-        return CheckpointError(
-            f"the store {self.url} failed{where}: {exc}",
-            node=node_id,
-            hint="Check the disk (space, permissions) and the file",
-        )
+        return schema.failure(self.url, self.busy_timeout, exc, run_id, node_id)
 
     # --- signals (fd.wait_for) --------------------------------------------------------------
 
@@ -557,41 +583,6 @@ class SQLiteStore(Store):
             return v.check_json(row[0], "the signal")
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
-
-
-def _url_options(url: str, query: str) -> dict[str, Any]:
-    """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
-    except ValueError:
-        raise _bad_url(url, f"cannot read the options {query!r}") from None
-    options: dict[str, Any] = {}
-    for name, value in pairs:
-        if name == "durability":
-            if value not in ("normal", "full"):
-                raise _bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
-            options["durability"] = value
-        elif name == "busy_timeout":
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = -1.0
-            if not seconds >= 0:
-                raise _bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
-            options["busy_timeout"] = seconds
-        else:
-            raise _bad_url(url, f"unknown option {name!r}")
-    return options
-
-
-def _bad_url(url: str, why: str | None = None) -> ConfigError:
-    problem = f"malformed SQLite store URL {url!r}"
-    if why:
-        problem = f"{problem}: {why}"
-    return ConfigError(
-        problem,
-        hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
-    )
 
 
 def _id_of(row: Sequence[Any]) -> str:
