@@ -182,6 +182,7 @@ async def _expected(text: str) -> str:
 
 _FRESH = """
 import sys, time, anyio, flowdsl as fd
+import benchmarks.workloads  # the flow's module: a resume never imports what a record names
 async def main():
     async with fd.Context(store=sys.argv[1]) as ctx:
         result = await ctx.resume(sys.argv[2])

@@ -25,9 +25,24 @@ from cattrs.preconf.json import make_converter
 
 from ._errors import CodecError
 
-__all__ = ["decode", "dumps", "encode", "from_data", "loads", "to_data"]
+__all__ = ["MAX_INT_DIGITS", "decode", "dumps", "encode", "from_data", "loads", "to_data"]
 
 converter: Final = make_converter(forbid_extra_keys=True)
+
+#: The longest integer (in decimal digits) that crosses the codec: Python's own limit on
+#: converting integers to text, which every reader of the JSON (Python's) would refuse.
+MAX_INT_DIGITS: Final = 4300
+# An integer under this many bits has at most MAX_INT_DIGITS digits (a cheap test).
+_MAX_INT_BITS: Final = int(MAX_INT_DIGITS * 3.3219)
+
+
+def _too_long(value: int) -> bool:
+    if value.bit_length() <= _MAX_INT_BITS:
+        return False
+    try:
+        return len(str(abs(value))) > MAX_INT_DIGITS
+    except ValueError:
+        return True
 
 
 def _strict(tp: type, accepts: tuple[type, ...]) -> Any:
@@ -185,26 +200,59 @@ def _dumps(data: Any) -> str:
 _loads = json.JSONDecoder().decode
 
 
+_HINT: Final = (
+    "Values crossing steps must be builtins, attrs classes, dataclasses, enums, "
+    "datetimes, bytes or containers of these"
+)
+
+
 def to_data(value: object, *, what: str = "value") -> Any:
     """Unstructure *value* into JSON-compatible data, or raise :class:`CodecError`."""
-    if type(value) in _PRIMITIVES:
+    cls = type(value)
+    if cls in _PRIMITIVES:
+        if cls is int and _too_long(value):  # type: ignore[arg-type]
+            raise _long_int(what)
         return value
     try:
         data = converter.unstructure(value)
         # Validate by serializing: cattrs passes unknown objects through untouched.
         _dumps(data)
-    except (TypeError, ValueError, cattrs.BaseValidationError) as exc:
+    except RecursionError:
         raise CodecError(
-            f"cannot encode {what} of type {_type_name(value)}{_culprit(value)}",
-            hint=(
-                # A hook's own hint (a datetime's zone) says more than the general one.
-                exc.hint
-                if isinstance(exc, CodecError) and exc.hint
-                else "Values crossing steps must be builtins, attrs classes, dataclasses, "
-                "enums, datetimes, bytes or containers of these"
-            ),
-        ) from exc
+            f"cannot encode {what} of type {_type_name(value)}: it contains itself (a "
+            "recursive structure) or is nested too deeply",
+            hint=_HINT,
+        ) from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise _long_int(what) from None
+        if "Circular reference" in str(exc):
+            raise CodecError(
+                f"cannot encode {what} of type {_type_name(value)}: it contains itself "
+                "(a recursive structure)",
+                hint=_HINT,
+            ) from None
+        raise _unencodable(value, what, exc) from exc
+    except (TypeError, cattrs.BaseValidationError) as exc:
+        raise _unencodable(value, what, exc) from exc
     return data
+
+
+def _long_int(what: str) -> CodecError:
+    return CodecError(
+        f"cannot encode {what}: an integer of more than {MAX_INT_DIGITS} digits",
+        hint="Pass so large a number as text (str), or split it",
+    )
+
+
+def _unencodable(value: object, what: str, exc: BaseException) -> CodecError:
+    try:
+        culprit = _culprit(value)
+    except RecursionError:
+        culprit = ": it contains itself (a recursive structure) or is nested too deeply"
+    # A hook's own hint (a datetime's zone) says more than the general one.
+    hint = exc.hint if isinstance(exc, CodecError) and exc.hint else _HINT
+    return CodecError(f"cannot encode {what} of type {_type_name(value)}{culprit}", hint=hint)
 
 
 def _culprit(value: object) -> str:
@@ -285,6 +333,8 @@ def loads(text: str | bytes) -> Any:
         return _loads(text if isinstance(text, str) else text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CodecError(f"malformed JSON data: {exc}") from exc
+    except RecursionError:
+        raise CodecError("malformed JSON data: nested too deeply") from None
 
 
 def encode(value: object, *, what: str = "value") -> str:
@@ -306,6 +356,8 @@ def roundtrip(value: object, tp: Any, *, what: str = "value") -> tuple[Any, Any]
     """
     cls = type(value)
     if cls in _PRIMITIVES and (tp is Any or tp is object or tp is cls or cls is type(None)):
+        if cls is int and _too_long(value):  # type: ignore[arg-type]
+            raise _long_int(what)
         return value, value
     if isinstance(value, list) and cls is list and _list_of_primitives(value, tp):
         # A fan-in's list of plain values: a copy is what the round trip would give.

@@ -153,10 +153,13 @@ async def test_a_malformed_task_fails_its_run_with_checkpoint_error(
     assert_names_its_node_once(error)
 
 
+# A worker runs only the steps registered in its process: whatever else a task names is
+# refused without importing anything (tests/test_security.py checks that nothing is).
+_UNKNOWN = r"which this worker does not know; it was refused without importing anything"
 CONFIG_CASES = {
-    "no such module": (task_payload(step="no_such_module_xyz:work"), r"cannot be imported"),
-    "no such step": (task_payload(step="batch_steps:no_such_step"), r"cannot be imported"),
-    "not a step": (task_payload(step="batch_steps:mix"), r"'batch_steps:mix' is not a step"),
+    "no such module": (task_payload(step="no_such_module_xyz:work"), _UNKNOWN),
+    "no such step": (task_payload(step="batch_steps:no_such_step"), _UNKNOWN),
+    "not a step": (task_payload(step="batch_steps:mix"), _UNKNOWN),
 }
 
 

@@ -419,7 +419,7 @@ def test_a_failing_run_with_a_store_says_how_to_resume(project: Path, sqlite_url
     one_error_line(
         result,
         rf"^Error: .*check refuses 4 \(run 'r-9': `flowdsl resume r-9 "
-        rf"--store {re.escape(sqlite_url)}`\)$",
+        rf"--store {re.escape(sqlite_url)} --import flows.py`\)$",
     )
 
 
@@ -473,7 +473,7 @@ def test_failed_runs_of_inputs_in_a_durable_store_say_how_to_resume_them(
     result = invoke("run", "flows.py:fragile", "--inputs", "-", "--store", sqlite_url, input="1\n")
     assert result.stderr.splitlines()[-1] == (
         "Error: 1 of 1 runs failed "
-        f"(once fixed: `flowdsl resume --all-failed --store {sqlite_url}`)"
+        f"(once fixed: `flowdsl resume --all-failed --store {sqlite_url} --import flows.py`)"
     )
 
 
@@ -904,7 +904,8 @@ def test_commands_that_read_runs_default_to_the_batch_file(project: Path) -> Non
     ran = invoke("run", "flows.py:fragile", "--input", "1", "--batch", "--run-id", "d-1")
     assert ran.exit_code == 1
     # The hint names the default file the batch used, as a command to type.
-    assert "`flowdsl resume d-1 --store sqlite:///.flowdsl/flowdsl.db`" in ran.stderr
+    hint = "`flowdsl resume d-1 --store sqlite:///.flowdsl/flowdsl.db --import flows.py`"
+    assert hint in ran.stderr
     listed = json.loads(invoke("runs", "list", "--json").stdout)
     assert [(r["run_id"], r["status"]) for r in listed] == [("d-1", "failed")]
     shown = json.loads(invoke("runs", "show", "d-1", "--json").stdout)
@@ -978,14 +979,15 @@ def test_hints_on_the_command_line_are_commands(project: Path, sqlite_url: str) 
         again,
         rf"^Error: flow 'fragile', node 'check': the run ended failed: step failed: "
         rf"ValueError: check refuses 4 \(run 'h-1': "
-        rf"`flowdsl resume h-1 --store {re.escape(sqlite_url)}`\)$",
+        rf"`flowdsl resume h-1 --store {re.escape(sqlite_url)} --import flows.py`\)$",
     )
     (project / "in.jsonl").write_text("2\n")
     inputs = ("run", "flows.py:fragile", "--inputs", "in.jsonl", "--store", sqlite_url)
     invoke(*inputs)
     (line,) = jsonl(invoke(*inputs).stdout)
     assert "ctx.resume" not in line["error"]
-    assert f"Resume it: `flowdsl resume {line['run_id']} --store {sqlite_url}`" in line["error"]
+    command = f"flowdsl resume {line['run_id']} --store {sqlite_url} --import MODULE"
+    assert f"Resume it: `{command}`" in line["error"]
 
 
 def test_backend_trio_without_trio_is_one_line(project: Path) -> None:
@@ -1034,11 +1036,11 @@ def test_a_resume_after_a_code_change_says_what_ran_again_and_why(
     (project / "flows.py").write_text(source.replace("return x * 2", "return 2 * x"))
     (project / "broken").unlink()
     del sys.modules["flows"]
-    strict = invoke("resume", "c-1", "--store", sqlite_url, "--strict")
+    strict = invoke("resume", "c-1", "--store", sqlite_url, "--import", "flows.py", "--strict")
     assert strict.exit_code == 1
     assert "without --strict" in strict.stderr
     assert "strict=True" not in strict.stderr
-    resumed = invoke("resume", "c-1", "--store", sqlite_url, "--live")
+    resumed = invoke("resume", "c-1", "--store", sqlite_url, "--import", "flows.py", "--live")
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(resumed.stdout) == 3
     assert calls(project)[3:] == ["double", "inc", "finish"]
@@ -1212,12 +1214,21 @@ def test_process_run_fails_then_another_process_resumes(project: Path, sqlite_ur
     assert failed.stdout == ""
     assert failed.stderr.splitlines() == [
         "Error: flow 'fragile', node 'check': step failed: ValueError: check refuses 10 "
-        f"(run 'p-1': `flowdsl resume p-1 --store {sqlite_url}`)"
+        f"(run 'p-1': `flowdsl resume p-1 --store {sqlite_url} --import flows.py`)"
     ]
     (project / "broken").unlink()
-    # Resumed from another directory: the run's module is found again through --path.
+    # Resumed from another directory: the run's module is imported again because the
+    # command says so (a run record never makes it import anything).
     resumed = flowdsl(
-        "resume", "p-1", "--store", sqlite_url, "--path", str(project), cwd=project.parent
+        "resume",
+        "p-1",
+        "--store",
+        sqlite_url,
+        "--import",
+        "flows",
+        "--path",
+        str(project),
+        cwd=project.parent,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == 11

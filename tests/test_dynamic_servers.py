@@ -155,5 +155,7 @@ def test_a_wait_started_in_one_process_is_signalled_and_resumed_in_others(
         url,
     )
     assert json.loads(sent) == {"run_id": "otter-1", "signal": "approval", "index": 0}
-    result = _python("-m", "flowdsl", "resume", "otter-1", "--store", url, "--quiet")
+    # The flow's module is named: a resume never imports what the run record names.
+    resume = ("resume", "otter-1", "--store", url, "--import", "wait_flows", "--quiet")
+    result = _python("-m", "flowdsl", *resume)
     assert json.loads(result) == "draft about otters: approved by pat"

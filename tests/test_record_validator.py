@@ -55,7 +55,7 @@ def test_a_run_record_read_back_is_the_record_written(record: RunRecord) -> None
     )
 )
 def test_a_node_record_read_back_is_the_record_written(record: NodeRecord) -> None:
-    assert v.node_record(record.node_id, attrs.asdict(record)) == record
+    assert v.node_record("r1", record.node_id, attrs.asdict(record)) == record
 
 
 def _run_fields(**changes: object) -> dict[str, object]:
@@ -107,7 +107,7 @@ def test_a_malformed_run_field_is_named(changes: dict[str, object], problem: str
 def test_a_malformed_node_field_is_named(changes: dict[str, object], problem: str) -> None:
     fields = {"value": "1", "attempts": 1, "started_at": 0, "finished_at": 1, "code": "c"}
     with pytest.raises(v.Malformed, match=f"^{problem}$"):
-        v.node_record("n", {"usage": None, **fields, **changes})
+        v.node_record("r1", "n", {"usage": None, **fields, **changes})
 
 
 def test_corrupted_names_run_node_and_what_to_do() -> None:

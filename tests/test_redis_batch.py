@@ -9,6 +9,7 @@ Worker processes, SIGKILL and scale-out are in test_redis_scale.py.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -157,7 +158,8 @@ async def test_a_malformed_task_fails_its_run_with_a_checkpoint_error(
     assert isinstance(error, StepCheckpointFailed)
     assert isinstance(error, fd.StepFailed)
     assert (error.node, error.run_id) == (node_id, bad.run_id)
-    assert "malformed task message" in str(error)
+    # Arguments edited in place no longer match the task's integrity check.
+    assert re.search(r"malformed task message|task message refused", str(error))
 
 
 GATES: dict[str, anyio.Event] = {}

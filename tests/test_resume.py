@@ -23,7 +23,9 @@ import pytest
 
 import flowdsl as fd
 from flowdsl import events as ev
+from flowdsl._records import RunStatus
 from flowdsl.backends import MemoryStore
+from flowdsl.backends.sqlite.store import SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -394,8 +396,12 @@ async def test_a_run_left_running_by_a_dead_process_is_resumed_by_start(
     async with fd.Context(store=url) as ctx:
         with pytest.raises(fd.StepFailed):
             await ctx.run(pipeline, "p q r", run_id="dead")
-    # A process that died mid-run leaves its record RUNNING, with no one running it.
-    raw(tmp_path / "dead.db", "UPDATE runs SET status = 'running' WHERE run_id = 'dead'")
+    # A process that died mid-run leaves its record RUNNING, with no one running it.  (By
+    # the store: a hand-edited status no longer matches the record's integrity check.)
+    store = SQLiteStore(tmp_path / "dead.db")
+    await store.open()
+    await store.update_run("dead", status=RunStatus.RUNNING)
+    await store.close()
     BUGGY["on"] = False
     events: list[Any] = []
     async with fd.Context(store=url, on_event=events.append) as ctx:
@@ -564,22 +570,30 @@ TAMPERING = [
         r"^node 'summarize': run 'tm' in sqlite:///\S+ is corrupted: finished_at is bytes",
     ),
     (
-        # Valid JSON of the wrong type: the store accepts it, decoding it does not.
-        "UPDATE nodes SET value = '\"many\"' WHERE node_id = 'summarize'",
+        # Valid JSON of the wrong type, in a record without an integrity check (as an
+        # older flowdsl wrote them): the store accepts it, decoding it does not.
+        "UPDATE nodes SET value = '\"many\"', integrity = NULL WHERE node_id = 'summarize'",
         r"^flow 'pipeline', node 'summarize': the journaled result of node 'summarize' in run "
         r"'tm' cannot be read: ",
     ),
     pytest.param(
-        "UPDATE nodes SET value = '{\"not\": \"a list\"}' WHERE node_id = 'parse'",
+        'UPDATE nodes SET value = \'{"not": "a list"}\', integrity = NULL '
+        "WHERE node_id = 'parse'",
         r"^flow 'pipeline', node 'parse': the journaled result of node 'parse' in run 'tm' "
         r"cannot be read: ",
         id="dict-as-list",
     ),
     pytest.param(
-        "UPDATE nodes SET value = '2.5' WHERE node_id = 'summarize'",
+        "UPDATE nodes SET value = '2.5', integrity = NULL WHERE node_id = 'summarize'",
         r"^flow 'pipeline', node 'summarize': the journaled result of node 'summarize' in run "
         r"'tm' cannot be read: ",
         id="float-as-int",
+    ),
+    pytest.param(
+        "UPDATE nodes SET value = '3' WHERE node_id = 'summarize'",
+        r"^node 'summarize': run 'tm' in sqlite:///\S+ is corrupted: the record of this node: "
+        r"its content does not match its integrity check",
+        id="valid-but-edited",
     ),
     (
         "UPDATE runs SET inputs = 'garbage'",
@@ -651,8 +665,9 @@ async def test_tampered_inputs_are_a_checkpoint_error_naming_the_run(
     async with fd.Context(store=url) as ctx:
         with pytest.raises(fd.StepFailed):
             await ctx.run(squaring, 3, run_id="sq")
-    # Without a journal every node needs the inputs.
-    raw(tmp_path / "t.db", sql, "DELETE FROM nodes")
+    # Without a journal every node needs the inputs; the record's integrity check goes
+    # (as in a record an older flowdsl wrote), so that the inputs' decoding is what fails.
+    raw(tmp_path / "t.db", sql, "UPDATE runs SET integrity = NULL", "DELETE FROM nodes")
     BUGGY["on"] = False
     before = dict(CALLS)
     async with fd.Context(store=url) as ctx:
@@ -675,7 +690,9 @@ async def test_a_tampered_stored_result_is_a_checkpoint_error(tmp_path: Path, st
     async with fd.Context(store=url) as ctx:
         assert await ctx.run(squaring, 3, run_id="res") == 17
     db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
-    db.execute("UPDATE runs SET result = ?", (stored,))
+    # Without its state's integrity check (as an older flowdsl wrote it), so that the
+    # result's decoding is what fails; with it, any edit fails (tests/test_security.py).
+    db.execute("UPDATE runs SET result = ?, state_integrity = NULL", (stored,))
     db.close()
     async with fd.Context(store=url) as ctx:
         with pytest.raises(

@@ -271,12 +271,12 @@ async def test_a_file_from_a_newer_flowdsl_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_file_of_version_1_gains_the_leases_table_and_keeps_its_runs(
+async def test_a_file_of_version_2_gains_the_leases_table_and_keeps_its_runs(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "old.db"
     await fill(path, [node_record("n", "1")])
-    raw(path, "DROP TABLE leases", "PRAGMA user_version = 1")
+    raw(path, "DROP TABLE leases", "PRAGMA user_version = 2")
     store = SQLiteStore(path)
     await store.open()
     try:
@@ -286,7 +286,7 @@ async def test_a_file_of_version_1_gains_the_leases_table_and_keeps_its_runs(
     finally:
         await store.close()
     other = sqlite3.connect(path)
-    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     other.close()
 
 

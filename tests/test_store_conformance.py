@@ -482,3 +482,47 @@ async def test_a_waiting_run_is_not_ended(store: Store) -> None:
     assert record is not None
     assert record.status is RunStatus.WAITING
     assert not record.status.ended
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_old_ended_runs_with_their_journals(store: Store) -> None:
+    old, recent = 1000.0, 4_000_000_000.0  # 1970 and 2096
+    finished = RunStatus.FINISHED
+    await store.create_run(run_record("old-done", status=finished, updated_at=old))
+    await store.create_run(run_record("old-failed", status=RunStatus.FAILED, updated_at=old))
+    await store.create_run(run_record("old-running", updated_at=old))
+    await store.create_run(run_record("old-waiting", status=RunStatus.WAITING, updated_at=old))
+    await store.create_run(run_record("new-done", status=finished, updated_at=recent))
+    for run_id in ("old-done", "old-failed", "old-running", "old-waiting", "new-done"):
+        await store.commit_node(run_id, node_record("a", LARGE))
+        await store.commit_node(run_id, node_record("b", "small"))
+        await store.put_signal(run_id, "go", '"now"')
+
+    # Only the statuses asked for; never a running run, never a recent one.
+    pruned = await store.prune(older_than=3600, statuses=frozenset({RunStatus.FAILED}))
+    assert pruned == ["old-failed"]
+    assert sorted(await store.prune(older_than=3600)) == ["old-done"]
+    assert await store.prune(older_than=3600) == []
+
+    for gone in ("old-done", "old-failed"):
+        assert await store.get_run(gone) is None
+        assert await store.load_nodes(gone) == {}
+        assert await store.get_signal(gone, "go", 0) is None
+    kept = ["new-done", "old-running", "old-waiting"]
+    assert sorted(r.run_id for r in await store.list_runs()) == kept
+    # The large value other runs share is still there for them.
+    for run_id in kept:
+        assert (await store.load_nodes(run_id))["a"] == node_record("a", LARGE)
+        assert await store.get_signal(run_id, "go", 0) == '"now"'
+
+
+async def test_load_node_reads_one_record(store: Store) -> None:
+    await store.create_run(run_record())
+    await store.commit_node("r1", node_record("a", LARGE))
+    await store.commit_node("r1", node_record("b"))
+    assert await store.load_node("r1", "a") == node_record("a", LARGE)
+    assert await store.load_node("r1", "b") == node_record("b")
+    assert await store.load_node("r1", "c") is None
+    assert await store.load_node("r2", "a") is None

@@ -13,10 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import anyio
+
 from .._define.dsl import Flow
 from .._errors import ConfigError
 
-__all__ = ["as_call", "check_flow", "flow_arguments", "given_options"]
+__all__ = [
+    "as_call",
+    "check_flow",
+    "flow_arguments",
+    "given_options",
+    "only_besides_cancellations",
+]
 
 
 def check_flow(flow: Any) -> None:
@@ -96,3 +104,14 @@ def as_call(flow: Flow[..., Any], item: Any) -> tuple[tuple[Any, ...], dict[str,
         flow=flow.name,
         hint="Give a tuple (positional) or a dict (keyword) per input",
     )
+
+
+def only_besides_cancellations(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
+    """Whether *group* holds *exc* and nothing else but cancellations."""
+    mine, rest = group.split(lambda e: e is exc)
+    if mine is None:
+        return False
+    if rest is None:
+        return True
+    _, other = rest.split(anyio.get_cancelled_exc_class())
+    return other is None

@@ -29,9 +29,16 @@ from .._executors.batch import DEFAULT_MAX_DELIVERIES, BatchExecutor, Worker
 from .._executors.batch.worker import check_max_deliveries
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
+from .._secret import redact
 from ..backends import Store
 from ..llm import Provider
-from .calls import as_call, check_flow, flow_arguments, given_options
+from .calls import (
+    as_call,
+    check_flow,
+    flow_arguments,
+    given_options,
+    only_besides_cancellations,
+)
 from .leases import claim, keeping, observe
 from .mapping import map_runs
 from .options import open_backends
@@ -87,6 +94,8 @@ class Context:
         lease: float = 30.0,
         max_deliveries: int | None = None,
         run_lease: float = DEFAULT_TTL,
+        signing_key: Any = None,
+        old_signing_keys: Sequence[Any] = (),
     ) -> None:
         if on_event is not None and inspect.iscoroutinefunction(on_event):
             raise ConfigError(
@@ -117,7 +126,9 @@ class Context:
             check_max_deliveries(max_deliveries)
         self.lease = lease
         self.max_deliveries = max_deliveries
-        self.store, self.queue = open_backends(store, broker, batch=batch)
+        keys = (signing_key, old_signing_keys)
+        self.store, self.queue = open_backends(store, broker, batch=batch, keys=keys)
+        self.seal = self.store.seal
         self._leases = LeaseKeeper(self.store, ttl=run_lease)
         self._executor: Executor | None = None
         self._workers: list[Any] = []
@@ -210,7 +221,7 @@ class Context:
             except BaseExceptionGroup as group:
                 # The task group wraps what the block raised; the block's own error is
                 # what the caller should see, not a group of one.
-                if exc is not None and _only(group, exc):
+                if exc is not None and only_besides_cancellations(group, exc):
                     raise exc from exc.__cause__
                 raise
             if from_wait and not suppressed:
@@ -262,7 +273,9 @@ class Context:
         if self._executor is None:
             if self.batch:
                 assert self.queue is not None  # batch mode always has one
-                self._executor = BatchExecutor(self.queue, max_deliveries=self.max_deliveries)
+                self._executor = BatchExecutor(
+                    self.queue, store=self.store, max_deliveries=self.max_deliveries
+                )
             else:
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
@@ -322,9 +335,8 @@ class Context:
     ) -> Run:
         """Start *flow* in the background; idempotent by *run_id*.
 
-        The flow's arguments are given as to :meth:`run`.  A run of that id that another
-        live process drives is followed, not run again: the handle's result is that
-        run's (``wait=False``: :class:`RunBusy` instead).
+        The flow's arguments are given as to :meth:`run`.  A run of that id another live
+        process drives is followed, not run again (``wait=False``: :class:`RunBusy`).
         """
         check_flow(flow)
         given = given_options(run_id=run_id, inputs=inputs, wait=wait)
@@ -442,9 +454,8 @@ class Context:
         changed run again with everything downstream; ``strict=True`` refuses any change
         with :class:`CheckpointError`.  *flow* defaults to the one the run record names.
 
-        A run that another live process drives (or resumes) is not driven twice: this
-        call waits for its end and returns its result, taking the run over if that
-        process dies; with ``wait=False`` it raises :class:`RunBusy` at once instead.
+        A run another live process drives is not driven twice: this waits for its result
+        (taking over if that process dies); ``wait=False`` raises :class:`RunBusy`.
         """
         async with self._using():
             self._setup()
@@ -480,11 +491,8 @@ class Context:
             return await self._execute(run, strict=strict)
 
     async def _execute_quietly(self, run: Run, record: RunRecord | None) -> None:
-        try:
-            if run.holder is not None:
-                await observe(self, run, record, strict=False)
-            else:
-                await self._execute(run)
+        try:  # another process holds the lease: follow it; else drive
+            await (observe(self, run, record, strict=False) if run.holder else self._execute(run))
         except (StepFailed, CheckpointError):
             pass  # kept on the run; whoever awaits run.result() gets it
         finally:
@@ -545,7 +553,7 @@ class Context:
             node = exc.node
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=str(exc), failed_node=node
+                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))
@@ -587,14 +595,3 @@ class Context:
             run.emit(ev.RunFinished(run.run_id, time.time(), data, run.usage))
         run._settle(RunStatus.FINISHED, value)
         return value
-
-
-def _only(group: BaseExceptionGroup[Any], exc: BaseException) -> bool:
-    """Whether *group* holds *exc* and nothing else but cancellations."""
-    mine, rest = group.split(lambda e: e is exc)
-    if mine is None:
-        return False
-    if rest is None:
-        return True
-    _, other = rest.split(anyio.get_cancelled_exc_class())
-    return other is None

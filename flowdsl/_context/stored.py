@@ -14,7 +14,7 @@ from .. import _codec
 from .. import events as ev
 from .._define.dsl import Flow
 from .._define.graph import Node
-from .._define.units import import_ref
+from .._define.units import find_ref
 from .._engine.derived import journaled_value
 from .._engine.resume import plan_reuse
 from .._engine.scheduler import RunState
@@ -97,14 +97,20 @@ def decode_result(record: RunRecord, flow: Flow[..., Any]) -> Any:
 
 
 def import_flow(record: RunRecord) -> Flow[..., Any]:
-    """The flow a run record names by ``module:qualname``."""
+    """The flow a run record names by ``module:qualname``, among the modules this process
+    has imported already.
+
+    A run record is data from a store, which whoever can write the store may have
+    edited: the module it names is never imported for it.  The caller imports the flow's
+    module first (``flowdsl resume --import MODULE``) or passes the flow.
+    """
     otherwise = "pass the flow: `ctx.resume(run_id, flow=my_flow)`"
-    obj = import_ref(
+    obj = find_ref(
         record.flow_ref,
         what=f"the flow of run {record.run_id!r}",
         flow=record.flow,
-        otherwise=otherwise,
-        main=True,  # a script that resumes its own run finds its flow in its own __main__
+        otherwise=f"import its module first (`flowdsl resume {record.run_id} --import "
+        f"MODULE`), or {otherwise}",
     )
     if not isinstance(obj, Flow):
         raise ConfigError(

@@ -26,6 +26,7 @@ from .. import events as ev
 from .._define.graph import Node, NodeKind, value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
+from .._secret import redact, scrub
 
 if TYPE_CHECKING:
     from ..backends.base import Store
@@ -130,6 +131,8 @@ class StepScope:
         node, sink = self.node, self.sink
         unit = node.fn
         assert unit is not None
+        # A secret's value in the error never reaches an event, the store or a traceback.
+        scrub(exc)
         # Attempts count across deliveries: a batch task handed out again after its
         # worker died starts at its delivery number, with fewer retries left.
         final = isinstance(exc, CodecError | UnknownCase)
@@ -528,7 +531,7 @@ def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
     cls = type(raw)
     # Primitives are their own data and decode as themselves: skip the codec (this runs
     # once per node, so its cost is the engine's cost).
-    if cls is int and (tp is int or tp is Any):
+    if cls is int and (tp is int or tp is Any) and raw.bit_length() < 8192:
         return raw, int.__repr__(raw), raw
     if raw is None:
         return None, "null", None
@@ -541,7 +544,7 @@ def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    text = redact(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -103,5 +103,7 @@ def open_broker(url: str) -> Broker:
 
 def link(store: Store, broker: Broker) -> None:
     """Let a broker share its store's connection where the backend allows it (one SQLite
-    file for journal and queue, so that a commit and a completion are one transaction)."""
+    file for journal and queue, so that a commit and a completion are one transaction).
+    The broker checks what it commits as the store does (the store's seal)."""
+    broker.seal = store.seal
     broker.share_store(store)

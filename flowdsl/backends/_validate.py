@@ -18,10 +18,12 @@ from typing import Any
 
 from .. import _codec
 from .._errors import CheckpointError, CodecError
+from .._integrity import UNKEYED, Invalid, Seal
 from .._records import NodeRecord, RunRecord, RunStatus
 
 __all__ = [
     "Malformed",
+    "check_cached",
     "check_json",
     "corrupted",
     "load_json",
@@ -96,19 +98,21 @@ def _usage(value: object) -> dict[str, Any] | None:
     return value
 
 
-def run_record(run_id: str, fields: Mapping[str, object]) -> RunRecord:
+def run_record(run_id: str, fields: Mapping[str, object], seal: Seal = UNKEYED) -> RunRecord:
     """The run record *fields* describe, checked.
 
     *fields* holds every attribute of :class:`~flowdsl._records.RunRecord` as plain
     values: texts (``inputs`` and ``result`` JSON text), numbers for the times, the
     status's text and ``code`` as a mapping; ``result``, ``error`` and ``failed_node``
-    may be None.  The record must be of the run it was read for.
+    may be None.  The record must be of the run it was read for, and its integrity checks
+    (``check`` over its identity and inputs, ``state_check`` over how it stands) must hold
+    under *seal* (see :mod:`flowdsl._integrity`).
     """
     stored_id = text(fields.get("run_id"), "run_id")
     if stored_id != run_id:
         raise Malformed(f"the record is of run {stored_id!r}")
     result = fields.get("result")
-    return RunRecord(
+    record = RunRecord(
         run_id=stored_id,
         flow=text(fields.get("flow"), "flow"),
         flow_ref=text(fields.get("flow_ref"), "flow_ref"),
@@ -122,12 +126,21 @@ def run_record(run_id: str, fields: Mapping[str, object]) -> RunRecord:
         failed_node=optional_text(fields.get("failed_node"), "failed_node"),
         code=_code_map(fields.get("code")),
     )
+    try:
+        seal.verify_run_head(record, fields.get("check"))
+        seal.verify_run_state(record, fields.get("state_check"))
+    except Invalid as exc:
+        raise Malformed(f"the run record: {exc}") from None
+    return record
 
 
-def node_record(node_id: str, fields: Mapping[str, object]) -> NodeRecord:
+def node_record(
+    run_id: str, node_id: str, fields: Mapping[str, object], seal: Seal = UNKEYED
+) -> NodeRecord:
     """The node record *fields* describe, checked: ``value`` JSON text, ``attempts`` a
-    count, the times numbers, ``code`` text and ``usage`` a mapping or None."""
-    return NodeRecord(
+    count, the times numbers, ``code`` text and ``usage`` a mapping or None; its
+    ``check`` must hold for this run and node under *seal*."""
+    record = NodeRecord(
         node_id=node_id,
         value=check_json(fields.get("value"), "value"),
         attempts=_attempts(fields.get("attempts")),
@@ -136,6 +149,19 @@ def node_record(node_id: str, fields: Mapping[str, object]) -> NodeRecord:
         code=text(fields.get("code"), "code"),
         usage=_usage(fields.get("usage")),
     )
+    try:
+        seal.verify_node(run_id, record, fields.get("check"))
+    except Invalid as exc:
+        raise Malformed(f"the record of this node: {exc}") from None
+    return record
+
+
+def check_cached(seal: Seal, key: str, value: str, check: object) -> None:
+    """Malformed unless *check* holds for the cached *value* under cache *key*."""
+    try:
+        seal.verify_cached(key, value, check)
+    except Invalid as exc:
+        raise Malformed(f"the cached value: {exc}") from None
 
 
 def corrupted(

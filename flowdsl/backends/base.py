@@ -43,6 +43,7 @@ import abc
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
+from .._integrity import UNKEYED, Seal
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .messages import Claimed
 
@@ -53,6 +54,11 @@ class Store(abc.ABC):
     """Durable (or not) storage of runs and node results.  All methods are async."""
 
     url: str
+
+    #: How records are checked: every record is written with a check made by this seal
+    #: and refused on reading when its check does not hold (see :mod:`flowdsl._integrity`).
+    #: A context with a signing key sets a keyed seal here.
+    seal: Seal = UNKEYED
 
     #: Whether :meth:`commit_node_nowait` is offered: the store's commit is a synchronous
     #: write (a dict, an embedded file), so a node can be committed without awaiting.
@@ -106,6 +112,11 @@ class Store(abc.ABC):
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         """Every committed node of a run."""
 
+    async def load_node(self, run_id: str, node_id: str) -> NodeRecord | None:
+        """One committed node of a run, or ``None``.  By default through
+        :meth:`load_nodes`; stores that can read one record alone do."""
+        return (await self.load_nodes(run_id)).get(node_id)
+
     @abc.abstractmethod
     async def lookup_nodes(
         self, keys: Sequence[tuple[str, str]]
@@ -141,6 +152,14 @@ class Store(abc.ABC):
         """Drop *run_id*'s lease if *owner* holds it."""
 
     @abc.abstractmethod
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        """Delete the ended runs last updated more than *older_than* seconds ago (of the
+        given *statuses*; by default every ended status), with their journals; return
+        their ids.  A running run is never pruned."""
+
+    @abc.abstractmethod
     async def get_cached(self, key: str) -> str | None:
         """A cached step result (JSON text) by cache key."""
 
@@ -162,6 +181,10 @@ class Broker(abc.ABC):
     """A durable queue of tasks, with completions and events flowing back."""
 
     url: str
+
+    #: How records the broker commits (:meth:`commit_and_complete`) are checked; set with
+    #: the store's (see :attr:`Store.seal`).
+    seal: Seal = UNKEYED
 
     #: Whether :meth:`complete`, :meth:`commit_and_complete` and :meth:`dead_letter`
     #: publish their ``events`` atomically with the completion, ahead of it.  Without it

@@ -126,6 +126,28 @@ class MemoryStore(Store):
         for node_id in node_ids:
             nodes.pop(node_id, None)
 
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        from time import time
+
+        cutoff = time() - older_than
+        pruned = [
+            run_id
+            for run_id, record in self._runs.items()
+            if record.status.ended
+            and record.updated_at < cutoff
+            and (statuses is None or record.status in statuses)
+        ]
+        gone = set(pruned)
+        for run_id in pruned:
+            del self._runs[run_id]
+            self._nodes.pop(run_id, None)
+            self._leases.pop(run_id, None)
+        for key in [k for k in self._signals if k[0] in gone]:
+            del self._signals[key]
+        return pruned
+
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         # Newest first; among equal times, the later created first (as SQLite orders).
         ordered = sorted(

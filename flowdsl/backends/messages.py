@@ -9,6 +9,11 @@ Three kinds of message, all JSON text made by the codec (never pickle):
 - an **event** of an observed run, produced where the step runs (one of
   :mod:`flowdsl.events`, tagged with its class name).
 
+Tasks and completions carry an integrity check (``check``) over the rest of the message,
+made and verified with the process's :class:`~flowdsl._integrity.Seal`: a digest without
+a signing key, an HMAC with one, so that a worker refuses a task a process without the
+key wrote, and a client a completion.  Events are reports and carry none.
+
 A broker only carries these.  The dependency logic stays in the scheduler, the same one
 real-time mode runs; the journal stays in the store.  The layout is broker-neutral: the
 SQLite queue, Redis Streams and NATS JetStream carry the same messages.
@@ -23,6 +28,7 @@ import attrs
 from .. import _codec
 from .. import events as ev
 from .._errors import CheckpointError, CodecError
+from .._integrity import UNKEYED, Invalid, Seal
 from .._records import NodeRecord
 
 __all__ = [
@@ -60,6 +66,7 @@ class TaskMessage:
     # How many times the task may be handed out before it is a poison task; None: as the
     # worker that takes it is configured (``flowdsl worker --max-deliveries``).
     max_deliveries: int | None = None
+    check: str = ""  # over the rest of the message (see encode_task); the last field
 
 
 @attrs.frozen
@@ -80,6 +87,7 @@ class Completion:
     error: str | None = None
     error_kind: str | None = None
     v: int = PROTOCOL
+    check: str = ""  # over the rest of the message (see encode_completion)
 
 
 @attrs.frozen
@@ -98,15 +106,50 @@ class Claimed:
 _converter = _codec.converter
 
 
-def encode_task(task: TaskMessage) -> str:
-    return _codec.dumps(_converter.unstructure(task))
+def _sealed(kind: str, message: object, seal: Seal) -> str:
+    """The message's JSON text, its ``check`` (the last field) made over the rest."""
+    data = _converter.unstructure(message)
+    del data["check"]
+    body = _codec.dumps(data)
+    # The check goes last, so the text the check covers is the message's own text up to
+    # it: no second encoding of the whole message.
+    check = seal.make(kind, body)
+    return f'{body[:-1]},"check":"{check}"}}'
 
 
-def decode_task(text: str | bytes) -> TaskMessage:
-    """A task message from untrusted text; malformed input raises CheckpointError."""
+def _verify(kind: str, data: Any, seal: Seal) -> None:
+    """Raise Invalid unless *data* (a parsed message) carries the check of the rest."""
+    if not isinstance(data, dict):
+        return  # structuring refuses it with a better message
+    rest = dict(data)
+    check = rest.pop("check", None)
+    seal.verify(check, kind, _codec.dumps(rest))
+
+
+def _hint(seal: Seal) -> str:
+    if seal.signed:
+        return (
+            "Workers and clients must share the signing key; otherwise the message was "
+            "not written by flowdsl (docs/security.md)"
+        )
+    return "The queue holds data flowdsl did not write, or changed after it was written"
+
+
+def encode_task(task: TaskMessage, seal: Seal = UNKEYED) -> str:
+    return _sealed("task", task, seal)
+
+
+def decode_task(text: str | bytes, seal: Seal = UNKEYED) -> TaskMessage:
+    """A task message from untrusted text; malformed input, or a check that does not hold
+    under *seal*, raises CheckpointError."""
     try:
         data = _codec.loads(text)
+        _verify("task", data, seal)
         task: TaskMessage = _converter.structure(data, TaskMessage)
+    except Invalid as exc:
+        raise CheckpointError(
+            f"task message refused: {exc}", node=_peek(text, "node_id"), hint=_hint(seal)
+        ) from None
     except (CodecError, Exception) as exc:
         run_id = _peek(text, "run_id")
         raise CheckpointError(
@@ -124,13 +167,19 @@ def decode_task(text: str | bytes) -> TaskMessage:
     return task
 
 
-def encode_completion(completion: Completion) -> str:
-    return _codec.dumps(_converter.unstructure(completion))
+def encode_completion(completion: Completion, seal: Seal = UNKEYED) -> str:
+    return _sealed("completion", completion, seal)
 
 
-def decode_completion(text: str | bytes) -> Completion:
+def decode_completion(text: str | bytes, seal: Seal = UNKEYED) -> Completion:
     try:
-        completion: Completion = _converter.structure(_codec.loads(text), Completion)
+        data = _codec.loads(text)
+        _verify("completion", data, seal)
+        completion: Completion = _converter.structure(data, Completion)
+    except Invalid as exc:
+        raise CheckpointError(
+            f"completion message refused: {exc}", node=_peek(text, "node_id"), hint=_hint(seal)
+        ) from None
     except Exception as exc:
         raise CheckpointError(
             f"malformed completion message: {_short(exc)}",

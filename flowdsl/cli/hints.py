@@ -12,13 +12,14 @@ import re
 from collections.abc import Callable
 
 from .._errors import FlowError
+from .._urls import hide_credentials
 
 __all__ = ["cli_message", "resume_command"]
 
 
 def resume_command(run_id: str, store: str) -> str:
-    """The command that resumes *run_id* from *store*."""
-    return f"flowdsl resume {run_id} --store {store}"
+    """The command that resumes *run_id* from *store* (its credentials hidden)."""
+    return f"flowdsl resume {run_id} --store {hide_credentials(store)} --import MODULE"
 
 
 def cli_message(exc: FlowError, store: str | None = None, *, resume: bool = True) -> str:

@@ -34,6 +34,9 @@ import anyio
 import click
 
 from .._errors import ConfigError, FlowError, TracingError, leaves
+from .._integrity import Seal, seal_from
+from .._secret import Secret, redact
+from .._urls import hide_credentials
 from .._version import __version__
 from ..backends import Store, open_store
 from .hints import cli_message
@@ -120,10 +123,16 @@ async def unwrapped(call: Awaitable[T]) -> T:
         raise only from only.__cause__  # `from None` would erase the error's own cause
 
 
+def shown(text: str) -> str:
+    """*text* as it may be printed: credentials in URLs and known secret values masked."""
+    return redact(hide_credentials(text))
+
+
 def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
     if _FlowdslGroup.show_traceback:
-        traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"Error: {message}", err=True)
+        # A traceback quotes messages and source lines: a URL or a secret in one is masked.
+        sys.stderr.write(shown("".join(traceback.format_exception(exc))))
+    click.echo(f"Error: {shown(message)}", err=True)
     sys.exit(code)
 
 
@@ -198,8 +207,92 @@ path_option = click.option(
     metavar="DIR",
     multiple=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Add DIR to the import path (repeatable); the current directory always is.",
+    help="Add DIR to the import path (repeatable).",
 )
+import_option = click.option(
+    "--import",
+    "imports",
+    metavar="MODULE",
+    multiple=True,
+    help="A module (or path/to/file.py) to import first, defining the run's flow "
+    "(repeatable).  Nothing a store holds is ever imported.",
+)
+
+
+def import_modules(names: Sequence[str]) -> tuple[str, ...]:
+    """Import the modules the operator named with ``--import`` (a file path is named as
+    `flowdsl run` names it, its directory joining the import path)."""
+    import importlib
+
+    from .load import module_name_for_file
+
+    modules = []
+    for name in names:
+        if name.endswith(".py") or "/" in name or os.sep in name:
+            from pathlib import Path
+
+            path = Path(name).resolve()
+            if not path.is_file():
+                usage_error(f"--import {name}: no such file")
+            module, root = module_name_for_file(path)
+            add_to_path(root)
+        else:
+            module = name
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigError(
+                f"--import {name}: importing {module!r} failed: {type(exc).__name__}: {exc}",
+                hint="Check the module name and the import path (--path DIR, PYTHONPATH)",
+            ) from exc
+        modules.append(module)
+    return tuple(modules)
+
+
+def add_to_path(directory: str | os.PathLike[str]) -> None:
+    from .load import add_to_path as add
+
+    add(directory)
+
+
+def signing_options(command: Callable[..., T]) -> Callable[..., T]:
+    """``--signing-key-env VAR`` and ``--old-signing-key-env VAR`` (see docs/security.md)."""
+    command = click.option(
+        "--old-signing-key-env",
+        "old_signing_key_envs",
+        metavar="VAR",
+        multiple=True,
+        help="An environment variable holding a previous signing key, accepted to verify "
+        "what it signed (repeatable; for rotating the key).",
+    )(command)
+    return click.option(
+        "--signing-key-env",
+        metavar="VAR",
+        envvar="FLOWDSL_SIGNING_KEY_ENV",
+        help="The environment variable holding the key that signs and verifies records "
+        "and messages (HMAC); workers and clients need the same.",
+    )(command)
+
+
+def signing_keys(env: str | None, old_envs: Sequence[str]) -> dict[str, Any]:
+    """The ``signing_key=``/``old_signing_keys=`` of a context, from the variables named."""
+    for name in (env, *old_envs):
+        if name is not None and not os.environ.get(name):
+            usage_error(f"the environment variable {name} (a signing key) is not set")
+    if env is None:
+        if old_envs:
+            usage_error("--old-signing-key-env needs --signing-key-env (the current key)")
+        return {}
+    return {"signing_key": Secret(env), "old_signing_keys": [Secret(n) for n in old_envs]}
+
+
+def seal_of(env: str | None, old_envs: Sequence[str], *, reading: bool = False) -> Seal:
+    """The seal the signing options make; *reading* (a display) accepts signed records it
+    has no key for rather than refuse them."""
+    keys = signing_keys(env, old_envs)
+    if not keys:
+        return Seal(trust_signed=reading)
+    return seal_from(keys["signing_key"], keys["old_signing_keys"])
 
 
 def parse_json(text: str, what: str) -> Any:
@@ -207,6 +300,8 @@ def parse_json(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         usage_error(f"{what} is not valid JSON: {exc}")
+    except RecursionError:
+        usage_error(f"{what} is nested too deeply")
 
 
 def write_json(output: IO[str], data: Any) -> None:
@@ -216,13 +311,15 @@ def write_json(output: IO[str], data: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def opened_store(url: str) -> AsyncIterator[Store]:
+async def opened_store(url: str, seal: Seal | None = None) -> AsyncIterator[Store]:
     store = open_store(url)
     if store.url.startswith("memory:"):
         usage_error(
-            f"{url} keeps runs only inside one process; name a durable store, "
-            "e.g. --store sqlite:///runs.db"
+            f"{hide_credentials(url)} keeps runs only inside one process; name a durable "
+            "store, e.g. --store sqlite:///runs.db"
         )
+    if seal is not None:
+        store.seal = seal
     await store.open()
     try:
         yield store

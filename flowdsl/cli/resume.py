@@ -14,8 +14,10 @@ import click
 from .. import _codec
 from .._context.context import Context
 from .._define.dsl import Flow
-from .._errors import StepFailed
+from .._define.units import find_ref
+from .._errors import ConfigError, StepFailed
 from .._records import RunRecord, RunStatus
+from .._urls import hide_credentials
 from .hints import cli_message
 from .live import LiveView, StepTable
 from .load import TargetError, add_to_path, load_flow
@@ -23,10 +25,15 @@ from .main import (
     EXIT_FAILED,
     CommandFailed,
     backend_option,
+    import_modules,
+    import_option,
     live_option,
     opened_store,
     path_option,
     quiet_option,
+    seal_of,
+    signing_keys,
+    signing_options,
     store_option,
     unwrapped,
     usage_error,
@@ -74,9 +81,11 @@ __all__ = ["resume"]
     "(e.g. a run started from a script run as __main__).",
 )
 @path_option
+@import_option
 @quiet_option
 @live_option
 @backend_option
+@signing_options
 def resume(
     run_id: str | None,
     store: str | None,
@@ -86,17 +95,21 @@ def resume(
     no_wait: bool,
     target: str | None,
     paths: tuple[str, ...],
+    imports: tuple[str, ...],
     quiet: bool,
     live: bool,
     backend: str,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Finish the failed, cancelled or crashed run RUN_ID and print its result as JSON.
 
     Finished nodes are read back from the store and never run again.  A run that another
     process drives is not driven twice: this waits for its result (--no-wait: fails at
-    once), and takes the run over if that process dies.  The flow is imported
-    from the module the run recorded (for a run started with `flowdsl run path/to/file.py:f`,
-    that is the file's module name: run from the same directory, or add it with --path).
+    once), and takes the run over if that process dies.  The flow is the one the run
+    recorded, found in a module given with --import (for a run started with `flowdsl run
+    path/to/file.py:f`, --import path/to/file.py), or the one --flow names: nothing a
+    store holds is imported because the store names it.
 
     With --all-failed, every run of the store whose status is failed is resumed (a few at a
     time, --concurrency), and each prints one JSON line: {"run_id": ..., "flow": ...,
@@ -104,8 +117,8 @@ def resume(
 
     \b
     Examples:
-      flowdsl resume 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
-      flowdsl resume --all-failed --store sqlite:///runs.db
+      flowdsl resume 3f9a0c1d2b7e4a55 --store sqlite:///runs.db --import app.flows
+      flowdsl resume --all-failed --store sqlite:///runs.db --import app.flows
     """
     if run_id is None and not all_failed:
         usage_error("give the RUN_ID to resume, or --all-failed to resume every failed run")
@@ -115,7 +128,10 @@ def resume(
     add_to_path(os.getcwd())
     for path in paths:
         add_to_path(path)
+    import_modules(imports)
     flow = load_flow(target) if target is not None else None
+    keys = signing_keys(signing_key_env, old_signing_key_envs)
+    seal = seal_of(signing_key_env, old_signing_key_envs)
     if run_id is None:
         many = functools.partial(
             resume_failed,
@@ -126,61 +142,62 @@ def resume(
             concurrency=concurrency,
             show=default_show(quiet, live),
             output=sys.stdout,
+            keys=keys,
         )
         count, failed = anyio.run(many, backend=backend)
         if failed:
             raise CommandFailed(f"{failed} of {count} runs failed again", EXIT_FAILED)
         return
     show_live = not quiet and (live or sys.stdout.isatty() or sys.stderr.isatty())
-    call = functools.partial(_resume, run_id, store, strict, flow, show_live, wait=not no_wait)
-    result = anyio.run(call, backend=backend)
+    options = (strict, flow, show_live, keys, seal, not no_wait)
+    result = anyio.run(_resume, run_id, store, options, backend=backend)
     write_json(sys.stdout, result)
 
 
-async def _resume(
-    run_id: str,
-    store: str,
-    strict: bool,
-    flow: Flow[..., Any] | None,
-    show_live: bool,
-    *,
-    wait: bool = True,
-) -> Any:
+async def _resume(run_id: str, store: str, options: tuple[Any, ...]) -> Any:
+    strict, flow, show_live, keys, seal, wait = options
+    shown = hide_credentials(store)
     if flow is None:
-        async with opened_store(store) as opened:
+        async with opened_store(store, seal) as opened:
             record: RunRecord | None = await opened.get_run(run_id)
         if record is None:
-            raise CommandFailed(f"no run {run_id!r} in {store} (see `flowdsl runs list`)")
+            raise CommandFailed(f"no run {run_id!r} in {shown} (see `flowdsl runs list`)")
         if record.status is RunStatus.FINISHED:
             return json_or_text(record.result or "null")  # nothing runs: no flow needed
         flow = _flow_of(record)
     table = StepTable(flow.graph, run_id) if show_live else None
-    ctx = Context(store=store, on_event=table.handle if table is not None else None)
+    ctx = Context(store=store, on_event=table.handle if table is not None else None, **keys)
     try:
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
             result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow, wait=wait))
     except StepFailed as exc:
         raise CommandFailed(
             f"{cli_message(exc, resume=False)} (fix it, then "
-            f"`flowdsl resume {run_id} --store {store}` again)"
+            f"`flowdsl resume {run_id} --store {shown} --import {flow.ref.partition(':')[0]}` "
+            "again)"
         ) from exc
     return _codec.to_data(result, what="the flow's result")
 
 
 def _flow_of(record: RunRecord) -> Flow[..., Any]:
+    """The run's flow among the modules imported with --import (never imported here)."""
     if record.flow_ref.startswith("__main__:"):
         raise TargetError(
             f"run {record.run_id!r} was started by a script run as __main__, so its flow "
-            f"{record.flow!r} cannot be imported by name",
+            f"{record.flow!r} cannot be found by name",
             flow=record.flow,
             hint="Name it: `flowdsl resume RUN_ID --flow path/to/script.py:flow`",
         )
     try:
-        return load_flow(record.flow_ref)
-    except TargetError as exc:
-        raise TargetError(
-            f"cannot import the flow of run {record.run_id!r} ({record.flow_ref}): {exc.problem}",
+        flow = find_ref(
+            record.flow_ref,
+            what=f"the flow of run {record.run_id!r}",
             flow=record.flow,
-            hint="Run from the directory the run was started in, add it with --path DIR, "
-            "or name the flow with --flow TARGET",
-        ) from exc
+            otherwise="import its module with `--import MODULE` (or `--import "
+            "path/to/file.py`), or name the flow with `--flow TARGET`",
+        )
+    except ConfigError as exc:
+        raise TargetError(exc.problem, flow=record.flow, hint=exc.hint) from exc
+    if not isinstance(flow, Flow):
+        raise TargetError(f"{record.flow_ref!r} is not a flow", flow=record.flow)
+    return flow

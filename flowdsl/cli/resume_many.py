@@ -23,6 +23,7 @@ from .._context.progress import progress_for
 from .._define.dsl import Flow
 from .._errors import FlowError
 from .._records import RunRecord, RunStatus
+from .._urls import hide_credentials
 from .hints import cli_message
 from .stores import runs_with_status
 
@@ -38,13 +39,15 @@ async def resume_failed(
     concurrency: int,
     show: bool | None,
     output: IO[str],
+    keys: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
-    """Resume every failed run in *store*; return (runs resumed, runs that failed again)."""
-    ctx = Context(store=store)
+    """Resume every failed run in *store*; return (runs resumed, runs that failed again).
+    *keys* are the context's signing keys (``signing_key=``, ``old_signing_keys=``)."""
+    ctx = Context(store=store, **(keys or {}))
     async with ctx:
         records = await runs_with_status(ctx.store, [RunStatus.FAILED.value], None)
         if not records:
-            click.echo(f"flowdsl resume: no failed runs in {store}", err=True)
+            click.echo(f"flowdsl resume: no failed runs in {hide_credentials(store)}", err=True)
             return 0, 0
         lines: list[dict[str, Any]] = [{} for _ in records]
         limiter = anyio.CapacityLimiter(concurrency)

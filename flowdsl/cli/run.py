@@ -18,6 +18,7 @@ from .. import _codec
 from .._context.context import Context
 from .._define.dsl import Flow
 from .._errors import CodecError, ConfigError, FlowError, StepFailed
+from .._urls import hide_credentials
 from .hints import cli_message
 from .live import LiveView, StepTable
 from .load import load_flow
@@ -29,6 +30,8 @@ from .main import (
     live_option,
     parse_json,
     quiet_option,
+    signing_keys,
+    signing_options,
     store_option,
     unwrapped,
     usage_error,
@@ -53,7 +56,7 @@ __all__ = ["call_of", "derive_run_id", "fit_input", "run"]
     "--inputs",
     "inputs_file",
     metavar="FILE.jsonl",
-    type=click.File("r"),
+    type=click.File("rb"),
     help="Run once per line of FILE (JSON, as for --input; '-' reads stdin).",
 )
 @click.option(
@@ -94,10 +97,11 @@ __all__ = ["call_of", "derive_run_id", "fit_input", "run"]
 @quiet_option
 @live_option
 @backend_option
+@signing_options
 def run(
     target: str,
     input_json: str | None,
-    inputs_file: IO[str] | None,
+    inputs_file: IO[bytes] | None,
     output: IO[str],
     store: str | None,
     run_id: str | None,
@@ -108,6 +112,8 @@ def run(
     quiet: bool,
     live: bool,
     backend: str,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Run the flow TARGET and print its result as JSON.
 
@@ -128,7 +134,8 @@ def run(
     if inputs_file is not None and run_id is not None:
         usage_error("--run-id names one run; with --inputs each run's id derives from its input")
     flow = load_flow(target)
-    options = _ContextOptions(store, batch, broker, workers)
+    keys = signing_keys(signing_key_env, old_signing_key_envs)
+    options = _ContextOptions(store, batch, broker, workers, keys, target.rpartition(":")[0])
     if inputs_file is not None:
         lines = _read_jsonl(inputs_file)
         show = False if quiet else (True if live else None)
@@ -138,11 +145,14 @@ def run(
         if failed:
             message = f"{failed} of {len(lines)} runs failed"
             if not (url.startswith("memory:") or url.endswith(":memory:")):
-                message += f" (once fixed: `flowdsl resume --all-failed --store {url}`)"
+                message += (
+                    f" (once fixed: `flowdsl resume --all-failed --store "
+                    f"{hide_credentials(url)} --import {options.module}`)"
+                )
             raise CommandFailed(message, EXIT_FAILED)
         return
     value = (
-        parse_json(sys.stdin.read() if input_json == "-" else input_json, "--input")
+        parse_json(_stdin_text() if input_json == "-" else input_json, "--input")
         if input_json is not None
         else _NO_INPUT
     )
@@ -164,9 +174,11 @@ class _ContextOptions:
     batch: bool
     broker: str | None
     workers: int | None
+    keys: dict[str, Any]  # signing_key= and old_signing_keys=, if given
+    module: str  # TARGET's module or file, which a resume imports again
 
     def context(self, on_event: Callable[[Any], None] | None = None) -> Context:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(self.keys)
         if self.broker is not None:
             extra["broker"] = self.broker
         if self.workers is not None:
@@ -205,14 +217,16 @@ async def _run_one(
             result = await unwrapped(ctx.run(flow, *args, run_id=run_id, **kwargs))
     except StepFailed as exc:
         message = cli_message(exc, resume=False)
-        raise CommandFailed(_with_resume_hint(message, run_id, ctx.store.url)) from exc
+        hint = _with_resume_hint(message, run_id, ctx.store.url, options.module)
+        raise CommandFailed(hint) from exc
     return _codec.to_data(result, what="the flow's result")
 
 
-def _with_resume_hint(message: str, run_id: str, store_url: str) -> str:
+def _with_resume_hint(message: str, run_id: str, store_url: str, module: str) -> str:
     if store_url.startswith("memory:") or store_url.endswith(":memory:"):
         return message  # the journal ends with this process: nothing to resume
-    return f"{message} (run {run_id!r}: `flowdsl resume {run_id} --store {store_url}`)"
+    command = f"flowdsl resume {run_id} --store {hide_credentials(store_url)} --import {module}"
+    return f"{message} (run {run_id!r}: `{command}`)"
 
 
 def derive_run_id(flow_name: str, value: Any) -> str:
@@ -284,6 +298,9 @@ def fit_input(
         given = flow.signature.bind(*args, **kwargs).arguments  # without defaults
         types = flow.input_types
         for name, data in given.items():
+            # What the run will do with it: a value the codec cannot carry (nested too
+            # deeply, say) is the caller's to fix.
+            _codec.to_data(data, what=f"input {name!r}")
             _codec.from_data(data, types.get(name, Any), what=f"input {name!r}")
     except (ConfigError, CodecError) as exc:
         raise CommandFailed(
@@ -312,10 +329,28 @@ def _map_item(flow: Flow[..., Any], value: Any, what: str) -> Any:
     return bound
 
 
-def _read_jsonl(file: IO[str]) -> list[Any]:
+def _stdin_text() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        usage_error(
+            f"--input - (stdin) is not UTF-8 text: byte {exc.start} is {data[exc.start]:#x}"
+        )
+
+
+def _read_jsonl(file: IO[bytes]) -> list[Any]:
     name = getattr(file, "name", "<stdin>")
+    if name in ("-", "<stdin>"):
+        name = "stdin"
     values = []
-    for number, line in enumerate(file, 1):
+    for number, raw in enumerate(file, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            usage_error(
+                f"{name} line {number} is not UTF-8 text (byte {exc.start + 1} of the line)"
+            )
         if line.strip():
             values.append(parse_json(line, f"{name} line {number}"))
     if not values:

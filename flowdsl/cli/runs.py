@@ -1,4 +1,8 @@
-"""``flowdsl runs list`` and ``flowdsl runs show``: what a store keeps about runs."""
+"""``flowdsl runs list``, ``show`` and ``prune``: what a store keeps about runs.
+
+None of them imports anything a store names: a run's flow is looked up among the modules
+given with ``--import`` (``runs show``), never imported because its record says so.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,28 @@ from typing import Any
 import anyio
 import click
 
+from .._define.dsl import Flow
 from .._define.graph import Graph, NodeKind
+from .._define.units import find_ref
 from .._errors import FlowError
-from .._records import NodeRecord, RunRecord
+from .._records import NodeRecord, RunRecord, RunStatus
+from .._urls import hide_credentials
 from ..backends import open_broker
+from ..backends._retention import ENDED, parse_duration
 from .live import format_duration
-from .load import add_to_path, load_flow
-from .main import CommandFailed, opened_store, path_option, store_option, write_json
+from .load import add_to_path
+from .main import (
+    CommandFailed,
+    import_modules,
+    import_option,
+    opened_store,
+    path_option,
+    seal_of,
+    signing_options,
+    store_option,
+    usage_error,
+    write_json,
+)
 from .progress import dynamic_progress
 from .render import (
     iso,
@@ -54,7 +73,15 @@ def runs() -> None:
     help="Only runs of this status (repeatable).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def runs_list(store: str | None, limit: int, statuses: tuple[str, ...], as_json: bool) -> None:
+@signing_options
+def runs_list(
+    store: str | None,
+    limit: int,
+    statuses: tuple[str, ...],
+    as_json: bool,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> None:
     """List the newest runs in a store: id, flow, status, started, duration.
 
     \b
@@ -63,9 +90,10 @@ def runs_list(store: str | None, limit: int, statuses: tuple[str, ...], as_json:
       flowdsl runs list --status failed
     """
     store = store_or_default(store)
+    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
 
     async def fetch() -> list[RunRecord]:
-        async with opened_store(store) as opened:
+        async with opened_store(store, seal) as opened:
             return await runs_with_status(opened, statuses, limit)
 
     records = anyio.run(fetch)
@@ -75,7 +103,7 @@ def runs_list(store: str | None, limit: int, statuses: tuple[str, ...], as_json:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"runs in {store}"), title_justify="left")
+    table = Table(title=Text(f"runs in {hide_credentials(store)}"), title_justify="left")
     for column in ("run id", "flow", "status", "started", "duration"):
         table.add_column(
             column, justify="right" if column == "duration" else "left", no_wrap=column == "run id"
@@ -103,16 +131,26 @@ def runs_list(store: str | None, limit: int, statuses: tuple[str, ...], as_json:
     help="The queue whose dead letters to list.  [default: the store's URL]",
 )
 @path_option
+@import_option
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
 )
+@signing_options
 def runs_show(
-    run_id: str, store: str | None, broker: str | None, paths: tuple[str, ...], as_json: bool
+    run_id: str,
+    store: str | None,
+    broker: str | None,
+    paths: tuple[str, ...],
+    imports: tuple[str, ...],
+    as_json: bool,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Show the run RUN_ID: its record, a table of its nodes, and its dead letters.
 
-    Nodes not run yet (or skipped by a branch) are listed when the run's flow can be
-    imported here; otherwise the table lists the nodes the journal holds.  Tasks of a
+    Nodes not run yet (or skipped by a branch) are listed when the run's flow is in a
+    module given with --import; otherwise the table lists the nodes the journal holds (the
+    module a run record names is never imported).  Tasks of a
     batch run that were handed out more times than their step's retries allow are listed
     as dead letters, from the broker (by default the store's URL, for a store that is
     also a queue: sqlite, redis, nats).
@@ -122,18 +160,22 @@ def runs_show(
       flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
     """
     store = store_or_default(store)
+    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
 
     async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]]]:
-        async with opened_store(store) as opened:
+        async with opened_store(store, seal) as opened:
             record = await opened.get_run(run_id)
             if record is None:
-                raise CommandFailed(f"no run {run_id!r} in {store} (see `flowdsl runs list`)")
+                raise CommandFailed(
+                    f"no run {run_id!r} in {hide_credentials(store)} (see `flowdsl runs list`)"
+                )
             journal = await opened.load_nodes(run_id)
         return record, journal, await _dead_letters(broker or store, run_id)
 
     record, journal, dead = anyio.run(fetch)
     for path in paths:
         add_to_path(path)
+    import_modules(imports)
     graph_ = _graph_or_none(record)
     nodes = node_rows(record, journal, graph_)
     if as_json:
@@ -159,13 +201,71 @@ async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:
 
 
 def _graph_or_none(record: RunRecord) -> Graph | None:
-    """The run's graph, if its flow imports here (any failure only shortens the table)."""
-    if record.flow_ref.startswith("__main__:"):
-        return None
+    """The run's graph, if its flow is in a module imported here (by --import): what the
+    record names is looked up, never imported.  Not found, the table is only shorter."""
     try:
-        return load_flow(record.flow_ref).graph
-    except Exception:
+        flow = find_ref(record.flow_ref, what="the flow", otherwise="")
+    except FlowError:
         return None
+    return flow.graph if isinstance(flow, Flow) else None
+
+
+@runs.command("prune")
+@store_option(required=True)
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    required=True,
+    help="Delete ended runs last updated longer ago than this: 90s, 15m, 12h, 30d, 2w.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(sorted(s.value for s in ENDED)),
+    multiple=True,
+    help="Only runs that ended so (repeatable).  [default: finished, failed and cancelled]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the pruned run ids as JSON.")
+@signing_options
+def runs_prune(
+    store: str | None,
+    older_than: str,
+    statuses: tuple[str, ...],
+    as_json: bool,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> None:
+    """Delete the ended runs of a store older than DURATION, with their journals.
+
+    A run still running (or waiting) is never deleted, however old.  Stores can also
+    delete ended runs by themselves: ?ttl=7d on a Redis or NATS URL.
+
+    \b
+    Example:
+      flowdsl runs prune --store sqlite:///runs.db --older-than 30d --status finished
+    """
+    store = store_or_default(store)
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        usage_error(f"--older-than: {exc}")
+    wanted = frozenset(RunStatus(s) for s in statuses) if statuses else None
+    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
+
+    async def prune() -> list[str]:
+        async with opened_store(store, seal) as opened:
+            return await opened.prune(older_than=seconds, statuses=wanted)
+
+    pruned = anyio.run(prune)
+    if as_json:
+        write_json(sys.stdout, pruned)
+        return
+    click.echo(
+        f"pruned {len(pruned)} run(s) from {hide_credentials(store)}"
+        + (f": {', '.join(pruned)}" if pruned else ""),
+        err=True,
+    )
 
 
 def node_rows(

@@ -8,6 +8,10 @@ import sys
 import anyio
 import click
 
+from .._integrity import Seal
+from .._urls import hide_credentials
+from .main import seal_of, signing_options
+
 __all__ = ["signal"]
 
 
@@ -29,7 +33,15 @@ __all__ = ["signal"]
     required=True,
     help="The store the run is kept in, e.g. sqlite:///runs.db (or set FLOWDSL_STORE).",
 )
-def signal(run_id: str, name: str, value: str, store: str) -> None:
+@signing_options
+def signal(
+    run_id: str,
+    name: str,
+    value: str,
+    store: str,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> None:
     """Send signal NAME with a JSON value to the run RUN_ID.
 
     A wait for NAME in the run (`fd.wait_for(NAME, type)`) takes it, now if the run is
@@ -44,20 +56,22 @@ def signal(run_id: str, name: str, value: str, store: str) -> None:
         json.loads(value)
     except ValueError as exc:
         raise click.UsageError(f"--value is not JSON: {exc}") from None
-    index = anyio.run(_send, store, run_id, name, value)
+    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
+    index = anyio.run(_send, store, run_id, name, value, seal)
     click.echo(json.dumps({"run_id": run_id, "signal": name, "index": index}), file=sys.stdout)
 
 
-async def _send(url: str, run_id: str, name: str, value: str) -> int:
+async def _send(url: str, run_id: str, name: str, value: str, seal: Seal) -> int:
     from .._context.signals import send_signal
     from ..backends import open_store
 
     store = open_store(url)
     if store.url.startswith("memory:"):
         raise click.UsageError(
-            f"{url} keeps runs only inside one process; name a durable store, "
+            f"{hide_credentials(url)} keeps runs only inside one process; name a durable store, "
             "e.g. --store sqlite:///runs.db"
         )
+    store.seal = seal
     await store.open()
     try:
         return await send_signal(store, run_id, name, value)

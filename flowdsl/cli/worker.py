@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import click
@@ -12,7 +14,7 @@ import click
 from .._executors.batch import DEFAULT_MAX_DELIVERIES, serve
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
-from .main import path_option, usage_error
+from .main import path_option, seal_of, signing_options, usage_error
 
 __all__ = ["worker"]
 
@@ -68,6 +70,7 @@ __all__ = ["worker"]
     "embedded SQLite queue, or its Redis or NATS server]",
 )
 @path_option
+@signing_options
 def worker(
     broker: str,
     imports: tuple[str, ...],
@@ -76,6 +79,8 @@ def worker(
     max_deliveries: int,
     store: str | None,
     paths: tuple[str, ...],
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Run a batch worker: take ready steps off the broker's queue and run them.
 
@@ -83,17 +88,30 @@ def worker(
     steps it had taken and not finished go back to the queue when their leases expire.  A
     step whose record is committed never runs again, however often its task comes back.
 
+    The worker runs only the steps of the modules given with --import: a task naming any
+    other step is refused, without importing anything, and dead-lettered.  The current
+    directory is not on its import path (a file planted there could shadow a module),
+    unless an --import names a file in it; add directories with --path DIR.
+
     \b
     Example:
-      flowdsl worker --broker sqlite:///runs.db --import app.flows --concurrency 32
+      flowdsl worker --broker sqlite:///runs.db --import app.flows --path . --concurrency 32
       flowdsl run app.flows:triage --inputs tickets.jsonl --batch --workers 0 \\
           --store sqlite:///runs.db
     """
-    add_to_path(os.getcwd())
+    _leave_current_directory()
     for path in paths:
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
-    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease, max_deliveries)
+    seal = seal_of(signing_key_env, old_signing_key_envs)
+    options = (lease, seal, max_deliveries)
+    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, options)
+
+
+def _leave_current_directory() -> None:
+    """Take the current directory off the import path (``python -m`` puts it first)."""
+    here = os.path.abspath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != here]
 
 
 def _module_of(name: str) -> str:
@@ -113,10 +131,11 @@ async def _serve_until_stopped(
     store: str | None,
     modules: tuple[str, ...],
     concurrency: int,
-    lease: float = 30.0,
-    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    options: tuple[Any, ...] = (30.0, None, DEFAULT_MAX_DELIVERIES),
 ) -> None:
     import signal
+
+    lease, seal, max_deliveries = options
 
     # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
     # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
@@ -130,6 +149,7 @@ async def _serve_until_stopped(
                     imports=modules,
                     concurrency=concurrency,
                     lease=lease,
+                    seal=seal,
                     max_deliveries=max_deliveries,
                 )
             )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ...backends.messages import decode_event, encode_event
 from .client import BatchExecutor, RemoteError, StepCheckpointFailed, StepConfigFailed
-from .worker import DEFAULT_MAX_DELIVERIES, Worker, import_unit, serve
+from .worker import DEFAULT_MAX_DELIVERIES, UnknownStep, Worker, serve
 
 __all__ = [
     "DEFAULT_MAX_DELIVERIES",
@@ -27,9 +27,9 @@ __all__ = [
     "RemoteError",
     "StepCheckpointFailed",
     "StepConfigFailed",
+    "UnknownStep",
     "Worker",
     "decode_event",
     "encode_event",
-    "import_unit",
     "serve",
 ]

@@ -25,7 +25,7 @@ from ..._errors import (
     StepFailed,
 )
 from ..._records import NodeRecord
-from ...backends.base import Broker
+from ...backends.base import Broker, Store
 from ...backends.messages import (
     Completion,
     TaskMessage,
@@ -65,6 +65,7 @@ class BatchExecutor:
         self,
         broker: Broker,
         *,
+        store: Store | None = None,
         poll_interval: float = 0.002,
         max_poll_interval: float = 0.05,
         max_deliveries: int | None = None,
@@ -73,6 +74,8 @@ class BatchExecutor:
         # Carried in every task: how many deliveries before a poison task (None: the
         # worker's own setting).
         self.max_deliveries = max_deliveries
+        # The journal a successful completion must agree with (None: not checked).
+        self.store = store
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self._waiting: dict[tuple[str, str], _Waiter] = {}
@@ -162,7 +165,7 @@ class BatchExecutor:
         waiter = _Waiter(anyio.Event())
         self._waiting[key] = waiter
         try:
-            self._outbox.append((run.run_id, node.id, encode_task(task)))
+            self._outbox.append((run.run_id, node.id, encode_task(task, self.broker.seal)))
             if not self._flushing:
                 await self._flush()
             await waiter.event.wait()
@@ -269,15 +272,21 @@ class BatchExecutor:
             # Completions are read, not removed: let the broker drop old ones now and then.
             self._read = 0
             await self.broker.forget_completions(self._cursor)
+        accepted: list[tuple[_Waiter, Completion]] = []
         for text in texts:
             try:
-                completion = decode_completion(text)
+                completion = decode_completion(text, self.broker.seal)
             except CheckpointError as exc:
                 run_id = peek_run_id(text)
-                log.warning("dropping a malformed completion (run %s): %s", run_id, exc)
+                log.error("refusing a completion (run %s): %s", run_id, exc)
                 continue
             waiter = self._waiting.get((completion.run_id, completion.node_id))
             if waiter is not None and waiter.completion is None:
+                accepted.append((waiter, completion))
+        if self.store is not None and any(_journaled(c) for _, c in accepted):
+            accepted = await self._agreeing(accepted)
+        for waiter, completion in accepted:
+            if waiter.completion is None:
                 waiter.completion = completion
                 waiter.event.set()
         while self._forget:
@@ -293,6 +302,80 @@ class BatchExecutor:
                 except (CodecError, Exception) as exc:  # an event is a report: never fatal
                     log.warning("dropping a malformed event of run %s: %s", run_id, exc)
         return bool(texts)
+
+    async def _agreeing(
+        self, accepted: list[tuple[_Waiter, Completion]]
+    ) -> list[tuple[_Waiter, Completion]]:
+        """The completions that agree with the journal.
+
+        A worker commits a node's record before it completes the task, so a successful
+        completion's record is in the journal by the time it is read: one that is not, or
+        that differs, was not written by a worker (or the journal was changed).  Without
+        a record the completion is refused and the node goes on waiting for its worker's;
+        with a different record the node fails with a CheckpointError.
+        """
+        store = self.store
+        assert store is not None
+        results: dict[int, NodeRecord | BaseException | None] = {}
+
+        async def read(i: int, completion: Completion) -> None:
+            try:
+                results[i] = await store.load_node(completion.run_id, completion.node_id)
+            except CheckpointError as exc:
+                results[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, (_, completion) in enumerate(accepted):
+                if _journaled(completion):
+                    tg.start_soon(read, i, completion)
+        out = []
+        for i, (waiter, completion) in enumerate(accepted):
+            if not _journaled(completion):
+                # A failure, or an "ok" without a record (refused by _outcome).
+                out.append((waiter, completion))
+                continue
+            journaled = results.get(i)
+            if isinstance(journaled, BaseException):
+                error = f"the journal cannot be read: {journaled}"
+                out.append((waiter, _refused(completion, error)))
+            elif journaled is None:
+                log.error(
+                    "refusing a completion of node %r of run %r: the journal has no record "
+                    "of it (a forged completion?)",
+                    completion.node_id,
+                    completion.run_id,
+                )
+            elif not _same(journaled, completion.record):
+                error = (
+                    "the completion disagrees with the journal's record of the node (the "
+                    "queue or the store was tampered with)"
+                )
+                log.error("node %r of run %r: %s", completion.node_id, completion.run_id, error)
+                out.append((waiter, _refused(completion, error)))
+            else:
+                out.append((waiter, attrs.evolve(completion, record=journaled)))
+        return out
+
+
+def _journaled(completion: Completion) -> bool:
+    """Whether *completion* says a record was committed (so the journal must have it)."""
+    return completion.ok and completion.record is not None
+
+
+def _same(journaled: NodeRecord, sent: NodeRecord | None) -> bool:
+    if sent is None or sent.attempts != journaled.attempts or sent.code != journaled.code:
+        return False
+    if sent.value == journaled.value:
+        return True
+    # A store may keep a value's text in another spelling (SQLite escapes lone surrogates).
+    try:
+        return bool(_codec.loads(sent.value) == _codec.loads(journaled.value))
+    except CodecError:
+        return False
+
+
+def _refused(completion: Completion, error: str) -> Completion:
+    return Completion(completion.run_id, completion.node_id, False, None, error, "checkpoint")
 
 
 class RemoteError(Exception):

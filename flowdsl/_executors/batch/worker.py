@@ -40,7 +40,9 @@ from ..._errors import (
     FlowError,
     StepFailed,
 )
+from ..._integrity import Seal
 from ..._records import NodeRecord
+from ..._secret import redact
 from ...backends.base import Broker, Store
 from ...backends.messages import (
     Claimed,
@@ -52,7 +54,7 @@ from ...backends.messages import (
     peek_run_id,
 )
 
-__all__ = ["DEFAULT_MAX_DELIVERIES", "TRANSIENT", "Worker", "import_unit", "serve"]
+__all__ = ["DEFAULT_MAX_DELIVERIES", "TRANSIENT", "UnknownStep", "Worker", "serve"]
 
 log = logging.getLogger("flowdsl.batch")
 
@@ -90,9 +92,10 @@ class Worker:
     """Takes tasks off a broker and runs them.
 
     ``concurrency`` tasks run at once; leases last ``lease`` seconds and are renewed while
-    a task runs, so a slow but live step keeps its task.  ``local=True`` (in-process
-    workers) finds steps among those defined in this process, notebooks included;
-    otherwise steps are imported by module path.
+    a task runs, so a slow but live step keeps its task.  A worker runs only the steps
+    registered in this process (defined in it, notebooks included, or in the modules it
+    was told to import): a task naming any other is refused without importing anything
+    and dead-lettered.  ``local`` says the worker runs inside a context (in-process).
     """
 
     def __init__(
@@ -228,15 +231,20 @@ class Worker:
         run, never the worker: the worker goes on serving the others.
         """
         try:
-            task = decode_task(item.payload)
+            task = decode_task(item.payload, self.store.seal)
         except CheckpointError as exc:
+            # Malformed, or not written by a client with this worker's key: never run,
+            # dead-lettered so that a person can see it.
             run_id = item.run_id or peek_run_id(item.payload) or "?"
             node_id = item.node_id or exc.node or "?"
-            log.warning("task %s is malformed: %s", item.task_id, exc)
-            await self._fail(item, run_id, node_id, _bare(exc), "checkpoint")
+            log.error("task %s refused: %s", item.task_id, exc)
+            await self._fail(item, run_id, node_id, _bare(exc), "checkpoint", dead=True)
             return
         try:
             await self._handle(item, task, committed)
+        except UnknownStep as exc:
+            log.error("task %s of run %s refused: %s", item.task_id, task.run_id, exc)
+            await self._fail(item, task.run_id, task.node_id, _bare(exc), "config", dead=True)
         except (ConfigError, CheckpointError) as exc:
             kind = "config" if isinstance(exc, ConfigError) else "checkpoint"
             log.warning("task %s of run %s failed: %s", item.task_id, task.run_id, exc)
@@ -249,9 +257,10 @@ class Worker:
         committed: Mapping[tuple[str, str], NodeRecord] | None,
     ) -> None:
         key = (task.run_id, task.node_id)
-        if committed is None or (item.run_id, item.node_id) != key:
-            committed = await self.store.lookup_nodes([key])
-        stored = committed.get(key)
+        if committed is not None and (item.run_id, item.node_id) == key:
+            stored = committed.get(key)
+        else:
+            stored = await self.store.load_node(task.run_id, task.node_id)
         if stored is not None:
             # Committed already (by a worker that died before completing the task, or by
             # one still holding a copy of it): never run twice, whatever the delivery count.
@@ -298,7 +307,7 @@ class Worker:
             # The broker keeps the journal too: commit the record and complete the task
             # in one atomic operation (first commit wins; the completion carries it).
             completion = Completion(task.run_id, task.node_id, True, record)
-            payload = encode_completion(completion)
+            payload = encode_completion(completion, self.store.seal)
             if await self.broker.commit_and_complete(
                 item.task_id, task.run_id, record, payload, events=sink.buffer
             ):
@@ -316,7 +325,7 @@ class Worker:
                 task.node_id,
                 task.run_id,
             )
-            stored = (await self.store.lookup_nodes([key])).get(key)
+            stored = await self.store.load_node(task.run_id, task.node_id)
             record = stored if stored is not None else record
         await self._complete(item, task, record, sink.buffer if first else [])
 
@@ -328,7 +337,7 @@ class Worker:
         events: list[tuple[str, str]] | None = None,
     ) -> None:
         completion = Completion(task.run_id, task.node_id, True, record)
-        payload = encode_completion(completion)
+        payload = encode_completion(completion, self.store.seal)
         await self.broker.complete(item.task_id, task.run_id, task.node_id, payload, events=events)
 
     async def _fail(
@@ -342,7 +351,8 @@ class Worker:
         *,
         dead: bool = False,
     ) -> None:
-        payload = encode_completion(Completion(run_id, node_id, False, None, error, kind))
+        failed = Completion(run_id, node_id, False, None, redact(error), kind)
+        payload = encode_completion(failed, self.store.seal)
         if dead:
             await self.broker.dead_letter(
                 item.task_id, run_id, node_id, payload, error, events=events
@@ -351,9 +361,11 @@ class Worker:
             await self.broker.complete(item.task_id, run_id, node_id, payload, events=events)
 
     def _node(self, task: TaskMessage) -> Node:
-        unit = registered_unit(task.step) if self.local else None
+        # Only steps this process registered (imported by the operator's --import, or
+        # defined here): a task is data, and what it names is never imported.
+        unit = registered_unit(task.step)
         if unit is None:
-            unit = import_unit(task.step, node=task.node_id, flow=task.flow)
+            raise _unknown_step(task)
         kind = NodeKind.BRANCH if task.kind == "branch" else NodeKind.STEP
         if (kind is NodeKind.BRANCH) != (unit.kind == "branch"):
             raise CheckpointError(
@@ -380,6 +392,40 @@ class Worker:
         return args, kwargs
 
 
+class UnknownStep(ConfigError):
+    """A task naming a step this worker has not registered: refused, dead-lettered."""
+
+
+def _unknown_step(task: TaskMessage) -> UnknownStep:
+    module, _, qualname = task.step.partition(":")
+    where = f"step {task.step!r}"
+    in_process = "in-process workers: fd.Context(batch=True, workers=N)"
+    if "<locals>" in qualname:
+        problem = f"{where} is defined inside a function, which a worker process cannot import"
+        hint = f"Move the step to a module's top level, or run {in_process}"
+    elif module == "__main__":
+        problem = (
+            f"{where} is defined in __main__ (a notebook or the script that started the "
+            "run), which a worker process cannot import"
+        )
+        hint = (
+            "Move the step into a module and start workers with `--import MODULE`, or run "
+            + in_process
+        )
+    else:
+        problem = f"the task names {where}, which this worker does not know"
+        hint = (
+            "Start the worker with `--import MODULE` for the module that defines the step "
+            f"(workers import only what they are told to), or run {in_process}"
+        )
+    return UnknownStep(
+        f"{problem}; it was refused without importing anything",
+        flow=task.flow,
+        node=task.node_id,
+        hint=hint,
+    )
+
+
 def check_max_deliveries(value: object) -> None:
     if type(value) is not int or value < 1:
         raise ConfigError(
@@ -403,46 +449,6 @@ def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
         ) from exc
 
 
-def import_unit(ref: str, *, node: str, flow: str) -> Any:
-    """A step or branch by ``module:qualname``, for a worker in another process."""
-    from ..._define.dsl import Branch, Step
-
-    module_name, _, qualname = ref.partition(":")
-    where = f"step {ref!r}"
-    if "<locals>" in qualname:
-        raise ConfigError(
-            f"{where} is defined inside a function, which a worker process cannot import",
-            flow=flow,
-            node=node,
-            hint="Move the step to a module's top level, or run in-process workers: "
-            "fd.Context(batch=True, workers=N)",
-        )
-    if module_name == "__main__":
-        raise ConfigError(
-            f"{where} is defined in __main__ (a notebook or the script that started the run), "
-            "which a worker process cannot import",
-            flow=flow,
-            node=node,
-            hint="Move the step into a module and start workers with `--import MODULE`, or "
-            "run in-process workers: fd.Context(batch=True, workers=N)",
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:
-        raise ConfigError(
-            f"{where} cannot be imported by this worker: {type(exc).__name__}: {exc}",
-            flow=flow,
-            node=node,
-            hint="Install the module where the workers run (PYTHONPATH, `--import MODULE`), or "
-            "run in-process workers: fd.Context(batch=True, workers=N)",
-        ) from exc
-    if not isinstance(obj, Step | Branch):
-        raise ConfigError(f"{ref!r} is not a step", flow=flow, node=node)
-    return obj
-
-
 async def serve(
     broker: str,
     *,
@@ -451,14 +457,17 @@ async def serve(
     concurrency: int = 16,
     lease: float = 30.0,
     llm: Any = None,
+    seal: Seal | None = None,
     max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve tasks from *broker* until cancelled: what ``flowdsl worker`` runs.
 
-    *imports* are modules to import first, so that their steps are known; *store*
-    defaults to the broker's own file for the embedded SQLite queue.  *max_deliveries* is
-    for the tasks of runs that do not set their own (``fd.Context(max_deliveries=...)``).
+    *imports* are modules to import first, so that their steps are known (the worker runs
+    no others); *store* defaults to the broker's own file for the embedded SQLite queue;
+    *seal* checks records and messages (a signing key's, see docs/security.md);
+    *max_deliveries* is for the tasks of runs that do not set their own
+    (``fd.Context(max_deliveries=...)``).
     """
     from ...backends import link, open_broker, open_store
 
@@ -474,6 +483,8 @@ async def serve(
         store = broker  # the broker's own server keeps the journal, as for the clients
     queue = open_broker(broker)
     journal = open_store(store)
+    if seal is not None:
+        journal.seal = seal
     link(journal, queue)
     await journal.open()
     try:

@@ -57,6 +57,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ..._errors import CheckpointError, ConfigError
 from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
+from .._retention import ENDED
 from ..base import Store
 from .bucket import Bucket
 from .keys import (
@@ -101,6 +102,8 @@ class NATSStore(Store):
         self.bucket = self.options.prefix
         self._link = NatsLink(self._url)
         self._kv: Bucket | None = None
+        self.ttl = self.options.ttl
+        self._pruned_at = 0.0
 
     @classmethod
     def from_url(cls, url: str) -> NATSStore:
@@ -198,7 +201,64 @@ class NATSStore(Store):
             # Compare-and-set on the revision read: a concurrent update makes us read again
             # rather than overwrite it with stale fields.
             if await self._bucket.update(key, data, got[1], "update a run", run_id):
+                break
+        if status.ended and self.ttl is not None:
+            await self._expire()
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        import time
+
+        await checkpoint_if_cancelled()
+        cutoff = time.time() - older_than
+        allowed = statuses if statuses is not None else ENDED
+        pruned = []
+        for key, data in await self._bucket.scan("run.*", "list the runs to prune"):
+            try:
+                fields = load_json(data, "the run record")
+                run_id = id_of(key, "run")
+                status = RunStatus(fields.get("status"))
+                updated = fields.get("updated_at")
+                old = isinstance(updated, int | float) and updated < cutoff
+            except (Malformed, ValueError, AttributeError):
+                continue  # a record this store cannot read is left for a person to see
+            if status not in allowed or not old:
+                continue
+            # Nodes first: a run record without its journal would resume from nothing.
+            await self._forget_journal(run_id)
+            signals = await self._bucket.scan(
+                f"signal.{to_token(run_id)}.>", "list a pruned run's signals", run_id
+            )
+            for signal_key, _ in signals:
+                await self._bucket.delete(signal_key, "prune a run's signals", run_id)
+            await self._bucket.delete(key, "prune a run", run_id)
+            pruned.append(run_id)
+        return pruned
+
+    async def _forget_journal(self, run_id: str) -> None:
+        """Delete every node of the run, scanning again until none is left: a scan under
+        load can miss keys written just before it."""
+        for _ in range(5):
+            nodes = await self._bucket.scan(
+                f"node.{to_token(run_id)}.*", "list a pruned run's journal", run_id
+            )
+            if not nodes:
                 return
+            await self.forget_nodes(run_id, [id_of(k, "node") for k, _ in nodes])
+
+    async def _expire(self) -> None:
+        """Prune the runs past the store's ``ttl``, at most every tenth of it."""
+        import time
+
+        assert self.ttl is not None
+        now = time.time()
+        if now - self._pruned_at < min(self.ttl / 10, 60.0):
+            return
+        self._pruned_at = now
+        await self.prune(older_than=self.ttl)
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         await checkpoint_if_cancelled()
@@ -213,6 +273,10 @@ class NATSStore(Store):
         return runs[:limit]
 
     async def _encode_run(self, record: RunRecord) -> bytes:
+        seal = self.seal
+        state = seal.run_state(
+            record.run_id, record.status.value, record.result, record.error, record.failed_node
+        )
         return dump_json(
             {
                 "v": _RECORD_VERSION,
@@ -232,6 +296,8 @@ class NATSStore(Store):
                 else await self._bucket.pack(record.error, record.run_id),
                 "failed_node": record.failed_node,
                 "code": record.code,
+                "check": seal.run_head(record),
+                "state_check": state,
             }
         )
 
@@ -246,7 +312,7 @@ class NATSStore(Store):
             fields["error"] = await bucket.unpack_optional(
                 fields.get("error"), "error", run_id, json_text=False
             )
-            return v.run_record(run_id, fields)
+            return v.run_record(run_id, fields, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
 
@@ -264,6 +330,7 @@ class NATSStore(Store):
                 "finished_at": record.finished_at,
                 "code": record.code,
                 "usage": record.usage,
+                "check": self.seal.node(run_id, record),
             }
         )
         key = node_key(run_id, record.node_id)
@@ -273,6 +340,12 @@ class NATSStore(Store):
         # reply was lost and it was retried; only the latter holds exactly our record.
         got = await self._bucket.get(key, "read a node", run_id)
         return got is not None and got[0] == data
+
+    async def load_node(self, run_id: str, node_id: str) -> NodeRecord | None:
+        await checkpoint_if_cancelled()
+        key = node_key(run_id, node_id)
+        got = await self._bucket.get(key, "read a node", run_id)
+        return None if got is None else await self._decode_node(run_id, key, got[0])
 
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         await checkpoint_if_cancelled()
@@ -326,7 +399,7 @@ class NATSStore(Store):
             if fields.get("node_id") != node_id:
                 raise Malformed(f"the record under this node's key names {fields.get('node_id')!r}")
             fields["value"] = await self._bucket.unpack(fields.get("value"), "value", run_id)
-            return v.node_record(node_id, fields)
+            return v.node_record(run_id, node_id, fields, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
 
@@ -408,7 +481,9 @@ class NATSStore(Store):
             fields = load_json(got[0], "the cache entry")
             if not isinstance(fields, dict) or "value" not in fields:
                 raise Malformed("the cache entry is not an object with a value")
-            return await self._bucket.unpack(fields["value"], "the cached value", None)
+            value = await self._bucket.unpack(fields["value"], "the cached value", None)
+            v.check_cached(self.seal, key, value, fields.get("check"))
+            return value
         except Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
@@ -417,7 +492,8 @@ class NATSStore(Store):
 
     async def put_cached(self, key: str, value: str) -> None:
         await checkpoint_if_cancelled()
-        data = dump_json({"value": await self._bucket.pack(value)})
+        check = self.seal.cached(key, value)
+        data = dump_json({"value": await self._bucket.pack(value), "check": check})
         await self._bucket.put(cache_key(key), data, "write the cache")
 
     # --- errors ---------------------------------------------------------------------------

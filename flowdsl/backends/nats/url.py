@@ -110,6 +110,15 @@ def _replicas(text: str) -> int:
     return value
 
 
+def _ttl(text: str) -> float:
+    from .._retention import parse_duration
+
+    seconds = parse_duration(text)
+    if not seconds > 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
 _OPTIONS: Final[dict[str, Callable[[str], Any]]] = {
     "prefix": _prefix,
     "replicas": _replicas,
@@ -123,6 +132,7 @@ _OPTIONS: Final[dict[str, Callable[[str], Any]]] = {
     "tls_ca": str,
     "tls_cert": str,
     "tls_key": str,
+    "ttl": _ttl,
 }
 
 
@@ -136,7 +146,9 @@ class NatsOptions:
     ``connect_timeout`` bounds each connection attempt, ``timeout`` each JetStream request,
     ``retry_for`` how long a call waits for a server that went away; ``max_deliver`` is the
     task consumer's backstop on deliveries; ``inline_max`` is the size above which a value
-    is stored once by content hash; ``tls_ca``, ``tls_cert`` and ``tls_key`` are PEM files.
+    is stored once by content hash; ``tls_ca``, ``tls_cert`` and ``tls_key`` are PEM files;
+    ``ttl`` (a duration such as ``7d``) is how long ended runs are kept before the store
+    deletes them (by default they are kept until ``flowdsl runs prune``).
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -151,6 +163,7 @@ class NatsOptions:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    ttl: float | None = None
 
 
 @attrs.frozen

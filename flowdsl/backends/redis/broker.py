@@ -302,7 +302,7 @@ class RedisBroker(Broker):
         False (the worker then completes the task with that record).  A malformed record
         in its place fails the node with a checkpoint error: the task is completed with
         that failure, True."""
-        field, digest, blob = encode_node(record)
+        field, digest, blob = encode_node(record, self.seal.node(run_id, record))
         node_id = record.node_id
         keys = [
             self.layout.nodes(run_id),
@@ -330,13 +330,13 @@ class RedisBroker(Broker):
         done = await self._run("commit_and_complete", what, keys, args)
         if done == 1:
             return True
+        reader = RedisStore.reading_through(self._link, self.prefix)
+        reader.seal = self.seal
         try:
-            await RedisStore.reading_through(self._link, self.prefix).node_from_raw(
-                run_id, node_id, done
-            )
+            await reader.node_from_raw(run_id, node_id, done)
         except CheckpointError as exc:
             failed = Completion(run_id, node_id, False, None, str(exc), "checkpoint")
-            await self.complete(task_id, run_id, node_id, encode_completion(failed))
+            await self.complete(task_id, run_id, node_id, encode_completion(failed, self.seal))
             return True
         return False
 

@@ -14,6 +14,7 @@ from typing import Any, Final
 import attrs
 
 from ... import _codec
+from ..._integrity import Seal
 from ..._records import NodeRecord
 from .._validate import Malformed, check_json, load_json, node_record
 
@@ -89,9 +90,9 @@ class Layout:
         return f"{self.prefix}:blob:-"
 
 
-def encode_node(record: NodeRecord) -> tuple[bytes, str, bytes]:
-    """``(field, digest, blob)`` of a node record: digest and blob are empty when the
-    value sits inline."""
+def encode_node(record: NodeRecord, check: str) -> tuple[bytes, str, bytes]:
+    """``(field, digest, blob)`` of a node record with its integrity *check*: digest and
+    blob are empty when the value sits inline."""
     data = to_bytes(record.value)
     fields: dict[str, Any] = {}
     digest = ""
@@ -107,10 +108,13 @@ def encode_node(record: NodeRecord) -> tuple[bytes, str, bytes]:
     fields["finished_at"] = record.finished_at
     fields["code"] = record.code
     fields["usage"] = record.usage
+    fields["check"] = check
     return to_bytes(_codec.dumps(fields)), digest, blob
 
 
 _NODE_KEYS: Final = frozenset({"attempts", "started_at", "finished_at", "code", "usage"})
+# Records written before integrity checks have no "check" field.
+_OPTIONAL_NODE_KEYS: Final = frozenset({"check"})
 _DIGEST_CHARS: Final = frozenset("0123456789abcdef")
 
 
@@ -122,7 +126,7 @@ def parse_node(raw: object) -> dict[str, Any]:
         raise Malformed("the record is not a JSON object")
     keys = set(data)
     inline = "value" in keys
-    if inline == ("blob" in keys) or keys - {"value", "blob"} != _NODE_KEYS:
+    if inline == ("blob" in keys) or keys - {"value", "blob"} - _OPTIONAL_NODE_KEYS != _NODE_KEYS:
         raise Malformed(f"the record has the fields {sorted(keys)}")
     if inline:
         check_json(data["value"], "value")
@@ -135,10 +139,13 @@ def is_digest(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _DIGEST_CHARS
 
 
-def node_from_fields(node_id: str, data: Mapping[str, Any], blob: object) -> NodeRecord:
-    """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked."""
+def node_from_fields(
+    run_id: str, node_id: str, data: Mapping[str, Any], blob: object, seal: Seal
+) -> NodeRecord:
+    """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked
+    (its integrity check under *seal* included)."""
     value = data["value"] if "value" in data else blob_text(data["blob"], blob)
-    return node_record(node_id, {**data, "value": value})
+    return node_record(run_id, node_id, {**data, "value": value}, seal)
 
 
 def blob_text(digest: str, blob: object) -> str:
@@ -162,8 +169,12 @@ def float_text(value: bytes | None, field: str) -> float:
 
 def parse_cached(raw: object) -> dict[str, Any]:
     data = load_json(from_bytes(raw, "the entry"), "entry")
-    if not isinstance(data, dict) or len(data) != 1:
+    if not isinstance(data, dict):
         raise Malformed("the entry is not a value or a blob reference")
+    check = data.pop("check", None)
+    if len(data) != 1:
+        raise Malformed("the entry is not a value or a blob reference")
+    data["check"] = check
     if "value" in data and isinstance(data["value"], str):
         load_json(data["value"], "value")
         return data

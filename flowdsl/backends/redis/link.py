@@ -13,11 +13,12 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._urls import hide_credentials
 from .._retry import retry_while_away
 
 __all__ = [
@@ -39,7 +40,7 @@ DEFAULT_PREFIX: Final = "flowdsl"
 _INSTALL_HINT: Final = "Install the Redis client: pip install 'flowdsl[redis]'"
 _URL_FORM: Final = "redis://[user:password@]host:6379/0 (rediss:// for TLS)"
 # Options flowdsl reads from the URL's query string; the rest go to redis-py.
-_OWN_OPTIONS: Final = frozenset({"prefix", "keep"})
+_OWN_OPTIONS: Final = frozenset({"prefix", "keep", "ttl"})
 _MIN_SERVER: Final = (6, 2)  # XAUTOCLAIM
 #: Connections per server and process, by default (each blocking read holds one).
 MAX_CONNECTIONS: Final = 64
@@ -128,19 +129,15 @@ class RedisURL:
     def option(self, name: str, default: str) -> str:
         return self.options.get(name, default)
 
+    @property
+    def query_ttl(self) -> str | None:
+        """The ``ttl`` option of the URL (how long ended runs are kept), if given."""
+        return self.options.get("ttl")
+
 
 def _hide_password(url: str) -> str:
-    """*url* with its password replaced by ``***`` (user names stay: they help)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<a malformed URL>"
-    if password is None:
-        return url
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    """*url* with its credentials masked (the one helper: :func:`hide_credentials`)."""
+    return hide_credentials(url)
 
 
 def _bad_url(shown: str, why: str) -> ConfigError:

@@ -70,6 +70,33 @@ return 1
 """
 )
 
+# Deleting an ended run and its journal, when it is still ended and was last updated
+# before a time.  KEYS: run hash, nodes hash, runs zset, blobrefs.  ARGV: prefix, run id,
+# cutoff, then the statuses that may go.  Returns 1 when the run was deleted.
+PRUNE_RUN: Final = (
+    _UNREF
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+local updated = tonumber(redis.call('HGET', KEYS[1], 'updated_at') or '')
+if not status then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return 0
+end
+if not updated or updated >= tonumber(ARGV[3]) then return 0 end
+local allowed = false
+for i = 4, #ARGV do
+  if ARGV[i] == status then allowed = true end
+end
+if not allowed then return 0 end
+local nodes = redis.call('HGETALL', KEYS[2])
+for i = 2, #nodes, 2 do unref(ARGV[1], KEYS[4], blob_of(nodes[i])) end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
+"""
+)
+
 # KEYS: cache hash, blob key, blobrefs.  ARGV: prefix, cache key, entry, digest, blob.
 PUT_CACHED: Final = (
     _UNREF

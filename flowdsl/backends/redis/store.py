@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, TypeVar
@@ -35,8 +34,9 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
 from ..._errors import CheckpointError
-from ..._records import Lease, NodeRecord, RunRecord, RunStatus
+from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
+from .._retention import ENDED, parse_ttl
 from ..base import Store
 from .keys import (
     INLINE_MAX,
@@ -51,12 +51,14 @@ from .keys import (
     parse_node,
     to_bytes,
 )
+from .leases import RedisLeases
 from .link import DEFAULT_PREFIX, RedisLink, RedisURL, parse_prefix, require_asyncio
 from .scripts import (
     ACQUIRE_LEASE,
     COMMIT_NODE,
     CREATE_RUN,
     FORGET_NODES,
+    PRUNE_RUN,
     PUT_CACHED,
     RELEASE_LEASE,
     RENEW_LEASES,
@@ -81,16 +83,19 @@ _RUN_FIELDS: Final = frozenset(
         "error",
         "failed_node",
         "code",
+        "check",
+        "state_check",
     }
 )
 _TIMES: Final = ("created_at", "updated_at")
-_OPTIONAL_RUN_FIELDS: Final = frozenset({"result", "error", "failed_node"})
+# The checks are missing from records written before integrity checks.
+_OPTIONAL_RUN_FIELDS: Final = frozenset({"result", "error", "failed_node", "check", "state_check"})
 _RESTORE_HINT: Final = (
     "Delete the run's keys ({keys}) and start it again, or restore the server's data from a backup"
 )
 
 
-class RedisStore(Store):
+class RedisStore(RedisLeases, Store):
     """Runs and node journals on a Redis server, shared by every process that uses it.
 
     *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS), optionally
@@ -99,12 +104,21 @@ class RedisStore(Store):
     a committed node survives the server being killed.
     """
 
-    def __init__(self, url: str, *, prefix: str | None = None, retry_for: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        retry_for: float = 30.0,
+        ttl: float | None = None,
+    ) -> None:
         self._link = RedisLink(RedisURL.parse(url), retry_for=retry_for)
         self.prefix = parse_prefix(self._link.url, prefix)
         self.layout = Layout(self.prefix)
         self.url = self._link.url.shown
         self._scripts: dict[str, Any] = {}
+        self.ttl = parse_ttl(self._link.url.query_ttl if ttl is None else ttl, self.url)
+        self._pruned_at = 0.0
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -120,6 +134,8 @@ class RedisStore(Store):
         store.layout = Layout(prefix)
         store.url = link.url.shown
         store._scripts = {}
+        store.ttl = None
+        store._pruned_at = 0.0
         return store
 
     def __repr__(self) -> str:
@@ -149,6 +165,7 @@ class RedisStore(Store):
                 ("acquire_lease", ACQUIRE_LEASE),
                 ("renew_leases", RENEW_LEASES),
                 ("release_lease", RELEASE_LEASE),
+                ("prune_run", PRUNE_RUN),
             )
         }
 
@@ -168,6 +185,12 @@ class RedisStore(Store):
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         fields = _run_fields(record)
+        fields["check"] = to_bytes(self.seal.run_head(record))
+        fields["state_check"] = to_bytes(
+            self.seal.run_state(
+                record.run_id, record.status.value, record.result, record.error, record.failed_node
+            )
+        )
         args: list[Any] = [to_bytes(record.run_id), repr(record.created_at)]
         for name, value in fields.items():
             args += [name, value]
@@ -212,6 +235,8 @@ class RedisStore(Store):
             setting["fingerprint"] = to_bytes(fingerprint)
         if code is not None:
             setting["code"] = to_bytes(_codec.dumps(code))
+        state = self.seal.run_state(run_id, status.value, result, error, failed_node)
+        setting["state_check"] = to_bytes(state)
         args: list[Any] = [len(setting)]
         for name, data in setting.items():
             args += [name, data]
@@ -224,6 +249,58 @@ class RedisStore(Store):
                 f"run {run_id!r} does not exist in {self.url}",
                 hint="Create the run (ctx.start) before updating it",
             )
+        if status.ended and self.ttl is not None:
+            await self._expire()
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        client = self._client()
+        cutoff = time.time() - older_than
+        allowed = [s.value for s in (statuses or ENDED)]
+        # A run last updated before the cutoff was created before it: its score is lower.
+        raw_ids = await self._link.call(
+            "listing runs to prune",
+            lambda: client.zrangebyscore(self.layout.runs, "-inf", repr(cutoff)),
+        )
+        pruned = []
+        for raw in raw_ids:
+            run_id = _node_name(raw)
+            keys = [self.layout.run(run_id), self.layout.nodes(run_id), self.layout.runs]
+            done = await self._script(
+                "prune_run",
+                f"pruning run {run_id!r}",
+                [*keys, self.layout.blobrefs],
+                [self.prefix, raw, repr(cutoff), *allowed],
+            )
+            if done == 1:
+                await self._forget_signals(client, run_id)
+                pruned.append(run_id)
+        return pruned
+
+    async def _forget_signals(self, client: Any, run_id: str) -> None:
+        # Signal keys end with the signal's name: the run's are found by a pattern, its
+        # id escaped so that glob characters in it match only themselves.
+        escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in run_id)
+        pattern = f"{self.prefix}:signals:{escaped}:*"
+
+        async def delete() -> None:
+            keys = [key async for key in client.scan_iter(match=pattern, count=500)]
+            if keys:
+                await client.delete(*keys)
+
+        await self._link.call(f"pruning the signals of run {run_id!r}", delete)
+
+    async def _expire(self) -> None:
+        """Prune the runs past the store's ``ttl``, at most every tenth of it."""
+        assert self.ttl is not None
+        now = time.time()
+        if now - self._pruned_at < min(self.ttl / 10, 60.0):
+            return
+        self._pruned_at = now
+        await self.prune(older_than=self.ttl)
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         if limit <= 0:
@@ -273,7 +350,7 @@ class RedisStore(Store):
 
     async def _commit_node(self, run_id: str, record: NodeRecord) -> bool:
         client = self._client()
-        field, digest, blob = encode_node(record)
+        field, digest, blob = encode_node(record, self.seal.node(run_id, record))
         key = self.layout.nodes(run_id)
         what = f"committing node {record.node_id!r} of run {run_id!r}"
         if not digest:
@@ -309,7 +386,8 @@ class RedisStore(Store):
         out: dict[str, NodeRecord] = {}
         for node_id, data in parsed.items():
             try:
-                out[node_id] = node_from_fields(node_id, data, blobs.get(data.get("blob", "")))
+                blob = blobs.get(data.get("blob", ""))
+                out[node_id] = node_from_fields(run_id, node_id, data, blob, self.seal)
             except Malformed as exc:
                 raise self._corrupted(run_id, node_id, str(exc)) from None
         return out
@@ -337,7 +415,7 @@ class RedisStore(Store):
             blob_key = self.layout.blob(data["blob"])
             blob = await self._link.call(f"reading run {run_id!r}", lambda: client.get(blob_key))
         try:
-            return node_from_fields(node_id, data, blob)
+            return node_from_fields(run_id, node_id, data, blob, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id, str(exc)) from None
 
@@ -372,48 +450,6 @@ class RedisStore(Store):
             [self.prefix, *(to_bytes(n) for n in node_ids)],
         )
 
-    # --- the run lease ----------------------------------------------------------------------
-
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
-    ) -> Lease | None:
-        held = await self._script(
-            "acquire_lease",
-            f"taking the lease of run {run_id!r}",
-            [self.layout.lease(run_id)],
-            [to_bytes(owner), _milliseconds(ttl), to_bytes(replacing or "")],
-        )
-        if not held:
-            return None
-        try:
-            holder = from_bytes(held[0], "the lease's owner")
-        except Malformed as exc:
-            raise self._corrupted(run_id, None, str(exc)) from None
-        # PTTL is -1 for a key written by hand without an expiry: it never runs out.
-        left = int(held[1])
-        expires = math.inf if left < 0 else time.time() + left / 1000
-        return Lease(run_id, holder, expires)
-
-    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
-        ids = list(run_ids)
-        if not ids:
-            return []
-        lost = await self._script(
-            "renew_leases",
-            "renewing run leases",
-            [self.layout.lease(run_id) for run_id in ids],
-            [to_bytes(owner), _milliseconds(ttl)],
-        )
-        return [ids[int(i) - 1] for i in lost]
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        await self._script(
-            "release_lease",
-            f"releasing the lease of run {run_id!r}",
-            [self.layout.lease(run_id)],
-            [to_bytes(owner)],
-        )
-
     # --- the step cache -------------------------------------------------------------------
 
     async def get_cached(self, key: str) -> str | None:
@@ -426,10 +462,13 @@ class RedisStore(Store):
         try:
             data = parse_cached(raw)
             if "value" in data:
-                return str(data["value"])
-            blob_key = self.layout.blob(data["blob"])
-            blob = await self._link.call("reading the step cache", lambda: client.get(blob_key))
-            return blob_text(data["blob"], blob)
+                value = str(data["value"])
+            else:
+                blob_key = self.layout.blob(data["blob"])
+                blob = await self._link.call("reading the step cache", lambda: client.get(blob_key))
+                value = blob_text(data["blob"], blob)
+            v.check_cached(self.seal, key, value, data["check"])
+            return value
         except Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
@@ -438,13 +477,14 @@ class RedisStore(Store):
 
     async def put_cached(self, key: str, value: str) -> None:
         data = to_bytes(value)
+        check = self.seal.cached(key, value)
         if len(data) > INLINE_MAX:
             digest = hashlib.sha256(data).hexdigest()
-            entry = to_bytes(_codec.dumps({"blob": digest}))
+            entry = to_bytes(_codec.dumps({"blob": digest, "check": check}))
             blob = data
         else:
             digest, blob = "", b""
-            entry = to_bytes(_codec.dumps({"value": value}))
+            entry = to_bytes(_codec.dumps({"value": value, "check": check}))
         await self._script(
             "put_cached",
             "writing the step cache",
@@ -470,7 +510,7 @@ class RedisStore(Store):
             for name in _TIMES:
                 values[name] = float_text(fields[name], name)
             values["code"] = v.load_json(from_bytes(fields["code"], "code"), "code")
-            return v.run_record(run_id, values)
+            return v.run_record(run_id, values, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
 
@@ -536,10 +576,6 @@ def _run_fields(record: RunRecord) -> dict[str, bytes]:
         "code": _codec.dumps(record.code),
     }
     return {k: to_bytes(v) for k, v in fields.items() if v is not None}
-
-
-def _milliseconds(seconds: float) -> int:
-    return max(1, math.ceil(seconds * 1000))
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:

@@ -8,15 +8,23 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+import attrs
+
 from ... import _codec
+from ..._errors import BackendUnavailable, CheckpointError, ConfigError
+from ..._records import RunRecord
 from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+# WAL bytes kept after a checkpoint resets it: a big batch grows the WAL, and without a
+# limit the file keeps that size until the last connection closes.
+JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
 #: JSON text longer than this many bytes is stored once, by content hash, in ``blobs``.
 INLINE_MAX: Final = 256
 HASH_SIZE: Final = 32
@@ -29,7 +37,7 @@ PAGE_SIZE: Final = 8192
 # SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
 CHUNK: Final = 500
 
-# Version 2: who drives each run, until when (wall-clock seconds).
+# Version 3: who drives each run, until when (wall-clock seconds).
 _LEASES: Final = (
     """CREATE TABLE IF NOT EXISTS leases (
         run_id TEXT PRIMARY KEY NOT NULL,
@@ -51,7 +59,9 @@ SCHEMA: Final = (
         result TEXT,
         error TEXT,
         failed_node TEXT,
-        code TEXT NOT NULL
+        code TEXT NOT NULL,
+        integrity TEXT,
+        state_integrity TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at)",
     # WITHOUT ROWID: the primary key is the row, so (run_id, node_id) is stored once.
@@ -65,6 +75,7 @@ SCHEMA: Final = (
         finished_at REAL NOT NULL,
         code TEXT NOT NULL,
         usage TEXT,
+        integrity TEXT,
         PRIMARY KEY (run_id, node_id)
     ) WITHOUT ROWID""",
     # A rowid table on purpose: its leaves hold rows up to a page, where a WITHOUT ROWID
@@ -76,46 +87,63 @@ SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS cache (
         key TEXT PRIMARY KEY NOT NULL,
         value TEXT,
-        blob BLOB
+        blob BLOB,
+        integrity TEXT
     ) WITHOUT ROWID""",
     *_LEASES,
 )
+# From schema version 1 (no integrity checks): the columns added; the rows already there
+# have none, which a process without a signing key accepts (see docs/security.md).
+MIGRATE_1_TO_2: Final = (
+    "ALTER TABLE runs ADD COLUMN integrity TEXT",
+    "ALTER TABLE runs ADD COLUMN state_integrity TEXT",
+    "ALTER TABLE nodes ADD COLUMN integrity TEXT",
+    "ALTER TABLE cache ADD COLUMN integrity TEXT",
+)
 #: What brings a file of each older version to the next one.
-MIGRATIONS: Final = {1: _LEASES}
+MIGRATIONS: Final = {1: MIGRATE_1_TO_2, 2: _LEASES}
 
 INSERT_RUN: Final = (
     "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
-    "created_at, updated_at, result, error, failed_node, code) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "created_at, updated_at, result, error, failed_node, code, integrity, state_integrity) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-SELECT_RUN: Final = (
+_RUN_SELECT: Final = (
     "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
-    "result, error, failed_node, code FROM runs WHERE run_id = ?"
+    "result, error, failed_node, code, integrity, state_integrity FROM runs "
 )
-LIST_RUNS: Final = (
-    "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
-    "result, error, failed_node, code FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?"
-)
+SELECT_RUN: Final = _RUN_SELECT + "WHERE run_id = ?"
+LIST_RUNS: Final = _RUN_SELECT + "ORDER BY created_at DESC, rowid DESC LIMIT ?"
 UPDATE_RUN: Final = (
     "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
-    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code) WHERE run_id = ?"
+    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code), state_integrity = ? "
+    "WHERE run_id = ?"
+)
+# Ended runs last updated before a time (their ids): what `flowdsl runs prune` deletes.
+PRUNABLE: Final = (
+    "SELECT run_id, status FROM runs "
+    "WHERE status IN ('finished', 'failed', 'cancelled') AND updated_at < ?"
 )
 INSERT_NODE: Final = (
     "INSERT OR IGNORE INTO nodes (run_id, node_id, value, blob, attempts, started_at, "
-    "finished_at, code, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "finished_at, code, usage, integrity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_BLOB: Final = "INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)"
 SELECT_NODES: Final = (
     "SELECT n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, n.finished_at, "
-    "n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
+    "n.code, n.usage, n.integrity FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
     "WHERE n.run_id = ?"
 )
-# Followed by "(?, ?), (?, ?), ..." (row values): the records of given (run, node) pairs.
+SELECT_NODE: Final = SELECT_NODES + " AND n.node_id = ?"
+# Followed by "(?, ?), (?, ?), ...)" (row values): the records of given (run, node) pairs.
 SELECT_NODE_PAIRS: Final = (
     "SELECT n.run_id, n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, "
-    "n.finished_at, n.code, n.usage FROM nodes AS n LEFT JOIN blobs AS b ON b.hash = n.blob "
-    "WHERE (n.run_id, n.node_id) IN (VALUES"
+    "n.finished_at, n.code, n.usage, n.integrity FROM nodes AS n "
+    "LEFT JOIN blobs AS b ON b.hash = n.blob WHERE (n.run_id, n.node_id) IN (VALUES"
 )
+RUN_BLOBS: Final = "SELECT blob FROM nodes WHERE run_id = ? AND blob IS NOT NULL"
+DELETE_RUN_NODES: Final = "DELETE FROM nodes WHERE run_id = ?"
+DELETE_RUN: Final = "DELETE FROM runs WHERE run_id = ?"
 NODE_BLOB: Final = "SELECT blob FROM nodes WHERE run_id = ? AND node_id = ?"
 DELETE_NODE: Final = "DELETE FROM nodes WHERE run_id = ? AND node_id = ?"
 # Signals for fd.wait_for: the table is made on first use, so that a file made before
@@ -131,10 +159,10 @@ COUNT_SIGNALS: Final = "SELECT count(*) FROM signals WHERE run_id = ? AND name =
 INSERT_SIGNAL: Final = "INSERT INTO signals (run_id, name, seq, value) VALUES (?, ?, ?, ?)"
 SELECT_SIGNAL: Final = "SELECT value FROM signals WHERE run_id = ? AND name = ? AND seq = ?"
 GET_CACHED: Final = (
-    "SELECT c.value, c.blob, b.data FROM cache AS c LEFT JOIN blobs AS b ON b.hash = c.blob "
-    "WHERE c.key = ?"
+    "SELECT c.value, c.blob, b.data, c.integrity FROM cache AS c "
+    "LEFT JOIN blobs AS b ON b.hash = c.blob WHERE c.key = ?"
 )
-PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob) VALUES (?, ?, ?)"
+PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob, integrity) VALUES (?, ?, ?, ?)"
 # Taken when free, ran out, ours already, or held by the one named as dead: one statement,
 # so two processes cannot both take it.  RETURNING says whether the row is ours now.
 ACQUIRE_LEASE: Final = (
@@ -166,6 +194,81 @@ def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
         )
         used = {row[0] for row in db.execute(query, chunk + chunk)}
         db.executemany("DELETE FROM blobs WHERE hash = ?", [(h,) for h in chunk if h not in used])
+
+
+def prune_runs(db: sqlite3.Connection, cutoff: float, wanted: set[str] | None) -> list[str]:
+    """Delete the ended runs last updated before *cutoff* (of the *wanted* statuses, or
+    any), their nodes and the blobs only they used, in one transaction; their ids."""
+    pruned: list[str] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        signals = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signals'"
+        ).fetchone()
+        for run_id, status in db.execute(PRUNABLE, (cutoff,)).fetchall():
+            if wanted is not None and status not in wanted:
+                continue
+            hashes = {r[0] for r in db.execute(RUN_BLOBS, (run_id,))}
+            db.execute(DELETE_RUN_NODES, (run_id,))
+            db.execute(DELETE_RUN, (run_id,))
+            db.execute("DELETE FROM leases WHERE run_id = ?", (run_id,))
+            if signals:
+                db.execute("DELETE FROM signals WHERE run_id = ?", (run_id,))
+            drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
+            pruned.append(run_id)
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
+    return pruned
+
+
+def select_node_pairs(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> list[Any]:
+    """The rows of :data:`SELECT_NODE_PAIRS` for *pairs*, a chunk of them at a time."""
+    rows: list[Any] = []
+    for start in range(0, len(pairs), CHUNK // 2):
+        chunk = pairs[start : start + CHUNK // 2]
+        marks = ", ".join("(?, ?)" for _ in chunk)  # only placeholders go into the text
+        query = f"{SELECT_NODE_PAIRS} {marks})"
+        rows += db.execute(query, [part for pair in chunk for part in pair]).fetchall()
+    return rows
+
+
+# --- the run lease ----------------------------------------------------------------------------
+
+
+def acquire_lease(
+    db: sqlite3.Connection, run_id: str, owner: str, ttl: float, replacing: str | None
+) -> tuple[Any, Any] | None:
+    """Take the lease (one statement: of two takers one wins): ``None`` when taken, else
+    the standing lease's ``(owner, expires_at)`` row, as read."""
+    now = time.time()
+    params = {"run": run_id, "owner": owner, "until": now + ttl, "replacing": replacing}
+    while True:
+        if db.execute(ACQUIRE_LEASE, {**params, "now": now}).fetchall():
+            return None
+        row = db.execute(SELECT_LEASE, (run_id,)).fetchone()
+        if row is not None:
+            return (row[0], row[1])
+        # Released between the two statements: free now, take it again.
+
+
+def renew_leases(
+    db: sqlite3.Connection, owner: str, run_ids: Sequence[str], ttl: float
+) -> list[str]:
+    """Extend *owner*'s leases, in one transaction; the run ids it no longer holds."""
+    until = time.time() + ttl
+    renewed: set[str] = set()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for run_id in run_ids:
+            if db.execute(RENEW_LEASE, (until, run_id, owner)).fetchall():
+                renewed.add(run_id)
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
+    return [run_id for run_id in run_ids if run_id not in renewed]
 
 
 def error_name(exc: sqlite3.Error) -> str:
@@ -290,3 +393,50 @@ def join_value(inline: object, digest: object, data: object) -> str:
         return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise Malformed("the value's blob is not UTF-8 text") from None
+
+
+def failure(
+    url: str, busy_timeout: float, exc: sqlite3.Error, run_id: str | None, node_id: str | None
+) -> Exception:
+    """Translate an sqlite3 error at the edge, naming the file and what to do."""
+    name = error_name(exc)
+    where = f" (run {run_id!r})" if run_id is not None else ""
+    if is_busy(exc):
+        # Another process holds the write lock: the file is fine, only busy.
+        return BackendUnavailable(
+            f"the store {url}",
+            reason="it stayed locked by another writer",
+            waited=busy_timeout,
+            run_id=run_id,
+            node=node_id,
+            hint="Raise busy_timeout (sqlite:///path.db?busy_timeout=30), or find the "
+            "process that holds the file",
+        )
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return CheckpointError(
+            f"the store {url} is corrupted{where}: {exc}",
+            node=node_id,
+            hint="Restore the file from a backup",
+        )
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+        return ConfigError(
+            f"cannot write the store {url}: {exc}",
+            node=node_id,
+            hint="Check that the file and its directory exist and are writable",
+        )
+    return CheckpointError(
+        f"the store {url} failed{where}: {exc}",
+        node=node_id,
+        hint="Check the disk (space, permissions) and the file",
+    )
+
+
+def as_stored(record: RunRecord) -> RunRecord:
+    """*record* with its texts as SQLite keeps them (lone surrogates escaped), which is
+    what its integrity checks must cover."""
+    inputs = storable_json(record.inputs) or ""
+    result = storable_json(record.result)
+    error = storable_text(record.error)
+    if inputs is record.inputs and result is record.result and error is record.error:
+        return record
+    return attrs.evolve(record, inputs=inputs, result=result, error=error)

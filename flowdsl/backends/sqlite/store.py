@@ -1,7 +1,7 @@
 """The SQLite store: the durable embedded default (``store="sqlite:///runs.db"``).
 
-Layout (schema version 2, kept in ``PRAGMA user_version``; a version 1 file gains the
-``leases`` table when it is opened)::
+Layout (schema version 3, kept in ``PRAGMA user_version``; an older file is brought up to
+it when opened)::
 
     runs(run_id PRIMARY KEY, flow, flow_ref, fingerprint, inputs, status,
          created_at, updated_at, result, error, failed_node, code)
@@ -34,6 +34,7 @@ malformed or tampered row raises :class:`~flowdsl.CheckpointError` naming the ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -50,8 +51,9 @@ from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
-from .files import check_identity, failure, migrate
-from .url import parse_url
+from .files import check_identity, migrate
+from .url import bad_url as _bad_url
+from .url import url_options as _url_options
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 
@@ -73,6 +75,8 @@ _RUN_COLUMNS: Final = (
     "error",
     "failed_node",
     "code",
+    "check",
+    "state_check",
 )
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
@@ -132,8 +136,17 @@ class SQLiteStore(Store):
     def from_url(cls, url: str) -> SQLiteStore:
         """A store from ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
         ``sqlite://:memory:``, with optional ``?durability=full&busy_timeout=10``."""
-        path, options = parse_url(url)
-        return cls(path, **options)
+        rest, _, query = url.partition("?")
+        scheme, sep, location = rest.partition("://")
+        if scheme.lower() != "sqlite" or not sep:
+            raise _bad_url(url)
+        if location == ":memory:":
+            path = ":memory:"
+        elif location.startswith("/") and len(location) > 1 and not location.endswith("/"):
+            path = location[1:]  # the third slash ends the (empty) host part
+        else:
+            raise _bad_url(url)
+        return cls(path, **_url_options(url, query))
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None else "closed"
@@ -168,8 +181,17 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # The last connection to close checkpoints the WAL into the file and removes it.
+            # The last connection to close checkpoints the WAL into the file and removes it;
+            # while others stay open, copy what we can and cut the WAL back to its limit.
+            self._checkpoint(conn)
             conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        if self.path == ":memory:":
+            return
+        # Busy (another process writes): its own checkpoints will do.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _connect(self) -> sqlite3.Connection:
         memory = self.path == ":memory:"
@@ -196,6 +218,7 @@ class SQLiteStore(Store):
                 )
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {schema.JOURNAL_SIZE_LIMIT}")
             migrate(conn, self.path, self.url)
         except BaseException:
             conn.close()
@@ -215,19 +238,24 @@ class SQLiteStore(Store):
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         await checkpoint_if_cancelled()
         db = self._db()
+        kept = schema.as_stored(record)
         row = (
             record.run_id,
             record.flow,
             record.flow_ref,
             record.fingerprint,
-            schema.storable_json(record.inputs),
+            kept.inputs,
             record.status.value,
             record.created_at,
             record.updated_at,
-            schema.storable_json(record.result),
-            schema.storable_text(record.error),
+            kept.result,
+            kept.error,
             record.failed_node,
             _codec.dumps(record.code),
+            self.seal.run_head(kept),
+            self.seal.run_state(
+                record.run_id, record.status.value, kept.result, kept.error, record.failed_node
+            ),
         )
         try:
             # INSERT OR IGNORE decides races between processes: one insert wins, and every
@@ -264,14 +292,17 @@ class SQLiteStore(Store):
         code: dict[str, str] | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
+        result = schema.storable_json(result)
+        error = schema.storable_text(error)
         params = (
             status.value,
-            schema.storable_json(result),
-            schema.storable_text(error),
+            result,
+            error,
             failed_node,
             time.time(),
             fingerprint,
             None if code is None else _codec.dumps(code),
+            self.seal.run_state(run_id, status.value, result, error, failed_node),
             run_id,
         )
         try:
@@ -324,6 +355,7 @@ class SQLiteStore(Store):
             record.finished_at,
             record.code,
             usage,
+            self.seal.node(run_id, record),
         )
         try:
             # One transaction per node: the row and its blob become durable together.
@@ -358,26 +390,74 @@ class SQLiteStore(Store):
         records = (self._node_from_row(run_id, row) for row in rows)
         return {record.node_id: record for record in records}
 
+    async def load_node(self, run_id: str, node_id: str) -> NodeRecord | None:
+        await checkpoint_if_cancelled()
+        try:
+            row = self._db().execute(schema.SELECT_NODE, (run_id, node_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        return None if row is None else self._node_from_row(run_id, row)
+
     async def lookup_nodes(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
-        found: dict[tuple[str, str], NodeRecord] = {}
+        try:
+            rows = schema.select_node_pairs(self._db(), pairs)
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=pairs[0][0] if pairs else None) from exc
+        records = ((_id_of(row), self._node_from_row(_id_of(row), row[1:])) for row in rows)
+        return {(run_id, record.node_id): record for run_id, record in records}
+
+    # --- the run lease ----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        await checkpoint_if_cancelled()
+        try:
+            held = schema.acquire_lease(self._db(), run_id, owner, ttl, replacing)
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if held is None:
+            return None
+        try:
+            return Lease(run_id, v.text(held[0], "owner"), v.timestamp(held[1], "expires_at"))
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, f"its lease: {exc}", _RESTORE_HINT) from None
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        await checkpoint_if_cancelled()
+        if not run_ids:
+            return []
+        try:
+            return schema.renew_leases(self._db(), owner, run_ids, ttl)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await checkpoint_if_cancelled()
+        try:
+            self._db().execute(schema.RELEASE_LEASE, (run_id, owner))
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def prune(
+        self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
+    ) -> list[str]:
+        await checkpoint_if_cancelled()
         db = self._db()
-        for start in range(0, len(pairs), schema.CHUNK // 2):
-            chunk = pairs[start : start + schema.CHUNK // 2]
-            marks = ", ".join("(?, ?)" for _ in chunk)  # only placeholders go into the text
-            query = f"{schema.SELECT_NODE_PAIRS} {marks})"
-            try:
-                rows = db.execute(query, [part for pair in chunk for part in pair]).fetchall()
-            except sqlite3.Error as exc:
-                raise self._failure(exc, run_id=chunk[0][0]) from exc
-            for row in rows:
-                run_id = row[0] if isinstance(row[0], str) else repr(row[0])
-                record = self._node_from_row(run_id, row[1:])
-                found[run_id, record.node_id] = record
-        return found
+        cutoff = time.time() - older_than
+        wanted = {s.value for s in statuses} if statuses is not None else None
+        try:
+            pruned = schema.prune_runs(db, cutoff, wanted)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        self._checkpoint(db)
+        return pruned
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
@@ -402,62 +482,6 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
 
-    # --- the run lease ----------------------------------------------------------------------
-
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
-    ) -> Lease | None:
-        await checkpoint_if_cancelled()
-        db = self._db()
-        now = time.time()
-        params = {
-            "run": run_id,
-            "owner": owner,
-            "until": now + ttl,
-            "replacing": replacing,
-            "now": now,
-        }
-        try:
-            if db.execute(schema.ACQUIRE_LEASE, params).fetchall():
-                return None
-            row = db.execute(schema.SELECT_LEASE, (run_id,)).fetchone()
-        except sqlite3.Error as exc:
-            raise self._failure(exc, run_id=run_id) from exc
-        if row is None:  # released between the two statements: free now, try again
-            return await self.acquire_lease(run_id, owner, ttl, replacing=replacing)
-        try:
-            return Lease(run_id, v.text(row[0], "owner"), v.timestamp(row[1], "expires_at"))
-        except v.Malformed as exc:
-            raise v.corrupted(self.url, run_id, None, f"its lease: {exc}", _RESTORE_HINT) from None
-
-    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
-        await checkpoint_if_cancelled()
-        if not run_ids:
-            return []
-        db = self._db()
-        until = time.time() + ttl
-        renewed: set[str] = set()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for run_id in run_ids:
-                    if db.execute(schema.RENEW_LEASE, (until, run_id, owner)).fetchall():
-                        renewed.add(run_id)
-                db.execute("COMMIT")
-            except BaseException:
-                schema.rollback(db)
-                raise
-        except sqlite3.Error as exc:
-            raise self._failure(exc) from exc
-        return [run_id for run_id in run_ids if run_id not in renewed]
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        await checkpoint_if_cancelled()
-        try:
-            self._db().execute(schema.RELEASE_LEASE, (run_id, owner))
-        except sqlite3.Error as exc:
-            raise self._failure(exc, run_id=run_id) from exc
-
     # --- the step cache -------------------------------------------------------------------
 
     async def get_cached(self, key: str) -> str | None:
@@ -469,7 +493,9 @@ class SQLiteStore(Store):
         if row is None:
             return None
         try:
-            return v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            value = v.check_json(schema.join_value(row[0], row[1], row[2]), "the cached value")
+            v.check_cached(self.seal, key, value, row[3])
+            return value
         except v.Malformed as exc:
             raise CheckpointError(
                 f"cache entry {key!r} in {self.url} is corrupted: {exc}",
@@ -486,7 +512,8 @@ class SQLiteStore(Store):
             try:
                 if digest is not None:
                     db.execute(schema.INSERT_BLOB, (digest, data))
-                db.execute(schema.PUT_CACHED, (key, inline, digest))
+                check = self.seal.cached(key, value)
+                db.execute(schema.PUT_CACHED, (key, inline, digest, check))
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
@@ -500,7 +527,7 @@ class SQLiteStore(Store):
         try:
             fields = dict(zip(_RUN_COLUMNS, row, strict=True))
             fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
-            return v.run_record(run_id, fields)
+            return v.run_record(run_id, fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
@@ -508,7 +535,7 @@ class SQLiteStore(Store):
         node_id = row[0]
         node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
-            (_, value, digest, data, attempts, started_at, finished_at, code, usage) = row
+            (_, value, digest, data, attempts, started_at, finished_at, code, usage, check) = row
             fields = {
                 "value": schema.join_value(value, digest, data),
                 "attempts": attempts,
@@ -516,15 +543,17 @@ class SQLiteStore(Store):
                 "finished_at": finished_at,
                 "code": code,
                 "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
+                "check": check,
             }
-            return v.node_record(v.text(node_id, "node_id"), fields)
+            return v.node_record(run_id, v.text(node_id, "node_id"), fields, self.seal)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
     def _failure(
         self, exc: sqlite3.Error, *, run_id: str | None = None, node_id: str | None = None
     ) -> Exception:
-        return failure(self.url, self.busy_timeout, exc, run_id=run_id, node_id=node_id)
+        """Translate an sqlite3 error at the edge, naming the file and what to do."""
+        return schema.failure(self.url, self.busy_timeout, exc, run_id, node_id)
 
     # --- signals (fd.wait_for) --------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The SQLite URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or ``sqlite://:memory:``,
-with optional ``?durability=full&busy_timeout=10``."""
+"""SQLite URLs: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite://:memory:``,
+with ``?durability=full&busy_timeout=SECONDS``."""
 
 from __future__ import annotations
 
@@ -8,37 +8,22 @@ from urllib.parse import parse_qsl
 
 from ..._errors import ConfigError
 
-__all__ = ["parse_url"]
+__all__ = ["bad_url", "url_options"]
 
-_URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
-
-
-def parse_url(url: str) -> tuple[str, dict[str, Any]]:
-    """The file path a store URL names and the store options in its query string."""
-    rest, _, query = url.partition("?")
-    scheme, sep, location = rest.partition("://")
-    if scheme.lower() != "sqlite" or not sep:
-        raise _bad_url(url)
-    if location == ":memory:":
-        path = ":memory:"
-    elif location.startswith("/") and len(location) > 1 and not location.endswith("/"):
-        path = location[1:]  # the third slash ends the (empty) host part
-    else:
-        raise _bad_url(url)
-    return path, _url_options(url, query)
+URL_FORM: Final = "sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:"
 
 
-def _url_options(url: str, query: str) -> dict[str, Any]:
+def url_options(url: str, query: str) -> dict[str, Any]:
     """The store options in a URL's query string (``durability``, ``busy_timeout``)."""
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError:
-        raise _bad_url(url, f"cannot read the options {query!r}") from None
+        raise bad_url(url, f"cannot read the options {query!r}") from None
     options: dict[str, Any] = {}
     for name, value in pairs:
         if name == "durability":
             if value not in ("normal", "full"):
-                raise _bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
+                raise bad_url(url, f"durability={value!r} is neither 'normal' nor 'full'")
             options["durability"] = value
         elif name == "busy_timeout":
             try:
@@ -46,18 +31,18 @@ def _url_options(url: str, query: str) -> dict[str, Any]:
             except ValueError:
                 seconds = -1.0
             if not seconds >= 0:
-                raise _bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
+                raise bad_url(url, f"busy_timeout={value!r} is not a number of seconds")
             options["busy_timeout"] = seconds
         else:
-            raise _bad_url(url, f"unknown option {name!r}")
+            raise bad_url(url, f"unknown option {name!r}")
     return options
 
 
-def _bad_url(url: str, why: str | None = None) -> ConfigError:
+def bad_url(url: str, why: str | None = None) -> ConfigError:
     problem = f"malformed SQLite store URL {url!r}"
     if why:
         problem = f"{problem}: {why}"
     return ConfigError(
         problem,
-        hint=f"Use {_URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
+        hint=f"Use {URL_FORM}, optionally with ?durability=full&busy_timeout=SECONDS",
     )
