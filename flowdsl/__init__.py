@@ -52,6 +52,7 @@ from ._errors import CheckpointError as CheckpointError
 from ._errors import CodecError as CodecError
 from ._errors import ConfigError as ConfigError
 from ._errors import FlowError as FlowError
+from ._errors import RunBusy as RunBusy
 from ._errors import StepFailed as StepFailed
 from ._errors import TracingError as TracingError
 from ._records import RunStatus as RunStatus
@@ -75,6 +76,7 @@ __all__ = [
     "Graph",
     "Node",
     "Run",
+    "RunBusy",
     "RunStatus",
     "Secret",
     "Step",

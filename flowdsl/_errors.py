@@ -9,6 +9,7 @@ The hierarchy::
     ├── CheckpointError (RuntimeError)
     │                             a corrupted store record, or a resume the flow's changes forbid
     ├── ConfigError (ValueError)  a bad URL or option, a missing extra, an unimportable step
+    ├── RunBusy (RuntimeError)    a run that another live process drives (asked not to wait)
     └── BackendUnavailable (ConnectionError)
                                   a store or queue server that does not answer (down,
                                   restarting, unreachable): worth waiting for, unlike the rest
@@ -29,6 +30,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "FlowError",
+    "RunBusy",
     "StepFailed",
     "TracingError",
 ]
@@ -131,6 +133,50 @@ class CheckpointError(FlowError, RuntimeError):
 
 class ConfigError(FlowError, ValueError):
     """A bad URL or option, a missing extra or an unimportable step."""
+
+
+class RunBusy(FlowError, RuntimeError):
+    """Another live process drives the run (it holds the run's lease), and the caller
+    asked not to wait for it (``wait=False``): nothing was executed.
+
+    ``run_id`` names the run, ``owner`` the lease's holder, ``expires_at`` when its lease
+    runs out unless it renews it (wall-clock seconds).
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        flow: str | None = None,
+        node: str | None = None,
+        hint: str | None = None,
+        run_id: str | None = None,
+        owner: str | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        self.expires_at = expires_at
+        super().__init__(problem, flow=flow, node=node, hint=hint)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        parts = (self.problem, self.flow, self.node, self.hint, self.run_id, self.owner)
+        return (_rebuild_busy, (type(self), parts, self.expires_at))
+
+
+def _rebuild_busy(
+    cls: type[RunBusy], parts: tuple[str | None, ...], expires_at: float | None
+) -> RunBusy:
+    problem, flow, node, hint, run_id, owner = parts
+    return cls(
+        problem or "",
+        flow=flow,
+        node=node,
+        hint=hint,
+        run_id=run_id,
+        owner=owner,
+        expires_at=expires_at,
+    )
 
 
 class BackendUnavailable(FlowError, ConnectionError):

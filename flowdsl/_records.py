@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["NodeRecord", "RunRecord", "RunStatus", "add_usage"]
+__all__ = ["Lease", "NodeRecord", "RunRecord", "RunStatus", "add_usage"]
 
 
 class RunStatus(enum.Enum):
@@ -72,3 +72,13 @@ class NodeRecord:
     @property
     def duration(self) -> float:
         return self.finished_at - self.started_at
+
+
+@attrs.frozen
+class Lease:
+    """Who drives a run, and until when: *owner* (see ``flowdsl._engine.lease``) holds it
+    until *expires_at* (wall-clock seconds, ``time.time()``) unless it renews it."""
+
+    run_id: str
+    owner: str
+    expires_at: float

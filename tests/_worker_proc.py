@@ -1,12 +1,15 @@
 """Subprocesses for the batch tests: worker processes, and a client that dies mid-run.
 
-    python _worker_proc.py serve URL [--import MODULE ...] [--concurrency N] [--lease S]
-    python _worker_proc.py start URL FLOW RUN_ID X [--workers N]
+    python _worker_proc.py serve URL [--store URL] [--import MODULE ...] [--concurrency N]
+                           [--lease S] [--max-deliveries N] [--kill-after-commit NODE]
+    python _worker_proc.py start URL FLOW RUN_ID X [--store URL] [--workers N]
 
 ``serve`` runs :func:`flowdsl._executors.batch.serve` on asyncio and prints ``ready`` once
-it takes tasks.  ``start`` starts ``FLOW`` (``module:name``) on input ``X`` (an int) in a
-batch context on ``URL`` with ``N`` in-process workers, prints ``started``, and prints the
-result when the run ends; tests kill it before.
+it takes tasks; with ``--kill-after-commit NODE`` it SIGKILLs itself as soon as it has
+committed node NODE, before completing (acknowledging) its task.  ``start`` starts
+``FLOW`` (``module:name``) on input ``X`` (an int) in a batch context on broker ``URL``
+(and the store ``--store``, by default the broker's) with ``N`` in-process workers, prints
+``started``, and prints the result when the run ends; tests kill it before.
 
 Tests drive them through :class:`Procs`, which puts ``tests/`` on their ``PYTHONPATH``,
 runs them in the test's directory, keeps their output in files and kills them all at
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -28,8 +32,9 @@ import anyio
 
 import flowdsl as fd
 from flowdsl._executors.batch import serve
+from flowdsl._executors.batch import worker as worker_module
 
-from batch_steps import EXEC_LOG, HOLD
+from batch_steps import EXEC_LOG, HOLD, KILL
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,20 +42,22 @@ TESTS = Path(__file__).resolve().parent
 class Procs:
     """The subprocesses of one test; :meth:`close` kills those still alive."""
 
-    def __init__(self, directory: Path, url: str) -> None:
+    def __init__(self, directory: Path, url: str, store: str | None = None) -> None:
         self.dir = directory
-        self.url = url
+        self.url = url  # the broker
+        self.store = store  # None: the broker's
         self.log = directory / "exec.jsonl"  # the steps' execution log, every process
         self.procs: list[subprocess.Popen[bytes]] = []
         self._names: dict[int, str] = {}
         self._killed: set[int] = set()
 
-    def env(self, hold: str = "") -> dict[str, str]:
+    def env(self, hold: str = "", kill: str = "") -> dict[str, str]:
         env = dict(os.environ)
         path = [str(TESTS), *filter(None, [env.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(path)
         env[EXEC_LOG] = str(self.log)
         env[HOLD] = hold
+        env[KILL] = kill
         return env
 
     def serve(
@@ -60,22 +67,36 @@ class Procs:
         lease: float = 30.0,
         concurrency: int = 4,
         hold: str = "",
+        kill: str = "",
+        max_deliveries: int | None = None,
+        kill_after_commit: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """A worker process serving the test's queue."""
         args = ["serve", self.url, "--lease", str(lease), "--concurrency", str(concurrency)]
+        args += self._store_args()
         for module in imports:
             args += ["--import", module]
-        return self._spawn(args, hold)
+        if max_deliveries is not None:
+            args += ["--max-deliveries", str(max_deliveries)]
+        if kill_after_commit is not None:
+            args += ["--kill-after-commit", kill_after_commit]
+        return self._spawn(args, hold, kill)
 
     def client(
         self, flow: str, run_id: str, x: int, *, workers: int = 2, hold: str = ""
     ) -> subprocess.Popen[bytes]:
         """A process that starts *flow* with in-process workers and waits for it."""
-        return self._spawn(
-            ["start", self.url, flow, run_id, str(x), "--workers", str(workers)], hold
-        )
+        args = ["start", self.url, flow, run_id, str(x), "--workers", str(workers)]
+        return self._spawn(args + self._store_args(), hold)
 
-    def _spawn(self, args: list[str], hold: str) -> subprocess.Popen[bytes]:
+    def _store_args(self) -> list[str]:
+        return [] if self.store is None else ["--store", self.store]
+
+    def expect_death(self, proc: subprocess.Popen[bytes]) -> None:
+        """A process the test expects to die by itself (a worker that kills itself)."""
+        self._killed.add(proc.pid)
+
+    def _spawn(self, args: list[str], hold: str, kill: str = "") -> subprocess.Popen[bytes]:
         name = f"proc{len(self.procs)}"
         with (
             open(self.dir / f"{name}.out", "wb") as out,
@@ -83,7 +104,7 @@ class Procs:
         ):
             proc = subprocess.Popen(
                 [sys.executable, str(TESTS / "_worker_proc.py"), *args],
-                env=self.env(hold),
+                env=self.env(hold, kill),
                 cwd=self.dir,
                 stdout=out,
                 stderr=err,
@@ -133,28 +154,38 @@ class Procs:
             proc.wait()
 
 
-async def serve_main(url: str, imports: tuple[str, ...], concurrency: int, lease: float) -> None:
+async def serve_main(args: argparse.Namespace) -> None:
+    if args.kill_after_commit is not None:
+        node = args.kill_after_commit
+
+        def die(run_id: str, node_id: str) -> None:
+            if node_id == node:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        worker_module.after_commit = die
     async with anyio.create_task_group() as tg:
-        await tg.start(_serve, url, imports, concurrency, lease)
+        await tg.start(_serve, args)
         print("ready", flush=True)
 
 
-async def _serve(
-    url: str,
-    imports: tuple[str, ...],
-    concurrency: int,
-    lease: float,
-    *,
-    task_status: Any = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    await serve(url, imports=imports, concurrency=concurrency, lease=lease, task_status=task_status)
+async def _serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    await serve(
+        args.url,
+        store=args.store,
+        imports=tuple(args.imports),
+        concurrency=args.concurrency,
+        lease=args.lease,
+        max_deliveries=args.max_deliveries,
+        task_status=task_status,
+    )
 
 
-async def start_main(url: str, flow_ref: str, run_id: str, x: int, workers: int) -> None:
-    module, _, name = flow_ref.partition(":")
+async def start_main(args: argparse.Namespace) -> None:
+    module, _, name = args.flow.partition(":")
     flow = getattr(importlib.import_module(module), name)
-    async with fd.Context(batch=True, store=url, workers=workers) as ctx:
-        run = await ctx.start(flow, x, run_id=run_id)
+    ctx = fd.Context(batch=True, broker=args.url, store=args.store, workers=args.workers)
+    async with ctx:
+        run = await ctx.start(flow, args.x, run_id=args.run_id)
         print("started", flush=True)
         print(await run.result(), flush=True)
 
@@ -167,17 +198,18 @@ def main() -> None:
     p_serve.add_argument("--import", dest="imports", action="append", default=[])
     p_serve.add_argument("--concurrency", type=int, default=4)
     p_serve.add_argument("--lease", type=float, default=30.0)
+    p_serve.add_argument("--store", default=None)
+    p_serve.add_argument("--max-deliveries", type=int, default=5)
+    p_serve.add_argument("--kill-after-commit", default=None)
     p_start = sub.add_parser("start")
     p_start.add_argument("url")
     p_start.add_argument("flow")
     p_start.add_argument("run_id")
     p_start.add_argument("x", type=int)
     p_start.add_argument("--workers", type=int, default=2)
+    p_start.add_argument("--store", default=None)
     args = parser.parse_args()
-    if args.command == "serve":
-        anyio.run(serve_main, args.url, tuple(args.imports), args.concurrency, args.lease)
-    else:
-        anyio.run(start_main, args.url, args.flow, args.run_id, args.x, args.workers)
+    anyio.run(serve_main if args.command == "serve" else start_main, args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Two environment variables steer the steps, so that a test can set them for one p
   never interleave.  :func:`read_log` reads it back.
 - ``FLOWDSL_TEST_HOLD``: comma-separated step labels; a step called with one of them never
   ends in that process (it is in flight when the test kills the process).
+- ``FLOWDSL_TEST_KILL``: comma-separated step labels; a step called with one of them
+  SIGKILLs its own process as it starts (a step that kills every worker that runs it).
+- ``FLOWDSL_TEST_FAIL``: comma-separated step labels; a step called with one of them
+  raises ``RuntimeError`` after it starts (a bug, fixed by unsetting it and resuming).
 
 Results depend only on the label and the inputs (SHA-256), identical in every process.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -32,22 +37,29 @@ from flowdsl._engine.runner import current_scope
 
 __all__ = [
     "EXEC_LOG",
+    "FAIL",
     "HOLD",
+    "KILL",
     "diamond",
     "expected_chain",
     "expected_diamond",
+    "expected_trio_chain",
     "fragile",
     "fragile_chain",
     "mix",
     "parity",
     "read_log",
     "resume_chain",
+    "slow_chain",
     "stalls",
+    "trio_chain",
     "work",
 ]
 
 EXEC_LOG = "FLOWDSL_TEST_EXEC_LOG"
 HOLD = "FLOWDSL_TEST_HOLD"
+KILL = "FLOWDSL_TEST_KILL"
+FAIL = "FLOWDSL_TEST_FAIL"
 
 
 def _log(event: str, label: str = "") -> None:
@@ -89,6 +101,10 @@ def mix(label: str, *values: Any) -> int:
 
 async def _body(label: str, x: int, delay: float) -> int:
     _log("start", label)
+    if label in os.environ.get(KILL, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if label in os.environ.get(FAIL, "").split(","):
+        raise RuntimeError(f"step {label!r} fails ({FAIL})")
     if delay > 0:
         await anyio.sleep(delay)
     if label in os.environ.get(HOLD, "").split(","):
@@ -175,6 +191,27 @@ async def stalls(x: int) -> int:
     """A node without retries after an ordinary one: hold ``stall`` to kill its worker."""
     a = await work("a", x)
     return await fragile("stall", a)
+
+
+@fd.flow
+async def trio_chain(x: int) -> int:
+    """a -> b -> c, none with retries: kill a worker between b's commit and its ack."""
+    a = await fragile("a", x)
+    b = await fragile("b", a)
+    return await fragile("c", b)
+
+
+def expected_trio_chain(x: int) -> int:
+    return mix("c", mix("b", mix("a", x)))
+
+
+@fd.flow
+async def slow_chain(x: int, delay: float) -> int:
+    """a -> b -> c, each step taking *delay* seconds: long enough for a second process to
+    come while the first drives it."""
+    a = await fragile("a", x, delay)
+    b = await fragile("b", a, delay)
+    return await fragile("c", b, delay)
 
 
 def expected_chain(x: int) -> int:

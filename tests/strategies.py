@@ -706,11 +706,11 @@ class Signalling(fd.Context):
         self.names = names
 
     async def _prepare(self, *args: Any, **kwargs: Any) -> Any:
-        run, fresh = await super()._prepare(*args, **kwargs)
-        if fresh and not run.resuming:
+        run, how, record = await super()._prepare(*args, **kwargs)
+        if how == "drive" and not run.resuming:
             for name in dict.fromkeys(self.names):
                 await self.signal(run.run_id, name, signal_value(name))
-        return run, fresh
+        return run, how, record
 
 
 def run_sync(awaitable: Awaitable[Any]) -> Any:

@@ -274,3 +274,90 @@ async def test_a_crashed_run_resumes_as_if_never_interrupted(
         on_the_loop(resumes_as_if_never_interrupted, t, stores, spec, inputs, crash)
 
     await t.check(check)
+
+
+# --- two drivers: a crashed run resumed by two contexts at once ------------------------------
+
+TWO_DRIVERS = [
+    target(Target("memory", batch=False, loop="asyncio")),
+    target(Target("memory", batch=False, loop="trio")),
+    target(Target("sqlite", batch=False, loop="asyncio", examples=25)),
+    target(Target("sqlite", batch=False, loop="trio", examples=25)),
+    target(Target("sqlite", batch=True, loop="asyncio", examples=5, small=True)),
+    target(Target("redis", batch=False, examples=6, small=True)),
+    target(Target("redis", batch=True, examples=4, small=True)),
+    target(Target("nats", batch=False, examples=4, small=True)),
+    target(Target("nats", batch=True, examples=3, small=True)),
+]
+
+
+async def two_drivers_resume_once(
+    t: Target, stores: Stores, spec: DagSpec, inputs: tuple[int, str], crash: CrashPoint
+) -> None:
+    """Crash a run, then resume it from two contexts at once (two processes, as far as
+    the store can tell): one drives, the other waits for it; both get the uninterrupted
+    result, and no node runs more often than it would have uninterrupted."""
+    from flowdsl._context.run import before_each_node
+    from flowdsl.testing import InjectedCrash
+    from flowdsl.testing._crash import _Crash
+
+    flow = build_flow(spec)
+    expected = await reference(spec, *inputs)
+    store = stores.fresh()
+    with anyio.fail_after(60):
+        async with Stores.context(store, batch=t.batch) as ctx:
+            with anyio.CancelScope() as scope:
+                crashing = _Crash(crash, scope)
+                try:
+                    with before_each_node(ctx, crashing):
+                        await ctx.run(flow, *inputs, run_id="crashed")
+                except fd.StepFailed as exc:
+                    if not isinstance(exc.__cause__, InjectedCrash):
+                        raise
+        if not crashing.fired:
+            return  # the crash point lies in a case the inputs do not take
+        committed = set(await stored_journal(store, "crashed"))
+        results: list[Any] = []
+        with recording() as rec:
+            async with (
+                Stores.context(store, batch=t.batch) as first,
+                Stores.context(store, batch=t.batch) as second,
+            ):
+
+                async def resume(ctx: fd.Context) -> None:
+                    results.append(await ctx.resume("crashed", flow=flow))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(resume, first)
+                    tg.start_soon(resume, second)
+    assert results == [expected.result, expected.result]
+    labels = labels_by_node(flow.graph)
+    left = expected.ran - Counter(labels[n] for n in committed if n in labels)
+    if t.batch:
+        # A node a worker ran when the crash stopped it before its commit runs again:
+        # at least what was left, never more than an uninterrupted run's.
+        assert left <= rec.counts <= expected.ran, (rec.counts, left)
+    else:
+        assert rec.counts == left  # what was left, once: the two drivers shared nothing
+
+
+@pytest.mark.parametrize("t", TWO_DRIVERS)
+async def test_a_crashed_run_resumed_by_two_drivers_runs_each_node_once(
+    t: Target, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    stores = Stores(t.backend, request, tmp_path)
+
+    @t.settings()
+    @given(
+        spec=t.specs(),
+        inputs=flow_inputs(),
+        point=st.integers(0, 100),
+        kind=st.sampled_from(["exception", "cancel"]),
+    )
+    @example(spec=SIBLINGS, inputs=(0, ""), point=0, kind="exception")
+    @example(spec=SIBLINGS, inputs=(0, ""), point=0, kind="cancel")
+    def check(spec: DagSpec, inputs: tuple[int, str], point: int, kind: str) -> None:
+        crash = crash_point(build_flow(spec), point, kind)
+        on_the_loop(two_drivers_resume_once, t, stores, spec, inputs, crash)
+
+    await t.check(check)

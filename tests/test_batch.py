@@ -431,17 +431,18 @@ async def test_resume_reruns_a_node_without_retries_that_was_in_flight(
 # --- leases: a slow worker and its replacement --------------------------------------------
 
 GATE: dict[str, anyio.Event] = {}
+GATED_RUNS: list[int] = []
 
 
-@fd.step(retries=1)
+@fd.step
 async def gated(x: int) -> str:
-    """On its first attempt, blocks until the test releases it."""
-    scope = current_scope()
-    assert scope is not None
-    if scope.attempt == 1:
+    """Its first execution blocks until the test releases it."""
+    GATED_RUNS.append(len(GATED_RUNS) + 1)
+    execution = GATED_RUNS[-1]
+    if execution == 1:
         GATE["started"].set()
         await GATE["release"].wait()
-    return f"{x}@attempt{scope.attempt}"
+    return f"{x}@run{execution}"
 
 
 @fd.step
@@ -467,6 +468,7 @@ async def test_a_node_finished_twice_commits_once(
 ) -> None:
     caplog.set_level(logging.INFO, logger="flowdsl.batch")
     GATE.update(started=anyio.Event(), release=anyio.Event())
+    GATED_RUNS.clear()
     slow_done = anyio.Event()
     with anyio.fail_after(30):
         async with fd.Context(batch=True, store=url, workers=0) as ctx:
@@ -485,7 +487,7 @@ async def test_a_node_finished_twice_commits_once(
                 await GATE["started"].wait()
                 replacement = Worker(ctx.queue, ctx.store, local=True, name="replacement")
                 await tg.start(replacement.run)
-                assert await run.result() == "7@ATTEMPT2"
+                assert await run.result() == "7@RUN2"
                 first = await ctx.store.load_nodes("twice")
                 GATE["release"].set()  # the slow worker finishes after all
                 await slow_done.wait()
@@ -494,8 +496,10 @@ async def test_a_node_finished_twice_commits_once(
             texts, _ = await ctx.queue.completions(0)
 
     assert journal == first
-    assert json.loads(journal["gated"].value) == "7@attempt2"
-    assert journal["gated"].attempts == 2
+    assert json.loads(journal["gated"].value) == "7@run2"
+    # The lease that ran out was no failure of the step: its second delivery is a first
+    # attempt, not a retry.
+    assert journal["gated"].attempts == 1
     # Both workers completed the task; both completions carry the record committed first.
     done = [decode_completion(t) for t in texts]
     gated_done = [c for c in done if c.node_id == "gated"]
@@ -507,7 +511,8 @@ async def test_a_node_finished_twice_commits_once(
 @pytest.mark.parametrize("retries", [0, 1])
 async def test_a_task_whose_worker_vanished_is_handed_out_again(url: str, retries: int) -> None:
     """A worker takes the task and is never heard of again; once its lease runs out the
-    task goes to another worker as attempt 2: past the retries, to the dead letters."""
+    task goes to another worker, whatever the step's retries: losing a worker is not the
+    step's failure."""
     flow = vanish_flows[retries]
     with anyio.fail_after(30):
         async with fd.Context(batch=True, store=url, workers=0) as ctx:
@@ -522,18 +527,47 @@ async def test_a_task_whose_worker_vanished_is_handed_out_again(url: str, retrie
                 tg.cancel_scope.cancel()
             dead = await ctx.queue.dead_letters("vanish")
             journal = await ctx.store.load_nodes("vanish")
-    if retries:
-        assert outcome == 6
-        assert journal["once"].attempts == 2
-        assert dead == []
-    else:
-        assert isinstance(outcome, fd.StepFailed)
-        assert outcome.node_id == "once"
-        assert "handed out 2 times" in str(outcome)
-        assert "dead-letter" in str(outcome)
-        assert [d["node_id"] for d in dead] == ["once"]
-        assert "handed out 2 times" in dead[0]["reason"]
-        assert journal == {}
+    assert outcome == 6
+    assert journal["once"].attempts == 1
+    assert dead == []
+
+
+async def test_a_task_handed_out_more_than_max_deliveries_is_a_poison_task(url: str) -> None:
+    """Every worker that takes the task vanishes: past the worker's max_deliveries the
+    task is dead-lettered unrun, with an error that says why."""
+    with anyio.fail_after(30):
+        async with fd.Context(batch=True, store=url, workers=0) as ctx:
+            run = await ctx.start(vanish_0, 5, run_id="poison")
+            await _claim(ctx, "vanished", lease=0.2)
+            await _claim(ctx, "vanished too", lease=0.2)
+            async with anyio.create_task_group() as tg:
+                await tg.start(Worker(ctx.queue, ctx.store, local=True, max_deliveries=2).run)
+                with pytest.raises(fd.StepFailed) as info:
+                    await run.result()
+                tg.cancel_scope.cancel()
+            dead = await ctx.queue.dead_letters("poison")
+            journal = await ctx.store.load_nodes("poison")
+    error = info.value
+    assert error.node_id == "once"
+    assert str(error).startswith(
+        "flow 'vanish_0', node 'once': a poison task: handed out 3 times, more than "
+        "max_deliveries=2; every worker that took it died or lost its lease before "
+        "finishing it. A worker process died"
+    )
+    assert "dead-letter list" in str(error)
+    assert [d["node_id"] for d in dead] == ["once"]
+    assert dead[0]["reason"].startswith("a poison task: handed out 3 times")
+    assert journal == {}
+
+
+def test_max_deliveries_must_be_a_whole_number_of_at_least_one(tmp_path: Path) -> None:
+    from flowdsl.backends.sqlite.broker import SQLiteBroker
+    from flowdsl.backends.sqlite.store import SQLiteStore
+
+    queue, store = SQLiteBroker(tmp_path / "q.db"), SQLiteStore(tmp_path / "q.db")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(fd.ConfigError, match=r"^max_deliveries must be a whole number"):
+            Worker(queue, store, max_deliveries=bad)  # type: ignore[arg-type]
 
 
 @fd.step

@@ -294,10 +294,51 @@ async def test_redeliver_hands_a_runs_held_tasks_out_afresh(broker: Broker, othe
     held = await claim_until(broker, "dies with its client", 30.0)
     if len(held) < 2:
         held += await claim_until(broker, "dies with its client", 30.0)
-    await broker.redeliver("r")  # claimable now, not after the 30 s lease
+    await other.redeliver("r")  # claimable now, not after the 30 s lease
     (again,) = await claim_until(other, "w", 30.0)
     assert (again.run_id, again.deliveries) == ("r", 1)
     assert await other.claim("w", 10, 30.0) == []  # the other run's task is still held
+
+
+async def test_redeliver_drops_the_tasks_of_the_nodes_it_is_told_to_skip(
+    broker: Broker, other: Broker
+) -> None:
+    """A resume reuses committed nodes: their tasks, queued or held, go instead of coming
+    back; the others come back afresh."""
+    await broker.enqueue([task("r", "done-held"), task("r", "todo-held")])
+    held: list[Claimed] = []
+    while len(held) < 2:
+        held += await claim_until(broker, "dies with its client", 30.0)
+    await broker.enqueue([task("r", "done-queued"), task("r", "todo-queued")])
+    await other.redeliver("r", skip={"done-held", "done-queued", "never-queued"})
+    again: list[Claimed] = []
+    while len(again) < 2:
+        again += await claim_until(other, "w", 30.0)
+    assert sorted((node_of(c), c.deliveries) for c in again) == [
+        ("todo-held", 1),
+        ("todo-queued", 1),
+    ]
+    assert await other.claim("w", 10, 30.0) == []
+    # A node whose task was dropped can be queued again (a later resume re-runs it).
+    await broker.enqueue([task("r", "done-held")])
+    (back,) = await claim_until(other, "w", 30.0)
+    assert node_of(back) == "done-held"
+
+
+async def test_redeliver_leaves_a_task_a_live_worker_holds_to_it(
+    broker: Broker, other: Broker
+) -> None:
+    """The resuming process's own workers (or workers known to be alive) keep what they
+    hold: handing it out again would run it twice."""
+    await broker.enqueue([task("r", "held")])
+    (held,) = await eventually(lambda: broker.claim("alive", 1, 30.0))
+    await broker.enqueue([task("r", "lost")])
+    (lost,) = await eventually(lambda: other.claim("dead", 1, 30.0))
+    assert (node_of(held), node_of(lost)) == ("held", "lost")
+    await broker.redeliver("r", alive=lambda worker: worker == "alive")
+    (back,) = await claim_until(other, "w", 30.0)
+    assert (node_of(back), back.deliveries) == ("lost", 1)  # the dead one's came back
+    assert await other.claim("w", 10, 30.0) == []  # the live one's did not
 
 
 # --- optional features, per declared capability ---------------------------------------------

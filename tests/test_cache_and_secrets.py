@@ -167,12 +167,13 @@ async def test_a_version_bump_invalidates_the_cache(contexts: ContextFactory) ->
 async def test_without_a_version_a_code_change_invalidates_the_cache(
     contexts: ContextFactory,
 ) -> None:
-    doubling, tripling = make_step(None, 2), make_step(None, 3)
-    assert doubling.code_hash != tripling.code_hash
     async with contexts() as ctx:
+        doubling = make_step(None, 2)
         assert await ctx.run(flow_of(doubling), 5) == 10
+        tripling = make_step(None, 3)  # the step edited: a code change
+        assert doubling.code_hash != tripling.code_hash
         assert await ctx.run(flow_of(tripling), 5) == 15
-        assert await ctx.run(flow_of(doubling), 5) == 10
+        assert await ctx.run(flow_of(make_step(None, 2)), 5) == 10  # and edited back
     assert CALLS["scale"] == 2
 
 

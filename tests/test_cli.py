@@ -790,6 +790,45 @@ def test_resume_a_run_that_fails_again(project: Path, sqlite_url: str) -> None:
     )
 
 
+def test_resume_no_wait_refuses_a_run_another_process_drives(
+    project: Path, sqlite_url: str
+) -> None:
+    import anyio
+
+    from flowdsl.backends.sqlite.store import SQLiteStore
+
+    (project / "broken").touch()
+    invoke("run", "flows.py:fragile", "--input", "3", "--store", sqlite_url, "--run-id", "r-1")
+    (project / "broken").unlink()
+
+    async def driven_elsewhere() -> None:
+        store = SQLiteStore.from_url(sqlite_url)
+        await store.open()
+        try:  # a process on another machine resumes it (this one cannot check its pid)
+            assert await store.acquire_lease("r-1", "far:4242:1:0123456789ab:x", 60.0) is None
+        finally:
+            await store.close()
+
+    anyio.run(driven_elsewhere)
+    result = invoke("resume", "r-1", "--store", sqlite_url, "--no-wait")
+    assert result.exit_code == 1
+    one_error_line(
+        result,
+        r"^Error: flow 'fragile': run 'r-1' is being driven by process 4242 on host 'far', "
+        r"its lease runs until \d\d:\d\d:\d\d; nothing was run here\. Wait for its result",
+    )
+    assert calls(project) == ["double", "check"]  # nothing ran
+
+
+def test_worker_takes_max_deliveries() -> None:
+    assert "--max-deliveries N" in invoke("worker", "--help").stdout
+    result = invoke(
+        "worker", "--broker", "sqlite:///q.db", "--import", "x", "--max-deliveries", "0"
+    )
+    assert result.exit_code == 2
+    assert "--max-deliveries" in result.stderr
+
+
 def test_resume_with_an_explicit_flow(project: Path, sqlite_url: str) -> None:
     (project / "broken").touch()
     invoke("run", "flows:fragile", "--input", "3", "--store", sqlite_url, "--run-id", "r-1")

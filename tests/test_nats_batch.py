@@ -174,11 +174,17 @@ async def test_a_failed_runs_tasks_are_dropped_and_others_stay(broker: NATSBroke
     assert {(c.run_id, c.node_id) for c in claimed} == {("b", "n1"), ("b", "n2")}
 
 
-async def test_a_resumed_runs_tasks_are_handed_out_afresh(broker: NATSBroker) -> None:
+async def test_a_resumed_runs_tasks_are_handed_out_afresh(url: str, broker: NATSBroker) -> None:
     await broker.enqueue([("r", "n", "held by a dead client's worker"), ("other", "n", "o")])
     held = await broker.claim("dies with its client", 10, 30.0)
     assert len(held) == 2
-    await broker.redeliver("r")  # claimable now, not after the 30 s lease
+    # The resuming process (its own connection: what this one holds is held by the dead).
+    resumer = NATSBroker(url)
+    await resumer.open()
+    try:
+        await resumer.redeliver("r")  # claimable now, not after the 30 s lease
+    finally:
+        await resumer.close()
     [again] = await broker.claim("w", 10, 30.0)
     assert (again.payload, again.deliveries) == ("held by a dead client's worker", 1)
     assert await broker.claim("w", 10, 30.0) == []  # the other run's task is still held
@@ -238,15 +244,34 @@ async def test_extend_keeps_a_slow_live_step_from_being_handed_out_again(
     assert ns.executions(log) == Counter(ns.fan_lines("slow"))  # none ran twice
 
 
-async def test_a_task_handed_out_past_its_retries_is_dead_lettered(url: str) -> None:
+async def doomed_delivery(queue: NATSBroker) -> None:
+    """A worker takes a task, then dies (never acks)."""
+    with anyio.fail_after(10):
+        held: list[Any] = []
+        while not held:
+            held = await queue.claim("doomed", 1, 1.0)
+
+
+async def test_a_task_whose_worker_died_goes_to_another_worker(url: str) -> None:
+    async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
+        queue: NATSBroker = ctx.queue
+        run = await ctx.start(ns.single, "d", run_id="lost")
+        await doomed_delivery(queue)
+        worker = Worker(queue, ctx.store, lease=1.0, local=True)
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.run)
+                assert await run.result() == "worked d"
+                tg.cancel_scope.cancel()
+        assert await queue.dead_letters("lost") == []
+
+
+async def test_a_task_handed_out_past_max_deliveries_is_dead_lettered(url: str) -> None:
     async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
         queue: NATSBroker = ctx.queue
         run = await ctx.start(ns.single, "d", run_id="dead")
-        with anyio.fail_after(10):
-            held: list[Any] = []
-            while not held:  # a worker takes it, then dies (never acks)
-                held = await queue.claim("doomed", 1, 1.0)
-        worker = Worker(queue, ctx.store, lease=1.0, local=True)
+        await doomed_delivery(queue)
+        worker = Worker(queue, ctx.store, lease=1.0, local=True, max_deliveries=1)
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
                 await tg.start(worker.run)
@@ -258,7 +283,7 @@ async def test_a_task_handed_out_past_its_retries_is_dead_lettered(url: str) -> 
         assert await queue.pending() == 0
     assert info.value.node_id == "work"
     assert letter["node_id"] == "work"
-    assert "handed out 2 times" in letter["reason"]
+    assert "a poison task: handed out 2 times" in letter["reason"]
     assert json.loads(letter["payload"])["run_id"] == "dead"
 
 

@@ -224,24 +224,35 @@ async def fragile_flow(key: str) -> str:
     return await fragile(key)
 
 
-async def test_a_task_whose_workers_keep_dying_is_dead_lettered(
-    redis_server: RedisServer,
+@pytest.mark.parametrize("max_deliveries", [1, 2])
+async def test_a_task_whose_worker_died_goes_to_another_up_to_max_deliveries(
+    redis_server: RedisServer, max_deliveries: int
 ) -> None:
+    """A worker takes the task of a step without retries and dies with it (it never
+    renews nor completes).  Losing a worker is not the step's failure: the task goes to
+    another worker, unless that would be more deliveries than allowed (a poison task)."""
     url = fresh_url(redis_server)
     async with batch_context(url, workers=0) as ctx:
         run = await ctx.start(fragile_flow, "x")
         broker: RedisBroker = ctx.queue
-        # A worker takes the task and dies with it (it never renews nor completes).
         (taken,) = await poll_until(lambda: broker.claim("doomed-worker", 1, 0.2))
-        worker = Worker(broker, ctx.store, local=True, lease=0.2)
+        worker = Worker(broker, ctx.store, local=True, lease=0.2, max_deliveries=max_deliveries)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
-            with pytest.raises(fd.StepFailed, match=r"handed out 2 times.*retries=0") as info:
-                await run.result()
+            try:
+                outcome: Any = await run.result()
+            except fd.StepFailed as exc:
+                outcome = exc
             tg.cancel_scope.cancel()
         letters = await broker.dead_letters(run.run_id)
-    assert "dead-letter" in str(info.value)
-    assert [(d["node_id"], d["payload"]) for d in letters] == [(info.value.node, taken.payload)]
+    if max_deliveries == 2:
+        assert outcome == "x"
+        assert letters == []
+        return
+    assert isinstance(outcome, fd.StepFailed)
+    assert "a poison task: handed out 2 times, more than max_deliveries=1" in str(outcome)
+    assert "dead-letter" in str(outcome)
+    assert [(d["node_id"], d["payload"]) for d in letters] == [(outcome.node, taken.payload)]
 
 
 # --- the server restarts in the middle of a batch -----------------------------------------------

@@ -389,11 +389,19 @@ async def test_drop_queued_removes_only_the_runs_tasks_not_yet_taken(
     assert [payload_of(c)["node_id"] for c in await broker.claim("w2", 10, 30)] == ["x"]
 
 
-async def test_redeliver_hands_a_runs_taken_tasks_out_afresh(broker: RedisBroker) -> None:
+async def test_redeliver_hands_a_runs_taken_tasks_out_afresh(
+    broker: RedisBroker, redis_server: RedisServer
+) -> None:
     await broker.enqueue([task("r", "a"), task("r", "b"), task("other", "c")])
     taken = await broker.claim("dead-client-worker", 3, 30)
     assert [c.deliveries for c in taken] == [1, 1, 1]
-    await broker.redeliver("r")
+    # The resuming process (its own connection: what this one holds is held by the dead).
+    resumer = RedisBroker(redis_server.url)
+    await resumer.open()
+    try:
+        await resumer.redeliver("r")
+    finally:
+        await resumer.close()
     again = await broker.claim("new-worker", 10, 30)  # at once: no lease to wait out
     assert sorted((payload_of(c)["node_id"], c.deliveries) for c in again) == [("a", 1), ("b", 1)]
     assert await broker.pending() == 3

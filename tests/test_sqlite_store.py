@@ -271,6 +271,26 @@ async def test_a_file_from_a_newer_flowdsl_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_file_of_version_2_gains_the_leases_table_and_keeps_its_runs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    await fill(path, [node_record("n", "1")])
+    raw(path, "DROP TABLE leases", "PRAGMA user_version = 2")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.get_run("r1") == run_record()
+        assert set(await store.load_nodes("r1")) == {"n"}
+        assert await store.acquire_lease("r1", "A", 30.0) is None
+    finally:
+        await store.close()
+    other = sqlite3.connect(path)
+    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    other.close()
+
+
+@pytest.mark.anyio
 async def test_another_programs_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "theirs.db"
     raw(path, "CREATE TABLE accounts (id INTEGER)", "PRAGMA application_id = 1234")

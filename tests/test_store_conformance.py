@@ -6,10 +6,12 @@ A new store (Redis, NATS) joins by adding one entry to ``_FACTORIES`` and one
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import attrs
 import pytest
 from hypothesis import given
@@ -231,6 +233,136 @@ async def test_lone_surrogates_survive(store: Store) -> None:
     assert _codec.loads(run.result or "") == [weird]
     assert run.error is not None
     assert run.error.startswith("boom: bad ")
+
+
+async def test_lookup_nodes_reads_committed_records_of_several_runs(store: Store) -> None:
+    await store.create_run(run_record("r1"))
+    await store.create_run(run_record("r2"))
+    await store.commit_node("r1", node_record("a", "x"))
+    await store.commit_node("r1", node_record("b", LARGE))
+    await store.commit_node("r2", node_record("a", "y"))
+    keys = [("r1", "a"), ("r1", "b"), ("r2", "a"), ("r2", "b"), ("nope", "a"), ("r1", "a")]
+    assert await store.lookup_nodes(keys) == {
+        ("r1", "a"): node_record("a", "x"),
+        ("r1", "b"): node_record("b", LARGE),
+        ("r2", "a"): node_record("a", "y"),
+    }
+    assert await store.lookup_nodes([]) == {}
+    many = [("r1", f"n{i}") for i in range(700)] + [("r2", "a")]  # past one SQL chunk
+    assert set(await store.lookup_nodes(many)) == {("r2", "a")}
+
+
+# --- the run lease ---------------------------------------------------------------------------
+
+TTL = 30.0  # long enough never to run out during a test that does not want it to
+
+
+async def test_a_lease_is_taken_by_one_owner_and_renewed_by_taking_it_again(store: Store) -> None:
+    before = time.time()
+    assert await store.acquire_lease("r1", "A", TTL) is None
+    held = await store.acquire_lease("r1", "B", TTL)
+    assert held is not None
+    assert (held.run_id, held.owner) == ("r1", "A")
+    assert before + TTL - 1 <= held.expires_at <= time.time() + TTL + 1
+    assert await store.acquire_lease("r1", "A", TTL) is None  # its holder takes it again
+    assert await store.acquire_lease("r2", "B", TTL) is None  # other runs are apart
+    assert (await store.acquire_lease("r2", "A", TTL) or held).owner == "B"
+
+
+async def test_renew_leases_extends_what_the_owner_holds_and_reports_the_rest(
+    store: Store,
+) -> None:
+    await store.acquire_lease("r1", "A", 5.0)
+    await store.acquire_lease("r2", "A", 5.0)
+    await store.acquire_lease("r3", "B", TTL)
+    first = await store.acquire_lease("r1", "B", TTL)
+    assert await store.renew_leases("A", ["r1", "r2", "r3", "r4"], 60.0) == ["r3", "r4"]
+    assert await store.renew_leases("A", [], 60.0) == []
+    renewed = await store.acquire_lease("r1", "B", TTL)
+    assert first is not None
+    assert renewed is not None
+    assert renewed.owner == "A"
+    assert renewed.expires_at > first.expires_at + 30
+
+
+async def wait_to_take(store: Store, run_id: str, owner: str) -> None:
+    """Try to take a lease until it runs out (the ttl is short: this is what expiry is)."""
+    with anyio.fail_after(10):
+        while True:
+            if await store.acquire_lease(run_id, owner, TTL) is None:
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_a_lease_that_ran_out_goes_to_the_next_taker(store: Store) -> None:
+    assert await store.acquire_lease("r1", "A", 0.05) is None
+    await wait_to_take(store, "r1", "B")
+    # The first holder learns that it lost the lease, and cannot take it back or drop it.
+    assert await store.renew_leases("A", ["r1"], TTL) == ["r1"]
+    await store.release_lease("r1", "A")
+    held = await store.acquire_lease("r1", "A", TTL)
+    assert held is not None
+    assert held.owner == "B"
+
+
+async def test_a_holder_known_dead_is_replaced_at_once(store: Store) -> None:
+    assert await store.acquire_lease("r1", "A", TTL) is None
+    # Only the holder named: a taker that names someone else gets the standing lease.
+    held = await store.acquire_lease("r1", "B", TTL, replacing="C")
+    assert held is not None
+    assert held.owner == "A"
+    assert await store.acquire_lease("r1", "B", TTL, replacing="A") is None
+    held = await store.acquire_lease("r1", "C", TTL, replacing="A")
+    assert held is not None
+    assert held.owner == "B"
+    # Naming a dead holder takes a free lease too.
+    assert await store.acquire_lease("r2", "B", TTL, replacing="A") is None
+
+
+async def test_a_released_lease_is_free_and_only_its_holder_releases_it(store: Store) -> None:
+    assert await store.acquire_lease("r1", "A", TTL) is None
+    await store.release_lease("r1", "B")  # not B's: nothing happens
+    held = await store.acquire_lease("r1", "B", TTL)
+    assert held is not None
+    assert held.owner == "A"
+    await store.release_lease("r1", "A")
+    await store.release_lease("r1", "A")  # again: nothing left to release
+    await store.release_lease("never-leased", "A")
+    assert await store.acquire_lease("r1", "B", TTL) is None
+    assert await store.renew_leases("A", ["r1"], TTL) == ["r1"]
+
+
+async def test_of_two_racing_takers_exactly_one_gets_each_lease(
+    make_store: Callable[[], Store],
+) -> None:
+    """Two store objects on the same storage (two connections, as two processes have)
+    take the same leases at the same time: one wins each, the other sees the winner."""
+    stores = [make_store(), make_store()]
+    for s in stores:
+        await s.open()
+    try:
+        for round_ in range(10):
+            run_id = f"race-{uuid.uuid4().hex[:8]}-{round_}"
+            # A lease that ran out is raced for too, on every other round.
+            if round_ % 2:
+                assert await stores[0].acquire_lease(run_id, "old", 0.01) is None
+                await anyio.sleep(0.05)
+            got: dict[str, object] = {}
+
+            async def take(i: int, run_id: str = run_id, got: dict[str, object] = got) -> None:
+                got[f"owner-{i}"] = await stores[i % 2].acquire_lease(run_id, f"owner-{i}", TTL)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(take, i)
+            winners = [owner for owner, held in got.items() if held is None]
+            assert len(winners) == 1, got
+            for held in got.values():
+                if held is not None:
+                    assert getattr(held, "owner", None) == winners[0]
+    finally:
+        for s in stores:
+            await s.close()
 
 
 # --- the step cache --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -22,10 +22,11 @@ import anyio.abc
 from .. import _codec, _otel
 from .. import events as ev
 from .._define.dsl import Flow
-from .._engine.dynamic import ITEM_PROGRESS
+from .._engine.lease import DEFAULT_TTL, LeaseKeeper
 from .._engine.scheduler import Executor, NodeHook, RunState, drive
-from .._errors import CheckpointError, ConfigError, FlowError, StepFailed, first_leaf
-from .._executors.batch import BatchExecutor, Worker
+from .._errors import CheckpointError, ConfigError, StepFailed
+from .._executors.batch import DEFAULT_MAX_DELIVERIES, BatchExecutor, Worker
+from .._executors.batch.worker import check_max_deliveries
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from .._secret import redact
@@ -38,16 +39,26 @@ from .calls import (
     given_options,
     only_besides_cancellations,
 )
+from .leases import claim, keeping, observe
+from .mapping import map_runs
 from .options import open_backends
-from .run import Run, cancelled, new_run_id, plan_of, skip_reporter, still_waiting, stored_failure
+from .run import (
+    Run,
+    before_each_node,
+    cancelled,
+    new_run_id,
+    plan_of,
+    skip_reporter,
+    still_waiting,
+)
 from .signals import signal_run
 from .stored import (
     check_same_flow,
     decode_inputs,
-    decode_result,
     encode_inputs,
     import_flow,
     replay,
+    settle_from_record,
 )
 
 __all__ = ["CURRENT", "Context", "before_each_node"]
@@ -81,6 +92,8 @@ class Context:
         progress: bool | None = None,
         worker_concurrency: int = 16,
         lease: float = 30.0,
+        max_deliveries: int | None = None,
+        run_lease: float = DEFAULT_TTL,
         signing_key: Any = None,
         old_signing_keys: Sequence[Any] = (),
     ) -> None:
@@ -106,12 +119,17 @@ class Context:
         self.max_concurrency = max_concurrency
         self.progress = progress
         self.worker_concurrency = worker_concurrency
-        if lease <= 0:
-            raise ConfigError(f"lease must be a positive number of seconds, not {lease}")
+        for name, seconds in (("lease", lease), ("run_lease", run_lease)):
+            if not seconds > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {seconds}")
+        if max_deliveries is not None:
+            check_max_deliveries(max_deliveries)
         self.lease = lease
+        self.max_deliveries = max_deliveries
         keys = (signing_key, old_signing_keys)
         self.store, self.queue = open_backends(store, broker, batch=batch, keys=keys)
         self.seal = self.store.seal
+        self._leases = LeaseKeeper(self.store, ttl=run_lease)
         self._executor: Executor | None = None
         self._workers: list[Any] = []
         self._started: set[Run] = set()
@@ -150,6 +168,7 @@ class Context:
         self._token = CURRENT.set(self)
         self._entered = 1
         try:
+            self._tg.start_soon(self._leases.keep, name="flowdsl run leases")
             await self._start_services(self._tg)
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -171,6 +190,7 @@ class Context:
                 lease=self.lease,
                 llm=self.llm,
                 local=True,
+                max_deliveries=self.max_deliveries or DEFAULT_MAX_DELIVERIES,
             )
             for _ in range(count)
         ]
@@ -253,7 +273,9 @@ class Context:
         if self._executor is None:
             if self.batch:
                 assert self.queue is not None  # batch mode always has one
-                self._executor = BatchExecutor(self.queue, store=self.store)
+                self._executor = BatchExecutor(
+                    self.queue, store=self.store, max_deliveries=self.max_deliveries
+                )
             else:
                 self._executor = RealtimeExecutor(self.store, self.llm)
         if self.max_concurrency is not None and self._limiter is None:
@@ -268,27 +290,36 @@ class Context:
         *args: Any,
         run_id: str | None = None,
         inputs: Mapping[str, Any] | None = None,
+        wait: bool | None = None,
         **kwargs: Any,
     ) -> R:
         """Run *flow* to its result in this context.
 
         The flow's arguments follow it, positional or keyword; ``inputs={...}`` gives its
         keyword arguments as one mapping instead, for a flow with a parameter named like
-        an option (``run_id``, ``inputs``).  *run_id* names the run: a finished run of
-        that id gives its stored result instead of running again.
+        an option (``run_id``, ``inputs``, ``wait``).  *run_id* names the run: a finished
+        run of that id gives its stored result instead of running again, and one another
+        live process drives is waited for (``wait=False``: :class:`RunBusy` instead).
         """
         check_flow(flow)
-        given = given_options(run_id=run_id, inputs=inputs)
+        given = given_options(run_id=run_id, inputs=inputs, wait=wait)
         args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.run")
         async with self._using():
-            return await self._run(flow, args, kwargs, run_id)
+            return await self._run(flow, args, kwargs, run_id, wait is not False)
 
     async def _run(
-        self, flow: Flow[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
+        self,
+        flow: Flow[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None,
+        wait: bool = True,
     ) -> R:
         self._setup()
-        run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=False)
-        if not fresh:
+        run, how, record = await self._prepare(flow, args, kwargs, run_id, watch=False, wait=wait)
+        if how == "observe":
+            return await observe(self, run, record, strict=False)  # type: ignore[no-any-return]
+        if how == "done":
             return await run.result()  # type: ignore[no-any-return]
         return await self._execute(run)  # type: ignore[no-any-return]
 
@@ -299,14 +330,16 @@ class Context:
         *args: Any,
         run_id: str | None = None,
         inputs: Mapping[str, Any] | None = None,
+        wait: bool | None = None,
         **kwargs: Any,
     ) -> Run:
         """Start *flow* in the background; idempotent by *run_id*.
 
-        The flow's arguments are given as to :meth:`run`.
+        The flow's arguments are given as to :meth:`run`.  A run of that id another live
+        process drives is followed, not run again (``wait=False``: :class:`RunBusy`).
         """
         check_flow(flow)
-        given = given_options(run_id=run_id, inputs=inputs)
+        given = given_options(run_id=run_id, inputs=inputs, wait=wait)
         args, kwargs = flow_arguments(flow, args, kwargs, inputs, given=given, call="ctx.start")
         if self._tg is None:
             raise ConfigError(
@@ -315,10 +348,13 @@ class Context:
                 hint="Write `async with ctx: run = await ctx.start(...)`, or use "
                 "`await ctx.run(...)` to wait for the result",
             )
-        run, fresh = await self._prepare(flow, args, kwargs, run_id, watch=True)
-        if fresh:
+        run, how, record = await self._prepare(
+            flow, args, kwargs, run_id, watch=True, wait=wait is not False
+        )
+        if how != "done":
             self._started.add(run)
-            self._tg.start_soon(self._execute_quietly, run, name=f"flowdsl run {run.run_id}")
+            name = f"flowdsl run {run.run_id}"
+            self._tg.start_soon(self._execute_quietly, run, record, name=name)
         return run
 
     async def map(
@@ -349,54 +385,7 @@ class Context:
         limiter = anyio.CapacityLimiter(concurrency) if concurrency else None
         show = self.progress if progress is None else progress
         async with self._using():
-            return await self._map(flow, calls, run_ids, limiter, show, return_exceptions)
-
-    async def _map(
-        self,
-        flow: Flow[..., R],
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        run_ids: Sequence[str] | None,
-        limiter: anyio.CapacityLimiter | None,
-        show: bool | None,
-        return_exceptions: bool,
-    ) -> list[R | BaseException]:
-        from .progress import progress_for
-
-        results: list[Any] = [None] * len(calls)
-        with progress_for(flow.name, len(calls), show) as bar:
-
-            async def one(i: int) -> None:
-                args, kwargs = calls[i]
-                rid = run_ids[i] if run_ids is not None else None
-                ITEM_PROGRESS.set(bar)  # this task's runs count their maps' items on the bar
-                try:
-                    if limiter is None:
-                        bar.started()
-                        results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
-                    else:
-                        async with limiter:
-                            bar.started()  # waiting for a slot is not running
-                            results[i] = await self.run(flow, *args, run_id=rid, inputs=kwargs)
-                except FlowError as exc:
-                    bar.failed()
-                    if not return_exceptions:
-                        raise
-                    results[i] = exc
-                else:
-                    bar.done()
-
-            try:
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(calls)):
-                        tg.start_soon(one, i)
-            except BaseExceptionGroup as group:
-                # Surface the first flowdsl failure itself, not a group of one.
-                flow_errors, rest = group.split(FlowError)
-                if rest is None and flow_errors is not None:
-                    leaf = first_leaf(flow_errors)
-                    raise leaf from leaf.__cause__
-                raise
-        return results
+            return await map_runs(self, flow, calls, run_ids, limiter, show, return_exceptions)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -408,15 +397,14 @@ class Context:
         run_id: str | None,
         *,
         watch: bool,
-    ) -> tuple[Run, bool]:
-        """Make the run record, or find the existing run; ``fresh`` says whether to execute.
-
-        An existing run is not run twice: a finished one gives its stored result, a failed
-        or cancelled one its failure (resume it explicitly), and one left running by a
-        process that died is resumed from its journal.
-        """
+        wait: bool = True,
+    ) -> tuple[Run, str, RunRecord | None]:
+        """Make the run record, or find the existing run: the run, whether to ``"drive"``
+        it, ``"observe"`` it or not (``"done"``), and the record as read.  A finished run
+        gives its stored result, a failed or cancelled one its failure, one another live
+        process drives is observed, one left by a process that died is resumed."""
         if run_id is not None and run_id in self._active:
-            return self._active[run_id], False
+            return self._active[run_id], "done", None
         plan = plan_of(flow)
         encoded, decoded = encode_inputs(flow, flow.bind(args, kwargs))
         now = time.time()
@@ -438,18 +426,11 @@ class Context:
         if not created:
             check_same_flow(stored, flow)
             if stored.status.ended:
-                self._settle_from_record(run, stored)
-                return run, False
+                settle_from_record(run, stored)
+                return run, "done", stored
             run.resuming = True
         run.inputs = decoded
-        self._active[run.run_id] = run
-        return run, True
-
-    def _settle_from_record(self, run: Run, record: RunRecord) -> None:
-        if record.status is RunStatus.FINISHED:
-            run._settle(RunStatus.FINISHED, decode_result(record, run.flow))
-        else:
-            run._settle(record.status, error=stored_failure(record))
+        return run, await claim(self, run, stored, wait=wait), stored
 
     async def signal(self, run_id: str, name: str, value: Any) -> None:
         """Send *value* as signal *name* to run *run_id*, from any process: the next wait
@@ -458,7 +439,13 @@ class Context:
             await signal_run(self.store, self._active.get(run_id), run_id, name, value)
 
     async def resume(
-        self, run_id: str, /, *, strict: bool = False, flow: Flow[..., Any] | None = None
+        self,
+        run_id: str,
+        /,
+        *,
+        strict: bool = False,
+        flow: Flow[..., Any] | None = None,
+        wait: bool = True,
     ) -> Any:
         """Finish a failed, cancelled or crashed run; return its result.
 
@@ -466,6 +453,9 @@ class Context:
         in flight run again (at-least-once).  Nodes whose step code, ``version`` or wiring
         changed run again with everything downstream; ``strict=True`` refuses any change
         with :class:`CheckpointError`.  *flow* defaults to the one the run record names.
+
+        A run another live process drives is not driven twice: this waits for its result
+        (taking over if that process dies); ``wait=False`` raises :class:`RunBusy`.
         """
         async with self._using():
             self._setup()
@@ -483,7 +473,7 @@ class Context:
             run = Run(run_id, flow, self, observed=self.on_event is not None)
             run.plan = plan_of(flow)
             if record.status is RunStatus.FINISHED:
-                self._settle_from_record(run, record)
+                settle_from_record(run, record)
                 return await run.result()
             if strict and record.fingerprint != run.plan.fingerprint:
                 raise CheckpointError(
@@ -493,12 +483,16 @@ class Context:
                 )
             run.inputs = decode_inputs(record, flow)
             run.resuming = True
-            self._active[run_id] = run
+            how = await claim(self, run, record, wait=wait)
+            if how == "observe":
+                return await observe(self, run, record, strict=strict)
+            if how == "done":
+                return await run.result()
             return await self._execute(run, strict=strict)
 
-    async def _execute_quietly(self, run: Run) -> None:
-        try:
-            await self._execute(run)
+    async def _execute_quietly(self, run: Run, record: RunRecord | None) -> None:
+        try:  # another process holds the lease: follow it; else drive
+            await (observe(self, run, record, strict=False) if run.holder else self._execute(run))
         except (StepFailed, CheckpointError):
             pass  # kept on the run; whoever awaits run.result() gets it
         finally:
@@ -507,6 +501,21 @@ class Context:
                 self._idle.set()
 
     async def _execute(self, run: Run, *, strict: bool = False) -> Any:
+        """Drive *run*, whose lease this context holds, to its end."""
+        if self._leases.local:
+            # Only this process sees the store: the lease cannot be lost, and giving it
+            # up never suspends (no scope, nothing more per run: thousands run at once).
+            try:
+                return await self._spanned(run, strict)
+            finally:
+                await self._leases.release(run.run_id)
+        async with keeping(self, run):
+            return await self._spanned(run, strict)
+        # Another process took the run over (this one stalled past its lease): it drives
+        # the run now, and this one waits for its end like any observer.
+        return await observe(self, run, None, strict=strict)
+
+    async def _spanned(self, run: Run, strict: bool) -> Any:
         if _otel.configured() is None:
             return await self._drive(run, strict=strict)
         with _otel.run_span(run):  # OpenTelemetry: a span around the drive (see _otel)
@@ -525,10 +534,10 @@ class Context:
                 run.emit(ev.RunStarted(run.run_id, flow.name, time.time(), run.resuming))
             ready = state.start()
             if run.resuming:
-                ready = await replay(self.store, run, state, ready, strict)
+                ready, kept = await replay(self.store, run, state, ready, strict)
                 resuming = getattr(self._executor, "resuming", None)
                 if resuming is not None:
-                    await resuming(run)
+                    await resuming(run, kept)
             output = await drive(
                 run,
                 state,
@@ -551,6 +560,8 @@ class Context:
             run._settle(RunStatus.FAILED, error=exc)
             raise
         except anyio.get_cancelled_exc_class():
+            if run.lease_lost:
+                raise  # the run is another process's now: nothing to write, nothing to say
             if run.parked:
                 # Left waiting for a signal: it stays so in the store, for a resume.
                 run._settle(RunStatus.WAITING, error=still_waiting(run))
@@ -584,17 +595,3 @@ class Context:
             run.emit(ev.RunFinished(run.run_id, time.time(), data, run.usage))
         run._settle(RunStatus.FINISHED, value)
         return value
-
-
-@contextlib.contextmanager
-def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
-    """Inside the block, await *hook* as each node of *ctx*'s runs is dispatched.
-
-    The typed hook :mod:`flowdsl.testing` crashes runs with; it sees every node, in real
-    time and in batch mode alike, before the executor has it.
-    """
-    previous, ctx._before = ctx._before, hook
-    try:
-        yield
-    finally:
-        ctx._before = previous

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,12 +17,13 @@ from .. import events as ev
 from .._define.dsl import Flow
 from .._engine.scheduler import Plan
 from .._errors import FlowError, StepFailed
-from .._records import RunRecord, RunStatus, add_usage
+from .._records import Lease, RunRecord, RunStatus, add_usage
 
 if TYPE_CHECKING:
+    from .._engine.scheduler import NodeHook
     from .context import Context
 
-__all__ = ["Run", "new_run_id", "plan_of"]
+__all__ = ["Run", "before_each_node", "new_run_id", "plan_of"]
 
 
 def new_run_id() -> str:
@@ -62,6 +64,11 @@ class Run:
     # and to wake its waits when a signal is sent through this context.
     parked: bool = attrs.field(default=False, repr=False)
     waker: Callable[[], None] | None = attrs.field(default=None, repr=False)
+    # The run lease (see _context/leases.py): who else drives it, while this context
+    # observes; whether this context lost it while driving; the scope losing it cancels.
+    holder: Lease | None = attrs.field(default=None, repr=False)
+    lease_lost: bool = attrs.field(default=False, repr=False)
+    lease_scope: anyio.CancelScope | None = attrs.field(default=None, repr=False)
 
     @property
     def flow_name(self) -> str:
@@ -184,3 +191,17 @@ def cancelled(run: Run) -> BaseException:
         run_id=run.run_id,
         hint=f"Resume it with `ctx.resume({run.run_id!r})`",
     )
+
+
+@contextlib.contextmanager
+def before_each_node(ctx: Context, hook: NodeHook) -> Iterator[None]:
+    """Inside the block, await *hook* as each node of *ctx*'s runs is dispatched.
+
+    The typed hook :mod:`flowdsl.testing` crashes runs with; it sees every node, in real
+    time and in batch mode alike, before the executor has it.
+    """
+    previous, ctx._before = ctx._before, hook
+    try:
+        yield
+    finally:
+        ctx._before = previous

@@ -21,7 +21,7 @@ from .._engine.scheduler import RunState
 from .._errors import CheckpointError, CodecError, ConfigError
 from .._records import RunRecord, RunStatus
 from ..backends.base import Store
-from .run import Run
+from .run import Run, stored_failure
 
 __all__ = [
     "check_same_flow",
@@ -30,6 +30,7 @@ __all__ = [
     "encode_inputs",
     "import_flow",
     "replay",
+    "settle_from_record",
 ]
 
 
@@ -118,6 +119,14 @@ def import_flow(record: RunRecord) -> Flow[..., Any]:
     return obj
 
 
+def settle_from_record(run: Run, record: RunRecord) -> None:
+    """End *run* as its ended *record* says: its stored result, or its failure."""
+    if record.status is RunStatus.FINISHED:
+        run._settle(RunStatus.FINISHED, decode_result(record, run.flow))
+    else:
+        run._settle(record.status, error=stored_failure(record))
+
+
 def check_same_flow(record: RunRecord, flow: Flow[..., Any]) -> None:
     """Refuse to run *flow* under the id of a run of another flow."""
     if record.flow != flow.name:
@@ -130,8 +139,9 @@ def check_same_flow(record: RunRecord, flow: Flow[..., Any]) -> None:
 
 async def replay(
     store: Store, run: Run, state: RunState, ready: list[Node], strict: bool
-) -> list[Node]:
-    """Feed *run*'s journal into *state*; return the nodes that must still run.
+) -> tuple[list[Node], frozenset[str]]:
+    """Feed *run*'s journal into *state*; return the nodes that must still run, and the
+    ids of the records kept (a batch resume drops their tasks: they never run again).
 
     Journaled results that :func:`plan_reuse` allows are fed in as if their nodes had just
     finished; the records of nodes that changed (and of what depends on them) are
@@ -178,4 +188,4 @@ async def replay(
         if run.observed:
             run.emit(ev.StepReused(run.run_id, node.id, now, "journal"))
         pending.extend(state.complete(node.id, value))
-    return dispatch
+    return dispatch, frozenset(journal) - frozenset(reuse.stale)

@@ -13,7 +13,15 @@ import hashlib
 import inspect
 import textwrap
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .._errors import ConfigError, TracingError
@@ -21,7 +29,8 @@ from . import symbols as _symbols
 from . import trace as _trace
 from .checks import check_types
 from .graph import Graph
-from .units import redefinitions, ref_of, register
+from .handlers import check_handlers
+from .units import redefinitions, ref_of, register, superseded
 from .units import registered_unit as registered_unit  # the batch executor imports it here
 
 __all__ = ["Branch", "Flow", "Step", "branch", "flow", "step"]
@@ -229,15 +238,16 @@ class Flow(Generic[P, R]):
         """The traced DAG (traced on first access if a name was missing at definition).
 
         A step the graph uses that was defined again since (its notebook cell run again,
-        fixed) makes the body be traced again, so that runs and resumes use the new code,
-        as they would had the flow's own cell been run again too.
+        fixed) makes the body be traced again, so that runs and resumes, in real time and
+        in batch alike, run the step's current definition, as they would had the flow's
+        own cell been run again too.
         """
         graph = self._graph
         if graph is None:
             graph = self._graph = _traced(self)
         elif self._seen != redefinitions():
             self._seen = redefinitions()
-            if any(_superseded(node.fn) for node in graph.nodes_by_id.values()):
+            if any(superseded(unit) for unit in _units_of(graph)):
                 graph = self._graph = _traced(self)
         return graph
 
@@ -310,14 +320,20 @@ class Flow(Generic[P, R]):
 
 
 def _traced(flow: Flow[..., Any]) -> Graph:
+    check_handlers(flow.name, flow.fn)
     graph = _trace.trace(flow)
     check_types(flow, graph)
     return graph
 
 
-def _superseded(unit: Any) -> bool:
-    """Whether *unit* is a module-level step or branch defined again since."""
-    return unit is not None and "<locals>" not in unit.ref and registered_unit(unit.ref) is not unit
+def _units_of(graph: Graph) -> Iterator[Any]:
+    """The steps and branches a graph runs: its nodes', and what its maps and loops run."""
+    for node in graph.nodes_by_id.values():
+        if node.fn is not None:
+            yield node.fn
+        body = getattr(node.spec, "body", None)
+        if body is not None and not isinstance(body, Flow):
+            yield body
 
 
 _RETRY_ON_DEFAULT: tuple[type[BaseException], ...] = (Exception,)

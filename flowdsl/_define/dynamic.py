@@ -24,6 +24,7 @@ from .._errors import TracingError
 from .graph import Expr, Literal, Node, NodeKind, Ref
 from .symbols import Pending, Symbol
 from .trace import Tracer, check_name, current_tracer
+from .units import current
 
 if TYPE_CHECKING:
     from .dsl import Flow, Step
@@ -262,6 +263,11 @@ def _check_body(tracer: Tracer, body: Any, shared: dict[str, Any], what: str, ve
     tracer._bind(body.fn, (_Item(),), shared, name=body.name)
 
 
+def _current(body: Any) -> Any:
+    """A step body by its module:qualname (see units.current); a flow as it is."""
+    return current(body) if hasattr(body, "is_async") else body
+
+
 def _kwargs(tracer: Tracer, node_id: str, shared: dict[str, Any]) -> tuple[tuple[str, Expr], ...]:
     return tuple(
         (k, tracer.to_expr(v, node=node_id, what=f"argument {k!r}")) for k, v in shared.items()
@@ -269,7 +275,7 @@ def _kwargs(tracer: Tracer, node_id: str, shared: dict[str, Any]) -> tuple[tuple
 
 
 def _add_map(tracer: Tracer, call: MapCall) -> Symbol:
-    body = call.body
+    body = _current(call.body)
     _check_body(tracer, body, call.shared, f"`{body.name}.map`", "maps")
     node_id = tracer._new_id(body.name)
     items = tracer.to_expr(call.items, node=node_id, what="the list to map over")
@@ -293,7 +299,7 @@ def _add_map(tracer: Tracer, call: MapCall) -> Symbol:
 
 
 def _add_loop(tracer: Tracer, call: LoopCall) -> Symbol:
-    body = call.body
+    body = _current(call.body)
     _check_body(tracer, body, call.shared, "`fd.loop`", "loops over")
     node_id = tracer._new_id(body.name)
     init = tracer.to_expr(call.init, node=node_id, what="the loop's first state")

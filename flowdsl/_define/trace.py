@@ -40,6 +40,7 @@ from .graph import (
 )
 from .symbols import REAL_AWAIT_HINT as _REAL_AWAIT_HINT
 from .symbols import CasesCall, FlowBody, FlowCall, Pending, StepCall, Symbol
+from .units import current
 
 _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
     "flowdsl_tracer", default=None
@@ -203,7 +204,7 @@ class Tracer:
         return a, kw
 
     def add_step(self, call: StepCall) -> Symbol:
-        step = call.step
+        step = current(call.step)  # by module:qualname: what a batch worker would run
         node_id = self._new_id(step.name)
         args, kwargs = self._args(node_id, step.fn, step.name, call.args, call.kwargs)
         self.nodes[node_id] = Node(
@@ -212,7 +213,7 @@ class Tracer:
         return Symbol(Ref(node_id), self.guard, self)
 
     def add_branch(self, call: CasesCall) -> Any:
-        branch = call.call.branch
+        branch = current(call.call.branch)
         node_id = self._new_id(branch.name)
         args, kwargs = self._args(node_id, branch.fn, branch.name, call.call.args, call.call.kwargs)
         if not call.table:

@@ -136,6 +136,19 @@ class _AsyncioGroup:
 
         self._joining = True
         cancelled: BaseException | None = None
+        if host_exc is None and self._host_cancelled:
+            # A node failed and cancelled the host, but no cancellation came out of the
+            # host's inline chain: it is either still pending (the chain ended without
+            # awaiting), to be taken now lest it interrupt the caller's next await, or it
+            # was delivered and handled on the way (a commit seen through), and only its
+            # count is left, which would make anyio take any later cancel scope's
+            # cancellation for one from outside.
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError as exc:
+                host_exc = exc
+            else:
+                self._host.uncancel()
         if host_exc is not None:
             if isinstance(host_exc, asyncio.CancelledError):
                 # Our own cancellation of the host (a node failed) is no cancellation of

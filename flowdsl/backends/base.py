@@ -10,6 +10,7 @@ capability rather than probe for attributes:
 capability                             declared as
 =====================================  ===================================================
 a commit that does not await           ``Store.commits_nowait`` / ``commit_node_nowait``
+leases no other process can see        ``Store.process_local``
 commit and completion in one step      ``Broker.holds(store)`` / ``commit_and_complete``
 events published with the completion   ``Broker.carries_events`` (the ``events=`` argument
                                        is always accepted; without the flag the events are
@@ -21,15 +22,29 @@ one connection for store and queue     ``Broker.share_store`` (a no-op by defaul
 A store keeps one :class:`~flowdsl._records.RunRecord` per run and one
 :class:`~flowdsl._records.NodeRecord` per finished node; finishing a node writes that
 node's record and nothing else.
+
+It also keeps each run's *lease* (:class:`~flowdsl._records.Lease`): which process drives
+the run, until when.  Taking it is one atomic step in every store (a conditional write, a
+Lua script, a revision compare-and-set), so that of two processes that resume or start
+one run, one drives it and the other waits for its result.  What a store promises:
+
+- :meth:`Store.acquire_lease` takes the lease when no one holds it, when it ran out,
+  when the caller holds it already, or when the holder is the one the caller names as
+  ``replacing`` (a holder the caller knows is dead); else it returns the lease that
+  stands in the way and changes nothing;
+- :meth:`Store.renew_leases` extends the caller's leases and reports those it no longer
+  holds (another took one over after it ran out): never one another holds as renewed;
+- :meth:`Store.release_lease` gives the lease up, only if the caller holds it.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
 from .._integrity import UNKEYED, Seal
-from .._records import NodeRecord, RunRecord, RunStatus
+from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .messages import Claimed
 
 __all__ = ["Broker", "Store"]
@@ -48,6 +63,10 @@ class Store(abc.ABC):
     #: Whether :meth:`commit_node_nowait` is offered: the store's commit is a synchronous
     #: write (a dict, an embedded file), so a node can be committed without awaiting.
     commits_nowait: ClassVar[bool] = False
+
+    #: Whether only this process can see the store (the memory store): its run leases
+    #: need no expiry and no renewal, only the check of which drivers here are alive.
+    process_local: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -99,12 +118,38 @@ class Store(abc.ABC):
         return (await self.load_nodes(run_id)).get(node_id)
 
     @abc.abstractmethod
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        """The committed records among *keys* (``(run_id, node_id)`` pairs), read in one
+        round trip where the store can: what a batch worker checks before it runs the
+        tasks it has just claimed."""
+
+    @abc.abstractmethod
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         """Drop node records so that those nodes run again on resume."""
 
     @abc.abstractmethod
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         """The newest runs first."""
+
+    # --- the run lease (see the module docstring) ----------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        """Take *run_id*'s lease for *owner* until *ttl* seconds from now, atomically:
+        ``None`` when taken (or renewed), else the standing lease, unchanged."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        """Extend *owner*'s leases of *run_ids* to *ttl* seconds from now; return the run
+        ids whose lease *owner* no longer holds."""
+
+    @abc.abstractmethod
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Drop *run_id*'s lease if *owner* holds it."""
 
     @abc.abstractmethod
     async def prune(
@@ -223,10 +268,19 @@ class Broker(abc.ABC):
         would only burn workers' time).  By default they stay and are run for nothing."""
         return None
 
-    async def redeliver(self, run_id: str) -> None:
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
         """Make the run's tasks claimable now with their delivery counts reset (a resume:
-        the run's old workers may have died with it).  By default they wait out their
-        leases."""
+        the run's old workers may have died with it), except those of the nodes in
+        *skip* (committed: the resume reuses them), which are removed, and those held by
+        a worker that *alive* (given a worker's name) or this process says still runs,
+        which are left to it.  By default they wait out their leases (and a worker
+        completes a committed node's task unrun)."""
         return None
 
     def share_store(self, store: Store) -> None:

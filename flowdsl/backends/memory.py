@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import attrs
 
-from .._records import NodeRecord, RunRecord, RunStatus
+from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .base import Store
 
 __all__ = ["MemoryStore"]
@@ -17,6 +19,7 @@ class MemoryStore(Store):
     so a long-lived process that runs flows forever does not grow without bound."""
 
     commits_nowait = True  # a commit is a dict assignment
+    process_local = True  # no other process sees it: its leases need no renewal
 
     def __init__(self, *, max_runs: int = 10_000) -> None:
         self.url = "memory://"
@@ -25,6 +28,7 @@ class MemoryStore(Store):
         self._nodes: dict[str, dict[str, NodeRecord]] = {}
         self._cache: dict[str, str] = {}
         self._signals: dict[tuple[str, str], list[str]] = {}
+        self._leases: dict[str, Lease] = {}
 
     async def open(self) -> None:
         pass
@@ -56,6 +60,7 @@ class MemoryStore(Store):
         for run_id in ended:
             del self._runs[run_id]
             self._nodes.pop(run_id, None)
+            self._leases.pop(run_id, None)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return self._runs.get(run_id)
@@ -71,8 +76,6 @@ class MemoryStore(Store):
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
     ) -> None:
-        from time import time
-
         from .._errors import CheckpointError
 
         record = self._runs.get(run_id)
@@ -86,7 +89,7 @@ class MemoryStore(Store):
             "result": result,
             "error": error,
             "failed_node": failed_node,
-            "updated_at": time(),
+            "updated_at": time.time(),
         }
         if fingerprint is not None:
             changes["fingerprint"] = fingerprint
@@ -107,6 +110,16 @@ class MemoryStore(Store):
 
     async def load_nodes(self, run_id: str) -> dict[str, NodeRecord]:
         return dict(self._nodes.get(run_id, {}))
+
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        found = {}
+        for run_id, node_id in keys:
+            record = self._nodes.get(run_id, {}).get(node_id)
+            if record is not None:
+                found[run_id, node_id] = record
+        return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         nodes = self._nodes.get(run_id, {})
@@ -130,6 +143,7 @@ class MemoryStore(Store):
         for run_id in pruned:
             del self._runs[run_id]
             self._nodes.pop(run_id, None)
+            self._leases.pop(run_id, None)
         for key in [k for k in self._signals if k[0] in gone]:
             del self._signals[key]
         return pruned
@@ -140,6 +154,34 @@ class MemoryStore(Store):
             enumerate(self._runs.values()), key=lambda p: (p[1].created_at, p[0]), reverse=True
         )
         return [run for _, run in ordered[: max(limit, 0)]]
+
+    # Every method below is one synchronous step on a dict: atomic in a process.
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        now = time.time()
+        held = self._leases.get(run_id)
+        if held is None or held.owner in (owner, replacing) or held.expires_at <= now:
+            self._leases[run_id] = Lease(run_id, owner, now + ttl)
+            return None
+        return held
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        until = time.time() + ttl
+        lost = []
+        for run_id in run_ids:
+            held = self._leases.get(run_id)
+            if held is None or held.owner != owner:
+                lost.append(run_id)
+            else:
+                self._leases[run_id] = Lease(run_id, owner, until)
+        return lost
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        held = self._leases.get(run_id)
+        if held is not None and held.owner == owner:
+            del self._leases[run_id]
 
     async def get_cached(self, key: str) -> str | None:
         return self._cache.get(key)

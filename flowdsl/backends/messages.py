@@ -63,7 +63,10 @@ class TaskMessage:
     # OpenTelemetry context of the run (W3C headers), so a worker's span joins its trace.
     trace: dict[str, str] = attrs.field(factory=dict)
     v: int = PROTOCOL
-    check: str = ""  # over the rest of the message (see encode_task)
+    # How many times the task may be handed out before it is a poison task; None: as the
+    # worker that takes it is configured (``flowdsl worker --max-deliveries``).
+    max_deliveries: int | None = None
+    check: str = ""  # over the rest of the message (see encode_task); the last field
 
 
 @attrs.frozen
@@ -72,8 +75,9 @@ class Completion:
 
     ``error_kind`` says how it failed: ``"step"`` (the step raised after its retries),
     ``"codec"``, ``"config"`` (the step cannot be imported where the worker runs),
-    ``"checkpoint"`` (the task or state was malformed) or ``"dead"`` (the task was handed
-    out more times than the step's retries allow: workers died running it).
+    ``"checkpoint"`` (the task or state was malformed) or ``"dead"`` (a poison task: it was
+    handed out more than ``max_deliveries`` times, each worker that took it dying or losing
+    its lease before it finished).
     """
 
     run_id: str

@@ -68,6 +68,12 @@ __all__ = ["resume"]
     help="Refuse to resume if any step's code or the graph changed since the run.",
 )
 @click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Fail at once (RunBusy) if another process drives the run, instead of waiting "
+    "for its result (and taking it over should that process die).",
+)
+@click.option(
     "--flow",
     "target",
     metavar="TARGET",
@@ -86,6 +92,7 @@ def resume(
     all_failed: bool,
     concurrency: int,
     strict: bool,
+    no_wait: bool,
     target: str | None,
     paths: tuple[str, ...],
     imports: tuple[str, ...],
@@ -97,10 +104,12 @@ def resume(
 ) -> None:
     """Finish the failed, cancelled or crashed run RUN_ID and print its result as JSON.
 
-    Finished nodes are read back from the store and never run again.  The flow is the one
-    the run recorded, found in a module given with --import (for a run started with
-    `flowdsl run path/to/file.py:f`, --import path/to/file.py), or the one --flow names:
-    nothing a store holds is imported because the store names it.
+    Finished nodes are read back from the store and never run again.  A run that another
+    process drives is not driven twice: this waits for its result (--no-wait: fails at
+    once), and takes the run over if that process dies.  The flow is the one the run
+    recorded, found in a module given with --import (for a run started with `flowdsl run
+    path/to/file.py:f`, --import path/to/file.py), or the one --flow names: nothing a
+    store holds is imported because the store names it.
 
     With --all-failed, every run of the store whose status is failed is resumed (a few at a
     time, --concurrency), and each prints one JSON line: {"run_id": ..., "flow": ...,
@@ -140,13 +149,13 @@ def resume(
             raise CommandFailed(f"{failed} of {count} runs failed again", EXIT_FAILED)
         return
     show_live = not quiet and (live or sys.stdout.isatty() or sys.stderr.isatty())
-    options = (strict, flow, show_live, keys, seal)
+    options = (strict, flow, show_live, keys, seal, not no_wait)
     result = anyio.run(_resume, run_id, store, options, backend=backend)
     write_json(sys.stdout, result)
 
 
 async def _resume(run_id: str, store: str, options: tuple[Any, ...]) -> Any:
-    strict, flow, show_live, keys, seal = options
+    strict, flow, show_live, keys, seal, wait = options
     shown = hide_credentials(store)
     if flow is None:
         async with opened_store(store, seal) as opened:
@@ -160,7 +169,7 @@ async def _resume(run_id: str, store: str, options: tuple[Any, ...]) -> Any:
     ctx = Context(store=store, on_event=table.handle if table is not None else None, **keys)
     try:
         with LiveView(table, sys.stderr) if table is not None else contextlib.nullcontext():
-            result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow))
+            result = await unwrapped(ctx.resume(run_id, strict=strict, flow=flow, wait=wait))
     except StepFailed as exc:
         raise CommandFailed(
             f"{cli_message(exc, resume=False)} (fix it, then "

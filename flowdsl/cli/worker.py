@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import click
 
-from .._executors.batch import serve
+from .._executors.batch import DEFAULT_MAX_DELIVERIES, serve
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
 from .main import path_option, seal_of, signing_options, usage_error
@@ -53,6 +53,16 @@ __all__ = ["worker"]
     help="How long a task stays this worker's if it stops renewing it (it dies).",
 )
 @click.option(
+    "--max-deliveries",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_DELIVERIES,
+    show_default=True,
+    metavar="N",
+    help="How many times a task may be handed out to workers that die (or lose its lease) "
+    "before it is dead-lettered as a poison task; a run's own fd.Context(max_deliveries=...) "
+    "wins.",
+)
+@click.option(
     "--store",
     metavar="URL",
     envvar="FLOWDSL_STORE",
@@ -66,6 +76,7 @@ def worker(
     imports: tuple[str, ...],
     concurrency: int,
     lease: float,
+    max_deliveries: int,
     store: str | None,
     paths: tuple[str, ...],
     signing_key_env: str | None,
@@ -74,7 +85,8 @@ def worker(
     """Run a batch worker: take ready steps off the broker's queue and run them.
 
     The worker runs until it is interrupted (Ctrl-C or SIGTERM), then stops taking tasks;
-    steps it had taken and not finished go back to the queue when their leases expire.
+    steps it had taken and not finished go back to the queue when their leases expire.  A
+    step whose record is committed never runs again, however often its task comes back.
 
     The worker runs only the steps of the modules given with --import: a task naming any
     other step is refused, without importing anything, and dead-lettered.  The current
@@ -92,7 +104,8 @@ def worker(
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
     seal = seal_of(signing_key_env, old_signing_key_envs)
-    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, lease, seal)
+    options = (lease, seal, max_deliveries)
+    anyio.run(_serve_until_stopped, broker, store, modules, concurrency, options)
 
 
 def _leave_current_directory() -> None:
@@ -118,10 +131,11 @@ async def _serve_until_stopped(
     store: str | None,
     modules: tuple[str, ...],
     concurrency: int,
-    lease: float = 30.0,
-    seal: Any = None,
+    options: tuple[Any, ...] = (30.0, None, DEFAULT_MAX_DELIVERIES),
 ) -> None:
     import signal
+
+    lease, seal, max_deliveries = options
 
     # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
     # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
@@ -136,6 +150,7 @@ async def _serve_until_stopped(
                     concurrency=concurrency,
                     lease=lease,
                     seal=seal,
+                    max_deliveries=max_deliveries,
                 )
             )
             click.echo(

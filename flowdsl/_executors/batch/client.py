@@ -7,7 +7,7 @@ broker and wakes the waiting nodes.  The scheduler does not know the difference.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any
 
 import anyio
@@ -16,6 +16,7 @@ import attrs
 
 from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
+from ..._engine.lease import process_alive
 from ..._errors import (
     CheckpointError,
     CodecError,
@@ -67,8 +68,12 @@ class BatchExecutor:
         store: Store | None = None,
         poll_interval: float = 0.002,
         max_poll_interval: float = 0.05,
+        max_deliveries: int | None = None,
     ) -> None:
         self.broker = broker
+        # Carried in every task: how many deliveries before a poison task (None: the
+        # worker's own setting).
+        self.max_deliveries = max_deliveries
         # The journal a successful completion must agree with (None: not checked).
         self.store = store
         self.poll_interval = poll_interval
@@ -104,9 +109,12 @@ class BatchExecutor:
             while run.run_id in self._forget:
                 self._forget.remove(run.run_id)
 
-    async def resuming(self, run: Any) -> None:
-        """A run resumes: its tasks still queued or held are handed out afresh."""
-        await self.broker.redeliver(run.run_id)
+    async def resuming(self, run: Any, reused: Collection[str] = ()) -> None:
+        """A run resumes: its tasks still queued, or held by workers that are gone with
+        the run's last driver, are handed out afresh; those of the *reused* nodes
+        (committed: the resume took their results from the journal) are dropped, never
+        sent again; those a live worker holds are left to it."""
+        await self.broker.redeliver(run.run_id, skip=reused, alive=process_alive)
 
     async def ended(self, run: Any, ok: bool) -> None:
         """A run ended; if it failed or was cancelled, its queued tasks are dropped."""
@@ -143,6 +151,7 @@ class BatchExecutor:
                 marker=run.plan.markers[node.id],
                 observed=run.observed,
                 trace=_otel.carrier(),
+                max_deliveries=self.max_deliveries,
             )
         except CodecError as exc:
             raise StepCodecFailed(
@@ -222,8 +231,9 @@ class BatchExecutor:
         hint = None
         if completion.error_kind == "dead":
             hint = (
-                "Workers died running it more times than its retries allow; see the "
-                "dead-letter list with `flowdsl runs show`"
+                "A worker process died (or stalled past its lease) each time it ran this "
+                "step: find what kills it (memory, a crash in native code), or raise "
+                "max_deliveries; the task is on the dead-letter list (`flowdsl runs show`)"
             )
         raise cls(
             completion.error or "failed on a worker",

@@ -1,19 +1,28 @@
 """The workers' side of batch mode: a :class:`Worker` takes tasks off the broker, runs each
 node with the same runner real-time mode uses, commits the node's record to the store
-(first commit wins), then completes the task.  A worker that dies leaves its leases to
-expire; the task goes to another worker and counts as another attempt; past the step's
-retries it is dead-lettered and the run fails with that record.  :func:`serve` is what
-``flowdsl worker`` runs.
+(first commit wins), then completes the task.  :func:`serve` is what ``flowdsl worker``
+runs.
+
+Before it runs anything, a worker reads the journal for the tasks it has just claimed (one
+read for the lot): a node whose record is committed is never run again, however many
+times its task is handed out, and whatever a resume did to its delivery count; its task is
+completed with the committed record.  That closes the window between a worker's commit
+and its acknowledgement: a worker killed there leaves a task whose next taker finds the
+record.
+
+A worker that dies leaves its leases to expire; the task goes to another worker.  That is
+not the step's failure: ``retries`` count the step's own exceptions, afresh on each
+delivery.  A task handed out more than ``max_deliveries`` times (the run's setting, else
+the worker's) is a poison task: some input kills every worker that takes it, so it is
+dead-lettered unrun and the run fails with an error that says so.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
-import socket
-import uuid
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -21,6 +30,7 @@ import anyio.abc
 from ... import _codec, _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
+from ..._engine.lease import mark_alive, mark_gone, new_owner
 from ..._engine.runner import run_node_cached
 from ..._errors import (
     BackendUnavailable,
@@ -44,9 +54,17 @@ from ...backends.messages import (
     peek_run_id,
 )
 
-__all__ = ["TRANSIENT", "UnknownStep", "Worker", "serve"]
+__all__ = ["DEFAULT_MAX_DELIVERIES", "TRANSIENT", "UnknownStep", "Worker", "serve"]
 
 log = logging.getLogger("flowdsl.batch")
+
+#: How many times a task may be handed out (its workers dying or losing its lease each
+#: time) before it is dead-lettered as a poison task.
+DEFAULT_MAX_DELIVERIES: Final = 5
+
+#: For flowdsl's own crash tests: called with (run id, node id) once a node's record is
+#: committed, before its task is completed (a test SIGKILLs the worker there).
+after_commit: Callable[[str, str], None] | None = None
 
 
 # Errors a broker or store raises when its server is away; loops wait them out.  Never
@@ -92,9 +110,12 @@ class Worker:
         poll_interval: float = 0.001,
         max_poll_interval: float = 0.05,
         name: str | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"worker concurrency must be at least 1, not {concurrency}")
+        check_max_deliveries(max_deliveries)
+        self.max_deliveries = max_deliveries
         self.broker = broker
         self.store = store
         self.concurrency = concurrency
@@ -103,7 +124,9 @@ class Worker:
         self.local = local
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Named as a lease owner is (host, pid, start time...): a resume on this machine
+        # can tell whether the worker holding a task still runs (see BatchExecutor).
+        self.name = name or str(new_owner())
         self.on_complete: Any = None
         self._wake = anyio.Event()
         self._held: set[str] = set()
@@ -117,6 +140,13 @@ class Worker:
     ) -> None:
         """Serve tasks until cancelled."""
         limiter = anyio.Semaphore(self.concurrency)
+        mark_alive(self.name, self)  # a resume here leaves this worker's tasks to it
+        try:
+            await self._run(limiter, task_status)
+        finally:
+            mark_gone(self.name)
+
+    async def _run(self, limiter: anyio.Semaphore, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat)
             task_status.started()
@@ -144,9 +174,23 @@ class Worker:
                     continue
                 idle = self.poll_interval
                 for item in claimed:
-                    await limiter.acquire()
                     self._held.add(item.task_id)
-                    tg.start_soon(self._serve, item, limiter)
+                committed = await self._committed(claimed)
+                for item in claimed:
+                    await limiter.acquire()
+                    tg.start_soon(self._serve, item, limiter, committed)
+
+    async def _committed(
+        self, claimed: Sequence[Claimed]
+    ) -> Mapping[tuple[str, str], NodeRecord] | None:
+        """The committed records of the claimed tasks' nodes, in one read; ``None`` when
+        the read failed (each task then reads its own)."""
+        keys = [(c.run_id, c.node_id) for c in claimed if c.run_id and c.node_id]
+        try:
+            return await self.store.lookup_nodes(keys)
+        except (*TRANSIENT, CheckpointError) as exc:
+            log.warning("worker %s: cannot read the journal at once: %s", self.name, exc)
+            return None
 
     async def _heartbeat(self) -> None:
         while True:
@@ -157,9 +201,14 @@ class Worker:
                 except TRANSIENT as exc:
                     log.warning("worker %s: cannot renew leases: %s", self.name, exc)
 
-    async def _serve(self, item: Claimed, limiter: anyio.Semaphore) -> None:
+    async def _serve(
+        self,
+        item: Claimed,
+        limiter: anyio.Semaphore,
+        committed: Mapping[tuple[str, str], NodeRecord] | None,
+    ) -> None:
         try:
-            await self.handle(item)
+            await self.handle(item, committed)
         except TRANSIENT as exc:
             # The task could not be completed (the broker or store is away): its lease
             # runs out and it is handed out again; the journal keeps it from running twice.
@@ -171,11 +220,15 @@ class Worker:
             if self.on_complete is not None:
                 self.on_complete()
 
-    async def handle(self, item: Claimed) -> None:
+    async def handle(
+        self, item: Claimed, committed: Mapping[tuple[str, str], NodeRecord] | None = None
+    ) -> None:
         """Run one claimed task to its completion message.
 
-        Whatever is wrong with one task (its message, its step, the state it reads) fails
-        that task's run, never the worker: the worker goes on serving the others.
+        *committed* holds the journal's records read for a batch of claimed tasks (see
+        :meth:`_committed`); without it, the task's own node is looked up.  Whatever is
+        wrong with one task (its message, its step, the state it reads) fails that task's
+        run, never the worker: the worker goes on serving the others.
         """
         try:
             task = decode_task(item.payload, self.store.seal)
@@ -188,7 +241,7 @@ class Worker:
             await self._fail(item, run_id, node_id, _bare(exc), "checkpoint", dead=True)
             return
         try:
-            await self._handle(item, task)
+            await self._handle(item, task, committed)
         except UnknownStep as exc:
             log.error("task %s of run %s refused: %s", item.task_id, task.run_id, exc)
             await self._fail(item, task.run_id, task.node_id, _bare(exc), "config", dead=True)
@@ -197,24 +250,33 @@ class Worker:
             log.warning("task %s of run %s failed: %s", item.task_id, task.run_id, exc)
             await self._fail(item, task.run_id, task.node_id, _bare(exc), kind)
 
-    async def _handle(self, item: Claimed, task: TaskMessage) -> None:
+    async def _handle(
+        self,
+        item: Claimed,
+        task: TaskMessage,
+        committed: Mapping[tuple[str, str], NodeRecord] | None,
+    ) -> None:
+        key = (task.run_id, task.node_id)
+        if committed is not None and (item.run_id, item.node_id) == key:
+            stored = committed.get(key)
+        else:
+            stored = await self.store.load_node(task.run_id, task.node_id)
+        if stored is not None:
+            # Committed already (by a worker that died before completing the task, or by
+            # one still holding a copy of it): never run twice, whatever the delivery count.
+            await self._complete(item, task, stored)
+            return
+        limit = task.max_deliveries or self.max_deliveries
+        if item.deliveries > limit:
+            reason = (
+                f"a poison task: handed out {item.deliveries} times, more than "
+                f"max_deliveries={limit}; every worker that took it died or lost its lease "
+                "before finishing it"
+            )
+            await self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
+            return
         node = self._node(task)
         args, kwargs = self._arguments(task, node)
-        unit = node.fn
-        assert unit is not None
-        if item.deliveries > 1:
-            stored = await self.store.load_node(task.run_id, task.node_id)
-            if stored is not None:
-                # Committed by a worker that died before completing the task.
-                await self._complete(item, task, stored)
-                return
-            if item.deliveries > unit.retries + 1:
-                reason = (
-                    f"handed out {item.deliveries} times; the workers running it died "
-                    f"(retries={unit.retries})"
-                )
-                await self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
-                return
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
             work = run_node_cached(
@@ -225,7 +287,6 @@ class Worker:
                 kwargs,
                 marker=task.marker,
                 llm=self.llm,
-                first_attempt=item.deliveries,
                 commit=False,
                 batch=True,
             )
@@ -250,11 +311,15 @@ class Worker:
             if await self.broker.commit_and_complete(
                 item.task_id, task.run_id, record, payload, events=sink.buffer
             ):
+                if after_commit is not None:
+                    after_commit(task.run_id, task.node_id)
                 return
-            committed = False
+            first = False
         else:
-            committed = await self.store.commit_node(task.run_id, record)
-        if not committed:
+            first = await self.store.commit_node(task.run_id, record)
+            if first and after_commit is not None:
+                after_commit(task.run_id, task.node_id)
+        if not first:
             log.info(
                 "node %s of run %s was already committed; this result is discarded",
                 task.node_id,
@@ -262,7 +327,7 @@ class Worker:
             )
             stored = await self.store.load_node(task.run_id, task.node_id)
             record = stored if stored is not None else record
-        await self._complete(item, task, record, sink.buffer if committed else [])
+        await self._complete(item, task, record, sink.buffer if first else [])
 
     async def _complete(
         self,
@@ -361,6 +426,15 @@ def _unknown_step(task: TaskMessage) -> UnknownStep:
     )
 
 
+def check_max_deliveries(value: object) -> None:
+    if type(value) is not int or value < 1:
+        raise ConfigError(
+            f"max_deliveries must be a whole number of at least 1, not {value!r}",
+            hint="It is how many times a task may be handed out to workers that die "
+            f"before it is dead-lettered (default {DEFAULT_MAX_DELIVERIES})",
+        )
+
+
 def _bare(exc: FlowError) -> str:
     """An error's own words, without the flow and node the scheduler's side adds back."""
     return f"{exc.problem.rstrip('.')}. {exc.hint}" if exc.hint else exc.problem
@@ -384,13 +458,16 @@ async def serve(
     lease: float = 30.0,
     llm: Any = None,
     seal: Seal | None = None,
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve tasks from *broker* until cancelled: what ``flowdsl worker`` runs.
 
     *imports* are modules to import first, so that their steps are known (the worker runs
     no others); *store* defaults to the broker's own file for the embedded SQLite queue;
-    *seal* checks records and messages (a signing key's, see docs/security.md).
+    *seal* checks records and messages (a signing key's, see docs/security.md);
+    *max_deliveries* is for the tasks of runs that do not set their own
+    (``fd.Context(max_deliveries=...)``).
     """
     from ...backends import link, open_broker, open_store
 
@@ -413,7 +490,14 @@ async def serve(
     try:
         await queue.open()
         try:
-            worker = Worker(queue, journal, concurrency=concurrency, lease=lease, llm=llm)
+            worker = Worker(
+                queue,
+                journal,
+                concurrency=concurrency,
+                lease=lease,
+                llm=llm,
+                max_deliveries=max_deliveries,
+            )
             await worker.run(task_status=task_status)
         finally:
             with anyio.CancelScope(shield=True):

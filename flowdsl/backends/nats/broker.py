@@ -43,6 +43,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import anyio
@@ -309,11 +310,26 @@ class NATSBroker(Broker):
         for seq, _ in await self._run_tasks(run_id):
             await self._delete_task(seq, run_id)
 
-    async def redeliver(self, run_id: str) -> None:
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
         """A resumed run's tasks are handed out afresh: each is published again as a new
-        message (so its delivery count starts over) in place of the old one.  A worker
-        still holding the old one may finish it too; the first commit wins."""
+        message (so its delivery count starts over) in place of the old one, except those
+        of the nodes in *skip* (committed: the resume reuses them), which are only
+        removed, and those this process's workers hold, left to them.  (JetStream does
+        not say which worker holds a message, so *alive* cannot be asked: a live worker
+        elsewhere holding an old one may finish it too; the first commit wins.)"""
+        mine = {int(msg.metadata.sequence.stream) for msg in self._held.values()}
         for seq, raw in await self._run_tasks(run_id):
+            if self._ids_of(str(raw.subject))[1] in skip:
+                await self._delete_task(seq, run_id)
+                continue
+            if seq in mine:
+                continue
             await self._delete_task(seq, run_id)
             digest = (raw.headers or {}).get(BLOB_HEADER)
             data = bytes(raw.data or b"")

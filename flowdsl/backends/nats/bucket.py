@@ -19,6 +19,7 @@ __all__ = ["Bucket"]
 
 _CHUNK: Final = 256 * 1024
 _HEX: Final = re.compile(r"^[0-9a-f]{64}$")
+_WRONG_LAST: Final = (10071, 10164)  # JSStreamWrongLastSequence, and its constant form
 
 # --- a bucket -------------------------------------------------------------------------------
 
@@ -117,13 +118,23 @@ class Bucket:
 
         await self.link.call(what, op)
 
-    async def delete(self, key: str, what: str, run_id: str) -> None:
+    async def delete(self, key: str, what: str, run_id: str, *, last: int | None = None) -> bool:
+        """Delete *key*; with *last*, only if it is still at that revision (False if not)."""
+        from nats.js.errors import APIError
+
         kv = self.kv
 
-        async def op() -> None:
-            await kv.delete(key)
+        async def op() -> bool:
+            try:
+                await kv.delete(key, last=last)
+            except APIError as exc:
+                # The server's "wrong last sequence" (kv.delete does not translate it).
+                if exc.err_code in _WRONG_LAST:
+                    return False
+                raise
+            return True
 
-        await self.link.call(what, op, run_id=run_id)
+        return await self.link.call(what, op, run_id=run_id)
 
     async def scan(
         self, pattern: str, what: str, run_id: str | None = None

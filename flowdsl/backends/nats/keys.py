@@ -91,6 +91,10 @@ def node_key(run_id: str, node_id: str) -> str:
     return f"node.{to_token(run_id)}.{to_token(node_id)}"
 
 
+def lease_key(run_id: str) -> str:
+    return f"lease.{to_token(run_id)}"
+
+
 def cache_key(key: str) -> str:
     return f"cache.{to_token(key)}"
 

@@ -9,13 +9,17 @@ not allowed)::
     run.{b64(run_id)}                 the run record (JSON)
     node.{b64(run_id)}.{b64(node_id)} the journal: one key per finished node (JSON)
     cache.{b64(cache key)}            ``@fd.step(cache=True)`` results
+    lease.{b64(run_id)}               who drives the run, until when (JSON)
     blob.{sha256 hex}                 head of a large value: its size and chunk count
     blob.{sha256 hex}.{i}             its chunks (raw bytes)
 
 Committing a node is one KV ``create`` of its key: the server refuses a second create of
 a live key (compare-and-set on revision 0), so the first commit wins, whoever else
 finishes the node.  A run's status changes by ``update`` against the revision it was read
-at, retried on a conflict, so no update is lost.
+at, retried on a conflict, so no update is lost.  A run's lease is taken the same way:
+``create`` when there is none, else ``update`` against the revision that showed it free,
+ran out or ours; its expiry is wall-clock time, so the hosts' clocks must agree to well
+within a lease (NTP does).
 
 Large values: text up to ``inline_max`` bytes (32 KiB by default) sits in its record; a
 longer one is stored once per distinct content under its SHA-256, in chunks of at most
@@ -42,6 +46,8 @@ The URL (``url``), the connection (``link``), the key encoding (``keys``) and th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import anyio
@@ -49,7 +55,7 @@ import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import CheckpointError, ConfigError
-from ..._records import NodeRecord, RunRecord, RunStatus
+from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED
 from ..base import Store
@@ -58,7 +64,9 @@ from .keys import (
     Malformed,
     cache_key,
     dump_json,
+    field,
     id_of,
+    lease_key,
     load_json,
     node_key,
     run_key,
@@ -348,6 +356,31 @@ class NATSStore(Store):
             records[record.node_id] = record
         return records
 
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        await checkpoint_if_cancelled()
+        pairs = list(dict.fromkeys(keys))
+        found: dict[tuple[str, str], NodeRecord] = {}
+        failed: list[Exception] = []
+
+        async def look(run_id: str, node_id: str) -> None:
+            key = node_key(run_id, node_id)
+            try:
+                got = await self._bucket.get(key, "read a node", run_id)
+                if got is not None:
+                    found[run_id, node_id] = await self._decode_node(run_id, key, got[0])
+            except Exception as exc:  # raised below as itself, not in a group
+                failed.append(exc)
+
+        # KV has no multi-get: the reads go out together, one round trip in all.
+        async with anyio.create_task_group() as tg:
+            for run_id, node_id in pairs:
+                tg.start_soon(look, run_id, node_id)
+        if failed:
+            raise failed[0]
+        return found
+
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
         async with anyio.create_task_group() as tg:
@@ -369,6 +402,73 @@ class NATSStore(Store):
             return v.node_record(run_id, node_id, fields, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
+
+    # --- the run lease ----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        await checkpoint_if_cancelled()
+        key = lease_key(run_id)
+        while True:
+            now = time.time()
+            mine = dump_json({"owner": owner, "expires_at": now + ttl})
+            got = await self._bucket.get(key, "read a run's lease", run_id)
+            if got is None:
+                if await self._bucket.create(key, mine, "take a run's lease", run_id):
+                    return None
+                continue  # another took it meanwhile: look again
+            held = self._decode_lease(run_id, got[0])
+            if held.owner not in (owner, replacing) and held.expires_at > now:
+                return held
+            # Against the revision read: of two takers, one wins, the other looks again.
+            if await self._bucket.update(key, mine, got[1], "take a run's lease", run_id):
+                return None
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        await checkpoint_if_cancelled()
+        lost: list[str] = []
+        failed: list[Exception] = []
+
+        async def renew(run_id: str) -> None:
+            key = lease_key(run_id)
+            try:
+                while True:
+                    got = await self._bucket.get(key, "read a run's lease", run_id)
+                    if got is None or self._decode_lease(run_id, got[0]).owner != owner:
+                        lost.append(run_id)
+                        return
+                    mine = dump_json({"owner": owner, "expires_at": time.time() + ttl})
+                    if await self._bucket.update(key, mine, got[1], "renew a lease", run_id):
+                        return
+            except Exception as exc:  # raised below as itself, not in a group
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for run_id in dict.fromkeys(run_ids):
+                tg.start_soon(renew, run_id)
+        if failed:
+            raise failed[0]
+        return [run_id for run_id in run_ids if run_id in lost]
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await checkpoint_if_cancelled()
+        key = lease_key(run_id)
+        got = await self._bucket.get(key, "read a run's lease", run_id)
+        if got is not None and self._decode_lease(run_id, got[0]).owner == owner:
+            # Only the revision read: a lease taken over meanwhile stays with its taker.
+            await self._bucket.delete(key, "release a run's lease", run_id, last=got[1])
+
+    def _decode_lease(self, run_id: str, data: bytes) -> Lease:
+        try:
+            fields = load_json(data, "the lease")
+            if not isinstance(fields, dict):
+                raise Malformed("the lease is not a JSON object")
+            owner = field(fields, "owner", str)
+            expires = v.timestamp(fields.get("expires_at"), "the lease's expiry")
+        except Malformed as exc:
+            raise self._corrupted(run_id, None, str(exc)) from None
+        return Lease(run_id, owner, expires)
 
     # --- the step cache -------------------------------------------------------------------
 

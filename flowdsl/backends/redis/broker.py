@@ -35,18 +35,29 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
 import anyio
 
-from ... import _codec
 from ..._errors import CheckpointError
 from ..._records import NodeRecord
 from ..base import Broker, Store
 from ..messages import Claimed, Completion, encode_completion
 from . import scripts
-from .keys import Layout, Malformed, encode_node, from_bytes, to_bytes
+from .keys import (
+    Layout,
+    Malformed,
+    encode_node,
+    entry_field,
+    entry_fields,
+    entry_key,
+    entry_payload,
+    event_args,
+    from_bytes,
+    queued_field,
+    to_bytes,
+)
 from .link import RedisLink, RedisURL, parse_keep, parse_prefix, require_asyncio
 from .store import RedisStore
 
@@ -177,7 +188,7 @@ class RedisBroker(Broker):
         args: list[Any] = []
         for run_id, node_id, payload in tasks:
             args += [
-                _queued_field(run_id, node_id),
+                queued_field(run_id, node_id),
                 to_bytes(run_id),
                 to_bytes(node_id),
                 to_bytes(payload),
@@ -233,13 +244,13 @@ class RedisBroker(Broker):
     def _claimed(self, worker: str, entry_id: Any, deliveries: int, fields: Any) -> Claimed:
         task_id = from_bytes(entry_id, "entry id")
         self._holders[task_id] = worker
-        fields = _as_dict(fields)
+        fields = entry_fields(fields)
         return Claimed(
             task_id,
             deliveries,
-            _payload_of(fields),
-            _field(fields, b"run") or None,
-            _field(fields, b"node") or None,
+            entry_payload(fields),
+            entry_field(fields, b"run") or None,
+            entry_field(fields, b"node") or None,
         )
 
     async def extend(self, task_ids: list[str], lease: float) -> None:
@@ -270,10 +281,10 @@ class RedisBroker(Broker):
             [
                 GROUP,
                 task_id,
-                _queued_field(run_id, node_id),
+                queued_field(run_id, node_id),
                 to_bytes(payload),
                 self.keep,
-                *_event_args(events),
+                *event_args(events),
             ],
         )
 
@@ -309,10 +320,10 @@ class RedisBroker(Broker):
             blob,
             GROUP,
             task_id,
-            _queued_field(run_id, node_id),
+            queued_field(run_id, node_id),
             to_bytes(payload),
             self.keep,
-            *_event_args(events),
+            *event_args(events),
         ]
         self._holders.pop(task_id, None)
         what = f"committing node {node_id!r} of run {run_id!r}"
@@ -353,14 +364,14 @@ class RedisBroker(Broker):
             [
                 GROUP,
                 task_id,
-                _queued_field(run_id, node_id),
+                queued_field(run_id, node_id),
                 to_bytes(payload),
                 self.keep,
                 to_bytes(run_id),
                 to_bytes(node_id),
                 to_bytes(reason),
                 repr(time.time()),
-                *_event_args(events),
+                *event_args(events),
             ],
         )
 
@@ -393,22 +404,43 @@ class RedisBroker(Broker):
         Tasks being worked on finish, and their completions go unread."""
         await self._each_chunk(run_id, "drop")
 
-    async def redeliver(self, run_id: str) -> None:
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
         """Hand a run's taken tasks out afresh, as new entries whose delivery counts start
         again (a resume: the workers that took them may have died with the run's client;
-        waiting out their leases, then counting those deliveries against the step's
-        retries, would punish the node for the crash).  A worker still running one
-        commits first or finds the other's record: the journal keeps one."""
-        await self._each_chunk(run_id, "redeliver")
+        waiting out their leases, then counting those deliveries toward a poison task,
+        would punish the node for the crash); delete those of the nodes in *skip*
+        (committed: the resume reuses them); leave those held by a live worker (one of
+        this process's, or one *alive* vouches for) to it.  A worker still running one
+        that was handed out again commits first or finds the other's record: the journal
+        keeps one."""
+        live = set(self._holders.values())
+        if alive is not None:
+            client = self._link.require("queue")
+            consumers = await self._link.call(
+                "listing the workers", lambda: client.xinfo_consumers(self.tasks_key, GROUP)
+            )
+            for consumer in consumers:
+                name = consumer["name"]
+                text = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                if alive(text):  # idle now, it may claim one before the script runs
+                    live.add(text)
+        extra = [str(len(skip)).encode(), *(to_bytes(n) for n in skip)]
+        await self._each_chunk(run_id, "redeliver", extra + [to_bytes(n) for n in live])
 
-    async def _each_chunk(self, run_id: str, action: str) -> None:
+    async def _each_chunk(self, run_id: str, action: str, extra: list[bytes] | None = None) -> None:
         start = "-"
         while True:
             scanned, tail = await self._run(
                 "run_tasks",
                 f"{action} tasks of run {run_id!r}",
                 [self.tasks_key, self.queued_key],
-                [GROUP, to_bytes(run_id), start, _CHUNK, action],
+                [GROUP, to_bytes(run_id), start, _CHUNK, action, *(extra or [])],
             )
             if int(scanned) < _CHUNK:
                 return
@@ -453,7 +485,7 @@ class RedisBroker(Broker):
         self._buffer_events(replies.get(self.events_key, []))
         if not entries:
             return [], cursor
-        texts = [_payload_of(fields) for _, fields in entries]
+        texts = [entry_payload(fields) for _, fields in entries]
         return texts, from_bytes(entries[-1][0], "entry id")
 
     async def forget_completions(self, upto: Any) -> None:
@@ -483,13 +515,13 @@ class RedisBroker(Broker):
             self._events_upto, self._event_buffer = last, []
             return [], last
         self._events_wanted = True
-        if self._events_upto is None or _entry_key(self._events_upto) < _entry_key(cursor):
+        if self._events_upto is None or entry_key(self._events_upto) < entry_key(cursor):
             self._events_upto, self._event_buffer = str(cursor), []
         if not self._event_buffer:
             replies = await self._read({self.events_key: self._events_upto}, 0.0)
             self._buffer_events(replies.get(self.events_key, []))
-        after = _entry_key(cursor)
-        taken = [e for e in self._event_buffer if _entry_key(e[0]) > after]
+        after = entry_key(cursor)
+        taken = [e for e in self._event_buffer if entry_key(e[0]) > after]
         self._event_buffer = []
         if not taken:
             return [], cursor
@@ -498,7 +530,7 @@ class RedisBroker(Broker):
     def _buffer_events(self, entries: list[Any]) -> None:
         for entry_id, fields in entries:
             text_id = from_bytes(entry_id, "entry id")
-            self._event_buffer.append((text_id, _field(fields, b"run"), _payload_of(fields)))
+            self._event_buffer.append((text_id, entry_field(fields, b"run"), entry_payload(fields)))
             self._events_upto = text_id
 
     async def forget_events(self, run_id: str) -> None:
@@ -512,7 +544,7 @@ class RedisBroker(Broker):
         ``flowdsl.backends.messages.decode_event``."""
         entries = (await self._read({self.events_key: cursor}, 0.0)).get(self.events_key, [])
         wanted = to_bytes(run_id)
-        texts = [_payload_of(f) for _, f in entries if f.get(b"run") == wanted]
+        texts = [entry_payload(f) for _, f in entries if f.get(b"run") == wanted]
         new = from_bytes(entries[-1][0], "entry id") if entries else cursor
         return texts, new
 
@@ -543,53 +575,3 @@ class RedisBroker(Broker):
 
         reply = await self._link.call("reading a stream", read)
         return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}
-
-
-def _event_args(events: list[tuple[str, str]] | None) -> list[bytes]:
-    out: list[bytes] = []
-    for run_id, text in events or ():
-        out += [to_bytes(run_id), to_bytes(text)]
-    return out
-
-
-def _entry_key(entry_id: Any) -> tuple[int, int]:
-    """A stream entry id (``"1700000000000-3"``) as a comparable pair."""
-    ms, _, seq = str(entry_id).partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return 0, 0
-
-
-def _queued_field(run_id: str, node_id: str) -> bytes:
-    return to_bytes(_codec.dumps([run_id, node_id]))
-
-
-def _as_dict(fields: Any) -> dict[Any, Any]:
-    if isinstance(fields, list):  # a flat list, as Lua returns it
-        return dict(zip(fields[0::2], fields[1::2], strict=False))
-    return fields if isinstance(fields, dict) else {}
-
-
-def _field(fields: Any, name: bytes) -> str:
-    try:
-        return from_bytes(_as_dict(fields).get(name), name.decode())
-    except Malformed:
-        return ""
-
-
-def _payload_of(fields: Any) -> str:
-    """A stream entry's payload as text (empty when missing).  Bytes that are not UTF-8
-    get a prefix no JSON parser accepts: the message fails to decode (a task fails the
-    run its entry names) rather than being read with characters replaced."""
-    raw = _as_dict(fields).get(b"payload")
-    if not isinstance(raw, bytes):
-        return ""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return _NOT_UTF8 + raw.decode("utf-8", "replace")
-
-
-# Prepended to a payload that is not UTF-8 text: it can never parse as a task message.
-_NOT_UTF8: Final = "(not UTF-8) "

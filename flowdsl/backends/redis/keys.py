@@ -23,10 +23,16 @@ __all__ = [
     "Layout",
     "Malformed",
     "encode_node",
+    "entry_field",
+    "entry_fields",
+    "entry_key",
+    "entry_payload",
+    "event_args",
     "from_bytes",
     "node_from_fields",
     "parse_cached",
     "parse_node",
+    "queued_field",
     "to_bytes",
 ]
 
@@ -59,6 +65,9 @@ class Layout:
 
     def nodes(self, run_id: str) -> str:
         return f"{self.prefix}:nodes:{run_id}"
+
+    def lease(self, run_id: str) -> str:
+        return f"{self.prefix}:lease:{run_id}"
 
     def blob(self, digest: str) -> str:
         return f"{self.prefix}:blob:{digest}"
@@ -172,3 +181,56 @@ def parse_cached(raw: object) -> dict[str, Any]:
     if "blob" in data and is_digest(data["blob"]):
         return data
     raise Malformed("the entry is not a value or a blob reference")
+
+
+# --- stream entries (the broker's) ---------------------------------------------------------
+
+
+def event_args(events: list[tuple[str, str]] | None) -> list[bytes]:
+    out: list[bytes] = []
+    for run_id, text in events or ():
+        out += [to_bytes(run_id), to_bytes(text)]
+    return out
+
+
+def entry_key(entry_id: Any) -> tuple[int, int]:
+    """A stream entry id (``"1700000000000-3"``) as a comparable pair."""
+    ms, _, seq = str(entry_id).partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
+
+
+def queued_field(run_id: str, node_id: str) -> bytes:
+    return to_bytes(_codec.dumps([run_id, node_id]))
+
+
+def entry_fields(fields: Any) -> dict[Any, Any]:
+    if isinstance(fields, list):  # a flat list, as Lua returns it
+        return dict(zip(fields[0::2], fields[1::2], strict=False))
+    return fields if isinstance(fields, dict) else {}
+
+
+def entry_field(fields: Any, name: bytes) -> str:
+    try:
+        return from_bytes(entry_fields(fields).get(name), name.decode())
+    except Malformed:
+        return ""
+
+
+def entry_payload(fields: Any) -> str:
+    """A stream entry's payload as text (empty when missing).  Bytes that are not UTF-8
+    get a prefix no JSON parser accepts: the message fails to decode (a task fails the
+    run its entry names) rather than being read with characters replaced."""
+    raw = entry_fields(fields).get(b"payload")
+    if not isinstance(raw, bytes):
+        return ""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8 + raw.decode("utf-8", "replace")
+
+
+# Prepended to a payload that is not UTF-8 text: it can never parse as a task message.
+_NOT_UTF8: Final = "(not UTF-8) "

@@ -112,6 +112,37 @@ return 1
 """
 )
 
+# The run lease: a key holding the owner, expiring on the server's clock (PX), so hosts
+# whose clocks differ agree on when it ran out.
+# KEYS: lease.  ARGV: owner, ttl ms, the holder known dead ('' for none).  Returns nil
+# when taken, else {holder, ms left}.
+ACQUIRE_LEASE: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] or (ARGV[3] ~= '' and holder == ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+return {holder, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: leases.  ARGV: owner, ttl ms.  Returns the (1-based) indexes of the leases lost.
+RENEW_LEASES: Final = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+# KEYS: lease.  ARGV: owner.
+RELEASE_LEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 
 # --- the broker's ------------------------------------------------------------------------
 
@@ -249,8 +280,18 @@ return 1
 # Going through a run's tasks, a chunk at a time, for drop_queued and redeliver.
 # KEYS: tasks, queued.  ARGV: group, run id, start (inclusive or "(exclusive"), count,
 # what to do ("drop": delete the tasks not yet handed out; "redeliver": put the handed-out
-# ones back as new entries, delivery counts starting afresh).  Returns {scanned, last id}.
+# ones back as new entries, delivery counts starting afresh), n, then n node ids whose
+# tasks "redeliver" deletes instead (committed nodes), then the names of live workers,
+# whose tasks "redeliver" leaves to them.  Returns {scanned, last id}.
 RUN_TASKS: Final = """
+local skip, live = {}, {}
+local n = tonumber(ARGV[6] or '0')
+for i = 7, 6 + n do skip[ARGV[i]] = true end
+for i = 7 + n, #ARGV do live[ARGV[i]] = true end
+local function held_by_live(id)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  return p[1] ~= nil and live[p[1][2]] == true
+end
 local function id_of(text)
   local ms, seq = string.match(text, '^(%d+)-(%d+)$')
   return {tonumber(ms or 0), tonumber(seq or 0)}
@@ -270,19 +311,26 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
 for _, e in ipairs(entries) do
-  local fields, run, key = e[2], nil, nil
+  local fields, run, node, key = e[2], nil, nil, nil
   for j = 1, #fields, 2 do
     if fields[j] == 'run' then run = fields[j + 1] end
+    if fields[j] == 'node' then node = fields[j + 1] end
     if fields[j] == 'key' then key = fields[j + 1] end
   end
   if run == ARGV[2] then
     local handed_out = not after(id_of(e[1]), last)
-    if ARGV[5] == 'drop' and not handed_out then
+    if ARGV[5] == 'redeliver' and node and skip[node] then
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
       redis.call('XDEL', KEYS[1], e[1])
       if key and redis.call('HGET', KEYS[2], key) == e[1] then
         redis.call('HDEL', KEYS[2], key)
       end
-    elseif ARGV[5] == 'redeliver' and handed_out then
+    elseif ARGV[5] == 'drop' and not handed_out then
+      redis.call('XDEL', KEYS[1], e[1])
+      if key and redis.call('HGET', KEYS[2], key) == e[1] then
+        redis.call('HDEL', KEYS[2], key)
+      end
+    elseif ARGV[5] == 'redeliver' and handed_out and not held_by_live(e[1]) then
       redis.call('XACK', KEYS[1], ARGV[1], e[1])
       redis.call('XDEL', KEYS[1], e[1])
       local id = redis.call('XADD', KEYS[1], '*', unpack(fields))

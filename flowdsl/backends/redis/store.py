@@ -8,6 +8,7 @@ Layout, under one key prefix per deployment (``prefix=``, default ``flowdsl``)::
     {prefix}:blob:{sha256}    string: a large value, once per distinct content
     {prefix}:blobrefs         hash: sha256 -> how many records and cache entries use it
     {prefix}:cache            hash: cache key -> a value (JSON) or a blob reference
+    {prefix}:lease:{run_id}   string: who drives the run; expires (PX) unless renewed
 
 Committing a node is one ``HSETNX`` (first commit wins), with its blob in the same Lua
 script when the value is larger than :data:`INLINE_MAX` bytes.  Every field read back is
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from anyio.lowlevel import checkpoint_if_cancelled
@@ -50,8 +51,19 @@ from .keys import (
     parse_node,
     to_bytes,
 )
+from .leases import RedisLeases
 from .link import DEFAULT_PREFIX, RedisLink, RedisURL, parse_prefix, require_asyncio
-from .scripts import COMMIT_NODE, CREATE_RUN, FORGET_NODES, PRUNE_RUN, PUT_CACHED, UPDATE_RUN
+from .scripts import (
+    ACQUIRE_LEASE,
+    COMMIT_NODE,
+    CREATE_RUN,
+    FORGET_NODES,
+    PRUNE_RUN,
+    PUT_CACHED,
+    RELEASE_LEASE,
+    RENEW_LEASES,
+    UPDATE_RUN,
+)
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisStore"]
 
@@ -83,7 +95,7 @@ _RESTORE_HINT: Final = (
 )
 
 
-class RedisStore(Store):
+class RedisStore(RedisLeases, Store):
     """Runs and node journals on a Redis server, shared by every process that uses it.
 
     *url* is ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS), optionally
@@ -150,6 +162,9 @@ class RedisStore(Store):
                 ("commit_node", COMMIT_NODE),
                 ("forget_nodes", FORGET_NODES),
                 ("put_cached", PUT_CACHED),
+                ("acquire_lease", ACQUIRE_LEASE),
+                ("renew_leases", RENEW_LEASES),
+                ("release_lease", RELEASE_LEASE),
                 ("prune_run", PRUNE_RUN),
             )
         }
@@ -403,6 +418,27 @@ class RedisStore(Store):
             return node_from_fields(run_id, node_id, data, blob, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id, str(exc)) from None
+
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        pairs = list(dict.fromkeys(keys))
+        if not pairs:
+            return {}
+        client = self._client()
+
+        async def read_all() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for run_id, node_id in pairs:
+                pipe.hget(self.layout.nodes(run_id), to_bytes(node_id))
+            return list(await pipe.execute())
+
+        raws = await self._link.call("reading node records", read_all)
+        found: dict[tuple[str, str], NodeRecord] = {}
+        for (run_id, node_id), raw in zip(pairs, raws, strict=True):
+            if raw is not None:
+                found[run_id, node_id] = await self.node_from_raw(run_id, node_id, raw)
+        return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         if not node_ids:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -266,16 +267,43 @@ class SQLiteBroker(Broker):
             [("DELETE FROM fd_tasks WHERE run_id = ? AND lease_until < ?", (run_id, time.time()))]
         )
 
-    async def redeliver(self, run_id: str) -> None:
-        """Hand a run's queued and held tasks out afresh, their attempts forgotten.
+    async def redeliver(
+        self,
+        run_id: str,
+        *,
+        skip: Collection[str] = (),
+        alive: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Hand a run's queued tasks, and those held by workers that are gone, out afresh,
+        their deliveries forgotten; drop those of the nodes in *skip* (committed: the
+        resume reuses them); leave those a live worker holds to it.
 
         A resume asks for this: the tasks of a run whose client died may be held by that
         client's own workers, dead with it; waiting out their leases, then counting those
-        deliveries against the step's retries, would punish the node for the crash.
+        deliveries toward a poison task, would punish the node for the crash.  A task a
+        live worker holds is not handed out again, lest it run twice.
         """
-        self._write(
-            [("UPDATE fd_tasks SET lease_until = 0, deliveries = 0 WHERE run_id = ?", (run_id,))]
-        )
+        await checkpoint_if_cancelled()
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")  # what is held is decided under the write lock
+        try:
+            rows = db.execute(
+                "SELECT id, node_id, worker, lease_until FROM fd_tasks WHERE run_id = ?",
+                (run_id,),
+            ).fetchall()
+            for task_id, node_id, worker, until in rows:
+                if node_id in skip:
+                    db.execute("DELETE FROM fd_tasks WHERE id = ?", (task_id,))
+                elif not (until >= now and worker and alive is not None and alive(worker)):
+                    db.execute(
+                        "UPDATE fd_tasks SET lease_until = 0, deliveries = 0 WHERE id = ?",
+                        (task_id,),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            schema.rollback(db)
+            raise
 
     def pending(self) -> int:
         """Tasks queued or held (for progress displays and tests)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -20,7 +21,7 @@ from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 # WAL bytes kept after a checkpoint resets it: a big batch grows the WAL, and without a
 # limit the file keeps that size until the last connection closes.
 JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
@@ -35,6 +36,15 @@ APPLICATION_ID: Final = 0x666C6F77
 PAGE_SIZE: Final = 8192
 # SQLite's default cap on bound parameters is 32766 since 3.32; stay far below it.
 CHUNK: Final = 500
+
+# Version 3: who drives each run, until when (wall-clock seconds).
+_LEASES: Final = (
+    """CREATE TABLE IF NOT EXISTS leases (
+        run_id TEXT PRIMARY KEY NOT NULL,
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+)
 
 SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -80,6 +90,7 @@ SCHEMA: Final = (
         blob BLOB,
         integrity TEXT
     ) WITHOUT ROWID""",
+    *_LEASES,
 )
 # From schema version 1 (no integrity checks): the columns added; the rows already there
 # have none, which a process without a signing key accepts (see docs/security.md).
@@ -89,6 +100,8 @@ MIGRATE_1_TO_2: Final = (
     "ALTER TABLE nodes ADD COLUMN integrity TEXT",
     "ALTER TABLE cache ADD COLUMN integrity TEXT",
 )
+#: What brings a file of each older version to the next one.
+MIGRATIONS: Final = {1: MIGRATE_1_TO_2, 2: _LEASES}
 
 INSERT_RUN: Final = (
     "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
@@ -122,6 +135,12 @@ SELECT_NODES: Final = (
     "WHERE n.run_id = ?"
 )
 SELECT_NODE: Final = SELECT_NODES + " AND n.node_id = ?"
+# Followed by "(?, ?), (?, ?), ...)" (row values): the records of given (run, node) pairs.
+SELECT_NODE_PAIRS: Final = (
+    "SELECT n.run_id, n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, "
+    "n.finished_at, n.code, n.usage, n.integrity FROM nodes AS n "
+    "LEFT JOIN blobs AS b ON b.hash = n.blob WHERE (n.run_id, n.node_id) IN (VALUES"
+)
 RUN_BLOBS: Final = "SELECT blob FROM nodes WHERE run_id = ? AND blob IS NOT NULL"
 DELETE_RUN_NODES: Final = "DELETE FROM nodes WHERE run_id = ?"
 DELETE_RUN: Final = "DELETE FROM runs WHERE run_id = ?"
@@ -144,6 +163,19 @@ GET_CACHED: Final = (
     "LEFT JOIN blobs AS b ON b.hash = c.blob WHERE c.key = ?"
 )
 PUT_CACHED: Final = "INSERT OR REPLACE INTO cache (key, value, blob, integrity) VALUES (?, ?, ?, ?)"
+# Taken when free, ran out, ours already, or held by the one named as dead: one statement,
+# so two processes cannot both take it.  RETURNING says whether the row is ours now.
+ACQUIRE_LEASE: Final = (
+    "INSERT INTO leases (run_id, owner, expires_at) VALUES (:run, :owner, :until) "
+    "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+    "WHERE leases.owner = :owner OR leases.owner = :replacing OR leases.expires_at <= :now "
+    "RETURNING owner"
+)
+SELECT_LEASE: Final = "SELECT owner, expires_at FROM leases WHERE run_id = ?"
+RENEW_LEASE: Final = (
+    "UPDATE leases SET expires_at = ? WHERE run_id = ? AND owner = ? RETURNING run_id"
+)
+RELEASE_LEASE: Final = "DELETE FROM leases WHERE run_id = ? AND owner = ?"
 
 
 def drop_unreferenced(db: sqlite3.Connection, hashes: Iterable[bytes]) -> None:
@@ -179,6 +211,7 @@ def prune_runs(db: sqlite3.Connection, cutoff: float, wanted: set[str] | None) -
             hashes = {r[0] for r in db.execute(RUN_BLOBS, (run_id,))}
             db.execute(DELETE_RUN_NODES, (run_id,))
             db.execute(DELETE_RUN, (run_id,))
+            db.execute("DELETE FROM leases WHERE run_id = ?", (run_id,))
             if signals:
                 db.execute("DELETE FROM signals WHERE run_id = ?", (run_id,))
             drop_unreferenced(db, (h for h in hashes if isinstance(h, bytes)))
@@ -188,6 +221,54 @@ def prune_runs(db: sqlite3.Connection, cutoff: float, wanted: set[str] | None) -
         rollback(db)
         raise
     return pruned
+
+
+def select_node_pairs(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> list[Any]:
+    """The rows of :data:`SELECT_NODE_PAIRS` for *pairs*, a chunk of them at a time."""
+    rows: list[Any] = []
+    for start in range(0, len(pairs), CHUNK // 2):
+        chunk = pairs[start : start + CHUNK // 2]
+        marks = ", ".join("(?, ?)" for _ in chunk)  # only placeholders go into the text
+        query = f"{SELECT_NODE_PAIRS} {marks})"
+        rows += db.execute(query, [part for pair in chunk for part in pair]).fetchall()
+    return rows
+
+
+# --- the run lease ----------------------------------------------------------------------------
+
+
+def acquire_lease(
+    db: sqlite3.Connection, run_id: str, owner: str, ttl: float, replacing: str | None
+) -> tuple[Any, Any] | None:
+    """Take the lease (one statement: of two takers one wins): ``None`` when taken, else
+    the standing lease's ``(owner, expires_at)`` row, as read."""
+    now = time.time()
+    params = {"run": run_id, "owner": owner, "until": now + ttl, "replacing": replacing}
+    while True:
+        if db.execute(ACQUIRE_LEASE, {**params, "now": now}).fetchall():
+            return None
+        row = db.execute(SELECT_LEASE, (run_id,)).fetchone()
+        if row is not None:
+            return (row[0], row[1])
+        # Released between the two statements: free now, take it again.
+
+
+def renew_leases(
+    db: sqlite3.Connection, owner: str, run_ids: Sequence[str], ttl: float
+) -> list[str]:
+    """Extend *owner*'s leases, in one transaction; the run ids it no longer holds."""
+    until = time.time() + ttl
+    renewed: set[str] = set()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for run_id in run_ids:
+            if db.execute(RENEW_LEASE, (until, run_id, owner)).fetchall():
+                renewed.add(run_id)
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
+    return [run_id for run_id in run_ids if run_id not in renewed]
 
 
 def error_name(exc: sqlite3.Error) -> str:

@@ -1,6 +1,7 @@
 """The SQLite store: the durable embedded default (``store="sqlite:///runs.db"``).
 
-Layout (schema version 1, kept in ``PRAGMA user_version``)::
+Layout (schema version 3, kept in ``PRAGMA user_version``; an older file is brought up to
+it when opened)::
 
     runs(run_id PRIMARY KEY, flow, flow_ref, fingerprint, inputs, status,
          created_at, updated_at, result, error, failed_node, code)
@@ -8,6 +9,7 @@ Layout (schema version 1, kept in ``PRAGMA user_version``)::
          PRIMARY KEY (run_id, node_id)     -- the journal: one row per finished node
     blobs(hash PRIMARY KEY, data)          -- large values, once per distinct content
     cache(key PRIMARY KEY, value, blob)    -- ``@fd.step(cache=True)`` results
+    leases(run_id PRIMARY KEY, owner, expires_at)   -- who drives each run, until when
 
 A node's JSON text of at most :data:`INLINE_MAX` bytes sits in its row; a larger one goes to
 ``blobs`` under its SHA-256 and the row keeps the hash, so a value returned by a thousand
@@ -45,10 +47,11 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
 from ..._errors import CheckpointError, ConfigError
-from ..._records import NodeRecord, RunRecord, RunStatus
+from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import Store
 from . import schema
+from .files import check_identity, migrate
 from .url import bad_url as _bad_url
 from .url import url_options as _url_options
 
@@ -205,7 +208,7 @@ class SQLiteStore(Store):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            self._check_identity(conn)
+            check_identity(conn, self.path, self.url)
             conn.execute(f"PRAGMA page_size = {schema.PAGE_SIZE}")  # only a new file takes it
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if not memory and str(mode).lower() != "wal":
@@ -216,48 +219,11 @@ class SQLiteStore(Store):
             synchronous = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute(f"PRAGMA journal_size_limit = {schema.JOURNAL_SIZE_LIMIT}")
-            self._migrate(conn)
+            migrate(conn, self.path, self.url)
         except BaseException:
             conn.close()
             raise
         return conn
-
-    def _check_identity(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, schema.APPLICATION_ID):
-            raise ConfigError(
-                f"{self.path} is an SQLite database that another program owns, not a flowdsl store",
-                hint="Give the store a file of its own",
-            )
-        if version > schema.SCHEMA_VERSION:
-            raise CheckpointError(
-                f"the store {self.url} has schema version {version}, newer than the "
-                f"{schema.SCHEMA_VERSION} this flowdsl knows",
-                hint="Upgrade flowdsl to the version that wrote it",
-            )
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have just created it.
-            self._check_identity(conn)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in schema.SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
-            elif version == 1:
-                for statement in schema.MIGRATE_1_TO_2:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            schema.rollback(conn)
-            raise
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -431,6 +397,51 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=run_id) from exc
         return None if row is None else self._node_from_row(run_id, row)
+
+    async def lookup_nodes(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], NodeRecord]:
+        await checkpoint_if_cancelled()
+        pairs = list(dict.fromkeys(keys))
+        try:
+            rows = schema.select_node_pairs(self._db(), pairs)
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=pairs[0][0] if pairs else None) from exc
+        records = ((_id_of(row), self._node_from_row(_id_of(row), row[1:])) for row in rows)
+        return {(run_id, record.node_id): record for run_id, record in records}
+
+    # --- the run lease ----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease | None:
+        await checkpoint_if_cancelled()
+        try:
+            held = schema.acquire_lease(self._db(), run_id, owner, ttl, replacing)
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
+        if held is None:
+            return None
+        try:
+            return Lease(run_id, v.text(held[0], "owner"), v.timestamp(held[1], "expires_at"))
+        except v.Malformed as exc:
+            raise v.corrupted(self.url, run_id, None, f"its lease: {exc}", _RESTORE_HINT) from None
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        await checkpoint_if_cancelled()
+        if not run_ids:
+            return []
+        try:
+            return schema.renew_leases(self._db(), owner, run_ids, ttl)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await checkpoint_if_cancelled()
+        try:
+            self._db().execute(schema.RELEASE_LEASE, (run_id, owner))
+        except sqlite3.Error as exc:
+            raise self._failure(exc, run_id=run_id) from exc
 
     # --- retention ------------------------------------------------------------------------
 
