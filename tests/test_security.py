@@ -32,6 +32,7 @@ from flowdsl import events as ev
 from flowdsl._integrity import Seal
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
 from flowdsl.backends.messages import Completion, TaskMessage, encode_completion, encode_task
+from flowdsl.backends.sqlite.schema import SCHEMA_VERSION
 from flowdsl.backends.sqlite.store import SQLiteStore
 
 from _servers import NatsServer, RedisServer
@@ -418,7 +419,7 @@ async def test_a_schema_1_file_is_migrated(tmp_path: Path) -> None:
         "PRAGMA user_version = 1",
     )
     assert await resumed(f"sqlite:///{path}") == 35
-    assert raw(path, "PRAGMA user_version") == [(2,)]
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 async def test_batch_mode_signs_tasks_and_completions(tmp_path: Path) -> None:
