@@ -67,10 +67,8 @@ class Target:
     loop: str = "asyncio"
     examples: Any = PROFILE
     small: bool = False  # smaller flows: at most 5 operations and one sub-flow
-    # Whether batch mode's events are checked against real time's.  Not on Redis yet: the
-    # batch listener wakes a run's waiter before it reads the events of the same poll
-    # (_executors/batch.py, _drain), so over a network a run can end, and stop being
-    # watched, before its last node's events are read.
+    # Whether batch mode's events are checked against real time's (every target does since
+    # the batch listener reads a poll's events before it wakes the poll's waiters).
     events: bool = True
 
     def settings(self) -> settings:
@@ -157,7 +155,7 @@ async def stored_journal(store: Any, run_id: str) -> dict[str, str]:
 MODES = [
     target(Target("sqlite", batch=True, loop="asyncio")),
     target(Target("sqlite", batch=True, loop="trio")),
-    target(Target("redis", batch=True, examples=15, events=False)),
+    target(Target("redis", batch=True, examples=15)),
     target(Target("nats", batch=True, examples=6)),
 ]
 

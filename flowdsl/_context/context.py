@@ -526,18 +526,15 @@ class Context:
         state = RunState(run.plan, run.inputs)
         assert self._executor is not None
         on_skipped = skip_reporter(run) if run.observed else None
-        watch = getattr(self._executor, "watch", None)
-        if watch is not None:
-            watch(run)
+        executor = self._executor
+        executor.watch(run)
         try:
             if run.observed:
                 run.emit(ev.RunStarted(run.run_id, flow.name, time.time(), run.resuming))
             ready = state.start()
             if run.resuming:
                 ready, kept = await replay(self.store, run, state, ready, strict)
-                resuming = getattr(self._executor, "resuming", None)
-                if resuming is not None:
-                    await resuming(run, kept)
+                await executor.resuming(run, kept)
             output = await drive(
                 run,
                 state,
@@ -576,12 +573,10 @@ class Context:
             raise
         finally:
             self._active.pop(run.run_id, None)
-            if watch is not None:
-                self._executor.unwatch(run)  # type: ignore[attr-defined]
-            ended = getattr(self._executor, "ended", None)
-            if ended is not None and run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            executor.unwatch(run)
+            if run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
                 with anyio.CancelScope(shield=True):
-                    await ended(run, False)
+                    await executor.ended(run, False)
             # A cancelled run's provider batch jobs are cancelled too, when no other run
             # has requests in them.
             cancel_batches = getattr(self.llm, "cancel_batches", None)

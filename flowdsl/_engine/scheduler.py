@@ -21,7 +21,7 @@ step, so the loop spawns only where the graph really fans out.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -237,18 +237,41 @@ class RunLike(Protocol):
     flow_name: str
 
 
-class Executor(Protocol):
+class Executor:
     """How a context carries a node to where it runs and its result back.
 
     ``execute`` runs *node* with *args* (in this process, or by shipping a task to a
     queue and waiting for a worker), makes its result durable, and returns the node's
     journal record and its decoded result: the step's value, or the chosen case's label
     for a branch.  It raises :class:`~flowdsl.StepFailed` when the node failed for good.
+
+    The other methods are what an executor *may* do, declared here with what an executor
+    that does not do them means: no bare jobs, nothing to watch, nothing to tidy.
     """
 
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Awaitable[tuple[NodeRecord, Any]]: ...
+    ) -> Awaitable[tuple[NodeRecord, Any]]:
+        raise NotImplementedError
+
+    def job(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """The node as a bare task ``(job, coroutine, key)`` for the task group, or None to
+        send it through :meth:`execute` (the real-time fast path offers one)."""
+        return None
+
+    def watch(self, run: Any) -> None:
+        """A run starts whose events this executor must deliver (batch: off the broker)."""
+
+    def unwatch(self, run: Any) -> None:
+        """The run ended: its events are no longer wanted."""
+
+    async def resuming(self, run: Any, reused: Collection[str] = ()) -> None:
+        """A run resumes; *reused* are the nodes its journal already holds."""
+
+    async def ended(self, run: Any, ok: bool) -> None:
+        """A run ended (``ok`` False: failed or cancelled)."""
 
 
 NodeHook = Callable[[Any, Node], Awaitable[None]]
@@ -323,11 +346,7 @@ async def drive(
 
     # A bare job skips dispatch(): only without a limiter or a hook to go through, and not
     # for a sub-graph's nodes, which run under ids of their own (`map[2]/node`).
-    make_job = (
-        getattr(executor, "job", None)
-        if limiter is None and before is None and not prefix
-        else None
-    )
+    make_job = executor.job if limiter is None and before is None and not prefix else None
 
     def spawn(group: NodeGroup, node: Node) -> None:
         """Give *node* a task of its own: a bare job when the executor offers one."""

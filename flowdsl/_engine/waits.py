@@ -31,6 +31,7 @@ from .. import events as ev
 from .._define.graph import DYNAMIC_KINDS, Node, NodeKind
 from .._errors import CodecError
 from .._records import NodeRecord, RunStatus
+from .scheduler import Executor
 
 __all__ = ["Signals", "counting", "has_waits", "wait"]
 
@@ -98,7 +99,7 @@ class Signals:
             park(parked)
 
 
-class _Counting:
+class _Counting(Executor):
     """An executor that counts the nodes in flight, so that a run knows when only waits
     are left in it.  It offers no bare jobs: every node passes through ``execute``."""
 

@@ -8,13 +8,14 @@ from typing import Any
 from .. import _otel
 from .._define.graph import Node
 from .._engine.runner import FastJob, fast_job, fresh_arguments, run_node, run_node_cached
+from .._engine.scheduler import Executor
 from .._records import NodeRecord
 from ..backends.base import Store
 
 __all__ = ["RealtimeExecutor"]
 
 
-class RealtimeExecutor:
+class RealtimeExecutor(Executor):
     """Runs each node in this process and writes its record to the store before the
     scheduler may count it done."""
 

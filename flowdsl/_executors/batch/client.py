@@ -17,6 +17,7 @@ import attrs
 from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import process_alive
+from ..._engine.scheduler import Executor
 from ..._errors import (
     CheckpointError,
     CodecError,
@@ -58,7 +59,7 @@ class _Waiter:
     completion: Completion | None = None
 
 
-class BatchExecutor:
+class BatchExecutor(Executor):
     """The scheduler's side of batch mode."""
 
     def __init__(
@@ -285,10 +286,9 @@ class BatchExecutor:
                 accepted.append((waiter, completion))
         if self.store is not None and any(_journaled(c) for _, c in accepted):
             accepted = await self._agreeing(accepted)
-        for waiter, completion in accepted:
-            if waiter.completion is None:
-                waiter.completion = completion
-                waiter.event.set()
+        # Events before completions: a node's events are published no later than its
+        # completion, and a waiter woken first may end its run and stop watching it before
+        # the run's last events are delivered.
         while self._forget:
             await self.broker.forget_events(self._forget.pop())
         if self._observed:
@@ -301,6 +301,10 @@ class BatchExecutor:
                     run.emit(decode_event(text))
                 except (CodecError, Exception) as exc:  # an event is a report: never fatal
                     log.warning("dropping a malformed event of run %s: %s", run_id, exc)
+        for waiter, completion in accepted:
+            if waiter.completion is None:
+                waiter.completion = completion
+                waiter.event.set()
         return bool(texts)
 
     async def _agreeing(
