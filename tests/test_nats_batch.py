@@ -223,7 +223,10 @@ async def test_a_task_whose_lease_runs_out_comes_back_as_another_delivery(
         again: list[Any] = []
         while not again:
             again = await broker.claim("w", 1, 1.0)
-    assert (again[0].deliveries, again[0].payload) == (2, "payload")
+    # At least the second delivery: on a loaded machine JetStream may hand it out again
+    # (ack wait) before this loop's fetch takes it, and that delivery counts too.
+    assert again[0].payload == "payload"
+    assert again[0].deliveries >= 2
 
 
 async def test_extend_keeps_a_slow_live_step_from_being_handed_out_again(
