@@ -1,0 +1,184 @@
+"""Worker throughput alone: how fast worker processes drain a queue of trivial tasks.
+
+The batch benchmarks (``batch``, ``redis_bench``, ``nats_bench``) measure clients and
+workers together; this one takes the client out.  It puts ``--tasks`` tasks of a trivial
+step (``benchmarks.workloads.inc``) on a fresh queue at once, lets ``--processes`` worker
+processes (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it) drain it,
+and reports tasks per second per worker process: from the first enqueue to an empty
+queue (every task committed to the journal and completed).
+
+With ``--tree`` given more than once (source trees of flowdsl, say /work/main and a
+worktree), the worker processes of each tree run in interleaved rounds on the same
+machine in one run, so that the figures can be set side by side; the tasks are always
+written by this process's flowdsl (the message format is the same).
+
+    python -m benchmarks.worker_drain --broker redis --tree /work/main --tree .
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from flowdsl.backends import open_broker
+
+from ._harness import ROOT
+
+_SERVE = """
+import functools, sys, anyio
+from flowdsl._executors.batch import serve
+
+async def main() -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(
+            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
+        ))
+        print("ready", flush=True)
+
+anyio.run(main)
+"""
+
+
+@contextmanager
+def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[None]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(ROOT)])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVE, url, str(concurrency)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker process {proc.pid} did not start")
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tasks(count: int) -> list[tuple[str, str, str]]:
+    from flowdsl.backends.messages import TaskMessage, encode_task
+
+    run_id = uuid.uuid4().hex
+    out = []
+    for i in range(count):
+        node_id = f"inc#{i}"
+        task = TaskMessage(
+            run_id=run_id,
+            node_id=node_id,
+            flow="drain",
+            step="benchmarks.workloads:inc",
+            kind="step",
+            labels=(),
+            args=(i,),
+            kwargs={},
+            marker="bench",
+            observed=False,
+        )
+        out.append((run_id, node_id, encode_task(task)))
+    return out
+
+
+async def _drain(url: str, tasks: list[tuple[str, str, str]]) -> float:
+    broker = open_broker(url)
+    await broker.open()
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(tasks), 1000):
+            await broker.enqueue(tasks[i : i + 1000])
+        while await _pending(broker) > 0:  # noqa: ASYNC110 - other processes drain it
+            await anyio.sleep(0.02)
+        return time.perf_counter() - start
+    finally:
+        await broker.close()
+
+
+async def _pending(broker: Any) -> int:
+    count = broker.pending()  # the embedded queue's is synchronous
+    return int(await count) if inspect.isawaitable(count) else int(count)
+
+
+@contextmanager
+def _server(kind: str) -> Iterator[str]:
+    if kind == "redis":
+        from .redis_bench import redis_server
+
+        with redis_server() as url:
+            yield url
+    elif kind == "nats":
+        from .nats_bench import nats_server
+
+        with nats_server() as url:
+            yield url
+    else:
+        with tempfile.TemporaryDirectory(prefix="flowdsl-drain-") as directory:
+            yield directory
+
+
+def _url(kind: str, base: str, name: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{base}/{name}.db"
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}prefix={name}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--broker", choices=("sqlite", "redis", "nats"), default="sqlite")
+    parser.add_argument("--tree", action="append", default=[])
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    trees = args.tree or [str(ROOT)]
+    rates: dict[str, list[float]] = {tree: [] for tree in trees}
+    with _server(args.broker) as base:
+        for round_ in range(args.rounds):
+            for t, tree in enumerate(trees):
+                url = _url(args.broker, base, f"d{round_}t{t}")
+                tasks = _tasks(args.tasks)
+                with ExitStack() as stack:
+                    stack.enter_context(_workers(tree, url, args.processes, args.concurrency))
+                    wall = anyio.run(_drain, url, tasks)
+                rate = args.tasks / wall / args.processes
+                rates[tree].append(rate)
+                print(f"round {round_ + 1} {tree}: {rate:,.0f} tasks/s per process", flush=True)
+    for tree, values in rates.items():
+        print(
+            f"{args.broker} {tree}: median {statistics.median(values):,.0f} tasks/s per worker "
+            f"process ({args.processes} processes, {args.tasks} tasks, rounds "
+            + ", ".join(f"{v:,.0f}" for v in values)
+            + ")"
+        )
+
+
+if __name__ == "__main__":
+    main()
