@@ -52,8 +52,14 @@ anyio.run(main)
 """
 
 
+def _cpu(pid: int) -> float:
+    """Seconds of CPU (user and system) process *pid* has used (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[None]:
+def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[list[int]]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(ROOT)])
     procs = [
@@ -71,7 +77,7 @@ def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[None
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"worker process {proc.pid} did not start")
-        yield
+        yield [proc.pid for proc in procs]
     finally:
         for proc in procs:
             proc.terminate()
@@ -160,23 +166,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     trees = args.tree or [str(ROOT)]
     rates: dict[str, list[float]] = {tree: [] for tree in trees}
+    cpu: dict[str, list[float]] = {tree: [] for tree in trees}
     with _server(args.broker) as base:
         for round_ in range(args.rounds):
             for t, tree in enumerate(trees):
                 url = _url(args.broker, base, f"d{round_}t{t}")
                 tasks = _tasks(args.tasks)
                 with ExitStack() as stack:
-                    stack.enter_context(_workers(tree, url, args.processes, args.concurrency))
+                    pids = stack.enter_context(
+                        _workers(tree, url, args.processes, args.concurrency)
+                    )
+                    before = sum(map(_cpu, pids))
                     wall = anyio.run(_drain, url, tasks)
+                    used = sum(map(_cpu, pids)) - before
                 rate = args.tasks / wall / args.processes
                 rates[tree].append(rate)
-                print(f"round {round_ + 1} {tree}: {rate:,.0f} tasks/s per process", flush=True)
+                cpu[tree].append(used / args.tasks * 1e6)
+                print(
+                    f"round {round_ + 1} {tree}: {rate:,.0f} tasks/s per process, "
+                    f"{cpu[tree][-1]:.0f} us of worker CPU per task",
+                    flush=True,
+                )
     for tree, values in rates.items():
         print(
             f"{args.broker} {tree}: median {statistics.median(values):,.0f} tasks/s per worker "
             f"process ({args.processes} processes, {args.tasks} tasks, rounds "
             + ", ".join(f"{v:,.0f}" for v in values)
-            + ")"
+            + f"); worker CPU per task: median {statistics.median(cpu[tree]):.0f} us"
         )
 
 

@@ -344,3 +344,83 @@ local tail = ''
 if #entries > 0 then tail = entries[#entries][1] end
 return {#entries, tail}
 """
+
+# Many tasks finished at once (a worker's batch), each as COMPLETE, DEAD_LETTER or
+# COMMIT_AND_COMPLETE would finish it alone, in one script: one round trip for the lot.
+# KEYS: tasks, queued, completions, events, dead, blobrefs, then for each commit its nodes
+# hash and blob key.  ARGV: group, keep, time, then per task: what ('c' complete, 'd'
+# dead-letter, 'k' commit and complete), task id, queued field, payload, n, n (run id,
+# event) pairs, then for 'k': node id, record, digest, blob; for 'd': run id, node id,
+# reason.  Returns one result per task: 1 when finished; 0 for a task no longer pending
+# (finished before); for 'k', the record committed first when there was one (and nothing
+# changes for that task).
+FINISH_MANY: Final = """
+local tasks, queued, completions, events, dead, refs =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local group, keep, now = ARGV[1], ARGV[2], ARGV[3]
+local function publish(first, n)
+  for j = first, first + 2 * n - 1, 2 do
+    redis.call('XADD', events, 'MAXLEN', '~', keep, '*', 'run', ARGV[j], 'payload', ARGV[j + 1])
+  end
+end
+local function finish(id, field, payload)
+  redis.call('XACK', tasks, group, id)
+  redis.call('XDEL', tasks, id)
+  if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
+  redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
+end
+local out = {}
+local k, i = 7, 4
+while i <= #ARGV do
+  local what, id, field, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
+  local first = i + 5
+  i = first + 2 * n
+  local result = 1
+  if what == 'k' then
+    local nodes, blob = KEYS[k], KEYS[k + 1]
+    local node, record, digest, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    k, i = k + 2, i + 4
+    if redis.call('HSETNX', nodes, node, record) == 0 then
+      result = redis.call('HGET', nodes, node)
+    else
+      if digest ~= '' then
+        redis.call('SET', blob, data, 'NX')
+        redis.call('HINCRBY', refs, digest, 1)
+      end
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  elseif what == 'd' then
+    local run, node, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    i = i + 3
+    local entry = redis.call('XRANGE', tasks, id, id)
+    if redis.call('XACK', tasks, group, id) == 0 then
+      redis.call('XDEL', tasks, id)
+      result = 0
+    else
+      local task = ''
+      if entry[1] then
+        local fields = entry[1][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'payload' then task = fields[j + 1] end
+        end
+      end
+      redis.call('XADD', dead, 'MAXLEN', '~', keep, '*', 'run', run, 'node', node,
+                 'reason', reason, 'at', now, 'payload', task)
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  else
+    if redis.call('XACK', tasks, group, id) == 0 then
+      redis.call('XDEL', tasks, id)
+      result = 0
+    else
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  end
+  out[#out + 1] = result
+end
+return out
+"""
