@@ -39,11 +39,10 @@ an ack lost in a restart makes the task come back once more, which is harmless (
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final
 
 import anyio
@@ -51,10 +50,19 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
 from ..base import Broker
-from ..messages import Claimed
+from ..messages import Claimed, Finished
 from .bucket import Bucket
 from .consumers import LogReader, Puller
-from .keys import BLOB_HEADER, Malformed, dump_json, from_token, text_of, to_bytes, to_token
+from .keys import (
+    BLOB_HEADER,
+    Malformed,
+    dead_letter_of,
+    dump_json,
+    from_token,
+    text_of,
+    to_bytes,
+    to_token,
+)
 from .link import NatsLink, ensure_stream, quietly, storage_type
 from .publisher import ERR_PER_SUBJECT, Publisher, Refused, raise_refused
 from .url import NatsURL, nats_modules
@@ -459,6 +467,37 @@ class NATSBroker(Broker):
         if msg is not None:
             await quietly(msg.ack)
 
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete or dead-letter *items*: their dead letters, then each one's events and
+        completion in order, pipelined (a round trip for each kind), then the acks."""
+        await checkpoint_if_cancelled()
+        dead = [item for item in items if item.dead is not None]
+        if dead:
+            records = [
+                await self._dead_record(i.task_id, i.run_id, i.node_id, i.dead or "") for i in dead
+            ]
+            subjects = [f"{self._prefix}.dead.{to_token(i.run_id)}" for i in dead]
+            results = await self._publish(
+                list(zip(subjects, records, strict=True)), "record dead letters"
+            )
+            raise_refused(results, "record dead letters", self.url)
+        log: list[tuple[str, bytes]] = []
+        for item in items:
+            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
+            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
+        results = await self._publish(log, "publish completions", run_id=items[0].run_id)
+        raise_refused(results, "publish completions", self.url)
+        for item in items:  # the acks go out together (nats-py sends its buffer at once)
+            msg = self._held.pop(item.task_id, None)
+            if msg is not None:
+                await quietly(msg.ack if item.dead is None else msg.term)
+
+    async def _dead_record(self, task_id: str, run_id: str, node_id: str, reason: str) -> bytes:
+        msg = self._held.get(task_id)
+        payload = await self._payload(msg, "a task") if msg is not None else ""
+        fields = {"run_id": run_id, "node_id": node_id, "reason": reason, "at": time.time()}
+        return dump_json({**fields, "payload": payload})
+
     async def dead_letter(
         self,
         task_id: str,
@@ -473,15 +512,7 @@ class NATSBroker(Broker):
         if events:
             await self.publish_events(events)
         msg = self._held.get(task_id)
-        record = dump_json(
-            {
-                "run_id": run_id,
-                "node_id": node_id,
-                "reason": reason,
-                "at": time.time(),
-                "payload": await self._payload(msg, "a task") if msg is not None else "",
-            }
-        )
+        record = await self._dead_record(task_id, run_id, node_id, reason)
         results = await self._publish(
             [(f"{self._prefix}.dead.{to_token(run_id)}", record)], "record a dead letter"
         )
@@ -510,7 +541,7 @@ class NATSBroker(Broker):
             raw = await self._link.call("read the dead letters", op, run_id=run_id)
             if raw is None:
                 return out
-            out.append(_dead_letter(raw.data or b"", run_id))
+            out.append(dead_letter_of(raw.data or b"", run_id))
             seq = int(raw.seq) + 1
 
     # --- completions and events -----------------------------------------------------------
@@ -558,19 +589,3 @@ class NATSBroker(Broker):
             return int(info.state.messages)
 
         return await self._link.call("count the tasks", op)
-
-
-def _dead_letter(data: bytes, run_id: str) -> dict[str, Any]:
-    try:
-        fields = json.loads(text_of(data))
-        if not isinstance(fields, dict):
-            raise ValueError("not an object")
-        return {
-            "node_id": str(fields["node_id"]),
-            "reason": str(fields["reason"]),
-            "at": float(fields["at"]),
-            "payload": str(fields["payload"]),
-        }
-    except (ValueError, KeyError, TypeError):
-        log.warning("an unreadable dead letter of run %s", run_id)
-        return {"node_id": "?", "reason": "unreadable dead letter", "at": 0.0, "payload": ""}

@@ -13,6 +13,7 @@ import anyio
 
 from .keys import Malformed, check_json_text, dump_json, field, from_bytes, load_json, to_bytes
 from .link import NatsLink, storage_type
+from .publisher import Publisher, Refused, raise_refused
 from .url import NatsOptions
 
 __all__ = ["Bucket"]
@@ -28,9 +29,11 @@ class Bucket:
     """A JetStream key-value bucket and the calls flowdsl makes on it, each retried while
     the server is away; large values are stored once, by content hash, in chunks."""
 
-    def __init__(self, link: NatsLink, kv: Any, *, inline_max: int) -> None:
+    def __init__(self, link: NatsLink, kv: Any, *, inline_max: int, name: str = "") -> None:
         self.link = link
         self.kv = kv
+        self.name = name
+        self._publisher: Publisher | None = None
         # Every record must fit in one message: chunks and inline values stay well below
         # the server's max payload (1 MB by default).
         max_payload = int(link.nc.max_payload or 1024 * 1024)
@@ -65,7 +68,7 @@ class Bucket:
                 return await js.key_value(name)
 
         kv = await link.call(f"open the bucket {name}", op)
-        return cls(link, kv, inline_max=options.inline_max)
+        return cls(link, kv, inline_max=options.inline_max, name=name)
 
     async def get(self, key: str, what: str, run_id: str | None = None) -> tuple[bytes, int] | None:
         from nats.js.errors import KeyNotFoundError
@@ -95,6 +98,31 @@ class Bucket:
             return True
 
         return await self.link.call(what, op, run_id=run_id)
+
+    async def create_many(
+        self, items: list[tuple[str, bytes]], what: str, run_id: str | None = None
+    ) -> list[bool]:
+        """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
+        the KV's own create is a publish expecting no earlier value): True for each key
+        this call wrote, False for each that existed."""
+        if self._publisher is None:
+            self._publisher = Publisher(self.link)
+        publisher = self._publisher
+        expect = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        messages = [(f"$KV.{self.name}.{key}", value, dict(expect)) for key, value in items]
+        timeout = self.link.url.options.timeout
+
+        async def op() -> list[Refused | None]:
+            with anyio.fail_after(timeout):
+                return await publisher.publish(messages)
+
+        results = await self.link.call(what, op, run_id=run_id)
+        raise_refused(
+            [r for r in results if r is not None and r.err_code not in _WRONG_LAST],
+            what,
+            self.link.url.shown,
+        )
+        return [r is None for r in results]
 
     async def update(self, key: str, value: bytes, last: int, what: str, run_id: str) -> bool:
         from nats.js.errors import KeyWrongLastSequenceError
