@@ -65,7 +65,7 @@ def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[list
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _SERVE, url, str(concurrency)],
-            cwd=ROOT,
+            cwd=tree,  # `-c` puts the working directory first on the import path
             env=env,
             stdout=subprocess.PIPE,
             text=True,

@@ -13,9 +13,9 @@ record.
 A worker holds up to ``async_concurrency`` tasks at once (default 1000): async steps
 waiting on I/O (an LLM call) cost a task and a few kilobytes each, so a high limit lets
 one worker keep hundreds of calls in flight.  Steps that are plain functions run in
-threads, ``concurrency`` at a time (default 16); the worker takes more tasks off the
-queue only while no more than ``concurrency`` of them wait for a thread, so that it does
-not hoard sync work other workers could do.  It fetches as many tasks as it has room
+threads, ``concurrency`` at a time (default 16); while sync steps come, the worker takes
+only as many tasks as can soon have a thread, so that it does not hoard sync work other
+workers could do.  It fetches as many tasks as it has room
 for in one broker call, and hands finished ones to a :class:`~.finisher.Finisher`,
 which commits and completes them many at a time.
 
@@ -156,6 +156,8 @@ class Worker:
         self._room = anyio.Event()  # set when a held task is let go
         self._threads = anyio.Semaphore(concurrency)
         self.waiting_for_thread = 0
+        self._sync_last = True  # the kind of the last step to start (see _room_for)
+        self._unsorted: set[str] = set()  # claimed tasks whose kind of step is not known yet
         self.processed = 0
         self.finisher = Finisher(
             broker, store, name=self.name, on_commit=_after_commit, released=self._release
@@ -184,10 +186,14 @@ class Worker:
             mark_gone(self.name)
 
     def _room_for(self) -> int:
-        """How many tasks to fetch now: none while sync steps queue for threads."""
-        if self.waiting_for_thread >= self.concurrency:
-            return 0
-        return self.async_concurrency - len(self._held)
+        """How many tasks to fetch now.  While the last step to start was a sync one (and
+        before any started), no more than can take a thread soon: a worker does not hoard
+        sync tasks that other workers could run."""
+        room = self.async_concurrency - len(self._held)
+        if self._sync_last:
+            waiting = self.waiting_for_thread + len(self._unsorted)
+            room = min(room, self.concurrency - waiting)
+        return room
 
     async def _fetch(self, tg: anyio.abc.TaskGroup) -> None:
         idle = self.poll_interval
@@ -214,9 +220,15 @@ class Worker:
                 continue
             idle = self.poll_interval
             self._held.update(item.task_id for item in claimed)
+            self._unsorted.update(item.task_id for item in claimed)
             committed = await self._committed(claimed)
             for item in claimed:
                 tg.start_soon(self._serve, item, committed)
+
+    def _sorted(self, task_id: str) -> None:
+        if task_id in self._unsorted:
+            self._unsorted.discard(task_id)
+            self._room.set()
 
     def _release(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
@@ -258,6 +270,7 @@ class Worker:
             # handed out again; the journal keeps it from running twice.
             log.warning("worker %s: task %s left to its lease: %s", self.name, item.task_id, exc)
         finally:
+            self._sorted(item.task_id)
             if finished is None:
                 self._release([item.task_id])
             else:
@@ -325,15 +338,19 @@ class Worker:
         args, kwargs = self._arguments(task, node)
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
-            if node.fn is None or node.fn.is_async:
+            self._sync_last = node.fn is not None and not node.fn.is_async
+            if not self._sync_last:
+                self._sorted(item.task_id)
                 record = await self._run(task, node, args, kwargs, sink)
             else:
                 # A plain function takes one of the worker's threads.
                 self.waiting_for_thread += 1
+                self._sorted(item.task_id)
                 try:
                     await self._threads.acquire()
                 finally:
                     self.waiting_for_thread -= 1
+                    self._room.set()
                 try:
                     record = await self._run(task, node, args, kwargs, sink)
                 finally:
