@@ -155,6 +155,63 @@ def _url(kind: str, base: str, name: str) -> str:
     return f"{base}{sep}prefix={name}"
 
 
+async def _held_memory(directory: str, count: int) -> tuple[float, float]:
+    """Bytes per task a worker holds while its async steps wait (W2's 50 ms leaves,
+    made to wait long): ``(Python allocations, resident memory)``, each the growth
+    from an idle worker to one holding *count* tasks, divided by *count*."""
+    import tracemalloc
+
+    from flowdsl._executors.batch import Worker
+    from flowdsl.backends import link, open_store
+    from flowdsl.backends.messages import TaskMessage, encode_task
+
+    from . import workloads
+
+    url = f"sqlite:///{directory}/memory.db"
+    broker, store = open_broker(url), open_store(url)
+    link(store, broker)
+    await store.open()
+    await broker.open()
+    run_id = uuid.uuid4().hex
+    step = workloads.leaf.ref  # type: ignore[attr-defined]
+    tasks = [
+        (
+            run_id,
+            f"leaf#{i}",
+            encode_task(
+                TaskMessage(
+                    run_id, f"leaf#{i}", "m", step, "step", (), (i, i, 3600.0), {}, "m", False
+                )
+            ),
+        )
+        for i in range(count)
+    ]
+    worker = Worker(broker, store, async_concurrency=count)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await anyio.sleep(0.2)
+            tracemalloc.start()
+            rss = _rss()
+            await broker.enqueue(tasks)
+            while worker.held < count or worker.waiting_for_thread or len(worker._unsorted):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+            await anyio.sleep(0.2)
+            python = tracemalloc.get_traced_memory()[0]
+            resident = _rss() - rss
+            tracemalloc.stop()
+            tg.cancel_scope.cancel()
+    finally:
+        await broker.close()
+        await store.close()
+    return python / count, resident / count
+
+
+def _rss() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", choices=("sqlite", "redis", "nats"), default="sqlite")
@@ -163,7 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--memory", type=int, metavar="N", help="measure bytes per held task, N held, and stop"
+    )
     args = parser.parse_args(argv)
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="flowdsl-memory-") as directory:
+            python, resident = anyio.run(_held_memory, directory, args.memory)
+        print(
+            f"a worker holding {args.memory} async tasks: {python:,.0f} bytes of Python "
+            f"allocations and {resident:,.0f} bytes resident per task"
+        )
+        return
     trees = args.tree or [str(ROOT)]
     rates: dict[str, list[float]] = {tree: [] for tree in trees}
     cpu: dict[str, list[float]] = {tree: [] for tree in trees}
