@@ -58,6 +58,22 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _servers() -> list[int]:
+    """The pids of the redis-server or nats-server this process started (if any)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid() and name in ("redis-server", "nats-server"):
+                found.append(int(entry.name))
+    return found
+
+
 @contextmanager
 def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[list[int]]:
     env = dict(os.environ)
@@ -244,15 +260,19 @@ def main(argv: list[str] | None = None) -> None:
                     pids = stack.enter_context(
                         _workers(tree, url, args.processes, args.concurrency)
                     )
+                    servers = _servers()
                     before = sum(map(_cpu, pids))
+                    server_before = sum(map(_cpu, servers))
                     wall = anyio.run(_drain, url, tasks)
                     used = sum(map(_cpu, pids)) - before
+                    server_used = sum(map(_cpu, servers)) - server_before
                 rate = args.tasks / wall / args.processes
                 rates[tree].append(rate)
                 cpu[tree].append(used / args.tasks * 1e6)
                 print(
                     f"round {round_ + 1} {tree}: {rate:,.0f} tasks/s per process, "
-                    f"{cpu[tree][-1]:.0f} us of worker CPU per task",
+                    f"{cpu[tree][-1]:.0f} us of worker CPU per task, "
+                    f"{server_used / args.tasks * 1e6:.0f} us of server CPU per task",
                     flush=True,
                 )
     for tree, values in rates.items():
