@@ -15,9 +15,9 @@ waiting on I/O (an LLM call) cost a task and a few kilobytes each, so a high lim
 one worker keep hundreds of calls in flight.  Steps that are plain functions run in
 threads, ``concurrency`` at a time (default 16); while sync steps come, the worker takes
 only as many tasks as can soon have a thread, so that it does not hoard sync work other
-workers could do.  It fetches as many tasks as it has room
-for in one broker call, and hands finished ones to a :class:`~.finisher.Finisher`,
-which commits and completes them many at a time.
+workers could do.  It fetches as many tasks as it has room for in one broker call, and
+hands finished ones to a :class:`~.finisher.Finisher`, which commits and completes them
+many at a time.
 
 A worker that dies leaves its leases to expire; the task goes to another worker.  That is
 not the step's failure: ``retries`` count the step's own exceptions, afresh on each
