@@ -197,6 +197,70 @@ async def test_one_model_per_job(make: Make, server: LLMServer, sqlite_url: str,
         assert len({body["model"] for _, body in job.requests}) == 1
 
 
+# --- map items and loop iterations ---------------------------------------------------------
+
+
+@fd.flow
+async def ask_each(questions: list[str]) -> list[str]:
+    return await ask.map(questions)
+
+
+async def test_two_map_items_making_the_same_call_get_distinct_custom_ids(
+    make: Make, server: LLMServer, sqlite_url: str
+) -> None:
+    server.batches.auto = True
+    llm = make(max_requests=3)
+    async with fd.Context(batch=True, store=sqlite_url, llm=llm) as ctx:
+        results = await ctx.run(ask_each, ["same", "same", "other"], run_id="m1")
+    assert results == ["echo: same", "echo: same", "echo: other"]
+    (job,) = server.batches.jobs
+    # (run, node, item, call): readable, one per item, though two items ask the same.
+    assert sorted(job.custom_ids) == ["m1-ask-0-0", "m1-ask-1-0", "m1-ask-2-0"]
+    assert sorted(server.batches.submitted) == sorted(job.custom_ids)
+
+
+@fd.step
+async def where_am_i(
+    state: list[int | None],
+) -> fd.Continue[list[int | None]] | fd.Done[list[int | None]]:
+    from flowdsl._engine.runner import current_scope
+
+    scope = current_scope()
+    assert scope is not None
+    seen = [*state, scope.item]
+    return fd.Done(seen) if len(seen) == 3 else fd.Continue(seen)
+
+
+@fd.step
+async def item_of(x: int) -> int | None:
+    from flowdsl._engine.runner import current_scope
+
+    scope = current_scope()
+    assert scope is not None
+    return scope.item
+
+
+@fd.flow
+async def items_and_iterations(
+    xs: list[int],
+) -> tuple[list[int | None], list[int | None], int | None]:
+    mapped = await item_of.map(xs)
+    looped = await fd.loop(where_am_i, [], max_iterations=5)
+    alone = await item_of(7)
+    return mapped, looped, alone
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
+async def test_a_steps_scope_knows_its_map_item_and_loop_iteration(
+    batch: bool, sqlite_url: str
+) -> None:
+    async with fd.Context(batch=batch, store=sqlite_url) as ctx:
+        mapped, looped, alone = await ctx.run(items_and_iterations, [5, 6, 7])
+    assert mapped == [0, 1, 2]
+    assert looped == [0, 1, 2]
+    assert alone is None
+
+
 # --- partial success ------------------------------------------------------------------------
 
 
