@@ -188,9 +188,12 @@ def provider(kind: str, base_url: str) -> fd.llm.BaseProvider:
     return fd.llm.Anthropic(api_key="k", base_url=base_url, model="claude-3-5-haiku-latest")
 
 
-def spawn_worker(procs: Procs, server: LLMServer, kind: str) -> subprocess.Popen[bytes]:
-    """``flowdsl worker --llm batch_llm_provider:KIND``, a real worker process."""
-    env = dict(os.environ)
+def spawn_worker(
+    procs: Procs, server: LLMServer, kind: str, **options: str
+) -> subprocess.Popen[bytes]:
+    """``flowdsl worker --llm batch_llm_provider:KIND``, a real worker process; *options*
+    are ``batch_llm_provider``'s (``BATCH_LLM_POLL_EVERY="3600"``, say)."""
+    env = dict(os.environ, **options)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     env.update(BATCH_LLM_OPENAI_URL=server.openai_url, BATCH_LLM_ANTHROPIC_URL=server.anthropic_url)
     n = len(procs.procs)
@@ -271,3 +274,43 @@ async def test_a_run_is_cancelled_from_another_process_with_the_jobs_only_it_hol
     assert job["ended"]
     assert job["status"] in ("cancelled", "ended")
     assert (job["requests"], job["run_requests"], job["shared"]) == (2, 2, False)
+
+
+async def test_a_client_and_a_worker_killed_at_once_while_the_job_is_in_flight(
+    procs_for: object, server: LLMServer
+) -> None:
+    procs = procs_for("openai")  # type: ignore[operator]
+    run_ids = [f"k{i}" for i in range(3)]
+    # The worker submits one job of the three runs' requests and never looks at it.
+    spawn_worker(procs, server, "openai", BATCH_LLM_MAX_REQUESTS="3", BATCH_LLM_POLL_EVERY="3600")
+    client = procs.spawn("start", *run_ids, "--workers", "0")
+    (job,) = await jobs(server, 1)  # type: ignore[misc]
+    async with fd.Context(batch=True, store=procs.store, workers=0) as reader:
+        await wait_journaled(reader, job.custom_ids)
+    for proc in procs.procs:
+        proc.kill()
+        proc.wait()
+    calls = len(server.batches.calls)
+    llm = fd.llm.OpenAI(
+        api_key="k",
+        base_url=procs.base_url,
+        model="gpt-4o-mini",
+        batch_api=fd.llm.BatchAPI(poll_every=0.05, max_requests=3),
+    )
+    async with (
+        fd.Context(batch=True, store=procs.store, workers=1, lease=LEASE, llm=llm) as ctx,
+        anyio.create_task_group() as tg,
+    ):
+        results: dict[str, str] = {}
+
+        async def resume(rid: str) -> None:
+            results[rid] = await ctx.resume(rid)
+
+        for rid in run_ids:
+            tg.start_soon(resume, rid)
+        await looked_at(server, job.id, calls)
+        server.batches.finish(job.id, order="reversed")
+    assert client.returncode is not None
+    assert results == {r: f"echo: {r}" for r in run_ids}, procs.errors()
+    assert len(server.batches.jobs) == 1
+    assert sorted(server.batches.submitted) == sorted(job.custom_ids)
