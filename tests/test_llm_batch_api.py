@@ -133,6 +133,16 @@ async def streamed_flow(question: str) -> str:
     return await streamed(question)
 
 
+@fd.step
+async def streamed_asked(question: str) -> str:
+    return (await fd.llm.chat(question, stream=True)).text
+
+
+@fd.flow
+async def streamed_asked_flow(question: str) -> str:
+    return await streamed_asked(question)
+
+
 # --- many runs, one job ---------------------------------------------------------------------
 
 
@@ -476,13 +486,18 @@ async def test_a_call_outside_a_step_goes_to_the_live_api(make: Make, server: LL
     assert server.batches.calls == []
 
 
+@pytest.mark.parametrize("flow", [streamed_flow, streamed_asked_flow], ids=["on_token", "stream"])
 async def test_streaming_through_a_batch_job_is_a_config_error(
-    make: Make, server: LLMServer, sqlite_url: str
+    make: Make, server: LLMServer, sqlite_url: str, flow: fd.Flow[..., str]
 ) -> None:
     async with fd.Context(batch=True, store=sqlite_url, llm=make()) as ctx:
-        with pytest.raises(fd.StepFailed, match=r"a provider batch job cannot stream its answer"):
-            await ctx.run(streamed_flow, "q")
+        with pytest.raises(fd.StepFailed, match=r"a provider batch job cannot stream") as caught:
+            await ctx.run(flow, "q")
+    # In a batch worker, the step's error crosses as its text: a ConfigError, with its hint.
+    assert "ConfigError" in str(caught.value)
+    assert "Leave stream= and on_token= out of fd.llm.chat in batch mode" in str(caught.value)
     assert server.batches.calls == []
+    assert server.count() == 0
 
 
 async def test_a_watched_batch_run_gets_its_answer_without_token_events(
