@@ -183,6 +183,29 @@ async def test_many_runs_share_one_job_joined_by_custom_id(
     assert usage["cost"] == pytest.approx(standard / 2)
 
 
+async def test_steps_waiting_for_a_job_leave_their_worker_slots_to_others(
+    make: Make, server: LLMServer, sqlite_url: str
+) -> None:
+    # One worker of two slots, and a job of six: the six steps can join one job only if
+    # those waiting lend their slots to the next ones.
+    llm = make(max_requests=6)
+    questions = [f"q{i}" for i in range(6)]
+    async with fd.Context(
+        batch=True, store=sqlite_url, llm=llm, workers=1, worker_concurrency=2
+    ) as ctx:
+
+        async def provider_side() -> None:
+            (job,) = await jobs(server, 1)
+            server.batches.finish(job.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(provider_side)
+            results = await ctx.map(ask_flow, questions)
+    assert results == [f"echo: {q}" for q in questions]
+    (job,) = server.batches.jobs
+    assert len(job.custom_ids) == 6
+
+
 async def test_a_job_is_sent_after_flush_after_however_few_requests(
     make: Make, server: LLMServer, sqlite_url: str
 ) -> None:

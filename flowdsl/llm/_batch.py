@@ -34,6 +34,7 @@ import attrs
 
 from .._define.graph import split_item
 from .._engine.runner import current_scope
+from .._engine.slots import lent_slot
 from .._errors import ConfigError
 from ._base import Exchange, Turn, where
 from ._batch_journal import (
@@ -261,13 +262,16 @@ class Collector:
         elif entry is not None:
             log.info("request %s changed since it was journaled; sending the new one", cid)
         while True:
-            if job_id is None:
-                request = _Request(cid, scope.run_id, line, line_size(line), digest, round_)
-                job_id = await self._submit(store, (model, self.jobs.endpoint), request)
-                fresh = True
-            else:
-                fresh = False
-            outcome, status = await self._wait(store, job_id, cid, fresh=fresh)
+            # The step's worker slot is free for other steps (which add their requests to
+            # the job) while this one waits for the job to be sent and to end.
+            async with lent_slot():
+                if job_id is None:
+                    request = _Request(cid, scope.run_id, line, line_size(line), digest, round_)
+                    job_id = await self._submit(store, (model, self.jobs.endpoint), request)
+                    fresh = True
+                else:
+                    fresh = False
+                outcome, status = await self._wait(store, job_id, cid, fresh=fresh)
             if outcome.body is not None:
                 return self.jobs.turn(outcome.body, exchange), job_id
             if outcome.missing:
