@@ -526,3 +526,49 @@ async def test_load_node_reads_one_record(store: Store) -> None:
     assert await store.load_node("r1", "b") == node_record("b")
     assert await store.load_node("r1", "c") is None
     assert await store.load_node("r2", "a") is None
+
+
+# --- a run's provider batch jobs ---------------------------------------------------------------
+
+
+async def test_a_runs_batch_jobs_are_listed_in_order_across_store_objects(
+    make_store: Callable[[], Store],
+) -> None:
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        assert await first.batch_jobs("b1") == []
+        # Two processes add jobs of one run at once: none is lost.
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon((first if i % 2 else second).add_batch_job, "b1", f"batch_{i}")
+        await first.add_batch_job("b2", "msgbatch_x")
+        await first.add_batch_job("b1", "batch_0")  # noted twice, listed once
+        jobs = await second.batch_jobs("b1")
+        assert sorted(jobs) == [f"batch_{i}" for i in range(6)]
+        assert await second.batch_jobs("b2") == ["msgbatch_x"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_runs_batch_jobs_are_pruned_with_it(store: Store) -> None:
+    await store.create_run(run_record("bj", status=RunStatus.CANCELLED, updated_at=1000.0))
+    await store.add_batch_job("bj", "batch_1")
+    assert await store.prune(older_than=3600) == ["bj"]
+    assert await store.batch_jobs("bj") == []
+
+
+async def test_a_batch_job_entry_moved_to_another_run_is_refused(store: Store) -> None:
+    from flowdsl import CheckpointError
+
+    await store.add_batch_job("mine", "batch_1")
+    entry = await store.get_signal("mine", "llm-batch-jobs", 0)
+    assert entry is not None
+    await store.put_signal("theirs", "llm-batch-jobs", entry)  # someone copies it over
+    with pytest.raises(CheckpointError, match=r"run 'theirs' .* batch job list, entry 0"):
+        await store.batch_jobs("theirs")
+    await store.put_signal("bad", "llm-batch-jobs", '{"job": 3}')
+    with pytest.raises(CheckpointError, match="names no job"):
+        await store.batch_jobs("bad")

@@ -39,6 +39,7 @@ from .calls import (
     given_options,
     only_besides_cancellations,
 )
+from .cancel import cancel_run, status_after_failure
 from .leases import claim, keeping, observe
 from .mapping import map_runs
 from .options import open_backends
@@ -438,6 +439,12 @@ class Context:
         async with self._using():
             await signal_run(self.store, self._active.get(run_id), run_id, name, value)
 
+    async def cancel(self, run_id: str) -> list[str]:
+        """Cancel run *run_id*, from any process, and the provider batch jobs that hold only
+        its requests (``llm=``'s); the ids of those jobs (see ``cancel.py``)."""
+        async with self._using():
+            return await cancel_run(self.store, self.llm, run_id)
+
     async def resume(
         self,
         run_id: str,
@@ -549,8 +556,9 @@ class Context:
         except (StepFailed, CheckpointError) as exc:
             node = exc.node
             with anyio.CancelScope(shield=True):
+                status = await status_after_failure(self.store, run.run_id)
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
+                    run.run_id, status=status, error=redact(str(exc)), failed_node=node
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))

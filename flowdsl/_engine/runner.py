@@ -23,7 +23,7 @@ import sniffio
 
 from .. import _codec, _otel
 from .. import events as ev
-from .._define.graph import Node, NodeKind, value_labels
+from .._define.graph import Node, NodeKind, split_item, value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
 from .._secret import redact, scrub
@@ -71,6 +71,13 @@ class StepScope:
     @property
     def node_id(self) -> str:
         return self.node.id
+
+    @property
+    def item(self) -> int | None:
+        """The map item (``summarize[3]``: 3) or loop iteration (``agent@2``: 2) this node
+        runs; ``None`` for any other node.  Read from the node's id, which is what every
+        executor carries (a batch task holds nothing else), so it costs a step nothing."""
+        return split_item(self.node.id)[1]
 
     def token(self, text: str) -> None:
         """Report streamed LLM output as a :class:`~flowdsl.events.TokenDelta`."""

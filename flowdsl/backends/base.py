@@ -17,6 +17,8 @@ events published with the completion   ``Broker.carries_events`` (the ``events=`
                                        published just before, not atomically)
 tidier runs                            ``drop_queued``, ``redeliver`` (no-ops by default)
 one connection for store and queue     ``Broker.share_store`` (a no-op by default)
+a run's provider batch jobs            ``add_batch_job`` / ``batch_jobs``: every store,
+                                       through its signals (see below)
 =====================================  ===================================================
 
 A store keeps one :class:`~flowdsl._records.RunRecord` per run and one
@@ -40,14 +42,20 @@ one run, one drives it and the other waits for its result.  What a store promise
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
-from .._integrity import UNKEYED, Seal
+from .._errors import CheckpointError
+from .._integrity import UNKEYED, Invalid, Seal
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .messages import Claimed
 
 __all__ = ["Broker", "Store"]
+
+# The signal name a run's provider batch jobs are listed under: not an identifier, so no
+# fd.wait_for name (always one) can meet it.
+_BATCH_JOBS = "llm-batch-jobs"
 
 
 class Store(abc.ABC):
@@ -175,6 +183,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
         """The *index*-th signal called *name* sent to the run, or ``None`` if not yet."""
+
+    # --- a run's provider batch jobs (fd.llm batch_api=) -----------------------------------
+
+    async def add_batch_job(self, run_id: str, job_id: str) -> None:
+        """Note that provider batch job *job_id* holds requests of run *run_id*, so that
+        any process can find the run's jobs (to cancel them with it, to show them).
+
+        Every store keeps them as it keeps signals, an append-only list per run that two
+        processes can add to at once and that is pruned with the run: one entry per job,
+        whose check binds the job id to the run."""
+        check = self.seal.make("batch-job", run_id, job_id)
+        await self.put_signal(run_id, _BATCH_JOBS, json.dumps({"job": job_id, "check": check}))
+
+    async def batch_jobs(self, run_id: str) -> list[str]:
+        """The ids of the provider batch jobs noted for run *run_id*, oldest first."""
+        jobs: list[str] = []
+        while (text := await self.get_signal(run_id, _BATCH_JOBS, len(jobs))) is not None:
+            try:
+                entry = json.loads(text)
+                job_id = entry.get("job") if isinstance(entry, dict) else None
+                if not isinstance(job_id, str):
+                    raise Invalid("it names no job")
+                self.seal.verify(entry.get("check"), "batch-job", run_id, job_id)
+            except (ValueError, Invalid) as exc:
+                raise CheckpointError(
+                    f"run {run_id!r} in {self.url} is corrupted: its batch job list, entry "
+                    f"{len(jobs)}: {exc}",
+                    hint="Restore the store from a backup; the run's batch jobs can still be "
+                    "seen and cancelled at the provider",
+                ) from None
+            jobs.append(job_id)
+        return list(dict.fromkeys(jobs))
 
 
 class Broker(abc.ABC):

@@ -47,6 +47,27 @@ def print_dead_letters(dead: list[dict[str, Any]]) -> None:
     stdout_console().print(table)
 
 
+def print_batch_jobs(jobs: list[dict[str, Any]]) -> None:
+    """The provider batch jobs holding a run's requests, as the store last saw them."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text("provider batch jobs (batch price)"), title_justify="left")
+    for column in ("provider", "job", "status", "requests", "counts"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        mine, total = job["run_requests"], job["requests"]
+        counts = " ".join(f"{k}={n}" for k, n in job["counts"].items() if n)
+        table.add_row(
+            Text(job["provider"]),
+            Text(job["job_id"]),
+            Text(job["status"], style="" if job["ended"] else "cyan"),
+            Text(f"{mine} of {total}" if job["shared"] else str(total)),
+            Text(counts),
+        )
+    stdout_console().print(table)
+
+
 def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -> None:
     from rich.table import Table
     from rich.text import Text

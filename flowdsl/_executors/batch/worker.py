@@ -32,6 +32,7 @@ from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import mark_alive, mark_gone, new_owner
 from ..._engine.runner import run_node_cached
+from ..._engine.slots import Slot, running_in
 from ..._errors import (
     BackendUnavailable,
     CheckpointError,
@@ -178,7 +179,7 @@ class Worker:
                 committed = await self._committed(claimed)
                 for item in claimed:
                     await limiter.acquire()
-                    tg.start_soon(self._serve, item, limiter, committed)
+                    tg.start_soon(self._serve, item, Slot(limiter), committed)
 
     async def _committed(
         self, claimed: Sequence[Claimed]
@@ -204,18 +205,19 @@ class Worker:
     async def _serve(
         self,
         item: Claimed,
-        limiter: anyio.Semaphore,
+        slot: Slot,
         committed: Mapping[tuple[str, str], NodeRecord] | None,
     ) -> None:
         try:
-            await self.handle(item, committed)
+            with running_in(slot):  # a step waiting for a provider batch job lends it
+                await self.handle(item, committed)
         except TRANSIENT as exc:
             # The task could not be completed (the broker or store is away): its lease
             # runs out and it is handed out again; the journal keeps it from running twice.
             log.warning("worker %s: task %s left to its lease: %s", self.name, item.task_id, exc)
         finally:
             self._held.discard(item.task_id)
-            limiter.release()
+            slot.release()
             self.processed += 1
             if self.on_complete is not None:
                 self.on_complete()
