@@ -320,25 +320,33 @@ class BatchExecutor(Executor):
         """
         store = self.store
         assert store is not None
-        results: dict[int, NodeRecord | BaseException | None] = {}
+        keys = [(c.run_id, c.node_id) for _, c in accepted if _journaled(c)]
+        results: dict[tuple[str, str], NodeRecord | BaseException | None]
+        try:
+            # One read for the whole batch (one pipeline, one SELECT, pipelined KV gets).
+            found = await store.lookup_nodes(keys)
+            results = {key: found.get(key) for key in keys}
+        except CheckpointError:
+            # A record that cannot be read fails its node alone: read them one by one
+            # to tell which.
+            results = {}
 
-        async def read(i: int, completion: Completion) -> None:
-            try:
-                results[i] = await store.load_node(completion.run_id, completion.node_id)
-            except CheckpointError as exc:
-                results[i] = exc
+            async def read(key: tuple[str, str]) -> None:
+                try:
+                    results[key] = await store.load_node(*key)
+                except CheckpointError as exc:
+                    results[key] = exc
 
-        async with anyio.create_task_group() as tg:
-            for i, (_, completion) in enumerate(accepted):
-                if _journaled(completion):
-                    tg.start_soon(read, i, completion)
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(read, key)
         out = []
-        for i, (waiter, completion) in enumerate(accepted):
+        for waiter, completion in accepted:
             if not _journaled(completion):
                 # A failure, or an "ok" without a record (refused by _outcome).
                 out.append((waiter, completion))
                 continue
-            journaled = results.get(i)
+            journaled = results.get((completion.run_id, completion.node_id))
             if isinstance(journaled, BaseException):
                 error = f"the journal cannot be read: {journaled}"
                 out.append((waiter, _refused(completion, error)))
