@@ -19,12 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowdsl import _codec
-from flowdsl.backends import Broker
+from flowdsl._errors import CheckpointError
+from flowdsl._integrity import UNKEYED, Seal
+from flowdsl._records import NodeRecord
+from flowdsl.backends import Broker, messages
+from flowdsl.backends.messages import (
+    Completion,
+    TaskMessage,
+    decode_completion,
+    decode_task,
+    encode_completion,
+    encode_task,
+)
 from flowdsl.backends.sqlite.broker import SQLiteBroker
 
 from nats_steps import conformance_broker as nats_broker
@@ -217,3 +229,70 @@ async def test_batched_enqueue_claim_and_read_keep_every_task_exactly_once(
     broker: Broker,
 ) -> None:
     await anyio.to_thread.run_sync(_batches_keep_every_task_once, broker)
+
+
+# --- the messages a client sends and reads ---------------------------------------------------
+
+json_data = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    args=st.lists(json_data, max_size=3),
+    kwargs=st.dictionaries(st.text(), json_data, max_size=3),
+    ids=st.tuples(st.text(min_size=1), st.text(min_size=1)),
+    labels=st.lists(st.text(), max_size=3),
+    max_deliveries=st.none() | st.integers(min_value=1, max_value=9),
+    signed=st.booleans(),
+)
+def test_a_task_is_encoded_as_the_converter_would_and_decodes_back(
+    args: list[Any],
+    kwargs: dict[str, Any],
+    ids: tuple[str, str],
+    labels: list[str],
+    max_deliveries: int | None,
+    signed: bool,
+) -> None:
+    task = TaskMessage(
+        run_id=ids[0],
+        node_id=ids[1],
+        flow="m:f",
+        step="m:s",
+        kind="step",
+        labels=tuple(labels),
+        args=tuple(args),
+        kwargs=kwargs,
+        marker="mk",
+        observed=signed,
+        trace={"traceparent": "00-x"},
+        max_deliveries=max_deliveries,
+    )
+    seal = Seal(b"k" * 32) if signed else UNKEYED
+    text = encode_task(task, seal)
+    assert text == messages._sealed("task", task, seal)
+    assert decode_task(text, seal) == attrs.evolve(task, check=decode_task(text, seal).check)
+
+
+@given(value=json_data, signed=st.booleans(), tamper=st.sampled_from(["", "value", "check"]))
+def test_a_completion_is_verified_on_its_text_and_refused_when_changed(
+    value: Any, signed: bool, tamper: str
+) -> None:
+    record = NodeRecord("n", _codec.dumps(value), 1, 1.0, 2.0, "code")
+    completion = Completion("r", "n", True, record)
+    seal = Seal(b"k" * 32) if signed else UNKEYED
+    text = encode_completion(completion, seal)
+    if tamper == "value":
+        text = text.replace('"attempts":1', '"attempts":2')
+    elif tamper == "check":
+        text = text[:-6] + ("0" if text[-6] != "0" else "1") + text[-5:]
+    if tamper:
+        with pytest.raises(
+            CheckpointError,
+            match=r"^node 'n': completion message refused: its content does not match",
+        ):
+            decode_completion(text, seal)
+    else:
+        assert attrs.evolve(decode_completion(text, seal), check="") == completion

@@ -110,6 +110,11 @@ def _sealed(kind: str, message: object, seal: Seal) -> str:
     """The message's JSON text, its ``check`` (the last field) made over the rest."""
     data = _converter.unstructure(message)
     del data["check"]
+    return _seal_data(kind, data, seal)
+
+
+def _seal_data(kind: str, data: dict[str, Any], seal: Seal) -> str:
+    """The JSON text of a message's fields (all but ``check``), with its check last."""
     body = _codec.dumps(data)
     # The check goes last, so the text the check covers is the message's own text up to
     # it: no second encoding of the whole message.
@@ -159,7 +164,25 @@ def _hint(seal: Seal) -> str:
 
 
 def encode_task(task: TaskMessage, seal: Seal = UNKEYED) -> str:
-    return _sealed("task", task, seal)
+    # The fields by hand, in their order: args and kwargs are encoded data already, and
+    # the converter's walk over them cost more than the rest of the encoding (a client
+    # sends thousands a second).  The same text as _sealed("task", task, seal).
+    data = {
+        "run_id": task.run_id,
+        "node_id": task.node_id,
+        "flow": task.flow,
+        "step": task.step,
+        "kind": task.kind,
+        "labels": task.labels,
+        "args": task.args,
+        "kwargs": task.kwargs,
+        "marker": task.marker,
+        "observed": task.observed,
+        "trace": task.trace,
+        "v": task.v,
+        "max_deliveries": task.max_deliveries,
+    }
+    return _seal_data("task", data, seal)
 
 
 def decode_task(text: str | bytes, seal: Seal = UNKEYED) -> TaskMessage:
