@@ -16,6 +16,8 @@ events published with the completion   ``Broker.carries_events`` (the ``events=`
                                        is always accepted; without the flag the events are
                                        published just before, not atomically)
 tidier runs                            ``drop_queued``, ``redeliver`` (no-ops by default)
+reads bounded to a batch               ``read_completions`` / ``read_events`` (``count=``;
+                                       by default unbounded: the whole backlog)
 one connection for store and queue     ``Broker.share_store`` (a no-op by default)
 a run's provider batch jobs            ``add_batch_job`` / ``batch_jobs``: every store,
                                        through its signals (see below)
@@ -302,6 +304,20 @@ class Broker(abc.ABC):
         """The dead-lettered tasks of a run."""
 
     # --- optional, with defaults ------------------------------------------------------------
+
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* completions published after *cursor* (``None``: from now on),
+        oldest first, and the cursor after the last one returned: what is left stays for
+        the next call.  A client reads its completions in batches of this size, so that
+        a backlog is checked against the journal a bounded batch at a time.  By default
+        through :meth:`completions`, which a broker that cannot bound its reads returns
+        whole."""
+        return await self.completions(cursor)
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* events published after *cursor*, as :meth:`read_completions`;
+        by default through :meth:`events`, unbounded."""
+        return await self.events(cursor)
 
     async def drop_queued(self, run_id: str) -> None:
         """Remove the run's tasks no worker holds (the run failed or was cancelled: they

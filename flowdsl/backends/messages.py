@@ -110,6 +110,11 @@ def _sealed(kind: str, message: object, seal: Seal) -> str:
     """The message's JSON text, its ``check`` (the last field) made over the rest."""
     data = _converter.unstructure(message)
     del data["check"]
+    return _seal_data(kind, data, seal)
+
+
+def _seal_data(kind: str, data: dict[str, Any], seal: Seal) -> str:
+    """The JSON text of a message's fields (all but ``check``), with its check last."""
     body = _codec.dumps(data)
     # The check goes last, so the text the check covers is the message's own text up to
     # it: no second encoding of the whole message.
@@ -126,6 +131,29 @@ def _verify(kind: str, data: Any, seal: Seal) -> None:
     seal.verify(check, kind, _codec.dumps(rest))
 
 
+_CHECK_FIELD = ',"check":"'
+
+
+def _verify_text(kind: str, text: str | bytes, seal: Seal) -> bool:
+    """Verify the check of a message on its text as :func:`_sealed` wrote it (the check
+    last, over the text before it) without re-encoding it: True when the check holds.
+    False when the text is not of that shape (the caller verifies the parsed message
+    instead); Invalid when it is and the check does not hold."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    i = text.rfind(_CHECK_FIELD)
+    if i < 0 or not text.endswith('"}'):
+        return False
+    check = text[i + len(_CHECK_FIELD) : -2]
+    if '"' in check or "\\" in check:
+        return False
+    seal.verify(check, kind, text[:i] + "}")
+    return True
+
+
 def _hint(seal: Seal) -> str:
     if seal.signed:
         return (
@@ -136,7 +164,25 @@ def _hint(seal: Seal) -> str:
 
 
 def encode_task(task: TaskMessage, seal: Seal = UNKEYED) -> str:
-    return _sealed("task", task, seal)
+    # The fields by hand, in their order: args and kwargs are encoded data already, and
+    # the converter's walk over them cost more than the rest of the encoding (a client
+    # sends thousands a second).  The same text as _sealed("task", task, seal).
+    data = {
+        "run_id": task.run_id,
+        "node_id": task.node_id,
+        "flow": task.flow,
+        "step": task.step,
+        "kind": task.kind,
+        "labels": task.labels,
+        "args": task.args,
+        "kwargs": task.kwargs,
+        "marker": task.marker,
+        "observed": task.observed,
+        "trace": task.trace,
+        "v": task.v,
+        "max_deliveries": task.max_deliveries,
+    }
+    return _seal_data("task", data, seal)
 
 
 def decode_task(text: str | bytes, seal: Seal = UNKEYED) -> TaskMessage:
@@ -172,9 +218,17 @@ def encode_completion(completion: Completion, seal: Seal = UNKEYED) -> str:
 
 
 def decode_completion(text: str | bytes, seal: Seal = UNKEYED) -> Completion:
+    """A completion from untrusted text; malformed input, or a check that does not hold
+    under *seal*, raises CheckpointError.  The check is verified on the text as it came
+    (a client reads thousands a second): the message is parsed once, never re-encoded."""
     try:
+        try:
+            verified = _verify_text("completion", text, seal)
+        except Invalid:
+            verified = False  # verified below on the parsed message, which says why
         data = _codec.loads(text)
-        _verify("completion", data, seal)
+        if not verified:
+            _verify("completion", data, seal)
         completion: Completion = _converter.structure(data, Completion)
     except Invalid as exc:
         raise CheckpointError(

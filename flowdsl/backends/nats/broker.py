@@ -522,6 +522,14 @@ class NATSBroker(Broker):
             return [], await reader.tail()
         return await reader.take_done(int(cursor))
 
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* of the completions pushed to this process after *cursor*."""
+        await checkpoint_if_cancelled()
+        reader = self._log()
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_done(int(cursor), max(1, count))
+
     async def forget_completions(self, upto: Any) -> None:
         # Completions stay for max_age (the stream's limit), for slower readers elsewhere.
         return None
@@ -535,6 +543,13 @@ class NATSBroker(Broker):
         if cursor is None:
             return [], await reader.tail()
         return await reader.take_events(int(cursor))
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* of the events pushed to this process after *cursor*."""
+        reader = self._log()
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_events(int(cursor), max(1, count))
 
     async def forget_events(self, run_id: str) -> None:
         # Events stay for max_age, as completions do.  Not purged by subject: on

@@ -131,7 +131,10 @@ class NATSStore(Store):
             raise
 
     async def close(self) -> None:
-        self._kv = None
+        kv, self._kv = self._kv, None
+        if kv is not None:
+            with anyio.CancelScope(shield=True):
+                await kv.stop()
         await self._link.close()
 
     @property
@@ -361,24 +364,13 @@ class NATSStore(Store):
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
+        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+        # KV has no multi-get: the reads are pipelined, one round trip in all.
+        values = await self._bucket.get_many(names, "read nodes", pairs[0][0] if pairs else None)
         found: dict[tuple[str, str], NodeRecord] = {}
-        failed: list[Exception] = []
-
-        async def look(run_id: str, node_id: str) -> None:
-            key = node_key(run_id, node_id)
-            try:
-                got = await self._bucket.get(key, "read a node", run_id)
-                if got is not None:
-                    found[run_id, node_id] = await self._decode_node(run_id, key, got[0])
-            except Exception as exc:  # raised below as itself, not in a group
-                failed.append(exc)
-
-        # KV has no multi-get: the reads go out together, one round trip in all.
-        async with anyio.create_task_group() as tg:
-            for run_id, node_id in pairs:
-                tg.start_soon(look, run_id, node_id)
-        if failed:
-            raise failed[0]
+        for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
+            if value is not None:
+                found[run_id, node_id] = await self._decode_node(run_id, name, value)
         return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:

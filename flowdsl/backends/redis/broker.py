@@ -67,6 +67,7 @@ log = logging.getLogger("flowdsl.redis")
 
 GROUP: Final = "workers"
 _READ_COUNT: Final = 1000  # completions or events per read
+_ALL: Final = 1 << 62  # no bound of a caller's own (each read is still _READ_COUNT at most)
 _CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' consumer names
 
 _CHUNK: Final = 500
@@ -466,7 +467,11 @@ class RedisBroker(Broker):
     # --- completions and events -----------------------------------------------------------
 
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
-        """Completions after *cursor*, waiting up to ``read_block`` for one.
+        return await self.read_completions(cursor, count=_READ_COUNT)
+
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* completions after *cursor* (one XREAD ... COUNT), waiting up to
+        ``read_block`` for one.
 
         While someone reads :meth:`events` too, the same read fetches the events
         published meanwhile (one round trip, woken by either) into a buffer that the next
@@ -480,7 +485,7 @@ class RedisBroker(Broker):
         if self._events_wanted and self._events_upto is not None:
             streams[self.events_key] = self._events_upto
         self._events_wanted = False
-        replies = await self._read(streams, self.read_block)
+        replies = await self._read(streams, self.read_block, count)
         entries = replies.get(self.completions_key, [])
         self._buffer_events(replies.get(self.events_key, []))
         if not entries:
@@ -510,6 +515,11 @@ class RedisBroker(Broker):
         await self._link.call("publishing events", publish)
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        return await self.read_events(cursor, count=_ALL)
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* events after *cursor*: those the last read of completions
+        fetched along, else one XREAD; what is left over waits for the next call."""
         if cursor is None:
             last = await self._last_id(self.events_key)
             self._events_upto, self._event_buffer = last, []
@@ -518,11 +528,11 @@ class RedisBroker(Broker):
         if self._events_upto is None or entry_key(self._events_upto) < entry_key(cursor):
             self._events_upto, self._event_buffer = str(cursor), []
         if not self._event_buffer:
-            replies = await self._read({self.events_key: self._events_upto}, 0.0)
+            replies = await self._read({self.events_key: self._events_upto}, 0.0, count)
             self._buffer_events(replies.get(self.events_key, []))
         after = entry_key(cursor)
-        taken = [e for e in self._event_buffer if entry_key(e[0]) > after]
-        self._event_buffer = []
+        newer = [e for e in self._event_buffer if entry_key(e[0]) > after]
+        taken, self._event_buffer = newer[:count], newer[count:]
         if not taken:
             return [], cursor
         return [(run_id, text) for _, run_id, text in taken], taken[-1][0]
@@ -566,12 +576,15 @@ class RedisBroker(Broker):
         )
         return from_bytes(last[0][0], "entry id") if last else "0-0"
 
-    async def _read(self, streams: dict[str, Any], block: float) -> dict[str, list[Any]]:
+    async def _read(
+        self, streams: dict[str, Any], block: float, count: int = _READ_COUNT
+    ) -> dict[str, list[Any]]:
         client = self._link.require("queue")
         ms = int(block * 1000) if block > 0 else None
+        count = max(1, min(count, _READ_COUNT))
 
         async def read() -> Any:
-            return await client.xread(streams, count=_READ_COUNT, block=ms)
+            return await client.xread(streams, count=count, block=ms)
 
         reply = await self._link.call("reading a stream", read)
         return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}
