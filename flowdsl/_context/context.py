@@ -30,6 +30,7 @@ from .._executors.batch.worker import check_max_deliveries
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from .._secret import redact
+from .._tracebacks import failure_traceback
 from ..backends import Store
 from ..llm import Provider
 from .calls import (
@@ -550,7 +551,11 @@ class Context:
             node = exc.node
             with anyio.CancelScope(shield=True):
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
+                    run.run_id,
+                    status=RunStatus.FAILED,
+                    error=redact(str(exc)),
+                    failed_node=node,
+                    traceback=failure_traceback(exc),
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))
