@@ -32,9 +32,10 @@ def fake_llm() -> FakeLLM:
     return FakeLLM(answer)
 
 
-async def populate(url: str) -> None:
-    """Three runs: two finished triages (one per branch case) and a failed ingest."""
-    async with fd.Context(store=url, llm=fake_llm()) as ctx:
+async def populate(url: str, signing_key: Any = None) -> None:
+    """Three runs: two finished triages (one per branch case) and a failed ingest (their
+    records signed with *signing_key*, if given)."""
+    async with fd.Context(store=url, llm=fake_llm(), signing_key=signing_key) as ctx:
         await ctx.run(ui_flows.triage, "my invoice is wrong", run_id="t-finished")
         await ctx.run(ui_flows.triage, "the site is down and I am angry", run_id="t-urgent")
         with contextlib.suppress(fd.StepFailed):

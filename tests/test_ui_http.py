@@ -608,3 +608,27 @@ def test_the_inspector_reads_a_redis_store(redis_server: Any) -> None:
 
 def test_the_inspector_reads_a_nats_store(nats_server: Any) -> None:
     _check_store(nats_server.url)
+
+
+# --- signed stores --------------------------------------------------------------------------
+
+
+def test_with_the_signing_key_a_resume_signs_and_without_it_signed_runs_still_show(
+    sqlite_url: str,
+) -> None:
+    key = fd.Secret("UI_HTTP_TEST_KEY", "u" * 32)
+    anyio.run(populate, sqlite_url, key)
+    # No key: records signed by others are shown (unverified), as `runs show` shows them.
+    with TestClient(create_app(sqlite_url, flows=[ui_flows])) as client:
+        assert client.get("/api/runs/t-failed").json()["run"]["status"] == "failed"
+    ui_flows.FIXED.set()
+    app = create_app(sqlite_url, flows=[ui_flows], poll_interval=0.05, signing_key=key)
+    with TestClient(app) as client:
+        assert client.post("/api/runs/t-failed/resume", headers=ACTION).status_code == 202
+        wait_for(lambda: _run_of(client, "t-failed")["status"] == "finished", "the resume")
+
+    async def read_with_the_key() -> Any:
+        async with fd.Context(store=sqlite_url, signing_key=key) as ctx:
+            return await ctx.resume("t-failed", flow=ui_flows.ingest)  # verified, finished
+
+    assert anyio.run(read_with_the_key) == "data.txt:0=10, data.txt:1=10, data.txt:2=10"

@@ -50,9 +50,14 @@ class Driver:
     """Actions on runs, and the runs this process drives because of them."""
 
     def __init__(
-        self, store: Store, broker: str | None, flows: Mapping[str, Flow[..., Any]]
+        self,
+        store: Store,
+        broker: str | None,
+        flows: Mapping[str, Flow[..., Any]],
+        keys: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.keys = dict(keys or {})  # the context's signing_key= and old_signing_keys=
         self.broker = broker
         self.flows = flows
         self.tg: anyio.abc.TaskGroup | None = None
@@ -97,9 +102,18 @@ class Driver:
         self._entering = anyio.Event()
         batch = self.broker is not None
         # workers=0: a resumed batch run's steps go to the broker's own workers.
+        reading = self.store.seal
         ctx = Context(
-            store=self.store, batch=batch, broker=self.broker, workers=0 if batch else None
+            store=self.store,
+            batch=batch,
+            broker=self.broker,
+            workers=0 if batch else None,
+            **self.keys,
         )
+        if self.keys.get("signing_key") is None:
+            # The context sets the store's seal to its own (no key): keep showing records
+            # signed by others, as the inspector did before its first action.
+            self.store.seal = reading
         try:
             await self.tg.start(_hold, ctx)
         except BaseException:
