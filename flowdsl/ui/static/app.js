@@ -450,8 +450,12 @@
         group.setAttribute("data-label", dyn.label);
         group.appendChild(svg("text", { x: NODE_W / 2, y: 14 }, shorten(n.id, 24)));
         group.appendChild(svg("text", { x: NODE_W / 2, y: 29, class: "dyn" }, shorten(dyn.label, 30)));
-        const glyph = { map: "⧉", loop: "↻", wait: "⏳" }[dyn.kind];
-        if (glyph) group.appendChild(svg("text", { x: NODE_W - 5, y: 12, class: "glyph" }, glyph));
+        if (dyn.kind === "loop") group.appendChild(svg("text", { x: NODE_W - 5, y: 12, class: "glyph" }, "↻"));
+        if (dyn.kind === "wait") {
+          // A small clock, drawn: an emoji may be missing from the fonts at hand.
+          group.appendChild(svg("circle", { class: "clock", cx: NODE_W - 11, cy: 11, r: 6 }));
+          group.appendChild(svg("path", { class: "clock", d: "M" + (NODE_W - 11) + ",7 v4 h3" }));
+        }
         if (dyn.kind === "map" && dyn.total) {
           const w = Math.round((NODE_W - 8) * Math.min(1, dyn.done / dyn.total));
           group.appendChild(svg("rect", { class: "progress", x: 4, y: NODE_H - 5, width: w, height: 3, rx: 1 }));
