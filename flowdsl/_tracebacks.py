@@ -27,10 +27,13 @@ _HEAD = 3_000  # the first frames say how the step was called; the end says wher
 
 
 def format_traceback(exc: BaseException, *, limit: int = MAX_TRACEBACK) -> str:
-    """*exc*'s traceback (with the exceptions it was raised from), masked and at most
-    *limit* characters."""
+    """*exc*'s traceback, masked and at most *limit* characters.
+
+    The exceptions *exc* was raised from are left out: a library's error (an LLM SDK's,
+    say) may quote a credential that only the error flowdsl raised from it has masked.
+    """
     try:
-        text = "".join(_tb.format_exception(exc))
+        text = "".join(_tb.format_exception(exc, chain=False))
     except Exception:  # an exception whose __str__ raises: its type says enough
         text = f"{type(exc).__name__} (its message could not be formatted)\n"
     return bounded(redact(hide_credentials(text)), limit)
