@@ -138,6 +138,36 @@ async def test_update_run_changes_status_and_keeps_what_it_is_not_given(store: S
     )
 
 
+async def test_a_failed_runs_traceback_is_kept_until_the_run_changes_again(
+    make_store: Callable[[], Store],
+) -> None:
+    # Long enough for the stores that keep large text apart (NATS, SQLite blobs).
+    text = 'Traceback (most recent call last):\n  File "app.py", line 3, in f\n' * 40 + "E\n"
+    store = make_store()
+    await store.open()
+    try:
+        await store.create_run(run_record())
+        assert (await store.get_run("r1")).traceback is None  # type: ignore[union-attr]
+        await store.update_run(
+            "r1", status=RunStatus.FAILED, error="boom", failed_node="classify", traceback=text
+        )
+    finally:
+        await store.close()
+    again = make_store()  # read back by another store object: what is stored, not cached
+    await again.open()
+    try:
+        failed = await again.get_run("r1")
+        assert failed is not None
+        assert (failed.error, failed.failed_node, failed.traceback) == ("boom", "classify", text)
+        assert [r.traceback for r in await again.list_runs()] == [text]
+        await again.update_run("r1", status=RunStatus.RUNNING)  # a resume clears it
+        running = await again.get_run("r1")
+        assert running is not None
+        assert (running.error, running.traceback) == (None, None)
+    finally:
+        await again.close()
+
+
 async def test_list_runs_newest_first_with_a_limit(store: Store) -> None:
     for i, created in enumerate([30.0, 10.0, 50.0, 20.0, 40.0]):
         await store.create_run(run_record(f"r{i}", created_at=created))

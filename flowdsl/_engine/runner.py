@@ -27,11 +27,12 @@ from .._define.graph import Node, NodeKind, split_item, value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
 from .._secret import redact, scrub
+from .._urls import hide_credentials
 
 if TYPE_CHECKING:
     from ..backends.base import Store
 
-__all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
+__all__ = ["EventSink", "StepScope", "current_scope", "describe", "run_node"]
 
 MAX_BACKOFF = 60.0
 
@@ -153,7 +154,7 @@ class StepScope:
             if sink.observed:
                 sink.emit(
                     ev.StepRetrying(
-                        sink.run_id, node.id, time.time(), _describe(exc), self.attempt, delay
+                        sink.run_id, node.id, time.time(), describe(exc), self.attempt, delay
                     )
                 )
             self.attempt += 1
@@ -550,20 +551,22 @@ def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
     return data, text, _codec.from_data(_codec.loads(text), tp, what=what)
 
 
-def _describe(exc: BaseException) -> str:
-    text = redact(str(exc))
+def describe(exc: BaseException) -> str:
+    """*exc* as a failure's message says it: its type and its masked words."""
+    # A step's error may quote a connection URL: its password must not reach the journal.
+    text = redact(hide_credentials(str(exc)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _emit_failed(sink: EventSink, node: Node, attempt: int, exc: BaseException) -> None:
     if sink.observed:
-        sink.emit(ev.StepFailed(sink.run_id, node.id, time.time(), _describe(exc), attempt))
+        sink.emit(ev.StepFailed(sink.run_id, node.id, time.time(), describe(exc), attempt))
 
 
 def _failure(sink: EventSink, node: Node, exc: BaseException) -> StepFailed:
     cls = StepCodecFailed if isinstance(exc, CodecError) else StepFailed
     hint = None
-    described = _describe(exc)
+    described = describe(exc)
     if isinstance(exc, TimeoutError) and node.fn is not None and node.fn.timeout is not None:
         hint = f"The step ran longer than its timeout of {node.fn.timeout} s"
     elif isinstance(exc, CodecError):

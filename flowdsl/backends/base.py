@@ -106,8 +106,11 @@ class Store(abc.ABC):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
-        """Change a run's status (and its result, error or resume bookkeeping)."""
+        """Change a run's status (and its result, error or resume bookkeeping).  *result*,
+        *error*, *failed_node* and *traceback* replace what the record held (``None``
+        clears them)."""
 
     @abc.abstractmethod
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:

@@ -77,7 +77,8 @@ class Completion:
     ``"codec"``, ``"config"`` (the step cannot be imported where the worker runs),
     ``"checkpoint"`` (the task or state was malformed) or ``"dead"`` (a poison task: it was
     handed out more than ``max_deliveries`` times, each worker that took it dying or losing
-    its lease before it finished).
+    its lease before it finished).  ``traceback`` is the step's exception's, formatted and
+    masked by the worker (see ``flowdsl._tracebacks``), when the step raised.
     """
 
     run_id: str
@@ -86,6 +87,7 @@ class Completion:
     record: NodeRecord | None = None
     error: str | None = None
     error_kind: str | None = None
+    traceback: str | None = None
     v: int = PROTOCOL
     check: str = ""  # over the rest of the message (see encode_completion)
 

@@ -68,7 +68,9 @@ def print_batch_jobs(jobs: list[dict[str, Any]]) -> None:
     stdout_console().print(table)
 
 
-def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -> None:
+def print_run(
+    record: RunRecord, nodes: list[dict[str, Any]], complete: bool, *, traceback: bool = False
+) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -86,6 +88,8 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
         about.append(("result", Text(preview(record.result, 200))))
     if record.error is not None:
         about.append(("error", Text(record.error, style="red")))
+    if record.traceback is not None and not traceback:
+        about.append(("traceback", Text("kept: add --traceback to see it", style="dim")))
     total = _total_usage(nodes)
     if total:
         about.append(("usage", Text(_usage_text(total))))
@@ -124,6 +128,10 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
     if not complete:
         table.caption = "the flow does not import here: only journaled nodes are listed"
     console.print(table)
+    if traceback and record.traceback is not None:
+        where = f" of node {record.failed_node}" if record.failed_node else ""
+        console.print(Text(f"traceback{where}:", style="bold"))
+        console.print(Text(record.traceback.rstrip("\n"), style="red"), soft_wrap=True)
 
 
 def run_duration(record: RunRecord) -> float | None:

@@ -139,6 +139,12 @@ def runs_list(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
 )
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Print the traceback of the step that failed the run (kept in its record).",
+)
 @signing_options
 def runs_show(
     run_id: str,
@@ -147,11 +153,12 @@ def runs_show(
     paths: tuple[str, ...],
     imports: tuple[str, ...],
     as_json: bool,
+    show_traceback: bool,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Show the run RUN_ID: its record, a table of its nodes, its provider batch jobs and
-    its dead letters.
+    its dead letters (with --traceback, the traceback of the step that failed it).
 
     Nodes not run yet (or skipped by a branch) are listed when the run's flow is in a
     module given with --import; otherwise the table lists the nodes the journal holds (the
@@ -187,10 +194,11 @@ def runs_show(
     graph_ = _graph_or_none(record)
     nodes = node_rows(record, journal, graph_)
     if as_json:
-        shown = {"run": run_to_json(record), "nodes": nodes, "batch_jobs": jobs}
+        run = {**run_to_json(record), "traceback": record.traceback}
+        shown = {"run": run, "nodes": nodes, "batch_jobs": jobs}
         write_json(sys.stdout, {**shown, "dead_letters": dead})
         return
-    print_run(record, nodes, graph_ is not None)
+    print_run(record, nodes, graph_ is not None, traceback=show_traceback)
     if jobs:
         print_batch_jobs(jobs)
     if dead:

@@ -245,7 +245,7 @@ class BatchExecutor(Executor):
             node=node.id,
             run_id=run.run_id,
             hint=hint,
-        ) from RemoteError(completion.error or "")
+        ) from RemoteError(completion.error or "", completion.traceback)
 
     async def _listen(self) -> None:
         idle = self.poll_interval
@@ -400,4 +400,9 @@ def _refused(completion: Completion, error: str) -> Completion:
 
 
 class RemoteError(Exception):
-    """The description of an exception raised in a worker process."""
+    """The description of an exception raised in a worker process, and its traceback as
+    the worker formatted it (``remote_traceback``, kept with the failed run)."""
+
+    def __init__(self, description: str, remote_traceback: str | None = None) -> None:
+        super().__init__(description)
+        self.remote_traceback = remote_traceback

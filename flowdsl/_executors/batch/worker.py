@@ -31,7 +31,7 @@ from ... import _codec, _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import mark_alive, mark_gone, new_owner
-from ..._engine.runner import run_node_cached
+from ..._engine.runner import describe, run_node_cached
 from ..._engine.slots import Slot, running_in
 from ..._errors import (
     BackendUnavailable,
@@ -44,6 +44,7 @@ from ..._errors import (
 from ..._integrity import Seal
 from ..._records import NodeRecord
 from ..._secret import redact
+from ..._tracebacks import failure_traceback
 from ...backends.base import Broker, Store
 from ...backends.messages import (
     Claimed,
@@ -296,9 +297,15 @@ class Worker:
         except StepFailed as exc:
             kind = "codec" if isinstance(exc, CodecError) else "step"
             cause = exc.__cause__
-            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            detail = describe(cause) if cause is not None else str(exc)
             await self._fail(
-                item, task.run_id, task.node_id, f"step failed: {detail}", kind, sink.buffer
+                item,
+                task.run_id,
+                task.node_id,
+                f"step failed: {detail}",
+                kind,
+                sink.buffer,
+                traceback=failure_traceback(exc),
             )
             return
         # A node's events reach the broker after its record is committed (a StepFinished
@@ -352,8 +359,9 @@ class Worker:
         events: list[tuple[str, str]] | None = None,
         *,
         dead: bool = False,
+        traceback: str | None = None,
     ) -> None:
-        failed = Completion(run_id, node_id, False, None, redact(error), kind)
+        failed = Completion(run_id, node_id, False, None, redact(error), kind, traceback)
         payload = encode_completion(failed, self.store.seal)
         if dead:
             await self.broker.dead_letter(

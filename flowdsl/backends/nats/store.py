@@ -176,6 +176,7 @@ class NATSStore(Store):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         import time
 
@@ -194,6 +195,7 @@ class NATSStore(Store):
                 "result": result,
                 "error": error,
                 "failed_node": failed_node,
+                "traceback": traceback,
                 "updated_at": time.time(),
             }
             if fingerprint is not None:
@@ -277,11 +279,13 @@ class NATSStore(Store):
 
     async def _encode_run(self, record: RunRecord) -> bytes:
         seal = self.seal
-        state = seal.run_state(
-            record.run_id, record.status.value, record.result, record.error, record.failed_node
-        )
+        state = seal.run_state_of(record)
+        extra: dict[str, Any] = {}
+        if record.traceback is not None:  # absent from records written before tracebacks
+            extra["traceback"] = await self._bucket.pack(record.traceback, record.run_id)
         return dump_json(
             {
+                **extra,
                 "v": _RECORD_VERSION,
                 "run_id": record.run_id,
                 "flow": record.flow,
@@ -312,9 +316,10 @@ class NATSStore(Store):
             bucket = self._bucket
             fields["inputs"] = await bucket.unpack(fields.get("inputs"), "inputs", run_id)
             fields["result"] = await bucket.unpack_optional(fields.get("result"), "result", run_id)
-            fields["error"] = await bucket.unpack_optional(
-                fields.get("error"), "error", run_id, json_text=False
-            )
+            for name in ("error", "traceback"):
+                fields[name] = await bucket.unpack_optional(
+                    fields.get(name), name, run_id, json_text=False
+                )
             return v.run_record(run_id, fields, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
