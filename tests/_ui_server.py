@@ -35,6 +35,7 @@ def fake_llm() -> FakeLLM:
 async def populate(url: str, signing_key: Any = None) -> None:
     """Three runs: two finished triages (one per branch case) and a failed ingest (their
     records signed with *signing_key*, if given)."""
+    ui_flows.FIXED.clear()  # a test that fixed the ingest must not make this one finish
     async with fd.Context(store=url, llm=fake_llm(), signing_key=signing_key) as ctx:
         await ctx.run(ui_flows.triage, "my invoice is wrong", run_id="t-finished")
         await ctx.run(ui_flows.triage, "the site is down and I am angry", run_id="t-urgent")
