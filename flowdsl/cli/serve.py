@@ -13,13 +13,12 @@ from typing import Any
 import anyio
 import click
 
-from .. import _codec
 from .._errors import ConfigError
-from .._records import RunRecord
 from .._urls import hide_credentials
 from .load import add_to_path
+from .main import signing_keys, signing_options
 
-__all__ = ["records_from_service", "serve"]
+__all__ = ["serve"]
 
 
 @click.command()
@@ -102,6 +101,7 @@ __all__ = ["records_from_service", "serve"]
     type=click.Path(exists=True, file_okay=False),
     help="Add DIR to the import path (repeatable); the current directory always is.",
 )
+@signing_options
 def serve(
     store: str,
     broker: str | None,
@@ -114,6 +114,8 @@ def serve(
     grace: float,
     workers: int | None,
     paths: tuple[str, ...],
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Serve the flows of MODULEs over gRPC (flowdsl.v1.Flows, health, reflection).
 
@@ -130,6 +132,7 @@ def serve(
         add_to_path(path)
     token = _token(token_env)
     tls = _tls(tls_cert, tls_key)
+    keys = signing_keys(signing_key_env, old_signing_key_envs)
     try:
         from ..service._flows import FlowRegistry
         from ..service.server import open_service
@@ -147,6 +150,7 @@ def serve(
         "max_message_bytes": max_message_bytes,
         "grace": grace,
         "workers": workers,
+        **keys,
     }
     anyio.run(_serve_until_stopped, open_service, flows, options, backend="asyncio")
 
@@ -192,44 +196,3 @@ def _tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
         )
     with open(cert, "rb") as c, open(key, "rb") as k:
         return c.read(), k.read()
-
-
-def records_from_service(url: str, *, token: str | None = None, limit: int = 50) -> list[RunRecord]:
-    """The newest *limit* runs a service lists, as store records, so that ``flowdsl runs
-    list --server URL`` can print them as it prints a store's.
-
-    The service does not send a run's inputs or graph fingerprint: those fields are empty.
-    """
-    from .._records import RunStatus
-
-    async def fetch() -> list[Any]:
-        from ..service import Client
-
-        runs: list[Any] = []
-        token_ = ""
-        async with Client(url, token=token) as client:
-            while len(runs) < limit:
-                page = await client.list(page_size=min(limit - len(runs), 1000), page_token=token_)
-                runs.extend(page.runs)
-                token_ = page.next_page_token
-                if not token_:
-                    break
-        return runs
-
-    infos = anyio.run(fetch, backend="asyncio")
-    return [
-        RunRecord(
-            run_id=info.run_id,
-            flow=info.flow_name,
-            flow_ref=info.flow,
-            fingerprint="",
-            inputs="",
-            status=RunStatus(info.status),
-            created_at=info.created_at,
-            updated_at=info.updated_at,
-            result=None if info.result is None else _codec.dumps(info.result),
-            error=info.error,
-            failed_node=info.failed_node,
-        )
-        for info in infos
-    ]

@@ -7,11 +7,19 @@ inside a cancel scope of its own so that one run can be cancelled.  Events reach
 
 Errors are :class:`ServiceError` with the gRPC status name the server layer sends.
 
-When the service starts it takes up the runs the store has as running (or waiting): their
-driver is taken to be gone, since a service is the only driver of the runs it serves.  Two
-replicas on one store would both take them up: keeping them apart is the run lease's job
-(not on this branch yet; see ``take_over``).  When it stops, runs that are still going are
-put back as running, journal intact, for the next service to take up.
+One driver per run, across replicas: every drive goes through the context's run lease
+(``_engine/lease.py``), taken with ``wait=False``.  A run whose lease another live process
+holds (another replica on the same store) raises ``RunBusy`` and is left to it: this
+service neither drives nor follows it.  When the service starts, and every
+``take_over_every`` seconds after, it offers to drive every unfinished (running or
+waiting) run of a flow it serves; the lease decides: a run whose driver died (its process
+gone, on this machine; its lease run out, from another) is taken up and resumed from its
+journal, the others are left to their drivers.  When it stops, runs that are still going
+are put back as running, journal intact, lease given up, for another service to take up.
+
+A driver's log is made before it drives but joins the :class:`LogBook` with the run's
+first event, so a run found busy leaves no log behind: its watchers here follow it
+through the store (see :meth:`RunService.watch`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -32,7 +40,7 @@ from .. import _codec
 from .. import events as ev
 from .._context import Context
 from .._define.dsl import Flow
-from .._errors import CheckpointError, CodecError, ConfigError, FlowError
+from .._errors import CheckpointError, CodecError, ConfigError, FlowError, RunBusy
 from .._records import RunRecord, RunStatus
 from ._errors import ServiceError
 from ._flows import FlowRegistry
@@ -61,6 +69,14 @@ class _Driver:
     done: anyio.Event = attrs.field(factory=anyio.Event)
     handing_back: bool = False  # stopped by a stopping service: the run is not over
     failure: BaseException | None = None  # why it ended before the run started
+    # Its log, until the run's first event adds it to the book (None after): a drive that
+    # finds the run busy never adds it.
+    pending: RunLog | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Another live process drives the run: this driver ran nothing."""
+        return isinstance(self.failure, RunBusy)
 
 
 class RunService:
@@ -75,6 +91,9 @@ class RunService:
         workers: int | None = None,
         keep_logs: int = 10_000,
         poll: float = 0.5,
+        take_over_every: float | None = 2.0,
+        signing_key: Any = None,
+        old_signing_keys: Sequence[Any] = (),
     ) -> None:
         self.flows = flows
         self.context = Context(
@@ -83,11 +102,20 @@ class RunService:
             batch=broker is not None,
             workers=workers,
             on_event=self._on_event,
+            signing_key=signing_key,
+            old_signing_keys=old_signing_keys,
         )
         self.store: Any = self.context.store
         self.poll = poll
+        if take_over_every is not None and not take_over_every > 0:
+            raise ConfigError(
+                f"take_over_every must be a positive number of seconds, not {take_over_every}"
+            )
+        # A process-local store has no other driver whose runs could be orphaned.
+        self.take_over_every = None if self.store.process_local else take_over_every
         self._logs = LogBook(keep_logs)
         self._drivers: dict[str, _Driver] = {}
+        self._unserved: set[str] = set()  # runs of flows not served here, warned about
         self._tg: anyio.abc.TaskGroup | None = None
         self._accepting = False
 
@@ -96,39 +124,84 @@ class RunService:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[RunService]:
         """Open the context, take up orphaned runs; on the way out, hand back the rest."""
-        async with self.context, anyio.create_task_group() as tg:
-            self._tg = tg
-            self._accepting = True
-            try:
-                await self.take_over()
-                yield self
-            finally:
-                self._accepting = False
-                with anyio.CancelScope(shield=True):
-                    await self._hand_back()
-                self._tg = None
+        async with self.context:
+            # Read before the task group, so that an unreadable store is one plain error.
+            records = await self._readable_runs()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._accepting = True
+                scanning = anyio.CancelScope()
+                try:
+                    await self.take_over(records)
+                    if self.take_over_every is not None:
+                        tg.start_soon(self._keep_taking_over, scanning, name="flowdsl take-over")
+                    yield self
+                finally:
+                    scanning.cancel()
+                    self._accepting = False
+                    with anyio.CancelScope(shield=True):
+                        await self._hand_back()
+                    self._tg = None
 
-    async def take_over(self) -> list[str]:
-        """Drive every unfinished run of a served flow that nobody here drives; their ids.
+    async def take_over(self, records: list[RunRecord] | None = None) -> list[str]:
+        """Offer to drive every unfinished run of a served flow not driven here; the ids of
+        the runs this service took up.
 
-        Every such run is taken to have lost its driver.  With the run lease, this is where
-        a replica would first take the run's lease and skip the runs another one holds.
+        The run lease decides: a run another live process drives is left to it (its
+        driver here ends at once, ``RunBusy``), one whose driver is gone is resumed.
         """
-        taken = []
-        for record in await self._all_runs():
+        offered = []
+        for record in await self._all_runs() if records is None else records:
             if record.status not in _UNFINISHED or record.run_id in self._drivers:
                 continue
             flow = self.flows.find(record.flow_ref)
             if flow is None:
-                logger.warning(
-                    "run %s of flow %s is left as it is: this service does not serve that flow",
-                    record.run_id,
-                    record.flow_ref,
-                )
+                if record.run_id not in self._unserved:
+                    self._unserved.add(record.run_id)
+                    logger.warning(
+                        "run %s of flow %s is left as it is: this service does not serve that flow",
+                        record.run_id,
+                        record.flow_ref,
+                    )
                 continue
-            await self._resume_driver(record, flow)
-            taken.append(record.run_id)
+            offered.append(await self._resume_driver(record, flow))
+        taken = []
+        for driver in offered:
+            await driver.started.wait()
+            if not driver.busy and driver.failure is None:
+                taken.append(driver.run_id)
         return taken
+
+    async def _readable_runs(self) -> list[RunRecord]:
+        """The store's runs, read when the service starts; a record this service cannot
+        read (or verify) stops it there, with what to do."""
+        try:
+            return await self._all_runs()
+        except CheckpointError as exc:
+            # Most often the store's records were signed with a key this service lacks.
+            raise ConfigError(
+                f"the service cannot read the runs in {self.store.url}: {exc.problem}",
+                flow=exc.flow,
+                node=exc.node,
+                hint="If another key signed them, start the service with that key "
+                "(--signing-key-env VAR; --old-signing-key-env VAR for a previous one)"
+                + (f". Otherwise: {exc.hint}" if exc.hint else ""),
+            ) from exc
+
+    async def _keep_taking_over(self, scope: anyio.CancelScope) -> None:
+        assert self.take_over_every is not None
+        with scope:
+            while True:
+                await anyio.sleep(self.take_over_every)
+                try:
+                    taken = await self.take_over()
+                except FlowError as exc:
+                    # A store that is away, or a record this service cannot read: it goes
+                    # on serving, and the next round tries again.
+                    logger.warning("taking up orphaned runs failed: %s", exc)
+                    continue
+                if taken:
+                    logger.info("took up %d run(s) whose driver is gone: %s", len(taken), taken)
 
     async def drain(self, grace: float) -> None:
         """Refuse new runs and wait up to *grace* seconds for the driven ones to end."""
@@ -171,8 +244,13 @@ class RunService:
         if record is not None:
             _check_same_flow(rid, record.flow_ref, flow)
             return record, False
-        call = functools.partial(self.context.run, flow, *args, run_id=rid, inputs=kwargs)
-        return await self._started(self._spawn(rid, flow, call)), True
+        call = functools.partial(
+            self.context.run, flow, *args, run_id=rid, inputs=kwargs, wait=False
+        )
+        driver = self._spawn(rid, flow, call)
+        record = await self._started(driver)
+        # Busy: another replica started the same id at the same moment, and drives it.
+        return record, not driver.busy
 
     async def get(self, run_id: str) -> RunRecord:
         return await self._record(run_id)
@@ -291,23 +369,27 @@ class RunService:
     # --- driving --------------------------------------------------------------------------
 
     def _spawn(
-        self, run_id: str, flow: Flow[..., Any], call: Callable[[], Awaitable[Any]]
+        self,
+        run_id: str,
+        flow: Flow[..., Any],
+        call: Callable[[], Awaitable[Any]],
+        log: RunLog | None = None,
     ) -> _Driver:
+        """Drive the run with *call* (a drive taken with ``wait=False``); its events go to
+        *log* (a fresh one by default) from the first on."""
         assert self._tg is not None
         driver = _Driver(run_id, flow)
         self._drivers[run_id] = driver
-        log = self._logs.get(run_id) or self._logs.add(RunLog(run_id))
-        log.reopen()
-        self._logs.settled(log)
-        self._tg.start_soon(self._drive, driver, call, log, name=f"flowdsl service run {run_id}")
+        driver.pending = self._logs.get(run_id) or log or RunLog(run_id)
+        self._tg.start_soon(self._drive, driver, call, name=f"flowdsl service run {run_id}")
         return driver
 
-    async def _drive(
-        self, driver: _Driver, call: Callable[[], Awaitable[Any]], log: RunLog
-    ) -> None:
+    async def _drive(self, driver: _Driver, call: Callable[[], Awaitable[Any]]) -> None:
         try:
             with driver.scope:
                 await call()
+        except RunBusy as exc:
+            driver.failure = exc  # another process drives it: nothing ran here
         except FlowError as exc:
             # A failed run is in the store; only a failure before the run began is news.
             driver.failure = exc
@@ -317,8 +399,10 @@ class RunService:
         finally:
             if self._drivers.get(driver.run_id) is driver:
                 del self._drivers[driver.run_id]
-            log.close()
-            self._logs.settled(log)
+            log = self._logs.get(driver.run_id)
+            if driver.pending is None and log is not None:
+                log.close()
+                self._logs.settled(log)
             if driver.handing_back:
                 with anyio.CancelScope(shield=True):
                     await self._put_back(driver.run_id)
@@ -336,18 +420,18 @@ class RunService:
 
     async def _resume_driver(self, record: RunRecord, flow: Flow[..., Any]) -> _Driver:
         run_id = record.run_id
-        if self._logs.get(run_id) is None:
+        log = self._logs.get(run_id)
+        if log is None:
             # Number its events on from what a watcher may have seen of its history.
             history = history_of(record, await self.store.load_nodes(run_id))
-            if self._logs.get(run_id) is None:
-                log = RunLog(run_id)
-                for event in history:
-                    log.append(event)
-                self._logs.add(log)
+            log = RunLog(run_id)
+            for event in history:
+                log.append(event)
         driver = self._drivers.get(run_id)
         if driver is not None:
             return driver
-        return self._spawn(run_id, flow, functools.partial(self.context.resume, run_id, flow=flow))
+        resume = functools.partial(self.context.resume, run_id, flow=flow, wait=False)
+        return self._spawn(run_id, flow, resume, log)
 
     async def _started(self, driver: _Driver) -> RunRecord:
         """The run's record once its driver has made it (or the reason it could not)."""
@@ -364,6 +448,11 @@ class RunService:
         if driver is not None:
             if driver.handing_back and isinstance(event, ev.RunFailed):
                 return  # the run is not over: the next service goes on with it
+            if driver.pending is not None:
+                # The drive took the lease: its log is the run's log from now on.
+                driver.pending.reopen()
+                self._logs.add(driver.pending)
+                driver.pending = None
             if isinstance(event, ev.RunStarted):
                 driver.started.set()
         log = self._logs.get(run_id) or self._logs.add(RunLog(run_id, open=True))
