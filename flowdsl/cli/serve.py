@@ -88,6 +88,15 @@ __all__ = ["serve"]
     "(left running, for the next service to take up).",
 )
 @click.option(
+    "--take-over-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often to look for unfinished runs whose driver is gone (another service "
+    "that died) and take them up; the run lease keeps replicas from both driving a run.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=0),
     metavar="N",
@@ -112,6 +121,7 @@ def serve(
     tls_key: str | None,
     max_message_bytes: int,
     grace: float,
+    take_over_every: float,
     workers: int | None,
     paths: tuple[str, ...],
     signing_key_env: str | None,
@@ -149,6 +159,7 @@ def serve(
         "tls": tls,
         "max_message_bytes": max_message_bytes,
         "grace": grace,
+        "take_over_every": take_over_every,
         "workers": workers,
         **keys,
     }

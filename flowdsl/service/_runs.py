@@ -72,6 +72,7 @@ class _Driver:
     # Its log, until the run's first event adds it to the book (None after): a drive that
     # finds the run busy never adds it.
     pending: RunLog | None = None
+    fresh: bool = False  # its drive began the run (a RunStarted that is not a resume)
 
     @property
     def busy(self) -> bool:
@@ -248,9 +249,10 @@ class RunService:
             self.context.run, flow, *args, run_id=rid, inputs=kwargs, wait=False
         )
         driver = self._spawn(rid, flow, call)
-        record = await self._started(driver)
-        # Busy: another replica started the same id at the same moment, and drives it.
-        return record, not driver.busy
+        # Another replica may have started the same id at the same moment: then only the
+        # call whose drive began the run says it was created (none, if the other
+        # replica's drive took the lease first and this one's record was the new one).
+        return await self._started(driver), driver.fresh
 
     async def get(self, run_id: str) -> RunRecord:
         return await self._record(run_id)
@@ -453,7 +455,8 @@ class RunService:
                 driver.pending.reopen()
                 self._logs.add(driver.pending)
                 driver.pending = None
-            if isinstance(event, ev.RunStarted):
+            if isinstance(event, ev.RunStarted) and not driver.started.is_set():
+                driver.fresh = not event.resumed
                 driver.started.set()
         log = self._logs.get(run_id) or self._logs.add(RunLog(run_id, open=True))
         log.append(event)

@@ -247,6 +247,7 @@ async def open_service(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     grace: float = 10.0,
     workers: int | None = None,
+    take_over_every: float | None = 2.0,
     signing_key: Any = None,
     old_signing_keys: Sequence[Any] = (),
 ) -> AsyncIterator[Serving]:
@@ -255,7 +256,8 @@ async def open_service(
     *flows* are the flows requests may name (by ``module:qualname``), or a registry of the
     flows of some modules (what ``flowdsl serve --import`` builds).  *tls* is ``(certificate
     chain PEM, private key PEM)``; *token*, when given, is the bearer token every call must
-    carry.  *signing_key* and *old_signing_keys* are the context's (see docs/security.md):
+    carry.  Every *take_over_every* seconds the service takes up the unfinished runs whose
+    driver is gone (``None``: only when it starts).  *signing_key* and *old_signing_keys* are the context's (see docs/security.md):
     the service signs what it writes and refuses records it cannot verify.
     """
     require_asyncio("the flowdsl service")
@@ -267,6 +269,7 @@ async def open_service(
         store=store,
         broker=broker,
         workers=workers,
+        take_over_every=take_over_every,
         signing_key=signing_key,
         old_signing_keys=old_signing_keys,
     )
