@@ -257,8 +257,9 @@ async def open_service(
     flows of some modules (what ``flowdsl serve --import`` builds).  *tls* is ``(certificate
     chain PEM, private key PEM)``; *token*, when given, is the bearer token every call must
     carry.  Every *take_over_every* seconds the service takes up the unfinished runs whose
-    driver is gone (``None``: only when it starts).  *signing_key* and *old_signing_keys* are the context's (see docs/security.md):
-    the service signs what it writes and refuses records it cannot verify.
+    driver is gone (``None``: only when it starts).  *signing_key* and *old_signing_keys*
+    are the context's (see docs/security.md): the service signs what it writes and refuses
+    records it cannot verify.
     """
     require_asyncio("the flowdsl service")
     if token is not None and not token:
