@@ -130,7 +130,9 @@ def test_runs_show_of_a_run_still_going_shows_its_record(services: Any, tmp_path
     anyio.run(go, backend="asyncio")
     shown = json.loads(invoke("runs", "show", "going", "--server", service.url, "--json").stdout)
     assert shown["run"]["status"] == "running"
-    assert shown["nodes"] == []
+    # No journal through the service while it runs: nothing is shown as done (the nodes
+    # are listed, as pending, when the flow's module is imported here).
+    assert [n for n in shown["nodes"] if n["status"] != "pending"] == []
     (tmp_path / "gates" / "held").touch()
 
 

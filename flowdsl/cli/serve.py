@@ -6,6 +6,7 @@ other commands work without the ``serve`` extra.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import Any
@@ -171,6 +172,10 @@ async def _serve_until_stopped(open_service: Any, flows: Any, options: dict[str,
     # interrupt the hand-back of the runs still going.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_service(flows, **options) as serving:
+            # What start-up made (modules, flows, grpc) lives as long as the process: out
+            # of the collector's way, a full collection stops the service for a fraction of
+            # the time (70 ms at the worst before, under the benchmark's load).
+            gc.freeze()
             scheme = "grpcs" if options["tls"] else "grpc"
             taken = serving.runs.driving
             click.echo(

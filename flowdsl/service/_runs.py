@@ -28,6 +28,7 @@ import base64
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -152,7 +153,7 @@ class RunService:
         driver here ends at once, ``RunBusy``), one whose driver is gone is resumed.
         """
         offered = []
-        for record in await self._all_runs() if records is None else records:
+        for record in await self.store.unfinished_runs() if records is None else records:
             if record.status not in _UNFINISHED or record.run_id in self._drivers:
                 continue
             flow = self.flows.find(record.flow_ref)
@@ -174,10 +175,11 @@ class RunService:
         return taken
 
     async def _readable_runs(self) -> list[RunRecord]:
-        """The store's runs, read when the service starts; a record this service cannot
-        read (or verify) stops it there, with what to do."""
+        """The store's runs, read (and verified) once when the service starts: a record
+        this service cannot read stops it there, with what to do."""
         try:
-            return await self._all_runs()
+            records: list[RunRecord] = await self.store.list_runs(limit=2**62)
+            return records
         except CheckpointError as exc:
             # Most often the store's records were signed with a key this service lacks.
             raise ConfigError(
@@ -191,9 +193,13 @@ class RunService:
 
     async def _keep_taking_over(self, scope: anyio.CancelScope) -> None:
         assert self.take_over_every is not None
+        spent = 0.0
         with scope:
             while True:
-                await anyio.sleep(self.take_over_every)
+                # A store that cannot select unfinished runs is read whole: then the scans
+                # are spaced so that they take no more than a twentieth of the time.
+                await anyio.sleep(max(self.take_over_every, 20 * spent))
+                began = time.monotonic()
                 try:
                     taken = await self.take_over()
                 except FlowError as exc:
@@ -201,6 +207,8 @@ class RunService:
                     # on serving, and the next round tries again.
                     logger.warning("taking up orphaned runs failed: %s", exc)
                     continue
+                finally:
+                    spent = time.monotonic() - began
                 if taken:
                     logger.info("took up %d run(s) whose driver is gone: %s", len(taken), taken)
 
@@ -498,14 +506,6 @@ class RunService:
             self._logs.add(log)
         return log
 
-    async def _all_runs(self) -> list[RunRecord]:
-        limit = 1000
-        while True:
-            records: list[RunRecord] = await self.store.list_runs(limit=limit)
-            if len(records) < limit:
-                return records
-            limit *= 4
-
     def _check_accepting(self) -> None:
         if not self._accepting:
             raise ServiceError(
@@ -597,6 +597,4 @@ def _after(records: list[RunRecord], cursor: tuple[str, float] | None) -> int:
 
 
 def _now() -> float:
-    import time
-
     return time.time()

@@ -108,12 +108,30 @@ INSERT_RUN: Final = (
     "created_at, updated_at, result, error, failed_node, code, integrity, state_integrity) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The columns of a run's row, in the order the SELECTs name them.
+RUN_COLUMNS: Final = (
+    "run_id",
+    "flow",
+    "flow_ref",
+    "fingerprint",
+    "inputs",
+    "status",
+    "created_at",
+    "updated_at",
+    "result",
+    "error",
+    "failed_node",
+    "code",
+    "check",
+    "state_check",
+)
 _RUN_SELECT: Final = (
     "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
     "result, error, failed_node, code, integrity, state_integrity FROM runs "
 )
 SELECT_RUN: Final = _RUN_SELECT + "WHERE run_id = ?"
 LIST_RUNS: Final = _RUN_SELECT + "ORDER BY created_at DESC, rowid DESC LIMIT ?"
+UNFINISHED_RUNS: Final = _RUN_SELECT + "WHERE status IN ('running', 'waiting')"
 UPDATE_RUN: Final = (
     "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
     "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code), state_integrity = ? "
