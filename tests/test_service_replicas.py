@@ -155,3 +155,21 @@ async def test_a_replica_killed_mid_run_its_runs_finish_on_the_other(
         assert held_starts[f"held:{x}"] == [b.proc.pid]
         assert {where[f"{step}:{x}"] for step in ("one", "held", "two")} == {b.proc.pid}
     b.stop()
+
+
+async def test_cancel_through_the_replica_that_does_not_drive_the_run_is_refused(
+    services: Any, tmp_path: Path
+) -> None:
+    a, b = services(), services()
+    async with fd.Client(a.url) as to_a, fd.Client(b.url) as to_b:
+        await to_a.start("service_flows:counted_gated", {"x": 7}, run_id="held-on-a")
+        await wait_until_started(to_a, "held-on-a", "stage_held")
+        with pytest.raises(fd.service.ServiceError) as refused:
+            await to_b.cancel("held-on-a")
+        assert refused.value.code == "FAILED_PRECONDITION"
+        assert f"is being driven by process {a.proc.pid} on host" in str(refused.value)
+        assert (await to_b.get("held-on-a")).status == "running"
+        cancelled = await to_a.cancel("held-on-a")
+        assert cancelled.status == "cancelled"
+    a.stop()
+    b.stop()

@@ -24,7 +24,6 @@ through the store (see :meth:`RunService.watch`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import logging
@@ -41,11 +40,20 @@ from .. import _codec
 from .. import events as ev
 from .._context import Context
 from .._define.dsl import Flow
+from .._engine.lease import (
+    DEFAULT_TTL,
+    describe_owner,
+    mark_alive,
+    mark_gone,
+    new_owner,
+    process_gone,
+)
 from .._errors import CheckpointError, CodecError, ConfigError, FlowError, RunBusy
 from .._records import RunRecord, RunStatus
 from ._errors import ServiceError
 from ._flows import FlowRegistry
 from ._log import Entry, LogBook, RunLog, history_of
+from ._paging import after_cursor, decode_token, encode_token, status_filter
 
 __all__ = ["RunService", "as_service_error"]
 
@@ -282,13 +290,47 @@ class RunService:
                 flow=record.flow,
                 hint="Only a running or waiting run can be cancelled",
             )
-        # Nobody drives it here: mark it, so that no service takes it up again.
-        await self.store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
+        # Nobody drives it here: mark it, so that no service takes it up again, holding its
+        # lease meanwhile; a run another live process drives is that process's to cancel.
+        async with self._lease_of(record) as owner:
+            if owner is not None:
+                raise ServiceError(
+                    f"run {run_id!r} is being driven by {describe_owner(owner)}, not by this "
+                    "service",
+                    code="FAILED_PRECONDITION",
+                    flow=record.flow,
+                    hint="Cancel it through the service that drives it (the replica that "
+                    "started or took it up)",
+                )
+            await self.store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
         log = self._logs.get(run_id)
         if log is not None:
             log.append(ev.RunFailed(run_id, _now(), "cancelled", cancelled=True))
             self._logs.settled(log)
         return await self._record(run_id)
+
+    @contextlib.asynccontextmanager
+    async def _lease_of(self, record: RunRecord) -> AsyncIterator[str | None]:
+        """Hold *record*'s run lease for the block (``None``), or yield the owner of the
+        live driver that holds it."""
+        run_id, owner = record.run_id, str(new_owner())
+        mark_alive(owner, self)  # so that a take-over in this process waits for it
+        try:
+            held = await self.store.acquire_lease(run_id, owner, DEFAULT_TTL)
+            if held is not None and process_gone(held.owner):
+                held = await self.store.acquire_lease(
+                    run_id, owner, DEFAULT_TTL, replacing=held.owner
+                )
+            if held is not None:
+                yield held.owner
+                return
+            try:
+                yield None
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.store.release_lease(run_id, owner)
+        finally:
+            mark_gone(owner)
 
     async def resume(self, run_id: str) -> RunRecord:
         """Drive a failed, cancelled or orphaned run again from its journal."""
@@ -348,8 +390,8 @@ class RunService:
         if page_size < 0:
             raise ServiceError(f"page_size {page_size} is negative", code="INVALID_ARGUMENT")
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
-        wanted = _status_filter(status)
-        cursor = _decode_token(page_token) if page_token else None
+        wanted = status_filter(status)
+        cursor = decode_token(page_token) if page_token else None
 
         def keep(record: RunRecord) -> bool:
             if wanted is not None and record.status is not wanted:
@@ -359,14 +401,14 @@ class RunService:
         limit = size + 1
         while True:
             records: list[RunRecord] = await self.store.list_runs(limit=limit)
-            rest = records[_after(records, cursor) :]
+            rest = records[after_cursor(records, cursor) :]
             matches = [record for record in rest if keep(record)]
             if len(matches) > size or len(records) < limit:
                 break
             limit *= 4
         page = matches[:size]
         more = len(matches) > size
-        return page, _encode_token(page[-1]) if more and page else ""
+        return page, encode_token(page[-1]) if more and page else ""
 
     async def watch(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Entry]:
         """The run's events after *after_seq*, as they happen, until the run ends."""
@@ -548,52 +590,6 @@ def _checked_run_id(run_id: str) -> str:
             hint=f"Use up to {MAX_RUN_ID} printable characters, no leading or trailing spaces",
         )
     return run_id
-
-
-def _status_filter(status: str) -> RunStatus | None:
-    if not status:
-        return None
-    try:
-        return RunStatus(status)
-    except ValueError:
-        known = ", ".join(s.value for s in RunStatus)
-        raise ServiceError(
-            f"unknown status {status!r}", code="INVALID_ARGUMENT", hint=f"Use one of {known}"
-        ) from None
-
-
-def _encode_token(record: RunRecord) -> str:
-    text = _codec.dumps([record.run_id, record.created_at])
-    return base64.urlsafe_b64encode(text.encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, float]:
-    try:
-        run_id, created_at = _codec.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(run_id, str) and isinstance(created_at, int | float):
-            return run_id, float(created_at)
-    except (ValueError, TypeError, CodecError):
-        pass
-    raise ServiceError(
-        "page_token is not one this service gave",
-        code="INVALID_ARGUMENT",
-        hint="Pass the next_page_token of the previous ListRuns reply, or none",
-    )
-
-
-def _after(records: list[RunRecord], cursor: tuple[str, float] | None) -> int:
-    """The index of the first record after *cursor* in a newest-first list."""
-    if cursor is None:
-        return 0
-    run_id, created_at = cursor
-    for i, record in enumerate(records):
-        if record.run_id == run_id:
-            return i + 1
-    # The cursor's run is gone (or not read yet): go by time.
-    for i, record in enumerate(records):
-        if record.created_at < created_at:
-            return i
-    return len(records)
 
 
 def _now() -> float:
