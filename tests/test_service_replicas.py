@@ -173,3 +173,22 @@ async def test_cancel_through_the_replica_that_does_not_drive_the_run_is_refused
         assert cancelled.status == "cancelled"
     a.stop()
     b.stop()
+
+
+async def test_a_waiting_run_of_a_killed_replica_is_taken_up_and_signalled(
+    services: Any,
+) -> None:
+    a, b = services(), services()
+    async with fd.Client(a.url) as to_a:
+        await to_a.start("service_flows:approved", {"topic": "launch"}, run_id="waits")
+        async for event in to_a.watch("waits"):
+            if event.type == "RunWaiting":
+                break
+    a.kill()
+    async with fd.Client(b.url) as to_b:
+        # B takes the run up (its driver is gone) and waits in its place; the signal
+        # reaches it through B.
+        await to_b.signal("waits", "approval", True)
+        ended = await to_b.wait("waits")
+    assert (ended.status, ended.result) == ("finished", "launch: yes")
+    b.stop()
