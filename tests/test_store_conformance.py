@@ -177,6 +177,18 @@ async def test_list_runs_newest_first_with_a_limit(store: Store) -> None:
     assert await store.list_runs(limit=0) == []
 
 
+async def test_unfinished_runs_are_the_running_and_waiting_ones(store: Store) -> None:
+    for status in RunStatus:
+        await store.create_run(run_record(status.value))
+        await store.update_run(status.value, status=status)
+    unfinished = await store.unfinished_runs()
+    assert sorted(r.run_id for r in unfinished) == ["running", "waiting"]
+    assert {r.run_id: r.status for r in unfinished} == {
+        "running": RunStatus.RUNNING,
+        "waiting": RunStatus.WAITING,
+    }
+
+
 # --- the journal -----------------------------------------------------------------------------
 
 

@@ -146,6 +146,13 @@ class Store(abc.ABC):
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         """The newest runs first."""
 
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Every run still running or waiting, in no particular order: the runs a driver
+        that died may have left (what a service looks through to take them up).  This
+        reads every run; a store that can select by status does."""
+        records = await self.list_runs(limit=2**62)
+        return [record for record in records if not record.status.ended]
+
     # --- the run lease (see the module docstring) ----------------------------------------
 
     @abc.abstractmethod

@@ -38,6 +38,7 @@ from .main import (
 )
 from .progress import dynamic_progress
 from .providers import llm_option, provider_of
+from .remote import check_server_use, records_from_service, run_from_service, server_options
 from .render import (
     iso,
     json_or_text,
@@ -78,6 +79,7 @@ def runs() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @signing_options
+@server_options
 def runs_list(
     store: str | None,
     limit: int,
@@ -85,29 +87,47 @@ def runs_list(
     as_json: bool,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
+    server: str | None,
+    token_env: str | None,
+    tls_ca: str | None,
 ) -> None:
-    """List the newest runs in a store: id, flow, status, started, duration.
+    """List the newest runs in a store (or that a service reports): id, flow, status,
+    started, duration.
 
     \b
     Examples:
       flowdsl runs list --store sqlite:///runs.db --limit 20
       flowdsl runs list --status failed
+      flowdsl runs list --server grpc://127.0.0.1:50051 --token-env FLOWDSL_TOKEN
     """
-    store = store_or_default(store)
-    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
+    token = check_server_use(
+        server,
+        token_env,
+        tls_ca,
+        store_given=_given("store"),
+        signing=_given("signing_key_env") or _given("old_signing_key_envs"),
+    )
+    if server is not None:
+        where = server
+        records = records_from_service(
+            server, token=token, ca_cert=tls_ca, statuses=statuses, limit=limit
+        )
+    else:
+        store = where = store_or_default(store)
+        seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
 
-    async def fetch() -> list[RunRecord]:
-        async with opened_store(store, seal) as opened:
-            return await runs_with_status(opened, statuses, limit)
+        async def fetch() -> list[RunRecord]:
+            async with opened_store(store, seal) as opened:
+                return await runs_with_status(opened, statuses, limit)
 
-    records = anyio.run(fetch)
+        records = anyio.run(fetch)
     if as_json:
         write_json(sys.stdout, [run_to_json(r) for r in records])
         return
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"runs in {hide_credentials(store)}"), title_justify="left")
+    table = Table(title=Text(f"runs in {hide_credentials(where)}"), title_justify="left")
     for column in ("run id", "flow", "status", "started", "duration"):
         table.add_column(
             column, justify="right" if column == "duration" else "left", no_wrap=column == "run id"
@@ -146,6 +166,7 @@ def runs_list(
     help="Print the traceback of the step that failed the run (kept in its record).",
 )
 @signing_options
+@server_options
 def runs_show(
     run_id: str,
     store: str | None,
@@ -156,6 +177,9 @@ def runs_show(
     show_traceback: bool,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
+    server: str | None,
+    token_env: str | None,
+    tls_ca: str | None,
 ) -> None:
     """Show the run RUN_ID: its record, a table of its nodes, its provider batch jobs and
     its dead letters (with --traceback, the traceback of the step that failed it).
@@ -169,25 +193,30 @@ def runs_show(
     listed as the store last saw them: the provider, the job id, its status and request
     counts; the usage's cost is at the batch price.
 
+    With --server, the run is asked of a service: its nodes are the ones its events
+    tell (once the run has ended), and no dead letters are listed.
+
     \b
-    Example:
+    Examples:
       flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
+      flowdsl runs show 3f9a0c1d2b7e4a55 --server grpc://127.0.0.1:50051
     """
-    store = store_or_default(store)
-    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
-
-    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]], Any]:
-        async with opened_store(store, seal) as opened:
-            record = await opened.get_run(run_id)
-            if record is None:
-                raise CommandFailed(
-                    f"no run {run_id!r} in {hide_credentials(store)} (see `flowdsl runs list`)"
-                )
-            journal = await opened.load_nodes(run_id)
-            jobs = [attrs.asdict(job) for job in await run_jobs(opened, run_id)]
-        return record, journal, await _dead_letters(broker or store, run_id), jobs
-
-    record, journal, dead, jobs = anyio.run(fetch)
+    token = check_server_use(
+        server,
+        token_env,
+        tls_ca,
+        store_given=_given("store"),
+        signing=_given("signing_key_env") or _given("old_signing_key_envs"),
+        broker=broker if _given("broker") else None,
+    )
+    dead: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    if server is not None:
+        record, journal = run_from_service(server, run_id, token=token, ca_cert=tls_ca)
+    else:
+        record, journal, dead, jobs = _from_store(
+            store_or_default(store), broker, run_id, signing_key_env, old_signing_key_envs
+        )
     for path in paths:
         add_to_path(path)
     import_modules(imports)
@@ -203,6 +232,37 @@ def runs_show(
         print_batch_jobs(jobs)
     if dead:
         print_dead_letters(dead)
+
+
+def _given(option: str) -> bool:
+    """Whether *option* was given on the command line (not from the environment)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(option)
+    return source is ParameterSource.COMMANDLINE
+
+
+def _from_store(
+    store: str,
+    broker: str | None,
+    run_id: str,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]], list[dict[str, Any]]]:
+    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
+
+    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]], Any]:
+        async with opened_store(store, seal) as opened:
+            record = await opened.get_run(run_id)
+            if record is None:
+                raise CommandFailed(
+                    f"no run {run_id!r} in {hide_credentials(store)} (see `flowdsl runs list`)"
+                )
+            journal = await opened.load_nodes(run_id)
+            jobs = [attrs.asdict(job) for job in await run_jobs(opened, run_id)]
+        return record, journal, await _dead_letters(broker or store, run_id), jobs
+
+    return anyio.run(fetch)
 
 
 async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:

@@ -137,6 +137,7 @@ _RUN_SELECT: Final = (
 )
 SELECT_RUN: Final = _RUN_SELECT + "WHERE run_id = ?"
 LIST_RUNS: Final = _RUN_SELECT + "ORDER BY created_at DESC, rowid DESC LIMIT ?"
+UNFINISHED_RUNS: Final = _RUN_SELECT + "WHERE status IN ('running', 'waiting')"
 UPDATE_RUN: Final = (
     "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
     "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code), state_integrity = ?, "

@@ -301,9 +301,16 @@ class SQLiteStore(Store):
             )
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        return await self._select_runs(schema.LIST_RUNS, (max(limit, 0),))
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        # Only the matching rows are decoded (and verified): the store may hold many more.
+        return await self._select_runs(schema.UNFINISHED_RUNS, ())
+
+    async def _select_runs(self, query: str, params: tuple[Any, ...]) -> list[RunRecord]:
         await checkpoint_if_cancelled()
         try:
-            rows = self._db().execute(schema.LIST_RUNS, (max(limit, 0),)).fetchall()
+            rows = self._db().execute(query, params).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         return [self._run_from_row(_id_of(row), row) for row in rows]
