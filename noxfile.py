@@ -134,6 +134,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_batch(session: nox.Session) -> None:
+    """Batch throughput (issue 20): W2 in batch on the SQLite queue, Redis and NATS beside
+    real time and the raw broker floors; needs redis-server and nats-server on PATH."""
+    session.install("-e", ".[all]")
+    session.run("python", "-m", "benchmarks.batch", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_peers(session: nox.Session) -> None:
     """flowdsl beside LangGraph and DBOS; the peers live in this session's venv only.
 

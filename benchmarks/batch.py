@@ -1,178 +1,389 @@
-"""Batch mode (issue 4): W2 on the embedded SQLite queue, beside real-time mode.
+"""Batch throughput (issue 20): W2 in batch mode on the embedded SQLite queue, Redis Streams
+and NATS JetStream, beside real time and the raw broker floors, in one run.
 
-Four configurations, measured side by side in one process run, in interleaved rounds:
+Measured side by side in interleaved rounds, in this process:
 
-- real time, in-memory store (``fd.Context()``), the mode of W2;
-- real time, SQLite store: every result durable, as in batch mode, but no queue;
-- batch, in-process workers: ``fd.Context(batch=True, store=..., workers=2,
-  worker_concurrency=C)``;
-- batch, two worker processes: ``fd.Context(batch=True, store=..., workers=0)`` and two
-  subprocesses serving the same file with ``flowdsl._executors.batch.serve`` (the steps are
-  imported from ``benchmarks.workloads``);
-- batch, one worker process, for information: how far one process goes when it need not
-  share the queue (on 2 cores, the client process is the other party).
+- real time, in-memory store (``fd.Context()``): W2 with ``--runs`` runs at once;
+- batch on each broker: ``fd.Context(batch=True, broker=URL, store=URL, workers=0)`` and
+  2 worker processes (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it),
+  the same W2 (1 step -> 20 steps of ``sleep(0.05)`` -> 1 reduce);
+- the raw floors, 1 KB messages: redis-py XADD / XREADGROUP + XACK one at a time and
+  pipelined by 100; nats-py JetStream publish / fetch + ack one at a time and batched by
+  100 (``redis_bench`` and ``nats_bench`` define them).
 
-Two workloads: W2 as it is (fan-out steps that sleep 50 ms), with fewer runs at once than
-W2 (a queue round trip per step makes 200 x 22 tasks slow to wait for on a shared machine),
-and W2 with ``delay=0``: every step trivial, which measures the queue's throughput in steps
-per second per worker process.
+Beside runs per second: CPU per step of the client process and of the two worker
+processes (``process_time`` and ``/proc``); then, in a second pass with tracemalloc on in
+the client and in fresh worker processes, memory per in-flight run: traced bytes at the
+batch's peak above its start (client plus workers; real time: the one process) / runs.
 
-    python -m benchmarks.batch [--quick]
+The worker processes run with ``--concurrency`` slots each (1,000 by default): a stand-in
+for async concurrency that is not capped by the slots meant for sync steps, until workers
+size that themselves.
+
+    python -m benchmarks.batch [--quick] [--runs N] [--rounds N] [--concurrency C] [--json F]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import os
 import tempfile
-from collections.abc import Callable, Coroutine
-from contextlib import AsyncExitStack
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
+from rich.console import Console
 
 import flowdsl as fd
 
+from . import nats_bench, redis_bench
 from . import workloads as w
 from ._brokers import Call, caller, worker_processes
-from ._harness import (
-    Config,
-    Section,
-    Table,
-    Target,
-    interleaved,
-    median,
-    paired,
-)
-from .w2_fanout import Batch, batch
+from ._harness import Config, Section, Table, Target, interleaved, median, paired, run_section
+from .w2_fanout import batch
 
-__all__ = ["run"]
+__all__ = ["main", "measure", "run"]
 
-THROUGHPUT_TARGET = 1000.0  # trivial steps per second per worker process
+RUNS_TARGET = 300.0  # W2 runs/s in batch, on each broker (issue 20)
+MEMORY_TARGET = 2.0  # memory per in-flight batch run (client + workers) x real time's
 PROCESSES = 2
 STEPS = w.FANOUT + 2
+CONCURRENCY = 1000  # per worker process: a stand-in for uncapped async concurrency
+BROKERS = ("SQLite queue", "Redis", "NATS")
+REAL_TIME = "real time, memory store"
+
+
+@attrs.frozen
+class Measured:
+    """One batch of W2 runs: wall time, latencies, CPU and memory."""
+
+    wall: float
+    p50: float
+    p99: float
+    client_cpu: float  # seconds of this process's CPU during the batch
+    worker_cpu: float  # seconds of the worker processes' CPU during the batch
+
+
+# A worker process for the memory pass: serves like ``worker_processes``' with tracemalloc
+# on; SIGUSR1 writes "current peak" (bytes) to the file named after the concurrency and
+# resets the peak.
+_TRACED_SERVE = """
+import functools, signal, sys, tracemalloc, anyio
+from flowdsl._executors.batch import serve
+
+tracemalloc.start()
+
+def report(*_):
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    with open(sys.argv[3], "w") as f:
+        f.write(f"{current} {peak}")
+
+signal.signal(signal.SIGUSR1, report)
+
+async def main() -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(
+            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
+        ))
+        print("ready", flush=True)
+
+anyio.run(main)
+"""
+
+
+@contextmanager
+def _traced_workers(url: str, concurrency: int, directory: Path) -> Iterator[Callable[[], Any]]:
+    """2 traced worker processes serving *url*; yields ``probe()``, an async call giving
+    the summed ``(current, peak)`` traced bytes since the last probe."""
+    import signal
+    import subprocess
+    import sys
+
+    from ._harness import ROOT, subprocess_env
+
+    files = [directory / f"mem-{os.getpid()}-{time.monotonic_ns()}-{i}" for i in range(PROCESSES)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TRACED_SERVE, url, str(concurrency), str(f)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for f in files
+    ]
+
+    async def probe() -> tuple[int, int]:
+        for f in files:
+            f.unlink(missing_ok=True)
+        for proc in procs:
+            proc.send_signal(signal.SIGUSR1)
+        with anyio.fail_after(10):
+            while not all(f.exists() and f.read_text() for f in files):  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # another process writes them: nothing to wait on
+        pairs = [tuple(int(x) for x in f.read_text().split()) for f in files]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker process {proc.pid} did not start")
+        yield probe
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+async def _memory(
+    urls: dict[str, str], probes: dict[str, Callable[[], Any]], rounds: int, runs: int
+) -> dict[str, list[float]]:
+    """Bytes per in-flight run, traced: the client's peak above its start (this process)
+    plus the workers' peaks above theirs; real time: this process alone."""
+    import tracemalloc
+
+    async with AsyncExitStack() as stack:
+        contexts = {REAL_TIME: fd.Context()} | {
+            name: fd.Context(batch=True, broker=url, store=url, workers=0)
+            for name, url in urls.items()
+        }
+        callers = {n: caller(await stack.enter_async_context(c)) for n, c in contexts.items()}
+        for call in callers.values():  # warm up untraced: caches, connections, imports
+            await batch(call, min(runs, 100), w.LEAF_DELAY)
+
+        def one(name: str) -> Callable[[], Coroutine[Any, Any, float]]:
+            async def measure() -> float:
+                probe = probes.get(name)
+                before = (await probe())[0] if probe is not None else 0  # resets their peaks
+                tracemalloc.reset_peak()
+                base = tracemalloc.get_traced_memory()[0]
+                await batch(callers[name], runs, w.LEAF_DELAY)
+                grown = tracemalloc.get_traced_memory()[1] - base
+                if probe is not None:
+                    grown += (await probe())[1] - before  # the workers' peaks above their start
+                return grown / runs
+
+            return measure
+
+        tracemalloc.start()
+        try:
+            return await interleaved(rounds, {n: one(n) for n in callers}, warmup=0)
+        finally:
+            tracemalloc.stop()
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _w2(call: Call, runs: int, workers: list[int]) -> Measured:
+    cpu0, wcpu0 = time.process_time(), sum(_cpu(p) for p in workers)
+    b = await batch(call, runs, w.LEAF_DELAY)
+    cpu, wcpu = time.process_time() - cpu0, sum(_cpu(p) for p in workers) - wcpu0
+    return Measured(b.wall, b.p50, b.p99, cpu, wcpu)
 
 
 async def _measure(
-    directory: Path, rounds: int, runs: int, trivial_runs: int, concurrency: int
-) -> dict[str, list[tuple[Batch, Batch]]]:
+    urls: dict[str, str], pids: dict[str, list[int]], rounds: int, runs: int, messages: int
+) -> dict[str, list[Any]]:
+    redis_url = urls["Redis"].partition("?")[0]
+    nats_url = urls["NATS"].partition("?")[0]
     async with AsyncExitStack() as stack:
-        contexts = {
-            "real time, memory store": fd.Context(),
-            "real time, SQLite store": fd.Context(store=f"sqlite:///{directory}/rt.db"),
-            f"batch, {PROCESSES} in-process workers": fd.Context(
-                batch=True,
-                store=f"sqlite:///{directory}/inproc.db",
-                workers=PROCESSES,
-                worker_concurrency=concurrency,
+        contexts = {REAL_TIME: fd.Context()} | {
+            name: fd.Context(batch=True, broker=url, store=url, workers=0)
+            for name, url in urls.items()
+        }
+        callers = {n: caller(await stack.enter_async_context(c)) for n, c in contexts.items()}
+
+        def w2(name: str) -> Callable[[], Coroutine[Any, Any, Measured]]:
+            return lambda: _w2(callers[name], runs, pids.get(name, []))
+
+        systems: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
+            name: w2(name) for name in callers
+        }
+        systems |= {
+            "redis-py, one at a time": lambda: redis_bench.floor_one_at_a_time(redis_url, messages),
+            f"redis-py, pipelined x{redis_bench.PIPELINE}": lambda: redis_bench.floor_pipelined(
+                redis_url, messages * 10
             ),
-            f"batch, {PROCESSES} worker processes": fd.Context(
-                batch=True, store=f"sqlite:///{directory}/procs.db", workers=0
-            ),
-            "batch, 1 worker process": fd.Context(
-                batch=True, store=f"sqlite:///{directory}/proc1.db", workers=0
+            "nats-py, one at a time": lambda: nats_bench.floor_one_at_a_time(nats_url, messages),
+            f"nats-py, batched x{nats_bench.BATCH}": lambda: nats_bench.floor_batched(
+                nats_url, messages * 5
             ),
         }
-        callers = {
-            name: caller(await stack.enter_async_context(ctx)) for name, ctx in contexts.items()
-        }
-
-        def system(call: Call) -> Callable[[], Coroutine[Any, Any, tuple[Batch, Batch]]]:
-            async def both() -> tuple[Batch, Batch]:
-                slow = await batch(call, runs, w.LEAF_DELAY)
-                fast = await batch(call, trivial_runs, 0.0)
-                return slow, fast
-
-            return both
-
-        return await interleaved(rounds, {name: system(c) for name, c in callers.items()})
+        return await interleaved(rounds, systems)
 
 
 def run(config: Config) -> Section:
-    rounds = config.pick(default=5, quick=2)
-    runs = w.W2_RUNS if not config.quick else 20
-    trivial_runs = 100 if not config.quick else 40
-    concurrency = runs * w.FANOUT // PROCESSES  # every sleeping step can be in flight at once
-    fewer = f" (fewer than W2's {w.W2_RUNS}, to save time)" if runs < w.W2_RUNS else ""
+    """For ``python -m benchmarks``: the suite's options."""
+    rounds = config.pick(default=3, quick=1)
+    runs = 1000 if not config.quick else 100
+    return measure(
+        rounds=rounds,
+        runs=runs,
+        concurrency=CONCURRENCY,
+        messages=2000,
+        memory_rounds=config.pick(default=2, quick=1),
+    )
+
+
+def measure(
+    *, rounds: int, runs: int, concurrency: int, messages: int, memory_rounds: int = 1
+) -> Section:
     section = Section(
         "batch",
-        f"Batch mode: W2 with {runs} runs at once{fewer}, and W2 with trivial steps "
-        f"({trivial_runs} runs at once); medians of {rounds} interleaved rounds",
+        f"Batch throughput: W2 ({runs} runs at once) on 2 worker processes x {concurrency} "
+        f"slots per broker, beside real time and the raw broker floors (medians of {rounds} "
+        "interleaved rounds)",
     )
-    with tempfile.TemporaryDirectory(prefix="flowdsl-batch-") as tmp:
-        directory = Path(tmp)
-        with (
-            worker_processes(f"sqlite:///{directory}/procs.db", PROCESSES, concurrency),
-            worker_processes(f"sqlite:///{directory}/proc1.db", 1, concurrency * PROCESSES),
-        ):
-            results = anyio.run(
-                functools.partial(_measure, directory, rounds, runs, trivial_runs, concurrency)
-            )
-    reference = "real time, memory store"
-    base_slow = [slow.wall for slow, _ in results[reference]]
-    base_fast = [fast.wall for _, fast in results[reference]]
-    w2 = Table(
-        f"W2 (sleep {w.LEAF_DELAY} s), {runs} runs at once",
-        ["mode", "runs/s", "p50 ms", "p99 ms", "wall x real time", "overhead µs/step"],
-    )
-    trivial = Table(
-        f"trivial steps (delay 0), {trivial_runs} runs x {STEPS} steps at once",
-        ["mode", "steps/s", "steps/s per worker process", "wall x real time", "overhead µs/step"],
-    )
-    for name, measured in results.items():
-        slow = [s for s, _ in measured]
-        fast = [f for _, f in measured]
-        slow_walls = [b.wall for b in slow]
-        fast_walls = [b.wall for b in fast]
-        w2.add(
-            name,
-            median([runs / x for x in slow_walls]),
-            median([b.p50 for b in slow]) * 1e3,
-            median([b.p99 for b in slow]) * 1e3,
-            paired(slow_walls, base_slow, lambda a, b: a / b),
-            paired(slow_walls, base_slow, lambda a, b: (a - b) / (runs * STEPS) * 1e6),
-        )
-        steps_per_s = median([trivial_runs * STEPS / x for x in fast_walls])
-        processes = (
-            PROCESSES if "worker processes" in name else 1 if "worker process" in name else 0
-        )
-        per_process = steps_per_s / processes if processes else "-"
-        trivial.add(
-            name,
-            steps_per_s,
-            per_process,
-            paired(fast_walls, base_fast, lambda a, b: a / b),
-            paired(fast_walls, base_fast, lambda a, b: (a - b) / (trivial_runs * STEPS) * 1e6),
-        )
-        section.data[name] = {"w2_wall_s": slow_walls, "trivial_wall_s": fast_walls}
-        if "worker processes" in name:
-            section.targets.append(
-                Target(
-                    "trivial steps per second per worker process",
-                    steps_per_s / PROCESSES,
-                    THROUGHPUT_TARGET,
-                    "steps/s",
-                    at_least=True,
-                )
-            )
-    section.tables += [w2, trivial]
-    section.notes += [
-        f"worker concurrency {concurrency} per worker (in-process and processes alike), so "
-        "that every sleeping step of a batch can be in flight at once",
-        "overhead µs/step = (wall - real-time wall) / (runs x steps): the queue's cost per "
-        "step as the batch's wall time sees it, not CPU time per step",
-        "steps/s per worker process = steps of the batch / wall / processes; the client "
-        "process (scheduler, enqueue, completions) shares the 2 cores with the workers, so "
-        "the target is judged on the 2-process figure, the lower one",
-        "idle worker processes poll their queue (at most every 50 ms) while the other modes run",
-    ]
-    section.data.update(
-        runs=runs, trivial_runs=trivial_runs, rounds=rounds, concurrency=concurrency
-    )
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowdsl-batch-")))
+        redis = stack.enter_context(redis_bench.redis_server())
+        nats = stack.enter_context(nats_bench.nats_server())
+        urls = {
+            "SQLite queue": f"sqlite:///{tmp}/queue.db",
+            "Redis": f"{redis}?prefix=w2",
+            "NATS": f"{nats}?prefix=w2",
+        }
+        pids = {
+            name: stack.enter_context(worker_processes(url, PROCESSES, concurrency))
+            for name, url in urls.items()
+        }
+        results = anyio.run(functools.partial(_measure, urls, pids, rounds, runs, messages))
+    with ExitStack() as stack:  # the memory pass: tracemalloc slows what it watches
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowdsl-batch-")))
+        redis = stack.enter_context(redis_bench.redis_server())
+        nats = stack.enter_context(nats_bench.nats_server())
+        urls = {
+            "SQLite queue": f"sqlite:///{tmp}/queue.db",
+            "Redis": f"{redis}?prefix=mem",
+            "NATS": f"{nats}?prefix=mem",
+        }
+        probes = {
+            name: stack.enter_context(_traced_workers(url, concurrency, tmp))
+            for name, url in urls.items()
+        }
+        memory = anyio.run(functools.partial(_memory, urls, probes, memory_rounds, runs))
+    _report(section, results, memory, runs=runs, concurrency=concurrency)
+    section.data.update(runs=runs, rounds=rounds, concurrency=concurrency, messages=messages)
     return section
 
 
-if __name__ == "__main__":
-    from ._harness import standalone
+def _report(
+    section: Section,
+    results: dict[str, list[Any]],
+    memory: dict[str, list[float]],
+    *,
+    runs: int,
+    concurrency: int,
+) -> None:
+    base: list[Measured] = results[REAL_TIME]
+    table = Table(
+        f"W2: {runs} runs at once (1 -> {w.FANOUT} x sleep({w.LEAF_DELAY}) -> 1)",
+        [
+            "mode",
+            "runs/s",
+            "p50 ms",
+            "p99 ms",
+            "x real-time runs/s",
+            "client CPU µs/step",
+            "worker CPU µs/step",
+            "KiB per in-flight run",
+            "memory x real time",
+        ],
+    )
+    for name in (REAL_TIME, *BROKERS):
+        measured: list[Measured] = results[name]
+        rates = [runs / m.wall for m in measured]
+        per_run = memory[name]
+        steps = runs * STEPS
+        table.add(
+            name if name == REAL_TIME else f"batch, {name}",
+            median(rates),
+            median([m.p50 for m in measured]) * 1e3,
+            median([m.p99 for m in measured]) * 1e3,
+            paired([m.wall for m in base], [m.wall for m in measured], lambda a, b: a / b),
+            median([m.client_cpu / steps * 1e6 for m in measured]),
+            median([m.worker_cpu / steps * 1e6 for m in measured]) if name != REAL_TIME else "-",
+            median(per_run) / 1024,
+            paired(per_run, memory[REAL_TIME], _ratio),
+        )
+        section.data[name] = [attrs.asdict(m) for m in measured]
+        if name != REAL_TIME:
+            section.targets += [
+                Target(f"W2 in batch, {name}", median(rates), RUNS_TARGET, "runs/s", at_least=True),
+                Target(
+                    f"memory per in-flight batch run, {name}, x real time",
+                    paired(per_run, memory[REAL_TIME], _ratio),
+                    MEMORY_TARGET,
+                    "x",
+                ),
+            ]
+    floors = Table(
+        "raw broker floors, 1 KB messages, same run (produce + consume + ack)",
+        ["client", "messages/s"],
+    )
+    for name, values in results.items():
+        if name not in (REAL_TIME, *BROKERS):
+            floors.add(name, median(values))
+            section.data[name] = values
+    section.tables += [table, floors]
+    section.notes += [
+        f"worker processes: {concurrency} slots each, a stand-in for async steps that are not "
+        "capped by the slots of sync steps (issue 20's worker side)",
+        "CPU µs/step: CPU seconds of the client process (or of both worker processes) during "
+        f"the batch / ({runs} runs x {STEPS} steps); real time's client CPU includes running "
+        "the steps",
+        "memory (a separate pass, tracemalloc slowing what it watches): traced bytes at the "
+        "batch's peak above its start, / runs; batch: the client's plus both workers' "
+        "(each worker's peak above its own start); real time: the one process's",
+        "redis-server (appendonly, appendfsync everysec) and nats-server (-js, file storage) on "
+        "loopback, started by the benchmark; server, client and workers share the 2 cores",
+    ]
 
-    standalone(run)
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batch")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per measurement")
+    parser.add_argument("--runs", type=int, default=None, help="W2 runs (default 1000)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="slots per worker")
+    parser.add_argument("--messages", type=int, default=2000, help="floor messages, one at a time")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    config = Config(quick=args.quick, rounds=args.rounds)
+    rounds = config.pick(default=3, quick=1)
+    runs = args.runs or (1000 if not args.quick else 100)
+
+    def run_it(_: Config) -> Section:
+        return measure(
+            rounds=rounds,
+            runs=runs,
+            concurrency=args.concurrency,
+            messages=args.messages,
+            memory_rounds=config.pick(default=2, quick=1),
+        )
+
+    section = run_section(run_it, config)
+    section.show(Console())
+    if args.json is not None:
+        args.json.write_text(json.dumps(section.to_json(), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

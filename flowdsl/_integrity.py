@@ -166,20 +166,20 @@ class Seal:
         result: str | None,
         error: str | None,
         failed_node: str | None,
+        traceback: str | None = None,
     ) -> str:
-        """The check of how a run stands: status, result, error and failed node."""
-        return self.make("state", run_id, status, result, error, failed_node)
+        """The check of how a run stands: status, result, error, failed node and the
+        failure's traceback."""
+        return self.make(
+            "state", *_state_parts(run_id, status, result, error, failed_node, traceback)
+        )
+
+    def run_state_of(self, record: Any) -> str:
+        """:meth:`run_state` of a :class:`~flowdsl._records.RunRecord`."""
+        return self.make("state", *_record_state(record))
 
     def verify_run_state(self, record: Any, check: object) -> None:
-        self.verify(
-            check,
-            "state",
-            record.run_id,
-            record.status.value,
-            record.result,
-            record.error,
-            record.failed_node,
-        )
+        self.verify(check, "state", *_record_state(record))
 
     def cached(self, key: str, value: str) -> str:
         """The check of a cached step result under its cache key."""
@@ -187,6 +187,32 @@ class Seal:
 
     def verify_cached(self, key: str, value: str, check: object) -> None:
         self.verify(check, "cache", key, value)
+
+
+def _record_state(record: Any) -> tuple[Any, ...]:
+    return _state_parts(
+        record.run_id,
+        record.status.value,
+        record.result,
+        record.error,
+        record.failed_node,
+        record.traceback,
+    )
+
+
+def _state_parts(
+    run_id: str,
+    status: str,
+    result: str | None,
+    error: str | None,
+    failed_node: str | None,
+    traceback: str | None,
+) -> tuple[Any, ...]:
+    # A traceback is a part only when there is one: the checks of records written before
+    # tracebacks were kept (and of every run that did not fail) stay what they were.
+    if traceback is None:
+        return (run_id, status, result, error, failed_node)
+    return (run_id, status, result, error, failed_node, traceback)
 
 
 def _node_bytes(run_id: str, record: Any) -> bytes:

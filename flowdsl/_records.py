@@ -55,6 +55,9 @@ class RunRecord:
     # Node id -> why a resume ran its journaled result again: "changed" (its step's code,
     # version or wiring changed) or "upstream" (a node it depends on did).
     code: dict[str, str] = attrs.field(factory=dict)
+    # The traceback of the exception that failed the run (a failed node's), as masked
+    # and bounded text (see flowdsl._tracebacks); None for a record written before.
+    traceback: str | None = None
 
 
 @attrs.frozen

@@ -7,7 +7,8 @@
 openai or anthropic, at ``BASE_URL``) has ``batch_api``; it prints ``ready``.  ``start``
 is a client with one in-process worker that starts ``batch_llm_steps:ask_flow`` once per
 ``RUN_ID`` (the question is the run id), prints ``started``, then each result.  Options:
-``--lease``, ``--poll-every``, ``--flush-after``, ``--max-requests``.
+``--lease``, ``--poll-every``, ``--flush-after``, ``--max-requests``, ``--workers`` (for
+``start``: 0 leaves the steps to worker processes).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ async def serve_main(args: argparse.Namespace) -> None:
 async def start_main(args: argparse.Namespace) -> None:
     llm = provider(args)
     async with fd.Context(
-        batch=True, store=args.store, workers=1, lease=args.lease, llm=llm
+        batch=True, store=args.store, workers=args.workers, lease=args.lease, llm=llm
     ) as ctx:
         runs = [await ctx.start(ask_flow, rid, run_id=rid) for rid in args.run_ids]
         print("started", flush=True)
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--poll-every", type=float, default=0.05)
     parser.add_argument("--flush-after", type=float, default=30.0)
     parser.add_argument("--max-requests", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     anyio.run(serve_main if args.command == "serve" else start_main, args)
 

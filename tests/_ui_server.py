@@ -1,5 +1,7 @@
-"""The inspector's tests' helpers: a store with runs in it, a run the test holds open,
-and the app served by uvicorn on a loopback port, in a thread of the test process."""
+"""The inspector's tests' helpers: a store with runs in it (finished, failed in real time
+and in batch, left waiting), a run the test holds open, how a traceback names the line
+that failed, and the app served by uvicorn on a loopback port, in a thread of the test
+process."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,13 +32,48 @@ def fake_llm() -> FakeLLM:
     return FakeLLM(answer)
 
 
-async def populate(url: str) -> None:
-    """Three runs: two finished triages (one per branch case) and a failed ingest."""
-    async with fd.Context(store=url, llm=fake_llm()) as ctx:
+async def populate(url: str, signing_key: Any = None) -> None:
+    """Three runs: two finished triages (one per branch case) and a failed ingest (their
+    records signed with *signing_key*, if given)."""
+    ui_flows.FIXED.clear()  # a test that fixed the ingest must not make this one finish
+    async with fd.Context(store=url, llm=fake_llm(), signing_key=signing_key) as ctx:
         await ctx.run(ui_flows.triage, "my invoice is wrong", run_id="t-finished")
         await ctx.run(ui_flows.triage, "the site is down and I am angry", run_id="t-urgent")
         with contextlib.suppress(fd.StepFailed):
             await ctx.run(ui_flows.ingest, "data.txt", run_id="t-failed")
+
+
+def line_of(code: str) -> int:
+    """The line of ui_flows.py that holds *code* (a failing step's `raise`)."""
+    lines = Path(ui_flows.__file__).read_text(encoding="utf-8").splitlines()
+    [number] = [i for i, line in enumerate(lines, 1) if code in line]
+    return number
+
+
+def raised_in(function: str, code: str) -> str:
+    """How a traceback names the line of ui_flows.py holding *code*, in *function*."""
+    return f'ui_flows.py", line {line_of(code)}, in {function}'
+
+
+PARSE_RAISES = raised_in("parse", 'raise ValueError(f"cannot parse')
+SHOUT_RAISES = raised_in("shout", 'raise RuntimeError(f"cannot shout')
+
+
+async def fail_in_batch(url: str, run_id: str) -> None:
+    """ui_flows.ingest failed by a batch worker of this process (its failure, traceback
+    included, comes back as a completion message through the broker)."""
+    async with fd.Context(batch=True, store=url, broker=url, workers=1) as ctx:
+        with contextlib.suppress(fd.StepFailed):
+            await ctx.run(ui_flows.ingest, "data.txt", run_id=run_id)
+
+
+async def leave_waiting(url: str, run_id: str, text: str) -> None:
+    """ui_flows.campaign started and left waiting for its signal (its context ends)."""
+    async with fd.Context(store=url) as ctx:
+        run = await ctx.start(ui_flows.campaign, text, run_id=run_id)
+        async for event in run.events():
+            if isinstance(event, fd.events.RunWaiting):
+                break
 
 
 class HeldRun:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import flowdsl as fd
 
-__all__ = ["ask", "ask_flow"]
+__all__ = ["ask", "ask_each", "ask_flow"]
 
 
 @fd.step(retries=2, backoff=0.0)
@@ -16,3 +16,9 @@ async def ask(question: str) -> str:
 @fd.flow
 async def ask_flow(question: str) -> str:
     return await ask(question)
+
+
+@fd.flow
+async def ask_each(questions: list[str]) -> list[str]:
+    """One request per item: a job of one run's requests only."""
+    return await ask.map(questions)

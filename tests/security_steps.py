@@ -63,6 +63,16 @@ async def leaky(x: int) -> int:
     return await leaks(x)
 
 
+@fd.step
+async def connects(x: int) -> int:
+    raise ConnectionError(f"cannot reach redis://app:pw-{x}-hunter2@10.0.0.1:6379/0 (refused)")
+
+
+@fd.flow
+async def connecting(x: int) -> int:
+    return await connects(x)
+
+
 @fd.step(retries=3)
 async def huge(x: int) -> int:
     CALLS["huge"] = CALLS.get("huge", 0) + 1

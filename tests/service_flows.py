@@ -127,3 +127,35 @@ async def verdict(topic: str, approved: bool) -> str:
 async def approved(topic: str) -> str:
     approval = await fd.wait_for("approval", bool)
     return await verdict(topic, approval)
+
+
+@fd.step
+async def stage_one(x: int) -> int:
+    _log("done", f"one:{x}")
+    return x + 1
+
+
+@fd.step
+async def stage_held(x: int, y: int) -> int:
+    _log("start", f"held:{x}")
+    await _gate("held")
+    _log("done", f"held:{x}")
+    return y * 10
+
+
+@fd.step
+async def stage_two(x: int, y: int) -> int:
+    _log("done", f"two:{x}")
+    return y + 2
+
+
+@fd.flow
+async def counted(x: int) -> int:
+    """one -> two; each step logs the run's x when it runs, so a test counts them."""
+    return await stage_two(x, await stage_one(x))
+
+
+@fd.flow
+async def counted_gated(x: int) -> int:
+    """one -> held (waits for the gate file "held") -> two, logging as ``counted``."""
+    return await stage_two(x, await stage_held(x, await stage_one(x)))

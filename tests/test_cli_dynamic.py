@@ -55,6 +55,29 @@ def test_signal_then_resume_finishes_a_waiting_run(store: str) -> None:
     assert json.loads(resumed.stdout) == "draft about seals: approved by kim"
 
 
+def test_signal_finds_the_store_as_runs_and_resume_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLOWDSL_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    missing = invoke("signal", "s1", "approval")
+    assert missing.exit_code == 2
+    assert "no --store given, and no .flowdsl/flowdsl.db here" in missing.stderr
+    # The file `flowdsl run --batch` keeps its runs in, by default.
+    _leave_waiting("sqlite:///.flowdsl/flowdsl.db", "s1")
+    sent = invoke("signal", "s1", "approval", "--value", '{"ok": true}')
+    assert sent.exit_code == 0, sent.stderr
+    assert json.loads(sent.stdout)["index"] == 0
+    # FLOWDSL_STORE names another.
+    other = f"sqlite:///{tmp_path}/other.db"
+    _leave_waiting(other, "s2")
+    monkeypatch.setenv("FLOWDSL_STORE", other)
+    sent = invoke("signal", "s2", "approval", "--value", '{"ok": false}')
+    assert sent.exit_code == 0, sent.stderr
+    resumed = invoke("resume", "s2", "--quiet")
+    assert json.loads(resumed.stdout) == "draft about seals: rejected by "
+
+
 def test_signal_errors_are_one_line(store: str) -> None:
     unknown = invoke("signal", "nope", "approval", "--store", store)
     assert unknown.exit_code == 1

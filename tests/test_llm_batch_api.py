@@ -133,6 +133,16 @@ async def streamed_flow(question: str) -> str:
     return await streamed(question)
 
 
+@fd.step
+async def streamed_asked(question: str) -> str:
+    return (await fd.llm.chat(question, stream=True)).text
+
+
+@fd.flow
+async def streamed_asked_flow(question: str) -> str:
+    return await streamed_asked(question)
+
+
 # --- many runs, one job ---------------------------------------------------------------------
 
 
@@ -173,6 +183,29 @@ async def test_many_runs_share_one_job_joined_by_custom_id(
     assert usage["cost"] == pytest.approx(standard / 2)
 
 
+async def test_steps_waiting_for_a_job_leave_their_worker_slots_to_others(
+    make: Make, server: LLMServer, sqlite_url: str
+) -> None:
+    # One worker of two slots, and a job of six: the six steps can join one job only if
+    # those waiting lend their slots to the next ones.
+    llm = make(max_requests=6)
+    questions = [f"q{i}" for i in range(6)]
+    async with fd.Context(
+        batch=True, store=sqlite_url, llm=llm, workers=1, worker_concurrency=2
+    ) as ctx:
+
+        async def provider_side() -> None:
+            (job,) = await jobs(server, 1)
+            server.batches.finish(job.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(provider_side)
+            results = await ctx.map(ask_flow, questions)
+    assert results == [f"echo: {q}" for q in questions]
+    (job,) = server.batches.jobs
+    assert len(job.custom_ids) == 6
+
+
 async def test_a_job_is_sent_after_flush_after_however_few_requests(
     make: Make, server: LLMServer, sqlite_url: str
 ) -> None:
@@ -195,6 +228,70 @@ async def test_one_model_per_job(make: Make, server: LLMServer, sqlite_url: str,
     assert len(server.batches.jobs) == 2
     for job in server.batches.jobs:
         assert len({body["model"] for _, body in job.requests}) == 1
+
+
+# --- map items and loop iterations ---------------------------------------------------------
+
+
+@fd.flow
+async def ask_each(questions: list[str]) -> list[str]:
+    return await ask.map(questions)
+
+
+async def test_two_map_items_making_the_same_call_get_distinct_custom_ids(
+    make: Make, server: LLMServer, sqlite_url: str
+) -> None:
+    server.batches.auto = True
+    llm = make(max_requests=3)
+    async with fd.Context(batch=True, store=sqlite_url, llm=llm) as ctx:
+        results = await ctx.run(ask_each, ["same", "same", "other"], run_id="m1")
+    assert results == ["echo: same", "echo: same", "echo: other"]
+    (job,) = server.batches.jobs
+    # (run, node, item, call): readable, one per item, though two items ask the same.
+    assert sorted(job.custom_ids) == ["m1-ask-0-0", "m1-ask-1-0", "m1-ask-2-0"]
+    assert sorted(server.batches.submitted) == sorted(job.custom_ids)
+
+
+@fd.step
+async def where_am_i(
+    state: list[int | None],
+) -> fd.Continue[list[int | None]] | fd.Done[list[int | None]]:
+    from flowdsl._engine.runner import current_scope
+
+    scope = current_scope()
+    assert scope is not None
+    seen = [*state, scope.item]
+    return fd.Done(seen) if len(seen) == 3 else fd.Continue(seen)
+
+
+@fd.step
+async def item_of(x: int) -> int | None:
+    from flowdsl._engine.runner import current_scope
+
+    scope = current_scope()
+    assert scope is not None
+    return scope.item
+
+
+@fd.flow
+async def items_and_iterations(
+    xs: list[int],
+) -> tuple[list[int | None], list[int | None], int | None]:
+    mapped = await item_of.map(xs)
+    looped = await fd.loop(where_am_i, [], max_iterations=5)
+    alone = await item_of(7)
+    return mapped, looped, alone
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
+async def test_a_steps_scope_knows_its_map_item_and_loop_iteration(
+    batch: bool, sqlite_url: str
+) -> None:
+    async with fd.Context(batch=batch, store=sqlite_url) as ctx:
+        mapped, looped, alone = await ctx.run(items_and_iterations, [5, 6, 7])
+    assert mapped == [0, 1, 2]
+    assert looped == [0, 1, 2]
+    assert alone is None
 
 
 # --- partial success ------------------------------------------------------------------------
@@ -412,13 +509,18 @@ async def test_a_call_outside_a_step_goes_to_the_live_api(make: Make, server: LL
     assert server.batches.calls == []
 
 
+@pytest.mark.parametrize("flow", [streamed_flow, streamed_asked_flow], ids=["on_token", "stream"])
 async def test_streaming_through_a_batch_job_is_a_config_error(
-    make: Make, server: LLMServer, sqlite_url: str
+    make: Make, server: LLMServer, sqlite_url: str, flow: fd.Flow[..., str]
 ) -> None:
     async with fd.Context(batch=True, store=sqlite_url, llm=make()) as ctx:
-        with pytest.raises(fd.StepFailed, match=r"a provider batch job cannot stream its answer"):
-            await ctx.run(streamed_flow, "q")
+        with pytest.raises(fd.StepFailed, match=r"a provider batch job cannot stream") as caught:
+            await ctx.run(flow, "q")
+    # In a batch worker, the step's error crosses as its text: a ConfigError, with its hint.
+    assert "ConfigError" in str(caught.value)
+    assert "Leave stream= and on_token= out of fd.llm.chat in batch mode" in str(caught.value)
     assert server.batches.calls == []
+    assert server.count() == 0
 
 
 async def test_a_watched_batch_run_gets_its_answer_without_token_events(

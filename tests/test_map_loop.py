@@ -543,5 +543,11 @@ async def test_the_inspector_shows_items_under_their_map(sqlite_url: str) -> Non
     assert record is not None
     nodes = {n["id"]: n for n in views.run_view(record, journal, shouting)["nodes"]}
     assert nodes["shout"]["kind"] == "map"
-    assert nodes["shout[1]"]["item_of"] == "shout"
-    assert "unknown_to_flow" not in nodes["shout[1]"]
+    # One node in the graph; its items are listed in its `dynamic` part.
+    assert "shout[1]" not in nodes
+    items = nodes["shout"]["dynamic"]["items"]
+    assert [(i["id"], i["status"]) for i in items] == [
+        ("shout[0]", "finished"),
+        ("shout[1]", "finished"),
+    ]
+    assert nodes["shout"]["dynamic"]["label"] == "map 2/2"

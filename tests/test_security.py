@@ -309,6 +309,31 @@ async def test_an_edited_run_state_in_sqlite_is_a_checkpoint_error(tmp_path: Pat
             await ctx.resume("p")
 
 
+async def test_an_edited_traceback_in_sqlite_is_a_checkpoint_error(tmp_path: Path) -> None:
+    fd.Secret("SECURITY_TEST_KEY", "sk-live-0123456789abcdef")
+    url = f"sqlite:///{tmp_path}/t.db"
+    async with fd.Context(store=url, signing_key=KEY) as ctx:
+        with pytest.raises(fd.StepFailed):
+            await ctx.run(ss.leaky, 1, run_id="t")
+        record = await ctx.store.get_run("t")
+        assert record is not None
+        assert record.traceback is not None
+    raw(tmp_path / "t.db", "UPDATE runs SET traceback = 'all is well'")
+    async with fd.Context(store=url, signing_key=KEY) as ctx:
+        with pytest.raises(fd.CheckpointError, match=r"run 't' .* the run record: its content"):
+            await ctx.store.get_run("t")
+
+
+def test_a_run_state_signed_before_tracebacks_were_kept_still_verifies() -> None:
+    seal = Seal(b"k" * 32)
+    record = RunRecord("r", "f", "m:f", "x", "{}", RunStatus.FAILED, 1.0, 2.0, error="e")
+    older = seal.make("state", "r", "failed", None, "e", None)  # the check's old parts
+    seal.verify_run_state(record, older)
+    assert seal.run_state_of(record) == older
+    with pytest.raises(Exception, match="does not match"):
+        seal.verify_run_state(attrs.evolve(record, traceback="tb"), older)
+
+
 @ASYNCIO_ONLY
 async def test_swapped_and_shortened_results_on_redis_are_a_checkpoint_error(
     redis_server: RedisServer,
@@ -414,6 +439,7 @@ async def test_a_schema_1_file_is_migrated(tmp_path: Path) -> None:
                 ("runs", "state_integrity"),
                 ("nodes", "integrity"),
                 ("cache", "integrity"),
+                ("runs", "traceback"),
             )
         ),
         "PRAGMA user_version = 1",
@@ -454,8 +480,27 @@ async def test_a_secret_in_an_error_is_masked_everywhere(tmp_path: Path) -> None
     shown = "".join(traceback.format_exception(info.value))
     assert "***" in str(info.value)
     texts = [str(info.value), str(info.value.__cause__), shown, stored.error or ""]
+    texts.append(stored.traceback or "")
+    assert "in leaks" in texts[-1]
+    assert "***" in texts[-1]
     texts += [e.error for e in events if isinstance(e, ev.StepFailed | ev.StepRetrying)]
     assert all(value not in text for text in texts), texts
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
+async def test_a_url_password_in_a_steps_error_never_reaches_the_journal(
+    tmp_path: Path, batch: bool
+) -> None:
+    url = f"sqlite:///{tmp_path}/u.db"
+    async with fd.Context(store=url, batch=batch, workers=1 if batch else None) as ctx:
+        with pytest.raises(fd.StepFailed) as info:
+            await ctx.run(ss.connecting, 7, run_id="u")
+        stored = await ctx.store.get_run("u")
+    assert stored is not None
+    assert stored.error is not None
+    assert "redis://app:***@10.0.0.1" in stored.error
+    for text in (str(info.value), stored.error, stored.traceback or ""):
+        assert "hunter2" not in text, text
 
 
 # --- values the codec cannot carry -----------------------------------------------------------

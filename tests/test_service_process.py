@@ -8,9 +8,6 @@ The service serves ``service_flows`` on an SQLite file.  Its ``gated`` flow runs
 from __future__ import annotations
 
 import collections
-import os
-import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,10 +18,9 @@ import pytest
 
 import flowdsl as fd
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+from _service_proc import Service, serve, service_env
 
-TESTS = Path(__file__).parent
-LISTENING = re.compile(r"listening on (grpcs?://\S+)")
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
@@ -32,78 +28,23 @@ def anyio_backend() -> Any:
     return "asyncio"  # grpc.aio is asyncio only
 
 
-class Service:
-    """One ``flowdsl serve`` process."""
-
-    def __init__(self, proc: subprocess.Popen[str], url: str, banner: str) -> None:
-        self.proc = proc
-        self.url = url
-        self.banner = banner
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        assert self.proc.returncode == -signal.SIGKILL
-
-    def stop(self) -> str:
-        """SIGTERM; what it printed from then on."""
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
-        return err
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    gates = tmp_path / "gates"
-    gates.mkdir()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    env["FD_SERVICE_GATE"] = str(gates)
-    env["FD_SERVICE_LOG"] = str(tmp_path / "steps.log")
-    return env
+    return service_env(tmp_path)
 
 
 @pytest.fixture
 def services(tmp_path: Path, env: dict[str, str]) -> Iterator[Any]:
     started: list[Service] = []
 
-    def start(*extra: str, expect_banner: bool = True) -> Service:
-        args = [
-            sys.executable,
-            "-m",
-            "flowdsl",
-            "serve",
-            "--store",
-            f"sqlite:///{tmp_path / 'runs.db'}",
-            "--import",
-            "service_flows",
-            "--listen",
-            "127.0.0.1:0",
-            "--grace",
-            "0",
-            *extra,
-        ]
-        proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = LISTENING.search(line)
-        if match is None:
-            rest = proc.communicate(timeout=30)[1]
-            pytest.fail(f"flowdsl serve did not start: {line}{rest}")
-        service = Service(proc, match.group(1), line)
+    def start(*extra: str) -> Service:
+        service = serve(f"sqlite:///{tmp_path / 'runs.db'}", env, *extra)
         started.append(service)
         return service
 
     yield start
     for service in started:
-        if service.proc.poll() is None:
-            service.proc.kill()
-            service.proc.wait(timeout=30)
-        if service.proc.stderr is not None:
-            service.proc.stderr.close()
+        service.reap()
 
 
 def step_lines(tmp_path: Path) -> list[tuple[int, str, str]]:
@@ -221,7 +162,7 @@ def test_serve_refuses_bad_options(
 def test_runs_as_store_records_for_runs_list(services: Any) -> None:
     import anyio
 
-    from flowdsl.cli.serve import records_from_service
+    from flowdsl.cli.remote import records_from_service
 
     service = services()
 

@@ -276,7 +276,12 @@ async def test_a_file_of_version_2_gains_the_leases_table_and_keeps_its_runs(
 ) -> None:
     path = tmp_path / "old.db"
     await fill(path, [node_record("n", "1")])
-    raw(path, "DROP TABLE leases", "PRAGMA user_version = 2")
+    raw(
+        path,
+        "DROP TABLE leases",
+        "ALTER TABLE runs DROP COLUMN traceback",
+        "PRAGMA user_version = 2",
+    )
     store = SQLiteStore(path)
     await store.open()
     try:
@@ -286,7 +291,29 @@ async def test_a_file_of_version_2_gains_the_leases_table_and_keeps_its_runs(
     finally:
         await store.close()
     other = sqlite3.connect(path)
-    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    other.close()
+
+
+@pytest.mark.anyio
+async def test_a_file_of_version_3_gains_the_traceback_column_and_keeps_its_runs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    await fill(path, [node_record("n", "1")])
+    raw(path, "ALTER TABLE runs DROP COLUMN traceback", "PRAGMA user_version = 3")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.get_run("r1") == run_record()  # traceback None: it had none
+        await store.update_run("r1", status=RunStatus.FAILED, error="e", traceback="tb")
+        failed = await store.get_run("r1")
+        assert failed is not None
+        assert failed.traceback == "tb"
+    finally:
+        await store.close()
+    other = sqlite3.connect(path)
+    assert other.execute("PRAGMA user_version").fetchone()[0] == 4
     other.close()
 
 

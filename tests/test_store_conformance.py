@@ -138,6 +138,36 @@ async def test_update_run_changes_status_and_keeps_what_it_is_not_given(store: S
     )
 
 
+async def test_a_failed_runs_traceback_is_kept_until_the_run_changes_again(
+    make_store: Callable[[], Store],
+) -> None:
+    # Long enough for the stores that keep large text apart (NATS, SQLite blobs).
+    text = 'Traceback (most recent call last):\n  File "app.py", line 3, in f\n' * 40 + "E\n"
+    store = make_store()
+    await store.open()
+    try:
+        await store.create_run(run_record())
+        assert (await store.get_run("r1")).traceback is None  # type: ignore[union-attr]
+        await store.update_run(
+            "r1", status=RunStatus.FAILED, error="boom", failed_node="classify", traceback=text
+        )
+    finally:
+        await store.close()
+    again = make_store()  # read back by another store object: what is stored, not cached
+    await again.open()
+    try:
+        failed = await again.get_run("r1")
+        assert failed is not None
+        assert (failed.error, failed.failed_node, failed.traceback) == ("boom", "classify", text)
+        assert [r.traceback for r in await again.list_runs()] == [text]
+        await again.update_run("r1", status=RunStatus.RUNNING)  # a resume clears it
+        running = await again.get_run("r1")
+        assert running is not None
+        assert (running.error, running.traceback) == (None, None)
+    finally:
+        await again.close()
+
+
 async def test_list_runs_newest_first_with_a_limit(store: Store) -> None:
     for i, created in enumerate([30.0, 10.0, 50.0, 20.0, 40.0]):
         await store.create_run(run_record(f"r{i}", created_at=created))
@@ -145,6 +175,18 @@ async def test_list_runs_newest_first_with_a_limit(store: Store) -> None:
     assert [r.created_at for r in newest] == [50.0, 40.0, 30.0, 20.0, 10.0]
     assert [r.run_id for r in await store.list_runs(limit=2)] == ["r2", "r4"]
     assert await store.list_runs(limit=0) == []
+
+
+async def test_unfinished_runs_are_the_running_and_waiting_ones(store: Store) -> None:
+    for status in RunStatus:
+        await store.create_run(run_record(status.value))
+        await store.update_run(status.value, status=status)
+    unfinished = await store.unfinished_runs()
+    assert sorted(r.run_id for r in unfinished) == ["running", "waiting"]
+    assert {r.run_id: r.status for r in unfinished} == {
+        "running": RunStatus.RUNNING,
+        "waiting": RunStatus.WAITING,
+    }
 
 
 # --- the journal -----------------------------------------------------------------------------
@@ -526,3 +568,49 @@ async def test_load_node_reads_one_record(store: Store) -> None:
     assert await store.load_node("r1", "b") == node_record("b")
     assert await store.load_node("r1", "c") is None
     assert await store.load_node("r2", "a") is None
+
+
+# --- a run's provider batch jobs ---------------------------------------------------------------
+
+
+async def test_a_runs_batch_jobs_are_listed_in_order_across_store_objects(
+    make_store: Callable[[], Store],
+) -> None:
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        assert await first.batch_jobs("b1") == []
+        # Two processes add jobs of one run at once: none is lost.
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon((first if i % 2 else second).add_batch_job, "b1", f"batch_{i}")
+        await first.add_batch_job("b2", "msgbatch_x")
+        await first.add_batch_job("b1", "batch_0")  # noted twice, listed once
+        jobs = await second.batch_jobs("b1")
+        assert sorted(jobs) == [f"batch_{i}" for i in range(6)]
+        assert await second.batch_jobs("b2") == ["msgbatch_x"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_runs_batch_jobs_are_pruned_with_it(store: Store) -> None:
+    await store.create_run(run_record("bj", status=RunStatus.CANCELLED, updated_at=1000.0))
+    await store.add_batch_job("bj", "batch_1")
+    assert await store.prune(older_than=3600) == ["bj"]
+    assert await store.batch_jobs("bj") == []
+
+
+async def test_a_batch_job_entry_moved_to_another_run_is_refused(store: Store) -> None:
+    from flowdsl import CheckpointError
+
+    await store.add_batch_job("mine", "batch_1")
+    entry = await store.get_signal("mine", "llm-batch-jobs", 0)
+    assert entry is not None
+    await store.put_signal("theirs", "llm-batch-jobs", entry)  # someone copies it over
+    with pytest.raises(CheckpointError, match=r"run 'theirs' .* batch job list, entry 0"):
+        await store.batch_jobs("theirs")
+    await store.put_signal("bad", "llm-batch-jobs", '{"job": 3}')
+    with pytest.raises(CheckpointError, match="names no job"):
+        await store.batch_jobs("bad")

@@ -358,26 +358,38 @@ def test_signal_reaches_a_waiting_run(client: TestClient, store_url: str) -> Non
         "/api/runs/t-waiting/signal", headers=ACTION, json={"name": "approval", "value": True}
     )
     assert response.status_code == 200, response.text
-    assert response.json() == {"run_id": "t-waiting", "signalled": "approval"}
-
-    async def resume() -> Any:
-        async with fd.Context(store=store_url) as ctx:
-            return await ctx.resume("t-waiting", flow=ui_flows.approval)
-
-    assert anyio.run(resume) == "the post: approved"
+    # No process drives the run any more: the inspector resumes it to take the signal.
+    assert response.json() == {"run_id": "t-waiting", "signalled": "approval", "resuming": True}
+    wait_for(lambda: _run_of(client, "t-waiting")["status"] == "finished", "the run to finish")
+    assert _run_of(client, "t-waiting")["result"] == "the post: approved"
     again = client.post(
         "/api/runs/t-waiting/signal", headers=ACTION, json={"name": "approval", "value": True}
     )
     assert again.status_code == 409
 
 
-@pytest.mark.skipif(hasattr(fd.Context, "signal"), reason="signals exist: 501 no longer applies")
-def test_signal_without_signals_is_501(client: TestClient) -> None:
-    response = client.post(
-        "/api/runs/t-failed/signal", headers=ACTION, json={"name": "approval", "value": True}
-    )
-    assert response.status_code == 501
-    assert response.json()["error"] == "not_implemented"
+def test_signal_to_a_run_a_live_process_drives_is_taken_there(
+    client: TestClient, store_url: str
+) -> None:
+    async def drive() -> Any:
+        async with fd.Context(store=store_url) as ctx:
+            run = await ctx.start(ui_flows.approval, "the draft", run_id="t-live-wait")
+            async for event in run.events():
+                if isinstance(event, fd.events.RunWaiting):
+                    break
+            # The page signals while this context still drives (and polls) the run.
+            reply = await anyio.to_thread.run_sync(
+                lambda: client.post(
+                    "/api/runs/t-live-wait/signal",
+                    headers=ACTION,
+                    json={"name": "approval", "value": False},
+                )
+            )
+            assert reply.status_code == 200, reply.text
+            return await run.result()
+
+    assert anyio.run(drive) == "the draft: refused"
+    assert _run_of(client, "t-live-wait")["status"] == "finished"
 
 
 @pytest.mark.parametrize(
@@ -540,6 +552,11 @@ def test_stream_pushes_a_running_runs_changes(store_url: str) -> None:
     assert seen[-1][1] == {"status": "finished"}
 
 
+def _run_of(client: TestClient, run_id: str) -> dict[str, Any]:
+    run: dict[str, Any] = client.get(f"/api/runs/{run_id}").json()["run"]
+    return run
+
+
 def _status_of(url: str, run_id: str) -> str | None:
     response = httpx.get(f"{url}/api/runs/{run_id}", timeout=WAIT)
     return response.json()["run"]["status"] if response.status_code == 200 else None
@@ -591,3 +608,27 @@ def test_the_inspector_reads_a_redis_store(redis_server: Any) -> None:
 
 def test_the_inspector_reads_a_nats_store(nats_server: Any) -> None:
     _check_store(nats_server.url)
+
+
+# --- signed stores --------------------------------------------------------------------------
+
+
+def test_with_the_signing_key_a_resume_signs_and_without_it_signed_runs_still_show(
+    sqlite_url: str,
+) -> None:
+    key = fd.Secret("UI_HTTP_TEST_KEY", "u" * 32)
+    anyio.run(populate, sqlite_url, key)
+    # No key: records signed by others are shown (unverified), as `runs show` shows them.
+    with TestClient(create_app(sqlite_url, flows=[ui_flows])) as client:
+        assert client.get("/api/runs/t-failed").json()["run"]["status"] == "failed"
+    ui_flows.FIXED.set()
+    app = create_app(sqlite_url, flows=[ui_flows], poll_interval=0.05, signing_key=key)
+    with TestClient(app) as client:
+        assert client.post("/api/runs/t-failed/resume", headers=ACTION).status_code == 202
+        wait_for(lambda: _run_of(client, "t-failed")["status"] == "finished", "the resume")
+
+    async def read_with_the_key() -> Any:
+        async with fd.Context(store=sqlite_url, signing_key=key) as ctx:
+            return await ctx.resume("t-failed", flow=ui_flows.ingest)  # verified, finished
+
+    assert anyio.run(read_with_the_key) == "data.txt:0=10, data.txt:1=10, data.txt:2=10"

@@ -1,5 +1,6 @@
 """Flows for the inspector's tests: a support-ticket triage (branches, an LLM call), a
-pipeline whose middle step fails, and one that waits on a gate the test opens.
+pipeline whose middle step fails, one that waits on a gate the test opens, and one with a
+map, a loop and a wait for a signal (``campaign``).
 
 Importable by name (``tests/`` is on ``sys.path``), as ``flowdsl ui --import ui_flows``
 would import them.
@@ -117,3 +118,35 @@ async def approval(text: str) -> str:
     """Waits for signal ``approval`` (a bool), then says what was decided."""
     ok = await fd.wait_for("approval", bool)
     return await decide(text, ok)
+
+
+@fd.step
+async def words(text: str) -> list[str]:
+    return text.split()
+
+
+@fd.step
+async def shout(word: str) -> str:
+    if word == "boom":
+        raise RuntimeError(f"cannot shout {word!r}")
+    return word.upper()
+
+
+@fd.step
+async def settle(n: int) -> fd.Continue[int] | fd.Done[str]:
+    return fd.Done(f"settled after {n}") if n >= 3 else fd.Continue(n + 1)
+
+
+@fd.step
+async def announce(loud: list[str], settled: str, ok: bool) -> str:
+    return f"{' '.join(loud)} ({settled}, {'approved' if ok else 'refused'})"
+
+
+@fd.flow
+async def campaign(text: str) -> str:
+    """A map over the words of *text*, a loop of four iterations, then a wait for signal
+    ``approve`` (a bool)."""
+    loud = await shout.map(await words(text))
+    settled = await fd.loop(settle, 0, max_iterations=8)
+    ok = await fd.wait_for("approve", bool, after=settled)
+    return await announce(loud, settled, ok)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -27,10 +26,12 @@ from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, StepFailed
 from .._executors.batch import DEFAULT_MAX_DELIVERIES, BatchExecutor, Worker
 from .._executors.batch.worker import DEFAULT_ASYNC_CONCURRENCY as _ASYNC
-from .._executors.batch.worker import check_count, check_max_deliveries
+from .._executors.batch.worker import check_count
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from .._secret import redact
+from .._tracebacks import failure_traceback
+from .._urls import hide_credentials
 from ..backends import Store
 from ..llm import Provider
 from .calls import (
@@ -40,9 +41,10 @@ from .calls import (
     given_options,
     only_besides_cancellations,
 )
+from .cancel import cancel_run, status_after_failure
 from .leases import claim, keeping, observe
 from .mapping import map_runs
-from .options import open_backends
+from .options import check_leases, check_options, open_backends
 from .run import (
     Run,
     before_each_node,
@@ -99,20 +101,13 @@ class Context:
         signing_key: Any = None,
         old_signing_keys: Sequence[Any] = (),
     ) -> None:
-        if on_event is not None and inspect.iscoroutinefunction(on_event):
-            raise ConfigError(
-                "on_event must be a plain function; it is called synchronously for every event",
-                hint="Use `run.events()` to consume events asynchronously",
-            )
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ConfigError(f"max_concurrency must be at least 1, not {max_concurrency}")
-        if workers is not None and workers < 0:
-            raise ConfigError(f"workers must be 0 or more, not {workers}")
-        if (broker is not None or workers is not None) and not batch:
-            raise ConfigError(
-                "broker= and workers= configure batch mode",
-                hint="Pass batch=True: fd.Context(batch=True, broker=...)",
-            )
+        check_options(
+            on_event=on_event,
+            max_concurrency=max_concurrency,
+            workers=workers,
+            broker=broker,
+            batch=batch,
+        )
         self.batch = batch
         self.broker = broker
         self.workers = workers
@@ -122,11 +117,7 @@ class Context:
         self.progress = progress
         self.worker_concurrency = worker_concurrency
         self.worker_async_concurrency = worker_async_concurrency
-        for name, seconds in (("lease", lease), ("run_lease", run_lease)):
-            if not seconds > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, not {seconds}")
-        if max_deliveries is not None:
-            check_max_deliveries(max_deliveries)
+        check_leases(lease=lease, run_lease=run_lease, max_deliveries=max_deliveries)
         check_count("async_concurrency", worker_async_concurrency)
         self.lease = lease
         self.max_deliveries = max_deliveries
@@ -443,6 +434,12 @@ class Context:
         async with self._using():
             await signal_run(self.store, self._active.get(run_id), run_id, name, value)
 
+    async def cancel(self, run_id: str) -> list[str]:
+        """Cancel run *run_id*, from any process, and the provider batch jobs that hold only
+        its requests (``llm=``'s); the ids of those jobs (see ``cancel.py``)."""
+        async with self._using():
+            return await cancel_run(self.store, self.llm, run_id)
+
     async def resume(
         self,
         run_id: str,
@@ -554,8 +551,13 @@ class Context:
         except (StepFailed, CheckpointError) as exc:
             node = exc.node
             with anyio.CancelScope(shield=True):
+                status = await status_after_failure(self.store, run.run_id)
                 await self.store.update_run(
-                    run.run_id, status=RunStatus.FAILED, error=redact(str(exc)), failed_node=node
+                    run.run_id,
+                    status=status,
+                    error=redact(hide_credentials(str(exc))),
+                    failed_node=node,
+                    traceback=failure_traceback(exc),
                 )
             if run.observed:
                 run.emit(ev.RunFailed(run.run_id, time.time(), str(exc), node))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
+from .._errors import ConfigError
+from .._executors.batch.worker import check_max_deliveries
 from .._integrity import seal_from
 from ..backends import DEFAULT_BATCH_FILE, Broker, Store, link, open_broker, open_store
 
-__all__ = ["open_backends"]
+__all__ = ["check_leases", "check_options", "open_backends"]
 
 
 def open_backends(
@@ -38,3 +42,37 @@ def open_backends(
     journal.seal = seal
     link(journal, queue)  # the queue takes the store's seal
     return journal, queue
+
+
+def check_options(
+    *,
+    on_event: Callable[[Any], None] | None,
+    max_concurrency: int | None,
+    workers: int | None,
+    broker: str | None,
+    batch: bool,
+) -> None:
+    """Refuse, with what to do instead, options that cannot work together."""
+    if on_event is not None and inspect.iscoroutinefunction(on_event):
+        raise ConfigError(
+            "on_event must be a plain function; it is called synchronously for every event",
+            hint="Use `run.events()` to consume events asynchronously",
+        )
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(f"max_concurrency must be at least 1, not {max_concurrency}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"workers must be 0 or more, not {workers}")
+    if (broker is not None or workers is not None) and not batch:
+        raise ConfigError(
+            "broker= and workers= configure batch mode",
+            hint="Pass batch=True: fd.Context(batch=True, broker=...)",
+        )
+
+
+def check_leases(*, lease: float, run_lease: float, max_deliveries: int | None) -> None:
+    """Refuse lease lengths and delivery limits no run could live with."""
+    for name, seconds in (("lease", lease), ("run_lease", run_lease)):
+        if not seconds > 0:
+            raise ConfigError(f"{name} must be a positive number of seconds, not {seconds}")
+    if max_deliveries is not None:
+        check_max_deliveries(max_deliveries)

@@ -40,6 +40,7 @@ __all__ = [
     "Ref",
     "TupleOf",
     "Unit",
+    "split_item",
 ]
 
 
@@ -482,3 +483,16 @@ def allowed_labels(branch: Unit) -> frozenset[str] | None:
             out.update(value_labels(arg))
         return frozenset(out)
     return None
+
+
+_PIECE = re.compile(r"(?P<base>.+?)(?:\[(?P<item>\d+)\]|@(?P<iteration>\d+))")
+
+
+def split_item(node_id: str) -> tuple[str, int | None]:
+    """*node_id* as (the graph node's id, the map item or loop iteration it runs):
+    ``summarize[3]`` is ``("summarize", 3)``, ``agent@2`` is ``("agent", 2)``; any other
+    id (``review_one[3]/fetch``: a node of item 3's sub-graph) has no item of its own."""
+    found = _PIECE.fullmatch(node_id)
+    if found is None:
+        return node_id, None
+    return found["base"], int(found["item"] or found["iteration"])

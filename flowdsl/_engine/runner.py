@@ -23,15 +23,16 @@ import sniffio
 
 from .. import _codec, _otel
 from .. import events as ev
-from .._define.graph import Node, NodeKind, value_labels
+from .._define.graph import Node, NodeKind, split_item, value_labels
 from .._errors import CodecError, StepCodecFailed, StepFailed
 from .._records import NodeRecord, add_usage
 from .._secret import redact, scrub
+from .._urls import hide_credentials
 
 if TYPE_CHECKING:
     from ..backends.base import Store
 
-__all__ = ["EventSink", "StepScope", "current_scope", "run_node"]
+__all__ = ["EventSink", "StepScope", "current_scope", "describe", "run_node"]
 
 MAX_BACKOFF = 60.0
 
@@ -71,6 +72,13 @@ class StepScope:
     @property
     def node_id(self) -> str:
         return self.node.id
+
+    @property
+    def item(self) -> int | None:
+        """The map item (``summarize[3]``: 3) or loop iteration (``agent@2``: 2) this node
+        runs; ``None`` for any other node.  Read from the node's id, which is what every
+        executor carries (a batch task holds nothing else), so it costs a step nothing."""
+        return split_item(self.node.id)[1]
 
     def token(self, text: str) -> None:
         """Report streamed LLM output as a :class:`~flowdsl.events.TokenDelta`."""
@@ -146,7 +154,7 @@ class StepScope:
             if sink.observed:
                 sink.emit(
                     ev.StepRetrying(
-                        sink.run_id, node.id, time.time(), _describe(exc), self.attempt, delay
+                        sink.run_id, node.id, time.time(), describe(exc), self.attempt, delay
                     )
                 )
             self.attempt += 1
@@ -543,20 +551,22 @@ def _roundtrip(raw: Any, tp: Any, node: Node) -> tuple[Any, str, Any]:
     return data, text, _codec.from_data(_codec.loads(text), tp, what=what)
 
 
-def _describe(exc: BaseException) -> str:
-    text = redact(str(exc))
+def describe(exc: BaseException) -> str:
+    """*exc* as a failure's message says it: its type and its masked words."""
+    # A step's error may quote a connection URL: its password must not reach the journal.
+    text = redact(hide_credentials(str(exc)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _emit_failed(sink: EventSink, node: Node, attempt: int, exc: BaseException) -> None:
     if sink.observed:
-        sink.emit(ev.StepFailed(sink.run_id, node.id, time.time(), _describe(exc), attempt))
+        sink.emit(ev.StepFailed(sink.run_id, node.id, time.time(), describe(exc), attempt))
 
 
 def _failure(sink: EventSink, node: Node, exc: BaseException) -> StepFailed:
     cls = StepCodecFailed if isinstance(exc, CodecError) else StepFailed
     hint = None
-    described = _describe(exc)
+    described = describe(exc)
     if isinstance(exc, TimeoutError) and node.fn is not None and node.fn.timeout is not None:
         hint = f"The step ran longer than its timeout of {node.fn.timeout} s"
     elif isinstance(exc, CodecError):

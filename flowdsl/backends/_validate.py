@@ -103,8 +103,9 @@ def run_record(run_id: str, fields: Mapping[str, object], seal: Seal = UNKEYED) 
 
     *fields* holds every attribute of :class:`~flowdsl._records.RunRecord` as plain
     values: texts (``inputs`` and ``result`` JSON text), numbers for the times, the
-    status's text and ``code`` as a mapping; ``result``, ``error`` and ``failed_node``
-    may be None.  The record must be of the run it was read for, and its integrity checks
+    status's text and ``code`` as a mapping; ``result``, ``error``, ``failed_node`` and
+    ``traceback`` may be None (``traceback`` missing: older records lack it).  The record
+    must be of the run it was read for, and its integrity checks
     (``check`` over its identity and inputs, ``state_check`` over how it stands) must hold
     under *seal* (see :mod:`flowdsl._integrity`).
     """
@@ -125,6 +126,7 @@ def run_record(run_id: str, fields: Mapping[str, object], seal: Seal = UNKEYED) 
         error=optional_text(fields.get("error"), "error"),
         failed_node=optional_text(fields.get("failed_node"), "failed_node"),
         code=_code_map(fields.get("code")),
+        traceback=optional_text(fields.get("traceback"), "traceback"),
     )
     try:
         seal.verify_run_head(record, fields.get("check"))

@@ -19,7 +19,11 @@ events published with the completion   ``Broker.carries_events`` (the ``events=`
                                        is always accepted; without the flag the events are
                                        published just before, not atomically)
 tidier runs                            ``drop_queued``, ``redeliver`` (no-ops by default)
+reads bounded to a batch               ``read_completions`` / ``read_events`` (``count=``;
+                                       by default unbounded: the whole backlog)
 one connection for store and queue     ``Broker.share_store`` (a no-op by default)
+a run's provider batch jobs            ``add_batch_job`` / ``batch_jobs``: every store,
+                                       through its signals (see below)
 =====================================  ===================================================
 
 A store keeps one :class:`~flowdsl._records.RunRecord` per run and one
@@ -43,14 +47,20 @@ one run, one drives it and the other waits for its result.  What a store promise
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar
 
-from .._integrity import UNKEYED, Seal
+from .._errors import CheckpointError
+from .._integrity import UNKEYED, Invalid, Seal
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .messages import Claimed, Finished
 
 __all__ = ["Broker", "Store"]
+
+# The signal name a run's provider batch jobs are listed under: not an identifier, so no
+# fd.wait_for name (always one) can meet it.
+_BATCH_JOBS = "llm-batch-jobs"
 
 
 class Store(abc.ABC):
@@ -99,8 +109,11 @@ class Store(abc.ABC):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
-        """Change a run's status (and its result, error or resume bookkeeping)."""
+        """Change a run's status (and its result, error or resume bookkeeping).  *result*,
+        *error*, *failed_node* and *traceback* replace what the record held (``None``
+        clears them)."""
 
     @abc.abstractmethod
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
@@ -141,6 +154,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
         """The newest runs first."""
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Every run still running or waiting, in no particular order: the runs a driver
+        that died may have left (what a service looks through to take them up).  This
+        reads every run; a store that can select by status does."""
+        records = await self.list_runs(limit=2**62)
+        return [record for record in records if not record.status.ended]
 
     # --- the run lease (see the module docstring) ----------------------------------------
 
@@ -184,6 +204,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_signal(self, run_id: str, name: str, index: int) -> str | None:
         """The *index*-th signal called *name* sent to the run, or ``None`` if not yet."""
+
+    # --- a run's provider batch jobs (fd.llm batch_api=) -----------------------------------
+
+    async def add_batch_job(self, run_id: str, job_id: str) -> None:
+        """Note that provider batch job *job_id* holds requests of run *run_id*, so that
+        any process can find the run's jobs (to cancel them with it, to show them).
+
+        Every store keeps them as it keeps signals, an append-only list per run that two
+        processes can add to at once and that is pruned with the run: one entry per job,
+        whose check binds the job id to the run."""
+        check = self.seal.make("batch-job", run_id, job_id)
+        await self.put_signal(run_id, _BATCH_JOBS, json.dumps({"job": job_id, "check": check}))
+
+    async def batch_jobs(self, run_id: str) -> list[str]:
+        """The ids of the provider batch jobs noted for run *run_id*, oldest first."""
+        jobs: list[str] = []
+        while (text := await self.get_signal(run_id, _BATCH_JOBS, len(jobs))) is not None:
+            try:
+                entry = json.loads(text)
+                job_id = entry.get("job") if isinstance(entry, dict) else None
+                if not isinstance(job_id, str):
+                    raise Invalid("it names no job")
+                self.seal.verify(entry.get("check"), "batch-job", run_id, job_id)
+            except (ValueError, Invalid) as exc:
+                raise CheckpointError(
+                    f"run {run_id!r} in {self.url} is corrupted: its batch job list, entry "
+                    f"{len(jobs)}: {exc}",
+                    hint="Restore the store from a backup; the run's batch jobs can still be "
+                    "seen and cancelled at the provider",
+                ) from None
+            jobs.append(job_id)
+        return list(dict.fromkeys(jobs))
 
 
 class Broker(abc.ABC):
@@ -271,6 +323,20 @@ class Broker(abc.ABC):
         """The dead-lettered tasks of a run."""
 
     # --- optional, with defaults ------------------------------------------------------------
+
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* completions published after *cursor* (``None``: from now on),
+        oldest first, and the cursor after the last one returned: what is left stays for
+        the next call.  A client reads its completions in batches of this size, so that
+        a backlog is checked against the journal a bounded batch at a time.  By default
+        through :meth:`completions`, which a broker that cannot bound its reads returns
+        whole."""
+        return await self.completions(cursor)
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* events published after *cursor*, as :meth:`read_completions`;
+        by default through :meth:`events`, unbounded."""
+        return await self.events(cursor)
 
     async def drop_queued(self, run_id: str) -> None:
         """Remove the run's tasks no worker holds (the run failed or was cancelled: they

@@ -75,6 +75,7 @@ class MemoryStore(Store):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         from .._errors import CheckpointError
 
@@ -89,6 +90,7 @@ class MemoryStore(Store):
             "result": result,
             "error": error,
             "failed_node": failed_node,
+            "traceback": traceback,
             "updated_at": time.time(),
         }
         if fingerprint is not None:

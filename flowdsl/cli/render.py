@@ -47,7 +47,30 @@ def print_dead_letters(dead: list[dict[str, Any]]) -> None:
     stdout_console().print(table)
 
 
-def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) -> None:
+def print_batch_jobs(jobs: list[dict[str, Any]]) -> None:
+    """The provider batch jobs holding a run's requests, as the store last saw them."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text("provider batch jobs (batch price)"), title_justify="left")
+    for column in ("provider", "job", "status", "requests", "counts"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        mine, total = job["run_requests"], job["requests"]
+        counts = " ".join(f"{k}={n}" for k, n in job["counts"].items() if n)
+        table.add_row(
+            Text(job["provider"]),
+            Text(job["job_id"]),
+            Text(job["status"], style="" if job["ended"] else "cyan"),
+            Text(f"{mine} of {total}" if job["shared"] else str(total)),
+            Text(counts),
+        )
+    stdout_console().print(table)
+
+
+def print_run(
+    record: RunRecord, nodes: list[dict[str, Any]], complete: bool, *, traceback: bool = False
+) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -65,6 +88,8 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
         about.append(("result", Text(preview(record.result, 200))))
     if record.error is not None:
         about.append(("error", Text(record.error, style="red")))
+    if record.traceback is not None and not traceback:
+        about.append(("traceback", Text("kept: add --traceback to see it", style="dim")))
     total = _total_usage(nodes)
     if total:
         about.append(("usage", Text(_usage_text(total))))
@@ -103,6 +128,10 @@ def print_run(record: RunRecord, nodes: list[dict[str, Any]], complete: bool) ->
     if not complete:
         table.caption = "the flow does not import here: only journaled nodes are listed"
     console.print(table)
+    if traceback and record.traceback is not None:
+        where = f" of node {record.failed_node}" if record.failed_node else ""
+        console.print(Text(f"traceback{where}:", style="bold"))
+        console.print(Text(record.traceback.rstrip("\n"), style="red"), soft_wrap=True)
 
 
 def run_duration(record: RunRecord) -> float | None:

@@ -1,4 +1,4 @@
-"""``flowdsl runs list``, ``show`` and ``prune``: what a store keeps about runs.
+"""``flowdsl runs list``, ``show``, ``cancel`` and ``prune``: what a store keeps about runs.
 
 None of them imports anything a store names: a run's flow is looked up among the modules
 given with ``--import`` (``runs show``), never imported because its record says so.
@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import anyio
+import attrs
 import click
 
 from .._define.dsl import Flow
@@ -20,6 +21,7 @@ from .._records import NodeRecord, RunRecord, RunStatus
 from .._urls import hide_credentials
 from ..backends import open_broker
 from ..backends._retention import ENDED, parse_duration
+from ..llm._batch_runs import run_jobs
 from .live import format_duration
 from .load import add_to_path
 from .main import (
@@ -35,10 +37,13 @@ from .main import (
     write_json,
 )
 from .progress import dynamic_progress
+from .providers import llm_option, provider_of
+from .remote import check_server_use, records_from_service, run_from_service, server_options
 from .render import (
     iso,
     json_or_text,
     local_time,
+    print_batch_jobs,
     print_dead_letters,
     print_run,
     run_duration,
@@ -74,6 +79,7 @@ def runs() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @signing_options
+@server_options
 def runs_list(
     store: str | None,
     limit: int,
@@ -81,29 +87,47 @@ def runs_list(
     as_json: bool,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
+    server: str | None,
+    token_env: str | None,
+    tls_ca: str | None,
 ) -> None:
-    """List the newest runs in a store: id, flow, status, started, duration.
+    """List the newest runs in a store (or that a service reports): id, flow, status,
+    started, duration.
 
     \b
     Examples:
       flowdsl runs list --store sqlite:///runs.db --limit 20
       flowdsl runs list --status failed
+      flowdsl runs list --server grpc://127.0.0.1:50051 --token-env FLOWDSL_TOKEN
     """
-    store = store_or_default(store)
-    seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
+    token = check_server_use(
+        server,
+        token_env,
+        tls_ca,
+        store_given=_given("store"),
+        signing=_given("signing_key_env") or _given("old_signing_key_envs"),
+    )
+    if server is not None:
+        where = server
+        records = records_from_service(
+            server, token=token, ca_cert=tls_ca, statuses=statuses, limit=limit
+        )
+    else:
+        store = where = store_or_default(store)
+        seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
 
-    async def fetch() -> list[RunRecord]:
-        async with opened_store(store, seal) as opened:
-            return await runs_with_status(opened, statuses, limit)
+        async def fetch() -> list[RunRecord]:
+            async with opened_store(store, seal) as opened:
+                return await runs_with_status(opened, statuses, limit)
 
-    records = anyio.run(fetch)
+        records = anyio.run(fetch)
     if as_json:
         write_json(sys.stdout, [run_to_json(r) for r in records])
         return
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"runs in {hide_credentials(store)}"), title_justify="left")
+    table = Table(title=Text(f"runs in {hide_credentials(where)}"), title_justify="left")
     for column in ("run id", "flow", "status", "started", "duration"):
         table.add_column(
             column, justify="right" if column == "duration" else "left", no_wrap=column == "run id"
@@ -135,7 +159,14 @@ def runs_list(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run and its nodes as one JSON object."
 )
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Print the traceback of the step that failed the run (kept in its record).",
+)
 @signing_options
+@server_options
 def runs_show(
     run_id: str,
     store: str | None,
@@ -143,26 +174,84 @@ def runs_show(
     paths: tuple[str, ...],
     imports: tuple[str, ...],
     as_json: bool,
+    show_traceback: bool,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
+    server: str | None,
+    token_env: str | None,
+    tls_ca: str | None,
 ) -> None:
-    """Show the run RUN_ID: its record, a table of its nodes, and its dead letters.
+    """Show the run RUN_ID: its record, a table of its nodes, its provider batch jobs and
+    its dead letters (with --traceback, the traceback of the step that failed it).
 
     Nodes not run yet (or skipped by a branch) are listed when the run's flow is in a
     module given with --import; otherwise the table lists the nodes the journal holds (the
     module a run record names is never imported).  Tasks of a
     batch run that were handed out more times than their step's retries allow are listed
     as dead letters, from the broker (by default the store's URL, for a store that is
-    also a queue: sqlite, redis, nats).
+    also a queue: sqlite, redis, nats).  The run's provider batch jobs (batch_api=) are
+    listed as the store last saw them: the provider, the job id, its status and request
+    counts; the usage's cost is at the batch price.
+
+    With --server, the run is asked of a service: its nodes are the ones its events
+    tell (once the run has ended), and no dead letters are listed.
 
     \b
-    Example:
+    Examples:
       flowdsl runs show 3f9a0c1d2b7e4a55 --store sqlite:///runs.db
+      flowdsl runs show 3f9a0c1d2b7e4a55 --server grpc://127.0.0.1:50051
     """
-    store = store_or_default(store)
+    token = check_server_use(
+        server,
+        token_env,
+        tls_ca,
+        store_given=_given("store"),
+        signing=_given("signing_key_env") or _given("old_signing_key_envs"),
+        broker=broker if _given("broker") else None,
+    )
+    dead: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    if server is not None:
+        record, journal = run_from_service(server, run_id, token=token, ca_cert=tls_ca)
+    else:
+        record, journal, dead, jobs = _from_store(
+            store_or_default(store), broker, run_id, signing_key_env, old_signing_key_envs
+        )
+    for path in paths:
+        add_to_path(path)
+    import_modules(imports)
+    graph_ = _graph_or_none(record)
+    nodes = node_rows(record, journal, graph_)
+    if as_json:
+        run = {**run_to_json(record), "traceback": record.traceback}
+        shown = {"run": run, "nodes": nodes, "batch_jobs": jobs}
+        write_json(sys.stdout, {**shown, "dead_letters": dead})
+        return
+    print_run(record, nodes, graph_ is not None, traceback=show_traceback)
+    if jobs:
+        print_batch_jobs(jobs)
+    if dead:
+        print_dead_letters(dead)
+
+
+def _given(option: str) -> bool:
+    """Whether *option* was given on the command line (not from the environment)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(option)
+    return source is ParameterSource.COMMANDLINE
+
+
+def _from_store(
+    store: str,
+    broker: str | None,
+    run_id: str,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]], list[dict[str, Any]]]:
     seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
 
-    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]]]:
+    async def fetch() -> tuple[RunRecord, dict[str, NodeRecord], list[dict[str, Any]], Any]:
         async with opened_store(store, seal) as opened:
             record = await opened.get_run(run_id)
             if record is None:
@@ -170,20 +259,10 @@ def runs_show(
                     f"no run {run_id!r} in {hide_credentials(store)} (see `flowdsl runs list`)"
                 )
             journal = await opened.load_nodes(run_id)
-        return record, journal, await _dead_letters(broker or store, run_id)
+            jobs = [attrs.asdict(job) for job in await run_jobs(opened, run_id)]
+        return record, journal, await _dead_letters(broker or store, run_id), jobs
 
-    record, journal, dead = anyio.run(fetch)
-    for path in paths:
-        add_to_path(path)
-    import_modules(imports)
-    graph_ = _graph_or_none(record)
-    nodes = node_rows(record, journal, graph_)
-    if as_json:
-        write_json(sys.stdout, {"run": run_to_json(record), "nodes": nodes, "dead_letters": dead})
-        return
-    print_run(record, nodes, graph_ is not None)
-    if dead:
-        print_dead_letters(dead)
+    return anyio.run(fetch)
 
 
 async def _dead_letters(url: str, run_id: str) -> list[dict[str, Any]]:
@@ -208,6 +287,62 @@ def _graph_or_none(record: RunRecord) -> Graph | None:
     except FlowError:
         return None
     return flow.graph if isinstance(flow, Flow) else None
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@store_option(required=True)
+@path_option
+@import_option
+@llm_option
+@signing_options
+def runs_cancel(
+    run_id: str,
+    store: str | None,
+    paths: tuple[str, ...],
+    imports: tuple[str, ...],
+    llm_ref: str | None,
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
+) -> None:
+    """Cancel the run RUN_ID, and the provider batch jobs that hold only its requests.
+
+    The run is marked cancelled in the store (`flowdsl resume` takes it up again); a
+    process still driving it is not interrupted, but its steps waiting on the cancelled
+    jobs fail.  The jobs are cancelled through --llm MODULE:ATTR, the provider object of
+    an --import module (whichever process submitted them); jobs other runs share are left
+    to run.
+
+    \b
+    Example:
+      flowdsl runs cancel 3f9a0c1d2b7e4a55 --store sqlite:///runs.db \\
+          --import app.flows --llm app.flows:llm
+    """
+    from .._context.cancel import cancel_run
+
+    store = store_or_default(store)
+    seal = seal_of(signing_key_env, old_signing_key_envs)
+    for path in paths:
+        add_to_path(path)
+    llm = provider_of(llm_ref, import_modules(imports))
+
+    async def cancel() -> tuple[list[str], list[str]]:
+        async with opened_store(store, seal) as opened:
+            cancelled = await cancel_run(opened, llm, run_id)
+            left = [j.job_id for j in await run_jobs(opened, run_id) if not j.ended]
+        return cancelled, [j for j in left if j not in cancelled]
+
+    cancelled, running = anyio.run(cancel)
+    click.echo(f"run {run_id} cancelled", err=True)
+    if cancelled:
+        click.echo(f"provider batch jobs cancelled: {', '.join(cancelled)}", err=True)
+    if running:
+        hint = "" if llm is not None else " (pass --llm MODULE:ATTR to cancel its own)"
+        click.echo(
+            f"provider batch jobs still running: {', '.join(running)}"
+            f"{hint}; jobs other runs share are left to run",
+            err=True,
+        )
 
 
 @runs.command("prune")

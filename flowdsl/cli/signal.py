@@ -10,7 +10,8 @@ import click
 
 from .._integrity import Seal
 from .._urls import hide_credentials
-from .main import seal_of, signing_options
+from .main import seal_of, signing_options, store_option
+from .stores import store_or_default
 
 __all__ = ["signal"]
 
@@ -26,19 +27,13 @@ __all__ = ["signal"]
     show_default=True,
     help="The signal's value as JSON; it is decoded as the type the wait names.",
 )
-@click.option(
-    "--store",
-    metavar="URL",
-    envvar="FLOWDSL_STORE",
-    required=True,
-    help="The store the run is kept in, e.g. sqlite:///runs.db (or set FLOWDSL_STORE).",
-)
+@store_option(required=True)
 @signing_options
 def signal(
     run_id: str,
     name: str,
     value: str,
-    store: str,
+    store: str | None,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
 ) -> None:
@@ -56,6 +51,7 @@ def signal(
         json.loads(value)
     except ValueError as exc:
         raise click.UsageError(f"--value is not JSON: {exc}") from None
+    store = store_or_default(store)
     seal = seal_of(signing_key_env, old_signing_key_envs, reading=True)
     index = anyio.run(_send, store, run_id, name, value, seal)
     click.echo(json.dumps({"run_id": run_id, "signal": name, "index": index}), file=sys.stdout)

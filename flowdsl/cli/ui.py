@@ -14,6 +14,8 @@ import click
 from .._errors import ConfigError
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
+from .main import signing_keys, signing_options, store_option
+from .stores import store_or_default
 
 __all__ = ["parse_listen", "ui"]
 
@@ -60,13 +62,7 @@ def _import(name: str) -> ModuleType:
 
 
 @click.command("ui")
-@click.option(
-    "--store",
-    metavar="URL",
-    envvar="FLOWDSL_STORE",
-    required=True,
-    help="The store to inspect, e.g. sqlite:///runs.db (or set FLOWDSL_STORE).",
-)
+@store_option(required=True)
 @click.option(
     "--broker",
     metavar="URL",
@@ -101,13 +97,16 @@ def _import(name: str) -> ModuleType:
     type=click.Path(exists=True, file_okay=False),
     help="Add DIR to the import path (repeatable); the current directory always is.",
 )
+@signing_options
 def ui(
-    store: str,
+    store: str | None,
     broker: str | None,
     listen: str,
     token_env: str | None,
     imports: tuple[str, ...],
     paths: tuple[str, ...],
+    signing_key_env: str | None,
+    old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Serve the run inspector: the runs of a store, each run's graph with live node
     statuses, its nodes' arguments, results, errors, timings, tokens and cost; resume,
@@ -115,6 +114,8 @@ def ui(
 
     Runs of the flows in --import modules show their whole graph; other runs show the
     nodes their journal holds (a flow is never imported because a run record names it).
+    With --signing-key-env, records are verified with the key and what a resume writes
+    is signed with it (docs/security.md).
 
     \b
     Example:
@@ -129,6 +130,8 @@ def ui(
     from ..ui.security import LOOPBACK_HOSTS
 
     host, port = parse_listen(listen)
+    store = store_or_default(store)
+    keys = signing_keys(signing_key_env, old_signing_key_envs)
     if store.split(":", 1)[0].lower() == "memory":
         raise click.BadParameter(
             f"{store} keeps runs only inside one process; name a durable store, e.g. "
@@ -154,6 +157,7 @@ def ui(
         flows=modules,
         # On loopback, answer to loopback names only (a DNS-rebinding page cannot read it).
         allowed_hosts=LOOPBACK_HOSTS if loopback else None,
+        **keys,
     )
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"

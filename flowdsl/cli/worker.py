@@ -15,6 +15,7 @@ from .._executors.batch import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_MAX_DELIVERIES
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
 from .main import path_option, seal_of, signing_options, usage_error
+from .providers import llm_option, provider_of
 
 __all__ = ["worker"]
 
@@ -78,6 +79,7 @@ __all__ = ["worker"]
     help="The store the runs journal to.  [default: the broker's URL: its file, for the "
     "embedded SQLite queue, or its Redis or NATS server]",
 )
+@llm_option
 @path_option
 @signing_options
 def worker(
@@ -88,6 +90,7 @@ def worker(
     lease: float,
     max_deliveries: int,
     store: str | None,
+    llm_ref: str | None,
     paths: tuple[str, ...],
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
@@ -101,7 +104,9 @@ def worker(
     The worker runs only the steps of the modules given with --import: a task naming any
     other step is refused, without importing anything, and dead-lettered.  The current
     directory is not on its import path (a file planted there could shadow a module),
-    unless an --import names a file in it; add directories with --path DIR.
+    unless an --import names a file in it; add directories with --path DIR.  Its steps'
+    LLM provider is --llm MODULE:ATTR, an object of one of those modules: give it one
+    with batch_api= and the worker sends its batch runs' calls as provider batch jobs.
 
     \b
     Example:
@@ -114,7 +119,8 @@ def worker(
         add_to_path(path)
     modules = tuple(_module_of(name) for name in imports)
     seal = seal_of(signing_key_env, old_signing_key_envs)
-    options = (lease, seal, max_deliveries, async_concurrency)
+    llm = provider_of(llm_ref, modules)
+    options = (lease, seal, max_deliveries, llm, async_concurrency)
     anyio.run(_serve_until_stopped, broker, store, modules, concurrency, options)
 
 
@@ -141,11 +147,17 @@ async def _serve_until_stopped(
     store: str | None,
     modules: tuple[str, ...],
     concurrency: int,
-    options: tuple[Any, ...] = (30.0, None, DEFAULT_MAX_DELIVERIES, DEFAULT_ASYNC_CONCURRENCY),
+    options: tuple[Any, ...] = (
+        30.0,
+        None,
+        DEFAULT_MAX_DELIVERIES,
+        None,
+        DEFAULT_ASYNC_CONCURRENCY,
+    ),
 ) -> None:
     import signal
 
-    lease, seal, max_deliveries, async_concurrency = options
+    lease, seal, max_deliveries, llm, async_concurrency = options
 
     # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
     # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
@@ -162,6 +174,7 @@ async def _serve_until_stopped(
                     lease=lease,
                     seal=seal,
                     max_deliveries=max_deliveries,
+                    llm=llm,
                 )
             )
             click.echo(

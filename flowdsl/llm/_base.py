@@ -135,17 +135,22 @@ class BaseProvider:
 
     async def cancel_batches(self, run_id: str, store: Any = None) -> list[str]:
         """Withdraw the requests of run *run_id* not yet in a job and cancel the batch jobs
-        that hold only its requests (those this event loop knows); the ids cancelled.
+        that hold only its requests; the ids cancelled.
 
-        A context calls this when one of its runs is cancelled; *store* is the run's
-        store, where jobs submitted by other processes are journaled.
+        The jobs this event loop knows (its steps submitted them or wait for them), and,
+        with *store* (the run's store), those other processes submitted, which the store
+        lists for the run: a context calls this when one of its runs is cancelled, and
+        ``ctx.cancel`` does for a run driven anywhere.
         """
         from ._batch import running_collector
+        from ._batch_runs import cancel_stored_jobs
 
         collector = running_collector(self)
-        if collector is None:
-            return []
-        return await collector.cancel_run(run_id, store)
+        cancelled = [] if collector is None else await collector.cancel_run(run_id, store)
+        if store is not None:
+            seen = cancelled if collector is None else [*cancelled, *collector.known_jobs()]
+            cancelled += await cancel_stored_jobs(self, store, run_id, skip=set(seen))
+        return cancelled
 
     async def aclose(self) -> None:
         """Close the connections this provider holds in the current event loop."""

@@ -25,28 +25,30 @@ the guide is ``docs/llm.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 import attrs
 
+from .._define.graph import split_item
 from .._engine.runner import current_scope
+from .._engine.slots import lent_slot
 from .._errors import ConfigError
 from ._base import Exchange, Turn, where
 from ._batch_journal import (
-    JOB_PREFIX,
     JOURNAL_PREFIX,
     custom_id,
     job_runs,
+    line_digest,
+    line_size,
     next_call,
+    note_job_state,
     read_entry,
     run_cancelled,
     write_entry,
+    write_job,
 )
 from ._errors import LLMError
 
@@ -131,6 +133,7 @@ class JobState:
     status: str
     failed: str | None = None
     files: tuple[str, ...] = ()  # where the results are (OpenAI's output and error files)
+    counts: dict[str, int] = attrs.field(factory=dict)  # the provider's request counts
 
 
 class Jobs(Protocol):
@@ -206,6 +209,7 @@ class _Job:
     id: str
     next_poll: float
     runs: frozenset[str] | None = None  # None: not known here (submitted elsewhere)
+    store: Any = None  # where its state is noted, for `flowdsl runs show`
     waiters: int = 0
     polling: bool = False
     ended: bool = False
@@ -246,9 +250,10 @@ class Collector:
         assert scope is not None
         assert scope.batch_store is not None
         store = scope.batch_store
-        cid = custom_id(scope.run_id, scope.node_id, getattr(scope, "item", None), next_call(scope))
+        node_id, item = split_item(scope.node_id)
+        cid = custom_id(scope.run_id, node_id, item, next_call(scope))
         line, model = self.jobs.line(cid, exchange)
-        digest = _digest(line)
+        digest = line_digest(line)
         entry = await read_entry(store, cid)
         job_id: str | None = None
         round_ = 0
@@ -257,13 +262,16 @@ class Collector:
         elif entry is not None:
             log.info("request %s changed since it was journaled; sending the new one", cid)
         while True:
-            if job_id is None:
-                request = _Request(cid, scope.run_id, line, _size(line), digest, round_)
-                job_id = await self._submit(store, (model, self.jobs.endpoint), request)
-                fresh = True
-            else:
-                fresh = False
-            outcome, status = await self._wait(job_id, cid, fresh=fresh)
+            # The step's worker slot is free for other steps (which add their requests to
+            # the job) while this one waits for the job to be sent and to end.
+            async with lent_slot():
+                if job_id is None:
+                    request = _Request(cid, scope.run_id, line, line_size(line), digest, round_)
+                    job_id = await self._submit(store, (model, self.jobs.endpoint), request)
+                    fresh = True
+                else:
+                    fresh = False
+                outcome, status = await self._wait(store, job_id, cid, fresh=fresh)
             if outcome.body is not None:
                 return self.jobs.turn(outcome.body, exchange), job_id
             if outcome.missing:
@@ -385,7 +393,8 @@ class Collector:
                 log.info("%s batch job %s: %d requests", self.name, job_id, len(requests))
                 runs = frozenset(r.run_id for r in requests)
                 job = self._jobs.setdefault(job_id, self._new_job(job_id, fresh=True, runs=runs))
-                await self._journal(store, job_id, requests, runs)
+                job.store = store
+                await self._journal(store, job_id, requests)
                 if all(r.custom_id in group.dropped for r in requests):
                     # Its runs were cancelled while it was being submitted.
                     await self._cancel(job, "its runs were")
@@ -397,14 +406,17 @@ class Collector:
             self._submitting.discard(group)
             group.poke()
 
-    async def _journal(
-        self, store: Any, job_id: str, requests: list[_Request], runs: frozenset[str]
-    ) -> None:
+    async def _journal(self, store: Any, job_id: str, requests: list[_Request]) -> None:
         try:
-            about = {"provider": self.name, "runs": sorted(runs), "requests": len(requests)}
-            await store.put_cached(JOB_PREFIX + job_id, json.dumps(about))
+            runs: dict[str, int] = {}
+            for r in requests:
+                runs[r.run_id] = runs.get(r.run_id, 0) + 1
+            about = {"provider": self.name, "runs": runs, "requests": len(requests)}
+            await write_job(store, job_id, {**about, "status": "submitted", "ended": False})
             for r in requests:
                 await write_entry(store, r.custom_id, self.name, job_id, r.digest, r.round)
+            for run_id in runs:
+                await store.add_batch_job(run_id, job_id)
         except Exception as exc:
             # The steps wait for the job all the same; only a crash before it ends would
             # send these requests again.
@@ -417,12 +429,14 @@ class Collector:
         delay = self.options.poll_every if fresh else 0.0
         return _Job(job_id, anyio.current_time() + delay, runs)
 
-    async def _wait(self, job_id: str, cid: str, *, fresh: bool) -> tuple[Line, str]:
+    async def _wait(self, store: Any, job_id: str, cid: str, *, fresh: bool) -> tuple[Line, str]:
         """*cid*'s line in job *job_id* once the job has ended, and the job's status."""
         job = self._jobs.get(job_id)
         if job is None or (job.ended and cid not in job.fetched):
             job = self._new_job(job_id, fresh=fresh, runs=None if job is None else job.runs)
             self._jobs[job_id] = job
+        if job.store is None:
+            job.store = store
         job.wanted.add(cid)
         job.waiters += 1
         try:
@@ -466,6 +480,8 @@ class Collector:
             job.next_poll = anyio.current_time() + self.options.poll_every
             try:
                 state = await self.jobs.state(job.id)
+                if state.status != job.status or state.ended:
+                    await self._note(job, state)
                 job.status = state.status
                 if not state.ended:
                     continue
@@ -483,13 +499,23 @@ class Collector:
             job.ended = True
             return
 
+    async def _note(self, job: _Job, state: JobState) -> None:
+        if job.store is None:
+            return
+        try:
+            await note_job_state(job.store, job.id, state.status, state.ended, state.counts)
+        except Exception as exc:
+            # Only what `flowdsl runs show` says is behind.
+            log.warning("cannot note how %s batch job %s stands: %s", self.name, job.id, exc)
+
     # --- cancelling -----------------------------------------------------------------------
 
     async def cancel_run(self, run_id: str, store: Any = None) -> list[str]:
         """Withdraw *run_id*'s requests not yet submitted, and cancel the submitted jobs
         that hold only its requests; the ids of the jobs cancelled.
 
-        Only jobs known to this process are seen: those its steps submitted or wait for.
+        Only jobs known to this process are seen: those its steps submitted or wait for
+        (the others are ``_batch_runs``'s).
         """
         for group in [*self._groups.values(), *self._submitting]:
             mine = {cid for cid, r in group.requests.items() if r.run_id == run_id}
@@ -504,6 +530,10 @@ class Collector:
             if runs == frozenset({run_id}) and await self._cancel(job, f"run {run_id} was"):
                 cancelled.append(job.id)
         return cancelled
+
+    def known_jobs(self) -> list[str]:
+        """The jobs this collector follows (their cancellation is :meth:`cancel_run`'s)."""
+        return list(self._jobs)
 
     async def _cancel(self, job: _Job, why: str) -> bool:
         try:
@@ -545,27 +575,6 @@ def running_collector(provider: Any) -> Collector | None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def encode_lines(lines: Iterable[dict[str, Any]]) -> bytes:
-    """JSONL: one compact JSON object per line."""
-    return b"".join(_encode(line) + b"\n" for line in lines)
-
-
-def _encode(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _size(line: dict[str, Any]) -> int:
-    return len(_encode(line)) + 1
-
-
-def _digest(line: dict[str, Any]) -> str:
-    """What the request asks, without its custom id: a journaled job answers the same
-    request only."""
-    content = {k: v for k, v in line.items() if k != "custom_id"}
-    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _again(error: BaseException, provider: str) -> BaseException:

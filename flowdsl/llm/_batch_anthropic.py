@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from ._base import Exchange, Turn
 from ._batch import JobState, Line
+from ._batch_journal import counts
 from ._errors import LLMError
 
 __all__ = ["AnthropicJobs"]
@@ -58,7 +59,7 @@ class AnthropicJobs:
         except Exception as exc:
             raise self._error(exc, "") from exc
         status = str(job.processing_status)
-        return JobState(status == "ended", status)
+        return JobState(status == "ended", status, counts=counts(job.request_counts))
 
     async def results(self, job_id: str, state: JobState, wanted: set[str]) -> dict[str, Line]:
         client = self.provider._client.get()

@@ -9,8 +9,14 @@ cache:
   the request (``null`` once its answer was an error, so that a retry sends it afresh),
   what the request asked (a digest: a changed request is sent anew), and whether it is
   the first submission (0) or the one after a job that did not run it (1);
-- ``llm-batch-job:<job id>``: ``{"provider", "runs", "requests"}``, so that a process that
-  did not submit the job knows which runs it serves (to cancel it with them).
+- ``llm-batch-job:<job id>``: ``{"provider", "runs", "requests", "status", "ended",
+  "counts"}``: how many of the job's requests are each run's, so that a process that did
+  not submit the job knows which runs it serves (to cancel it with them), and how the job
+  stood when a process last looked (``status`` as the provider says it, ``counts`` its
+  request counts), for ``flowdsl runs show``;
+- and, in the store's list of each run's batch jobs (:meth:`Store.add_batch_job
+  <flowdsl.backends.base.Store.add_batch_job>`), the job's id, so that any process finds
+  a run's jobs from its id.
 
 Entries are read back from a store, so they are checked, never trusted.
 """
@@ -21,6 +27,7 @@ import hashlib
 import json
 import re
 import weakref
+from collections.abc import Iterable
 from typing import Any, Final
 
 from .._errors import CheckpointError
@@ -30,12 +37,19 @@ from ._base import where
 __all__ = [
     "JOB_PREFIX",
     "JOURNAL_PREFIX",
+    "counts",
     "custom_id",
+    "encode_lines",
     "job_runs",
+    "line_digest",
+    "line_size",
     "next_call",
+    "note_job_state",
     "read_entry",
+    "read_job",
     "run_cancelled",
     "write_entry",
+    "write_job",
 ]
 
 JOURNAL_PREFIX: Final = "llm-batch:"
@@ -79,6 +93,27 @@ def next_call(scope: Any) -> int:
     return slot[1] - 1
 
 
+def encode_lines(lines: Iterable[dict[str, Any]]) -> bytes:
+    """JSONL: one compact JSON object per line."""
+    return b"".join(_encode(line) + b"\n" for line in lines)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def line_size(line: dict[str, Any]) -> int:
+    return len(_encode(line)) + 1
+
+
+def line_digest(line: dict[str, Any]) -> str:
+    """What the request asks, without its custom id: a journaled job answers the same
+    request only."""
+    content = {k: v for k, v in line.items() if k != "custom_id"}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 # --- the journal -----------------------------------------------------------------------------
 
 
@@ -111,18 +146,58 @@ async def write_entry(
     await store.put_cached(JOURNAL_PREFIX + cid, json.dumps(entry))
 
 
-async def job_runs(store: Any, job_id: str) -> frozenset[str] | None:
-    if store is None:
-        return None
+def counts(reported: Any) -> dict[str, int]:
+    """A provider's request counts (an SDK object, or none) as a plain mapping."""
+    dump = getattr(reported, "model_dump", None)
+    data = dump() if dump is not None else {}
+    return {k: n for k, n in data.items() if isinstance(k, str) and type(n) is int}
+
+
+async def write_job(store: Any, job_id: str, about: dict[str, Any]) -> None:
+    await store.put_cached(JOB_PREFIX + job_id, json.dumps(about, sort_keys=True))
+
+
+async def read_job(store: Any, job_id: str) -> dict[str, Any] | None:
+    """The job's record, checked (``None``: none, or one that is not what flowdsl writes,
+    which only makes the job unknown: nothing is sent or cancelled on its word)."""
     text = await store.get_cached(JOB_PREFIX + job_id)
     try:
         about = json.loads(text) if text is not None else None
-        runs = about.get("runs") if isinstance(about, dict) else None
     except ValueError:
         return None
-    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+    if not isinstance(about, dict):
         return None
-    return frozenset(runs)
+    runs = about.get("runs")
+    if isinstance(runs, list):  # as the first version wrote it
+        runs = about["runs"] = dict.fromkeys(runs, 0)
+    if not isinstance(runs, dict) or not all(
+        isinstance(k, str) and type(n) is int for k, n in runs.items()
+    ):
+        return None
+    counts = about.get("counts")
+    if not isinstance(counts, dict) or not all(type(n) is int for n in counts.values()):
+        about["counts"] = {}
+    for field, kind in (("provider", str), ("status", str), ("requests", int)):
+        if not isinstance(about.get(field), kind):
+            about[field] = kind()
+    about["ended"] = about.get("ended") is True
+    return about
+
+
+async def job_runs(store: Any, job_id: str) -> frozenset[str] | None:
+    about = None if store is None else await read_job(store, job_id)
+    return None if about is None else frozenset(about["runs"])
+
+
+async def note_job_state(
+    store: Any, job_id: str, status: str, ended: bool, counts: dict[str, int]
+) -> None:
+    """Record how job *job_id* stands, for whoever shows it."""
+    about = await read_job(store, job_id)
+    if about is None or (about["ended"] and not ended):
+        return  # not ours, or a late look of a slower process: the end stands
+    about.update(status=status, ended=ended, counts=counts)
+    await write_job(store, job_id, about)
 
 
 async def run_cancelled(store: Any, run_id: str) -> bool:

@@ -16,7 +16,8 @@ from contextlib import aclosing
 from typing import Any, Final
 
 from ._base import Exchange, Turn
-from ._batch import JobState, Line, encode_lines
+from ._batch import JobState, Line
+from ._batch_journal import counts, encode_lines
 from ._errors import LLMError
 from ._translate import retryable_status
 
@@ -70,7 +71,7 @@ class OpenAIJobs:
             errors = job.errors.data if job.errors is not None and job.errors.data else []
             failed = "; ".join(str(e.message) for e in errors) or "no reason given"
         files = tuple(f for f in (job.output_file_id, job.error_file_id) if f)
-        return JobState(status in _ENDED, status, failed, files)
+        return JobState(status in _ENDED, status, failed, files, counts(job.request_counts))
 
     async def results(self, job_id: str, state: JobState, wanted: set[str]) -> dict[str, Line]:
         client = self.provider._client.get()

@@ -16,6 +16,7 @@ history, so its numbering goes on from what a watcher saw of it.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,12 +35,19 @@ _TERMINAL = (ev.RunFinished, ev.RunFailed)
 
 @attrs.frozen
 class Entry:
-    """One event as it crosses the wire: the event's class name and its JSON text."""
+    """One event as it crosses the wire: the event's class name and its JSON text.
+
+    The text is made when a watcher first asks for it: most runs are never watched.
+    """
 
     seq: int
     type: str
     node_id: str | None
-    json: str
+    event: Any = attrs.field(repr=False)
+
+    @functools.cached_property
+    def json(self) -> str:
+        return _codec.dumps(_codec.converter.unstructure(self.event))
 
 
 @attrs.define(eq=False)
@@ -49,16 +57,12 @@ class RunLog:
     run_id: str
     entries: list[Entry] = attrs.field(factory=list)
     open: bool = False
-    _changed: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    # Made by a watcher that waits, set by the next change: a run nobody watches makes none.
+    _changed: anyio.Event | None = attrs.field(default=None, init=False)
 
     def append(self, event: Any) -> None:
         self.entries.append(
-            Entry(
-                len(self.entries) + 1,
-                type(event).__name__,
-                event.node_id,
-                _codec.dumps(_codec.converter.unstructure(event)),
-            )
+            Entry(len(self.entries) + 1, type(event).__name__, event.node_id, event)
         )
         if isinstance(event, _TERMINAL):
             self.open = False
@@ -73,8 +77,9 @@ class RunLog:
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def follow(self, after: int) -> AsyncIterator[Entry]:
         """The entries after *after*, as they come, until the log closes."""
@@ -85,6 +90,8 @@ class RunLog:
                 yield entry
             if not self.open:
                 return
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
 

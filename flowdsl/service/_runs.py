@@ -7,21 +7,29 @@ inside a cancel scope of its own so that one run can be cancelled.  Events reach
 
 Errors are :class:`ServiceError` with the gRPC status name the server layer sends.
 
-When the service starts it takes up the runs the store has as running (or waiting): their
-driver is taken to be gone, since a service is the only driver of the runs it serves.  Two
-replicas on one store would both take them up: keeping them apart is the run lease's job
-(not on this branch yet; see ``take_over``).  When it stops, runs that are still going are
-put back as running, journal intact, for the next service to take up.
+One driver per run, across replicas: every drive goes through the context's run lease
+(``_engine/lease.py``), taken with ``wait=False``.  A run whose lease another live process
+holds (another replica on the same store) raises ``RunBusy`` and is left to it: this
+service neither drives nor follows it.  When the service starts, and every
+``take_over_every`` seconds after, it offers to drive every unfinished (running or
+waiting) run of a flow it serves; the lease decides: a run whose driver died (its process
+gone, on this machine; its lease run out, from another) is taken up and resumed from its
+journal, the others are left to their drivers.  When it stops, runs that are still going
+are put back as running, journal intact, lease given up, for another service to take up.
+
+A driver's log is made before it drives but joins the :class:`LogBook` with the run's
+first event, so a run found busy leaves no log behind: its watchers here follow it
+through the store (see :meth:`RunService.watch`).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -32,11 +40,20 @@ from .. import _codec
 from .. import events as ev
 from .._context import Context
 from .._define.dsl import Flow
-from .._errors import CheckpointError, CodecError, ConfigError, FlowError
+from .._engine.lease import (
+    DEFAULT_TTL,
+    describe_owner,
+    mark_alive,
+    mark_gone,
+    new_owner,
+    process_gone,
+)
+from .._errors import CheckpointError, CodecError, ConfigError, FlowError, RunBusy
 from .._records import RunRecord, RunStatus
 from ._errors import ServiceError
 from ._flows import FlowRegistry
 from ._log import Entry, LogBook, RunLog, history_of
+from ._paging import after_cursor, decode_token, encode_token, status_filter
 
 __all__ = ["RunService", "as_service_error"]
 
@@ -61,6 +78,15 @@ class _Driver:
     done: anyio.Event = attrs.field(factory=anyio.Event)
     handing_back: bool = False  # stopped by a stopping service: the run is not over
     failure: BaseException | None = None  # why it ended before the run started
+    # Its log, until the run's first event adds it to the book (None after): a drive that
+    # finds the run busy never adds it.
+    pending: RunLog | None = None
+    fresh: bool = False  # its drive began the run (a RunStarted that is not a resume)
+
+    @property
+    def busy(self) -> bool:
+        """Another live process drives the run: this driver ran nothing."""
+        return isinstance(self.failure, RunBusy)
 
 
 class RunService:
@@ -75,6 +101,9 @@ class RunService:
         workers: int | None = None,
         keep_logs: int = 10_000,
         poll: float = 0.5,
+        take_over_every: float | None = 2.0,
+        signing_key: Any = None,
+        old_signing_keys: Sequence[Any] = (),
     ) -> None:
         self.flows = flows
         self.context = Context(
@@ -83,11 +112,20 @@ class RunService:
             batch=broker is not None,
             workers=workers,
             on_event=self._on_event,
+            signing_key=signing_key,
+            old_signing_keys=old_signing_keys,
         )
         self.store: Any = self.context.store
         self.poll = poll
+        if take_over_every is not None and not take_over_every > 0:
+            raise ConfigError(
+                f"take_over_every must be a positive number of seconds, not {take_over_every}"
+            )
+        # A process-local store has no other driver whose runs could be orphaned.
+        self.take_over_every = None if self.store.process_local else take_over_every
         self._logs = LogBook(keep_logs)
         self._drivers: dict[str, _Driver] = {}
+        self._unserved: set[str] = set()  # runs of flows not served here, warned about
         self._tg: anyio.abc.TaskGroup | None = None
         self._accepting = False
 
@@ -96,39 +134,91 @@ class RunService:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[RunService]:
         """Open the context, take up orphaned runs; on the way out, hand back the rest."""
-        async with self.context, anyio.create_task_group() as tg:
-            self._tg = tg
-            self._accepting = True
-            try:
-                await self.take_over()
-                yield self
-            finally:
-                self._accepting = False
-                with anyio.CancelScope(shield=True):
-                    await self._hand_back()
-                self._tg = None
+        async with self.context:
+            # Read before the task group, so that an unreadable store is one plain error.
+            records = await self._readable_runs()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._accepting = True
+                scanning = anyio.CancelScope()
+                try:
+                    await self.take_over(records)
+                    if self.take_over_every is not None:
+                        tg.start_soon(self._keep_taking_over, scanning, name="flowdsl take-over")
+                    yield self
+                finally:
+                    scanning.cancel()
+                    self._accepting = False
+                    with anyio.CancelScope(shield=True):
+                        await self._hand_back()
+                    self._tg = None
 
-    async def take_over(self) -> list[str]:
-        """Drive every unfinished run of a served flow that nobody here drives; their ids.
+    async def take_over(self, records: list[RunRecord] | None = None) -> list[str]:
+        """Offer to drive every unfinished run of a served flow not driven here; the ids of
+        the runs this service took up.
 
-        Every such run is taken to have lost its driver.  With the run lease, this is where
-        a replica would first take the run's lease and skip the runs another one holds.
+        The run lease decides: a run another live process drives is left to it (its
+        driver here ends at once, ``RunBusy``), one whose driver is gone is resumed.
         """
-        taken = []
-        for record in await self._all_runs():
+        offered = []
+        for record in await self.store.unfinished_runs() if records is None else records:
             if record.status not in _UNFINISHED or record.run_id in self._drivers:
                 continue
             flow = self.flows.find(record.flow_ref)
             if flow is None:
-                logger.warning(
-                    "run %s of flow %s is left as it is: this service does not serve that flow",
-                    record.run_id,
-                    record.flow_ref,
-                )
+                if record.run_id not in self._unserved:
+                    self._unserved.add(record.run_id)
+                    logger.warning(
+                        "run %s of flow %s is left as it is: this service does not serve that flow",
+                        record.run_id,
+                        record.flow_ref,
+                    )
                 continue
-            await self._resume_driver(record, flow)
-            taken.append(record.run_id)
+            offered.append(await self._resume_driver(record, flow))
+        taken = []
+        for driver in offered:
+            await driver.started.wait()
+            if not driver.busy and driver.failure is None:
+                taken.append(driver.run_id)
         return taken
+
+    async def _readable_runs(self) -> list[RunRecord]:
+        """The store's runs, read (and verified) once when the service starts: a record
+        this service cannot read stops it there, with what to do."""
+        try:
+            records: list[RunRecord] = await self.store.list_runs(limit=2**62)
+            return records
+        except CheckpointError as exc:
+            # Most often the store's records were signed with a key this service lacks.
+            raise ConfigError(
+                f"the service cannot read the runs in {self.store.url}: {exc.problem}",
+                flow=exc.flow,
+                node=exc.node,
+                hint="If another key signed them, start the service with that key "
+                "(--signing-key-env VAR; --old-signing-key-env VAR for a previous one)"
+                + (f". Otherwise: {exc.hint}" if exc.hint else ""),
+            ) from exc
+
+    async def _keep_taking_over(self, scope: anyio.CancelScope) -> None:
+        assert self.take_over_every is not None
+        spent = 0.0
+        with scope:
+            while True:
+                # A store that cannot select unfinished runs is read whole: then the scans
+                # are spaced so that they take no more than a twentieth of the time.
+                await anyio.sleep(max(self.take_over_every, 20 * spent))
+                began = time.monotonic()
+                try:
+                    taken = await self.take_over()
+                except FlowError as exc:
+                    # A store that is away, or a record this service cannot read: it goes
+                    # on serving, and the next round tries again.
+                    logger.warning("taking up orphaned runs failed: %s", exc)
+                    continue
+                finally:
+                    spent = time.monotonic() - began
+                if taken:
+                    logger.info("took up %d run(s) whose driver is gone: %s", len(taken), taken)
 
     async def drain(self, grace: float) -> None:
         """Refuse new runs and wait up to *grace* seconds for the driven ones to end."""
@@ -171,8 +261,14 @@ class RunService:
         if record is not None:
             _check_same_flow(rid, record.flow_ref, flow)
             return record, False
-        call = functools.partial(self.context.run, flow, *args, run_id=rid, inputs=kwargs)
-        return await self._started(self._spawn(rid, flow, call)), True
+        call = functools.partial(
+            self.context.run, flow, *args, run_id=rid, inputs=kwargs, wait=False
+        )
+        driver = self._spawn(rid, flow, call)
+        # Another replica may have started the same id at the same moment: then only the
+        # call whose drive began the run says it was created (none, if the other
+        # replica's drive took the lease first and this one's record was the new one).
+        return await self._started(driver), driver.fresh
 
     async def get(self, run_id: str) -> RunRecord:
         return await self._record(run_id)
@@ -194,13 +290,47 @@ class RunService:
                 flow=record.flow,
                 hint="Only a running or waiting run can be cancelled",
             )
-        # Nobody drives it here: mark it, so that no service takes it up again.
-        await self.store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
+        # Nobody drives it here: mark it, so that no service takes it up again, holding its
+        # lease meanwhile; a run another live process drives is that process's to cancel.
+        async with self._lease_of(record) as owner:
+            if owner is not None:
+                raise ServiceError(
+                    f"run {run_id!r} is being driven by {describe_owner(owner)}, not by this "
+                    "service",
+                    code="FAILED_PRECONDITION",
+                    flow=record.flow,
+                    hint="Cancel it through the service that drives it (the replica that "
+                    "started or took it up)",
+                )
+            await self.store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
         log = self._logs.get(run_id)
         if log is not None:
             log.append(ev.RunFailed(run_id, _now(), "cancelled", cancelled=True))
             self._logs.settled(log)
         return await self._record(run_id)
+
+    @contextlib.asynccontextmanager
+    async def _lease_of(self, record: RunRecord) -> AsyncIterator[str | None]:
+        """Hold *record*'s run lease for the block (``None``), or yield the owner of the
+        live driver that holds it."""
+        run_id, owner = record.run_id, str(new_owner())
+        mark_alive(owner, self)  # so that a take-over in this process waits for it
+        try:
+            held = await self.store.acquire_lease(run_id, owner, DEFAULT_TTL)
+            if held is not None and process_gone(held.owner):
+                held = await self.store.acquire_lease(
+                    run_id, owner, DEFAULT_TTL, replacing=held.owner
+                )
+            if held is not None:
+                yield held.owner
+                return
+            try:
+                yield None
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.store.release_lease(run_id, owner)
+        finally:
+            mark_gone(owner)
 
     async def resume(self, run_id: str) -> RunRecord:
         """Drive a failed, cancelled or orphaned run again from its journal."""
@@ -260,8 +390,8 @@ class RunService:
         if page_size < 0:
             raise ServiceError(f"page_size {page_size} is negative", code="INVALID_ARGUMENT")
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
-        wanted = _status_filter(status)
-        cursor = _decode_token(page_token) if page_token else None
+        wanted = status_filter(status)
+        cursor = decode_token(page_token) if page_token else None
 
         def keep(record: RunRecord) -> bool:
             if wanted is not None and record.status is not wanted:
@@ -271,14 +401,14 @@ class RunService:
         limit = size + 1
         while True:
             records: list[RunRecord] = await self.store.list_runs(limit=limit)
-            rest = records[_after(records, cursor) :]
+            rest = records[after_cursor(records, cursor) :]
             matches = [record for record in rest if keep(record)]
             if len(matches) > size or len(records) < limit:
                 break
             limit *= 4
         page = matches[:size]
         more = len(matches) > size
-        return page, _encode_token(page[-1]) if more and page else ""
+        return page, encode_token(page[-1]) if more and page else ""
 
     async def watch(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Entry]:
         """The run's events after *after_seq*, as they happen, until the run ends."""
@@ -291,23 +421,27 @@ class RunService:
     # --- driving --------------------------------------------------------------------------
 
     def _spawn(
-        self, run_id: str, flow: Flow[..., Any], call: Callable[[], Awaitable[Any]]
+        self,
+        run_id: str,
+        flow: Flow[..., Any],
+        call: Callable[[], Awaitable[Any]],
+        log: RunLog | None = None,
     ) -> _Driver:
+        """Drive the run with *call* (a drive taken with ``wait=False``); its events go to
+        *log* (a fresh one by default) from the first on."""
         assert self._tg is not None
         driver = _Driver(run_id, flow)
         self._drivers[run_id] = driver
-        log = self._logs.get(run_id) or self._logs.add(RunLog(run_id))
-        log.reopen()
-        self._logs.settled(log)
-        self._tg.start_soon(self._drive, driver, call, log, name=f"flowdsl service run {run_id}")
+        driver.pending = self._logs.get(run_id) or log or RunLog(run_id)
+        self._tg.start_soon(self._drive, driver, call, name=f"flowdsl service run {run_id}")
         return driver
 
-    async def _drive(
-        self, driver: _Driver, call: Callable[[], Awaitable[Any]], log: RunLog
-    ) -> None:
+    async def _drive(self, driver: _Driver, call: Callable[[], Awaitable[Any]]) -> None:
         try:
             with driver.scope:
                 await call()
+        except RunBusy as exc:
+            driver.failure = exc  # another process drives it: nothing ran here
         except FlowError as exc:
             # A failed run is in the store; only a failure before the run began is news.
             driver.failure = exc
@@ -317,8 +451,10 @@ class RunService:
         finally:
             if self._drivers.get(driver.run_id) is driver:
                 del self._drivers[driver.run_id]
-            log.close()
-            self._logs.settled(log)
+            log = self._logs.get(driver.run_id)
+            if driver.pending is None and log is not None:
+                log.close()
+                self._logs.settled(log)
             if driver.handing_back:
                 with anyio.CancelScope(shield=True):
                     await self._put_back(driver.run_id)
@@ -336,18 +472,18 @@ class RunService:
 
     async def _resume_driver(self, record: RunRecord, flow: Flow[..., Any]) -> _Driver:
         run_id = record.run_id
-        if self._logs.get(run_id) is None:
+        log = self._logs.get(run_id)
+        if log is None:
             # Number its events on from what a watcher may have seen of its history.
             history = history_of(record, await self.store.load_nodes(run_id))
-            if self._logs.get(run_id) is None:
-                log = RunLog(run_id)
-                for event in history:
-                    log.append(event)
-                self._logs.add(log)
+            log = RunLog(run_id)
+            for event in history:
+                log.append(event)
         driver = self._drivers.get(run_id)
         if driver is not None:
             return driver
-        return self._spawn(run_id, flow, functools.partial(self.context.resume, run_id, flow=flow))
+        resume = functools.partial(self.context.resume, run_id, flow=flow, wait=False)
+        return self._spawn(run_id, flow, resume, log)
 
     async def _started(self, driver: _Driver) -> RunRecord:
         """The run's record once its driver has made it (or the reason it could not)."""
@@ -364,7 +500,13 @@ class RunService:
         if driver is not None:
             if driver.handing_back and isinstance(event, ev.RunFailed):
                 return  # the run is not over: the next service goes on with it
-            if isinstance(event, ev.RunStarted):
+            if driver.pending is not None:
+                # The drive took the lease: its log is the run's log from now on.
+                driver.pending.reopen()
+                self._logs.add(driver.pending)
+                driver.pending = None
+            if isinstance(event, ev.RunStarted) and not driver.started.is_set():
+                driver.fresh = not event.resumed
                 driver.started.set()
         log = self._logs.get(run_id) or self._logs.add(RunLog(run_id, open=True))
         log.append(event)
@@ -405,14 +547,6 @@ class RunService:
             log.close()
             self._logs.add(log)
         return log
-
-    async def _all_runs(self) -> list[RunRecord]:
-        limit = 1000
-        while True:
-            records: list[RunRecord] = await self.store.list_runs(limit=limit)
-            if len(records) < limit:
-                return records
-            limit *= 4
 
     def _check_accepting(self) -> None:
         if not self._accepting:
@@ -458,53 +592,5 @@ def _checked_run_id(run_id: str) -> str:
     return run_id
 
 
-def _status_filter(status: str) -> RunStatus | None:
-    if not status:
-        return None
-    try:
-        return RunStatus(status)
-    except ValueError:
-        known = ", ".join(s.value for s in RunStatus)
-        raise ServiceError(
-            f"unknown status {status!r}", code="INVALID_ARGUMENT", hint=f"Use one of {known}"
-        ) from None
-
-
-def _encode_token(record: RunRecord) -> str:
-    text = _codec.dumps([record.run_id, record.created_at])
-    return base64.urlsafe_b64encode(text.encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, float]:
-    try:
-        run_id, created_at = _codec.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(run_id, str) and isinstance(created_at, int | float):
-            return run_id, float(created_at)
-    except (ValueError, TypeError, CodecError):
-        pass
-    raise ServiceError(
-        "page_token is not one this service gave",
-        code="INVALID_ARGUMENT",
-        hint="Pass the next_page_token of the previous ListRuns reply, or none",
-    )
-
-
-def _after(records: list[RunRecord], cursor: tuple[str, float] | None) -> int:
-    """The index of the first record after *cursor* in a newest-first list."""
-    if cursor is None:
-        return 0
-    run_id, created_at = cursor
-    for i, record in enumerate(records):
-        if record.run_id == run_id:
-            return i + 1
-    # The cursor's run is gone (or not read yet): go by time.
-    for i, record in enumerate(records):
-        if record.created_at < created_at:
-            return i
-    return len(records)
-
-
 def _now() -> float:
-    import time
-
     return time.time()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -247,19 +247,33 @@ async def open_service(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     grace: float = 10.0,
     workers: int | None = None,
+    take_over_every: float | None = 2.0,
+    signing_key: Any = None,
+    old_signing_keys: Sequence[Any] = (),
 ) -> AsyncIterator[Serving]:
     """Serve *flows* on *listen* until the block ends.
 
     *flows* are the flows requests may name (by ``module:qualname``), or a registry of the
     flows of some modules (what ``flowdsl serve --import`` builds).  *tls* is ``(certificate
     chain PEM, private key PEM)``; *token*, when given, is the bearer token every call must
-    carry.
+    carry.  Every *take_over_every* seconds the service takes up the unfinished runs whose
+    driver is gone (``None``: only when it starts).  *signing_key* and *old_signing_keys*
+    are the context's (see docs/security.md): the service signs what it writes and refuses
+    records it cannot verify.
     """
     require_asyncio("the flowdsl service")
     if token is not None and not token:
         raise ConfigError("the service's token is empty", hint="Set a non-empty token")
     registry = flows if isinstance(flows, FlowRegistry) else FlowRegistry(flows)
-    runs = RunService(registry, store=store, broker=broker, workers=workers)
+    runs = RunService(
+        registry,
+        store=store,
+        broker=broker,
+        workers=workers,
+        take_over_every=take_over_every,
+        signing_key=signing_key,
+        old_signing_keys=old_signing_keys,
+    )
     async with runs.running():
         server = aio.server(
             interceptors=[TokenCheck(token)] if token is not None else None,

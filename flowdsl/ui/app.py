@@ -17,8 +17,8 @@ tests (and applications that mount it) can make as many as they like.
 =========================================  =====================================================
 
 Errors are JSON, ``{"error": code, "message": text}``, with 400 (malformed input), 404
-(unknown run or path), 409 (an action that does not fit the run), 501 (signals, before
-this flowdsl has them).
+(unknown run or path), 409 (an action that does not fit the run), 422 (a run whose
+records cannot be read: corrupted, or not signed with the inspector's key).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .._define.dsl import Flow
-from .._errors import FlowError
+from .._errors import CheckpointError, FlowError
+from .._integrity import Seal, seal_from
 from ..backends import open_store
 from ..backends.base import Store
 from .driver import ActionError, Driver
@@ -138,11 +139,14 @@ class _Inspector:
                 _check_id(search)
         except ActionError as exc:
             return _error(exc)
-        records = await self.store.list_runs(limit=self.scan_limit)
-        if search is not None and not any(r.run_id == search for r in records):
-            exact = await self.store.get_run(search)  # older than the scanned window
-            if exact is not None:
-                records.append(exact)
+        try:
+            records = await self.store.list_runs(limit=self.scan_limit)
+            if search is not None and not any(r.run_id == search for r in records):
+                exact = await self.store.get_run(search)  # older than the scanned window
+                if exact is not None:
+                    records.append(exact)
+        except CheckpointError as exc:
+            return _error(ActionError(422, "unreadable_runs", str(exc)))
         data = list_view(
             records,
             self.flows,
@@ -156,10 +160,13 @@ class _Inspector:
         return JSONResponse(data)
 
     async def _view(self, run_id: str) -> dict[str, Any]:
-        record = await self.store.get_run(_check_id(run_id))
-        if record is None:
-            raise ActionError(404, "unknown_run", f"no run {run_id!r} in this store")
-        journal = await self.store.load_nodes(run_id)
+        try:
+            record = await self.store.get_run(_check_id(run_id))
+            if record is None:
+                raise ActionError(404, "unknown_run", f"no run {run_id!r} in this store")
+            journal = await self.store.load_nodes(run_id)
+        except CheckpointError as exc:  # corrupted, or not signed as the key requires
+            raise ActionError(422, "unreadable_run", str(exc)) from exc
         dead = await self._dead_letters(run_id)
         view = run_view(record, journal, flow_of(record, self.flows), dead_letters=dead)
         view["inspector"] = self.driver.state(run_id)
@@ -309,6 +316,8 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     poll_interval: float = 0.5,
     scan_limit: int = 2000,
+    signing_key: Any = None,
+    old_signing_keys: Sequence[Any] = (),
 ) -> Starlette:
     """The inspector as an ASGI app over a store (a URL or a store object).
 
@@ -319,10 +328,20 @@ def create_app(
     ``Host`` names to answer (``None``: any).  The store is polled every
     *poll_interval* seconds for a watched run; the run list looks at the newest
     *scan_limit* runs.
+
+    *signing_key* (and *old_signing_keys*, a :class:`~flowdsl.Secret` each) verify the
+    store's records and sign what a resume writes, as a context's do (docs/security.md).
+    Without one, records signed by others are shown unverified, as ``flowdsl runs show``
+    shows them, and unsigned ones are checked against their digests.
     """
     store = open_store(store_url_or_store)
+    if signing_key is not None or old_signing_keys:
+        store.seal = seal_from(signing_key, old_signing_keys)
+    elif isinstance(store_url_or_store, str):
+        store.seal = Seal(trust_signed=True)
     known = collect_flows(flows)
-    driver = Driver(store, broker, known)
+    keys = {"signing_key": signing_key, "old_signing_keys": list(old_signing_keys)}
+    driver = Driver(store, broker, known, keys)
     inspector = _Inspector(
         store,
         driver,

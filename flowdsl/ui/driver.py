@@ -5,6 +5,10 @@ inspector's store (in batch mode through ``--broker``'s workers when one is give
 context starts no workers of its own).  The context is entered on the first action, not
 at start-up, so an inspector that only looks polls nothing but the store.
 
+A signal to a waiting run that no process drives (the context that ran it has ended) is
+followed by a resume here, when the inspector knows the run's flow, so that the run takes
+the signal and goes on; a run a live process drives takes it there.
+
 Cancelling a run this process drives (one it resumed) cancels it for real.  A run driven
 by another process, or left ``running`` by one that died, is marked cancelled in the
 store; a live driver elsewhere is not interrupted by that (the store has no channel to
@@ -22,7 +26,7 @@ import anyio.abc
 
 from .._context.context import Context
 from .._define.dsl import Flow
-from .._errors import FlowError
+from .._errors import FlowError, RunBusy
 from .._records import RunStatus
 from ..backends.base import Store
 from .views import flow_of
@@ -46,9 +50,14 @@ class Driver:
     """Actions on runs, and the runs this process drives because of them."""
 
     def __init__(
-        self, store: Store, broker: str | None, flows: Mapping[str, Flow[..., Any]]
+        self,
+        store: Store,
+        broker: str | None,
+        flows: Mapping[str, Flow[..., Any]],
+        keys: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.keys = dict(keys or {})  # the context's signing_key= and old_signing_keys=
         self.broker = broker
         self.flows = flows
         self.tg: anyio.abc.TaskGroup | None = None
@@ -93,9 +102,18 @@ class Driver:
         self._entering = anyio.Event()
         batch = self.broker is not None
         # workers=0: a resumed batch run's steps go to the broker's own workers.
+        reading = self.store.seal
         ctx = Context(
-            store=self.store, batch=batch, broker=self.broker, workers=0 if batch else None
+            store=self.store,
+            batch=batch,
+            broker=self.broker,
+            workers=0 if batch else None,
+            **self.keys,
         )
+        if self.keys.get("signing_key") is None:
+            # The context sets the store's seal to its own (no key): keep showing records
+            # signed by others, as the inspector did before its first action.
+            self.store.seal = reading
         try:
             await self.tg.start(_hold, ctx)
         except BaseException:
@@ -132,19 +150,29 @@ class Driver:
                 f"`--import {record.flow_ref.partition(':')[0]}` to resume its runs",
             )
         ctx = await self._context()
+        self._start(ctx, run_id, flow, wait=True)
+        return {"run_id": run_id, "resuming": True}
+
+    def _start(self, ctx: Context, run_id: str, flow: Flow[..., Any], *, wait: bool) -> None:
         assert self.tg is not None
         scope = anyio.CancelScope()
         self._driving[run_id] = scope
         self.errors.pop(run_id, None)
-        self.tg.start_soon(self._resume, ctx, run_id, flow, scope)
-        return {"run_id": run_id, "resuming": True}
+        self.tg.start_soon(self._resume, ctx, run_id, flow, scope, wait)
 
     async def _resume(
-        self, ctx: Context, run_id: str, flow: Flow[..., Any], scope: anyio.CancelScope
+        self,
+        ctx: Context,
+        run_id: str,
+        flow: Flow[..., Any],
+        scope: anyio.CancelScope,
+        wait: bool,
     ) -> None:
         try:
             with scope:
-                await ctx.resume(run_id, flow=flow)
+                await ctx.resume(run_id, flow=flow, wait=wait)
+        except RunBusy:
+            pass  # a live process drives the run (and takes the signal): nothing to do here
         except FlowError as exc:
             # A run that fails again says so in its record; this keeps what the record
             # cannot say (a flow that changed beyond what resume allows, say).
@@ -177,19 +205,22 @@ class Driver:
         }
 
     async def signal(self, run_id: str, name: str, value: Any) -> dict[str, Any]:
-        await self._record(run_id)
-        if not hasattr(Context, "signal"):
-            raise ActionError(
-                501, "not_implemented", "this flowdsl has no signals (fd.wait_for) yet"
-            )
+        """Send the signal; then, if the run is waiting with no process driving it (its
+        context ended) and its flow is known here, drive it here so that it takes it."""
+        record = await self._record(run_id)
         ctx = await self._context()
-        send = getattr(ctx, "signal", None)  # fd.wait_for's other half (issue 16)
-        assert send is not None
         try:
-            await send(run_id, name, value)
+            await ctx.signal(run_id, name, value)
         except FlowError as exc:
             raise ActionError(409, "signal_refused", str(exc)) from exc
-        return {"run_id": run_id, "signalled": name}
+        reply: dict[str, Any] = {"run_id": run_id, "signalled": name}
+        flow = flow_of(record, self.flows)
+        if record.status is RunStatus.WAITING and flow is not None and run_id not in self._driving:
+            # wait=False: a live driver elsewhere keeps the run (RunBusy), and takes the
+            # signal at its wait's next poll.
+            self._start(ctx, run_id, flow, wait=False)
+            reply["resuming"] = True
+        return reply
 
 
 async def _hold(

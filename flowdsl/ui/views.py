@@ -8,10 +8,12 @@ A store journals finished nodes only.  The rest of a node's status is inferred f
 run's graph, when the run's flow is one the inspector was given (``--import MODULE``):
 
 - ``finished`` (``cached`` when its result came from the step cache): journaled;
-- ``failed``: the node the run record names as the one that failed the run;
+- ``failed``: the node the run record names as the one that failed the run (a map or a
+  loop whose item or iteration it is); its error and traceback are the run record's;
 - ``skipped``: inside a branch case that its branch (journaled) did not choose;
 - ``running``: the run runs, and every input of the node is there: it runs now, or is
   about to (its start time is then an estimate: when its last input was ready);
+  ``waiting`` for a wait (``fd.wait_for``) in that state: it waits for its signal;
 - ``pending`` while the run runs, ``not run`` once it has ended.
 
 For a run whose flow the inspector was not given, the nodes are the journal's alone (and
@@ -41,6 +43,7 @@ from .._define.graph import (
 )
 from .._engine.resume import derived_base
 from .._records import NodeRecord, RunRecord, RunStatus, add_usage
+from .dynamic import dynamic_view
 
 __all__ = ["list_view", "node_diff", "run_summary", "run_view", "timeline"]
 
@@ -266,6 +269,10 @@ def run_view(
             edges.append({"src": edge.src, "dst": edge.dst, "kind": edge.kind, "case": edge.case})
             parents.setdefault(edge.dst, []).append(edge.src)
         depth = _depths(order, parents)
+        dynamic = frozenset(n for n in order if graph.nodes_by_id[n].kind in DYNAMIC_KINDS)
+        failed = record.failed_node
+        # A map's item, a loop's iteration (or a node inside one) fails its map or loop.
+        failed_base = derived_base(failed, dynamic) if failed and dynamic else None
         for node_id in order:
             node = graph.nodes_by_id[node_id]
             view = _node_view(node_id, node.name, node.kind.value, journal.get(node_id))
@@ -278,35 +285,37 @@ def run_view(
                     view["status"] = "skipped"
             elif node_id in journal:
                 pass
-            elif node_id == record.failed_node:
+            elif node_id in (failed, failed_base):
                 view["status"] = "failed"
             elif resolver.skipped(node):
                 view["status"] = "skipped"
             elif live and resolver.ready(node):
-                view["status"] = "running"
+                view["status"] = "waiting" if node.kind is NodeKind.WAIT else "running"
                 view["started_at"] = _ready_at(node, journal, record)
                 view["estimated_start"] = True
             else:
                 view["status"] = _idle(live)
             if node.kind is not NodeKind.JOIN and view["status"] != "skipped":
                 view["arguments"] = _arguments(node, inputs, results)
+            if node_id in dynamic:
+                view["dynamic"] = dynamic_view(
+                    node, view["status"], journal, view["arguments"], failed_node=failed, live=live
+                )
             if view["status"] == "failed":
                 view["started_at"] = _ready_at(node, journal, record)
                 view["estimated_start"] = True
                 view["finished_at"] = record.updated_at
                 view["duration"] = max(0.0, record.updated_at - view["started_at"])
             nodes.append(view)
-        # Journaled nodes the flow no longer has (it changed since the run), and the items
-        # and iterations of its maps and loops (`summarize[3]`, `agent@2/tool`).
-        dynamic = frozenset(n for n in order if graph.nodes_by_id[n].kind in DYNAMIC_KINDS)
+        # Journaled nodes the flow no longer has (it changed since the run).  The items and
+        # iterations of its maps and loops (`summarize[3]`, `agent@2/tool`) are their
+        # node's `dynamic` part instead: the graph keeps the flow's shape.
         for node_id in sorted(set(journal) - set(graph.nodes_by_id)):
+            if dynamic and derived_base(node_id, dynamic) is not None:
+                continue
             view = _node_view(node_id, node_id, "step", journal[node_id])
-            base = derived_base(node_id, dynamic) if dynamic else None
-            view["depth"] = depth[base] + 1 if base is not None else 0
-            if base is not None:
-                view["item_of"] = base
-            else:
-                view["unknown_to_flow"] = True
+            view["depth"] = 0
+            view["unknown_to_flow"] = True
             nodes.append(view)
     else:
         for node_id in sorted(journal, key=lambda n: journal[n].started_at):
@@ -319,6 +328,7 @@ def run_view(
     for view in nodes:
         if view["status"] == "failed":
             view["error"] = record.error
+            view["traceback"] = record.traceback
     usage: dict[str, Any] = {}
     for r in journal.values():
         if r.usage:
@@ -361,6 +371,7 @@ def _node_view(node_id: str, name: str, kind: str, record: NodeRecord | None) ->
         "duration": None,
         "result": None,
         "error": None,
+        "traceback": None,
         "usage": None,
         "arguments": None,
     }

@@ -42,6 +42,9 @@ __all__ = ["BatchExecutor", "RemoteError", "StepCheckpointFailed", "StepConfigFa
 log = logging.getLogger("flowdsl.batch")
 
 _FORGET_EVERY = 1000  # completions read between two calls of broker.forget_completions
+# Completions (or events) taken off the broker per read: a backlog is decoded and checked
+# against the journal (one read of the store) a bounded batch at a time.
+READ_BATCH = 500
 
 
 class StepConfigFailed(StepFailed, ConfigError):
@@ -242,7 +245,7 @@ class BatchExecutor(Executor):
             node=node.id,
             run_id=run.run_id,
             hint=hint,
-        ) from RemoteError(completion.error or "")
+        ) from RemoteError(completion.error or "", completion.traceback)
 
     async def _listen(self) -> None:
         idle = self.poll_interval
@@ -267,7 +270,7 @@ class BatchExecutor(Executor):
                 idle = min(idle * 2, self.max_poll_interval)
 
     async def _drain(self) -> bool:
-        texts, self._cursor = await self.broker.completions(self._cursor)
+        texts, self._cursor = await self.broker.read_completions(self._cursor, count=READ_BATCH)
         self._read += len(texts)
         if self._read >= _FORGET_EVERY:
             # Completions are read, not removed: let the broker drop old ones now and then.
@@ -291,8 +294,12 @@ class BatchExecutor(Executor):
         # the run's last events are delivered.
         while self._forget:
             await self.broker.forget_events(self._forget.pop())
-        if self._observed:
-            events, self._event_cursor = await self.broker.events(self._event_cursor)
+        while self._observed:
+            # Every event published so far, in batches: those of the nodes completed here
+            # were published before their completions.
+            events, self._event_cursor = await self.broker.read_events(
+                self._event_cursor, count=READ_BATCH
+            )
             for run_id, text in events:
                 run = self._observed.get(run_id)
                 if run is None:
@@ -301,6 +308,8 @@ class BatchExecutor(Executor):
                     run.emit(decode_event(text))
                 except (CodecError, Exception) as exc:  # an event is a report: never fatal
                     log.warning("dropping a malformed event of run %s: %s", run_id, exc)
+            if len(events) < READ_BATCH:
+                break
         for waiter, completion in accepted:
             if waiter.completion is None:
                 waiter.completion = completion
@@ -320,25 +329,33 @@ class BatchExecutor(Executor):
         """
         store = self.store
         assert store is not None
-        results: dict[int, NodeRecord | BaseException | None] = {}
+        keys = [(c.run_id, c.node_id) for _, c in accepted if _journaled(c)]
+        results: dict[tuple[str, str], NodeRecord | BaseException | None]
+        try:
+            # One read for the whole batch (one pipeline, one SELECT, pipelined KV gets).
+            found = await store.lookup_nodes(keys)
+            results = {key: found.get(key) for key in keys}
+        except CheckpointError:
+            # A record that cannot be read fails its node alone: read them one by one
+            # to tell which.
+            results = {}
 
-        async def read(i: int, completion: Completion) -> None:
-            try:
-                results[i] = await store.load_node(completion.run_id, completion.node_id)
-            except CheckpointError as exc:
-                results[i] = exc
+            async def read(key: tuple[str, str]) -> None:
+                try:
+                    results[key] = await store.load_node(*key)
+                except CheckpointError as exc:
+                    results[key] = exc
 
-        async with anyio.create_task_group() as tg:
-            for i, (_, completion) in enumerate(accepted):
-                if _journaled(completion):
-                    tg.start_soon(read, i, completion)
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(read, key)
         out = []
-        for i, (waiter, completion) in enumerate(accepted):
+        for waiter, completion in accepted:
             if not _journaled(completion):
                 # A failure, or an "ok" without a record (refused by _outcome).
                 out.append((waiter, completion))
                 continue
-            journaled = results.get(i)
+            journaled = results.get((completion.run_id, completion.node_id))
             if isinstance(journaled, BaseException):
                 error = f"the journal cannot be read: {journaled}"
                 out.append((waiter, _refused(completion, error)))
@@ -383,4 +400,9 @@ def _refused(completion: Completion, error: str) -> Completion:
 
 
 class RemoteError(Exception):
-    """The description of an exception raised in a worker process."""
+    """The description of an exception raised in a worker process, and its traceback as
+    the worker formatted it (``remote_traceback``, kept with the failed run)."""
+
+    def __init__(self, description: str, remote_traceback: str | None = None) -> None:
+        super().__init__(description)
+        self.remote_traceback = remote_traceback

@@ -40,11 +40,13 @@ from ... import _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import mark_alive, mark_gone, new_owner
-from ..._engine.runner import run_node_cached
+from ..._engine.runner import describe, run_node_cached
+from ..._engine.slots import Slot, running_in
 from ..._errors import CheckpointError, CodecError, ConfigError, StepFailed
 from ..._integrity import Seal
 from ..._records import NodeRecord
 from ..._secret import redact
+from ..._tracebacks import failure_traceback
 from ...backends.base import Broker, Store
 from ...backends.messages import (
     Claimed,
@@ -152,8 +154,12 @@ class Worker:
         self.name = name or str(new_owner())
         self.on_complete: Any = None
         self._wake = anyio.Event()
-        self._held: set[str] = set()  # from the claim to the acknowledgement
-        self._room = anyio.Event()  # set when a held task is let go
+        # Each task held, from its claim to its acknowledgement, and the slot it holds in
+        # _capacity (async_concurrency of them); a step waiting for a provider batch job
+        # lends its slot back meanwhile (_engine.slots), so the worker takes others.
+        self._held: dict[str, Slot] = {}
+        self._capacity = anyio.Semaphore(async_concurrency)
+        self._room = anyio.Event()  # set when the sync steps' room may have grown
         self._threads = anyio.Semaphore(concurrency)
         self.waiting_for_thread = 0
         self._sync_last = True  # the kind of the last step to start (see _room_for)
@@ -189,7 +195,7 @@ class Worker:
         """How many tasks to fetch now.  While the last step to start was a sync one (and
         before any started), no more than can take a thread soon: a worker does not hoard
         sync tasks that other workers could run."""
-        room = self.async_concurrency - len(self._held)
+        room = self._capacity.value
         if self._sync_last:
             waiting = self.waiting_for_thread + len(self._unsorted)
             room = min(room, self.concurrency - waiting)
@@ -200,8 +206,12 @@ class Worker:
         while True:
             free = self._room_for()
             if free <= 0:
-                self._room = room = anyio.Event()
-                await room.wait()
+                if self._capacity.value == 0:  # until a slot is free (or lent)
+                    await self._capacity.acquire()
+                    self._capacity.release()
+                else:  # until sync steps take threads
+                    self._room = room = anyio.Event()
+                    await room.wait()
                 continue
             try:
                 claimed = await self.broker.claim(self.name, free, self.lease)
@@ -219,11 +229,13 @@ class Worker:
                     idle = min(idle * 2, self.max_poll_interval)
                 continue
             idle = self.poll_interval
-            self._held.update(item.task_id for item in claimed)
+            for item in claimed:
+                self._capacity.acquire_nowait()  # free counted them
+                self._held[item.task_id] = Slot(self._capacity)
             self._unsorted.update(item.task_id for item in claimed)
             committed = await self._committed(claimed)
             for item in claimed:
-                tg.start_soon(self._serve, item, committed)
+                tg.start_soon(self._serve, item, self._held[item.task_id], committed)
 
     def _sorted(self, task_id: str) -> None:
         if task_id in self._unsorted:
@@ -232,7 +244,9 @@ class Worker:
 
     def _release(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
-            self._held.discard(task_id)
+            slot = self._held.pop(task_id, None)
+            if slot is not None:
+                slot.release()
         self.processed += len(task_ids)
         self._room.set()
         if self.on_complete is not None:
@@ -260,11 +274,15 @@ class Worker:
                     log.warning("worker %s: cannot renew leases: %s", self.name, exc)
 
     async def _serve(
-        self, item: Claimed, committed: Mapping[tuple[str, str], NodeRecord] | None
+        self,
+        item: Claimed,
+        slot: Slot,
+        committed: Mapping[tuple[str, str], NodeRecord] | None,
     ) -> None:
         finished = None
         try:
-            finished = await self.settle(item, committed)
+            with running_in(slot):  # a step waiting for a provider batch job lends it
+                finished = await self.settle(item, committed)
         except TRANSIENT as exc:
             # The task could not be run (the store is away): its lease runs out and it is
             # handed out again; the journal keeps it from running twice.
@@ -358,9 +376,17 @@ class Worker:
         except StepFailed as exc:
             kind = "codec" if isinstance(exc, CodecError) else "step"
             cause = exc.__cause__
-            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            detail = describe(cause) if cause is not None else str(exc)
             error = f"step failed: {detail}"
-            return self._fail(item, task.run_id, task.node_id, error, kind, sink.buffer)
+            return self._fail(
+                item,
+                task.run_id,
+                task.node_id,
+                error,
+                kind,
+                sink.buffer,
+                traceback=failure_traceback(exc),
+            )
         # A node's events reach the broker after its record is committed (a StepFinished
         # means the result is journaled) and no later than its completion (which may end
         # the run, and with it the scheduler's interest in the run's events): they go
@@ -419,8 +445,9 @@ class Worker:
         events: list[tuple[str, str]] | None = None,
         *,
         dead: bool = False,
+        traceback: str | None = None,
     ) -> Finished:
-        failed = Completion(run_id, node_id, False, None, redact(error), kind)
+        failed = Completion(run_id, node_id, False, None, redact(error), kind, traceback)
         payload = encode_completion(failed, self.store.seal)
         return Finished(
             item.task_id,

@@ -457,46 +457,8 @@ class NATSBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
-        await checkpoint_if_cancelled()
-        if events:  # on the log stream, so a reader sees them before the completion
-            await self.publish_events(events)
-        # The completion first, the ack last: a crash in between redelivers the task,
-        # whose next worker completes it again (a second completion is ignored).
-        await self._publish_log("done", [(run_id, payload)], "publish a completion")
-        msg = self._held.pop(task_id, None)
-        if msg is not None:
-            await quietly(msg.ack)
-
-    async def complete_many(self, items: Sequence[Finished]) -> None:
-        """Complete or dead-letter *items*: their dead letters, then each one's events and
-        completion in order, pipelined (a round trip for each kind), then the acks."""
-        await checkpoint_if_cancelled()
-        dead = [item for item in items if item.dead is not None]
-        if dead:
-            records = [
-                await self._dead_record(i.task_id, i.run_id, i.node_id, i.dead or "") for i in dead
-            ]
-            subjects = [f"{self._prefix}.dead.{to_token(i.run_id)}" for i in dead]
-            results = await self._publish(
-                list(zip(subjects, records, strict=True)), "record dead letters"
-            )
-            raise_refused(results, "record dead letters", self.url)
-        log: list[tuple[str, bytes]] = []
-        for item in items:
-            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
-            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
-        results = await self._publish(log, "publish completions", run_id=items[0].run_id)
-        raise_refused(results, "publish completions", self.url)
-        for item in items:  # the acks go out together (nats-py sends its buffer at once)
-            msg = self._held.pop(item.task_id, None)
-            if msg is not None:
-                await quietly(msg.ack if item.dead is None else msg.term)
-
-    async def _dead_record(self, task_id: str, run_id: str, node_id: str, reason: str) -> bytes:
-        msg = self._held.get(task_id)
-        payload = await self._payload(msg, "a task") if msg is not None else ""
-        fields = {"run_id": run_id, "node_id": node_id, "reason": reason, "at": time.time()}
-        return dump_json({**fields, "payload": payload})
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()))
+        await self.complete_many([item])
 
     async def dead_letter(
         self,
@@ -508,20 +470,46 @@ class NATSBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()), dead=reason)
+        await self.complete_many([item])
+
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete or dead-letter *items*: their dead letters, then each one's events and
+        completion in order (on the log stream, so a reader sees the events first),
+        pipelined, a round trip for each kind; then the acks.  The completion first, the
+        ack last: a crash in between redelivers the task, whose next worker completes it
+        again (a second completion is ignored)."""
         await checkpoint_if_cancelled()
-        if events:
-            await self.publish_events(events)
+        if not items:
+            return
+        what = "record dead letters"
+        dead = [
+            (
+                f"{self._prefix}.dead.{to_token(i.run_id)}",
+                await self._dead_record(i.task_id, i.run_id, i.node_id, i.dead),
+            )
+            for i in items
+            if i.dead is not None
+        ]
+        if dead:
+            raise_refused(await self._publish(dead, what), what, self.url)
+        log: list[tuple[str, bytes]] = []
+        for item in items:
+            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
+            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
+        what = "publish completions"
+        raise_refused(await self._publish(log, what, run_id=items[0].run_id), what, self.url)
+        for item in items:  # the acks go out together (nats-py sends its buffer at once)
+            msg = self._held.pop(item.task_id, None)
+            if msg is not None:
+                # Term for a dead letter: no more deliveries, the work queue drops it.
+                await quietly(msg.ack if item.dead is None else msg.term)
+
+    async def _dead_record(self, task_id: str, run_id: str, node_id: str, reason: str) -> bytes:
         msg = self._held.get(task_id)
-        record = await self._dead_record(task_id, run_id, node_id, reason)
-        results = await self._publish(
-            [(f"{self._prefix}.dead.{to_token(run_id)}", record)], "record a dead letter"
-        )
-        raise_refused(results, "record a dead letter", self.url)
-        await self._publish_log("done", [(run_id, payload)], "publish a completion")
-        self._held.pop(task_id, None)
-        if msg is not None:
-            # Term: no more deliveries, and the work queue drops the message.
-            await quietly(msg.term)
+        payload = await self._payload(msg, "a task") if msg is not None else ""
+        fields = {"run_id": run_id, "node_id": node_id, "reason": reason, "at": time.time()}
+        return dump_json({**fields, "payload": payload})
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         from nats.js.errors import NotFoundError
@@ -553,6 +541,14 @@ class NATSBroker(Broker):
             return [], await reader.tail()
         return await reader.take_done(int(cursor))
 
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* of the completions pushed to this process after *cursor*."""
+        await checkpoint_if_cancelled()
+        reader = self._log()
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_done(int(cursor), max(1, count))
+
     async def forget_completions(self, upto: Any) -> None:
         # Completions stay for max_age (the stream's limit), for slower readers elsewhere.
         return None
@@ -566,6 +562,13 @@ class NATSBroker(Broker):
         if cursor is None:
             return [], await reader.tail()
         return await reader.take_events(int(cursor))
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* of the events pushed to this process after *cursor*."""
+        reader = self._log()
+        if cursor is None:
+            return [], await reader.tail()
+        return await reader.take_events(int(cursor), max(1, count))
 
     async def forget_events(self, run_id: str) -> None:
         # Events stay for max_age, as completions do.  Not purged by subject: on

@@ -5,7 +5,9 @@ chunks of the same bucket (see the store's notes for why not the object store).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 from typing import Any, Final
 
@@ -14,6 +16,7 @@ import anyio
 from .keys import Malformed, check_json_text, dump_json, field, from_bytes, load_json, to_bytes
 from .link import NatsLink, storage_type
 from .publisher import Publisher, Refused, raise_refused
+from .requests import Requests
 from .url import NatsOptions
 
 __all__ = ["Bucket"]
@@ -29,11 +32,17 @@ class Bucket:
     """A JetStream key-value bucket and the calls flowdsl makes on it, each retried while
     the server is away; large values are stored once, by content hash, in chunks."""
 
-    def __init__(self, link: NatsLink, kv: Any, *, inline_max: int, name: str = "") -> None:
+    def __init__(
+        self, link: NatsLink, kv: Any, *, inline_max: int, name: str | None = None
+    ) -> None:
         self.link = link
         self.kv = kv
-        self.name = name
-        self._publisher: Publisher | None = None
+        name = name if name is not None else str(kv._name)
+        # What a KV get asks JetStream for, sent by get_many without nats-py's KV layer.
+        self._get_subject = f"$JS.API.STREAM.MSG.GET.KV_{name}"
+        self._key_prefix = f"$KV.{name}."
+        self._requests = Requests(link)
+        self._publisher: Publisher | None = None  # for create_many, made on first use
         # Every record must fit in one message: chunks and inline values stay well below
         # the server's max payload (1 MB by default).
         max_payload = int(link.nc.max_payload or 1024 * 1024)
@@ -84,6 +93,57 @@ class Bucket:
 
         return await self.link.call(what, op, run_id=run_id)
 
+    async def get_many(
+        self, keys: list[str], what: str, run_id: str | None = None
+    ) -> list[bytes | None]:
+        """The values of *keys* (None where a key has none), read with pipelined
+        requests: one round trip for the lot, where :meth:`get` pays one each."""
+        if not keys:
+            return []
+        requests = self._requests
+        timeout = self.link.url.options.timeout
+        items = [
+            (self._get_subject, b'{"last_by_subj":"%s"}' % (self._key_prefix + key).encode())
+            for key in keys
+        ]
+
+        async def op() -> list[bytes | None]:
+            with anyio.fail_after(timeout):
+                replies = await requests.request(items)
+            return [_kv_value(reply.data) for reply in replies]
+
+        return await self.link.call(what, op, run_id=run_id)
+
+    async def stop(self) -> None:
+        await self._requests.stop()
+        if self._publisher is not None:
+            await self._publisher.stop()
+
+    async def create_many(
+        self, items: list[tuple[str, bytes]], what: str, run_id: str | None = None
+    ) -> list[bool]:
+        """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
+        the KV's own create is a publish expecting no earlier value): True for each key
+        this call wrote, False for each that existed."""
+        if self._publisher is None:
+            self._publisher = Publisher(self.link)
+        publisher = self._publisher
+        expect = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        messages = [(self._key_prefix + key, value, dict(expect)) for key, value in items]
+        timeout = self.link.url.options.timeout
+
+        async def op() -> list[Refused | None]:
+            with anyio.fail_after(timeout):
+                return await publisher.publish(messages)
+
+        results = await self.link.call(what, op, run_id=run_id)
+        raise_refused(
+            [r for r in results if r is not None and r.err_code not in _WRONG_LAST],
+            what,
+            self.link.url.shown,
+        )
+        return [r is None for r in results]
+
     async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""
         from nats.js.errors import KeyWrongLastSequenceError
@@ -98,31 +158,6 @@ class Bucket:
             return True
 
         return await self.link.call(what, op, run_id=run_id)
-
-    async def create_many(
-        self, items: list[tuple[str, bytes]], what: str, run_id: str | None = None
-    ) -> list[bool]:
-        """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
-        the KV's own create is a publish expecting no earlier value): True for each key
-        this call wrote, False for each that existed."""
-        if self._publisher is None:
-            self._publisher = Publisher(self.link)
-        publisher = self._publisher
-        expect = {"Nats-Expected-Last-Subject-Sequence": "0"}
-        messages = [(f"$KV.{self.name}.{key}", value, dict(expect)) for key, value in items]
-        timeout = self.link.url.options.timeout
-
-        async def op() -> list[Refused | None]:
-            with anyio.fail_after(timeout):
-                return await publisher.publish(messages)
-
-        results = await self.link.call(what, op, run_id=run_id)
-        raise_refused(
-            [r for r in results if r is not None and r.err_code not in _WRONG_LAST],
-            what,
-            self.link.url.shown,
-        )
-        return [r is None for r in results]
 
     async def update(self, key: str, value: bytes, last: int, what: str, run_id: str) -> bool:
         from nats.js.errors import KeyWrongLastSequenceError
@@ -261,3 +296,28 @@ class Bucket:
         if value is None:
             return None
         return await self.unpack(value, what, run_id, json_text=json_text)
+
+
+def _kv_value(reply: bytes) -> bytes | None:
+    """The value in a reply to a stream message get (None: no such key, or deleted);
+    a server error is raised as nats-py's, so that the link retries the transient ones."""
+    from nats.js.errors import APIError
+
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        raise Malformed("the server's reply to a KV read is not JSON") from None
+    if not isinstance(answer, dict):
+        raise Malformed("the server's reply to a KV read is not an object")
+    error = answer.get("error")
+    if isinstance(error, dict):
+        if error.get("code") == 404:
+            return None
+        APIError.from_error(error)  # raises
+    message = answer.get("message")
+    if not isinstance(message, dict):
+        raise Malformed("the server's reply to a KV read holds no message")
+    headers = message.get("hdrs")
+    if headers and b"KV-Operation" in base64.b64decode(headers):
+        return None  # a delete or purge marker
+    return base64.b64decode(message.get("data") or b"")

@@ -159,19 +159,30 @@ class LogReader:
 
         return await self._link.call("read the log's end", op)
 
-    async def take_done(self, cursor: int) -> tuple[list[str], int]:
+    async def take_done(self, cursor: int, count: int | None = None) -> tuple[list[str], int]:
+        """The completions after *cursor* (at most *count*), and the new cursor: the
+        sequence of the last one taken while more wait, else the reader's position."""
         await self._ensure(cursor)
-        taken = [text for seq, text in self._done if seq > cursor]
-        self._done.clear()
-        position = max(cursor, self.position)
-        return [await self._resolve(t, "a completion") for t in taken], position
+        done = self._done
+        while done and done[0][0] <= cursor:
+            done.popleft()
+        n = len(done) if count is None else min(count, len(done))
+        taken = [done.popleft() for _ in range(n)]
+        position = taken[-1][0] if done else max(cursor, self.position)
+        return [await self._resolve(t, "a completion") for _, t in taken], position
 
-    async def take_events(self, cursor: int) -> tuple[list[tuple[str, str]], int]:
+    async def take_events(
+        self, cursor: int, count: int | None = None
+    ) -> tuple[list[tuple[str, str]], int]:
+        """The events after *cursor* (at most *count*), as :meth:`take_done`."""
         await self._ensure(cursor)
-        taken = [(run_id, text) for seq, run_id, text in self._events if seq > cursor]
-        self._events.clear()
-        position = max(cursor, self.position)
-        return [(r, await self._resolve(t, "an event")) for r, t in taken], position
+        events = self._events
+        while events and events[0][0] <= cursor:
+            events.popleft()
+        n = len(events) if count is None else min(count, len(events))
+        taken = [events.popleft() for _ in range(n)]
+        position = taken[-1][0] if events else max(cursor, self.position)
+        return [(r, await self._resolve(t, "an event")) for _, r, t in taken], position
 
     async def _resolve(self, text: str | _Blob, what: str) -> str:
         return text if isinstance(text, str) else await self._large(text.digest, what)

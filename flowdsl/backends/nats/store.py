@@ -46,7 +46,6 @@ The URL (``url``), the connection (``link``), the key encoding (``keys``) and th
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -132,7 +131,10 @@ class NATSStore(Store):
             raise
 
     async def close(self) -> None:
-        self._kv = None
+        kv, self._kv = self._kv, None
+        if kv is not None:
+            with anyio.CancelScope(shield=True):
+                await kv.stop()
         await self._link.close()
 
     @property
@@ -174,6 +176,7 @@ class NATSStore(Store):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         import time
 
@@ -192,6 +195,7 @@ class NATSStore(Store):
                 "result": result,
                 "error": error,
                 "failed_node": failed_node,
+                "traceback": traceback,
                 "updated_at": time.time(),
             }
             if fingerprint is not None:
@@ -275,11 +279,13 @@ class NATSStore(Store):
 
     async def _encode_run(self, record: RunRecord) -> bytes:
         seal = self.seal
-        state = seal.run_state(
-            record.run_id, record.status.value, record.result, record.error, record.failed_node
-        )
+        state = seal.run_state_of(record)
+        extra: dict[str, Any] = {}
+        if record.traceback is not None:  # absent from records written before tracebacks
+            extra["traceback"] = await self._bucket.pack(record.traceback, record.run_id)
         return dump_json(
             {
+                **extra,
                 "v": _RECORD_VERSION,
                 "run_id": record.run_id,
                 "flow": record.flow,
@@ -310,9 +316,10 @@ class NATSStore(Store):
             bucket = self._bucket
             fields["inputs"] = await bucket.unpack(fields.get("inputs"), "inputs", run_id)
             fields["result"] = await bucket.unpack_optional(fields.get("result"), "result", run_id)
-            fields["error"] = await bucket.unpack_optional(
-                fields.get("error"), "error", run_id, json_text=False
-            )
+            for name in ("error", "traceback"):
+                fields[name] = await bucket.unpack_optional(
+                    fields.get(name), name, run_id, json_text=False
+                )
             return v.run_record(run_id, fields, self.seal)
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
@@ -384,21 +391,13 @@ class NATSStore(Store):
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
+        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+        # KV has no multi-get: the reads are pipelined, one round trip in all.
+        values = await self._bucket.get_many(names, "read nodes", pairs[0][0] if pairs else None)
         found: dict[tuple[str, str], NodeRecord] = {}
-
-        async def look(run_id: str, node_id: str) -> None:
-            key = node_key(run_id, node_id)
-            got = await self._bucket.get(key, "read a node", run_id)
-            if got is not None:
-                found[run_id, node_id] = await self._decode_node(run_id, key, got[0])
-
-        # KV has no multi-get: the reads go out together, one round trip in all.  Plain
-        # asyncio tasks (nats-py runs on asyncio only): a batch worker reads its claimed
-        # tasks' nodes this way, and an anyio task each cost more than the read.
-        looks = [look(run_id, node_id) for run_id, node_id in pairs]
-        for outcome in await asyncio.gather(*looks, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome  # the first failure, as itself, not in a group
+        for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
+            if value is not None:
+                found[run_id, node_id] = await self._decode_node(run_id, name, value)
         return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:

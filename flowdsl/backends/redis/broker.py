@@ -34,7 +34,6 @@ completion twice; both are harmless (the scheduler takes the first completion).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Final
 
@@ -69,6 +68,7 @@ log = logging.getLogger("flowdsl.redis")
 
 GROUP: Final = "workers"
 _READ_COUNT: Final = 1000  # completions or events per read
+_ALL: Final = 1 << 62  # no bound of a caller's own (each read is still _READ_COUNT at most)
 _CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' consumer names
 
 _CHUNK: Final = 500
@@ -77,8 +77,6 @@ _SCRIPTS: Final = {
     "enqueue": scripts.ENQUEUE,
     "claim": scripts.CLAIM,
     "extend": scripts.EXTEND,
-    "complete": scripts.COMPLETE,
-    "dead_letter": scripts.DEAD_LETTER,
     "commit_and_complete": scripts.COMMIT_AND_COMPLETE,
     "run_tasks": scripts.RUN_TASKS,
     "finish_many": scripts.FINISH_MANY,
@@ -275,21 +273,9 @@ class RedisBroker(Broker):
         events: list[tuple[str, str]] | None = None,
     ) -> None:
         """Remove the task and publish its completion, with the node's *events* before it,
-        atomically."""
-        self._holders.pop(task_id, None)
-        await self._run(
-            "complete",
-            f"completing node {node_id!r} of run {run_id!r}",
-            [self.tasks_key, self.queued_key, self.completions_key, self.events_key],
-            [
-                GROUP,
-                task_id,
-                queued_field(run_id, node_id),
-                to_bytes(payload),
-                self.keep,
-                *event_args(events),
-            ],
-        )
+        atomically (the script of a batch, with one task)."""
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()))
+        await self._finish_many([item], f"completing node {node_id!r} of run {run_id!r}")
 
     async def commit_and_complete(
         self,
@@ -381,30 +367,8 @@ class RedisBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
-        self._holders.pop(task_id, None)
-        await self._run(
-            "dead_letter",
-            f"dead-lettering node {node_id!r} of run {run_id!r}",
-            [
-                self.tasks_key,
-                self.queued_key,
-                self.completions_key,
-                self.dead_key,
-                self.events_key,
-            ],
-            [
-                GROUP,
-                task_id,
-                queued_field(run_id, node_id),
-                to_bytes(payload),
-                self.keep,
-                to_bytes(run_id),
-                to_bytes(node_id),
-                to_bytes(reason),
-                repr(time.time()),
-                *event_args(events),
-            ],
-        )
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()), dead=reason)
+        await self._finish_many([item], f"dead-lettering node {node_id!r} of run {run_id!r}")
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         client = self._link.require("queue")
@@ -488,7 +452,11 @@ class RedisBroker(Broker):
     # --- completions and events -----------------------------------------------------------
 
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
-        """Completions after *cursor*, waiting up to ``read_block`` for one.
+        return await self.read_completions(cursor, count=_READ_COUNT)
+
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* completions after *cursor* (one XREAD ... COUNT), waiting up to
+        ``read_block`` for one.
 
         While someone reads :meth:`events` too, the same read fetches the events
         published meanwhile (one round trip, woken by either) into a buffer that the next
@@ -502,7 +470,7 @@ class RedisBroker(Broker):
         if self._events_wanted and self._events_upto is not None:
             streams[self.events_key] = self._events_upto
         self._events_wanted = False
-        replies = await self._read(streams, self.read_block)
+        replies = await self._read(streams, self.read_block, count)
         entries = replies.get(self.completions_key, [])
         self._buffer_events(replies.get(self.events_key, []))
         if not entries:
@@ -532,6 +500,11 @@ class RedisBroker(Broker):
         await self._link.call("publishing events", publish)
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        return await self.read_events(cursor, count=_ALL)
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* events after *cursor*: those the last read of completions
+        fetched along, else one XREAD; what is left over waits for the next call."""
         if cursor is None:
             last = await self._last_id(self.events_key)
             self._events_upto, self._event_buffer = last, []
@@ -540,11 +513,11 @@ class RedisBroker(Broker):
         if self._events_upto is None or entry_key(self._events_upto) < entry_key(cursor):
             self._events_upto, self._event_buffer = str(cursor), []
         if not self._event_buffer:
-            replies = await self._read({self.events_key: self._events_upto}, 0.0)
+            replies = await self._read({self.events_key: self._events_upto}, 0.0, count)
             self._buffer_events(replies.get(self.events_key, []))
         after = entry_key(cursor)
-        taken = [e for e in self._event_buffer if entry_key(e[0]) > after]
-        self._event_buffer = []
+        newer = [e for e in self._event_buffer if entry_key(e[0]) > after]
+        taken, self._event_buffer = newer[:count], newer[count:]
         if not taken:
             return [], cursor
         return [(run_id, text) for _, run_id, text in taken], taken[-1][0]
@@ -588,12 +561,15 @@ class RedisBroker(Broker):
         )
         return from_bytes(last[0][0], "entry id") if last else "0-0"
 
-    async def _read(self, streams: dict[str, Any], block: float) -> dict[str, list[Any]]:
+    async def _read(
+        self, streams: dict[str, Any], block: float, count: int = _READ_COUNT
+    ) -> dict[str, list[Any]]:
         client = self._link.require("queue")
         ms = int(block * 1000) if block > 0 else None
+        count = max(1, min(count, _READ_COUNT))
 
         async def read() -> Any:
-            return await client.xread(streams, count=_READ_COUNT, block=ms)
+            return await client.xread(streams, count=count, block=ms)
 
         reply = await self._link.call("reading a stream", read)
         return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}

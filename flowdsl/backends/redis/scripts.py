@@ -223,47 +223,6 @@ end
 # publish them with the completion, after the commit: a StepFinished is never seen for a
 # node that is not in the journal, and never after the completion that may end its run.
 
-# KEYS: tasks, queued, completions, events.  ARGV: group, id, field, payload, keep, events.
-# A task no longer pending (another worker completed it, or this is a retry after a lost
-# reply) has had its completion published already.
-COMPLETE: Final = (
-    FINISH
-    + """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-publish(KEYS[4], ARGV[5], 6)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
-# KEYS: tasks, queued, completions, dead, events.  ARGV: group, id, field, payload, keep,
-# run id, node id, reason, time, events.
-DEAD_LETTER: Final = (
-    FINISH
-    + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-local task = ''
-if entry[1] then
-  local fields = entry[1][2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'payload' then task = fields[j + 1] end
-  end
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
-           'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
-publish(KEYS[5], ARGV[5], 10)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
 # KEYS: nodes hash, blob, blobrefs, tasks, queued, completions, events.  ARGV: node id,
 # record, digest, blob, group, task id, queued field, payload, keep, events.  Returns 1
 # when committed and completed, else the record committed first (and changes nothing).
@@ -345,8 +304,10 @@ if #entries > 0 then tail = entries[#entries][1] end
 return {#entries, tail}
 """
 
-# Many tasks finished at once (a worker's batch), each as COMPLETE, DEAD_LETTER or
-# COMMIT_AND_COMPLETE would finish it alone, in one script: one round trip for the lot.
+# Tasks finished (one, or a worker's batch), each completed, dead-lettered, or committed
+# and completed as COMMIT_AND_COMPLETE does, in one script: one round trip for the lot.  A
+# task no longer pending (another worker completed it, or this is a retry after a lost
+# reply) has had its completion published already: it is only deleted.
 # KEYS: tasks, queued, completions, events, dead, blobrefs, then for each commit its nodes
 # hash and blob key.  ARGV: group, keep, time, then per task: what ('c' complete, 'd'
 # dead-letter, 'k' commit and complete), task id, queued field, payload, n, n (run id,

@@ -85,11 +85,15 @@ _RUN_FIELDS: Final = frozenset(
         "code",
         "check",
         "state_check",
+        "traceback",
     }
 )
 _TIMES: Final = ("created_at", "updated_at")
-# The checks are missing from records written before integrity checks.
-_OPTIONAL_RUN_FIELDS: Final = frozenset({"result", "error", "failed_node", "check", "state_check"})
+# The checks are missing from records written before integrity checks, the traceback from
+# those written before tracebacks were kept (and from every run that did not fail).
+_OPTIONAL_RUN_FIELDS: Final = frozenset(
+    {"result", "error", "failed_node", "check", "state_check", "traceback"}
+)
 _RESTORE_HINT: Final = (
     "Delete the run's keys ({keys}) and start it again, or restore the server's data from a backup"
 )
@@ -186,11 +190,7 @@ class RedisStore(RedisLeases, Store):
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
         fields = _run_fields(record)
         fields["check"] = to_bytes(self.seal.run_head(record))
-        fields["state_check"] = to_bytes(
-            self.seal.run_state(
-                record.run_id, record.status.value, record.result, record.error, record.failed_node
-            )
-        )
+        fields["state_check"] = to_bytes(self.seal.run_state_of(record))
         args: list[Any] = [to_bytes(record.run_id), repr(record.created_at)]
         for name, value in fields.items():
             args += [name, value]
@@ -220,13 +220,15 @@ class RedisStore(RedisLeases, Store):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         setting: dict[str, bytes] = {
             "status": to_bytes(status.value),
             "updated_at": repr(time.time()).encode(),
         }
         dropping: list[str] = []
-        for name, value in (("result", result), ("error", error), ("failed_node", failed_node)):
+        optional = {"result": result, "error": error, "failed_node": failed_node}
+        for name, value in {**optional, "traceback": traceback}.items():
             if value is None:
                 dropping.append(name)
             else:
@@ -235,7 +237,7 @@ class RedisStore(RedisLeases, Store):
             setting["fingerprint"] = to_bytes(fingerprint)
         if code is not None:
             setting["code"] = to_bytes(_codec.dumps(code))
-        state = self.seal.run_state(run_id, status.value, result, error, failed_node)
+        state = self.seal.run_state(run_id, status.value, result, error, failed_node, traceback)
         setting["state_check"] = to_bytes(state)
         args: list[Any] = [len(setting)]
         for name, data in setting.items():
@@ -580,6 +582,7 @@ def _run_fields(record: RunRecord) -> dict[str, bytes]:
         "error": record.error,
         "failed_node": record.failed_node,
         "code": _codec.dumps(record.code),
+        "traceback": record.traceback,
     }
     return {k: to_bytes(v) for k, v in fields.items() if v is not None}
 

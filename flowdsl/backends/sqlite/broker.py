@@ -220,13 +220,18 @@ class SQLiteBroker(Broker):
         self._write(_finish(Finished(task_id, run_id, node_id, payload, dead=reason)))
 
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
+        return await self.read_completions(cursor, count=-1)
+
+    async def read_completions(self, cursor: Any, *, count: int) -> tuple[list[str], Any]:
+        """At most *count* completions after *cursor* (a negative count: all of them)."""
         await checkpoint_if_cancelled()
         db = self._db()
         if cursor is None:
             row = db.execute("SELECT COALESCE(MAX(id), 0) FROM fd_completions").fetchone()
             return [], int(row[0])
         rows = db.execute(
-            "SELECT id, payload FROM fd_completions WHERE id > ? ORDER BY id", (cursor,)
+            "SELECT id, payload FROM fd_completions WHERE id > ? ORDER BY id LIMIT ?",
+            (cursor, count),
         ).fetchall()
         if not rows:
             return [], cursor
@@ -243,12 +248,18 @@ class SQLiteBroker(Broker):
         self._write([("INSERT INTO fd_events (run_id, payload) VALUES (?, ?)", events)], many=True)
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
+        return await self.read_events(cursor, count=-1)
+
+    async def read_events(self, cursor: Any, *, count: int) -> tuple[list[tuple[str, str]], Any]:
+        """At most *count* events after *cursor* (a negative count: all of them)."""
+        await checkpoint_if_cancelled()
         db = self._db()
         if cursor is None:
             row = db.execute("SELECT COALESCE(MAX(id), 0) FROM fd_events").fetchone()
             return [], int(row[0])
         rows = db.execute(
-            "SELECT id, run_id, payload FROM fd_events WHERE id > ? ORDER BY id", (cursor,)
+            "SELECT id, run_id, payload FROM fd_events WHERE id > ? ORDER BY id LIMIT ?",
+            (cursor, count),
         ).fetchall()
         if not rows:
             return [], cursor

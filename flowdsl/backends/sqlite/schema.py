@@ -22,7 +22,7 @@ from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 # WAL bytes kept after a checkpoint resets it: a big batch grows the WAL, and without a
 # limit the file keeps that size until the last connection closes.
 JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
@@ -62,7 +62,8 @@ SCHEMA: Final = (
         failed_node TEXT,
         code TEXT NOT NULL,
         integrity TEXT,
-        state_integrity TEXT
+        state_integrity TEXT,
+        traceback TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at)",
     # WITHOUT ROWID: the primary key is the row, so (run_id, node_id) is stored once.
@@ -101,24 +102,47 @@ MIGRATE_1_TO_2: Final = (
     "ALTER TABLE nodes ADD COLUMN integrity TEXT",
     "ALTER TABLE cache ADD COLUMN integrity TEXT",
 )
+# Version 4: a failed run's traceback (NULL in the rows already there: they have none).
+MIGRATE_3_TO_4: Final = ("ALTER TABLE runs ADD COLUMN traceback TEXT",)
 #: What brings a file of each older version to the next one.
-MIGRATIONS: Final = {1: MIGRATE_1_TO_2, 2: _LEASES}
+MIGRATIONS: Final = {1: MIGRATE_1_TO_2, 2: _LEASES, 3: MIGRATE_3_TO_4}
+
+# The columns of a run's row, in the order the SELECTs name them (and the record's fields
+# they hold: `integrity` is `check`, `state_integrity` `state_check`).
+RUN_COLUMNS: Final = (
+    "run_id",
+    "flow",
+    "flow_ref",
+    "fingerprint",
+    "inputs",
+    "status",
+    "created_at",
+    "updated_at",
+    "result",
+    "error",
+    "failed_node",
+    "code",
+    "check",
+    "state_check",
+    "traceback",
+)
 
 INSERT_RUN: Final = (
     "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
-    "created_at, updated_at, result, error, failed_node, code, integrity, state_integrity) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "created_at, updated_at, result, error, failed_node, code, integrity, state_integrity, "
+    "traceback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _RUN_SELECT: Final = (
     "SELECT run_id, flow, flow_ref, fingerprint, inputs, status, created_at, updated_at, "
-    "result, error, failed_node, code, integrity, state_integrity FROM runs "
+    "result, error, failed_node, code, integrity, state_integrity, traceback FROM runs "
 )
 SELECT_RUN: Final = _RUN_SELECT + "WHERE run_id = ?"
 LIST_RUNS: Final = _RUN_SELECT + "ORDER BY created_at DESC, rowid DESC LIMIT ?"
+UNFINISHED_RUNS: Final = _RUN_SELECT + "WHERE status IN ('running', 'waiting')"
 UPDATE_RUN: Final = (
     "UPDATE runs SET status = ?, result = ?, error = ?, failed_node = ?, updated_at = ?, "
-    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code), state_integrity = ? "
-    "WHERE run_id = ?"
+    "fingerprint = coalesce(?, fingerprint), code = coalesce(?, code), state_integrity = ?, "
+    "traceback = ? WHERE run_id = ?"
 )
 # Ended runs last updated before a time (their ids): what `flowdsl runs prune` deletes.
 PRUNABLE: Final = (
@@ -463,6 +487,12 @@ def as_stored(record: RunRecord) -> RunRecord:
     inputs = storable_json(record.inputs) or ""
     result = storable_json(record.result)
     error = storable_text(record.error)
-    if inputs is record.inputs and result is record.result and error is record.error:
+    traceback = storable_text(record.traceback)
+    if (inputs, result, error, traceback) == (
+        record.inputs,
+        record.result,
+        record.error,
+        record.traceback,
+    ):
         return record
-    return attrs.evolve(record, inputs=inputs, result=result, error=error)
+    return attrs.evolve(record, inputs=inputs, result=result, error=error, traceback=traceback)

@@ -61,23 +61,6 @@ INLINE_MAX = schema.INLINE_MAX
 
 __all__ = ["INLINE_MAX", "SCHEMA_VERSION", "SQLiteStore"]
 
-# The columns of a run's row, in the order the SELECTs name them.
-_RUN_COLUMNS: Final = (
-    "run_id",
-    "flow",
-    "flow_ref",
-    "fingerprint",
-    "inputs",
-    "status",
-    "created_at",
-    "updated_at",
-    "result",
-    "error",
-    "failed_node",
-    "code",
-    "check",
-    "state_check",
-)
 _RESTORE_HINT: Final = (
     "Restore the file from a backup, or delete this run's rows "
     "(DELETE FROM nodes WHERE run_id = ...; DELETE FROM runs WHERE run_id = ...) and start "
@@ -253,9 +236,8 @@ class SQLiteStore(Store):
             record.failed_node,
             _codec.dumps(record.code),
             self.seal.run_head(kept),
-            self.seal.run_state(
-                record.run_id, record.status.value, kept.result, kept.error, record.failed_node
-            ),
+            self.seal.run_state_of(kept),
+            kept.traceback,
         )
         try:
             # INSERT OR IGNORE decides races between processes: one insert wins, and every
@@ -290,10 +272,12 @@ class SQLiteStore(Store):
         failed_node: str | None = None,
         fingerprint: str | None = None,
         code: dict[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         await checkpoint_if_cancelled()
         result = schema.storable_json(result)
         error = schema.storable_text(error)
+        traceback = schema.storable_text(traceback)
         params = (
             status.value,
             result,
@@ -302,7 +286,8 @@ class SQLiteStore(Store):
             time.time(),
             fingerprint,
             None if code is None else _codec.dumps(code),
-            self.seal.run_state(run_id, status.value, result, error, failed_node),
+            self.seal.run_state(run_id, status.value, result, error, failed_node, traceback),
+            traceback,
             run_id,
         )
         try:
@@ -316,9 +301,16 @@ class SQLiteStore(Store):
             )
 
     async def list_runs(self, *, limit: int = 50) -> list[RunRecord]:
+        return await self._select_runs(schema.LIST_RUNS, (max(limit, 0),))
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        # Only the matching rows are decoded (and verified): the store may hold many more.
+        return await self._select_runs(schema.UNFINISHED_RUNS, ())
+
+    async def _select_runs(self, query: str, params: tuple[Any, ...]) -> list[RunRecord]:
         await checkpoint_if_cancelled()
         try:
-            rows = self._db().execute(schema.LIST_RUNS, (max(limit, 0),)).fetchall()
+            rows = self._db().execute(query, params).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         return [self._run_from_row(_id_of(row), row) for row in rows]
@@ -524,7 +516,7 @@ class SQLiteStore(Store):
 
     def _run_from_row(self, run_id: str, row: Sequence[Any]) -> RunRecord:
         try:
-            fields = dict(zip(_RUN_COLUMNS, row, strict=True))
+            fields = dict(zip(schema.RUN_COLUMNS, row, strict=True))
             fields["code"] = v.load_json(v.text(fields["code"], "code"), "code")
             return v.run_record(run_id, fields, self.seal)
         except v.Malformed as exc:

@@ -326,6 +326,8 @@
     $("act-resume").hidden = !view.actions.resume;
     $("act-cancel").hidden = !view.actions.cancel;
     $("signal-form").hidden = !view.actions.signal;
+    const waiting = view.nodes.find((n) => n.status === "waiting" && n.dynamic && n.dynamic.signal);
+    if (waiting && !$("signal-name").value) $("signal-name").value = waiting.dynamic.signal;
     const err = $("run-error");
     const inspectorError = view.inspector && view.inspector.error;
     err.textContent = inspectorError || run.error || "";
@@ -345,7 +347,7 @@
   // --- the graph: layered by depth, drawn as SVG --------------------------------------------
 
   const NODE_W = 168;
-  const NODE_H = 36;
+  const NODE_H = 40;
   const GAP_X = 28;
   const GAP_Y = 54;
 
@@ -436,9 +438,32 @@
         "data-status": n.status,
         tabindex: 0,
       });
+      const dyn = n.dynamic;
+      if (dyn && dyn.kind === "map") {
+        // A map is drawn as a stack: one node of the graph, many items.
+        group.appendChild(svg("rect", { class: "stack", x: 6, y: -6, width: NODE_W, height: NODE_H, rx: 6 }));
+        group.appendChild(svg("rect", { class: "stack", x: 3, y: -3, width: NODE_W, height: NODE_H, rx: 6 }));
+      }
       group.appendChild(svg("rect", { width: NODE_W, height: NODE_H, rx: 6 }));
-      group.appendChild(svg("text", { x: NODE_W / 2, y: NODE_H / 2 }, shorten(n.id, 24)));
-      group.appendChild(svg("title", {}, n.id + " · " + n.status));
+      if (dyn) {
+        group.setAttribute("data-kind", dyn.kind);
+        group.setAttribute("data-label", dyn.label);
+        group.appendChild(svg("text", { x: NODE_W / 2, y: 14 }, shorten(n.id, 24)));
+        group.appendChild(svg("text", { x: NODE_W / 2, y: 29, class: "dyn" }, shorten(dyn.label, 30)));
+        if (dyn.kind === "loop") group.appendChild(svg("text", { x: NODE_W - 5, y: 12, class: "glyph" }, "↻"));
+        if (dyn.kind === "wait") {
+          // A small clock, drawn: an emoji may be missing from the fonts at hand.
+          group.appendChild(svg("circle", { class: "clock", cx: NODE_W - 11, cy: 11, r: 6 }));
+          group.appendChild(svg("path", { class: "clock", d: "M" + (NODE_W - 11) + ",7 v4 h3" }));
+        }
+        if (dyn.kind === "map" && dyn.total) {
+          const w = Math.round((NODE_W - 8) * Math.min(1, dyn.done / dyn.total));
+          group.appendChild(svg("rect", { class: "progress", x: 4, y: NODE_H - 5, width: w, height: 3, rx: 1 }));
+        }
+      } else {
+        group.appendChild(svg("text", { x: NODE_W / 2, y: NODE_H / 2 }, shorten(n.id, 24)));
+      }
+      group.appendChild(svg("title", {}, n.id + " · " + n.status + (dyn ? " · " + dyn.label : "")));
       const select = () => {
         state.selected = n.id;
         renderGraph(state);
@@ -462,7 +487,8 @@
     $("node-hint").hidden = !!node;
     const facts = $("node-facts");
     clear(facts);
-    for (const id of ["node-error-box", "node-args-box", "node-result-box"]) $(id).hidden = true;
+    const boxes = ["node-error-box", "node-traceback-box", "node-items-box", "node-args-box", "node-result-box"];
+    for (const id of boxes) $(id).hidden = true;
     if (!node) {
       $("node-title").textContent = "Node";
       return;
@@ -480,10 +506,23 @@
     add("finished", node.status === "running" ? "" : when(node.finished_at));
     add("duration", seconds(node.duration));
     add("tokens and cost", usageText(node.usage));
+    const dyn = node.dynamic;
+    if (dyn) {
+      add(dyn.kind === "wait" ? "signal" : dyn.kind, dyn.label);
+      if (dyn.body) add("body", dyn.body);
+      if (dyn.kind === "wait" && dyn.timeout) add("timeout", seconds(dyn.timeout));
+      if (dyn.deadline) add("deadline", when(dyn.deadline));
+      if (dyn.kind === "loop") add("max iterations", dyn.max_iterations);
+    }
     if (node.error) {
       $("node-error").textContent = node.error;
       $("node-error-box").hidden = false;
     }
+    if (node.traceback) {
+      $("node-traceback").textContent = node.traceback;
+      $("node-traceback-box").hidden = false;
+    }
+    if (dyn && dyn.kind !== "wait") renderItems(dyn);
     if (node.arguments) {
       $("node-args").textContent = pretty(node.arguments);
       $("node-args-box").hidden = false;
@@ -492,6 +531,27 @@
       $("node-result").textContent = pretty(node.result);
       $("node-result-box").hidden = false;
     }
+  }
+
+  function renderItems(dyn) {
+    $("node-items-title").textContent = dyn.kind === "map" ? "Items" : "Iterations";
+    const body = $("node-items");
+    clear(body);
+    for (const item of dyn.items) {
+      const row = el("tr", { "data-item": item.id, "data-status": item.status });
+      row.appendChild(el("td", { class: "mono" }, (dyn.kind === "loop" ? "@" : "") + item.index));
+      const cell = el("td");
+      cell.appendChild(el("span", { class: "badge " + statusClass(item.status) }, item.status));
+      row.appendChild(cell);
+      row.appendChild(el("td", {}, seconds(item.duration)));
+      const inner = item.inner_done ? item.inner_done + " nodes done" : "";
+      row.appendChild(el("td", { class: "result" }, item.result !== undefined ? item.result : inner));
+      body.appendChild(row);
+    }
+    const more = $("node-items-more");
+    more.textContent = dyn.more ? "and " + dyn.more + " more" : "";
+    more.hidden = !dyn.more;
+    $("node-items-box").hidden = dyn.items.length === 0;
   }
 
   // --- the timeline: a Gantt chart of the nodes ---------------------------------------------

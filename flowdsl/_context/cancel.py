@@ -1,0 +1,50 @@
+"""Cancelling a run from any process (``ctx.cancel``, ``flowdsl runs cancel``).
+
+The canceller needs nothing but the store and, for the run's provider batch jobs, the
+provider: the run is marked cancelled, so that nothing resumes it unasked, and the jobs
+that hold only its requests are cancelled at the provider, whichever process submitted
+them (the store lists a run's jobs, see ``llm/_batch_runs.py``).  A process that still
+drives the run is not interrupted; its steps waiting on those jobs fail, and the run stays
+cancelled (:func:`status_after_failure`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._errors import FlowError
+from .._records import RunStatus
+
+__all__ = ["cancel_run", "status_after_failure"]
+
+
+async def cancel_run(store: Any, llm: Any, run_id: str) -> list[str]:
+    """Mark run *run_id* cancelled and cancel its provider batch jobs (those *llm*, a
+    provider, can: its own, that no other run shares); the ids of the jobs cancelled."""
+    record = await store.get_run(run_id)
+    if record is None:
+        raise FlowError(
+            f"no run {run_id!r} in store {store.url}",
+            hint="Check the run id (`flowdsl runs list`) and the store URL",
+        )
+    if record.status is RunStatus.FINISHED:
+        raise FlowError(
+            f"run {run_id!r} has finished; there is nothing to cancel",
+            flow=record.flow,
+            hint="`flowdsl runs show` shows how it ended",
+        )
+    if record.status is not RunStatus.CANCELLED:
+        await store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
+    cancel_batches = getattr(llm, "cancel_batches", None)
+    if cancel_batches is None:
+        return []
+    cancelled: list[str] = await cancel_batches(run_id, store)
+    return cancelled
+
+
+async def status_after_failure(store: Any, run_id: str) -> RunStatus:
+    """How a run that failed here ends: cancelled if it was cancelled from outside while
+    it ran (its failure is that cancellation's doing), else failed."""
+    record = await store.get_run(run_id)
+    cancelled = record is not None and record.status is RunStatus.CANCELLED
+    return RunStatus.CANCELLED if cancelled else RunStatus.FAILED
