@@ -229,13 +229,20 @@ class Worker:
                     idle = min(idle * 2, self.max_poll_interval)
                 continue
             idle = self.poll_interval
-            for item in claimed:
-                self._capacity.acquire_nowait()  # free counted them
-                self._held[item.task_id] = Slot(self._capacity)
-            self._unsorted.update(item.task_id for item in claimed)
-            committed = await self._committed(claimed)
-            for item in claimed:
-                tg.start_soon(self._serve, item, self._held[item.task_id], committed)
+            # A delivery this worker already holds (a message handed out twice over a
+            # reconnect) is being served: not again.
+            fresh = {c.task_id: c for c in claimed if c.task_id not in self._held}
+            slots = {}
+            for task_id in fresh:
+                try:
+                    self._capacity.acquire_nowait()  # `free` counted them
+                except anyio.WouldBlock:  # a broker that gave more than asked
+                    await self._capacity.acquire()
+                slots[task_id] = self._held[task_id] = Slot(self._capacity)
+            self._unsorted.update(fresh)
+            committed = await self._committed(list(fresh.values()))
+            for task_id, item in fresh.items():
+                tg.start_soon(self._serve, item, slots[task_id], committed)
 
     def _sorted(self, task_id: str) -> None:
         if task_id in self._unsorted:
