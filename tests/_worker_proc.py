@@ -70,9 +70,13 @@ class Procs:
         kill: str = "",
         max_deliveries: int | None = None,
         kill_after_commit: str | None = None,
+        async_concurrency: int | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A worker process serving the test's queue."""
+        """A worker process serving the test's queue.  It holds *async_concurrency* tasks
+        at most, by default *concurrency*: tests that spread tasks over processes rely on
+        each taking few."""
         args = ["serve", self.url, "--lease", str(lease), "--concurrency", str(concurrency)]
+        args += ["--async-concurrency", str(async_concurrency or concurrency)]
         args += self._store_args()
         for module in imports:
             args += ["--import", module]
@@ -174,6 +178,7 @@ async def _serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STAT
         store=args.store,
         imports=tuple(args.imports),
         concurrency=args.concurrency,
+        async_concurrency=args.async_concurrency,
         lease=args.lease,
         max_deliveries=args.max_deliveries,
         task_status=task_status,
@@ -197,6 +202,7 @@ def main() -> None:
     p_serve.add_argument("url")
     p_serve.add_argument("--import", dest="imports", action="append", default=[])
     p_serve.add_argument("--concurrency", type=int, default=4)
+    p_serve.add_argument("--async-concurrency", type=int, default=4)
     p_serve.add_argument("--lease", type=float, default=30.0)
     p_serve.add_argument("--store", default=None)
     p_serve.add_argument("--max-deliveries", type=int, default=5)

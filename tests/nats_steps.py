@@ -242,6 +242,7 @@ async def _serve_main(broker: str, store: str, lease: float, concurrency: int) -
                 store=store,
                 imports=("nats_steps",),
                 concurrency=concurrency,
+                async_concurrency=concurrency,  # few tasks each: spread over processes
                 lease=lease,
                 task_status=task_status,
             )

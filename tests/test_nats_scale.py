@@ -56,7 +56,7 @@ class Workers:
             args = [
                 "-m", "flowdsl", "worker", "--broker", self.url, "--store", self.url,
                 "--import", "nats_steps", "--concurrency", str(concurrency),
-                "--lease", str(lease),
+                "--async-concurrency", str(concurrency), "--lease", str(lease),
             ]  # fmt: skip
         else:
             args = [

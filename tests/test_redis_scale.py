@@ -37,7 +37,7 @@ import functools, sys, anyio
 from flowdsl._executors.batch import serve
 url, lease = sys.argv[1], float(sys.argv[2])
 anyio.run(functools.partial(serve, url, store=url, imports=("redis_steps",), concurrency=8,
-                            lease=lease))
+                            async_concurrency=8, lease=lease))
 """
 
 
@@ -68,7 +68,7 @@ class Workers:
             command = [
                 *(sys.executable, "-m", "flowdsl", "worker"),
                 *("--broker", self.url, "--store", self.url),
-                *("--import", "redis_steps", "--concurrency", "8"),
+                *("--import", "redis_steps", "--concurrency", "8", "--async-concurrency", "8"),
             ]
         else:
             command = [sys.executable, "-c", _SERVE, self.url, str(lease)]

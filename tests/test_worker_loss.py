@@ -141,6 +141,28 @@ async def test_a_resume_after_worker_and_client_died_does_not_run_the_committed_
     assert ends(procs, "both-died") == Counter({"a": 1, "b": 1, "c": 1})
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+async def test_a_worker_killed_between_a_batchs_commit_and_acks_runs_no_node_twice(
+    layout: Layout, procs: Procs
+) -> None:
+    """The diamond's three middle steps end together and are finished as one batch (one
+    commit, or one commit-and-complete where the broker keeps the journal); the worker
+    kills itself once c is committed, before the batch's tasks are acknowledged.  The
+    next worker completes what came back with the records: each step ran once."""
+    first = procs.serve(lease=LEASE, kill_after_commit="work-3", async_concurrency=100)
+    with anyio.fail_after(60):
+        async with context(layout, workers=0) as ctx:
+            run = await ctx.start(bs.diamond, 5, 0.05, run_id="batch-acked-late")
+            await died(procs, first, "the worker to kill itself after committing c")
+            procs.serve(lease=LEASE, async_concurrency=100)
+            expected, ran, _ = bs.expected_diamond(5)
+            assert await run.result() == expected
+            journal = await ctx.store.load_nodes("batch-acked-late")
+    assert set(journal) == ran
+    once = dict.fromkeys(["a", "b", "c", "d", "odd"], 1)  # "odd": the case diamond(5) takes
+    assert ends(procs, "batch-acked-late") == Counter({**once, "": 2})  # "": total, parity
+
+
 async def _drained(ctx: fd.Context) -> None:
     queue: Any = ctx.queue
     with anyio.fail_after(10):

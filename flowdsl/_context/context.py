@@ -25,6 +25,8 @@ from .._engine.lease import DEFAULT_TTL, LeaseKeeper
 from .._engine.scheduler import Executor, NodeHook, RunState, drive
 from .._errors import CheckpointError, ConfigError, StepFailed
 from .._executors.batch import DEFAULT_MAX_DELIVERIES, BatchExecutor, Worker
+from .._executors.batch.worker import DEFAULT_ASYNC_CONCURRENCY as _ASYNC
+from .._executors.batch.worker import check_count
 from .._executors.realtime import RealtimeExecutor
 from .._records import RunRecord, RunStatus
 from .._secret import redact
@@ -92,6 +94,7 @@ class Context:
         max_concurrency: int | None = None,
         progress: bool | None = None,
         worker_concurrency: int = 16,
+        worker_async_concurrency: int = _ASYNC,
         lease: float = 30.0,
         max_deliveries: int | None = None,
         run_lease: float = DEFAULT_TTL,
@@ -113,7 +116,9 @@ class Context:
         self.max_concurrency = max_concurrency
         self.progress = progress
         self.worker_concurrency = worker_concurrency
+        self.worker_async_concurrency = worker_async_concurrency
         check_leases(lease=lease, run_lease=run_lease, max_deliveries=max_deliveries)
+        check_count("async_concurrency", worker_async_concurrency)
         self.lease = lease
         self.max_deliveries = max_deliveries
         keys = (signing_key, old_signing_keys)
@@ -177,6 +182,7 @@ class Context:
                 self.queue,
                 self.store,
                 concurrency=self.worker_concurrency,
+                async_concurrency=self.worker_async_concurrency,
                 lease=self.lease,
                 llm=self.llm,
                 local=True,

@@ -12,6 +12,9 @@ capability                             declared as
 a commit that does not await           ``Store.commits_nowait`` / ``commit_node_nowait``
 leases no other process can see        ``Store.process_local``
 commit and completion in one step      ``Broker.holds(store)`` / ``commit_and_complete``
+many tasks finished in one round trip  ``Store.commit_nodes``, ``Broker.complete_many``,
+                                       ``Broker.commit_and_complete_many`` (one call per
+                                       item by default)
 events published with the completion   ``Broker.carries_events`` (the ``events=`` argument
                                        is always accepted; without the flag the events are
                                        published just before, not atomically)
@@ -51,7 +54,7 @@ from typing import Any, ClassVar
 from .._errors import CheckpointError
 from .._integrity import UNKEYED, Invalid, Seal
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
-from .messages import Claimed
+from .messages import Claimed, Finished
 
 __all__ = ["Broker", "Store"]
 
@@ -116,6 +119,12 @@ class Store(abc.ABC):
     async def commit_node(self, run_id: str, record: NodeRecord) -> bool:
         """Make a node's result durable.  Returns ``False``, keeping the first record, when
         the node was already committed (a duplicate delivery)."""
+
+    async def commit_nodes(self, records: Sequence[tuple[str, NodeRecord]]) -> list[bool]:
+        """:meth:`commit_node` for each ``(run_id, record)``, in as few round trips as the
+        store can (what a batch worker's finished tasks are committed with); one bool each,
+        in order.  By default one call each."""
+        return [await self.commit_node(run_id, record) for run_id, record in records]
 
     def commit_node_nowait(self, run_id: str, record: NodeRecord) -> bool:
         """:meth:`commit_node` without awaiting, where :attr:`commits_nowait` says so."""
@@ -358,6 +367,35 @@ class Broker(abc.ABC):
         """Whether *store* lives where this broker does, so that :meth:`commit_and_complete`
         can commit a node and complete its task in one atomic step."""
         return False
+
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete each task (:meth:`complete`), or dead-letter it where ``item.dead``
+        says why (:meth:`dead_letter`), with its events, in as few round trips as the
+        broker can; each task's own writes keep their order and atomicity.  By default
+        one call each."""
+        for item in items:
+            events = list(item.events)
+            if item.dead is not None:
+                await self.dead_letter(
+                    item.task_id, item.run_id, item.node_id, item.payload, item.dead, events=events
+                )
+            else:
+                await self.complete(
+                    item.task_id, item.run_id, item.node_id, item.payload, events=events
+                )
+
+    async def commit_and_complete_many(self, items: Sequence[Finished]) -> list[bool]:
+        """:meth:`commit_and_complete` for each item (its ``record`` set), in as few round
+        trips as the broker can; one bool each, in order.  By default one call each."""
+        out = []
+        for item in items:
+            assert item.record is not None
+            out.append(
+                await self.commit_and_complete(
+                    item.task_id, item.run_id, item.record, item.payload, events=list(item.events)
+                )
+            )
+        return out
 
     async def commit_and_complete(
         self,

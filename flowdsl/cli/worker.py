@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import click
 
-from .._executors.batch import DEFAULT_MAX_DELIVERIES, serve
+from .._executors.batch import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_MAX_DELIVERIES, serve
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
 from .main import path_option, seal_of, signing_options, usage_error
@@ -43,7 +43,16 @@ __all__ = ["worker"]
     default=16,
     show_default=True,
     metavar="N",
-    help="Steps this worker runs at once.",
+    help="Sync steps (plain functions, run in threads) this worker runs at once.",
+)
+@click.option(
+    "--async-concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_ASYNC_CONCURRENCY,
+    show_default=True,
+    metavar="N",
+    help="Tasks this worker holds at once: async steps waiting on I/O (LLM calls), "
+    "finished tasks being committed, sync steps waiting for a thread.",
 )
 @click.option(
     "--lease",
@@ -77,6 +86,7 @@ def worker(
     broker: str,
     imports: tuple[str, ...],
     concurrency: int,
+    async_concurrency: int,
     lease: float,
     max_deliveries: int,
     store: str | None,
@@ -110,7 +120,7 @@ def worker(
     modules = tuple(_module_of(name) for name in imports)
     seal = seal_of(signing_key_env, old_signing_key_envs)
     llm = provider_of(llm_ref, modules)
-    options = (lease, seal, max_deliveries, llm)
+    options = (lease, seal, max_deliveries, llm, async_concurrency)
     anyio.run(_serve_until_stopped, broker, store, modules, concurrency, options)
 
 
@@ -137,11 +147,17 @@ async def _serve_until_stopped(
     store: str | None,
     modules: tuple[str, ...],
     concurrency: int,
-    options: tuple[Any, ...] = (30.0, None, DEFAULT_MAX_DELIVERIES, None),
+    options: tuple[Any, ...] = (
+        30.0,
+        None,
+        DEFAULT_MAX_DELIVERIES,
+        None,
+        DEFAULT_ASYNC_CONCURRENCY,
+    ),
 ) -> None:
     import signal
 
-    lease, seal, max_deliveries, llm = options
+    lease, seal, max_deliveries, llm, async_concurrency = options
 
     # The receiver stays open until the worker has wound down, so that a second Ctrl-C (or
     # the terminal's SIGINT to the whole process group) cannot interrupt the clean-up.
@@ -154,6 +170,7 @@ async def _serve_until_stopped(
                     store=store,
                     imports=modules,
                     concurrency=concurrency,
+                    async_concurrency=async_concurrency,
                     lease=lease,
                     seal=seal,
                     max_deliveries=max_deliveries,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from ...backends.messages import decode_event, encode_event
 from .client import BatchExecutor, RemoteError, StepCheckpointFailed, StepConfigFailed
-from .worker import DEFAULT_MAX_DELIVERIES, UnknownStep, Worker, serve
+from .worker import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_MAX_DELIVERIES, UnknownStep, Worker, serve
 
 __all__ = [
+    "DEFAULT_ASYNC_CONCURRENCY",
     "DEFAULT_MAX_DELIVERIES",
     "BatchExecutor",
     "RemoteError",

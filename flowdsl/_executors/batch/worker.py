@@ -10,6 +10,15 @@ completed with the committed record.  That closes the window between a worker's 
 and its acknowledgement: a worker killed there leaves a task whose next taker finds the
 record.
 
+A worker holds up to ``async_concurrency`` tasks at once (default 1000): async steps
+waiting on I/O (an LLM call) cost a task and a few kilobytes each, so a high limit lets
+one worker keep hundreds of calls in flight.  Steps that are plain functions run in
+threads, ``concurrency`` at a time (default 16); while sync steps come, the worker takes
+only as many tasks as can soon have a thread, so that it does not hoard sync work other
+workers could do.  It fetches as many tasks as it has room for in one broker call, and
+hands finished ones to a :class:`~.finisher.Finisher`, which commits and completes them
+many at a time.
+
 A worker that dies leaves its leases to expire; the task goes to another worker.  That is
 not the step's failure: ``retries`` count the step's own exceptions, afresh on each
 delivery.  A task handed out more than ``max_deliveries`` times (the run's setting, else
@@ -27,20 +36,13 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from ... import _codec, _otel
+from ... import _otel
 from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import mark_alive, mark_gone, new_owner
 from ..._engine.runner import describe, run_node_cached
 from ..._engine.slots import Slot, running_in
-from ..._errors import (
-    BackendUnavailable,
-    CheckpointError,
-    CodecError,
-    ConfigError,
-    FlowError,
-    StepFailed,
-)
+from ..._errors import CheckpointError, CodecError, ConfigError, StepFailed
 from ..._integrity import Seal
 from ..._records import NodeRecord
 from ..._secret import redact
@@ -49,30 +51,48 @@ from ...backends.base import Broker, Store
 from ...backends.messages import (
     Claimed,
     Completion,
+    Finished,
     TaskMessage,
     decode_task,
     encode_completion,
     encode_event,
     peek_run_id,
 )
+from .finisher import TRANSIENT, Finisher
+from .refusals import (
+    DEFAULT_MAX_DELIVERIES,
+    UnknownStep,
+    bare,
+    check_count,
+    check_max_deliveries,
+    decode_arg,
+    unknown_step,
+)
 
-__all__ = ["DEFAULT_MAX_DELIVERIES", "TRANSIENT", "UnknownStep", "Worker", "serve"]
+__all__ = [
+    "DEFAULT_ASYNC_CONCURRENCY",
+    "DEFAULT_MAX_DELIVERIES",
+    "TRANSIENT",
+    "UnknownStep",
+    "Worker",
+    "check_count",
+    "check_max_deliveries",
+    "serve",
+]
 
 log = logging.getLogger("flowdsl.batch")
 
-#: How many times a task may be handed out (its workers dying or losing its lease each
-#: time) before it is dead-lettered as a poison task.
-DEFAULT_MAX_DELIVERIES: Final = 5
+#: Tasks a worker holds at once by default: async steps waiting on I/O, mostly.
+DEFAULT_ASYNC_CONCURRENCY: Final = 1000
 
 #: For flowdsl's own crash tests: called with (run id, node id) once a node's record is
 #: committed, before its task is completed (a test SIGKILLs the worker there).
 after_commit: Callable[[str, str], None] | None = None
 
 
-# Errors a broker or store raises when its server is away; loops wait them out.  Never
-# CheckpointError (data that is wrong) or ConfigError (a setting that is wrong): waiting
-# mends neither.  (BackendUnavailable is an OSError too, as ConnectionError.)
-TRANSIENT = (BackendUnavailable, OSError)
+def _after_commit(run_id: str, node_id: str) -> None:
+    if after_commit is not None:
+        after_commit(run_id, node_id)
 
 
 class _WorkerSink:
@@ -93,8 +113,9 @@ class _WorkerSink:
 class Worker:
     """Takes tasks off a broker and runs them.
 
-    ``concurrency`` tasks run at once; leases last ``lease`` seconds and are renewed while
-    a task runs, so a slow but live step keeps its task.  A worker runs only the steps
+    Up to ``async_concurrency`` tasks are held at once, of which ``concurrency`` sync
+    steps run in threads; leases last ``lease`` seconds and are renewed while a task is
+    held, so a slow but live step keeps its task.  A worker runs only the steps
     registered in this process (defined in it, notebooks included, or in the modules it
     was told to import): a task naming any other is refused without importing anything
     and dead-lettered.  ``local`` says the worker runs inside a context (in-process).
@@ -106,6 +127,7 @@ class Worker:
         store: Store,
         *,
         concurrency: int = 8,
+        async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
         lease: float = 30.0,
         llm: Any = None,
         local: bool = False,
@@ -114,13 +136,14 @@ class Worker:
         name: str | None = None,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigError(f"worker concurrency must be at least 1, not {concurrency}")
+        check_count("concurrency", concurrency)
+        check_count("async_concurrency", async_concurrency)
         check_max_deliveries(max_deliveries)
         self.max_deliveries = max_deliveries
         self.broker = broker
         self.store = store
         self.concurrency = concurrency
+        self.async_concurrency = async_concurrency
         self.lease = lease
         self.llm = llm
         self.local = local
@@ -131,8 +154,25 @@ class Worker:
         self.name = name or str(new_owner())
         self.on_complete: Any = None
         self._wake = anyio.Event()
-        self._held: set[str] = set()
+        # Each task held, from its claim to its acknowledgement, and the slot it holds in
+        # _capacity (async_concurrency of them); a step waiting for a provider batch job
+        # lends its slot back meanwhile (_engine.slots), so the worker takes others.
+        self._held: dict[str, Slot] = {}
+        self._capacity = anyio.Semaphore(async_concurrency)
+        self._room = anyio.Event()  # set when the sync steps' room may have grown
+        self._threads = anyio.Semaphore(concurrency)
+        self.waiting_for_thread = 0
+        self._sync_last = True  # the kind of the last step to start (see _room_for)
+        self._unsorted: set[str] = set()  # claimed tasks whose kind of step is not known yet
         self.processed = 0
+        self.finisher = Finisher(
+            broker, store, name=self.name, on_commit=_after_commit, released=self._release
+        )
+
+    @property
+    def held(self) -> int:
+        """Tasks this worker holds: running, waiting for a thread or being finished."""
+        return len(self._held)
 
     def poke(self) -> None:
         self._wake.set()
@@ -141,46 +181,83 @@ class Worker:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve tasks until cancelled."""
-        limiter = anyio.Semaphore(self.concurrency)
         mark_alive(self.name, self)  # a resume here leaves this worker's tasks to it
         try:
-            await self._run(limiter, task_status)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self.finisher.run)
+                task_status.started()
+                await self._fetch(tg)
         finally:
             mark_gone(self.name)
 
-    async def _run(self, limiter: anyio.Semaphore, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat)
-            task_status.started()
+    def _room_for(self) -> int:
+        """How many tasks to fetch now.  While the last step to start was a sync one (and
+        before any started), no more than can take a thread soon: a worker does not hoard
+        sync tasks that other workers could run."""
+        room = self._capacity.value
+        if self._sync_last:
+            waiting = self.waiting_for_thread + len(self._unsorted)
+            room = min(room, self.concurrency - waiting)
+        return room
+
+    async def _fetch(self, tg: anyio.abc.TaskGroup) -> None:
+        idle = self.poll_interval
+        while True:
+            free = self._room_for()
+            if free <= 0:
+                if self._capacity.value == 0:  # until a slot is free (or lent)
+                    await self._capacity.acquire()
+                    self._capacity.release()
+                else:  # until sync steps take threads
+                    self._room = room = anyio.Event()
+                    await room.wait()
+                continue
+            try:
+                claimed = await self.broker.claim(self.name, free, self.lease)
+            except TRANSIENT as exc:
+                log.warning("worker %s: %s; trying again", self.name, exc)
+                await anyio.sleep(self.max_poll_interval * 10)
+                continue
+            if not claimed:
+                with anyio.move_on_after(idle):
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                    idle = self.poll_interval
+                else:
+                    idle = min(idle * 2, self.max_poll_interval)
+                continue
             idle = self.poll_interval
-            while True:
-                free = limiter.value
-                if free == 0:
-                    await limiter.acquire()
-                    limiter.release()
-                    continue
+            # A delivery this worker already holds (a message handed out twice over a
+            # reconnect) is being served: not again.
+            fresh = {c.task_id: c for c in claimed if c.task_id not in self._held}
+            slots = {}
+            for task_id in fresh:
                 try:
-                    claimed = await self.broker.claim(self.name, free, self.lease)
-                except TRANSIENT as exc:
-                    log.warning("worker %s: %s; trying again", self.name, exc)
-                    await anyio.sleep(self.max_poll_interval * 10)
-                    continue
-                if not claimed:
-                    with anyio.move_on_after(idle):
-                        await self._wake.wait()
-                    if self._wake.is_set():
-                        self._wake = anyio.Event()
-                        idle = self.poll_interval
-                    else:
-                        idle = min(idle * 2, self.max_poll_interval)
-                    continue
-                idle = self.poll_interval
-                for item in claimed:
-                    self._held.add(item.task_id)
-                committed = await self._committed(claimed)
-                for item in claimed:
-                    await limiter.acquire()
-                    tg.start_soon(self._serve, item, Slot(limiter), committed)
+                    self._capacity.acquire_nowait()  # `free` counted them
+                except anyio.WouldBlock:  # a broker that gave more than asked
+                    await self._capacity.acquire()
+                slots[task_id] = self._held[task_id] = Slot(self._capacity)
+            self._unsorted.update(fresh)
+            committed = await self._committed(list(fresh.values()))
+            for task_id, item in fresh.items():
+                tg.start_soon(self._serve, item, slots[task_id], committed)
+
+    def _sorted(self, task_id: str) -> None:
+        if task_id in self._unsorted:
+            self._unsorted.discard(task_id)
+            self._room.set()
+
+    def _release(self, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            slot = self._held.pop(task_id, None)
+            if slot is not None:
+                slot.release()
+        self.processed += len(task_ids)
+        self._room.set()
+        if self.on_complete is not None:
+            self.on_complete()
 
     async def _committed(
         self, claimed: Sequence[Claimed]
@@ -209,24 +286,31 @@ class Worker:
         slot: Slot,
         committed: Mapping[tuple[str, str], NodeRecord] | None,
     ) -> None:
+        finished = None
         try:
             with running_in(slot):  # a step waiting for a provider batch job lends it
-                await self.handle(item, committed)
+                finished = await self.settle(item, committed)
         except TRANSIENT as exc:
-            # The task could not be completed (the broker or store is away): its lease
-            # runs out and it is handed out again; the journal keeps it from running twice.
+            # The task could not be run (the store is away): its lease runs out and it is
+            # handed out again; the journal keeps it from running twice.
             log.warning("worker %s: task %s left to its lease: %s", self.name, item.task_id, exc)
         finally:
-            self._held.discard(item.task_id)
-            slot.release()
-            self.processed += 1
-            if self.on_complete is not None:
-                self.on_complete()
+            self._sorted(item.task_id)
+            if finished is None:
+                self._release([item.task_id])
+            else:
+                self.finisher.put(finished)
 
     async def handle(
         self, item: Claimed, committed: Mapping[tuple[str, str], NodeRecord] | None = None
     ) -> None:
-        """Run one claimed task to its completion message.
+        """Run one claimed task to its completion, alone (not in a batch)."""
+        await self.finisher.finish([await self.settle(item, committed)])
+
+    async def settle(
+        self, item: Claimed, committed: Mapping[tuple[str, str], NodeRecord] | None = None
+    ) -> Finished:
+        """Run one claimed task; what to finish it with (see :class:`Finisher`).
 
         *committed* holds the journal's records read for a batch of claimed tasks (see
         :meth:`_committed`); without it, the task's own node is looked up.  Whatever is
@@ -241,24 +325,23 @@ class Worker:
             run_id = item.run_id or peek_run_id(item.payload) or "?"
             node_id = item.node_id or exc.node or "?"
             log.error("task %s refused: %s", item.task_id, exc)
-            await self._fail(item, run_id, node_id, _bare(exc), "checkpoint", dead=True)
-            return
+            return self._fail(item, run_id, node_id, bare(exc), "checkpoint", dead=True)
         try:
-            await self._handle(item, task, committed)
+            return await self._handle(item, task, committed)
         except UnknownStep as exc:
             log.error("task %s of run %s refused: %s", item.task_id, task.run_id, exc)
-            await self._fail(item, task.run_id, task.node_id, _bare(exc), "config", dead=True)
+            return self._fail(item, task.run_id, task.node_id, bare(exc), "config", dead=True)
         except (ConfigError, CheckpointError) as exc:
             kind = "config" if isinstance(exc, ConfigError) else "checkpoint"
             log.warning("task %s of run %s failed: %s", item.task_id, task.run_id, exc)
-            await self._fail(item, task.run_id, task.node_id, _bare(exc), kind)
+            return self._fail(item, task.run_id, task.node_id, bare(exc), kind)
 
     async def _handle(
         self,
         item: Claimed,
         task: TaskMessage,
         committed: Mapping[tuple[str, str], NodeRecord] | None,
-    ) -> None:
+    ) -> Finished:
         key = (task.run_id, task.node_id)
         if committed is not None and (item.run_id, item.node_id) == key:
             stored = committed.get(key)
@@ -267,8 +350,7 @@ class Worker:
         if stored is not None:
             # Committed already (by a worker that died before completing the task, or by
             # one still holding a copy of it): never run twice, whatever the delivery count.
-            await self._complete(item, task, stored)
-            return
+            return self._done(item, task, stored)
         limit = task.max_deliveries or self.max_deliveries
         if item.deliveries > limit:
             reason = (
@@ -276,80 +358,91 @@ class Worker:
                 f"max_deliveries={limit}; every worker that took it died or lost its lease "
                 "before finishing it"
             )
-            await self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
-            return
+            return self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
         node = self._node(task)
         args, kwargs = self._arguments(task, node)
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
-            work = run_node_cached(
-                self.store,
-                sink,
-                node,
-                args,
-                kwargs,
-                marker=task.marker,
-                llm=self.llm,
-                commit=False,
-                batch=True,
-            )
-            record, _ = await _otel.node_span(sink, node, work, parent=task.trace)
+            self._sync_last = node.fn is not None and not node.fn.is_async
+            if not self._sync_last:
+                self._sorted(item.task_id)
+                record = await self._run(task, node, args, kwargs, sink)
+            else:
+                # A plain function takes one of the worker's threads.
+                self.waiting_for_thread += 1
+                self._sorted(item.task_id)
+                try:
+                    await self._threads.acquire()
+                finally:
+                    self.waiting_for_thread -= 1
+                    self._room.set()
+                try:
+                    record = await self._run(task, node, args, kwargs, sink)
+                finally:
+                    self._threads.release()
         except StepFailed as exc:
             kind = "codec" if isinstance(exc, CodecError) else "step"
             cause = exc.__cause__
             detail = describe(cause) if cause is not None else str(exc)
-            await self._fail(
+            error = f"step failed: {detail}"
+            return self._fail(
                 item,
                 task.run_id,
                 task.node_id,
-                f"step failed: {detail}",
+                error,
                 kind,
                 sink.buffer,
                 traceback=failure_traceback(exc),
             )
-            return
         # A node's events reach the broker after its record is committed (a StepFinished
         # means the result is journaled) and no later than its completion (which may end
         # the run, and with it the scheduler's interest in the run's events): they go
         # with the completion (atomically where the broker `carries_events`).
-        if self.broker.holds(self.store):
-            # The broker keeps the journal too: commit the record and complete the task
-            # in one atomic operation (first commit wins; the completion carries it).
-            completion = Completion(task.run_id, task.node_id, True, record)
-            payload = encode_completion(completion, self.store.seal)
-            if await self.broker.commit_and_complete(
-                item.task_id, task.run_id, record, payload, events=sink.buffer
-            ):
-                if after_commit is not None:
-                    after_commit(task.run_id, task.node_id)
-                return
-            first = False
-        else:
-            first = await self.store.commit_node(task.run_id, record)
-            if first and after_commit is not None:
-                after_commit(task.run_id, task.node_id)
-        if not first:
-            log.info(
-                "node %s of run %s was already committed; this result is discarded",
-                task.node_id,
-                task.run_id,
-            )
-            stored = await self.store.load_node(task.run_id, task.node_id)
-            record = stored if stored is not None else record
-        await self._complete(item, task, record, sink.buffer if first else [])
+        return self._done(item, task, record, sink.buffer, commit=True)
 
-    async def _complete(
+    async def _run(
+        self,
+        task: TaskMessage,
+        node: Node,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        sink: _WorkerSink,
+    ) -> NodeRecord:
+        work = run_node_cached(
+            self.store,
+            sink,
+            node,
+            args,
+            kwargs,
+            marker=task.marker,
+            llm=self.llm,
+            commit=False,
+            batch=True,
+        )
+        record, _ = await _otel.node_span(sink, node, work, parent=task.trace)
+        return record
+
+    def _done(
         self,
         item: Claimed,
         task: TaskMessage,
         record: NodeRecord,
         events: list[tuple[str, str]] | None = None,
-    ) -> None:
+        *,
+        commit: bool = False,
+    ) -> Finished:
         completion = Completion(task.run_id, task.node_id, True, record)
         payload = encode_completion(completion, self.store.seal)
-        await self.broker.complete(item.task_id, task.run_id, task.node_id, payload, events=events)
+        return Finished(
+            item.task_id,
+            task.run_id,
+            task.node_id,
+            payload,
+            tuple(events or ()),
+            record if commit else None,
+        )
 
-    async def _fail(
+    def _fail(
         self,
         item: Claimed,
         run_id: str,
@@ -360,22 +453,24 @@ class Worker:
         *,
         dead: bool = False,
         traceback: str | None = None,
-    ) -> None:
+    ) -> Finished:
         failed = Completion(run_id, node_id, False, None, redact(error), kind, traceback)
         payload = encode_completion(failed, self.store.seal)
-        if dead:
-            await self.broker.dead_letter(
-                item.task_id, run_id, node_id, payload, error, events=events
-            )
-        else:
-            await self.broker.complete(item.task_id, run_id, node_id, payload, events=events)
+        return Finished(
+            item.task_id,
+            run_id,
+            node_id,
+            payload,
+            tuple(events or ()),
+            dead=error if dead else None,
+        )
 
     def _node(self, task: TaskMessage) -> Node:
         # Only steps this process registered (imported by the operator's --import, or
         # defined here): a task is data, and what it names is never imported.
         unit = registered_unit(task.step)
         if unit is None:
-            raise _unknown_step(task)
+            raise unknown_step(task)
         kind = NodeKind.BRANCH if task.kind == "branch" else NodeKind.STEP
         if (kind is NodeKind.BRANCH) != (unit.kind == "branch"):
             raise CheckpointError(
@@ -390,73 +485,16 @@ class Worker:
         assert unit is not None
         positional, by_name = unit.param_types
         args = tuple(
-            _decode_arg(
+            decode_arg(
                 data, positional[i] if i < len(positional) else Any, task, f"argument {i + 1}"
             )
             for i, data in enumerate(task.args)
         )
         kwargs = {
-            k: _decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
+            k: decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
             for k, v in task.kwargs.items()
         }
         return args, kwargs
-
-
-class UnknownStep(ConfigError):
-    """A task naming a step this worker has not registered: refused, dead-lettered."""
-
-
-def _unknown_step(task: TaskMessage) -> UnknownStep:
-    module, _, qualname = task.step.partition(":")
-    where = f"step {task.step!r}"
-    in_process = "in-process workers: fd.Context(batch=True, workers=N)"
-    if "<locals>" in qualname:
-        problem = f"{where} is defined inside a function, which a worker process cannot import"
-        hint = f"Move the step to a module's top level, or run {in_process}"
-    elif module == "__main__":
-        problem = (
-            f"{where} is defined in __main__ (a notebook or the script that started the "
-            "run), which a worker process cannot import"
-        )
-        hint = (
-            "Move the step into a module and start workers with `--import MODULE`, or run "
-            + in_process
-        )
-    else:
-        problem = f"the task names {where}, which this worker does not know"
-        hint = (
-            "Start the worker with `--import MODULE` for the module that defines the step "
-            f"(workers import only what they are told to), or run {in_process}"
-        )
-    return UnknownStep(
-        f"{problem}; it was refused without importing anything",
-        flow=task.flow,
-        node=task.node_id,
-        hint=hint,
-    )
-
-
-def check_max_deliveries(value: object) -> None:
-    if type(value) is not int or value < 1:
-        raise ConfigError(
-            f"max_deliveries must be a whole number of at least 1, not {value!r}",
-            hint="It is how many times a task may be handed out to workers that die "
-            f"before it is dead-lettered (default {DEFAULT_MAX_DELIVERIES})",
-        )
-
-
-def _bare(exc: FlowError) -> str:
-    """An error's own words, without the flow and node the scheduler's side adds back."""
-    return f"{exc.problem.rstrip('.')}. {exc.hint}" if exc.hint else exc.problem
-
-
-def _decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
-    try:
-        return _codec.from_data(data, tp, what=what)
-    except CodecError as exc:
-        raise CheckpointError(
-            f"{what} cannot be decoded: {exc.problem}", flow=task.flow, node=task.node_id
-        ) from exc
 
 
 async def serve(
@@ -465,6 +503,7 @@ async def serve(
     store: str | None = None,
     imports: tuple[str, ...] = (),
     concurrency: int = 16,
+    async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
     lease: float = 30.0,
     llm: Any = None,
     seal: Seal | None = None,
@@ -473,7 +512,8 @@ async def serve(
 ) -> None:
     """Serve tasks from *broker* until cancelled: what ``flowdsl worker`` runs.
 
-    *imports* are modules to import first, so that their steps are known (the worker runs
+    *concurrency* sync steps run at once (in threads), of up to *async_concurrency* tasks
+    held; *imports* are modules to import first, so that their steps are known (the worker runs
     no others); *store* defaults to the broker's own file for the embedded SQLite queue;
     *seal* checks records and messages (a signing key's, see docs/security.md);
     *max_deliveries* is for the tasks of runs that do not set their own
@@ -504,6 +544,7 @@ async def serve(
                 queue,
                 journal,
                 concurrency=concurrency,
+                async_concurrency=async_concurrency,
                 lease=lease,
                 llm=llm,
                 max_deliveries=max_deliveries,

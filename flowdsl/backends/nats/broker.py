@@ -39,11 +39,10 @@ an ack lost in a restart makes the task come back once more, which is harmless (
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final
 
 import anyio
@@ -51,10 +50,19 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
 from ..base import Broker
-from ..messages import Claimed
+from ..messages import Claimed, Finished
 from .bucket import Bucket
 from .consumers import LogReader, Puller
-from .keys import BLOB_HEADER, Malformed, dump_json, from_token, text_of, to_bytes, to_token
+from .keys import (
+    BLOB_HEADER,
+    Malformed,
+    dead_letter_of,
+    dump_json,
+    from_token,
+    text_of,
+    to_bytes,
+    to_token,
+)
 from .link import NatsLink, ensure_stream, quietly, storage_type
 from .publisher import ERR_PER_SUBJECT, Publisher, Refused, raise_refused
 from .url import NatsURL, nats_modules
@@ -449,15 +457,8 @@ class NATSBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
-        await checkpoint_if_cancelled()
-        if events:  # on the log stream, so a reader sees them before the completion
-            await self.publish_events(events)
-        # The completion first, the ack last: a crash in between redelivers the task,
-        # whose next worker completes it again (a second completion is ignored).
-        await self._publish_log("done", [(run_id, payload)], "publish a completion")
-        msg = self._held.pop(task_id, None)
-        if msg is not None:
-            await quietly(msg.ack)
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()))
+        await self.complete_many([item])
 
     async def dead_letter(
         self,
@@ -469,28 +470,46 @@ class NATSBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()), dead=reason)
+        await self.complete_many([item])
+
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete or dead-letter *items*: their dead letters, then each one's events and
+        completion in order (on the log stream, so a reader sees the events first),
+        pipelined, a round trip for each kind; then the acks.  The completion first, the
+        ack last: a crash in between redelivers the task, whose next worker completes it
+        again (a second completion is ignored)."""
         await checkpoint_if_cancelled()
-        if events:
-            await self.publish_events(events)
+        if not items:
+            return
+        what = "record dead letters"
+        dead = [
+            (
+                f"{self._prefix}.dead.{to_token(i.run_id)}",
+                await self._dead_record(i.task_id, i.run_id, i.node_id, i.dead),
+            )
+            for i in items
+            if i.dead is not None
+        ]
+        if dead:
+            raise_refused(await self._publish(dead, what), what, self.url)
+        log: list[tuple[str, bytes]] = []
+        for item in items:
+            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
+            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
+        what = "publish completions"
+        raise_refused(await self._publish(log, what, run_id=items[0].run_id), what, self.url)
+        for item in items:  # the acks go out together (nats-py sends its buffer at once)
+            msg = self._held.pop(item.task_id, None)
+            if msg is not None:
+                # Term for a dead letter: no more deliveries, the work queue drops it.
+                await quietly(msg.ack if item.dead is None else msg.term)
+
+    async def _dead_record(self, task_id: str, run_id: str, node_id: str, reason: str) -> bytes:
         msg = self._held.get(task_id)
-        record = dump_json(
-            {
-                "run_id": run_id,
-                "node_id": node_id,
-                "reason": reason,
-                "at": time.time(),
-                "payload": await self._payload(msg, "a task") if msg is not None else "",
-            }
-        )
-        results = await self._publish(
-            [(f"{self._prefix}.dead.{to_token(run_id)}", record)], "record a dead letter"
-        )
-        raise_refused(results, "record a dead letter", self.url)
-        await self._publish_log("done", [(run_id, payload)], "publish a completion")
-        self._held.pop(task_id, None)
-        if msg is not None:
-            # Term: no more deliveries, and the work queue drops the message.
-            await quietly(msg.term)
+        payload = await self._payload(msg, "a task") if msg is not None else ""
+        fields = {"run_id": run_id, "node_id": node_id, "reason": reason, "at": time.time()}
+        return dump_json({**fields, "payload": payload})
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         from nats.js.errors import NotFoundError
@@ -510,7 +529,7 @@ class NATSBroker(Broker):
             raw = await self._link.call("read the dead letters", op, run_id=run_id)
             if raw is None:
                 return out
-            out.append(_dead_letter(raw.data or b"", run_id))
+            out.append(dead_letter_of(raw.data or b"", run_id))
             seq = int(raw.seq) + 1
 
     # --- completions and events -----------------------------------------------------------
@@ -573,19 +592,3 @@ class NATSBroker(Broker):
             return int(info.state.messages)
 
         return await self._link.call("count the tasks", op)
-
-
-def _dead_letter(data: bytes, run_id: str) -> dict[str, Any]:
-    try:
-        fields = json.loads(text_of(data))
-        if not isinstance(fields, dict):
-            raise ValueError("not an object")
-        return {
-            "node_id": str(fields["node_id"]),
-            "reason": str(fields["reason"]),
-            "at": float(fields["at"]),
-            "payload": str(fields["payload"]),
-        }
-    except (ValueError, KeyError, TypeError):
-        log.warning("an unreadable dead letter of run %s", run_id)
-        return {"node_id": "?", "reason": "unreadable dead letter", "at": 0.0, "payload": ""}

@@ -15,6 +15,7 @@ import anyio
 
 from .keys import Malformed, check_json_text, dump_json, field, from_bytes, load_json, to_bytes
 from .link import NatsLink, storage_type
+from .publisher import Publisher, Refused, raise_refused
 from .requests import Requests
 from .url import NatsOptions
 
@@ -41,6 +42,7 @@ class Bucket:
         self._get_subject = f"$JS.API.STREAM.MSG.GET.KV_{name}"
         self._key_prefix = f"$KV.{name}."
         self._requests = Requests(link)
+        self._publisher: Publisher | None = None  # for create_many, made on first use
         # Every record must fit in one message: chunks and inline values stay well below
         # the server's max payload (1 MB by default).
         max_payload = int(link.nc.max_payload or 1024 * 1024)
@@ -114,6 +116,33 @@ class Bucket:
 
     async def stop(self) -> None:
         await self._requests.stop()
+        if self._publisher is not None:
+            await self._publisher.stop()
+
+    async def create_many(
+        self, items: list[tuple[str, bytes]], what: str, run_id: str | None = None
+    ) -> list[bool]:
+        """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
+        the KV's own create is a publish expecting no earlier value): True for each key
+        this call wrote, False for each that existed."""
+        if self._publisher is None:
+            self._publisher = Publisher(self.link)
+        publisher = self._publisher
+        expect = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        messages = [(self._key_prefix + key, value, dict(expect)) for key, value in items]
+        timeout = self.link.url.options.timeout
+
+        async def op() -> list[Refused | None]:
+            with anyio.fail_after(timeout):
+                return await publisher.publish(messages)
+
+        results = await self.link.call(what, op, run_id=run_id)
+        raise_refused(
+            [r for r in results if r is not None and r.err_code not in _WRONG_LAST],
+            what,
+            self.link.url.shown,
+        )
+        return [r is None for r in results]
 
     async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""

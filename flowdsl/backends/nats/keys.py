@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from typing import Any, Final
 
@@ -15,6 +16,7 @@ from .._validate import Malformed
 __all__ = [
     "BLOB_HEADER",
     "Malformed",
+    "dead_letter_of",
     "dump_json",
     "from_bytes",
     "from_token",
@@ -114,3 +116,20 @@ def text_of(data: bytes) -> str:
         return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         return data.decode("utf-8", "replace")
+
+
+def dead_letter_of(data: bytes, run_id: str) -> dict[str, Any]:
+    """A dead letter's message as ``Broker.dead_letters`` lists it."""
+    try:
+        fields = json.loads(text_of(data))
+        if not isinstance(fields, dict):
+            raise ValueError("not an object")
+        return {
+            "node_id": str(fields["node_id"]),
+            "reason": str(fields["reason"]),
+            "at": float(fields["at"]),
+            "payload": str(fields["payload"]),
+        }
+    except (ValueError, KeyError, TypeError):  # logged, listed as unreadable
+        logging.getLogger("flowdsl.nats").warning("an unreadable dead letter of run %s", run_id)
+        return {"node_id": "?", "reason": "unreadable dead letter", "at": 0.0, "payload": ""}

@@ -34,8 +34,7 @@ completion twice; both are harmless (the scheduler takes the first completion).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Final
 
 import anyio
@@ -43,11 +42,13 @@ import anyio
 from ..._errors import CheckpointError
 from ..._records import NodeRecord
 from ..base import Broker, Store
-from ..messages import Claimed, Completion, encode_completion
+from ..messages import Claimed, Completion, Finished, encode_completion
 from . import scripts
+from .batches import finish_many_call
 from .keys import (
     Layout,
     Malformed,
+    dead_letter_of,
     encode_node,
     entry_field,
     entry_fields,
@@ -76,10 +77,9 @@ _SCRIPTS: Final = {
     "enqueue": scripts.ENQUEUE,
     "claim": scripts.CLAIM,
     "extend": scripts.EXTEND,
-    "complete": scripts.COMPLETE,
-    "dead_letter": scripts.DEAD_LETTER,
     "commit_and_complete": scripts.COMMIT_AND_COMPLETE,
     "run_tasks": scripts.RUN_TASKS,
+    "finish_many": scripts.FINISH_MANY,
 }
 
 
@@ -273,21 +273,9 @@ class RedisBroker(Broker):
         events: list[tuple[str, str]] | None = None,
     ) -> None:
         """Remove the task and publish its completion, with the node's *events* before it,
-        atomically."""
-        self._holders.pop(task_id, None)
-        await self._run(
-            "complete",
-            f"completing node {node_id!r} of run {run_id!r}",
-            [self.tasks_key, self.queued_key, self.completions_key, self.events_key],
-            [
-                GROUP,
-                task_id,
-                queued_field(run_id, node_id),
-                to_bytes(payload),
-                self.keep,
-                *event_args(events),
-            ],
-        )
+        atomically (the script of a batch, with one task)."""
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()))
+        await self._finish_many([item], f"completing node {node_id!r} of run {run_id!r}")
 
     async def commit_and_complete(
         self,
@@ -331,13 +319,41 @@ class RedisBroker(Broker):
         done = await self._run("commit_and_complete", what, keys, args)
         if done == 1:
             return True
+        return await self._committed_before(Finished(task_id, run_id, node_id, payload), done)
+
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete or dead-letter *items* (with their events) in one script."""
+        if items:
+            await self._finish_many(items, f"completing {len(items)} tasks")
+
+    async def commit_and_complete_many(self, items: Sequence[Finished]) -> list[bool]:
+        """:meth:`commit_and_complete` for each item, in one script."""
+        if not items:
+            return []
+        results = await self._finish_many(items, f"committing {len(items)} nodes")
+        pairs = zip(items, results, strict=True)
+        return [result == 1 or await self._committed_before(item, result) for item, result in pairs]
+
+    async def _finish_many(self, items: Sequence[Finished], what: str) -> list[Any]:
+        for item in items:
+            self._holders.pop(item.task_id, None)
+        fixed = [self.tasks_key, self.queued_key, self.completions_key, self.events_key]
+        keys, args = finish_many_call(
+            self.layout, self.seal, [*fixed, self.dead_key], GROUP, self.keep, items
+        )
+        return list(await self._run("finish_many", what, keys, args))
+
+    async def _committed_before(self, item: Finished, raw: Any) -> bool:
+        """False when *raw*, the record committed first, is sound (the worker completes
+        the task with it), else True: the task is completed with a checkpoint failure."""
         reader = RedisStore.reading_through(self._link, self.prefix)
         reader.seal = self.seal
         try:
-            await reader.node_from_raw(run_id, node_id, done)
+            await reader.node_from_raw(item.run_id, item.node_id, raw)
         except CheckpointError as exc:
-            failed = Completion(run_id, node_id, False, None, str(exc), "checkpoint")
-            await self.complete(task_id, run_id, node_id, encode_completion(failed, self.seal))
+            failed = Completion(item.run_id, item.node_id, False, None, str(exc), "checkpoint")
+            payload = encode_completion(failed, self.seal)
+            await self.complete(item.task_id, item.run_id, item.node_id, payload)
             return True
         return False
 
@@ -351,30 +367,8 @@ class RedisBroker(Broker):
         *,
         events: list[tuple[str, str]] | None = None,
     ) -> None:
-        self._holders.pop(task_id, None)
-        await self._run(
-            "dead_letter",
-            f"dead-lettering node {node_id!r} of run {run_id!r}",
-            [
-                self.tasks_key,
-                self.queued_key,
-                self.completions_key,
-                self.dead_key,
-                self.events_key,
-            ],
-            [
-                GROUP,
-                task_id,
-                queued_field(run_id, node_id),
-                to_bytes(payload),
-                self.keep,
-                to_bytes(run_id),
-                to_bytes(node_id),
-                to_bytes(reason),
-                repr(time.time()),
-                *event_args(events),
-            ],
-        )
+        item = Finished(task_id, run_id, node_id, payload, tuple(events or ()), dead=reason)
+        await self._finish_many([item], f"dead-lettering node {node_id!r} of run {run_id!r}")
 
     async def dead_letters(self, run_id: str) -> list[dict[str, Any]]:
         client = self._link.require("queue")
@@ -384,20 +378,11 @@ class RedisBroker(Broker):
         wanted = to_bytes(run_id)
         out: list[dict[str, Any]] = []
         for _entry_id, fields in entries:
-            if fields.get(b"run") != wanted:
-                continue
-            try:
-                at = float(from_bytes(fields.get(b"at"), "at"))
-                out.append(
-                    {
-                        "node_id": from_bytes(fields.get(b"node"), "node"),
-                        "reason": from_bytes(fields.get(b"reason"), "reason"),
-                        "at": at,
-                        "payload": from_bytes(fields.get(b"payload"), "payload"),
-                    }
-                )
-            except (ValueError, Malformed) as exc:
-                log.warning("skipping a malformed dead letter of run %s: %s", run_id, exc)
+            if fields.get(b"run") == wanted:
+                try:
+                    out.append(dead_letter_of(fields))
+                except (ValueError, Malformed) as exc:
+                    log.warning("skipping a malformed dead letter of run %s: %s", run_id, exc)
         return out
 
     async def drop_queued(self, run_id: str) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "INLINE_MAX",
     "Layout",
     "Malformed",
+    "dead_letter_of",
     "encode_node",
     "entry_field",
     "entry_fields",
@@ -200,6 +201,18 @@ def entry_key(entry_id: Any) -> tuple[int, int]:
         return int(ms), int(seq or 0)
     except ValueError:
         return 0, 0
+
+
+def dead_letter_of(fields: dict[Any, Any]) -> dict[str, Any]:
+    """A dead letter's entry as ``Broker.dead_letters`` lists it (ValueError or
+    Malformed when it is not one flowdsl wrote)."""
+    at = float(from_bytes(fields.get(b"at"), "at"))
+    return {
+        "node_id": from_bytes(fields.get(b"node"), "node"),
+        "reason": from_bytes(fields.get(b"reason"), "reason"),
+        "at": at,
+        "payload": from_bytes(fields.get(b"payload"), "payload"),
+    }
 
 
 def queued_field(run_id: str, node_id: str) -> bytes:

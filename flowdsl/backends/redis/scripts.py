@@ -223,47 +223,6 @@ end
 # publish them with the completion, after the commit: a StepFinished is never seen for a
 # node that is not in the journal, and never after the completion that may end its run.
 
-# KEYS: tasks, queued, completions, events.  ARGV: group, id, field, payload, keep, events.
-# A task no longer pending (another worker completed it, or this is a retry after a lost
-# reply) has had its completion published already.
-COMPLETE: Final = (
-    FINISH
-    + """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-publish(KEYS[4], ARGV[5], 6)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
-# KEYS: tasks, queued, completions, dead, events.  ARGV: group, id, field, payload, keep,
-# run id, node id, reason, time, events.
-DEAD_LETTER: Final = (
-    FINISH
-    + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-local task = ''
-if entry[1] then
-  local fields = entry[1][2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'payload' then task = fields[j + 1] end
-  end
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'run', ARGV[6], 'node', ARGV[7],
-           'reason', ARGV[8], 'at', ARGV[9], 'payload', task)
-publish(KEYS[5], ARGV[5], 10)
-finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
-)
-
 # KEYS: nodes hash, blob, blobrefs, tasks, queued, completions, events.  ARGV: node id,
 # record, digest, blob, group, task id, queued field, payload, keep, events.  Returns 1
 # when committed and completed, else the record committed first (and changes nothing).
@@ -343,4 +302,86 @@ end
 local tail = ''
 if #entries > 0 then tail = entries[#entries][1] end
 return {#entries, tail}
+"""
+
+# Tasks finished (one, or a worker's batch), each completed, dead-lettered, or committed
+# and completed as COMMIT_AND_COMPLETE does, in one script: one round trip for the lot.  A
+# task no longer pending (another worker completed it, or this is a retry after a lost
+# reply) has had its completion published already: it is only deleted.
+# KEYS: tasks, queued, completions, events, dead, blobrefs, then for each commit its nodes
+# hash and blob key.  ARGV: group, keep, time, then per task: what ('c' complete, 'd'
+# dead-letter, 'k' commit and complete), task id, queued field, payload, n, n (run id,
+# event) pairs, then for 'k': node id, record, digest, blob; for 'd': run id, node id,
+# reason.  Returns one result per task: 1 when finished; 0 for a task no longer pending
+# (finished before); for 'k', the record committed first when there was one (and nothing
+# changes for that task).
+FINISH_MANY: Final = """
+local tasks, queued, completions, events, dead, refs =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local group, keep, now = ARGV[1], ARGV[2], ARGV[3]
+local function publish(first, n)
+  for j = first, first + 2 * n - 1, 2 do
+    redis.call('XADD', events, 'MAXLEN', '~', keep, '*', 'run', ARGV[j], 'payload', ARGV[j + 1])
+  end
+end
+local function finish(id, field, payload)
+  redis.call('XACK', tasks, group, id)
+  redis.call('XDEL', tasks, id)
+  if redis.call('HGET', queued, field) == id then redis.call('HDEL', queued, field) end
+  redis.call('XADD', completions, 'MAXLEN', '~', keep, '*', 'payload', payload)
+end
+local out = {}
+local k, i = 7, 4
+while i <= #ARGV do
+  local what, id, field, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
+  local first = i + 5
+  i = first + 2 * n
+  local result = 1
+  if what == 'k' then
+    local nodes, blob = KEYS[k], KEYS[k + 1]
+    local node, record, digest, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    k, i = k + 2, i + 4
+    if redis.call('HSETNX', nodes, node, record) == 0 then
+      result = redis.call('HGET', nodes, node)
+    else
+      if digest ~= '' then
+        redis.call('SET', blob, data, 'NX')
+        redis.call('HINCRBY', refs, digest, 1)
+      end
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  elseif what == 'd' then
+    local run, node, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    i = i + 3
+    local entry = redis.call('XRANGE', tasks, id, id)
+    if redis.call('XACK', tasks, group, id) == 0 then
+      redis.call('XDEL', tasks, id)
+      result = 0
+    else
+      local task = ''
+      if entry[1] then
+        local fields = entry[1][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'payload' then task = fields[j + 1] end
+        end
+      end
+      redis.call('XADD', dead, 'MAXLEN', '~', keep, '*', 'run', run, 'node', node,
+                 'reason', reason, 'at', now, 'payload', task)
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  else
+    if redis.call('XACK', tasks, group, id) == 0 then
+      redis.call('XDEL', tasks, id)
+      result = 0
+    else
+      publish(first, n)
+      finish(id, field, payload)
+    end
+  end
+  out[#out + 1] = result
+end
+return out
 """

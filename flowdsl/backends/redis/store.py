@@ -429,11 +429,17 @@ class RedisStore(RedisLeases, Store):
             return {}
         client = self._client()
 
+        by_run: dict[str, list[str]] = {}
+        for run_id, node_id in pairs:
+            by_run.setdefault(run_id, []).append(node_id)
+        pairs = [(run_id, node_id) for run_id, nodes in by_run.items() for node_id in nodes]
+
         async def read_all() -> list[Any]:
+            # One HMGET per run (a batch's tasks come from few runs), all in one trip.
             pipe = client.pipeline(transaction=False)
-            for run_id, node_id in pairs:
-                pipe.hget(self.layout.nodes(run_id), to_bytes(node_id))
-            return list(await pipe.execute())
+            for run_id, nodes in by_run.items():
+                pipe.hmget(self.layout.nodes(run_id), [to_bytes(n) for n in nodes])
+            return [raw for raws in await pipe.execute() for raw in raws]
 
         raws = await self._link.call("reading node records", read_all)
         found: dict[tuple[str, str], NodeRecord] = {}

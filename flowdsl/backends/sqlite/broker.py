@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ..._errors import ConfigError
 from ..._records import NodeRecord
 from ..base import Broker, Store
-from ..messages import Claimed
+from ..messages import Claimed, Finished
 from . import schema
 from .store import SQLiteStore
 
@@ -79,6 +79,25 @@ class SQLiteBroker(Broker):
                 schema.complete_task(task_id, run_id, record.node_id, payload),
             )
         )
+
+    async def commit_and_complete_many(self, items: Sequence[Finished]) -> list[bool]:
+        """Commit the items' records and complete their tasks in one transaction; a node
+        committed before changes nothing (False), and its events are not published."""
+        await checkpoint_if_cancelled()
+        if self._store is None:
+            raise NotImplementedError("the queue shares no store (see share_store)")
+        batch = []
+        for item in items:
+            assert item.record is not None
+            then = [*_events(item), *_finish(item)]
+            batch.append((item.run_id, item.record, then))
+        return self._store.commit_nodes_then(batch)
+
+    async def complete_many(self, items: Sequence[Finished]) -> None:
+        """Complete or dead-letter *items*, with their events, in one transaction."""
+        await checkpoint_if_cancelled()
+        if items:
+            self._write([s for item in items for s in (*_events(item), *_finish(item))])
 
     def __repr__(self) -> str:
         return f"<SQLiteBroker {self.url!r}>"
@@ -198,16 +217,7 @@ class SQLiteBroker(Broker):
         await checkpoint_if_cancelled()
         if events:
             await self.publish_events(events)
-        self._write(
-            [
-                (
-                    "INSERT INTO fd_dead (run_id, node_id, payload, reason, at) "
-                    "SELECT run_id, node_id, payload, ?, ? FROM fd_tasks WHERE id = ?",
-                    (reason, time.time(), int(task_id)),
-                ),
-                *schema.complete_task(task_id, run_id, node_id, payload),
-            ]
-        )
+        self._write(_finish(Finished(task_id, run_id, node_id, payload, dead=reason)))
 
     async def completions(self, cursor: Any) -> tuple[list[str], Any]:
         return await self.read_completions(cursor, count=-1)
@@ -320,3 +330,21 @@ class SQLiteBroker(Broker):
         """Tasks queued or held (for progress displays and tests)."""
         row = self._db().execute("SELECT COUNT(*) FROM fd_tasks").fetchone()
         return int(row[0])
+
+
+def _events(item: Finished) -> list[tuple[str, Any]]:
+    sql = "INSERT INTO fd_events (run_id, payload) VALUES (?, ?)"
+    return [(sql, event) for event in item.events]
+
+
+def _finish(item: Finished) -> list[tuple[str, Any]]:
+    """The statements that complete *item*'s task, or dead-letter it."""
+    done = schema.complete_task(item.task_id, item.run_id, item.node_id, item.payload)
+    if item.dead is None:
+        return done
+    dead = (
+        "INSERT INTO fd_dead (run_id, node_id, payload, reason, at) "
+        "SELECT run_id, node_id, payload, ?, ? FROM fd_tasks WHERE id = ?",
+        (item.dead, time.time(), int(item.task_id)),
+    )
+    return [dead, *done]

@@ -16,7 +16,8 @@ import attrs
 
 from ... import _codec
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
-from ..._records import RunRecord
+from ..._integrity import Seal
+from ..._records import NodeRecord, RunRecord
 from .._validate import Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
@@ -363,6 +364,31 @@ def complete_task(task_id: str, run_id: str, node_id: str, payload: str) -> list
 
 
 # --- values: inline or by content hash ------------------------------------------------------
+
+#: A node's commit and the statements to run with it when it is the first: ``(run_id,
+#: record, then)``.
+CommitThen = tuple[str, NodeRecord, Sequence[tuple[str, Any]]]
+
+
+def node_row(
+    run_id: str, record: NodeRecord, seal: Seal
+) -> tuple[tuple[Any, ...], bytes | None, bytes | None]:
+    """``(INSERT_NODE parameters, blob hash, blob data)`` of a node's record."""
+    value, digest, data = split_value(record.value)
+    usage = None if record.usage is None else storable_json(_codec.dumps(record.usage))
+    params = (
+        run_id,
+        record.node_id,
+        value,
+        digest,
+        record.attempts,
+        record.started_at,
+        record.finished_at,
+        record.code,
+        usage,
+        seal.node(run_id, record),
+    )
+    return params, digest, data
 
 
 def split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:

@@ -334,40 +334,39 @@ class SQLiteStore(Store):
         The embedded queue shares this connection and completes its task this way: the
         node's row, the task's removal and its completion become durable together.
         """
+        return self.commit_nodes_then([(run_id, record, then)])[0]
+
+    def commit_nodes_then(self, items: Sequence[schema.CommitThen]) -> list[bool]:
+        """:meth:`commit_node_then` for many ``(run_id, record, then)``, in one transaction
+        (a batch worker's finished tasks): one bool each, in order."""
         db = self._db()
-        value, digest, data = schema.split_value(record.value)
-        usage = None if record.usage is None else schema.storable_json(_codec.dumps(record.usage))
-        params = (
-            run_id,
-            record.node_id,
-            value,
-            digest,
-            record.attempts,
-            record.started_at,
-            record.finished_at,
-            record.code,
-            usage,
-            self.seal.node(run_id, record),
-        )
+        rows = [schema.node_row(run_id, record, self.seal) for run_id, record, _ in items]
+        created: list[bool] = []
         try:
-            # One transaction per node: the row and its blob become durable together.
-            # IMMEDIATE takes the write lock up front, so a concurrent writer makes us wait
-            # (busy_timeout) rather than fail on a lock upgrade.
+            # The rows and their blobs become durable together.  IMMEDIATE takes the
+            # write lock up front, so a concurrent writer makes us wait (busy_timeout)
+            # rather than fail on a lock upgrade.
             db.execute("BEGIN IMMEDIATE")
             try:
-                created = db.execute(schema.INSERT_NODE, params).rowcount == 1
-                if created:
-                    if digest is not None:
-                        db.execute(schema.INSERT_BLOB, (digest, data))
-                    for sql, args in then:
-                        db.execute(sql, args)
+                for (params, digest, data), (_, _, then) in zip(rows, items, strict=True):
+                    created.append(db.execute(schema.INSERT_NODE, params).rowcount == 1)
+                    if created[-1]:
+                        if digest is not None:
+                            db.execute(schema.INSERT_BLOB, (digest, data))
+                        for sql, args in then:
+                            db.execute(sql, args)
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
                 raise
         except sqlite3.Error as exc:
+            run_id, record, _ = items[0]
             raise self._failure(exc, run_id=run_id, node_id=record.node_id) from exc
         return created
+
+    async def commit_nodes(self, records: Sequence[tuple[str, NodeRecord]]) -> list[bool]:
+        await checkpoint_if_cancelled()
+        return self.commit_nodes_then([(run_id, record, ()) for run_id, record in records])
 
     def connection(self) -> sqlite3.Connection:
         """The open connection, for the embedded queue that lives in the same file."""
