@@ -5,9 +5,11 @@ suite)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -112,6 +114,49 @@ async def test_a_keeper_renews_and_hears_of_a_lease_taken_over(tmp_path: Path) -
         assert await keeper.renew() == ["b"]
         assert lost == ["b"]
         assert keeper.held == ["a"]
+    finally:
+        await store.close()
+
+
+class _SlowRenewals(SQLiteStore):
+    """A store whose lease renewals wait at *gate* before they reach the file (a renewal
+    on its way over the network while the run it names ends)."""
+
+    gate: anyio.Event
+    asked: anyio.Event
+
+    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
+        self.asked.set()
+        await self.gate.wait()
+        return await super().renew_leases(owner, run_ids, ttl)
+
+
+async def test_a_run_that_ends_while_its_lease_is_renewed_is_not_lost(tmp_path: Path) -> None:
+    store = _SlowRenewals(tmp_path / "runs.db")
+    store.gate, store.asked = anyio.Event(), anyio.Event()
+    await store.open()
+    try:
+        keeper = LeaseKeeper(store, ttl=30.0)
+        lost: list[str] = []
+        for run_id in ("ended", "again", "kept"):
+            assert await keeper.take(run_id, functools.partial(lost.append, run_id)) is None
+        async with anyio.create_task_group() as tg:
+            answers: list[list[str]] = []
+
+            async def renew() -> None:
+                answers.append(await keeper.renew())
+
+            tg.start_soon(renew)
+            await store.asked.wait()
+            # While the renewal is on its way: one run ends, another ends and is resumed.
+            await keeper.release("ended")
+            await keeper.release("again")
+            assert await keeper.take("again", functools.partial(lost.append, "again")) is None
+            store.gate.set()
+        assert answers == [[]]
+        assert lost == []
+        assert sorted(keeper.held) == ["again", "kept"]
+        assert await keeper.renew() == []
     finally:
         await store.close()
 

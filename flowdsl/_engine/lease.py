@@ -215,6 +215,8 @@ class LeaseKeeper:
         self.every = ttl / 3
         self.owner = str(new_owner())
         self._held: dict[str, Callable[[], None] | None] = {}
+        self._takes = 0  # leases taken so far: which came after a renewal set out
+        self._taken: dict[str, int] = {}
         self._renewed = 0.0  # time.monotonic() of the last renewal
         mark_alive(self.owner, self)
 
@@ -235,11 +237,14 @@ class LeaseKeeper:
             )
         if held is None:
             self._held[run_id] = on_lost
+            self._takes += 1
+            self._taken[run_id] = self._takes
         return held
 
     async def release(self, run_id: str) -> None:
         if run_id in self._held:
             del self._held[run_id]
+            del self._taken[run_id]
             await self.store.release_lease(run_id, self.owner)
 
     async def renew(self) -> list[str]:
@@ -248,10 +253,16 @@ class LeaseKeeper:
         if not self._held or self.local:
             return []
         self._renewed = time.monotonic()
-        lost = await self.store.renew_leases(self.owner, list(self._held), self.ttl)
+        takes = self._takes
+        answer = await self.store.renew_leases(self.owner, list(self._held), self.ttl)
+        # A run that ended while the renewal was on its way released its lease, and the
+        # store finds it gone: that is no loss, nor is it one if the run's lease was taken
+        # again since (a resume in this process).
+        lost = [r for r in answer if r in self._held and self._taken[r] <= takes]
         for run_id in lost:
             log.warning("lost the lease of run %s: another process drives it now", run_id)
-            on_lost = self._held.pop(run_id, None)
+            on_lost = self._held.pop(run_id)
+            del self._taken[run_id]
             if on_lost is not None:
                 on_lost()
         return lost
