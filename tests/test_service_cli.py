@@ -267,3 +267,21 @@ def test_serve_with_a_signing_key_refuses_unsigned_records(
     env["FD_KEY"] = "k" * 32
     done = serve_fails(tmp_path, env, "--signing-key-env", "FD_KEY")
     assert "it is not signed (written by a process without the signing key" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("service_flows", "give MODULE:ATTR"),
+        ("batch_llm_provider:openai", "is not one of the --import modules"),
+        ("service_flows:add", "not an LLM provider"),
+    ],
+)
+def test_serve_llm_must_be_a_provider_of_an_import_module(
+    sqlite_url: str, ref: str, message: str
+) -> None:
+    result = CliRunner().invoke(
+        cli, ["serve", "--store", sqlite_url, "--import", "service_flows", "--llm", ref]
+    )
+    assert result.exit_code != 0
+    assert message in result.output + str(result.exception)

@@ -62,6 +62,8 @@ def test_help_names_the_options() -> None:
         (["--token-env", "FLOWDSL_TEST_NO_SUCH_VAR"], "FLOWDSL_TEST_NO_SUCH_VAR is not set"),
         (["--signing-key-env", "FLOWDSL_TEST_NO_SUCH_VAR"], "FLOWDSL_TEST_NO_SUCH_VAR"),
         (["--old-signing-key-env", "HOME"], "needs --signing-key-env"),
+        (["--llm", "batch_llm_provider"], "give MODULE:ATTR"),
+        (["--llm", "batch_llm_provider:openai"], "is not one of the --import modules"),
     ],
 )
 def test_bad_options_are_usage_errors(sqlite_url: str, args: list[str], message: str) -> None:

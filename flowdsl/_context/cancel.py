@@ -1,4 +1,5 @@
-"""Cancelling a run from any process (``ctx.cancel``, ``flowdsl runs cancel``).
+"""Cancelling a run from any process (``ctx.cancel``, ``run.cancel()``, ``flowdsl runs
+cancel``, the service's ``CancelRun`` and the inspector's cancel for runs they do not drive).
 
 The canceller needs nothing but the store and, for the run's provider batch jobs, the
 provider: the run is marked cancelled, so that nothing resumes it unasked, and the jobs
@@ -18,9 +19,10 @@ from .._records import RunStatus
 __all__ = ["cancel_run", "status_after_failure"]
 
 
-async def cancel_run(store: Any, llm: Any, run_id: str) -> list[str]:
-    """Mark run *run_id* cancelled and cancel its provider batch jobs (those *llm*, a
-    provider, can: its own, that no other run shares); the ids of the jobs cancelled."""
+async def cancel_run(store: Any, llm: Any, run_id: str, *, error: str = "cancelled") -> list[str]:
+    """Mark run *run_id* cancelled (with *error*) and cancel its provider batch jobs (those
+    *llm*, a provider, can: its own, that no other run shares); the ids of the jobs
+    cancelled."""
     record = await store.get_run(run_id)
     if record is None:
         raise FlowError(
@@ -34,7 +36,7 @@ async def cancel_run(store: Any, llm: Any, run_id: str) -> list[str]:
             hint="`flowdsl runs show` shows how it ended",
         )
     if record.status is not RunStatus.CANCELLED:
-        await store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
+        await store.update_run(run_id, status=RunStatus.CANCELLED, error=error)
     cancel_batches = getattr(llm, "cancel_batches", None)
     if cancel_batches is None:
         return []

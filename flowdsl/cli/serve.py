@@ -18,6 +18,7 @@ from .._errors import ConfigError
 from .._urls import hide_credentials
 from .load import add_to_path
 from .main import signing_keys, signing_options
+from .providers import llm_option, provider_of
 
 __all__ = ["serve"]
 
@@ -111,6 +112,7 @@ __all__ = ["serve"]
     type=click.Path(exists=True, file_okay=False),
     help="Add DIR to the import path (repeatable); the current directory always is.",
 )
+@llm_option
 @signing_options
 def serve(
     store: str,
@@ -125,13 +127,16 @@ def serve(
     take_over_every: float,
     workers: int | None,
     paths: tuple[str, ...],
+    llm_ref: str | None,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
 ) -> None:
     """Serve the flows of MODULEs over gRPC (flowdsl.v1.Flows, health, reflection).
 
     The service runs the runs it starts and, when it starts, takes up the runs the store
-    has as running.  Stop it with Ctrl-C or SIGTERM.
+    has as running.  Stop it with Ctrl-C or SIGTERM.  Its runs' LLM provider is --llm
+    MODULE:ATTR, an object of one of the --import modules: cancelling a run (CancelRun)
+    cancels the provider batch jobs that hold only its requests.
 
     \b
     Example:
@@ -151,7 +156,10 @@ def serve(
         raise ConfigError(
             f"flowdsl serve needs grpcio ({exc})", hint="Install it: pip install 'flowdsl[serve]'"
         ) from exc
+    from .worker import _module_of
+
     flows = FlowRegistry.from_modules(imports)
+    llm = provider_of(llm_ref, tuple(_module_of(name) for name in imports))
     options: dict[str, Any] = {
         "store": store,
         "broker": broker,
@@ -162,6 +170,7 @@ def serve(
         "grace": grace,
         "take_over_every": take_over_every,
         "workers": workers,
+        "llm": llm,
         **keys,
     }
     anyio.run(_serve_until_stopped, open_service, flows, options, backend="asyncio")

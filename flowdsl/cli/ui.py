@@ -15,6 +15,7 @@ from .._errors import ConfigError
 from .._urls import hide_credentials
 from .load import add_to_path, module_name_for_file
 from .main import signing_keys, signing_options, store_option
+from .providers import llm_option, provider_of
 from .stores import store_or_default
 
 __all__ = ["parse_listen", "ui"]
@@ -97,6 +98,7 @@ def _import(name: str) -> ModuleType:
     type=click.Path(exists=True, file_okay=False),
     help="Add DIR to the import path (repeatable); the current directory always is.",
 )
+@llm_option
 @signing_options
 def ui(
     store: str | None,
@@ -105,6 +107,7 @@ def ui(
     token_env: str | None,
     imports: tuple[str, ...],
     paths: tuple[str, ...],
+    llm_ref: str | None,
     signing_key_env: str | None,
     old_signing_key_envs: tuple[str, ...],
 ) -> None:
@@ -115,7 +118,8 @@ def ui(
     Runs of the flows in --import modules show their whole graph; other runs show the
     nodes their journal holds (a flow is never imported because a run record names it).
     With --signing-key-env, records are verified with the key and what a resume writes
-    is signed with it (docs/security.md).
+    is signed with it (docs/security.md).  With --llm MODULE:ATTR (a provider object of
+    an --import module), cancelling a run cancels the provider batch jobs only it holds.
 
     \b
     Example:
@@ -149,6 +153,7 @@ def ui(
     for path in paths:
         add_to_path(path)
     modules: list[Any] = [_import(name) for name in imports]
+    llm = provider_of(llm_ref, [module.__name__ for module in modules])
     loopback = is_loopback(host)
     app = create_app(
         store,
@@ -157,6 +162,7 @@ def ui(
         flows=modules,
         # On loopback, answer to loopback names only (a DNS-rebinding page cannot read it).
         allowed_hosts=LOOPBACK_HOSTS if loopback else None,
+        llm=llm,
         **keys,
     )
     shown = f"[{host}]" if ":" in host else host

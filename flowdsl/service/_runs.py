@@ -39,6 +39,7 @@ import attrs
 from .. import _codec
 from .. import events as ev
 from .._context import Context
+from .._context.cancel import cancel_run
 from .._define.dsl import Flow
 from .._engine.lease import (
     DEFAULT_TTL,
@@ -104,9 +105,11 @@ class RunService:
         take_over_every: float | None = 2.0,
         signing_key: Any = None,
         old_signing_keys: Sequence[Any] = (),
+        llm: Any = None,
     ) -> None:
         self.flows = flows
         self.context = Context(
+            llm=llm,  # its runs' provider: cancelling a run cancels the jobs only it holds
             store=store,
             broker=broker,
             batch=broker is not None,
@@ -302,7 +305,7 @@ class RunService:
                     hint="Cancel it through the service that drives it (the replica that "
                     "started or took it up)",
                 )
-            await self.store.update_run(run_id, status=RunStatus.CANCELLED, error="cancelled")
+            await cancel_run(self.store, self.context.llm, run_id)
         log = self._logs.get(run_id)
         if log is not None:
             log.append(ev.RunFailed(run_id, _now(), "cancelled", cancelled=True))

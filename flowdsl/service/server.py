@@ -250,6 +250,7 @@ async def open_service(
     take_over_every: float | None = 2.0,
     signing_key: Any = None,
     old_signing_keys: Sequence[Any] = (),
+    llm: Any = None,
 ) -> AsyncIterator[Serving]:
     """Serve *flows* on *listen* until the block ends.
 
@@ -259,7 +260,9 @@ async def open_service(
     carry.  Every *take_over_every* seconds the service takes up the unfinished runs whose
     driver is gone (``None``: only when it starts).  *signing_key* and *old_signing_keys*
     are the context's (see docs/security.md): the service signs what it writes and refuses
-    records it cannot verify.
+    records it cannot verify.  *llm* is the provider of the runs' steps
+    (``fd.Context(llm=...)``): cancelling a run cancels the provider batch jobs that hold
+    only its requests.
     """
     require_asyncio("the flowdsl service")
     if token is not None and not token:
@@ -273,6 +276,7 @@ async def open_service(
         take_over_every=take_over_every,
         signing_key=signing_key,
         old_signing_keys=old_signing_keys,
+        llm=llm,
     )
     async with runs.running():
         server = aio.server(

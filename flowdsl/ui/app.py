@@ -318,6 +318,7 @@ def create_app(
     scan_limit: int = 2000,
     signing_key: Any = None,
     old_signing_keys: Sequence[Any] = (),
+    llm: Any = None,
 ) -> Starlette:
     """The inspector as an ASGI app over a store (a URL or a store object).
 
@@ -333,6 +334,9 @@ def create_app(
     store's records and sign what a resume writes, as a context's do (docs/security.md).
     Without one, records signed by others are shown unverified, as ``flowdsl runs show``
     shows them, and unsigned ones are checked against their digests.
+
+    *llm* is the provider of the runs' steps (``fd.Context(llm=...)``): cancelling a run
+    from the page cancels the provider batch jobs that hold only its requests.
     """
     store = open_store(store_url_or_store)
     if signing_key is not None or old_signing_keys:
@@ -341,7 +345,7 @@ def create_app(
         store.seal = Seal(trust_signed=True)
     known = collect_flows(flows)
     keys = {"signing_key": signing_key, "old_signing_keys": list(old_signing_keys)}
-    driver = Driver(store, broker, known, keys)
+    driver = Driver(store, broker, known, keys, llm)
     inspector = _Inspector(
         store,
         driver,

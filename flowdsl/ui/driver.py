@@ -12,7 +12,8 @@ the signal and goes on; a run a live process drives takes it there.
 Cancelling a run this process drives (one it resumed) cancels it for real.  A run driven
 by another process, or left ``running`` by one that died, is marked cancelled in the
 store; a live driver elsewhere is not interrupted by that (the store has no channel to
-it), which the reply says.
+it), which the reply says.  Either way, with the inspector's ``llm=`` provider, the
+provider batch jobs that hold only the run's requests are cancelled (``cancel_run``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._context.cancel import cancel_run
 from .._context.context import Context
 from .._define.dsl import Flow
 from .._errors import FlowError, RunBusy
@@ -55,8 +57,10 @@ class Driver:
         broker: str | None,
         flows: Mapping[str, Flow[..., Any]],
         keys: Mapping[str, Any] | None = None,
+        llm: Any = None,
     ) -> None:
         self.store = store
+        self.llm = llm  # the provider whose batch jobs a cancelled run's are
         self.keys = dict(keys or {})  # the context's signing_key= and old_signing_keys=
         self.broker = broker
         self.flows = flows
@@ -108,6 +112,7 @@ class Driver:
             batch=batch,
             broker=self.broker,
             workers=0 if batch else None,
+            llm=self.llm,
             **self.keys,
         )
         if self.keys.get("signing_key") is None:
@@ -193,13 +198,12 @@ class Driver:
             raise ActionError(
                 409, "ended", f"run {run_id!r} has ended ({record.status.value}): nothing to cancel"
             )
-        await self.store.update_run(
-            run_id, status=RunStatus.CANCELLED, error="cancelled from the inspector"
-        )
+        jobs = await cancel_run(self.store, self.llm, run_id, error="cancelled from the inspector")
         return {
             "run_id": run_id,
             "cancelled": True,
             "driven_here": False,
+            "batch_jobs_cancelled": jobs,
             "note": "marked cancelled in the store; a process that still drives this run "
             "elsewhere is not interrupted by it",
         }
