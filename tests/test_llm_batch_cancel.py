@@ -1,5 +1,5 @@
 """Cancelling a run with provider batch jobs through each entry point: the run handle
-(``run.cancel()``), the service's ``CancelRun`` and the inspector's cancel.
+(``ctx.cancel``), the service's ``CancelRun`` and the inspector's cancel.
 
 Each cancels, at the local test server, the job that holds only the cancelled run's
 requests, and leaves a job another run shares; all go through ``cancel_run`` and the
@@ -40,10 +40,10 @@ async def stored_status(ctx: fd.Context, run_id: str) -> RunStatus:
     return record.status
 
 
-# --- run.cancel() ---------------------------------------------------------------------------
+# --- ctx.cancel() ---------------------------------------------------------------------------
 
 
-async def test_run_cancel_cancels_the_job_that_holds_only_its_requests(
+async def test_ctx_cancel_of_a_run_it_started_cancels_the_job_that_holds_only_its_requests(
     make: Make, server: LLMServer, sqlite_url: str
 ) -> None:
     llm = make(max_requests=1)
@@ -51,7 +51,7 @@ async def test_run_cancel_cancels_the_job_that_holds_only_its_requests(
         run = await ctx.start(ask_flow, "q", run_id="doomed")
         (job,) = await jobs(server, 1)
         await until(lambda: running_jobs(ctx) == [job.id])
-        assert await run.cancel() == [job.id]
+        assert await ctx.cancel(run.run_id) == [job.id]
         assert server.batches.cancelled == [job.id]
         # Its step sees the job end, and fails rather than sending it again.
         with anyio.fail_after(20), pytest.raises(fd.StepFailed, match="cancelled"):
@@ -60,7 +60,7 @@ async def test_run_cancel_cancels_the_job_that_holds_only_its_requests(
     assert server.batches.submitted == [job.custom_ids[0]]
 
 
-async def test_run_cancel_leaves_a_job_that_other_runs_share(
+async def test_ctx_cancel_of_a_run_it_started_leaves_a_job_that_other_runs_share(
     make: Make, server: LLMServer, sqlite_url: str
 ) -> None:
     llm = make(max_requests=2)
@@ -69,7 +69,7 @@ async def test_run_cancel_leaves_a_job_that_other_runs_share(
         doomed = await ctx.start(ask_flow, "q", run_id="doomed")
         (job,) = await jobs(server, 1)
         await until(lambda: running_jobs(ctx) == [job.id])
-        assert await doomed.cancel() == []
+        assert await ctx.cancel(doomed.run_id) == []
         assert server.batches.cancelled == []
         assert await stored_status(ctx, "doomed") is RunStatus.CANCELLED
         server.batches.finish(job.id)

@@ -1,4 +1,4 @@
-"""Cancelling a run from any process (``ctx.cancel``, ``run.cancel()``, ``flowdsl runs
+"""Cancelling a run from any process (``ctx.cancel``, ``flowdsl runs
 cancel``, the service's ``CancelRun`` and the inspector's cancel for runs they do not drive).
 
 The canceller needs nothing but the store and, for the run's provider batch jobs, the

@@ -131,13 +131,6 @@ class Run:
             raise self._error
         return self._result
 
-    async def cancel(self) -> list[str]:
-        """Cancel the run and the provider batch jobs that hold only its requests, as
-        ``ctx.cancel(run.run_id)`` does (one path, ``cancel.py``); the ids of those jobs.
-
-        Its steps waiting on those jobs fail, and the run ends cancelled."""
-        return await self.context.cancel(self.run_id)
-
     async def events(self) -> AsyncIterator[Any]:
         """Every event of the run, from its start, until it ends (or is left waiting)."""
         history = list(self._history or ())
