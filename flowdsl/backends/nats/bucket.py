@@ -146,30 +146,39 @@ class Bucket:
 
     async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""
+        return await self.create_at(key, value, what, run_id) is not None
+
+    async def create_at(self, key: str, value: bytes, what: str, run_id: str) -> int | None:
+        """KV create: the revision written, or None when the key existed."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         kv = self.kv
 
-        async def op() -> bool:
+        async def op() -> int | None:
             try:
-                await kv.create(key, value)
+                return int(await kv.create(key, value))
             except KeyWrongLastSequenceError:
-                return False
-            return True
+                return None
 
         return await self.link.call(what, op, run_id=run_id)
 
     async def update(self, key: str, value: bytes, last: int, what: str, run_id: str) -> bool:
+        return await self.update_at(key, value, last, what, run_id) is not None
+
+    async def update_at(
+        self, key: str, value: bytes, last: int, what: str, run_id: str
+    ) -> int | None:
+        """KV update against revision *last*: the revision written, or None when the key
+        is at another revision."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         kv = self.kv
 
-        async def op() -> bool:
+        async def op() -> int | None:
             try:
-                await kv.update(key, value, last=last)
+                return int(await kv.update(key, value, last=last))
             except KeyWrongLastSequenceError:
-                return False
-            return True
+                return None
 
         return await self.link.call(what, op, run_id=run_id)
 

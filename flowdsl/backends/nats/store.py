@@ -104,6 +104,9 @@ class NATSStore(Store):
         self._kv: Bucket | None = None
         self.ttl = self.options.ttl
         self._pruned_at = 0.0
+        # The lease of each run this store took, as (owner, revision) at its last write:
+        # renewing and releasing go against that revision, without reading it first.
+        self._leases: dict[str, tuple[str, int]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> NATSStore:
@@ -429,20 +432,27 @@ class NATSStore(Store):
     ) -> Lease | None:
         await checkpoint_if_cancelled()
         key = lease_key(run_id)
-        while True:
+        # Most leases are of new runs: create first, read only when one is there.
+        revision = await self._bucket.create_at(
+            key, self._lease(owner, ttl), "take a run's lease", run_id
+        )
+        while revision is None:
             now = time.time()
-            mine = dump_json({"owner": owner, "expires_at": now + ttl})
             got = await self._bucket.get(key, "read a run's lease", run_id)
             if got is None:
-                if await self._bucket.create(key, mine, "take a run's lease", run_id):
-                    return None
-                continue  # another took it meanwhile: look again
+                revision = await self._bucket.create_at(
+                    key, self._lease(owner, ttl), "take a run's lease", run_id
+                )
+                continue  # None: another took it meanwhile, look again
             held = self._decode_lease(run_id, got[0])
             if held.owner not in (owner, replacing) and held.expires_at > now:
                 return held
             # Against the revision read: of two takers, one wins, the other looks again.
-            if await self._bucket.update(key, mine, got[1], "take a run's lease", run_id):
-                return None
+            revision = await self._bucket.update_at(
+                key, self._lease(owner, ttl), got[1], "take a run's lease", run_id
+            )
+        self._leases[run_id] = (owner, revision)
+        return None
 
     async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
         await checkpoint_if_cancelled()
@@ -452,13 +462,27 @@ class NATSStore(Store):
         async def renew(run_id: str) -> None:
             key = lease_key(run_id)
             try:
+                known = self._leases.get(run_id)
+                if known is not None and known[0] == owner:
+                    # Against the revision this store wrote: if it still stands, the lease
+                    # is still ours, and one request renews it.
+                    revision = await self._bucket.update_at(
+                        key, self._lease(owner, ttl), known[1], "renew a lease", run_id
+                    )
+                    if revision is not None:
+                        self._leases[run_id] = (owner, revision)
+                        return
                 while True:
                     got = await self._bucket.get(key, "read a run's lease", run_id)
                     if got is None or self._decode_lease(run_id, got[0]).owner != owner:
+                        self._leases.pop(run_id, None)
                         lost.append(run_id)
                         return
-                    mine = dump_json({"owner": owner, "expires_at": time.time() + ttl})
-                    if await self._bucket.update(key, mine, got[1], "renew a lease", run_id):
+                    revision = await self._bucket.update_at(
+                        key, self._lease(owner, ttl), got[1], "renew a lease", run_id
+                    )
+                    if revision is not None:
+                        self._leases[run_id] = (owner, revision)
                         return
             except Exception as exc:  # raised below as itself, not in a group
                 failed.append(exc)
@@ -473,10 +497,22 @@ class NATSStore(Store):
     async def release_lease(self, run_id: str, owner: str) -> None:
         await checkpoint_if_cancelled()
         key = lease_key(run_id)
+        known = self._leases.pop(run_id, None)
+        # Only at the revision this store wrote: a lease taken over meanwhile stays.
+        if (
+            known is not None
+            and known[0] == owner
+            and await self._bucket.delete(key, "release a run's lease", run_id, last=known[1])
+        ):
+            return
         got = await self._bucket.get(key, "read a run's lease", run_id)
         if got is not None and self._decode_lease(run_id, got[0]).owner == owner:
             # Only the revision read: a lease taken over meanwhile stays with its taker.
             await self._bucket.delete(key, "release a run's lease", run_id, last=got[1])
+
+    @staticmethod
+    def _lease(owner: str, ttl: float) -> bytes:
+        return dump_json({"owner": owner, "expires_at": time.time() + ttl})
 
     def _decode_lease(self, run_id: str, data: bytes) -> Lease:
         try:
