@@ -58,7 +58,7 @@ from ..._errors import CheckpointError, ConfigError
 from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED
-from ..base import Store
+from ..base import ExpectedNodes, Store
 from .bucket import Bucket
 from .keys import (
     Malformed,
@@ -390,7 +390,7 @@ class NATSStore(Store):
         return records
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
@@ -398,9 +398,11 @@ class NATSStore(Store):
         # KV has no multi-get: the reads are pipelined, one round trip in all.
         values = await self._bucket.get_many(names, "read nodes", pairs[0][0] if pairs else None)
         found: dict[tuple[str, str], NodeRecord] = {}
+        want = expected or {}
         for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
             if value is not None:
-                found[run_id, node_id] = await self._decode_node(run_id, name, value)
+                record = want.get((run_id, node_id))
+                found[run_id, node_id] = await self._decode_node(run_id, name, value, record)
         return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
@@ -411,7 +413,9 @@ class NATSStore(Store):
                     self._bucket.delete, node_key(run_id, node_id), "forget a node", run_id
                 )
 
-    async def _decode_node(self, run_id: str, key: str, data: bytes) -> NodeRecord:
+    async def _decode_node(
+        self, run_id: str, key: str, data: bytes, expected: NodeRecord | None = None
+    ) -> NodeRecord:
         node_id: str | None = None
         try:
             node_id = id_of(key, "node")
@@ -421,7 +425,7 @@ class NATSStore(Store):
             if fields.get("node_id") != node_id:
                 raise Malformed(f"the record under this node's key names {fields.get('node_id')!r}")
             fields["value"] = await self._bucket.unpack(fields.get("value"), "value", run_id)
-            return v.node_record(run_id, node_id, fields, self.seal)
+            return v.node_record(run_id, node_id, fields, self.seal, expected=expected)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
 

@@ -37,7 +37,7 @@ from ..._errors import CheckpointError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED, parse_ttl
-from ..base import Store
+from ..base import ExpectedNodes, Store
 from .keys import (
     INLINE_MAX,
     Layout,
@@ -405,7 +405,9 @@ class RedisStore(RedisLeases, Store):
             return None
         return await self.node_from_raw(run_id, node_id, raw)
 
-    async def node_from_raw(self, run_id: str, node_id: str, raw: object) -> NodeRecord:
+    async def node_from_raw(
+        self, run_id: str, node_id: str, raw: object, expected: NodeRecord | None = None
+    ) -> NodeRecord:
         """A stored record (as HGET returned it) read back and checked."""
         try:
             data = parse_node(raw)
@@ -417,18 +419,17 @@ class RedisStore(RedisLeases, Store):
             blob_key = self.layout.blob(data["blob"])
             blob = await self._link.call(f"reading run {run_id!r}", lambda: client.get(blob_key))
         try:
-            return node_from_fields(run_id, node_id, data, blob, self.seal)
+            return node_from_fields(run_id, node_id, data, blob, self.seal, expected)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id, str(exc)) from None
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         pairs = list(dict.fromkeys(keys))
         if not pairs:
             return {}
         client = self._client()
-
         by_run: dict[str, list[str]] = {}
         for run_id, node_id in pairs:
             by_run.setdefault(run_id, []).append(node_id)
@@ -442,11 +443,12 @@ class RedisStore(RedisLeases, Store):
             return [raw for raws in await pipe.execute() for raw in raws]
 
         raws = await self._link.call("reading node records", read_all)
-        found: dict[tuple[str, str], NodeRecord] = {}
-        for (run_id, node_id), raw in zip(pairs, raws, strict=True):
-            if raw is not None:
-                found[run_id, node_id] = await self.node_from_raw(run_id, node_id, raw)
-        return found
+        want = expected or {}
+        return {
+            key: await self.node_from_raw(*key, raw, want.get(key))
+            for key, raw in zip(pairs, raws, strict=True)
+            if raw is not None
+        }
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         if not node_ids:
