@@ -463,19 +463,20 @@ class NATSStore(Store):
         lost: list[str] = []
         failed: list[Exception] = []
 
+        # Against the revision this store wrote, all in one pipeline: where it still stands,
+        # the lease is still ours; the others are read first, one by one.
+        wanted = list(dict.fromkeys(run_ids))
+        known = [(r, self._leases.get(r)) for r in wanted]
+        fast = [(r, k[1]) for r, k in known if k is not None and k[0] == owner]
+        revisions = await self._bucket.update_many(
+            [(lease_key(r), self._lease(owner, ttl), last) for r, last in fast], "renew leases"
+        )
+        renewed = {r: (owner, rev) for (r, _), rev in zip(fast, revisions, strict=True) if rev}
+        self._leases.update(renewed)
+
         async def renew(run_id: str) -> None:
             key = lease_key(run_id)
             try:
-                known = self._leases.get(run_id)
-                if known is not None and known[0] == owner:
-                    # Against the revision this store wrote: if it still stands, the lease
-                    # is still ours, and one request renews it.
-                    revision = await self._bucket.update_at(
-                        key, self._lease(owner, ttl), known[1], "renew a lease", run_id
-                    )
-                    if revision is not None:
-                        self._leases[run_id] = (owner, revision)
-                        return
                 while True:
                     got = await self._bucket.get(key, "read a run's lease", run_id)
                     if got is None or self._decode_lease(run_id, got[0]).owner != owner:
@@ -492,8 +493,9 @@ class NATSStore(Store):
                 failed.append(exc)
 
         async with anyio.create_task_group() as tg:
-            for run_id in dict.fromkeys(run_ids):
-                tg.start_soon(renew, run_id)
+            for run_id in wanted:
+                if run_id not in renewed:
+                    tg.start_soon(renew, run_id)
         if failed:
             raise failed[0]
         return [run_id for run_id in run_ids if run_id in lost]
