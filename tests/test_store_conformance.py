@@ -294,7 +294,6 @@ async def test_lookup_nodes_reads_committed_records_of_several_runs(store: Store
     assert set(await store.lookup_nodes(many)) == {("r2", "a")}
 
 
-
 async def test_lookup_nodes_takes_an_expected_record_only_when_the_journal_holds_it(
     store: Store,
 ) -> None:
