@@ -294,6 +294,23 @@ async def test_lookup_nodes_reads_committed_records_of_several_runs(store: Store
     assert set(await store.lookup_nodes(many)) == {("r2", "a")}
 
 
+async def test_lookup_nodes_takes_an_expected_record_only_when_the_journal_holds_it(
+    store: Store,
+) -> None:
+    await store.create_run(run_record("r1"))
+    await store.commit_node("r1", node_record("a", "x"))
+    await store.commit_node("r1", node_record("b", LARGE))
+    same = node_record("a", "x")
+    other = attrs.evolve(node_record("b", LARGE), value=_codec.dumps("forged"))
+    found = await store.lookup_nodes(
+        [("r1", "a"), ("r1", "b"), ("r1", "c")],
+        expected={("r1", "a"): same, ("r1", "b"): other, ("r1", "c"): node_record("c", "z")},
+    )
+    # What the journal holds, whatever was expected: a differing or missing record is
+    # never taken from the expectation.
+    assert found == {("r1", "a"): same, ("r1", "b"): node_record("b", LARGE)}
+
+
 # --- the run lease ---------------------------------------------------------------------------
 
 TTL = 30.0  # long enough never to run out during a test that does not want it to

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar
 
 from .._errors import CheckpointError
@@ -56,7 +56,11 @@ from .._integrity import UNKEYED, Invalid, Seal
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
 from .messages import Claimed, Finished
 
-__all__ = ["Broker", "Store"]
+__all__ = ["Broker", "ExpectedNodes", "Store"]
+
+#: What :meth:`Store.lookup_nodes` may be told to expect: ``(run_id, node_id)`` to the
+#: record a verified message (a sealed completion) says was committed.
+ExpectedNodes = Mapping[tuple[str, str], NodeRecord] | None
 
 # The signal name a run's provider batch jobs are listed under: not an identifier, so no
 # fd.wait_for name (always one) can meet it.
@@ -141,11 +145,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         """The committed records among *keys* (``(run_id, node_id)`` pairs), read in one
         round trip where the store can: what a batch worker checks before it runs the
-        tasks it has just claimed."""
+        tasks it has just claimed.  *expected* holds records verified messages say were
+        committed: a stored one identical to its expected record may be taken without
+        verifying its check again."""
 
     @abc.abstractmethod
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import attrs
 
 from .._records import Lease, NodeRecord, RunRecord, RunStatus
-from .base import Store
+from .base import ExpectedNodes, Store
 
 __all__ = ["MemoryStore"]
 
@@ -114,7 +114,7 @@ class MemoryStore(Store):
         return dict(self._nodes.get(run_id, {}))
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         found = {}
         for run_id, node_id in keys:

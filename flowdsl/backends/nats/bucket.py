@@ -144,32 +144,69 @@ class Bucket:
         )
         return [r is None for r in results]
 
+    async def update_many(self, items: list[tuple[str, bytes, int]], what: str) -> list[int | None]:
+        """KV update of each ``(key, value, last)`` against revision *last*, pipelined (one
+        round trip for the lot): the revision written for each, None where the key is at
+        another revision."""
+        if not items:
+            return []
+        if self._publisher is None:
+            self._publisher = Publisher(self.link)
+        publisher = self._publisher
+        messages = [
+            (self._key_prefix + key, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+            for key, value, last in items
+        ]
+        timeout = self.link.url.options.timeout
+
+        async def op() -> tuple[list[Refused | None], list[int]]:
+            sequences: list[int] = []
+            with anyio.fail_after(timeout):
+                return await publisher.publish(messages, sequences), sequences
+
+        results, sequences = await self.link.call(what, op)
+        raise_refused(
+            [r for r in results if r is not None and r.err_code not in _WRONG_LAST],
+            what,
+            self.link.url.shown,
+        )
+        return [seq if r is None else None for r, seq in zip(results, sequences, strict=True)]
+
     async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""
+        return await self.create_at(key, value, what, run_id) is not None
+
+    async def create_at(self, key: str, value: bytes, what: str, run_id: str) -> int | None:
+        """KV create: the revision written, or None when the key existed."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         kv = self.kv
 
-        async def op() -> bool:
+        async def op() -> int | None:
             try:
-                await kv.create(key, value)
+                return int(await kv.create(key, value))
             except KeyWrongLastSequenceError:
-                return False
-            return True
+                return None
 
         return await self.link.call(what, op, run_id=run_id)
 
     async def update(self, key: str, value: bytes, last: int, what: str, run_id: str) -> bool:
+        return await self.update_at(key, value, last, what, run_id) is not None
+
+    async def update_at(
+        self, key: str, value: bytes, last: int, what: str, run_id: str
+    ) -> int | None:
+        """KV update against revision *last*: the revision written, or None when the key
+        is at another revision."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         kv = self.kv
 
-        async def op() -> bool:
+        async def op() -> int | None:
             try:
-                await kv.update(key, value, last=last)
+                return int(await kv.update(key, value, last=last))
             except KeyWrongLastSequenceError:
-                return False
-            return True
+                return None
 
         return await self.link.call(what, op, run_id=run_id)
 

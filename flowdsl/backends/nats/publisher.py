@@ -42,8 +42,15 @@ class Publisher:
         self._generation = -1
         self._numbers = itertools.count()
         self._pending: dict[str, asyncio.Future[Refused | None]] = {}
+        self._seqs: dict[str, int] = {}  # a stored message's stream sequence, until taken
 
-    async def publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> list[Any]:
+    async def publish(
+        self,
+        messages: list[tuple[str, bytes, dict[str, str]]],
+        sequences: list[int] | None = None,
+    ) -> list[Any]:
+        """A refusal or None for each message, in order; *sequences*, if given, gets each
+        stored message's stream sequence (0 for a refused one)."""
         if self._sub is None or self._generation != self._link.generation:
             await self._subscribe()
         nc = self._link.nc
@@ -56,9 +63,12 @@ class Publisher:
                 tokens.append(token)
                 await nc.publish(subject, data, reply=self._prefix + token, headers=headers)
             results = [await self._pending[token] for token in tokens]
+            if sequences is not None:
+                sequences += [self._seqs.get(token, 0) for token in tokens]
         finally:
             for token in tokens:
                 self._pending.pop(token, None)
+                self._seqs.pop(token, None)
         away = next((r for r in results if r is not None and _is_away(r)), None)
         if away is not None:
             import nats.js.errors as je
@@ -88,6 +98,7 @@ class Publisher:
             reply = json.loads(msg.data)
             error = reply.get("error") if isinstance(reply, dict) else None
             if error is None:
+                self._seqs[msg.subject[len(self._prefix) :]] = int(reply.get("seq", 0))
                 future.set_result(None)
             else:
                 future.set_result(

@@ -58,7 +58,7 @@ from ..._errors import CheckpointError, ConfigError
 from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED
-from ..base import Store
+from ..base import ExpectedNodes, Store
 from .bucket import Bucket
 from .keys import (
     Malformed,
@@ -104,6 +104,9 @@ class NATSStore(Store):
         self._kv: Bucket | None = None
         self.ttl = self.options.ttl
         self._pruned_at = 0.0
+        # The lease of each run this store took, as (owner, revision) at its last write:
+        # renewing and releasing go against that revision, without reading it first.
+        self._leases: dict[str, tuple[str, int]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> NATSStore:
@@ -387,7 +390,7 @@ class NATSStore(Store):
         return records
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
@@ -395,9 +398,11 @@ class NATSStore(Store):
         # KV has no multi-get: the reads are pipelined, one round trip in all.
         values = await self._bucket.get_many(names, "read nodes", pairs[0][0] if pairs else None)
         found: dict[tuple[str, str], NodeRecord] = {}
+        want = expected or {}
         for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
             if value is not None:
-                found[run_id, node_id] = await self._decode_node(run_id, name, value)
+                record = want.get((run_id, node_id))
+                found[run_id, node_id] = await self._decode_node(run_id, name, value, record)
         return found
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
@@ -408,7 +413,9 @@ class NATSStore(Store):
                     self._bucket.delete, node_key(run_id, node_id), "forget a node", run_id
                 )
 
-    async def _decode_node(self, run_id: str, key: str, data: bytes) -> NodeRecord:
+    async def _decode_node(
+        self, run_id: str, key: str, data: bytes, expected: NodeRecord | None = None
+    ) -> NodeRecord:
         node_id: str | None = None
         try:
             node_id = id_of(key, "node")
@@ -418,7 +425,7 @@ class NATSStore(Store):
             if fields.get("node_id") != node_id:
                 raise Malformed(f"the record under this node's key names {fields.get('node_id')!r}")
             fields["value"] = await self._bucket.unpack(fields.get("value"), "value", run_id)
-            return v.node_record(run_id, node_id, fields, self.seal)
+            return v.node_record(run_id, node_id, fields, self.seal, expected=expected)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
 
@@ -429,25 +436,43 @@ class NATSStore(Store):
     ) -> Lease | None:
         await checkpoint_if_cancelled()
         key = lease_key(run_id)
-        while True:
+        # Most leases are of new runs: create first, read only when one is there.
+        revision = await self._bucket.create_at(
+            key, self._lease(owner, ttl), "take a run's lease", run_id
+        )
+        while revision is None:
             now = time.time()
-            mine = dump_json({"owner": owner, "expires_at": now + ttl})
             got = await self._bucket.get(key, "read a run's lease", run_id)
             if got is None:
-                if await self._bucket.create(key, mine, "take a run's lease", run_id):
-                    return None
-                continue  # another took it meanwhile: look again
+                revision = await self._bucket.create_at(
+                    key, self._lease(owner, ttl), "take a run's lease", run_id
+                )
+                continue  # None: another took it meanwhile, look again
             held = self._decode_lease(run_id, got[0])
             if held.owner not in (owner, replacing) and held.expires_at > now:
                 return held
             # Against the revision read: of two takers, one wins, the other looks again.
-            if await self._bucket.update(key, mine, got[1], "take a run's lease", run_id):
-                return None
+            revision = await self._bucket.update_at(
+                key, self._lease(owner, ttl), got[1], "take a run's lease", run_id
+            )
+        self._leases[run_id] = (owner, revision)
+        return None
 
     async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
         await checkpoint_if_cancelled()
         lost: list[str] = []
         failed: list[Exception] = []
+
+        # Against the revision this store wrote, all in one pipeline: where it still stands,
+        # the lease is still ours; the others are read first, one by one.
+        wanted = list(dict.fromkeys(run_ids))
+        known = [(r, self._leases.get(r)) for r in wanted]
+        fast = [(r, k[1]) for r, k in known if k is not None and k[0] == owner]
+        revisions = await self._bucket.update_many(
+            [(lease_key(r), self._lease(owner, ttl), last) for r, last in fast], "renew leases"
+        )
+        renewed = {r: (owner, rev) for (r, _), rev in zip(fast, revisions, strict=True) if rev}
+        self._leases.update(renewed)
 
         async def renew(run_id: str) -> None:
             key = lease_key(run_id)
@@ -455,17 +480,22 @@ class NATSStore(Store):
                 while True:
                     got = await self._bucket.get(key, "read a run's lease", run_id)
                     if got is None or self._decode_lease(run_id, got[0]).owner != owner:
+                        self._leases.pop(run_id, None)
                         lost.append(run_id)
                         return
-                    mine = dump_json({"owner": owner, "expires_at": time.time() + ttl})
-                    if await self._bucket.update(key, mine, got[1], "renew a lease", run_id):
+                    revision = await self._bucket.update_at(
+                        key, self._lease(owner, ttl), got[1], "renew a lease", run_id
+                    )
+                    if revision is not None:
+                        self._leases[run_id] = (owner, revision)
                         return
             except Exception as exc:  # raised below as itself, not in a group
                 failed.append(exc)
 
         async with anyio.create_task_group() as tg:
-            for run_id in dict.fromkeys(run_ids):
-                tg.start_soon(renew, run_id)
+            for run_id in wanted:
+                if run_id not in renewed:
+                    tg.start_soon(renew, run_id)
         if failed:
             raise failed[0]
         return [run_id for run_id in run_ids if run_id in lost]
@@ -473,10 +503,22 @@ class NATSStore(Store):
     async def release_lease(self, run_id: str, owner: str) -> None:
         await checkpoint_if_cancelled()
         key = lease_key(run_id)
+        known = self._leases.pop(run_id, None)
+        # Only at the revision this store wrote: a lease taken over meanwhile stays.
+        if (
+            known is not None
+            and known[0] == owner
+            and await self._bucket.delete(key, "release a run's lease", run_id, last=known[1])
+        ):
+            return
         got = await self._bucket.get(key, "read a run's lease", run_id)
         if got is not None and self._decode_lease(run_id, got[0]).owner == owner:
             # Only the revision read: a lease taken over meanwhile stays with its taker.
             await self._bucket.delete(key, "release a run's lease", run_id, last=got[1])
+
+    @staticmethod
+    def _lease(owner: str, ttl: float) -> bytes:
+        return dump_json({"owner": owner, "expires_at": time.time() + ttl})
 
     def _decode_lease(self, run_id: str, data: bytes) -> Lease:
         try:

@@ -1,17 +1,21 @@
-"""The Redis broker's batch finishing: many tasks completed, dead-lettered or committed
-and completed in one script (``scripts.FINISH_MANY``), one round trip for the lot."""
+"""Batches on Redis: the broker's batch finishing (many tasks completed, dead-lettered or
+committed and completed in one script, ``scripts.FINISH_MANY``), and the store's script
+calls made in one tick of the loop sent in one pipeline (:class:`ScriptBatcher`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from ..._integrity import Seal
 from ..messages import Finished
 from .keys import Layout, encode_node, queued_field, to_bytes
 
-__all__ = ["finish_many_call"]
+__all__ = ["ScriptBatcher", "finish_many_call", "see_through"]
+
+T = TypeVar("T")
 
 
 def finish_many_call(
@@ -44,3 +48,79 @@ def finish_many_call(
         elif item.dead is not None:
             args += [to_bytes(item.run_id), to_bytes(item.node_id), to_bytes(item.dead)]
     return keys, args
+
+
+class ScriptBatcher:
+    """Script calls made in the same tick of the loop, sent in one pipeline.
+
+    A client drives a thousand runs at once: their runs are created, their leases taken
+    and released, their states written by as many concurrent calls, each a round trip of
+    its own on a connection of its own.  The first call of a tick schedules one send for
+    the next; the calls made meanwhile join it.  Each caller gets its own reply, or its
+    own error; when the send as a whole fails (the server is away), every caller gets
+    that error and retries alone, as it would have without the batch.  The send runs in a
+    task of its own: a caller cancelled meanwhile does not take the others' calls with it.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The reply of *script* run with *keys* and *args*, sent with this tick's."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._send)
+        self._pending.append((script, keys, args, future))
+        return future
+
+    def _send(self) -> None:
+        calls, self._pending = self._pending, []
+        calls = [call for call in calls if not call[3].done()]  # drop the cancelled
+        if calls:
+            task = asyncio.get_running_loop().create_task(self._execute(calls))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _execute(
+        self, calls: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            if len(calls) == 1:
+                script, keys, args, _ = calls[0]
+                replies = [await script(keys=keys, args=args)]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for script, keys, args, _ in calls:
+                    await script(keys=keys, args=args, client=pipe)  # queues it
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_, future in calls:
+                if not future.done():
+                    future.set_exception(
+                        exc if isinstance(exc, Exception) else ConnectionError(str(exc))
+                    )
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), reply in zip(calls, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+async def see_through(work: Awaitable[T]) -> T:
+    """The result of *work*, run to its end whatever cancellations this task receives
+    meanwhile (the caller re-raises the one it is handling)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()

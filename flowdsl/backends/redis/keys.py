@@ -141,12 +141,17 @@ def is_digest(value: object) -> bool:
 
 
 def node_from_fields(
-    run_id: str, node_id: str, data: Mapping[str, Any], blob: object, seal: Seal
+    run_id: str,
+    node_id: str,
+    data: Mapping[str, Any],
+    blob: object,
+    seal: Seal,
+    expected: NodeRecord | None = None,
 ) -> NodeRecord:
     """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked
-    (its integrity check under *seal* included)."""
+    (its integrity check under *seal* included; see ``node_record``'s *expected*)."""
     value = data["value"] if "value" in data else blob_text(data["blob"], blob)
-    return node_record(run_id, node_id, {**data, "value": value}, seal)
+    return node_record(run_id, node_id, {**data, "value": value}, seal, expected=expected)
 
 
 def blob_text(digest: str, blob: object) -> str:

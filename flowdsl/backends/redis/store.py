@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from anyio.lowlevel import checkpoint_if_cancelled
 
@@ -37,7 +37,8 @@ from ..._errors import CheckpointError
 from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED, parse_ttl
-from ..base import Store
+from ..base import ExpectedNodes, Store
+from .batches import ScriptBatcher, see_through
 from .keys import (
     INLINE_MAX,
     Layout,
@@ -67,7 +68,6 @@ from .scripts import (
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisStore"]
 
-T = TypeVar("T")
 
 _RUN_FIELDS: Final = frozenset(
     {
@@ -121,6 +121,7 @@ class RedisStore(RedisLeases, Store):
         self.layout = Layout(self.prefix)
         self.url = self._link.url.shown
         self._scripts: dict[str, Any] = {}
+        self._batcher: ScriptBatcher | None = None
         self.ttl = parse_ttl(self._link.url.query_ttl if ttl is None else ttl, self.url)
         self._pruned_at = 0.0
 
@@ -137,7 +138,7 @@ class RedisStore(RedisLeases, Store):
         store.prefix = prefix
         store.layout = Layout(prefix)
         store.url = link.url.shown
-        store._scripts = {}
+        store._scripts, store._batcher = {}, None
         store.ttl = None
         store._pruned_at = 0.0
         return store
@@ -181,9 +182,14 @@ class RedisStore(RedisLeases, Store):
         return self._link.require("store")
 
     async def _script(self, name: str, what: str, keys: list[str], args: list[Any]) -> Any:
-        self._client()
-        script = self._scripts[name]
-        return await self._link.call(what, lambda: script(keys=keys, args=args))
+        client, script = self._client(), self._scripts[name]
+        if self._batcher is None or self._batcher.client is not client:
+            self._batcher = ScriptBatcher(client)
+        # Sent with the calls of the same tick; a retry (the server was away) goes alone.
+        first: list[Awaitable[Any]] = [self._batcher.call(script, keys, args)]
+        return await self._link.call(
+            what, lambda: first.pop() if first else script(keys=keys, args=args)
+        )
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -346,8 +352,8 @@ class RedisStore(RedisLeases, Store):
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
-            if await _see_through(write):
-                await _see_through(self.forget_nodes(run_id, [record.node_id]))
+            if await see_through(write):
+                await see_through(self.forget_nodes(run_id, [record.node_id]))
             raise
 
     async def _commit_node(self, run_id: str, record: NodeRecord) -> bool:
@@ -405,7 +411,9 @@ class RedisStore(RedisLeases, Store):
             return None
         return await self.node_from_raw(run_id, node_id, raw)
 
-    async def node_from_raw(self, run_id: str, node_id: str, raw: object) -> NodeRecord:
+    async def node_from_raw(
+        self, run_id: str, node_id: str, raw: object, expected: NodeRecord | None = None
+    ) -> NodeRecord:
         """A stored record (as HGET returned it) read back and checked."""
         try:
             data = parse_node(raw)
@@ -417,18 +425,17 @@ class RedisStore(RedisLeases, Store):
             blob_key = self.layout.blob(data["blob"])
             blob = await self._link.call(f"reading run {run_id!r}", lambda: client.get(blob_key))
         try:
-            return node_from_fields(run_id, node_id, data, blob, self.seal)
+            return node_from_fields(run_id, node_id, data, blob, self.seal, expected)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id, str(exc)) from None
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         pairs = list(dict.fromkeys(keys))
         if not pairs:
             return {}
         client = self._client()
-
         by_run: dict[str, list[str]] = {}
         for run_id, node_id in pairs:
             by_run.setdefault(run_id, []).append(node_id)
@@ -442,11 +449,12 @@ class RedisStore(RedisLeases, Store):
             return [raw for raws in await pipe.execute() for raw in raws]
 
         raws = await self._link.call("reading node records", read_all)
-        found: dict[tuple[str, str], NodeRecord] = {}
-        for (run_id, node_id), raw in zip(pairs, raws, strict=True):
-            if raw is not None:
-                found[run_id, node_id] = await self.node_from_raw(run_id, node_id, raw)
-        return found
+        want = expected or {}
+        return {
+            key: await self.node_from_raw(*key, raw, want.get(key))
+            for key, raw in zip(pairs, raws, strict=True)
+            if raw is not None
+        }
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         if not node_ids:
@@ -554,18 +562,6 @@ class RedisStore(RedisLeases, Store):
             return v.check_json(from_bytes(raw, "the signal"), "the signal")
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
-
-
-async def _see_through(work: Awaitable[T]) -> T:
-    """The result of *work*, run to its end whatever cancellations this task receives
-    meanwhile (the caller re-raises the one it is handling)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                return task.result()
 
 
 def _run_fields(record: RunRecord) -> dict[str, bytes]:

@@ -161,10 +161,13 @@ SELECT_NODES: Final = (
 )
 SELECT_NODE: Final = SELECT_NODES + " AND n.node_id = ?"
 # Followed by "(?, ?), (?, ?), ...)" (row values): the records of given (run, node) pairs.
+# The pairs as a VALUES table joined to nodes: each looked up by the primary key.  A
+# "(run_id, node_id) IN (VALUES ...)" scans the whole table instead, once per lookup.
 SELECT_NODE_PAIRS: Final = (
     "SELECT n.run_id, n.node_id, n.value, n.blob, b.data, n.attempts, n.started_at, "
-    "n.finished_at, n.code, n.usage, n.integrity FROM nodes AS n "
-    "LEFT JOIN blobs AS b ON b.hash = n.blob WHERE (n.run_id, n.node_id) IN (VALUES"
+    "n.finished_at, n.code, n.usage, n.integrity FROM (VALUES {}) AS k "
+    "CROSS JOIN nodes AS n ON n.run_id = k.column1 AND n.node_id = k.column2 "
+    "LEFT JOIN blobs AS b ON b.hash = n.blob"
 )
 RUN_BLOBS: Final = "SELECT blob FROM nodes WHERE run_id = ? AND blob IS NOT NULL"
 DELETE_RUN_NODES: Final = "DELETE FROM nodes WHERE run_id = ?"
@@ -254,7 +257,7 @@ def select_node_pairs(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> l
     for start in range(0, len(pairs), CHUNK // 2):
         chunk = pairs[start : start + CHUNK // 2]
         marks = ", ".join("(?, ?)" for _ in chunk)  # only placeholders go into the text
-        query = f"{SELECT_NODE_PAIRS} {marks})"
+        query = SELECT_NODE_PAIRS.format(marks)
         rows += db.execute(query, [part for pair in chunk for part in pair]).fetchall()
     return rows
 

@@ -49,7 +49,7 @@ from ... import _codec
 from ..._errors import CheckpointError, ConfigError
 from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
-from ..base import Store
+from ..base import ExpectedNodes, Store
 from . import schema
 from .files import check_identity, migrate
 from .url import bad_url as _bad_url
@@ -390,7 +390,7 @@ class SQLiteStore(Store):
         return None if row is None else self._node_from_row(run_id, row)
 
     async def lookup_nodes(
-        self, keys: Sequence[tuple[str, str]]
+        self, keys: Sequence[tuple[str, str]], *, expected: ExpectedNodes = None
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
@@ -398,7 +398,12 @@ class SQLiteStore(Store):
             rows = schema.select_node_pairs(self._db(), pairs)
         except sqlite3.Error as exc:
             raise self._failure(exc, run_id=pairs[0][0] if pairs else None) from exc
-        records = ((_id_of(row), self._node_from_row(_id_of(row), row[1:])) for row in rows)
+        want = expected or {}
+        records = (
+            (r, self._node_from_row(r, row[1:], want.get((r, row[1]))))
+            for row in rows
+            for r in (_id_of(row),)
+        )
         return {(run_id, record.node_id): record for run_id, record in records}
 
     # --- the run lease ----------------------------------------------------------------------
@@ -522,7 +527,9 @@ class SQLiteStore(Store):
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, None, str(exc), _RESTORE_HINT) from None
 
-    def _node_from_row(self, run_id: str, row: Sequence[Any]) -> NodeRecord:
+    def _node_from_row(
+        self, run_id: str, row: Sequence[Any], expected: NodeRecord | None = None
+    ) -> NodeRecord:
         node_id = row[0]
         node = node_id if isinstance(node_id, str) else repr(node_id)
         try:
@@ -536,7 +543,8 @@ class SQLiteStore(Store):
                 "usage": None if usage is None else v.load_json(v.text(usage, "usage"), "usage"),
                 "check": check,
             }
-            return v.node_record(run_id, v.text(node_id, "node_id"), fields, self.seal)
+            node_id = v.text(node_id, "node_id")
+            return v.node_record(run_id, node_id, fields, self.seal, expected=expected)
         except v.Malformed as exc:
             raise v.corrupted(self.url, run_id, node, str(exc), _RESTORE_HINT) from None
 
