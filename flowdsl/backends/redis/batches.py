@@ -76,6 +76,16 @@ class ScriptBatcher:
         self._pending.append((script, keys, args, future))
         return future
 
+    async def aclose(self, *, grace: float = 5.0) -> None:
+        """Let the sends on their way end (for at most *grace* seconds, then cancel them):
+        a send outliving its store would hold a pooled connection the store is closing."""
+        if self._sending:
+            _, late = await asyncio.wait(set(self._sending), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+
     def _send(self) -> None:
         calls, self._pending = self._pending, []
         calls = [call for call in calls if not call[3].done()]  # drop the cancelled
@@ -92,10 +102,11 @@ class ScriptBatcher:
                 script, keys, args, _ = calls[0]
                 replies = [await script(keys=keys, args=args)]
             else:
-                pipe = self.client.pipeline(transaction=False)
-                for script, keys, args, _ in calls:
-                    await script(keys=keys, args=args, client=pipe)  # queues it
-                replies = await pipe.execute(raise_on_error=False)
+                # The block gives the pipeline's connection back however it ends.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in calls:
+                        await script(keys=keys, args=args, client=pipe)  # queues it
+                    replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
             for *_, future in calls:
                 if not future.done():

@@ -487,15 +487,15 @@ class RedisBroker(Broker):
         client = self._link.require("queue")
 
         async def publish() -> None:
-            pipe = client.pipeline(transaction=False)
-            for run_id, text in events:
-                pipe.xadd(
-                    self.events_key,
-                    {"run": to_bytes(run_id), "payload": to_bytes(text)},
-                    maxlen=self.keep,
-                    approximate=True,
-                )
-            await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id, text in events:
+                    pipe.xadd(
+                        self.events_key,
+                        {"run": to_bytes(run_id), "payload": to_bytes(text)},
+                        maxlen=self.keep,
+                        approximate=True,
+                    )
+                await pipe.execute()
 
         await self._link.call("publishing events", publish)
 

@@ -176,6 +176,9 @@ class RedisStore(RedisLeases, Store):
 
     async def close(self) -> None:
         self._scripts = {}
+        if self._batcher is not None:
+            batcher, self._batcher = self._batcher, None
+            await batcher.aclose()
         await self._link.close()
 
     def _client(self) -> Any:
@@ -321,10 +324,10 @@ class RedisStore(RedisLeases, Store):
             return []
 
         async def read_all() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for raw in ids:
-                pipe.hgetall(self.layout.run(from_bytes(raw, "run id")))
-            return list(await pipe.execute())
+            async with client.pipeline(transaction=False) as pipe:
+                for raw in ids:
+                    pipe.hgetall(self.layout.run(from_bytes(raw, "run id")))
+                return list(await pipe.execute())
 
         try:
             names = [from_bytes(raw, "run id") for raw in ids]
@@ -443,10 +446,10 @@ class RedisStore(RedisLeases, Store):
 
         async def read_all() -> list[Any]:
             # One HMGET per run (a batch's tasks come from few runs), all in one trip.
-            pipe = client.pipeline(transaction=False)
-            for run_id, nodes in by_run.items():
-                pipe.hmget(self.layout.nodes(run_id), [to_bytes(n) for n in nodes])
-            return [raw for raws in await pipe.execute() for raw in raws]
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id, nodes in by_run.items():
+                    pipe.hmget(self.layout.nodes(run_id), [to_bytes(n) for n in nodes])
+                return [raw for raws in await pipe.execute() for raw in raws]
 
         raws = await self._link.call("reading node records", read_all)
         want = expected or {}
