@@ -142,5 +142,10 @@ _SERVER_MARKS = {
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = getattr(item, "fixturenames", ())
-        for mark in sorted({_SERVER_MARKS[n] for n in names if n in _SERVER_MARKS}):
+        marks = {_SERVER_MARKS[n] for n in names if n in _SERVER_MARKS}
+        # A test that takes its server by name (request.getfixturevalue) from a parameter.
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            marks |= {v for v in callspec.params.values() if v in ("redis", "nats")}
+        for mark in sorted(marks):
             item.add_marker(mark)
