@@ -207,18 +207,25 @@ def encode_task(task: TaskMessage, seal: Seal = UNKEYED) -> str:
     return _seal_data("task", data, seal)
 
 
+def _verified_data(kind: str, text: str | bytes, seal: Seal) -> Any:
+    """*text* parsed, its check verified on the text as it came when it has the usual
+    shape, else on the parsed message (which says why it fails); raises Invalid."""
+    try:
+        verified = _verify_text(kind, text, seal)
+    except Invalid:
+        verified = False  # verified below on the parsed message, which says why
+    data = _codec.loads(text)
+    if not verified:
+        _verify(kind, data, seal)
+    return data
+
+
 def decode_task(text: str | bytes, seal: Seal = UNKEYED) -> TaskMessage:
     """A task message from untrusted text; malformed input, or a check that does not hold
     under *seal*, raises CheckpointError.  The check is verified on the text as it came (a
     worker reads thousands a second), as for completions."""
     try:
-        try:
-            verified = _verify_text("task", text, seal)
-        except Invalid:
-            verified = False  # verified below on the parsed message, which says why
-        data = _codec.loads(text)
-        if not verified:
-            _verify("task", data, seal)
+        data = _verified_data("task", text, seal)
         task: TaskMessage = _converter.structure(data, TaskMessage)
     except Invalid as exc:
         raise CheckpointError(
@@ -250,13 +257,7 @@ def decode_completion(text: str | bytes, seal: Seal = UNKEYED) -> Completion:
     under *seal*, raises CheckpointError.  The check is verified on the text as it came
     (a client reads thousands a second): the message is parsed once, never re-encoded."""
     try:
-        try:
-            verified = _verify_text("completion", text, seal)
-        except Invalid:
-            verified = False  # verified below on the parsed message, which says why
-        data = _codec.loads(text)
-        if not verified:
-            _verify("completion", data, seal)
+        data = _verified_data("completion", text, seal)
         completion: Completion = _converter.structure(data, Completion)
     except Invalid as exc:
         raise CheckpointError(
