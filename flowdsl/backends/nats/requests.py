@@ -1,9 +1,9 @@
 """Requests to the NATS server, pipelined: every request goes out, then all the replies are
 awaited together (a round trip for the lot, not one each, and no task per request).
 
-What :class:`~flowdsl.backends.nats.publisher.Publisher` does for publishes, for any
-request whose reply the caller reads itself: the batched reads of the KV bucket (the
-journal records a batch of completions is checked against).
+The JetStream publishes of :class:`~flowdsl.backends.nats.publisher.Publisher` go through
+it, and so do the batched reads of the KV bucket (the journal records a batch of
+completions is checked against).
 """
 
 from __future__ import annotations
@@ -28,21 +28,26 @@ class Requests:
         self._numbers = itertools.count()
         self._pending: dict[str, asyncio.Future[Any]] = {}
 
-    async def request(self, items: list[tuple[str, bytes]]) -> list[Any]:
-        """Send each ``(subject, payload)`` with its own reply subject; the replies (nats-py
-        messages), in the order of *items*.  The caller bounds the wait (a reply lost in a
-        reconnect never comes)."""
+    async def request(
+        self,
+        items: list[tuple[str, bytes]],
+        headers: list[dict[str, str]] | None = None,
+    ) -> list[Any]:
+        """Send each ``(subject, payload)`` (with the *headers* of the same index, if given)
+        with its own reply subject; the replies (nats-py messages), in the order of *items*.
+        The caller bounds the wait (a reply lost in a reconnect never comes)."""
         if self._sub is None or self._generation != self._link.generation:
             await self._subscribe()
         nc = self._link.nc
         loop = asyncio.get_running_loop()
         tokens = []
         try:
-            for subject, data in items:
+            for i, (subject, data) in enumerate(items):
                 token = str(next(self._numbers))
                 self._pending[token] = loop.create_future()
                 tokens.append(token)
-                await nc.publish(subject, data, reply=self._prefix + token)
+                more = headers[i] if headers is not None else None
+                await nc.publish(subject, data, reply=self._prefix + token, headers=more)
             return [await self._pending[token] for token in tokens]
         finally:
             for token in tokens:
