@@ -22,6 +22,7 @@ from .._integrity import UNKEYED, Invalid, Seal
 from .._records import NodeRecord, RunRecord, RunStatus
 
 __all__ = [
+    "RUN_FIELDS",
     "Malformed",
     "check_cached",
     "check_json",
@@ -32,6 +33,25 @@ __all__ = [
     "text",
     "timestamp",
 ]
+
+#: The fields a store keeps of a run, in the order SQLite's SELECTs name its columns.
+RUN_FIELDS: tuple[str, ...] = (
+    "run_id",
+    "flow",
+    "flow_ref",
+    "fingerprint",
+    "inputs",
+    "status",
+    "created_at",
+    "updated_at",
+    "result",
+    "error",
+    "failed_node",
+    "code",
+    "check",
+    "state_check",
+    "traceback",
+)
 
 
 class Malformed(Exception):

@@ -69,25 +69,7 @@ from .scripts import (
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisStore"]
 
 
-_RUN_FIELDS: Final = frozenset(
-    {
-        "run_id",
-        "flow",
-        "flow_ref",
-        "fingerprint",
-        "inputs",
-        "status",
-        "created_at",
-        "updated_at",
-        "result",
-        "error",
-        "failed_node",
-        "code",
-        "check",
-        "state_check",
-        "traceback",
-    }
-)
+_RUN_FIELDS: Final = frozenset(v.RUN_FIELDS)
 _TIMES: Final = ("created_at", "updated_at")
 # The checks are missing from records written before integrity checks, the traceback from
 # those written before tracebacks were kept (and from every run that did not fail).

@@ -18,7 +18,7 @@ from ... import _codec
 from ..._errors import BackendUnavailable, CheckpointError, ConfigError
 from ..._integrity import Seal
 from ..._records import NodeRecord, RunRecord
-from .._validate import Malformed, text
+from .._validate import RUN_FIELDS, Malformed, text
 
 __all__ = ["QUEUE_SCHEMA", "SCHEMA", "SCHEMA_VERSION"]
 
@@ -109,23 +109,7 @@ MIGRATIONS: Final = {1: MIGRATE_1_TO_2, 2: _LEASES, 3: MIGRATE_3_TO_4}
 
 # The columns of a run's row, in the order the SELECTs name them (and the record's fields
 # they hold: `integrity` is `check`, `state_integrity` `state_check`).
-RUN_COLUMNS: Final = (
-    "run_id",
-    "flow",
-    "flow_ref",
-    "fingerprint",
-    "inputs",
-    "status",
-    "created_at",
-    "updated_at",
-    "result",
-    "error",
-    "failed_node",
-    "code",
-    "check",
-    "state_check",
-    "traceback",
-)
+RUN_COLUMNS: Final = RUN_FIELDS
 
 INSERT_RUN: Final = (
     "INSERT OR IGNORE INTO runs (run_id, flow, flow_ref, fingerprint, inputs, status, "
