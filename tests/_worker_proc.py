@@ -34,7 +34,7 @@ import flowdsl as fd
 from flowdsl._executors.batch import serve
 from flowdsl._executors.batch import worker as worker_module
 
-from batch_steps import EXEC_LOG, HOLD, KILL
+from batch_steps import EXEC_LOG, HOLD, KILL, log_line
 
 TESTS = Path(__file__).resolve().parent
 
@@ -162,8 +162,10 @@ async def serve_main(args: argparse.Namespace) -> None:
     if args.kill_after_commit is not None:
         node = args.kill_after_commit
 
-        def die(run_id: str, node_id: str) -> None:
-            if node_id == node:
+        def die(committed: Sequence[tuple[str, str]]) -> None:
+            for run_id, node_id in committed:  # what this worker committed, for the tests
+                log_line("commit", run_id, node_id)
+            if any(node_id == node for _, node_id in committed):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         worker_module.after_commit = die

@@ -46,6 +46,7 @@ __all__ = [
     "expected_trio_chain",
     "fragile",
     "fragile_chain",
+    "log_line",
     "mix",
     "parity",
     "read_log",
@@ -63,16 +64,22 @@ FAIL = "FLOWDSL_TEST_FAIL"
 
 
 def _log(event: str, label: str = "") -> None:
-    path = os.environ.get(EXEC_LOG)
     scope = current_scope()
-    if not path or scope is None:
+    if scope is not None:
+        log_line(event, scope.run_id, scope.node_id, label=label, attempt=scope.attempt)
+
+
+def log_line(event: str, run_id: str, node_id: str, *, label: str = "", attempt: int = 0) -> None:
+    """Append one line to the execution log, if this process has one."""
+    path = os.environ.get(EXEC_LOG)
+    if not path:
         return
     line = json.dumps(
         {
             "pid": os.getpid(),
-            "run": scope.run_id,
-            "node": scope.node_id,
-            "attempt": scope.attempt,
+            "run": run_id,
+            "node": node_id,
+            "attempt": attempt,
             "label": label,
             "event": event,
             "at": time.time(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +284,9 @@ async def test_a_crash_between_a_batchs_commits_and_acks_runs_no_node_twice(
         dying = Worker(queue, store, name="dying")
         committed: list[str] = []
 
-        def die(run_id: str, node_id: str) -> None:
-            committed.append(node_id)
-            if len(committed) == 3:
-                raise Killed
+        def die(batch: Sequence[tuple[str, str]]) -> None:
+            committed.extend(node_id for _, node_id in batch)
+            raise Killed
 
         dying.finisher._on_commit = die
         items = [
@@ -295,6 +294,7 @@ async def test_a_crash_between_a_batchs_commits_and_acks_runs_no_node_twice(
         ]
         with pytest.raises(Killed):
             await dying.finisher.finish(items)
+        assert committed == ["a", "b", "c"]  # one write, then the hook, then the acks
         assert await store.load_nodes("r") == {r.node_id: r for r in records}
         _, cursor = await queue.completions(None)
         # The leases run out: the tasks come back as second deliveries.

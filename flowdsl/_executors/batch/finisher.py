@@ -47,8 +47,9 @@ class Finisher:
     """Commits and completes the tasks :meth:`put` hands it, in batches, in the order
     they came.
 
-    *on_commit* is called with (run id, node id) once a node's record is committed and
-    before its task is acknowledged (flowdsl's crash tests stop the process there);
+    *on_commit* is called with the (run id, node id) pairs a batch committed first, once
+    that write is done and before their tasks are acknowledged (flowdsl's crash tests stop
+    the process there);
     *released* with the task ids of a batch once it is finished, or left to its leases
     because the broker or store is away.
     """
@@ -59,7 +60,7 @@ class Finisher:
         store: Store,
         *,
         name: str,
-        on_commit: Callable[[str, str], None],
+        on_commit: Callable[[Sequence[tuple[str, str]]], None],
         released: Callable[[Sequence[str]], None],
     ) -> None:
         self.broker = broker
@@ -133,9 +134,9 @@ class Finisher:
             left = [
                 attrs.evolve(i, record=None) for i, first in zip(items, done, strict=True) if first
             ]
-        for item, first in zip(items, done, strict=True):
-            if first:
-                self._on_commit(item.run_id, item.node_id)
+        self._on_commit(
+            [(i.run_id, i.node_id) for i, first in zip(items, done, strict=True) if first]
+        )
         late = [item for item, first in zip(items, done, strict=True) if not first]
         if late:
             left += await self._committed_before(late)

@@ -85,14 +85,15 @@ log = logging.getLogger("flowdsl.batch")
 #: Tasks a worker holds at once by default: async steps waiting on I/O, mostly.
 DEFAULT_ASYNC_CONCURRENCY: Final = 1000
 
-#: For flowdsl's own crash tests: called with (run id, node id) once a node's record is
-#: committed, before its task is completed (a test SIGKILLs the worker there).
-after_commit: Callable[[str, str], None] | None = None
+#: For flowdsl's own crash tests: called with the (run id, node id) pairs a batch
+#: committed first, once that one write is done and before its tasks are completed (a
+#: test SIGKILLs the worker there).
+after_commit: Callable[[Sequence[tuple[str, str]]], None] | None = None
 
 
-def _after_commit(run_id: str, node_id: str) -> None:
+def _after_commit(committed: Sequence[tuple[str, str]]) -> None:
     if after_commit is not None:
-        after_commit(run_id, node_id)
+        after_commit(committed)
 
 
 class _WorkerSink:
