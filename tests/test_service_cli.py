@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,8 @@ def test_serve_with_a_signing_key_refuses_records_it_cannot_verify(
 
     # A record changed behind the service's back is refused, by the call that reads it.
     same = services("--signing-key-env", "FD_KEY")
-    with sqlite3.connect(tmp_path / "runs.db") as db:
+    # closing(): a connection's own `with` commits but does not close it.
+    with closing(sqlite3.connect(tmp_path / "runs.db")) as db, db:
         db.execute("UPDATE runs SET result = '999' WHERE run_id = 'two'")
     tampered = invoke("runs", "show", "two", "--server", same.url)
     refused(tampered, "answered FAILED_PRECONDITION: run 'two' in sqlite:///")
