@@ -397,6 +397,38 @@ async def test_concurrent_status_updates_are_never_lost_or_mixed(nats_server: Na
             await store.close()
 
 
+async def test_a_journal_read_during_other_writes_sees_every_committed_node(
+    nats_server: NatsServer,
+) -> None:
+    """nats-py's KV watcher may say "all initial values are in" before they are when the
+    bucket is written meanwhile (nats-py #842): a journal read short of a record would
+    run a finished step again.  Every read here must see all 200 committed nodes (and
+    none of the deleted ones), while another connection keeps writing."""
+    reader, writer = [await opened(nats_server.url, connect_timeout=t) for t in (2, 3)]
+    committed = [node_record(f"n{i}", _codec.dumps(i)) for i in range(200)]
+    await reader.commit_nodes([("journal", r) for r in committed])
+    await reader.forget_nodes("journal", ["n0", "n7", "n199"])
+    live = {r.node_id for r in committed} - {"n0", "n7", "n199"}
+    stop = anyio.Event()
+
+    async def keep_writing() -> None:
+        i = 0
+        while not stop.is_set():
+            batch = [("noise", node_record(f"m{i}-{j}")) for j in range(5)]
+            await writer.commit_nodes(batch)
+            i += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_writing)
+            for _ in range(3):
+                assert set(await reader.load_nodes("journal")) == live
+            stop.set()
+    finally:
+        await reader.close()
+        await writer.close()
+
+
 async def test_a_store_and_a_broker_on_one_server_share_a_connection(
     nats_server: NatsServer,
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Final
 import anyio
 
 from .keys import Malformed, check_json_text, dump_json, field, from_bytes, load_json, to_bytes
-from .link import NatsLink, storage_type
+from .link import NatsLink, quietly, storage_type
 from .publisher import Publisher, Refused, raise_refused
 from .requests import Requests
 from .url import NatsOptions
@@ -39,7 +39,8 @@ class Bucket:
         self.kv = kv
         name = name if name is not None else str(kv._name)
         # What a KV get asks JetStream for, sent by get_many without nats-py's KV layer.
-        self._get_subject = f"$JS.API.STREAM.MSG.GET.KV_{name}"
+        self._stream = f"KV_{name}"
+        self._get_subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
         self._key_prefix = f"$KV.{name}."
         self._requests = Requests(link)
         self._publisher: Publisher | None = None  # for create_many, made on first use
@@ -239,26 +240,67 @@ class Bucket:
     async def scan(
         self, pattern: str, what: str, run_id: str | None = None
     ) -> list[tuple[str, bytes]]:
-        """The latest value of every live key matching *pattern*: one consumer streams
-        them all (a get per key would cost a round trip each)."""
-        kv = self.kv
-        timeout = self.link.url.options.timeout
+        """The latest value of every live key matching *pattern*, streamed by one
+        short-lived consumer (a get per key would cost a round trip each).
+
+        Not through nats-py's KV watcher: its "initial values are all in" marker can come
+        before they are (nats-py #842), and a journal read short of a record would run a
+        finished step again.  A pull consumer delivers nothing until asked, so the
+        pending count it is created with is exactly the number of keys to read.
+        """
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        link, stream = self.link, self._stream
+        timeout = link.url.options.timeout
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=self._key_prefix + pattern,
+            inactive_threshold=max(30.0, timeout * 4),  # the server drops it if we die
+            mem_storage=True,
+        )
 
         async def op() -> list[tuple[str, bytes]]:
-            watcher = await kv.watch(pattern, ignore_deletes=True)
+            js = link.require("store")
+            info = await js.add_consumer(stream, config)
             try:
-                found: list[tuple[str, bytes]] = []
-                while True:
-                    entry = await watcher.updates(timeout=timeout)
-                    if entry is None:  # the initial values are all in
-                        return found
-                    if entry.operation is None:
-                        found.append((str(entry.key), bytes(entry.value or b"")))
+                return await self._read_keys(js, info, timeout, NatsTimeout)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await watcher.stop()
+                    await quietly(lambda: js.delete_consumer(stream, info.name))
 
-        return await self.link.call(what, op, run_id=run_id)
+        return await link.call(what, op, run_id=run_id)
+
+    async def _read_keys(
+        self, js: Any, info: Any, fetch_wait: float, timed_out: type[Exception]
+    ) -> list[tuple[str, bytes]]:
+        pending = int(info.num_pending or 0)
+        found: dict[str, bytes] = {}
+        if not pending:
+            return []
+        sub = await js.pull_subscribe_bind(consumer=info.name, stream=self._stream)
+        try:
+            got = 0
+            while got < pending:
+                try:
+                    msgs = await sub.fetch(min(pending - got, 256), timeout=fetch_wait)
+                except timed_out:
+                    # Fewer came than counted: keys deleted since (their messages gone).
+                    if not (await sub.consumer_info()).num_pending:
+                        break
+                    continue
+                for msg in msgs:
+                    got += 1
+                    key = str(msg.subject)[len(self._key_prefix) :]
+                    if (msg.headers or {}).get("KV-Operation"):  # a delete or purge marker
+                        found.pop(key, None)
+                    else:
+                        found[key] = bytes(msg.data or b"")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await quietly(sub.unsubscribe)
+        return list(found.items())
 
     async def pack(self, text: str, run_id: str | None = None) -> str | dict[str, str]:
         """Text kept inline, or a reference to its content-addressed blob."""
