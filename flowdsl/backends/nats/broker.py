@@ -10,7 +10,8 @@ tokens of the ids::
     consumer workers         the durable pull consumer every worker shares; explicit acks,
                              AckWait = the workers' lease, MaxDeliver = max_deliver
     stream {prefix}_log      limits retention, max_age: {prefix}.log.done.{run} completions
-                             and {prefix}.log.ev.{run} events, read by stream sequence
+                             and {prefix}.log.ev.{run} events, read by stream sequence;
+                             {prefix}.log.batch carries many of both at once (frames)
     stream {prefix}_dead     dead letters, {prefix}.dead.{run}
 
 A task's lease is JetStream's ack timer: ``claim`` pulls messages off the consumer
@@ -51,6 +52,7 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ..._errors import ConfigError
 from ..base import Broker
 from ..messages import Claimed, Finished
+from . import frames
 from .bucket import Bucket
 from .consumers import LogReader, Puller
 from .keys import (
@@ -475,8 +477,8 @@ class NATSBroker(Broker):
 
     async def complete_many(self, items: Sequence[Finished]) -> None:
         """Complete or dead-letter *items*: their dead letters, then each one's events and
-        completion in order (on the log stream, so a reader sees the events first),
-        pipelined, a round trip for each kind; then the acks.  The completion first, the
+        completion in order (on the log stream, so a reader sees the events first, framed
+        in batch messages), pipelined, a round trip for each kind; then the acks.  The completion first, the
         ack last: a crash in between redelivers the task, whose next worker completes it
         again (a second completion is ignored)."""
         await checkpoint_if_cancelled()
@@ -493,10 +495,12 @@ class NATSBroker(Broker):
         ]
         if dead:
             raise_refused(await self._publish(dead, what), what, self.url)
-        log: list[tuple[str, bytes]] = []
+        entries: list[tuple[str, str, bytes]] = []
         for item in items:
-            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
-            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
+            entries += [("ev", to_token(r), to_bytes(t)) for r, t in item.events]
+            entries.append(("done", to_token(item.run_id), to_bytes(item.payload)))
+        # The lot in as few messages as fit (frames): a publish and an ack, not one each.
+        log = frames.messages(self._prefix, entries, self._message_max)
         what = "publish completions"
         raise_refused(await self._publish(log, what, run_id=items[0].run_id), what, self.url)
         for item in items:  # the acks go out together (nats-py sends its buffer at once)

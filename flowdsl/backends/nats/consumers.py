@@ -14,7 +14,8 @@ from typing import Any, Final
 import anyio
 import attrs
 
-from .keys import BLOB_HEADER, from_token, text_of
+from .frames import SLOTS, split
+from .keys import BLOB_HEADER, Malformed, from_token, text_of
 from .link import NatsLink, quietly
 
 __all__ = ["LogReader", "Puller"]
@@ -120,11 +121,13 @@ class LogReader:
     """The completions and events of the log stream, pushed to this process by one
     ephemeral consumer and kept until taken.
 
-    ``position`` is the last stream sequence received: every message after ``start`` up
-    to it is in the buffers or was taken.  A cursor older than ``start`` (a caller that
-    wants what this reader never asked for) makes the consumer start again from there; a
-    reconnect or a gap in the consumer's sequence (messages dropped) makes it start again
-    from ``position``.
+    A position (and a cursor) is ``stream sequence * SLOTS + index``, the index of an
+    entry in its message (0 for a message of one entry, see ``frames``), so that a reader
+    taking at most *count* entries can stop inside a batch message.  ``position`` is the
+    last position received: every entry after ``start`` up to it is in the buffers or was
+    taken.  A cursor older than ``start`` (a caller that wants what this reader never
+    asked for) makes the consumer start again from there; a reconnect or a gap in the
+    consumer's sequence (messages dropped) makes it start again after ``position``.
     """
 
     def __init__(
@@ -155,7 +158,7 @@ class LogReader:
 
         async def op() -> int:
             info = await js.stream_info(self._stream)
-            return int(info.state.last_seq)
+            return int(info.state.last_seq) * SLOTS + SLOTS - 1
 
         return await self._link.call("read the log's end", op)
 
@@ -189,19 +192,20 @@ class LogReader:
 
     async def _ensure(self, cursor: int) -> None:
         if self._start is None or cursor + 1 < self._start:
-            await self._restart(cursor + 1, rewind=True)
+            await self._restart((cursor + 1) // SLOTS, rewind=True)
         elif self._sub is None or self._broken or self._generation != self._link.generation:
-            await self._restart(self.position + 1, rewind=False)
+            await self._restart((self.position + 1) // SLOTS, rewind=False)
 
     async def _restart(self, first: int, *, rewind: bool) -> None:
+        """Read again from the message of stream sequence *first*."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         await self.stop()
         if rewind:
             self._done.clear()
             self._events.clear()
-            self._start = first
-            self.position = first - 1
+            self._start = first * SLOTS
+            self.position = first * SLOTS - 1
         nc = self._link.nc
         js = self._link.js
         self._cseq = 0
@@ -241,23 +245,34 @@ class LogReader:
             self._broken = True  # messages were dropped (a slow reader): start again
             return
         self._cseq = meta.sequence.consumer
-        seq = int(meta.sequence.stream)
-        if seq <= self.position:
+        base = int(meta.sequence.stream) * SLOTS
+        if base <= self.position:
             return
-        self.position = seq
+        self.position = base + SLOTS - 1
         kind, _, token = msg.subject[len(self._prefix) :].partition(".")
+        if kind == "batch":
+            try:
+                entries = split(msg.data)
+            except Malformed as exc:
+                log.warning("dropping a log batch on %s: %s", msg.subject, exc)
+                return
+            for i, (what, run, data) in enumerate(entries):
+                self._keep(base + i, what, run, text_of(data))
+            return
         headers = msg.headers
         digest = headers.get(BLOB_HEADER) if headers else None
-        text: str | _Blob = text_of(msg.data) if digest is None else _Blob(str(digest))
+        self._keep(base, kind, token, text_of(msg.data) if digest is None else _Blob(str(digest)))
+
+    def _keep(self, position: int, kind: str, token: str, text: str | _Blob) -> None:
         if kind == "done":
-            self._done.append((seq, text))
+            self._done.append((position, text))
         elif kind == "ev":
             try:
                 run_id = from_token(token)
             except (ValueError, UnicodeDecodeError):
-                log.warning("dropping an event on %s: not a flowdsl subject", msg.subject)
+                log.warning("dropping an event of run token %r: not a flowdsl run", token)
                 return
-            self._events.append((seq, run_id, text))
+            self._events.append((position, run_id, text))
             if len(self._events) > _EVENTS_KEPT:
                 self._events.popleft()
 
