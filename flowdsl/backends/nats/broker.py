@@ -227,8 +227,9 @@ class NATSBroker(Broker):
         retry after a lost reply is not stored twice."""
         self._js()
         messages = []
-        for subject, data in items:
-            headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        call = uuid.uuid4().hex  # one random id per call, numbered per message: unique
+        for i, (subject, data) in enumerate(items):
+            headers = {"Nats-Msg-Id": f"{call}.{i}"}
             if len(data) > self._message_max:
                 bucket = await self._blobs()
                 headers[BLOB_HEADER] = await bucket.put_blob(data, run_id)
@@ -478,9 +479,9 @@ class NATSBroker(Broker):
     async def complete_many(self, items: Sequence[Finished]) -> None:
         """Complete or dead-letter *items*: their dead letters, then each one's events and
         completion in order (on the log stream, so a reader sees the events first, framed
-        in batch messages), pipelined, a round trip for each kind; then the acks.  The completion first, the
-        ack last: a crash in between redelivers the task, whose next worker completes it
-        again (a second completion is ignored)."""
+        in batch messages), pipelined, a round trip for each kind; then the acks.  The
+        completion first, the ack last: a crash in between redelivers the task, whose next
+        worker completes it again (a second completion is ignored)."""
         await checkpoint_if_cancelled()
         if not items:
             return

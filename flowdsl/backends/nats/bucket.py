@@ -41,6 +41,12 @@ class Bucket:
         # What a KV get asks JetStream for, sent by get_many without nats-py's KV layer.
         self._get_subject = f"$JS.API.STREAM.MSG.GET.KV_{name}"
         self._key_prefix = f"$KV.{name}."
+        # A bucket that allows direct gets is read with them: the reply is the stored
+        # message itself, where a message get wraps it in JSON and base64 (both ends
+        # pay for that).  Made only for buckets of one replica (a direct get may be
+        # answered by a replica that lags behind); an older bucket keeps message gets.
+        self._direct = bool(getattr(kv, "_direct", False))
+        self._direct_subject = f"$JS.API.DIRECT.GET.KV_{name}.$KV.{name}."
         self._requests = Requests(link)
         self._publisher: Publisher | None = None  # for create_many, made on first use
         # Every record must fit in one message: chunks and inline values stay well below
@@ -63,6 +69,7 @@ class Bucket:
             description="flowdsl runs and node journals",
             history=1,
             replicas=options.replicas,
+            direct=options.replicas == 1,
             storage=storage_type(options),
         )
 
@@ -102,6 +109,16 @@ class Bucket:
             return []
         requests = self._requests
         timeout = self.link.url.options.timeout
+        if self._direct:
+            asks = [(self._direct_subject + key, b"") for key in keys]
+            stored = [self._key_prefix + key for key in keys]  # each reply's subject
+
+            async def direct() -> list[bytes | None]:
+                with anyio.fail_after(timeout):
+                    replies = await requests.request(asks)
+                return [_direct_value(r, s) for r, s in zip(replies, stored, strict=True)]
+
+            return await self.link.call(what, direct, run_id=run_id)
         items = [
             (self._get_subject, b'{"last_by_subj":"%s"}' % (self._key_prefix + key).encode())
             for key in keys
@@ -333,6 +350,23 @@ class Bucket:
         if value is None:
             return None
         return await self.unpack(value, what, run_id, json_text=json_text)
+
+
+def _direct_value(reply: Any, subject: str) -> bytes | None:
+    """The value in a reply to a direct get of *subject* (None: no such key, or deleted);
+    a server error is raised as nats-py's, so that the link retries the transient ones."""
+    from nats.js.errors import APIError
+
+    headers = reply.headers or {}
+    if not reply.data and "Status" in headers:
+        if headers["Status"] == "404":
+            return None
+        APIError.from_msg(reply)  # raises (503: away, retried)
+    if headers.get("Nats-Subject") != subject:
+        raise Malformed("the server's reply to a KV read is not of the key asked for")
+    if "KV-Operation" in headers:
+        return None  # a delete or purge marker
+    return bytes(reply.data)
 
 
 def _kv_value(reply: bytes) -> bytes | None:
