@@ -54,13 +54,13 @@ from ..base import Broker
 from ..messages import Claimed, Finished
 from . import frames
 from .bucket import Bucket
-from .consumers import LogReader, Puller
+from .consumers import LogReader, Puller, delivery
 from .keys import (
     BLOB_HEADER,
     Malformed,
     dead_letter_of,
     dump_json,
-    from_token,
+    task_ids,
     text_of,
     to_bytes,
     to_token,
@@ -296,24 +296,16 @@ class NATSBroker(Broker):
         msgs = await puller.pull(limit, LONG_POLL)
         claimed = []
         for msg in msgs:
-            meta = msg.metadata
-            task_id = f"{meta.sequence.stream}.{meta.num_delivered}"
+            got = delivery(msg)
+            if got is None:  # not from JetStream: not a task (the inbox is ours alone)
+                log.warning("NATS at %s: dropping a message that is not a task", self.url)
+                continue
+            task_id = f"{got[0]}.{got[2]}"
             self._held[task_id] = msg
             payload = await self._payload(msg, "a task")
-            run_id, node_id = self._ids_of(msg.subject)
-            claimed.append(Claimed(task_id, int(meta.num_delivered), payload, run_id, node_id))
+            run_id, node_id = task_ids(self._prefix, msg.subject)
+            claimed.append(Claimed(task_id, got[2], payload, run_id, node_id))
         return claimed
-
-    def _ids_of(self, subject: str) -> tuple[str | None, str | None]:
-        """The run and node a task's subject names (None for a subject flowdsl did not
-        make): what fails the right run when a payload is unreadable."""
-        parts = subject.split(".")
-        if len(parts) != 4 or parts[:2] != [self._prefix, "tasks"]:
-            return None, None
-        try:
-            return from_token(parts[2]), from_token(parts[3])
-        except (ValueError, UnicodeDecodeError):
-            return None, None
 
     async def drop_queued(self, run_id: str) -> None:
         """A failed or cancelled run's tasks leave the queue (a worker holding one finishes
@@ -336,7 +328,7 @@ class NATSBroker(Broker):
         elsewhere holding an old one may finish it too; the first commit wins.)"""
         mine = {int(msg.metadata.sequence.stream) for msg in self._held.values()}
         for seq, raw in await self._run_tasks(run_id):
-            if self._ids_of(str(raw.subject))[1] in skip:
+            if task_ids(self._prefix, str(raw.subject))[1] in skip:
                 await self._delete_task(seq, run_id)
                 continue
             if seq in mine:

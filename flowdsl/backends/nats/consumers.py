@@ -18,13 +18,32 @@ from .frames import SLOTS, split
 from .keys import BLOB_HEADER, Malformed, from_token, text_of
 from .link import NatsLink, quietly
 
-__all__ = ["LogReader", "Puller"]
+__all__ = ["LogReader", "Puller", "delivery"]
 
 log = logging.getLogger("flowdsl.nats")
 
 # A reader's events that nobody takes are dropped past this many (a client with no
 # observed run has no use for other clients' events).
 _EVENTS_KEPT: Final = 10_000
+
+
+def delivery(msg: Any) -> tuple[int, int, int] | None:
+    """A JetStream message's stream sequence, consumer sequence and delivery count, from
+    its reply subject (``$JS.ACK.{stream}.{consumer}.{delivered}.{stream seq}.{consumer
+    seq}...``); None for another message.  nats-py's ``metadata`` reads the same, and
+    makes a datetime and five objects besides, for each message."""
+    reply = msg.reply
+    tokens: list[str] = reply.split(".") if reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":  # no domain
+        try:
+            return int(tokens[5]), int(tokens[6]), int(tokens[4])
+        except ValueError:
+            return None
+    try:
+        meta = msg.metadata
+    except Exception:  # not a JetStream message (a flow-control probe, say)
+        return None
+    return int(meta.sequence.stream), int(meta.sequence.consumer), int(meta.num_delivered)
 
 
 class Puller:
@@ -237,15 +256,15 @@ class LogReader:
         self._consumer = await self._link.call("read completions", op)
 
     def _on_msg(self, msg: Any) -> None:
-        try:
-            meta = msg.metadata
-        except Exception:  # not a JetStream message (a flow-control probe, say)
+        got = delivery(msg)
+        if got is None:  # not a JetStream message (a flow-control probe, say)
             return
-        if meta.sequence.consumer != self._cseq + 1:
+        seq, cseq, _ = got
+        if cseq != self._cseq + 1:
             self._broken = True  # messages were dropped (a slow reader): start again
             return
-        self._cseq = meta.sequence.consumer
-        base = int(meta.sequence.stream) * SLOTS
+        self._cseq = cseq
+        base = seq * SLOTS
         if base <= self.position:
             return
         self.position = base + SLOTS - 1

@@ -21,6 +21,7 @@ __all__ = [
     "from_bytes",
     "from_token",
     "load_json",
+    "task_ids",
     "to_bytes",
     "to_token",
 ]
@@ -107,6 +108,18 @@ def id_of(key: str, kind: str) -> str:
         return from_token(key.rsplit(".", 1)[-1])
     except (ValueError, UnicodeDecodeError):
         raise Malformed(f"the key {key!r} does not name a {kind}") from None
+
+
+def task_ids(prefix: str, subject: str) -> tuple[str | None, str | None]:
+    """The run and node a task's subject names (None for a subject flowdsl did not make):
+    what fails the right run when a payload is unreadable."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != prefix or parts[1] != "tasks":
+        return None, None
+    try:
+        return from_token(parts[2]), from_token(parts[3])
+    except (ValueError, UnicodeDecodeError):
+        return None, None
 
 
 def text_of(data: bytes) -> str:

@@ -66,9 +66,11 @@ class Publisher:
         await self._requests.stop()
 
 
-# A stored message's ack, as the server writes it: read without a JSON parse.
+# A stored message's ack, as servers write it (2.9 puts spaces after some separators):
+# read without a JSON parse.
 _STORED: Final = re.compile(
-    rb'\{"stream":"[^"\\]*",(?:"domain":"[^"\\]*",)?"seq":(\d+)(?:,"duplicate":true)?\}'
+    rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?'
+    rb'"seq": ?(\d+)(?:, ?"duplicate": ?true)?\}'
 )
 
 
