@@ -141,7 +141,9 @@ class Bucket:
     ) -> list[bool]:
         """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
         the KV's own create is a publish expecting no earlier value): True for each key
-        this call wrote, False for each that existed."""
+        this call wrote, False for each that existed.  A key refused is tried again alone
+        by :meth:`create`, which takes a deleted key (its delete marker is an earlier
+        value: a forgotten node committed again)."""
         if self._publisher is None:
             self._publisher = Publisher(self.link)
         publisher = self._publisher
@@ -159,7 +161,10 @@ class Bucket:
             what,
             self.link.url.shown,
         )
-        return [r is None for r in results]
+        return [
+            r is None or await self.create(key, value, what, run_id)
+            for r, (key, value) in zip(results, items, strict=True)
+        ]
 
     async def update_many(self, items: list[tuple[str, bytes, int]], what: str) -> list[int | None]:
         """KV update of each ``(key, value, last)`` against revision *last*, pipelined (one
@@ -189,11 +194,11 @@ class Bucket:
         )
         return [seq if r is None else None for r, seq in zip(results, sequences, strict=True)]
 
-    async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
+    async def create(self, key: str, value: bytes, what: str, run_id: str | None) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""
         return await self.create_at(key, value, what, run_id) is not None
 
-    async def create_at(self, key: str, value: bytes, what: str, run_id: str) -> int | None:
+    async def create_at(self, key: str, value: bytes, what: str, run_id: str | None) -> int | None:
         """KV create: the revision written, or None when the key existed."""
         from nats.js.errors import KeyWrongLastSequenceError
 

@@ -32,6 +32,8 @@ BLOB_HEADER: Final = "Flowdsl-Blob"
 
 # --- encoding -------------------------------------------------------------------------------
 
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
+
 
 def to_token(text: str) -> str:
     """*text* as one NATS subject token or key part: base64url, unpadded; ``=`` for ''."""
@@ -43,7 +45,7 @@ def from_token(part: str) -> str:
     """The text :func:`to_token` made; ValueError for anything it cannot have made."""
     if part == "=":
         return ""
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", part):
+    if not _TOKEN.fullmatch(part):
         raise ValueError(f"{part!r} is not a base64url token")
     raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     return raw.decode("utf-8", "surrogatepass")
