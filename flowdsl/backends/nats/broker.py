@@ -266,10 +266,13 @@ class NATSBroker(Broker):
             log.warning("NATS at %s: %s", self.url, exc)
             return ""
 
-    async def _publish_log(self, kind: str, pairs: list[tuple[str, str]], what: str) -> None:
-        items = [(f"{self._prefix}.log.{kind}.{to_token(r)}", to_bytes(t)) for r, t in pairs]
-        results = await self._publish(items, what, run_id=pairs[0][0] if pairs else None)
-        raise_refused(results, what, self.url)
+    async def _publish_log(
+        self, entries: list[tuple[str, str, bytes]], what: str, run_id: str | None
+    ) -> None:
+        """Publish ``(kind, run token, payload)`` entries in order, in as few messages as
+        fit (frames): a publish and an ack for the lot, not one each."""
+        log = frames.messages(self._prefix, entries, self._message_max)
+        raise_refused(await self._publish(log, what, run_id=run_id), what, self.url)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -492,10 +495,7 @@ class NATSBroker(Broker):
         for item in items:
             entries += [("ev", to_token(r), to_bytes(t)) for r, t in item.events]
             entries.append(("done", to_token(item.run_id), to_bytes(item.payload)))
-        # The lot in as few messages as fit (frames): a publish and an ack, not one each.
-        log = frames.messages(self._prefix, entries, self._message_max)
-        what = "publish completions"
-        raise_refused(await self._publish(log, what, run_id=items[0].run_id), what, self.url)
+        await self._publish_log(entries, "publish completions", items[0].run_id)
         for item in items:  # the acks go out together (nats-py sends its buffer at once)
             msg = self._held.pop(item.task_id, None)
             if msg is not None:
@@ -552,7 +552,8 @@ class NATSBroker(Broker):
 
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         if events:
-            await self._publish_log("ev", events, "publish events")
+            entries = [("ev", to_token(r), to_bytes(t)) for r, t in events]
+            await self._publish_log(entries, "publish events", events[0][0])
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
         reader = self._log()
