@@ -284,6 +284,23 @@ async def test_tls(tmp_path: Path) -> None:
 # --- what is read back is checked -------------------------------------------------------------
 
 
+async def test_a_forgotten_node_is_committed_again_in_a_batch(nats_server: NatsServer) -> None:
+    """A deleted key keeps a marker as its last value: a batch's create must take it (the
+    node of a resumed run, forgotten for its changed code, run again by a worker)."""
+    store = await opened(nats_server.url)
+    try:
+        assert await store.commit_nodes([("r", node_record("a")), ("r", node_record("b"))]) == [
+            True,
+            True,
+        ]
+        await store.forget_nodes("r", ["a"])
+        again = [("r", node_record("a", '"w"')), ("r", node_record("b", '"w"'))]
+        assert await store.commit_nodes(again) == [True, False]
+        assert (await store.load_nodes("r"))["a"].value == '"w"'
+    finally:
+        await store.close()
+
+
 async def test_garbage_at_a_runs_key_is_a_checkpoint_error_naming_the_run(
     nats_server: NatsServer,
 ) -> None:

@@ -10,7 +10,8 @@ tokens of the ids::
     consumer workers         the durable pull consumer every worker shares; explicit acks,
                              AckWait = the workers' lease, MaxDeliver = max_deliver
     stream {prefix}_log      limits retention, max_age: {prefix}.log.done.{run} completions
-                             and {prefix}.log.ev.{run} events, read by stream sequence
+                             and {prefix}.log.ev.{run} events, read by stream sequence;
+                             {prefix}.log.batch carries many of both at once (frames)
     stream {prefix}_dead     dead letters, {prefix}.dead.{run}
 
 A task's lease is JetStream's ack timer: ``claim`` pulls messages off the consumer
@@ -51,14 +52,15 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from ..._errors import ConfigError
 from ..base import Broker
 from ..messages import Claimed, Finished
+from . import frames
 from .bucket import Bucket
-from .consumers import LogReader, Puller
+from .consumers import LogReader, Puller, delivery
 from .keys import (
     BLOB_HEADER,
     Malformed,
     dead_letter_of,
     dump_json,
-    from_token,
+    task_ids,
     text_of,
     to_bytes,
     to_token,
@@ -225,8 +227,9 @@ class NATSBroker(Broker):
         retry after a lost reply is not stored twice."""
         self._js()
         messages = []
-        for subject, data in items:
-            headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        call = uuid.uuid4().hex  # one random id per call, numbered per message: unique
+        for i, (subject, data) in enumerate(items):
+            headers = {"Nats-Msg-Id": f"{call}.{i}"}
             if len(data) > self._message_max:
                 bucket = await self._blobs()
                 headers[BLOB_HEADER] = await bucket.put_blob(data, run_id)
@@ -263,10 +266,13 @@ class NATSBroker(Broker):
             log.warning("NATS at %s: %s", self.url, exc)
             return ""
 
-    async def _publish_log(self, kind: str, pairs: list[tuple[str, str]], what: str) -> None:
-        items = [(f"{self._prefix}.log.{kind}.{to_token(r)}", to_bytes(t)) for r, t in pairs]
-        results = await self._publish(items, what, run_id=pairs[0][0] if pairs else None)
-        raise_refused(results, what, self.url)
+    async def _publish_log(
+        self, entries: list[tuple[str, str, bytes]], what: str, run_id: str | None
+    ) -> None:
+        """Publish ``(kind, run token, payload)`` entries in order, in as few messages as
+        fit (frames): a publish and an ack for the lot, not one each."""
+        log = frames.messages(self._prefix, entries, self._message_max)
+        raise_refused(await self._publish(log, what, run_id=run_id), what, self.url)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -293,24 +299,16 @@ class NATSBroker(Broker):
         msgs = await puller.pull(limit, LONG_POLL)
         claimed = []
         for msg in msgs:
-            meta = msg.metadata
-            task_id = f"{meta.sequence.stream}.{meta.num_delivered}"
+            got = delivery(msg)
+            if got is None:  # not from JetStream: not a task (the inbox is ours alone)
+                log.warning("NATS at %s: dropping a message that is not a task", self.url)
+                continue
+            task_id = f"{got[0]}.{got[2]}"
             self._held[task_id] = msg
             payload = await self._payload(msg, "a task")
-            run_id, node_id = self._ids_of(msg.subject)
-            claimed.append(Claimed(task_id, int(meta.num_delivered), payload, run_id, node_id))
+            run_id, node_id = task_ids(self._prefix, msg.subject)
+            claimed.append(Claimed(task_id, got[2], payload, run_id, node_id))
         return claimed
-
-    def _ids_of(self, subject: str) -> tuple[str | None, str | None]:
-        """The run and node a task's subject names (None for a subject flowdsl did not
-        make): what fails the right run when a payload is unreadable."""
-        parts = subject.split(".")
-        if len(parts) != 4 or parts[:2] != [self._prefix, "tasks"]:
-            return None, None
-        try:
-            return from_token(parts[2]), from_token(parts[3])
-        except (ValueError, UnicodeDecodeError):
-            return None, None
 
     async def drop_queued(self, run_id: str) -> None:
         """A failed or cancelled run's tasks leave the queue (a worker holding one finishes
@@ -333,7 +331,7 @@ class NATSBroker(Broker):
         elsewhere holding an old one may finish it too; the first commit wins.)"""
         mine = {int(msg.metadata.sequence.stream) for msg in self._held.values()}
         for seq, raw in await self._run_tasks(run_id):
-            if self._ids_of(str(raw.subject))[1] in skip:
+            if task_ids(self._prefix, str(raw.subject))[1] in skip:
                 await self._delete_task(seq, run_id)
                 continue
             if seq in mine:
@@ -475,10 +473,10 @@ class NATSBroker(Broker):
 
     async def complete_many(self, items: Sequence[Finished]) -> None:
         """Complete or dead-letter *items*: their dead letters, then each one's events and
-        completion in order (on the log stream, so a reader sees the events first),
-        pipelined, a round trip for each kind; then the acks.  The completion first, the
-        ack last: a crash in between redelivers the task, whose next worker completes it
-        again (a second completion is ignored)."""
+        completion in order (on the log stream, so a reader sees the events first, framed
+        in batch messages), pipelined, a round trip for each kind; then the acks.  The
+        completion first, the ack last: a crash in between redelivers the task, whose next
+        worker completes it again (a second completion is ignored)."""
         await checkpoint_if_cancelled()
         if not items:
             return
@@ -493,12 +491,11 @@ class NATSBroker(Broker):
         ]
         if dead:
             raise_refused(await self._publish(dead, what), what, self.url)
-        log: list[tuple[str, bytes]] = []
+        entries: list[tuple[str, str, bytes]] = []
         for item in items:
-            log += [(f"{self._prefix}.log.ev.{to_token(r)}", to_bytes(t)) for r, t in item.events]
-            log.append((f"{self._prefix}.log.done.{to_token(item.run_id)}", to_bytes(item.payload)))
-        what = "publish completions"
-        raise_refused(await self._publish(log, what, run_id=items[0].run_id), what, self.url)
+            entries += [("ev", to_token(r), to_bytes(t)) for r, t in item.events]
+            entries.append(("done", to_token(item.run_id), to_bytes(item.payload)))
+        await self._publish_log(entries, "publish completions", items[0].run_id)
         for item in items:  # the acks go out together (nats-py sends its buffer at once)
             msg = self._held.pop(item.task_id, None)
             if msg is not None:
@@ -555,7 +552,8 @@ class NATSBroker(Broker):
 
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         if events:
-            await self._publish_log("ev", events, "publish events")
+            entries = [("ev", to_token(r), to_bytes(t)) for r, t in events]
+            await self._publish_log(entries, "publish events", events[0][0])
 
     async def events(self, cursor: Any) -> tuple[list[tuple[str, str]], Any]:
         reader = self._log()

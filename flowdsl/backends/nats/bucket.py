@@ -42,6 +42,12 @@ class Bucket:
         self._stream = f"KV_{name}"
         self._get_subject = f"$JS.API.STREAM.MSG.GET.{self._stream}"
         self._key_prefix = f"$KV.{name}."
+        # A bucket that allows direct gets is read with them: the reply is the stored
+        # message itself, where a message get wraps it in JSON and base64 (both ends
+        # pay for that).  Made only for buckets of one replica (a direct get may be
+        # answered by a replica that lags behind); an older bucket keeps message gets.
+        self._direct = bool(getattr(kv, "_direct", False))
+        self._direct_subject = f"$JS.API.DIRECT.GET.KV_{name}.$KV.{name}."
         self._requests = Requests(link)
         self._publisher: Publisher | None = None  # for create_many, made on first use
         # Every record must fit in one message: chunks and inline values stay well below
@@ -64,6 +70,7 @@ class Bucket:
             description="flowdsl runs and node journals",
             history=1,
             replicas=options.replicas,
+            direct=options.replicas == 1,
             storage=storage_type(options),
         )
 
@@ -103,6 +110,16 @@ class Bucket:
             return []
         requests = self._requests
         timeout = self.link.url.options.timeout
+        if self._direct:
+            asks = [(self._direct_subject + key, b"") for key in keys]
+            stored = [self._key_prefix + key for key in keys]  # each reply's subject
+
+            async def direct() -> list[bytes | None]:
+                with anyio.fail_after(timeout):
+                    replies = await requests.request(asks)
+                return [_direct_value(r, s) for r, s in zip(replies, stored, strict=True)]
+
+            return await self.link.call(what, direct, run_id=run_id)
         items = [
             (self._get_subject, b'{"last_by_subj":"%s"}' % (self._key_prefix + key).encode())
             for key in keys
@@ -125,7 +142,9 @@ class Bucket:
     ) -> list[bool]:
         """KV create of each ``(key, value)``, pipelined (one round trip for the lot, as
         the KV's own create is a publish expecting no earlier value): True for each key
-        this call wrote, False for each that existed."""
+        this call wrote, False for each that existed.  A key refused is tried again alone
+        by :meth:`create`, which takes a deleted key (its delete marker is an earlier
+        value: a forgotten node committed again)."""
         if self._publisher is None:
             self._publisher = Publisher(self.link)
         publisher = self._publisher
@@ -143,7 +162,10 @@ class Bucket:
             what,
             self.link.url.shown,
         )
-        return [r is None for r in results]
+        return [
+            r is None or await self.create(key, value, what, run_id)
+            for r, (key, value) in zip(results, items, strict=True)
+        ]
 
     async def update_many(self, items: list[tuple[str, bytes, int]], what: str) -> list[int | None]:
         """KV update of each ``(key, value, last)`` against revision *last*, pipelined (one
@@ -173,11 +195,11 @@ class Bucket:
         )
         return [seq if r is None else None for r, seq in zip(results, sequences, strict=True)]
 
-    async def create(self, key: str, value: bytes, what: str, run_id: str) -> bool:
+    async def create(self, key: str, value: bytes, what: str, run_id: str | None) -> bool:
         """KV create: True when this call wrote the key, False when it existed."""
         return await self.create_at(key, value, what, run_id) is not None
 
-    async def create_at(self, key: str, value: bytes, what: str, run_id: str) -> int | None:
+    async def create_at(self, key: str, value: bytes, what: str, run_id: str | None) -> int | None:
         """KV create: the revision written, or None when the key existed."""
         from nats.js.errors import KeyWrongLastSequenceError
 
@@ -375,6 +397,23 @@ class Bucket:
         if value is None:
             return None
         return await self.unpack(value, what, run_id, json_text=json_text)
+
+
+def _direct_value(reply: Any, subject: str) -> bytes | None:
+    """The value in a reply to a direct get of *subject* (None: no such key, or deleted);
+    a server error is raised as nats-py's, so that the link retries the transient ones."""
+    from nats.js.errors import APIError
+
+    headers = reply.headers or {}
+    if not reply.data and "Status" in headers:
+        if headers["Status"] == "404":
+            return None
+        APIError.from_msg(reply)  # raises (503: away, retried)
+    if headers.get("Nats-Subject") != subject:
+        raise Malformed("the server's reply to a KV read is not of the key asked for")
+    if "KV-Operation" in headers:
+        return None  # a delete or purge marker
+    return bytes(reply.data)
 
 
 def _kv_value(reply: bytes) -> bytes | None:

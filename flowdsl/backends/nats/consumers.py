@@ -14,16 +14,36 @@ from typing import Any, Final
 import anyio
 import attrs
 
-from .keys import BLOB_HEADER, from_token, text_of
+from .frames import SLOTS, split
+from .keys import BLOB_HEADER, Malformed, from_token, text_of
 from .link import NatsLink, quietly
 
-__all__ = ["LogReader", "Puller"]
+__all__ = ["LogReader", "Puller", "delivery"]
 
 log = logging.getLogger("flowdsl.nats")
 
 # A reader's events that nobody takes are dropped past this many (a client with no
 # observed run has no use for other clients' events).
 _EVENTS_KEPT: Final = 10_000
+
+
+def delivery(msg: Any) -> tuple[int, int, int] | None:
+    """A JetStream message's stream sequence, consumer sequence and delivery count, from
+    its reply subject (``$JS.ACK.{stream}.{consumer}.{delivered}.{stream seq}.{consumer
+    seq}...``); None for another message.  nats-py's ``metadata`` reads the same, and
+    makes a datetime and five objects besides, for each message."""
+    reply = msg.reply
+    tokens: list[str] = reply.split(".") if reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":  # no domain
+        try:
+            return int(tokens[5]), int(tokens[6]), int(tokens[4])
+        except ValueError:
+            return None
+    try:
+        meta = msg.metadata
+    except Exception:  # not a JetStream message (a flow-control probe, say)
+        return None
+    return int(meta.sequence.stream), int(meta.sequence.consumer), int(meta.num_delivered)
 
 
 class Puller:
@@ -120,11 +140,13 @@ class LogReader:
     """The completions and events of the log stream, pushed to this process by one
     ephemeral consumer and kept until taken.
 
-    ``position`` is the last stream sequence received: every message after ``start`` up
-    to it is in the buffers or was taken.  A cursor older than ``start`` (a caller that
-    wants what this reader never asked for) makes the consumer start again from there; a
-    reconnect or a gap in the consumer's sequence (messages dropped) makes it start again
-    from ``position``.
+    A position (and a cursor) is ``stream sequence * SLOTS + index``, the index of an
+    entry in its message (0 for a message of one entry, see ``frames``), so that a reader
+    taking at most *count* entries can stop inside a batch message.  ``position`` is the
+    last position received: every entry after ``start`` up to it is in the buffers or was
+    taken.  A cursor older than ``start`` (a caller that wants what this reader never
+    asked for) makes the consumer start again from there; a reconnect or a gap in the
+    consumer's sequence (messages dropped) makes it start again after ``position``.
     """
 
     def __init__(
@@ -155,7 +177,7 @@ class LogReader:
 
         async def op() -> int:
             info = await js.stream_info(self._stream)
-            return int(info.state.last_seq)
+            return int(info.state.last_seq) * SLOTS + SLOTS - 1
 
         return await self._link.call("read the log's end", op)
 
@@ -189,19 +211,20 @@ class LogReader:
 
     async def _ensure(self, cursor: int) -> None:
         if self._start is None or cursor + 1 < self._start:
-            await self._restart(cursor + 1, rewind=True)
+            await self._restart((cursor + 1) // SLOTS, rewind=True)
         elif self._sub is None or self._broken or self._generation != self._link.generation:
-            await self._restart(self.position + 1, rewind=False)
+            await self._restart((self.position + 1) // SLOTS, rewind=False)
 
     async def _restart(self, first: int, *, rewind: bool) -> None:
+        """Read again from the message of stream sequence *first*."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         await self.stop()
         if rewind:
             self._done.clear()
             self._events.clear()
-            self._start = first
-            self.position = first - 1
+            self._start = first * SLOTS
+            self.position = first * SLOTS - 1
         nc = self._link.nc
         js = self._link.js
         self._cseq = 0
@@ -233,31 +256,42 @@ class LogReader:
         self._consumer = await self._link.call("read completions", op)
 
     def _on_msg(self, msg: Any) -> None:
-        try:
-            meta = msg.metadata
-        except Exception:  # not a JetStream message (a flow-control probe, say)
+        got = delivery(msg)
+        if got is None:  # not a JetStream message (a flow-control probe, say)
             return
-        if meta.sequence.consumer != self._cseq + 1:
+        seq, cseq, _ = got
+        if cseq != self._cseq + 1:
             self._broken = True  # messages were dropped (a slow reader): start again
             return
-        self._cseq = meta.sequence.consumer
-        seq = int(meta.sequence.stream)
-        if seq <= self.position:
+        self._cseq = cseq
+        base = seq * SLOTS
+        if base <= self.position:
             return
-        self.position = seq
+        self.position = base + SLOTS - 1
         kind, _, token = msg.subject[len(self._prefix) :].partition(".")
+        if kind == "batch":
+            try:
+                entries = split(msg.data)
+            except Malformed as exc:
+                log.warning("dropping a log batch on %s: %s", msg.subject, exc)
+                return
+            for i, (what, run, data) in enumerate(entries):
+                self._keep(base + i, what, run, text_of(data))
+            return
         headers = msg.headers
         digest = headers.get(BLOB_HEADER) if headers else None
-        text: str | _Blob = text_of(msg.data) if digest is None else _Blob(str(digest))
+        self._keep(base, kind, token, text_of(msg.data) if digest is None else _Blob(str(digest)))
+
+    def _keep(self, position: int, kind: str, token: str, text: str | _Blob) -> None:
         if kind == "done":
-            self._done.append((seq, text))
+            self._done.append((position, text))
         elif kind == "ev":
             try:
                 run_id = from_token(token)
             except (ValueError, UnicodeDecodeError):
-                log.warning("dropping an event on %s: not a flowdsl subject", msg.subject)
+                log.warning("dropping an event of run token %r: not a flowdsl run", token)
                 return
-            self._events.append((seq, run_id, text))
+            self._events.append((position, run_id, text))
             if len(self._events) > _EVENTS_KEPT:
                 self._events.popleft()
 

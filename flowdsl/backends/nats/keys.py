@@ -21,6 +21,7 @@ __all__ = [
     "from_bytes",
     "from_token",
     "load_json",
+    "task_ids",
     "to_bytes",
     "to_token",
 ]
@@ -30,6 +31,8 @@ __all__ = [
 BLOB_HEADER: Final = "Flowdsl-Blob"
 
 # --- encoding -------------------------------------------------------------------------------
+
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def to_token(text: str) -> str:
@@ -42,7 +45,7 @@ def from_token(part: str) -> str:
     """The text :func:`to_token` made; ValueError for anything it cannot have made."""
     if part == "=":
         return ""
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", part):
+    if not _TOKEN.fullmatch(part):
         raise ValueError(f"{part!r} is not a base64url token")
     raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     return raw.decode("utf-8", "surrogatepass")
@@ -107,6 +110,18 @@ def id_of(key: str, kind: str) -> str:
         return from_token(key.rsplit(".", 1)[-1])
     except (ValueError, UnicodeDecodeError):
         raise Malformed(f"the key {key!r} does not name a {kind}") from None
+
+
+def task_ids(prefix: str, subject: str) -> tuple[str | None, str | None]:
+    """The run and node a task's subject names (None for a subject flowdsl did not make):
+    what fails the right run when a payload is unreadable."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != prefix or parts[1] != "tasks":
+        return None, None
+    try:
+        return from_token(parts[2]), from_token(parts[3])
+    except (ValueError, UnicodeDecodeError):
+        return None, None
 
 
 def text_of(data: bytes) -> str:

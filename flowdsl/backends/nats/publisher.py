@@ -5,7 +5,8 @@ that knows which refusals are expected."""
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Final
 
 import attrs
 
@@ -65,11 +66,22 @@ class Publisher:
         await self._requests.stop()
 
 
+# A stored message's ack, as servers write it (2.9 puts spaces after some separators):
+# read without a JSON parse.
+_STORED: Final = re.compile(
+    rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?'
+    rb'"seq": ?(\d+)(?:, ?"duplicate": ?true)?\}'
+)
+
+
 def _ack_of(msg: Any) -> tuple[Refused | None, int]:
     """A publish's reply: the stream's refusal, or None and the stored message's sequence."""
     headers = msg.headers
     if headers and headers.get("Status") == "503":  # no responders: no stream there
         return Refused(503, 0, "no stream answered (JetStream away)"), 0
+    stored = _STORED.fullmatch(msg.data)
+    if stored is not None:
+        return None, int(stored[1])
     try:
         reply = json.loads(msg.data)
         error = reply.get("error") if isinstance(reply, dict) else None
