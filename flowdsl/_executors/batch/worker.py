@@ -68,7 +68,7 @@ from .refusals import (
     bare,
     check_count,
     check_max_deliveries,
-    decode_arg,
+    decode_args,
     unknown_step,
 )
 
@@ -368,7 +368,7 @@ class Worker:
             )
             return self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
         node = self._node(task)
-        args, kwargs = self._arguments(task, node)
+        args, kwargs = decode_args(task, node.fn)
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
             self._sync_last = node.fn is not None and not node.fn.is_async
@@ -489,22 +489,6 @@ class Worker:
                 node=task.node_id,
             )
         return Node(task.node_id, kind, unit.name, labels=task.labels, fn=unit)
-
-    def _arguments(self, task: TaskMessage, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        unit = node.fn
-        assert unit is not None
-        positional, by_name = unit.param_types
-        args = tuple(
-            decode_arg(
-                data, positional[i] if i < len(positional) else Any, task, f"argument {i + 1}"
-            )
-            for i, data in enumerate(task.args)
-        )
-        kwargs = {
-            k: decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
-            for k, v in task.kwargs.items()
-        }
-        return args, kwargs
 
 
 async def serve(
