@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import attrs
 
-__all__ = ["Slot", "lent_slot", "running_in"]
+__all__ = ["Slot", "lent_slot", "occupy"]
 
 
 @attrs.define(eq=False)
@@ -37,14 +37,10 @@ class Slot:
 _SLOT: contextvars.ContextVar[Slot | None] = contextvars.ContextVar("flowdsl_slot", default=None)
 
 
-@contextlib.contextmanager
-def running_in(slot: Slot) -> Iterator[None]:
-    """Inside the block, the running task's steps may lend *slot* (:func:`lent_slot`)."""
-    token = _SLOT.set(slot)
-    try:
-        yield
-    finally:
-        _SLOT.reset(token)
+def occupy(slot: Slot) -> None:
+    """From now on, the steps that run in this context may lend *slot* (:func:`lent_slot`).
+    The context is the task's own (or a pooled job's), and ends with it: nothing to reset."""
+    _SLOT.set(slot)
 
 
 @contextlib.asynccontextmanager

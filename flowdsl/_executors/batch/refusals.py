@@ -15,6 +15,7 @@ __all__ = [
     "bare",
     "check_max_deliveries",
     "decode_arg",
+    "decode_args",
     "unknown_step",
 ]
 
@@ -83,3 +84,27 @@ def decode_arg(data: Any, tp: Any, task: TaskMessage, what: str) -> Any:
         raise CheckpointError(
             f"{what} cannot be decoded: {exc.problem}", flow=task.flow, node=task.node_id
         ) from exc
+
+
+_PRIMITIVES: Final = frozenset({str, int, float, bool})
+
+
+def decode_args(task: TaskMessage, unit: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The task's arguments as the step's parameters are annotated (see
+    :func:`decode_arg`).  A plain value of its parameter's very type, or for a parameter
+    without one, is taken as it is without a call, as the codec would take it: this runs
+    for every argument of every task."""
+    positional, by_name = unit.param_types
+    count = len(positional)
+    args = []
+    for i, data in enumerate(task.args):
+        tp = positional[i] if i < count else Any
+        if tp is Any or (type(data) is tp and tp in _PRIMITIVES):
+            args.append(data)
+        else:
+            args.append(decode_arg(data, tp, task, f"argument {i + 1}"))
+    kwargs = {
+        k: decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
+        for k, v in task.kwargs.items()
+    }
+    return tuple(args), kwargs

@@ -41,7 +41,7 @@ from ..._define.dsl import registered_unit
 from ..._define.graph import Node, NodeKind
 from ..._engine.lease import mark_alive, mark_gone, new_owner
 from ..._engine.runner import describe, run_node_cached
-from ..._engine.slots import Slot, running_in
+from ..._engine.slots import Slot, occupy
 from ..._errors import CheckpointError, CodecError, ConfigError, StepFailed
 from ..._integrity import Seal
 from ..._records import NodeRecord
@@ -58,14 +58,17 @@ from ...backends.messages import (
     encode_event,
     peek_run_id,
 )
+from .collector import tuned_collector
+from .completions import ok_completion
 from .finisher import TRANSIENT, Finisher
+from .pool import TaskPool
 from .refusals import (
     DEFAULT_MAX_DELIVERIES,
     UnknownStep,
     bare,
     check_count,
     check_max_deliveries,
-    decode_arg,
+    decode_args,
     unknown_step,
 )
 
@@ -185,10 +188,11 @@ class Worker:
         mark_alive(self.name, self)  # a resume here leaves this worker's tasks to it
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat)
+                pool = TaskPool(tg)
+                tg.start_soon(self._heartbeat, pool)
                 tg.start_soon(self.finisher.run)
                 task_status.started()
-                await self._fetch(tg)
+                await self._fetch(pool)
         finally:
             mark_gone(self.name)
 
@@ -202,7 +206,7 @@ class Worker:
             room = min(room, self.concurrency - waiting)
         return room
 
-    async def _fetch(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _fetch(self, pool: TaskPool) -> None:
         idle = self.poll_interval
         while True:
             free = self._room_for()
@@ -243,7 +247,7 @@ class Worker:
             self._unsorted.update(fresh)
             committed = await self._committed(list(fresh.values()))
             for task_id, item in fresh.items():
-                tg.start_soon(self._serve, item, slots[task_id], committed)
+                pool.start_soon(self._serve, item, slots[task_id], committed)
 
     def _sorted(self, task_id: str) -> None:
         if task_id in self._unsorted:
@@ -272,9 +276,10 @@ class Worker:
             log.warning("worker %s: cannot read the journal at once: %s", self.name, exc)
             return None
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, pool: TaskPool) -> None:
         while True:
             await anyio.sleep(self.lease / 3)
+            pool.trim()
             if self._held:
                 try:
                     await self.broker.extend(sorted(self._held), self.lease)
@@ -288,9 +293,11 @@ class Worker:
         committed: Mapping[tuple[str, str], NodeRecord] | None,
     ) -> None:
         finished = None
+        # The job runs in a context of its own (see TaskPool): a step waiting for a
+        # provider batch job lends the slot from there.
+        occupy(slot)
         try:
-            with running_in(slot):  # a step waiting for a provider batch job lends it
-                finished = await self.settle(item, committed)
+            finished = await self.settle(item, committed)
         except TRANSIENT as exc:
             # The task could not be run (the store is away): its lease runs out and it is
             # handed out again; the journal keeps it from running twice.
@@ -361,7 +368,7 @@ class Worker:
             )
             return self._fail(item, task.run_id, task.node_id, reason, "dead", dead=True)
         node = self._node(task)
-        args, kwargs = self._arguments(task, node)
+        args, kwargs = decode_args(task, node.fn)
         sink = _WorkerSink(task.run_id, task.flow, task.observed)
         try:
             self._sync_last = node.fn is not None and not node.fn.is_async
@@ -420,7 +427,10 @@ class Worker:
             commit=False,
             batch=True,
         )
-        record, _ = await _otel.node_span(sink, node, work, parent=task.trace)
+        if _otel.configured() is None:  # nobody traces: no span, not even its frame
+            record, _ = await work
+        else:
+            record, _ = await _otel.node_span(sink, node, work, parent=task.trace)
         return record
 
     def _done(
@@ -432,8 +442,7 @@ class Worker:
         *,
         commit: bool = False,
     ) -> Finished:
-        completion = Completion(task.run_id, task.node_id, True, record)
-        payload = encode_completion(completion, self.store.seal)
+        payload = ok_completion(task.run_id, task.node_id, record, self.store.seal)
         return Finished(
             item.task_id,
             task.run_id,
@@ -480,22 +489,6 @@ class Worker:
                 node=task.node_id,
             )
         return Node(task.node_id, kind, unit.name, labels=task.labels, fn=unit)
-
-    def _arguments(self, task: TaskMessage, node: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        unit = node.fn
-        assert unit is not None
-        positional, by_name = unit.param_types
-        args = tuple(
-            decode_arg(
-                data, positional[i] if i < len(positional) else Any, task, f"argument {i + 1}"
-            )
-            for i, data in enumerate(task.args)
-        )
-        kwargs = {
-            k: decode_arg(v, by_name.get(k, Any), task, f"argument {k!r}")
-            for k, v in task.kwargs.items()
-        }
-        return args, kwargs
 
 
 async def serve(
@@ -550,7 +543,8 @@ async def serve(
                 llm=llm,
                 max_deliveries=max_deliveries,
             )
-            await worker.run(task_status=task_status)
+            with tuned_collector():
+                await worker.run(task_status=task_status)
         finally:
             with anyio.CancelScope(shield=True):
                 await queue.close()

@@ -355,11 +355,11 @@ def complete_task(task_id: str, run_id: str, node_id: str, payload: str) -> list
 #: A node's commit and the statements to run with it when it is the first: ``(run_id,
 #: record, then)``.
 CommitThen = tuple[str, NodeRecord, Sequence[tuple[str, Any]]]
+#: A node's ``INSERT_NODE`` parameters, and its value's blob hash and data if it has one.
+NodeRow = tuple[tuple[Any, ...], bytes | None, bytes | None]
 
 
-def node_row(
-    run_id: str, record: NodeRecord, seal: Seal
-) -> tuple[tuple[Any, ...], bytes | None, bytes | None]:
+def node_row(run_id: str, record: NodeRecord, seal: Seal) -> NodeRow:
     """``(INSERT_NODE parameters, blob hash, blob data)`` of a node's record."""
     value, digest, data = split_value(record.value)
     usage = None if record.usage is None else storable_json(_codec.dumps(record.usage))
@@ -376,6 +376,55 @@ def node_row(
         seal.node(run_id, record),
     )
     return params, digest, data
+
+
+def insert_all(
+    db: sqlite3.Connection, rows: Sequence[NodeRow], items: Sequence[CommitThen]
+) -> list[bool]:
+    """Insert the rows of nodes none of which is committed yet, and run their *then*
+    statements, a statement for all at once (``executemany``); in the caller's open
+    transaction.  An empty list, with nothing written, when a row was there already (a
+    redelivered task): :func:`insert_each` then decides one by one.
+
+    The batches of a worker, where nodes committed before are rare (its claim read the
+    journal): one call per kind of statement, not one per row.  Each item's *then*
+    statements touch its own rows only, so they may run statement by statement across
+    the items (each item's keep their order).
+    """
+    db.execute("SAVEPOINT fd_all")
+    if db.executemany(INSERT_NODE, [params for params, _, _ in rows]).rowcount != len(rows):
+        db.execute("ROLLBACK TO fd_all")
+        db.execute("RELEASE fd_all")
+        return []
+    blobs = [(digest, data) for _, digest, data in rows if digest is not None]
+    if blobs:
+        db.executemany(INSERT_BLOB, blobs)
+    # Items whose statements are alike (the same SQL, in the same order) go together.
+    shapes: dict[tuple[str, ...], list[Sequence[tuple[str, Any]]]] = {}
+    for _, _, then in items:
+        if then:
+            shapes.setdefault(tuple(sql for sql, _ in then), []).append(then)
+    for shape, thens in shapes.items():
+        for i, sql in enumerate(shape):
+            db.executemany(sql, [then[i][1] for then in thens])
+    db.execute("RELEASE fd_all")
+    return [True] * len(rows)
+
+
+def insert_each(
+    db: sqlite3.Connection, rows: Sequence[NodeRow], items: Sequence[CommitThen]
+) -> list[bool]:
+    """Insert each row and, if it is the node's first commit, its blob and *then*
+    statements; in the caller's open transaction.  Whether each was the first."""
+    created: list[bool] = []
+    for (params, digest, data), (_, _, then) in zip(rows, items, strict=True):
+        created.append(db.execute(INSERT_NODE, params).rowcount == 1)
+        if created[-1]:
+            if digest is not None:
+                db.execute(INSERT_BLOB, (digest, data))
+            for sql, args in then:
+                db.execute(sql, args)
+    return created
 
 
 def split_value(value: str) -> tuple[str | None, bytes | None, bytes | None]:

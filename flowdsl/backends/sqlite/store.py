@@ -341,20 +341,15 @@ class SQLiteStore(Store):
         (a batch worker's finished tasks): one bool each, in order."""
         db = self._db()
         rows = [schema.node_row(run_id, record, self.seal) for run_id, record, _ in items]
-        created: list[bool] = []
         try:
             # The rows and their blobs become durable together.  IMMEDIATE takes the
             # write lock up front, so a concurrent writer makes us wait (busy_timeout)
             # rather than fail on a lock upgrade.
             db.execute("BEGIN IMMEDIATE")
             try:
-                for (params, digest, data), (_, _, then) in zip(rows, items, strict=True):
-                    created.append(db.execute(schema.INSERT_NODE, params).rowcount == 1)
-                    if created[-1]:
-                        if digest is not None:
-                            db.execute(schema.INSERT_BLOB, (digest, data))
-                        for sql, args in then:
-                            db.execute(sql, args)
+                created = schema.insert_all(db, rows, items) if len(rows) > 1 else []
+                if not created:
+                    created = schema.insert_each(db, rows, items)
                 db.execute("COMMIT")
             except BaseException:
                 schema.rollback(db)
