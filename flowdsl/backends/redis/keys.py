@@ -34,6 +34,7 @@ __all__ = [
     "parse_cached",
     "parse_node",
     "queued_field",
+    "stream_entries",
     "to_bytes",
 ]
 
@@ -120,8 +121,9 @@ _DIGEST_CHARS: Final = frozenset("0123456789abcdef")
 
 
 def parse_node(raw: object) -> dict[str, Any]:
-    """A stored node record's fields, its shape checked (the values are checked by
-    :func:`node_from_fields`); its value may still be a blob reference."""
+    """A stored node record's fields, its shape checked (the values, an inline value's
+    JSON included, are checked by :func:`node_from_fields`, which alone may know them
+    for a verified message's); its value may still be a blob reference."""
     data = load_json(from_bytes(raw, "the record"), "the record")
     if not isinstance(data, dict):
         raise Malformed("the record is not a JSON object")
@@ -129,9 +131,7 @@ def parse_node(raw: object) -> dict[str, Any]:
     inline = "value" in keys
     if inline == ("blob" in keys) or keys - {"value", "blob"} - _OPTIONAL_NODE_KEYS != _NODE_KEYS:
         raise Malformed(f"the record has the fields {sorted(keys)}")
-    if inline:
-        check_json(data["value"], "value")
-    elif not is_digest(data["blob"]):
+    if not inline and not is_digest(data["blob"]):
         raise Malformed("the blob reference is not a SHA-256 hash")
     return data
 
@@ -150,16 +150,22 @@ def node_from_fields(
 ) -> NodeRecord:
     """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked
     (its integrity check under *seal* included; see ``node_record``'s *expected*)."""
-    value = data["value"] if "value" in data else blob_text(data["blob"], blob)
-    return node_record(run_id, node_id, {**data, "value": value}, seal, expected=expected)
+    if "value" not in data:
+        data = {**data, "value": _blob_text(data["blob"], blob)}
+    return node_record(run_id, node_id, data, seal, expected=expected)
 
 
 def blob_text(digest: str, blob: object) -> str:
+    return check_json(_blob_text(digest, blob), "value")
+
+
+def _blob_text(digest: str, blob: object) -> str:
+    """The text of a value's *blob*, matched against its *digest* (its JSON unchecked)."""
     if not isinstance(blob, bytes):
         raise Malformed(f"the value's blob {digest[:16]}... is missing")
     if hashlib.sha256(blob).hexdigest() != digest:
         raise Malformed(f"the value's blob {digest[:16]}... does not match its hash")
-    return check_json(from_bytes(blob, "the value's blob"), "value")
+    return from_bytes(blob, "the value's blob")
 
 
 def float_text(value: bytes | None, field: str) -> float:
@@ -222,6 +228,27 @@ def dead_letter_of(fields: dict[Any, Any]) -> dict[str, Any]:
 
 def queued_field(run_id: str, node_id: str) -> bytes:
     return to_bytes(_codec.dumps([run_id, node_id]))
+
+
+def stream_entries(reply: Any) -> dict[str, list[tuple[bytes, list[Any]]]]:
+    """XREAD's or XREADGROUP's reply as it came (RESP2: ``[[stream, entries], ...]``;
+    RESP3: a map), by stream: ``(entry id, flat field list)`` pairs.  What is not of that
+    shape (an entry deleted while pending has no fields) is left out."""
+    streams = reply.items() if isinstance(reply, dict) else reply or []
+    out: dict[str, list[tuple[bytes, list[Any]]]] = {}
+    for item in streams:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            continue
+        name, entries = item
+        out[from_bytes(name, "stream")] = [
+            (e[0], e[1])
+            for e in entries or []
+            if isinstance(e, list)
+            and len(e) == 2
+            and isinstance(e[0], bytes)
+            and isinstance(e[1], list)
+        ]
+    return out
 
 
 def entry_fields(fields: Any) -> dict[Any, Any]:
