@@ -198,18 +198,17 @@ class RedisBroker(Broker):
         if limit < 1:
             return []
         now = anyio.current_time()
-        reclaim = now >= self._next_reclaim
-        if reclaim:
+        if now >= self._next_reclaim:
             self._next_reclaim = now + min(1.0, lease / 4)
-        args = [GROUP, worker, limit, str(int(lease * 1000)) if reclaim else "", "0-0"]
-        if reclaim:
-            args[4] = self._reclaim_cursor
-        result = await self._claim_script(args)
-        if reclaim:
+            args = [GROUP, worker, limit, str(int(lease * 1000)), self._reclaim_cursor]
+            result = await self._claim_script(args)
             self._reclaim_cursor = from_bytes(result[0], "cursor")
-        entries = [(e[0], int(e[1]), e[2]) for e in result[1]]
-        if not entries and self.claim_block > 0:
-            entries = await self._claim_blocking(worker, limit)
+            entries = [(e[0], int(e[1]), e[2]) for e in result[1]]
+            if not entries and self.claim_block > 0:
+                entries = await self._read_new(worker, limit, self.claim_block)
+        else:
+            # No lease to look into: new tasks alone, in one read that waits for them.
+            entries = await self._read_new(worker, limit, self.claim_block)
         if now >= self._next_sweep:
             await self._sweep_consumers()
         return [self._claimed(worker, *entry) for entry in entries]
@@ -224,18 +223,24 @@ class RedisBroker(Broker):
         await self._ensure_group()
         return await self._run("claim", "claiming tasks", [self.tasks_key], args)
 
-    async def _claim_blocking(self, worker: str, limit: int) -> list[tuple[Any, int, Any]]:
+    async def _read_new(self, worker: str, limit: int, block: float) -> list[tuple[Any, int, Any]]:
+        """Tasks never handed out (XREADGROUP ... >), first deliveries, waiting up to
+        *block* seconds for one (0: not at all)."""
         self._link.require("queue")
-        block = max(1, int(self.claim_block * 1000))
         command: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", GROUP, worker]
-        command += [b"COUNT", limit, b"BLOCK", block, b"STREAMS", self.tasks_key, b">"]
-        reply = await self._link.call(
-            "claiming tasks", lambda: self._command(command), on_response=lambda exc: None
-        )
-        return [
-            (entry_id, 1, fields)
-            for entry_id, fields in stream_entries(reply).get(self.tasks_key, [])
-        ]
+        command += [b"COUNT", limit]
+        if block > 0:
+            command += [b"BLOCK", max(1, int(block * 1000))]
+        command += [b"STREAMS", self.tasks_key, b">"]
+        try:
+            reply = await self._link.call("claiming tasks", lambda: self._command(command))
+        except CheckpointError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()  # as for the script; the next claim reads again
+            return []
+        entries = stream_entries(reply).get(self.tasks_key, [])
+        return [(entry_id, 1, fields) for entry_id, fields in entries]
 
     def _claimed(self, worker: str, entry_id: Any, deliveries: int, fields: Any) -> Claimed:
         task_id = from_bytes(entry_id, "entry id")
@@ -479,18 +484,17 @@ class RedisBroker(Broker):
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         if not events:
             return
-        client = self._link.require("queue")
+        self._link.require("queue")
+        head: list[bytes | str | int] = [b"XADD", self.events_key, b"MAXLEN", b"~", self.keep]
+        commands: list[Command] = [
+            [*head, b"*", b"run", to_bytes(run_id), b"payload", to_bytes(text)]
+            for run_id, text in events
+        ]
 
         async def publish() -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                for run_id, text in events:
-                    pipe.xadd(
-                        self.events_key,
-                        {"run": to_bytes(run_id), "payload": to_bytes(text)},
-                        maxlen=self.keep,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            for reply in await self._link.send(commands):
+                if isinstance(reply, Exception):
+                    raise reply
 
         await self._link.call("publishing events", publish)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from json.encoder import encode_basestring as _quoted
 from typing import Any, Final
 
 import attrs
@@ -111,7 +112,33 @@ def encode_node(record: NodeRecord, check: str) -> tuple[bytes, str, bytes]:
     fields["code"] = record.code
     fields["usage"] = record.usage
     fields["check"] = check
-    return to_bytes(_codec.dumps(fields)), digest, blob
+    return _record_json(fields) or to_bytes(_codec.dumps(fields)), digest, blob
+
+
+def _record_json(fields: dict[str, Any]) -> bytes | None:
+    """The bytes ``_codec.dumps`` makes of a node record's *fields*, written out (a
+    worker commits thousands a second): None for what the encoder must see to, a usage
+    mapping or text that is not UTF-8 (a lone surrogate, which the encoder escapes)."""
+    head, first = ("value", fields["value"]) if "value" in fields else ("blob", fields["blob"])
+    attempts, started, finished = fields["attempts"], fields["started_at"], fields["finished_at"]
+    if (
+        fields["usage"] is not None
+        or not (type(first) is type(fields["code"]) is type(fields["check"]) is str)
+        or type(attempts) is not int
+        or type(started) is not float
+        or type(finished) is not float
+        or not (math.isfinite(started) and math.isfinite(finished))
+    ):
+        return None
+    text = (
+        f'{{"{head}":{_quoted(first)},"attempts":{attempts!r},"started_at":{started!r},'
+        f'"finished_at":{finished!r},"code":{_quoted(fields["code"])},"usage":null,'
+        f'"check":{_quoted(fields["check"])}}}'
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 _NODE_KEYS: Final = frozenset({"attempts", "started_at", "finished_at", "code", "usage"})
@@ -227,7 +254,16 @@ def dead_letter_of(fields: dict[Any, Any]) -> dict[str, Any]:
 
 
 def queued_field(run_id: str, node_id: str) -> bytes:
+    """The ``queued`` hash's field of a node: ``[run_id, node_id]`` as JSON."""
+    if _plain(run_id) and _plain(node_id):  # the usual ids: JSON quotes them as they are
+        return f'["{run_id}","{node_id}"]'.encode()
     return to_bytes(_codec.dumps([run_id, node_id]))
+
+
+def _plain(text: str) -> bool:
+    """Whether JSON writes *text* between quotes unchanged (printable ASCII, no quote
+    or backslash)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def stream_entries(reply: Any) -> dict[str, list[tuple[bytes, list[Any]]]]:
@@ -268,7 +304,10 @@ def entry_payload(fields: Any) -> str:
     """A stream entry's payload as text (empty when missing).  Bytes that are not UTF-8
     get a prefix no JSON parser accepts: the message fails to decode (a task fails the
     run its entry names) rather than being read with characters replaced."""
-    raw = entry_fields(fields).get(b"payload")
+    if type(fields) is list and len(fields) == 2 and fields[0] == b"payload":
+        raw = fields[1]  # a completion's entry: its payload alone
+    else:
+        raw = entry_fields(fields).get(b"payload")
     if not isinstance(raw, bytes):
         return ""
     try:

@@ -392,13 +392,14 @@ class RedisLink:
         client = self.require("connection")
         pool = client.connection_pool
         response = self._response or Exception
+        packed = b"".join(pack(c) for c in commands)
         try:
             acquiring = pool.get_connection()
         except TypeError:  # redis-py before 5.3 wants a command's name (and ignores it)
             acquiring = pool.get_connection("_")
         conn = await acquiring
         try:
-            await conn.send_packed_command(b"".join(pack(c) for c in commands))
+            await conn.send_packed_command(packed)
             replies: list[Any] = []
             for _ in commands:
                 try:

@@ -162,6 +162,7 @@ end
 return 1
 """
 
+# Reclaiming tasks whose leases ran out, then reading new ones up to the count.
 # KEYS: tasks.  ARGV: group, consumer, count, min idle ms ('' to skip reclaiming),
 # reclaim cursor.  Returns {next cursor, {{id, deliveries, fields}, ...}}.
 CLAIM: Final = """
