@@ -16,7 +16,7 @@ import attrs
 
 from ... import _codec
 from ..._integrity import Seal
-from ..._records import NodeRecord
+from ..._records import NodeRecord, RunRecord
 from .._validate import Malformed, check_json, load_json, node_record
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "parse_cached",
     "parse_node",
     "queued_field",
+    "run_fields",
     "stream_entries",
     "to_bytes",
 ]
@@ -139,6 +140,26 @@ def _record_json(fields: dict[str, Any]) -> bytes | None:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return None
+
+
+def run_fields(record: RunRecord) -> dict[str, bytes]:
+    """A run record's stored fields (the store's run hash), those that are set."""
+    fields = {
+        "run_id": record.run_id,
+        "flow": record.flow,
+        "flow_ref": record.flow_ref,
+        "fingerprint": record.fingerprint,
+        "inputs": record.inputs,
+        "status": record.status.value,
+        "created_at": repr(record.created_at),
+        "updated_at": repr(record.updated_at),
+        "result": record.result,
+        "error": record.error,
+        "failed_node": record.failed_node,
+        "code": _codec.dumps(record.code),
+        "traceback": record.traceback,
+    }
+    return {k: to_bytes(v) for k, v in fields.items() if v is not None}
 
 
 _NODE_KEYS: Final = frozenset({"attempts", "started_at", "finished_at", "code", "usage"})

@@ -50,6 +50,7 @@ from .keys import (
     node_from_fields,
     parse_cached,
     parse_node,
+    run_fields,
     to_bytes,
 )
 from .leases import RedisLeases
@@ -185,7 +186,7 @@ class RedisStore(RedisLeases, Store):
     # --- runs -----------------------------------------------------------------------------
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
-        fields = _run_fields(record)
+        fields = run_fields(record)
         fields["check"] = to_bytes(self.seal.run_head(record))
         fields["state_check"] = to_bytes(self.seal.run_state_of(record))
         args: list[Any] = [to_bytes(record.run_id), repr(record.created_at)]
@@ -580,25 +581,6 @@ class RedisStore(RedisLeases, Store):
             return v.check_json(from_bytes(raw, "the signal"), "the signal")
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
-
-
-def _run_fields(record: RunRecord) -> dict[str, bytes]:
-    fields = {
-        "run_id": record.run_id,
-        "flow": record.flow,
-        "flow_ref": record.flow_ref,
-        "fingerprint": record.fingerprint,
-        "inputs": record.inputs,
-        "status": record.status.value,
-        "created_at": repr(record.created_at),
-        "updated_at": repr(record.updated_at),
-        "result": record.result,
-        "error": record.error,
-        "failed_node": record.failed_node,
-        "code": _codec.dumps(record.code),
-        "traceback": record.traceback,
-    }
-    return {k: to_bytes(v) for k, v in fields.items() if v is not None}
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
