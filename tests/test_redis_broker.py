@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl._records import NodeRecord, RunRecord, RunStatus
-from flowdsl.backends.messages import decode_completion, decode_task
+from flowdsl.backends.messages import Finished, decode_completion, decode_task
 from flowdsl.backends.redis.broker import GROUP, RedisBroker
 from flowdsl.backends.redis.store import INLINE_MAX, RedisStore
 
@@ -445,3 +445,31 @@ async def test_a_nodes_events_are_published_with_its_commit_and_before_its_compl
     await broker.complete(c.task_id, "r", "c", '"c failed"', events=[("r", '"c failed"')])
     texts, _ = await broker.events(events_at)
     assert texts == [("r", '"a finished"'), ("r", '"c failed"')]
+
+
+# --- commands sent as they are ------------------------------------------------------------------
+
+
+async def test_scripts_run_after_the_server_forgot_them(broker: RedisBroker, raw: Any) -> None:
+    """Scripts go by SHA-1; a server that lost its script cache (restarted, SCRIPT FLUSH)
+    gets them whole, in a batch of writes as alone."""
+    await broker.enqueue([task("r", "a")])
+    await raw.script_flush()
+    await broker.enqueue([task("r", "b")])
+    [first, second] = await broker.claim("w", 10, 30)
+    await raw.script_flush()
+    await broker.complete_many(
+        [
+            Finished(first.task_id, "r", "a", "{}"),
+            Finished(second.task_id, "r", "b", "{}"),
+        ]
+    )
+    assert await broker.pending() == 0
+
+
+async def test_an_error_reply_is_its_commands_alone(broker: RedisBroker, raw: Any) -> None:
+    await raw.set("a-string", "x")
+    replies = await broker._link.send([[b"HGET", "a-string", b"f"], [b"GET", "a-string"]])
+    assert "WRONGTYPE" in str(replies[0])
+    assert replies[1] == b"x"
+    await raw.delete("a-string")

@@ -1,6 +1,6 @@
 """Batches on Redis: the broker's batch finishing (many tasks completed, dead-lettered or
 committed and completed in one script, ``scripts.FINISH_MANY``), and the store's script
-calls made in one tick of the loop sent in one pipeline (:class:`ScriptBatcher`)."""
+calls made in one tick of the loop sent in one write (:class:`ScriptBatcher`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from ..._integrity import Seal
 from ..messages import Finished
 from .keys import Layout, encode_node, queued_field, to_bytes
+from .link import LuaScript, RedisLink
 
 __all__ = ["ScriptBatcher", "finish_many_call", "see_through"]
 
@@ -31,7 +32,12 @@ def finish_many_call(
     keys = [*fixed, layout.blobrefs]
     args: list[Any] = [group, keep, repr(time.time())]
     for item in items:
-        what = "k" if item.record is not None else ("d" if item.dead is not None else "c")
+        field, digest, blob = b"", "", b""
+        if item.record is not None:
+            field, digest, blob = encode_node(item.record, seal.node(item.run_id, item.record))
+            what = "k" if digest else "j"  # a value inline needs no blob arguments
+        else:
+            what = "d" if item.dead is not None else "c"
         args += [
             what,
             item.task_id,
@@ -41,17 +47,19 @@ def finish_many_call(
         ]
         for run_id, text in item.events:
             args += [to_bytes(run_id), to_bytes(text)]
-        if item.record is not None:
-            field, digest, blob = encode_node(item.record, seal.node(item.run_id, item.record))
-            keys += [layout.nodes(item.run_id), layout.blob(digest) if digest else layout.no_blob]
+        if what == "k":
+            keys += [layout.nodes(item.run_id), layout.blob(digest)]
             args += [to_bytes(item.node_id), field, digest, blob]
+        elif what == "j":
+            keys.append(layout.nodes(item.run_id))
+            args += [to_bytes(item.node_id), field]
         elif item.dead is not None:
             args += [to_bytes(item.run_id), to_bytes(item.node_id), to_bytes(item.dead)]
     return keys, args
 
 
 class ScriptBatcher:
-    """Script calls made in the same tick of the loop, sent in one pipeline.
+    """Script calls made in the same tick of the loop, sent in one write.
 
     A client drives a thousand runs at once: their runs are created, their leases taken
     and released, their states written by as many concurrent calls, each a round trip of
@@ -62,12 +70,13 @@ class ScriptBatcher:
     task of its own: a caller cancelled meanwhile does not take the others' calls with it.
     """
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.client = link.client
+        self._pending: list[tuple[LuaScript, list[Any], list[Any], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    def call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(self, script: LuaScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         """The reply of *script* run with *keys* and *args*, sent with this tick's."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -95,18 +104,10 @@ class ScriptBatcher:
             task.add_done_callback(self._sending.discard)
 
     async def _execute(
-        self, calls: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+        self, calls: list[tuple[LuaScript, list[Any], list[Any], asyncio.Future[Any]]]
     ) -> None:
         try:
-            if len(calls) == 1:
-                script, keys, args, _ = calls[0]
-                replies = [await script(keys=keys, args=args)]
-            else:
-                # The block gives the pipeline's connection back however it ends.
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in calls:
-                        await script(keys=keys, args=args, client=pipe)  # queues it
-                    replies = await pipe.execute(raise_on_error=False)
+            replies = await self.link.run_scripts([call[:3] for call in calls])
         except BaseException as exc:
             for *_, future in calls:
                 if not future.done():

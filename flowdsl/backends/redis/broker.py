@@ -57,9 +57,10 @@ from .keys import (
     event_args,
     from_bytes,
     queued_field,
+    stream_entries,
     to_bytes,
 )
-from .link import RedisLink, RedisURL, parse_keep, parse_prefix, require_asyncio
+from .link import Command, LuaScript, RedisLink, RedisURL, parse_keep, parse_prefix, require_asyncio
 from .store import RedisStore
 
 __all__ = ["RedisBroker"]
@@ -74,12 +75,12 @@ _CONSUMER_SWEEP: Final = 600.0  # seconds between sweeps of departed workers' co
 _CHUNK: Final = 500
 
 _SCRIPTS: Final = {
-    "enqueue": scripts.ENQUEUE,
-    "claim": scripts.CLAIM,
-    "extend": scripts.EXTEND,
-    "commit_and_complete": scripts.COMMIT_AND_COMPLETE,
-    "run_tasks": scripts.RUN_TASKS,
-    "finish_many": scripts.FINISH_MANY,
+    "enqueue": LuaScript.of(scripts.ENQUEUE),
+    "claim": LuaScript.of(scripts.CLAIM),
+    "extend": LuaScript.of(scripts.EXTEND),
+    "commit_and_complete": LuaScript.of(scripts.COMMIT_AND_COMPLETE),
+    "run_tasks": LuaScript.of(scripts.RUN_TASKS),
+    "finish_many": LuaScript.of(scripts.FINISH_MANY),
 }
 
 
@@ -121,7 +122,6 @@ class RedisBroker(Broker):
         self.completions_key = f"{p}:completions"
         self.events_key = f"{p}:events"
         self.dead_key = f"{p}:dead"
-        self._scripts: dict[str, Any] = {}
         self._holders: dict[str, str] = {}  # task id -> the consumer (worker) holding it
         self._reclaim_cursor = "0-0"
         self._next_reclaim = 0.0
@@ -141,9 +141,8 @@ class RedisBroker(Broker):
         if self._link.is_open:
             require_asyncio(self.url)
             return
-        client = await self._link.open()
+        await self._link.open()
         try:
-            self._scripts = {name: client.register_script(s) for name, s in _SCRIPTS.items()}
             await self._ensure_group()
             await self._sweep_consumers()
         except BaseException:
@@ -151,7 +150,6 @@ class RedisBroker(Broker):
             raise
 
     async def close(self) -> None:
-        self._scripts = {}
         self._holders.clear()
         self._event_buffer, self._events_upto, self._events_wanted = [], None, False
         await self._link.close()
@@ -178,8 +176,8 @@ class RedisBroker(Broker):
 
     async def _run(self, name: str, what: str, keys: list[str], args: list[Any]) -> Any:
         self._link.require("queue")
-        script = self._scripts[name]
-        return await self._link.call(what, lambda: script(keys=keys, args=args))
+        script = _SCRIPTS[name]
+        return await self._link.call(what, lambda: self._link.run_script(script, keys, args))
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -200,18 +198,17 @@ class RedisBroker(Broker):
         if limit < 1:
             return []
         now = anyio.current_time()
-        reclaim = now >= self._next_reclaim
-        if reclaim:
+        if now >= self._next_reclaim:
             self._next_reclaim = now + min(1.0, lease / 4)
-        args = [GROUP, worker, limit, str(int(lease * 1000)) if reclaim else "", "0-0"]
-        if reclaim:
-            args[4] = self._reclaim_cursor
-        result = await self._claim_script(args)
-        if reclaim:
+            args = [GROUP, worker, limit, str(int(lease * 1000)), self._reclaim_cursor]
+            result = await self._claim_script(args)
             self._reclaim_cursor = from_bytes(result[0], "cursor")
-        entries = [(e[0], int(e[1]), e[2]) for e in result[1]]
-        if not entries and self.claim_block > 0:
-            entries = await self._claim_blocking(worker, limit)
+            entries = [(e[0], int(e[1]), e[2]) for e in result[1]]
+            if not entries and self.claim_block > 0:
+                entries = await self._read_new(worker, limit, self.claim_block)
+        else:
+            # No lease to look into: new tasks alone, in one read that waits for them.
+            entries = await self._read_new(worker, limit, self.claim_block)
         if now >= self._next_sweep:
             await self._sweep_consumers()
         return [self._claimed(worker, *entry) for entry in entries]
@@ -226,21 +223,24 @@ class RedisBroker(Broker):
         await self._ensure_group()
         return await self._run("claim", "claiming tasks", [self.tasks_key], args)
 
-    async def _claim_blocking(self, worker: str, limit: int) -> list[tuple[Any, int, Any]]:
-        client = self._link.require("queue")
-        block = max(1, int(self.claim_block * 1000))
-
-        async def read() -> Any:
-            return await client.xreadgroup(
-                GROUP, worker, {self.tasks_key: ">"}, count=limit, block=block
-            )
-
-        reply = await self._link.call("claiming tasks", read, on_response=lambda exc: [])
-        out: list[tuple[Any, int, Any]] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                out.append((entry_id, 1, fields))
-        return out
+    async def _read_new(self, worker: str, limit: int, block: float) -> list[tuple[Any, int, Any]]:
+        """Tasks never handed out (XREADGROUP ... >), first deliveries, waiting up to
+        *block* seconds for one (0: not at all)."""
+        self._link.require("queue")
+        command: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", GROUP, worker]
+        command += [b"COUNT", limit]
+        if block > 0:
+            command += [b"BLOCK", max(1, int(block * 1000))]
+        command += [b"STREAMS", self.tasks_key, b">"]
+        try:
+            reply = await self._link.call("claiming tasks", lambda: self._command(command))
+        except CheckpointError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()  # as for the script; the next claim reads again
+            return []
+        entries = stream_entries(reply).get(self.tasks_key, [])
+        return [(entry_id, 1, fields) for entry_id, fields in entries]
 
     def _claimed(self, worker: str, entry_id: Any, deliveries: int, fields: Any) -> Claimed:
         task_id = from_bytes(entry_id, "entry id")
@@ -484,18 +484,17 @@ class RedisBroker(Broker):
     async def publish_events(self, events: list[tuple[str, str]]) -> None:
         if not events:
             return
-        client = self._link.require("queue")
+        self._link.require("queue")
+        head: list[bytes | str | int] = [b"XADD", self.events_key, b"MAXLEN", b"~", self.keep]
+        commands: list[Command] = [
+            [*head, b"*", b"run", to_bytes(run_id), b"payload", to_bytes(text)]
+            for run_id, text in events
+        ]
 
         async def publish() -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                for run_id, text in events:
-                    pipe.xadd(
-                        self.events_key,
-                        {"run": to_bytes(run_id), "payload": to_bytes(text)},
-                        maxlen=self.keep,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            for reply in await self._link.send(commands):
+                if isinstance(reply, Exception):
+                    raise reply
 
         await self._link.call("publishing events", publish)
 
@@ -539,7 +538,7 @@ class RedisBroker(Broker):
         ``flowdsl.backends.messages.decode_event``."""
         entries = (await self._read({self.events_key: cursor}, 0.0)).get(self.events_key, [])
         wanted = to_bytes(run_id)
-        texts = [entry_payload(f) for _, f in entries if f.get(b"run") == wanted]
+        texts = [entry_payload(f) for _, f in entries if entry_fields(f).get(b"run") == wanted]
         new = from_bytes(entries[-1][0], "entry id") if entries else cursor
         return texts, new
 
@@ -563,13 +562,18 @@ class RedisBroker(Broker):
 
     async def _read(
         self, streams: dict[str, Any], block: float, count: int = _READ_COUNT
-    ) -> dict[str, list[Any]]:
-        client = self._link.require("queue")
-        ms = int(block * 1000) if block > 0 else None
-        count = max(1, min(count, _READ_COUNT))
+    ) -> dict[str, list[tuple[bytes, list[Any]]]]:
+        self._link.require("queue")
+        command: list[bytes | str | int] = [b"XREAD", b"COUNT", max(1, min(count, _READ_COUNT))]
+        if block > 0:
+            command += [b"BLOCK", int(block * 1000)]
+        command += [b"STREAMS", *streams, *(str(cursor) for cursor in streams.values())]
+        reply = await self._link.call("reading a stream", lambda: self._command(command))
+        return stream_entries(reply)
 
-        async def read() -> Any:
-            return await client.xread(streams, count=count, block=ms)
-
-        reply = await self._link.call("reading a stream", read)
-        return {from_bytes(name, "stream"): list(entries) for name, entries in reply or []}
+    async def _command(self, command: Command) -> Any:
+        """One command's reply as the server gave it (an error reply raised)."""
+        [reply] = await self._link.send([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply

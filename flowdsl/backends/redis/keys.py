@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from json.encoder import encode_basestring as _quoted
 from typing import Any, Final
 
 import attrs
 
 from ... import _codec
 from ..._integrity import Seal
-from ..._records import NodeRecord
+from ..._records import NodeRecord, RunRecord
 from .._validate import Malformed, check_json, load_json, node_record
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "parse_cached",
     "parse_node",
     "queued_field",
+    "run_fields",
+    "stream_entries",
     "to_bytes",
 ]
 
@@ -110,7 +113,53 @@ def encode_node(record: NodeRecord, check: str) -> tuple[bytes, str, bytes]:
     fields["code"] = record.code
     fields["usage"] = record.usage
     fields["check"] = check
-    return to_bytes(_codec.dumps(fields)), digest, blob
+    return _record_json(fields) or to_bytes(_codec.dumps(fields)), digest, blob
+
+
+def _record_json(fields: dict[str, Any]) -> bytes | None:
+    """The bytes ``_codec.dumps`` makes of a node record's *fields*, written out (a
+    worker commits thousands a second): None for what the encoder must see to, a usage
+    mapping or text that is not UTF-8 (a lone surrogate, which the encoder escapes)."""
+    head, first = ("value", fields["value"]) if "value" in fields else ("blob", fields["blob"])
+    attempts, started, finished = fields["attempts"], fields["started_at"], fields["finished_at"]
+    if (
+        fields["usage"] is not None
+        or not (type(first) is type(fields["code"]) is type(fields["check"]) is str)
+        or type(attempts) is not int
+        or type(started) is not float
+        or type(finished) is not float
+        or not (math.isfinite(started) and math.isfinite(finished))
+    ):
+        return None
+    text = (
+        f'{{"{head}":{_quoted(first)},"attempts":{attempts!r},"started_at":{started!r},'
+        f'"finished_at":{finished!r},"code":{_quoted(fields["code"])},"usage":null,'
+        f'"check":{_quoted(fields["check"])}}}'
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+def run_fields(record: RunRecord) -> dict[str, bytes]:
+    """A run record's stored fields (the store's run hash), those that are set."""
+    fields = {
+        "run_id": record.run_id,
+        "flow": record.flow,
+        "flow_ref": record.flow_ref,
+        "fingerprint": record.fingerprint,
+        "inputs": record.inputs,
+        "status": record.status.value,
+        "created_at": repr(record.created_at),
+        "updated_at": repr(record.updated_at),
+        "result": record.result,
+        "error": record.error,
+        "failed_node": record.failed_node,
+        "code": _codec.dumps(record.code),
+        "traceback": record.traceback,
+    }
+    return {k: to_bytes(v) for k, v in fields.items() if v is not None}
 
 
 _NODE_KEYS: Final = frozenset({"attempts", "started_at", "finished_at", "code", "usage"})
@@ -120,8 +169,9 @@ _DIGEST_CHARS: Final = frozenset("0123456789abcdef")
 
 
 def parse_node(raw: object) -> dict[str, Any]:
-    """A stored node record's fields, its shape checked (the values are checked by
-    :func:`node_from_fields`); its value may still be a blob reference."""
+    """A stored node record's fields, its shape checked (the values, an inline value's
+    JSON included, are checked by :func:`node_from_fields`, which alone may know them
+    for a verified message's); its value may still be a blob reference."""
     data = load_json(from_bytes(raw, "the record"), "the record")
     if not isinstance(data, dict):
         raise Malformed("the record is not a JSON object")
@@ -129,9 +179,7 @@ def parse_node(raw: object) -> dict[str, Any]:
     inline = "value" in keys
     if inline == ("blob" in keys) or keys - {"value", "blob"} - _OPTIONAL_NODE_KEYS != _NODE_KEYS:
         raise Malformed(f"the record has the fields {sorted(keys)}")
-    if inline:
-        check_json(data["value"], "value")
-    elif not is_digest(data["blob"]):
+    if not inline and not is_digest(data["blob"]):
         raise Malformed("the blob reference is not a SHA-256 hash")
     return data
 
@@ -150,16 +198,22 @@ def node_from_fields(
 ) -> NodeRecord:
     """The record :func:`parse_node`'s fields and the value's blob (if any) make, checked
     (its integrity check under *seal* included; see ``node_record``'s *expected*)."""
-    value = data["value"] if "value" in data else blob_text(data["blob"], blob)
-    return node_record(run_id, node_id, {**data, "value": value}, seal, expected=expected)
+    if "value" not in data:
+        data = {**data, "value": _blob_text(data["blob"], blob)}
+    return node_record(run_id, node_id, data, seal, expected=expected)
 
 
 def blob_text(digest: str, blob: object) -> str:
+    return check_json(_blob_text(digest, blob), "value")
+
+
+def _blob_text(digest: str, blob: object) -> str:
+    """The text of a value's *blob*, matched against its *digest* (its JSON unchecked)."""
     if not isinstance(blob, bytes):
         raise Malformed(f"the value's blob {digest[:16]}... is missing")
     if hashlib.sha256(blob).hexdigest() != digest:
         raise Malformed(f"the value's blob {digest[:16]}... does not match its hash")
-    return check_json(from_bytes(blob, "the value's blob"), "value")
+    return from_bytes(blob, "the value's blob")
 
 
 def float_text(value: bytes | None, field: str) -> float:
@@ -221,7 +275,37 @@ def dead_letter_of(fields: dict[Any, Any]) -> dict[str, Any]:
 
 
 def queued_field(run_id: str, node_id: str) -> bytes:
+    """The ``queued`` hash's field of a node: ``[run_id, node_id]`` as JSON."""
+    if _plain(run_id) and _plain(node_id):  # the usual ids: JSON quotes them as they are
+        return f'["{run_id}","{node_id}"]'.encode()
     return to_bytes(_codec.dumps([run_id, node_id]))
+
+
+def _plain(text: str) -> bool:
+    """Whether JSON writes *text* between quotes unchanged (printable ASCII, no quote
+    or backslash)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def stream_entries(reply: Any) -> dict[str, list[tuple[bytes, list[Any]]]]:
+    """XREAD's or XREADGROUP's reply as it came (RESP2: ``[[stream, entries], ...]``;
+    RESP3: a map), by stream: ``(entry id, flat field list)`` pairs.  What is not of that
+    shape (an entry deleted while pending has no fields) is left out."""
+    streams = reply.items() if isinstance(reply, dict) else reply or []
+    out: dict[str, list[tuple[bytes, list[Any]]]] = {}
+    for item in streams:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            continue
+        name, entries = item
+        out[from_bytes(name, "stream")] = [
+            (e[0], e[1])
+            for e in entries or []
+            if isinstance(e, list)
+            and len(e) == 2
+            and isinstance(e[0], bytes)
+            and isinstance(e[1], list)
+        ]
+    return out
 
 
 def entry_fields(fields: Any) -> dict[Any, Any]:
@@ -241,7 +325,10 @@ def entry_payload(fields: Any) -> str:
     """A stream entry's payload as text (empty when missing).  Bytes that are not UTF-8
     get a prefix no JSON parser accepts: the message fails to decode (a task fails the
     run its entry names) rather than being read with characters replaced."""
-    raw = entry_fields(fields).get(b"payload")
+    if type(fields) is list and len(fields) == 2 and fields[0] == b"payload":
+        raw = fields[1]  # a completion's entry: its payload alone
+    else:
+        raw = entry_fields(fields).get(b"payload")
     if not isinstance(raw, bytes):
         return ""
     try:

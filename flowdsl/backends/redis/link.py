@@ -9,9 +9,10 @@ trio, opening a store or a broker refuses with :class:`~flowdsl.ConfigError`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -24,6 +25,8 @@ from .._retry import retry_while_away
 __all__ = [
     "DEFAULT_PREFIX",
     "MAX_CONNECTIONS",
+    "Command",
+    "LuaScript",
     "RedisLink",
     "RedisURL",
     "parse_keep",
@@ -288,6 +291,54 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+# --- commands sent as they are -------------------------------------------------------------
+
+#: A command's arguments: bytes (text is encoded by the caller), or str and int for names
+#: and counts.
+Command = Sequence[bytes | str | int]
+
+
+def _pack_python(args: Command) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _packer() -> Callable[[Command], bytes]:
+    try:
+        from hiredis import pack_command
+    except ImportError:  # the extra installs it; without it, the same bytes more slowly
+        return _pack_python
+    # Typed as a one-element tuple in hiredis: any length is meant.
+    return lambda args: pack_command(tuple(args))  # type: ignore[arg-type]
+
+
+_pack: Callable[[Command], bytes] | None = None
+
+
+def pack(args: Command) -> bytes:
+    """*args* as one command in the Redis protocol."""
+    global _pack
+    if _pack is None:
+        _pack = _packer()
+    return _pack(args)
+
+
+@attrs.frozen
+class LuaScript:
+    """A Lua script, run by its SHA-1 (EVALSHA), sent whole when the server lacks it."""
+
+    source: bytes = attrs.field(repr=False)
+    sha: bytes
+
+    @classmethod
+    def of(cls, source: str) -> LuaScript:
+        data = source.encode()
+        return cls(data, hashlib.sha1(data, usedforsecurity=False).hexdigest().encode())
+
+
 # --- calls that survive a restart -----------------------------------------------------------
 
 
@@ -303,6 +354,7 @@ class RedisLink:
     _transient: tuple[type[BaseException], ...] = attrs.field(default=(), init=False)
     _auth: type[BaseException] | None = attrs.field(default=None, init=False)
     _response: type[BaseException] | None = attrs.field(default=None, init=False)
+    _no_script: type[BaseException] | None = attrs.field(default=None, init=False)
 
     @property
     def is_open(self) -> bool:
@@ -315,6 +367,7 @@ class RedisLink:
             self._transient = (errors.ConnectionError, errors.TimeoutError, errors.ReadOnlyError)
             self._auth = errors.AuthenticationError
             self._response = errors.ResponseError
+            self._no_script = errors.NoScriptError
         return self.client
 
     async def close(self) -> None:
@@ -329,6 +382,61 @@ class RedisLink:
                 hint="Use it inside `async with ctx:` or call `await ....open()` first",
             )
         return self.client
+
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        """The replies to *commands*, sent in one write on one connection and read as the
+        server gave them: none of redis-py's per-argument encoding and per-command reply
+        conversions (a batch's commands carry thousands of arguments).  An error reply is
+        its exception in the list; a lost connection raises (and the connection is
+        dropped, not given back with replies unread)."""
+        client = self.require("connection")
+        pool = client.connection_pool
+        response = self._response or Exception
+        packed = b"".join(pack(c) for c in commands)
+        try:
+            acquiring = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command's name (and ignores it)
+            acquiring = pool.get_connection("_")
+        conn = await acquiring
+        try:
+            await conn.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except response as exc:  # an error reply: the others still come
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def run_scripts(
+        self, calls: Sequence[tuple[LuaScript, Sequence[Any], Sequence[Any]]]
+    ) -> list[Any]:
+        """The replies of script calls (script, keys, args) sent in one write, each by
+        its SHA-1; those the server had not loaded are sent again whole (a script that
+        was not found did not run)."""
+        commands = [(b"EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        replies = await self.send(commands)
+        no_script = self._no_script or ()
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, no_script)]
+        if missing:
+            again = await self.send(
+                [(b"EVAL", calls[i][0].source, *commands[i][2:]) for i in missing]
+            )
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def run_script(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The reply of one script call; an error reply is raised."""
+        [reply] = await self.run_scripts([(script, keys, args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def call(
         self,

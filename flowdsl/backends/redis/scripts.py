@@ -162,6 +162,7 @@ end
 return 1
 """
 
+# Reclaiming tasks whose leases ran out, then reading new ones up to the count.
 # KEYS: tasks.  ARGV: group, consumer, count, min idle ms ('' to skip reclaiming),
 # reclaim cursor.  Returns {next cursor, {{id, deliveries, fields}, ...}}.
 CLAIM: Final = """
@@ -309,11 +310,12 @@ return {#entries, tail}
 # task no longer pending (another worker completed it, or this is a retry after a lost
 # reply) has had its completion published already: it is only deleted.
 # KEYS: tasks, queued, completions, events, dead, blobrefs, then for each commit its nodes
-# hash and blob key.  ARGV: group, keep, time, then per task: what ('c' complete, 'd'
-# dead-letter, 'k' commit and complete), task id, queued field, payload, n, n (run id,
-# event) pairs, then for 'k': node id, record, digest, blob; for 'd': run id, node id,
-# reason.  Returns one result per task: 1 when finished; 0 for a task no longer pending
-# (finished before); for 'k', the record committed first when there was one (and nothing
+# hash (and for 'k' its blob key).  ARGV: group, keep, time, then per task: what ('c'
+# complete, 'd' dead-letter, 'k' commit and complete, 'j' the same for a value kept
+# inline), task id, queued field, payload, n, n (run id, event) pairs, then for 'k': node
+# id, record, digest, blob; for 'j': node id, record; for 'd': run id, node id, reason.
+# Returns one result per task: 1 when finished; 0 for a task no longer pending (finished
+# before); for 'k' and 'j', the record committed first when there was one (and nothing
 # changes for that task).
 FINISH_MANY: Final = """
 local tasks, queued, completions, events, dead, refs =
@@ -338,10 +340,15 @@ while i <= #ARGV do
   local first = i + 5
   i = first + 2 * n
   local result = 1
-  if what == 'k' then
-    local nodes, blob = KEYS[k], KEYS[k + 1]
-    local node, record, digest, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    k, i = k + 2, i + 4
+  if what == 'k' or what == 'j' then
+    local nodes, node, record = KEYS[k], ARGV[i], ARGV[i + 1]
+    local blob, digest, data = nil, '', nil
+    if what == 'k' then
+      blob, digest, data = KEYS[k + 1], ARGV[i + 2], ARGV[i + 3]
+      k, i = k + 2, i + 4
+    else
+      k, i = k + 1, i + 2
+    end
     if redis.call('HSETNX', nodes, node, record) == 0 then
       result = redis.call('HGET', nodes, node)
     else

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from anyio.lowlevel import checkpoint_if_cancelled
@@ -50,10 +50,19 @@ from .keys import (
     node_from_fields,
     parse_cached,
     parse_node,
+    run_fields,
     to_bytes,
 )
 from .leases import RedisLeases
-from .link import DEFAULT_PREFIX, RedisLink, RedisURL, parse_prefix, require_asyncio
+from .link import (
+    DEFAULT_PREFIX,
+    Command,
+    LuaScript,
+    RedisLink,
+    RedisURL,
+    parse_prefix,
+    require_asyncio,
+)
 from .scripts import (
     ACQUIRE_LEASE,
     COMMIT_NODE,
@@ -69,6 +78,20 @@ from .scripts import (
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "RedisStore"]
 
 
+_SCRIPTS: Final = {
+    name: LuaScript.of(source)
+    for name, source in (
+        ("create_run", CREATE_RUN),
+        ("update_run", UPDATE_RUN),
+        ("commit_node", COMMIT_NODE),
+        ("forget_nodes", FORGET_NODES),
+        ("put_cached", PUT_CACHED),
+        ("acquire_lease", ACQUIRE_LEASE),
+        ("renew_leases", RENEW_LEASES),
+        ("release_lease", RELEASE_LEASE),
+        ("prune_run", PRUNE_RUN),
+    )
+}
 _RUN_FIELDS: Final = frozenset(v.RUN_FIELDS)
 _TIMES: Final = ("created_at", "updated_at")
 # The checks are missing from records written before integrity checks, the traceback from
@@ -102,7 +125,6 @@ class RedisStore(RedisLeases, Store):
         self.prefix = parse_prefix(self._link.url, prefix)
         self.layout = Layout(self.prefix)
         self.url = self._link.url.shown
-        self._scripts: dict[str, Any] = {}
         self._batcher: ScriptBatcher | None = None
         self.ttl = parse_ttl(self._link.url.query_ttl if ttl is None else ttl, self.url)
         self._pruned_at = 0.0
@@ -120,7 +142,7 @@ class RedisStore(RedisLeases, Store):
         store.prefix = prefix
         store.layout = Layout(prefix)
         store.url = link.url.shown
-        store._scripts, store._batcher = {}, None
+        store._batcher = None
         store.ttl = None
         store._pruned_at = 0.0
         return store
@@ -140,24 +162,9 @@ class RedisStore(RedisLeases, Store):
         if self._link.is_open:
             require_asyncio(self.url)
             return
-        client = await self._link.open()
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("create_run", CREATE_RUN),
-                ("update_run", UPDATE_RUN),
-                ("commit_node", COMMIT_NODE),
-                ("forget_nodes", FORGET_NODES),
-                ("put_cached", PUT_CACHED),
-                ("acquire_lease", ACQUIRE_LEASE),
-                ("renew_leases", RENEW_LEASES),
-                ("release_lease", RELEASE_LEASE),
-                ("prune_run", PRUNE_RUN),
-            )
-        }
+        await self._link.open()
 
     async def close(self) -> None:
-        self._scripts = {}
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.aclose()
@@ -167,19 +174,19 @@ class RedisStore(RedisLeases, Store):
         return self._link.require("store")
 
     async def _script(self, name: str, what: str, keys: list[str], args: list[Any]) -> Any:
-        client, script = self._client(), self._scripts[name]
+        client, script = self._client(), _SCRIPTS[name]
         if self._batcher is None or self._batcher.client is not client:
-            self._batcher = ScriptBatcher(client)
+            self._batcher = ScriptBatcher(self._link)
         # Sent with the calls of the same tick; a retry (the server was away) goes alone.
         first: list[Awaitable[Any]] = [self._batcher.call(script, keys, args)]
         return await self._link.call(
-            what, lambda: first.pop() if first else script(keys=keys, args=args)
+            what, lambda: first.pop() if first else self._link.run_script(script, keys, args)
         )
 
     # --- runs -----------------------------------------------------------------------------
 
     async def create_run(self, record: RunRecord) -> tuple[RunRecord, bool]:
-        fields = _run_fields(record)
+        fields = run_fields(record)
         fields["check"] = to_bytes(self.seal.run_head(record))
         fields["state_check"] = to_bytes(self.seal.run_state_of(record))
         args: list[Any] = [to_bytes(record.run_id), repr(record.created_at)]
@@ -370,12 +377,7 @@ class RedisStore(RedisLeases, Store):
                 parsed[node_id] = parse_node(raw_record)
             except Malformed as exc:
                 raise self._corrupted(run_id, node_id, str(exc)) from None
-        digests = sorted({d["blob"] for d in parsed.values() if "blob" in d})
-        blobs: dict[str, object] = {}
-        if digests:
-            keys = [self.layout.blob(d) for d in digests]
-            values = await self._link.call(f"reading run {run_id!r}", lambda: client.mget(keys))
-            blobs = dict(zip(digests, values, strict=True))
+        blobs = await self._blobs(parsed.values(), f"reading run {run_id!r}")
         out: dict[str, NodeRecord] = {}
         for node_id, data in parsed.items():
             try:
@@ -420,26 +422,58 @@ class RedisStore(RedisLeases, Store):
         pairs = list(dict.fromkeys(keys))
         if not pairs:
             return {}
-        client = self._client()
         by_run: dict[str, list[str]] = {}
         for run_id, node_id in pairs:
             by_run.setdefault(run_id, []).append(node_id)
         pairs = [(run_id, node_id) for run_id, nodes in by_run.items() for node_id in nodes]
+        # One HMGET per run (a batch's tasks come from few runs), all in one trip.
+        commands: list[Command] = [
+            [b"HMGET", self.layout.nodes(run_id), *(to_bytes(n) for n in nodes)]
+            for run_id, nodes in by_run.items()
+        ]
 
         async def read_all() -> list[Any]:
-            # One HMGET per run (a batch's tasks come from few runs), all in one trip.
-            async with client.pipeline(transaction=False) as pipe:
-                for run_id, nodes in by_run.items():
-                    pipe.hmget(self.layout.nodes(run_id), [to_bytes(n) for n in nodes])
-                return [raw for raws in await pipe.execute() for raw in raws]
+            replies = await self._link.send(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            # A reply that is not a list (not a Redis server?) fails the count check below.
+            return [raw for raws in replies if isinstance(raws, list) for raw in raws]
 
         raws = await self._link.call("reading node records", read_all)
+        if len(raws) != len(pairs):
+            raise CheckpointError(
+                f"the reply to reading {len(pairs)} node records from {self.url} is malformed",
+                hint="Check that the URL names a Redis server",
+            )
+        parsed: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, raw in zip(pairs, raws, strict=True):
+            if raw is not None:
+                try:
+                    parsed[key] = parse_node(raw)
+                except Malformed as exc:
+                    raise self._corrupted(*key, str(exc)) from None
+        blobs = await self._blobs(parsed.values(), "reading node records")
         want = expected or {}
-        return {
-            key: await self.node_from_raw(*key, raw, want.get(key))
-            for key, raw in zip(pairs, raws, strict=True)
-            if raw is not None
-        }
+        out: dict[tuple[str, str], NodeRecord] = {}
+        for key, data in parsed.items():
+            try:
+                blob = blobs.get(data.get("blob", ""))
+                out[key] = node_from_fields(*key, data, blob, self.seal, want.get(key))
+            except Malformed as exc:
+                raise self._corrupted(*key, str(exc)) from None
+        return out
+
+    async def _blobs(self, records: Iterable[Mapping[str, Any]], what: str) -> dict[str, object]:
+        """The blobs of the *records* (parsed) that keep their value by content hash, in
+        one read: digest -> the blob (None when missing)."""
+        digests = sorted({d["blob"] for d in records if "blob" in d})
+        if not digests:
+            return {}
+        client = self._client()
+        keys = [self.layout.blob(d) for d in digests]
+        values = await self._link.call(what, lambda: client.mget(keys))
+        return dict(zip(digests, values, strict=True))
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         if not node_ids:
@@ -547,25 +581,6 @@ class RedisStore(RedisLeases, Store):
             return v.check_json(from_bytes(raw, "the signal"), "the signal")
         except Malformed as exc:
             raise self._corrupted(run_id, None, str(exc)) from None
-
-
-def _run_fields(record: RunRecord) -> dict[str, bytes]:
-    fields = {
-        "run_id": record.run_id,
-        "flow": record.flow,
-        "flow_ref": record.flow_ref,
-        "fingerprint": record.fingerprint,
-        "inputs": record.inputs,
-        "status": record.status.value,
-        "created_at": repr(record.created_at),
-        "updated_at": repr(record.updated_at),
-        "result": record.result,
-        "error": record.error,
-        "failed_node": record.failed_node,
-        "code": _codec.dumps(record.code),
-        "traceback": record.traceback,
-    }
-    return {k: to_bytes(v) for k, v in fields.items() if v is not None}
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
