@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import anyio.abc
 import attrs
+import sniffio
 
 from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
@@ -29,11 +30,10 @@ from ..._records import NodeRecord
 from ...backends.base import Broker, Store
 from ...backends.messages import (
     Completion,
-    TaskMessage,
     decode_completion,
     decode_event,
-    encode_task,
     peek_run_id,
+    task_text,
 )
 from .worker import TRANSIENT, Worker
 
@@ -56,10 +56,33 @@ class StepCheckpointFailed(StepFailed, CheckpointError):
     """A node whose task message or state was malformed."""
 
 
-@attrs.define(eq=False)
 class _Waiter:
-    event: anyio.Event
-    completion: Completion | None = None
+    """A node waiting for its completion, where the event loop is not asyncio's (on
+    asyncio a bare future of the loop does it: no event, no object of ours)."""
+
+    __slots__ = ("_completion", "_event")
+
+    def __init__(self, event: anyio.Event) -> None:
+        self._event = event
+        self._completion: Completion | None = None
+
+    def done(self) -> bool:
+        return self._completion is not None
+
+    def set_result(self, completion: Completion) -> None:
+        self._completion = completion
+        self._event.set()
+
+    async def wait(self) -> Completion:
+        await self._event.wait()
+        assert self._completion is not None
+        return self._completion
+
+
+if TYPE_CHECKING:
+    import asyncio
+
+    AnyWaiter: TypeAlias = "asyncio.Future[Completion] | _Waiter"
 
 
 class BatchExecutor(Executor):
@@ -82,7 +105,10 @@ class BatchExecutor(Executor):
         self.store = store
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
-        self._waiting: dict[tuple[str, str], _Waiter] = {}
+        self._waiting: dict[tuple[str, str], AnyWaiter] = {}
+        # The running asyncio loop, whose futures the waiting nodes await (None: another
+        # event loop, an event per node).
+        self._loop: Any = None
         self._observed: dict[str, Any] = {}  # run id -> run, for events
         self._cursor: Any = None
         self._event_cursor: Any = None
@@ -94,6 +120,10 @@ class BatchExecutor(Executor):
         self._flushing = False
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
         _, self._cursor = await self.broker.completions(None)
         _, self._event_cursor = await self.broker.events(None)
         tg.start_soon(self._listen, name="flowdsl batch listener")
@@ -140,23 +170,7 @@ class BatchExecutor(Executor):
         unit = node.fn
         assert unit is not None
         try:
-            task = TaskMessage(
-                run_id=run.run_id,
-                node_id=node.id,
-                flow=run.flow_name,
-                step=unit.ref,
-                kind=node.kind.value,
-                labels=node.labels,
-                args=tuple(_codec.to_data(a, what=f"an argument of {node.id!r}") for a in args),
-                kwargs={
-                    k: _codec.to_data(v, what=f"argument {k!r} of {node.id!r}")
-                    for k, v in kwargs.items()
-                },
-                marker=run.plan.markers[node.id],
-                observed=run.observed,
-                trace=_otel.carrier(),
-                max_deliveries=self.max_deliveries,
-            )
+            data, kw_data = _codec.arguments_to_data(args, kwargs, node.id)
         except CodecError as exc:
             raise StepCodecFailed(
                 f"cannot send the node's arguments to a worker: {exc.problem}",
@@ -165,18 +179,35 @@ class BatchExecutor(Executor):
                 run_id=run.run_id,
                 hint=exc.hint,
             ) from exc
+        text = task_text(
+            run.run_id,
+            node.id,
+            run.flow_name,
+            unit.ref,
+            node.kind.value,
+            node.labels,
+            data,
+            kw_data,
+            run.plan.markers[node.id],
+            run.observed,
+            _otel.carrier(),
+            self.max_deliveries,
+            self.broker.seal,
+        )
         key = (run.run_id, node.id)
-        waiter = _Waiter(anyio.Event())
+        loop = self._loop
+        waiter: AnyWaiter = loop.create_future() if loop is not None else _Waiter(anyio.Event())
         self._waiting[key] = waiter
         try:
-            self._outbox.append((run.run_id, node.id, encode_task(task, self.broker.seal)))
+            self._outbox.append((run.run_id, node.id, text))
             if not self._flushing:
                 await self._flush()
-            await waiter.event.wait()
+            if isinstance(waiter, _Waiter):
+                completion = await waiter.wait()
+            else:
+                completion = await waiter
         finally:
             self._waiting.pop(key, None)
-        completion = waiter.completion
-        assert completion is not None
         return self._outcome(run, node, completion)
 
     async def _flush(self) -> None:
@@ -276,16 +307,17 @@ class BatchExecutor(Executor):
             # Completions are read, not removed: let the broker drop old ones now and then.
             self._read = 0
             await self.broker.forget_completions(self._cursor)
-        accepted: list[tuple[_Waiter, Completion]] = []
+        accepted: list[tuple[AnyWaiter, Completion]] = []
+        seal, waiting = self.broker.seal, self._waiting
         for text in texts:
             try:
-                completion = decode_completion(text, self.broker.seal)
+                completion = decode_completion(text, seal)
             except CheckpointError as exc:
                 run_id = peek_run_id(text)
                 log.error("refusing a completion (run %s): %s", run_id, exc)
                 continue
-            waiter = self._waiting.get((completion.run_id, completion.node_id))
-            if waiter is not None and waiter.completion is None:
+            waiter = waiting.get((completion.run_id, completion.node_id))
+            if waiter is not None and not waiter.done():
                 accepted.append((waiter, completion))
         if self.store is not None and any(_journaled(c) for _, c in accepted):
             accepted = await self._agreeing(accepted)
@@ -311,14 +343,15 @@ class BatchExecutor(Executor):
             if len(events) < READ_BATCH:
                 break
         for waiter, completion in accepted:
-            if waiter.completion is None:
-                waiter.completion = completion
-                waiter.event.set()
+            # Not if its node was cancelled meanwhile, or a copy of the completion came
+            # first (a redelivered task's).
+            if not waiter.done():
+                waiter.set_result(completion)
         return bool(texts)
 
     async def _agreeing(
-        self, accepted: list[tuple[_Waiter, Completion]]
-    ) -> list[tuple[_Waiter, Completion]]:
+        self, accepted: list[tuple[AnyWaiter, Completion]]
+    ) -> list[tuple[AnyWaiter, Completion]]:
         """The completions that agree with the journal.
 
         A worker commits a node's record before it completes the task, so a successful
@@ -359,7 +392,11 @@ class BatchExecutor(Executor):
                 out.append((waiter, completion))
                 continue
             journaled = results.get((completion.run_id, completion.node_id))
-            if isinstance(journaled, BaseException):
+            if journaled is completion.record:
+                # The store found the very record the completion carries (see
+                # lookup_nodes' *expected*): it agrees, and there is nothing to take from it.
+                out.append((waiter, completion))
+            elif isinstance(journaled, BaseException):
                 error = f"the journal cannot be read: {journaled}"
                 out.append((waiter, _refused(completion, error)))
             elif journaled is None:
