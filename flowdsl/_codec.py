@@ -25,7 +25,16 @@ from cattrs.preconf.json import make_converter
 
 from ._errors import CodecError
 
-__all__ = ["MAX_INT_DIGITS", "decode", "dumps", "encode", "from_data", "loads", "to_data"]
+__all__ = [
+    "MAX_INT_DIGITS",
+    "arguments_to_data",
+    "decode",
+    "dumps",
+    "encode",
+    "from_data",
+    "loads",
+    "to_data",
+]
 
 converter: Final = make_converter(forbid_extra_keys=True)
 
@@ -181,8 +190,28 @@ converter.register_structure_hook_factory(
 )
 
 _PRIMITIVES: Final = frozenset({str, int, float, bool, type(None)})
-_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True).encode
+_utf8_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True)
 _dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=True).encode
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+
+
+def _dumps_utf8(data: Any) -> str:
+    # What _utf8_encoder.encode(data) does, less the frames around it: the C encoder made
+    # with the same settings and a fresh dict of markers (the circular-reference check).
+    if _make_encoder is None:  # pragma: no cover - Pythons without the C accelerator
+        return _utf8_encoder.encode(data)
+    chunks = _make_encoder(
+        {},
+        _utf8_encoder.default,
+        json.encoder.encode_basestring,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )(data, 0)
+    return "".join(chunks)
 
 
 def _dumps(data: Any) -> str:
@@ -197,7 +226,21 @@ def _dumps(data: Any) -> str:
     return text
 
 
-_loads = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_decode = _decoder.decode
+_scan: Any = _decoder.scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    # The scanner decode() runs once it has skipped leading whitespace, called directly:
+    # text that starts with its value and ends with it (all that flowdsl writes) parses
+    # without decode()'s two frames and two whitespace matches.  Anything else goes
+    # through decode(), which parses it or says why it cannot.
+    try:
+        value, end = _scan(text, 0)
+    except (ValueError, StopIteration):
+        return _decode(text)
+    return value if end == len(text) else _decode(text)
 
 
 _HINT: Final = (
@@ -213,10 +256,39 @@ def to_data(value: object, *, what: str = "value") -> Any:
         if cls is int and _too_long(value):  # type: ignore[arg-type]
             raise _long_int(what)
         return value
+    return _unstructured(value, what)[0]
+
+
+def arguments_to_data(
+    args: tuple[Any, ...], kwargs: dict[str, Any], node: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """:func:`to_data` of node *node*'s arguments, each named in its error."""
+    data = tuple(
+        [
+            value
+            if (cls := type(value)) in _TEXT_OR_FLOAT
+            or (cls is int and value.bit_length() <= _MAX_INT_BITS)
+            else to_data(value, what=f"an argument of {node!r}")
+            for value in args
+        ]
+    )
+    if not kwargs:
+        return data, {}
+    return data, {
+        k: to_data(value, what=f"argument {k!r} of {node!r}") for k, value in kwargs.items()
+    }
+
+
+# What to_data gives back as it is, whatever its value (an integer may be too long).
+_TEXT_OR_FLOAT: Final = frozenset({str, float, bool, type(None)})
+
+
+def _unstructured(value: object, what: str) -> tuple[Any, str]:
+    """*value* unstructured, and its JSON text; or :class:`CodecError`."""
     try:
         data = converter.unstructure(value)
         # Validate by serializing: cattrs passes unknown objects through untouched.
-        _dumps(data)
+        text = _dumps(data)
     except RecursionError:
         raise CodecError(
             f"cannot encode {what} of type {_type_name(value)}: it contains itself (a "
@@ -235,7 +307,7 @@ def to_data(value: object, *, what: str = "value") -> Any:
         raise _unencodable(value, what, exc) from exc
     except (TypeError, cattrs.BaseValidationError) as exc:
         raise _unencodable(value, what, exc) from exc
-    return data
+    return data, text
 
 
 def _long_int(what: str) -> CodecError:
@@ -339,7 +411,15 @@ def loads(text: str | bytes) -> Any:
 
 def encode(value: object, *, what: str = "value") -> str:
     """*value* as JSON text."""
-    return _dumps(to_data(value, what=what))
+    return _encoded(value, what)[1]
+
+
+def _encoded(value: object, what: str) -> tuple[Any, str]:
+    """:func:`to_data` of *value*, and its JSON text (encoded once)."""
+    if type(value) in _PRIMITIVES:
+        data = to_data(value, what=what)
+        return data, _dumps(data)
+    return _unstructured(value, what)
 
 
 def decode(text: str | bytes, tp: Any, *, what: str = "value") -> Any:
@@ -362,8 +442,8 @@ def roundtrip(value: object, tp: Any, *, what: str = "value") -> tuple[Any, Any]
     if isinstance(value, list) and cls is list and _list_of_primitives(value, tp):
         # A fan-in's list of plain values: a copy is what the round trip would give.
         return list(value), list(value)
-    data = to_data(value, what=what)
-    return data, from_data(_loads(_dumps(data)), tp, what=what)
+    data, text = _encoded(value, what)
+    return data, from_data(_loads(text), tp, what=what)
 
 
 _STR_OR_INT = frozenset({str, int})

@@ -104,6 +104,18 @@ class Seal:
         """Raise :class:`Invalid` unless *check* is the check of *parts* as *kind*."""
         self._verify(check, lambda: _encode((kind, *parts)))
 
+    def make_text(self, kind: str, text: str) -> str:
+        """``make(kind, text)`` for one part of text: a message's body (a client and its
+        workers seal thousands a second)."""
+        data = _text_bytes(kind, text)
+        if self._key is None:
+            return _SD + hashlib.sha256(data).hexdigest()[:32]
+        return f"{_HS}{self._kid}:{hmac.digest(self._key, data, 'sha256').hex()}"
+
+    def verify_text(self, check: object, kind: str, text: str) -> None:
+        """``verify(check, kind, text)`` for one part of text."""
+        self._verify(check, lambda: _text_bytes(kind, text))
+
     def _verify(self, check: object, data: Callable[[], bytes]) -> None:
         if check is None or check == "":
             if self._key is not None:
@@ -213,6 +225,11 @@ def _state_parts(
     if traceback is None:
         return (run_id, status, result, error, failed_node)
     return (run_id, status, result, error, failed_node, traceback)
+
+
+def _text_bytes(kind: str, text: str) -> bytes:
+    # The bytes _encode((kind, text)) gives, without its walk over the parts.
+    return f"{len(kind)}:{kind}|{len(text)}:{text}".encode("utf-8", "surrogatepass")
 
 
 def _node_bytes(run_id: str, record: Any) -> bytes:

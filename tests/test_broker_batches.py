@@ -296,3 +296,72 @@ def test_a_completion_is_verified_on_its_text_and_refused_when_changed(
             decode_completion(text, seal)
     else:
         assert attrs.evolve(decode_completion(text, seal), check="") == completion
+
+
+_TASK_DATA = {
+    "run_id": "r",
+    "node_id": "n",
+    "flow": "m:f",
+    "step": "m:s",
+    "kind": "step",
+    "labels": ["a", "b"],
+    "args": [1, [2, 3], {"a": None}],
+    "kwargs": {"k": [1]},
+    "marker": "mk",
+    "observed": False,
+    "trace": {"t": "x"},
+    "v": 1,
+    "max_deliveries": 3,
+    "check": "sd:x",
+}
+_RECORD_DATA = {
+    "node_id": "n",
+    "value": "42",
+    "attempts": 1,
+    "started_at": 1.5,
+    "finished_at": 2.5,
+    "code": "c",
+    "usage": {"tokens": 1, "by": {"x": [1, 2]}},
+}
+_COMPLETION_DATA = {
+    "run_id": "r",
+    "node_id": "n",
+    "ok": True,
+    "record": _RECORD_DATA,
+    "error": None,
+    "error_kind": None,
+    "traceback": None,
+    "v": 1,
+    "check": "sd:x",
+}
+_ODD_VALUES = st.sampled_from(
+    [None, True, False, 0, 1, 2**70, 1.0, "", "s", [], ["a"], [1], {}, {"a": 1}, {"a": "b"}]
+)
+
+
+@given(
+    which=st.sampled_from(["task", "completion", "record"]),
+    changes=st.lists(st.tuples(st.text(max_size=12), st.booleans(), _ODD_VALUES), max_size=3),
+)
+def test_messages_structured_by_hand_are_what_the_converter_makes(
+    which: str, changes: list[tuple[str, bool, Any]]
+) -> None:
+    """The hand-written structuring of the hot messages takes only what the converter
+    takes, and builds what it builds; what it leaves (None) goes to the converter."""
+    base, cls, by_hand = {
+        "task": (_TASK_DATA, TaskMessage, messages._task_of),
+        "completion": (_COMPLETION_DATA, Completion, messages._completion_of),
+        "record": (_RECORD_DATA, NodeRecord, messages._record_of),
+    }[which]
+    data = dict(base)
+    for name, known, value in changes:
+        key = sorted(base)[len(name) % len(base)] if known else name
+        if value is None and known and len(name) % 2:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    made = by_hand(data)
+    if made is None:
+        return
+    assert repr(made) == repr(_codec.converter.structure(data, cls))
+    assert type(made) is cls

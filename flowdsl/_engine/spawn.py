@@ -8,8 +8,9 @@ path is where flowdsl's overhead lives: anyio 4.16 wraps each spawned task in a
 trivial step), and a wrapper coroutine per node costs another frame for as long as the node
 is in flight.
 
-So on asyncio a node's coroutine *is* the task, and what follows it (recording the result,
-making dependents ready) runs as the task's done-callback; on trio a node runs in a nursery
+So on asyncio a node's coroutine *is* the task (and a node that is already a future, as
+batch mode's are, needs none), and what follows it (recording the result, making
+dependents ready) runs as the done-callback; on trio a node runs in a nursery
 under a two-line wrapper.  Both honour anyio cancel scopes around them: cancelling the
 caller cancels every node task, and the group waits for them before it exits.
 """
@@ -31,8 +32,8 @@ class NodeGroup(Protocol):
     supports_jobs: bool
 
     def spawn(self, awaitable: Awaitable[Any], key: Any) -> None:
-        """Run *awaitable* as a task; when it succeeds, call the group's
-        ``then(key, result)``."""
+        """Run *awaitable* as a task (an asyncio future: as it is); when it succeeds,
+        call the group's ``then(key, result)``."""
 
     def spawn_job(self, job: Any, coro: Coroutine[Any, Any, Any], context: Any) -> None:
         """Run *coro* as a task in *context*; on success call
@@ -44,6 +45,7 @@ class _AsyncioGroup:
     __slots__ = (
         "_closed",
         "_errors",
+        "_future",
         "_host",
         "_host_cancelled",
         "_joining",
@@ -58,6 +60,7 @@ class _AsyncioGroup:
         import asyncio
 
         self._loop = asyncio.get_running_loop()
+        self._future = asyncio.Future
         # The task that opened the group runs the first chain inline; a failure elsewhere
         # must interrupt it too.
         self._host: Any = asyncio.current_task()
@@ -73,11 +76,17 @@ class _AsyncioGroup:
     def spawn(self, awaitable: Awaitable[Any], key: Any) -> None:
         if self._closed:
             # The group is failing: what would have started never runs.
-            close = getattr(awaitable, "close", None)
+            close = getattr(awaitable, "close", None) or getattr(awaitable, "cancel", None)
             if close is not None:
                 close()
             return
-        task: Any = self._loop.create_task(awaitable)  # type: ignore[arg-type]
+        task: Any
+        if isinstance(awaitable, self._future):
+            # A future (batch mode's node waiting for its completion) needs no task: the
+            # group holds it, and cancels it, as it would the task.
+            task = awaitable
+        else:
+            task = self._loop.create_task(awaitable)  # type: ignore[arg-type]
         self._tasks[task] = key
         task.add_done_callback(self._done)
 

@@ -2,17 +2,24 @@
 to.  ``execute`` encodes the node's arguments into a task, enqueues it, and waits for the
 completion; a listener task reads completions (and the events of observed runs) off the
 broker and wakes the waiting nodes.  The scheduler does not know the difference.
+
+On asyncio a node in flight is no task of its own: ``execute`` gives the scheduler a
+future, which the listener settles with the node's outcome, and a flusher task sends the
+tasks queued meanwhile.  Thousands of nodes wait at once, and a task each (its coroutine,
+its context, its wake-up) cost the client more than the rest of a step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import anyio.abc
 import attrs
+import sniffio
 
 from ... import _codec, _otel
 from ..._define.graph import Node, NodeKind
@@ -29,11 +36,10 @@ from ..._records import NodeRecord
 from ...backends.base import Broker, Store
 from ...backends.messages import (
     Completion,
-    TaskMessage,
     decode_completion,
     decode_event,
-    encode_task,
     peek_run_id,
+    task_text,
 )
 from .worker import TRANSIENT, Worker
 
@@ -56,10 +62,64 @@ class StepCheckpointFailed(StepFailed, CheckpointError):
     """A node whose task message or state was malformed."""
 
 
-@attrs.define(eq=False)
 class _Waiter:
-    event: anyio.Event
-    completion: Completion | None = None
+    """A node waiting for its completion, where the event loop is not asyncio's (on
+    asyncio a bare future of the loop does it: no event, no object of ours)."""
+
+    __slots__ = ("_completion", "_event")
+
+    def __init__(self, event: anyio.Event) -> None:
+        self._event = event
+        self._completion: Completion | None = None
+
+    def done(self) -> bool:
+        return self._completion is not None
+
+    def set_result(self, completion: Completion) -> None:
+        self._completion = completion
+        self._event.set()
+
+    async def wait(self) -> Completion:
+        await self._event.wait()
+        assert self._completion is not None
+        return self._completion
+
+
+if TYPE_CHECKING:
+    import asyncio
+
+    class _NodeFuture(asyncio.Future[tuple[NodeRecord, Any]]):
+        key: tuple[str, str]
+        run: Any
+        node: Node
+
+    AnyWaiter: TypeAlias = "_NodeFuture | _Waiter"
+
+
+@functools.cache
+def _node_future_type() -> type[_NodeFuture]:
+    """The future of a node on asyncio (made on first use: ``import flowdsl`` does not
+    import asyncio)."""
+    import asyncio
+
+    class NodeFuture(asyncio.Future):  # type: ignore[type-arg]
+        __slots__ = ("_executor", "key", "node", "run")
+
+        def __init__(self, loop: Any, executor: BatchExecutor, run: Any, node: Node) -> None:
+            super().__init__(loop=loop)
+            self._executor = executor
+            self.key = (run.run_id, node.id)
+            self.run = run
+            self.node = node
+
+        def cancel(self, msg: Any = None) -> bool:
+            # Whoever cancels the node (its run's task, the scheduler's group) cancels
+            # this: it waits no more, and is sent no more.
+            if not self.done():
+                self._executor._cancelled(self)  # type: ignore[arg-type]
+            return super().cancel(msg)
+
+    return NodeFuture  # type: ignore[return-value]
 
 
 class BatchExecutor(Executor):
@@ -82,7 +142,12 @@ class BatchExecutor(Executor):
         self.store = store
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
-        self._waiting: dict[tuple[str, str], _Waiter] = {}
+        self._waiting: dict[tuple[str, str], AnyWaiter] = {}
+        # The running asyncio loop, whose futures the waiting nodes await (None: another
+        # event loop, an event per node).
+        self._loop: Any = None
+        self._future_type: Any = None
+        self._flush_wanted = anyio.Event()
         self._observed: dict[str, Any] = {}  # run id -> run, for events
         self._cursor: Any = None
         self._event_cursor: Any = None
@@ -97,6 +162,12 @@ class BatchExecutor(Executor):
         _, self._cursor = await self.broker.completions(None)
         _, self._event_cursor = await self.broker.events(None)
         tg.start_soon(self._listen, name="flowdsl batch listener")
+        if sniffio.current_async_library() == "asyncio":
+            import asyncio
+
+            self._future_type = _node_future_type()
+            tg.start_soon(self._flusher, name="flowdsl batch flusher")
+            self._loop = asyncio.get_running_loop()
 
     def attach(self, worker: Worker) -> None:
         """An in-process worker: poke it on enqueue, and let it poke us on completion."""
@@ -132,31 +203,47 @@ class BatchExecutor(Executor):
     def execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Awaitable[tuple[NodeRecord, Any]]:
-        return self._execute(run, node, args, kwargs)
+        if self._loop is None:
+            return self._execute(run, node, args, kwargs)
+        # On asyncio the node is a future, settled by the listener with the node's outcome:
+        # no task, no coroutine per node (the scheduler's group holds the future itself),
+        # and the outbox is sent by the flusher task.
+        future: _NodeFuture = self._future_type(self._loop, self, run, node)
+        try:
+            text = self._task_text(run, node, args, kwargs)
+        except StepFailed as exc:
+            future.set_exception(exc)
+            return future
+        self._waiting[future.key] = future
+        self._outbox.append((run.run_id, node.id, text))
+        if not self._flushing:
+            self._flushing = True
+            self._flush_wanted.set()
+        return future
 
     async def _execute(
         self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[NodeRecord, Any]:
+        text = self._task_text(run, node, args, kwargs)
+        key = (run.run_id, node.id)
+        waiter = _Waiter(anyio.Event())
+        self._waiting[key] = waiter
+        try:
+            self._outbox.append((run.run_id, node.id, text))
+            if not self._flushing:
+                await self._flush()
+            completion = await waiter.wait()
+        finally:
+            self._waiting.pop(key, None)
+        return self._outcome(run, node, completion)
+
+    def _task_text(
+        self, run: Any, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
         unit = node.fn
         assert unit is not None
         try:
-            task = TaskMessage(
-                run_id=run.run_id,
-                node_id=node.id,
-                flow=run.flow_name,
-                step=unit.ref,
-                kind=node.kind.value,
-                labels=node.labels,
-                args=tuple(_codec.to_data(a, what=f"an argument of {node.id!r}") for a in args),
-                kwargs={
-                    k: _codec.to_data(v, what=f"argument {k!r} of {node.id!r}")
-                    for k, v in kwargs.items()
-                },
-                marker=run.plan.markers[node.id],
-                observed=run.observed,
-                trace=_otel.carrier(),
-                max_deliveries=self.max_deliveries,
-            )
+            data, kw_data = _codec.arguments_to_data(args, kwargs, node.id)
         except CodecError as exc:
             raise StepCodecFailed(
                 f"cannot send the node's arguments to a worker: {exc.problem}",
@@ -165,21 +252,50 @@ class BatchExecutor(Executor):
                 run_id=run.run_id,
                 hint=exc.hint,
             ) from exc
-        key = (run.run_id, node.id)
-        waiter = _Waiter(anyio.Event())
-        self._waiting[key] = waiter
-        try:
-            self._outbox.append((run.run_id, node.id, encode_task(task, self.broker.seal)))
-            if not self._flushing:
-                await self._flush()
-            await waiter.event.wait()
-        finally:
-            self._waiting.pop(key, None)
-        completion = waiter.completion
-        assert completion is not None
-        return self._outcome(run, node, completion)
+        text = task_text(
+            run.run_id,
+            node.id,
+            run.flow_name,
+            unit.ref,
+            node.kind.value,
+            node.labels,
+            data,
+            kw_data,
+            run.plan.markers[node.id],
+            run.observed,
+            _otel.carrier(),
+            self.max_deliveries,
+            self.broker.seal,
+        )
+        return text
 
-    async def _flush(self) -> None:
+    def _settle(self, future: _NodeFuture, completion: Completion) -> None:
+        """Give a node's future its outcome (the listener has its completion)."""
+        if self._waiting.get(future.key) is future:
+            del self._waiting[future.key]
+        try:
+            outcome = self._outcome(future.run, future.node, completion)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(outcome)
+
+    def _cancelled(self, future: _NodeFuture) -> None:
+        """A node's future is cancelled (its run failed or was cancelled): it waits no
+        more, and its task is not sent if it is still in the outbox."""
+        if self._waiting.get(future.key) is future:
+            del self._waiting[future.key]
+            run_id, node_id = future.key
+            self._outbox = [t for t in self._outbox if t[0] != run_id or t[1] != node_id]
+
+    async def _flusher(self) -> None:
+        """Sends the outbox of the nodes :meth:`execute` made futures of."""
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = anyio.Event()
+            await self._flush(fail_waiters=True)
+
+    async def _flush(self, *, fail_waiters: bool = False) -> None:
         """Enqueue what the outbox holds, in as few transactions as it takes.
 
         Siblings made ready by one completion all reach ``execute`` in the same tick: the
@@ -190,12 +306,27 @@ class BatchExecutor(Executor):
             await anyio.lowlevel.checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                await self.broker.enqueue(batch)
+                if not fail_waiters:
+                    await self.broker.enqueue(batch)
+                else:
+                    try:
+                        await self.broker.enqueue(batch)
+                    except Exception as exc:
+                        # The nodes of the batch fail with the broker's error, as a node
+                        # that sent its own task would; the flusher goes on for others.
+                        self._fail_batch(batch, exc)
+                        continue
                 for worker in self._local_workers:
                     worker.poke()
                 self.poke()
         finally:
             self._flushing = False
+
+    def _fail_batch(self, batch: list[tuple[str, str, str]], exc: Exception) -> None:
+        for run_id, node_id, _ in batch:
+            future = self._waiting.pop((run_id, node_id), None)
+            if future is not None and not isinstance(future, _Waiter) and not future.done():
+                future.set_exception(exc)
 
     def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
         if completion.ok and completion.record is None:
@@ -276,16 +407,17 @@ class BatchExecutor(Executor):
             # Completions are read, not removed: let the broker drop old ones now and then.
             self._read = 0
             await self.broker.forget_completions(self._cursor)
-        accepted: list[tuple[_Waiter, Completion]] = []
+        accepted: list[tuple[AnyWaiter, Completion]] = []
+        seal, waiting = self.broker.seal, self._waiting
         for text in texts:
             try:
-                completion = decode_completion(text, self.broker.seal)
+                completion = decode_completion(text, seal)
             except CheckpointError as exc:
                 run_id = peek_run_id(text)
                 log.error("refusing a completion (run %s): %s", run_id, exc)
                 continue
-            waiter = self._waiting.get((completion.run_id, completion.node_id))
-            if waiter is not None and waiter.completion is None:
+            waiter = waiting.get((completion.run_id, completion.node_id))
+            if waiter is not None and not waiter.done():
                 accepted.append((waiter, completion))
         if self.store is not None and any(_journaled(c) for _, c in accepted):
             accepted = await self._agreeing(accepted)
@@ -311,14 +443,19 @@ class BatchExecutor(Executor):
             if len(events) < READ_BATCH:
                 break
         for waiter, completion in accepted:
-            if waiter.completion is None:
-                waiter.completion = completion
-                waiter.event.set()
+            # Not if its node was cancelled meanwhile, or a copy of the completion came
+            # first (a redelivered task's).
+            if waiter.done():
+                continue
+            if isinstance(waiter, _Waiter):
+                waiter.set_result(completion)
+            else:
+                self._settle(waiter, completion)
         return bool(texts)
 
     async def _agreeing(
-        self, accepted: list[tuple[_Waiter, Completion]]
-    ) -> list[tuple[_Waiter, Completion]]:
+        self, accepted: list[tuple[AnyWaiter, Completion]]
+    ) -> list[tuple[AnyWaiter, Completion]]:
         """The completions that agree with the journal.
 
         A worker commits a node's record before it completes the task, so a successful
@@ -359,7 +496,11 @@ class BatchExecutor(Executor):
                 out.append((waiter, completion))
                 continue
             journaled = results.get((completion.run_id, completion.node_id))
-            if isinstance(journaled, BaseException):
+            if journaled is completion.record:
+                # The store found the very record the completion carries (see
+                # lookup_nodes' *expected*): it agrees, and there is nothing to take from it.
+                out.append((waiter, completion))
+            elif isinstance(journaled, BaseException):
                 error = f"the journal cannot be read: {journaled}"
                 out.append((waiter, _refused(completion, error)))
             elif journaled is None:
