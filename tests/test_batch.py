@@ -616,3 +616,43 @@ async def test_the_listener_lets_the_queue_forget_old_completions(
     # 3 runs of the diamond complete well over 5 tasks: the cursor was handed on.
     assert forgotten
     assert all(isinstance(upto, int) and upto > 0 for upto in forgotten)
+
+
+async def test_a_broker_error_on_enqueue_fails_every_run_whose_task_it_held(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first tasks of three runs go to the queue in one batch, and the queue refuses
+    it: each run fails with the broker's error, none waits for ever for a task that was
+    never queued (on asyncio a flusher task sends it, on trio the first node)."""
+    async with fd.Context(batch=True, broker=url, workers=1) as ctx:
+        queue: Any = ctx.queue
+        real = queue.enqueue
+        batches: list[int] = []
+
+        async def refuse(tasks: list[tuple[str, str, str]]) -> None:
+            batches.append(len(tasks))
+            if len(batches) == 1:
+                raise fd.BackendUnavailable("the queue is away (a test)")
+            await real(tasks)
+
+        monkeypatch.setattr(queue, "enqueue", refuse)
+        outcomes: dict[str, BaseException | None] = {}
+
+        async def one(i: int) -> None:
+            try:
+                await ctx.run(bs.trio_chain, i, run_id=f"refused-{i}")
+                outcomes[f"refused-{i}"] = None
+            except fd.BackendUnavailable as exc:
+                outcomes[f"refused-{i}"] = exc
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(one, i)
+        assert batches[0] == 3  # the three first tasks, in one batch
+        assert set(outcomes) == {"refused-0", "refused-1", "refused-2"}
+        for run_id, error in outcomes.items():
+            assert error is not None, f"{run_id} finished though its task was never queued"
+            assert "the queue is away" in str(error), error
+        # The queue is back: the next run goes through.
+        assert await ctx.run(bs.trio_chain, 4, run_id="after") == bs.expected_trio_chain(4)

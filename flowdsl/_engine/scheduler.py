@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import anyio
 
 from .._define.graph import DYNAMIC_KINDS, Graph, Node, NodeKind, evaluate, refs_of
-from .._errors import StepFailed, first_leaf
+from .._errors import FlowError, StepFailed, first_leaf
 from .._records import NodeRecord
 from .spawn import NodeGroup, open_node_group
 
@@ -428,16 +428,19 @@ async def _hooked(
     return await _limited(limiter, execute, run, node, *args)
 
 
-def _first_failure(group: BaseExceptionGroup[Any]) -> StepFailed | None:
-    """The first StepFailed, when the rest of *group* is only what it caused."""
+def _first_failure(group: BaseExceptionGroup[Any]) -> FlowError | None:
+    """The first StepFailed (else the first other FlowError, such as a queue that is away)
+    when the rest of *group* is only flowdsl errors and the cancellations they caused: a
+    run fails with one error that names its flow and node, not with a group."""
     cancelled = anyio.get_cancelled_exc_class()
-    failures, rest = group.split(StepFailed)
+    failures, rest = group.split(FlowError)
     if failures is None:
         return None
     if rest is not None:
         _, other = rest.split(cancelled)
         if other is not None:
             return None
-    exc = first_leaf(failures)
-    assert isinstance(exc, StepFailed)
+    steps, _ = failures.split(StepFailed)
+    exc = first_leaf(steps if steps is not None else failures)
+    assert isinstance(exc, FlowError)
     return exc

@@ -66,21 +66,28 @@ class _Waiter:
     """A node waiting for its completion, where the event loop is not asyncio's (on
     asyncio a bare future of the loop does it: no event, no object of ours)."""
 
-    __slots__ = ("_completion", "_event")
+    __slots__ = ("_completion", "_error", "_event")
 
     def __init__(self, event: anyio.Event) -> None:
         self._event = event
         self._completion: Completion | None = None
+        self._error: Exception | None = None
 
     def done(self) -> bool:
-        return self._completion is not None
+        return self._event.is_set()
 
     def set_result(self, completion: Completion) -> None:
         self._completion = completion
         self._event.set()
 
+    def set_exception(self, error: Exception) -> None:
+        self._error = error
+        self._event.set()
+
     async def wait(self) -> Completion:
         await self._event.wait()
+        if self._error is not None:
+            raise self._error
         assert self._completion is not None
         return self._completion
 
@@ -303,19 +310,24 @@ class BatchExecutor(Executor):
         """
         self._flushing = True
         try:
-            await anyio.lowlevel.checkpoint()
+            # Not a cancellation point: the outbox holds other nodes' tasks, and only a
+            # flush sends them.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                if not fail_waiters:
-                    await self.broker.enqueue(batch)
-                else:
-                    try:
+                try:
+                    if fail_waiters:
                         await self.broker.enqueue(batch)
-                    except Exception as exc:
-                        # The nodes of the batch fail with the broker's error, as a node
-                        # that sent its own task would; the flusher goes on for others.
-                        self._fail_batch(batch, exc)
-                        continue
+                    else:
+                        # A node sends its siblings' tasks, other runs' too: its own run
+                        # being cancelled meanwhile must not lose theirs.
+                        with anyio.CancelScope(shield=True):
+                            await self.broker.enqueue(batch)
+                except Exception as exc:
+                    # Every node of the batch fails with the broker's error (the one that
+                    # sent it too, through its waiter); the others' batches go on.
+                    self._fail_batch(batch, exc)
+                    continue
                 for worker in self._local_workers:
                     worker.poke()
                 self.poke()
@@ -325,7 +337,7 @@ class BatchExecutor(Executor):
     def _fail_batch(self, batch: list[tuple[str, str, str]], exc: Exception) -> None:
         for run_id, node_id, _ in batch:
             future = self._waiting.pop((run_id, node_id), None)
-            if future is not None and not isinstance(future, _Waiter) and not future.done():
+            if future is not None and not future.done():
                 future.set_exception(exc)
 
     def _outcome(self, run: Any, node: Node, completion: Completion) -> tuple[NodeRecord, Any]:
