@@ -38,7 +38,7 @@ from strategies import DagSpec, build_flow, dag_specs, flow_inputs
 
 pytestmark = pytest.mark.anyio
 
-# The profile's example counts (conftest.py: 50 in dev, 150 on CI) with in-process
+# The profile's example counts (conftest.py: 50 in dev, 100 on CI) with in-process
 # workers; a fifth with worker processes, where polling across processes costs more.
 _PROFILE = settings().max_examples
 SETTINGS = settings(
