@@ -201,6 +201,52 @@ async def test_a_driver_that_lost_its_lease_steps_back_and_observes(
     assert gates["go"].is_set() is False  # its step was cut short, not finished
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+async def test_a_run_another_context_drove_before_its_maker_took_the_lease_is_not_begun_again(
+    sqlite_url: str, exec_log: Path, fails: bool
+) -> None:
+    """Two starts of one run id: the first makes the record, the second finds it, takes the
+    lease before the first does and drives the run to its end; the first then takes the
+    free lease and must not run the steps again (a race two service replicas met)."""
+    at_lease, go_on = anyio.Event(), anyio.Event()
+    async with fd.Context(store=sqlite_url) as maker, fd.Context(store=sqlite_url) as other:
+        take = maker.store.acquire_lease
+
+        async def held_back(*args: Any, **kwargs: Any) -> Any:
+            at_lease.set()
+            await go_on.wait()
+            return await take(*args, **kwargs)
+
+        maker.store.acquire_lease = held_back  # type: ignore[method-assign]
+        outcomes: list[Any] = []
+
+        async def make() -> None:
+            try:
+                outcomes.append(await maker.run(bs.slow_chain, 3, 0.0, run_id="raced"))
+            except fd.StepFailed as exc:
+                outcomes.append(exc.node)
+
+        with pytest.MonkeyPatch.context() as mp:
+            if fails:
+                mp.setenv(bs.FAIL, "b")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(make)
+                await at_lease.wait()  # the record is made; its maker waits to take the lease
+                if fails:
+                    with pytest.raises(fd.StepFailed) as failed:
+                        await other.run(bs.slow_chain, 3, 0.0, run_id="raced")
+                    outcomes.append(failed.value.node)
+                else:
+                    assert await other.run(bs.slow_chain, 3, 0.0, run_id="raced") == (
+                        bs.expected_trio_chain(3)
+                    )
+                go_on.set()
+    # The maker gives the other drive's outcome: its result, or the same failed node.
+    assert outcomes == ([outcomes[0]] * 2 if fails else [bs.expected_trio_chain(3)])
+    expected = {"a": 1} if fails else {"a": 1, "b": 1, "c": 1}
+    assert ends(exec_log, "raced") == Counter(expected)
+
+
 async def test_leases_are_released_when_runs_end(sqlite_url: str) -> None:
     async with fd.Context(store=sqlite_url) as ctx:
         assert await ctx.run(bs.slow_chain, 2, 0.0, run_id="done") == bs.expected_trio_chain(2)

@@ -50,13 +50,17 @@ async def claim(ctx: Context, run: Run, record: RunRecord, *, wait: bool) -> Cla
             raise busy(run, held)
         run.holder = held
         return "observe"
-    if run.resuming:
-        # Read again under the lease: a driver that held it may have ended the run.
-        now = await ctx.store.get_run(run.run_id)
-        if now is not None and ended_since(now, record):
-            await ctx._leases.release(run.run_id)
-            settle_from_record(run, now)
-            return "done"
+    # Read again under the lease: a driver that held it may have ended the run.  That is
+    # so even of a run this context has just made: another process that found the record
+    # may have taken the lease first and driven the run (its drive marks the record before
+    # running anything, see ``replay``), and then it must be resumed, not begun again.
+    now = await ctx.store.get_run(run.run_id)
+    if now is not None and ended_since(now, record):
+        await ctx._leases.release(run.run_id)
+        settle_from_record(run, now)
+        return "done"
+    if now is not None and now.updated_at != record.updated_at:
+        run.resuming = True
     ctx._active[run.run_id] = run
     return "drive"
 
