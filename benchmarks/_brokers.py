@@ -9,6 +9,7 @@ from :func:`report`, so they cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -30,6 +31,7 @@ __all__ = [
     "caller",
     "report",
     "trivial_rounds",
+    "w2_apart",
     "w2_on",
     "worker_processes",
 ]
@@ -87,6 +89,59 @@ def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[in
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# A client process for `w2_apart`: W2 on the broker at argv[1], argv[2] runs after a
+# warm-up, measuring its own CPU and that of the worker processes named by pid after it;
+# prints one JSON object.
+_CLIENT = """
+import json, os, sys, time, anyio
+import flowdsl as fd
+from benchmarks import workloads as w
+from benchmarks.w2_fanout import batch
+
+url, runs, pids = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+
+def cpu(pid):
+    with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+async def main():
+    async with fd.Context(batch=True, broker=url, store=url, workers=0) as ctx:
+        call = lambda i, delay: ctx.run(w.fanout, i, delay)
+        await batch(call, min(100, runs), w.LEAF_DELAY)  # warm up: connections, caches
+        client0, workers0 = time.process_time(), sum(cpu(p) for p in pids)
+        b = await batch(call, runs, w.LEAF_DELAY)
+        client, workers = time.process_time() - client0, sum(cpu(p) for p in pids) - workers0
+    print(json.dumps({"wall": b.wall, "p50": b.p50, "p99": b.p99,
+                      "client_cpu": client, "worker_cpu": workers}), flush=True)
+
+anyio.run(main)
+"""
+
+
+def w2_apart(url: str, runs: int, processes: int, concurrency: int) -> dict[str, float]:
+    """W2 with *runs* runs at once on the broker at *url*, as an application runs it: a
+    client process of its own and *processes* fresh worker processes, nothing else.
+
+    Returns the client's figures: ``wall``, ``p50``, ``p99`` (seconds), and the CPU
+    seconds of the client and of the workers during the batch (``client_cpu``,
+    ``worker_cpu``).  A blocking call: run it in a thread from async code.
+    """
+    with worker_processes(url, processes, concurrency) as pids:
+        done = subprocess.run(
+            [sys.executable, "-c", _CLIENT, url, str(runs), *map(str, pids)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"the W2 client process failed (exit {done.returncode}):\n{done.stderr}")
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
 Call = Callable[[int, float], Coroutine[Any, Any, int]]

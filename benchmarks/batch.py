@@ -1,12 +1,16 @@
 """Batch throughput (issue 20): W2 in batch mode on the embedded SQLite queue, Redis Streams
 and NATS JetStream, beside real time and the raw broker floors, in one run.
 
-Measured side by side in interleaved rounds, in this process:
+Measured side by side in interleaved rounds:
 
-- real time, in-memory store (``fd.Context()``): W2 with ``--runs`` runs at once;
-- batch on each broker: ``fd.Context(batch=True, broker=URL, store=URL, workers=0)`` and
-  2 worker processes (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it),
-  the same W2 (1 step -> 20 steps of ``sleep(0.05)`` -> 1 reduce);
+- real time, in-memory store (``fd.Context()``), in this process: W2 with ``--runs`` runs
+  at once;
+- batch on each broker, as an application runs it: a client process with
+  ``fd.Context(batch=True, broker=URL, store=URL, workers=0)`` and 2 worker processes
+  (``flowdsl._executors.batch.serve``, as ``flowdsl worker`` runs it), all three started
+  for the measurement on a fresh queue, so that no other broker's idle workers or this
+  process's heap weigh on it; the same W2 (1 step -> 20 steps of ``sleep(0.05)`` -> 1
+  reduce);
 - the raw floors, 1 KB messages: redis-py XADD / XREADGROUP + XACK one at a time and
   pipelined by 100; nats-py JetStream publish / fetch + ack one at a time and batched by
   100 (``redis_bench`` and ``nats_bench`` define them).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -44,7 +49,7 @@ import flowdsl as fd
 
 from . import nats_bench, redis_bench
 from . import workloads as w
-from ._brokers import Call, caller, worker_processes
+from ._brokers import Call, caller, w2_apart
 from ._harness import Config, Section, Table, Target, interleaved, median, paired, run_section
 from .w2_fanout import batch
 
@@ -181,37 +186,37 @@ async def _memory(
             tracemalloc.stop()
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-        fields = file.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _w2(call: Call, runs: int, workers: list[int]) -> Measured:
-    cpu0, wcpu0 = time.process_time(), sum(_cpu(p) for p in workers)
+async def _w2(call: Call, runs: int) -> Measured:
+    cpu0 = time.process_time()
     b = await batch(call, runs, w.LEAF_DELAY)
-    cpu, wcpu = time.process_time() - cpu0, sum(_cpu(p) for p in workers) - wcpu0
-    return Measured(b.wall, b.p50, b.p99, cpu, wcpu)
+    return Measured(b.wall, b.p50, b.p99, time.process_time() - cpu0, 0.0)
+
+
+def _w2_apart(url: str, runs: int, concurrency: int) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """W2 on the broker at *url* (a template with ``{n}``) in a client process and worker
+    processes of their own, started for this measurement, on a fresh queue each time."""
+    fresh = itertools.count()
+
+    async def measure() -> Measured:
+        figures = await anyio.to_thread.run_sync(
+            functools.partial(w2_apart, url.format(n=next(fresh)), runs, PROCESSES, concurrency)
+        )
+        return Measured(**figures)
+
+    return measure
 
 
 async def _measure(
-    urls: dict[str, str], pids: dict[str, list[int]], rounds: int, runs: int, messages: int
+    urls: dict[str, str], rounds: int, runs: int, concurrency: int, messages: int
 ) -> dict[str, list[Any]]:
     redis_url = urls["Redis"].partition("?")[0]
     nats_url = urls["NATS"].partition("?")[0]
-    async with AsyncExitStack() as stack:
-        contexts = {REAL_TIME: fd.Context()} | {
-            name: fd.Context(batch=True, broker=url, store=url, workers=0)
-            for name, url in urls.items()
-        }
-        callers = {n: caller(await stack.enter_async_context(c)) for n, c in contexts.items()}
-
-        def w2(name: str) -> Callable[[], Coroutine[Any, Any, Measured]]:
-            return lambda: _w2(callers[name], runs, pids.get(name, []))
-
+    async with fd.Context() as ctx:
+        call = caller(ctx)
         systems: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
-            name: w2(name) for name in callers
+            REAL_TIME: lambda: _w2(call, runs)
         }
+        systems |= {name: _w2_apart(url, runs, concurrency) for name, url in urls.items()}
         systems |= {
             "redis-py, one at a time": lambda: redis_bench.floor_one_at_a_time(redis_url, messages),
             f"redis-py, pipelined x{redis_bench.PIPELINE}": lambda: redis_bench.floor_pipelined(
@@ -251,16 +256,12 @@ def measure(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowdsl-batch-")))
         redis = stack.enter_context(redis_bench.redis_server())
         nats = stack.enter_context(nats_bench.nats_server())
-        urls = {
-            "SQLite queue": f"sqlite:///{tmp}/queue.db",
-            "Redis": f"{redis}?prefix=w2",
-            "NATS": f"{nats}?prefix=w2",
+        urls = {  # templates: each measurement gets a fresh queue
+            "SQLite queue": f"sqlite:///{tmp}/queue-{{n}}.db",
+            "Redis": f"{redis}?prefix=w2-{{n}}",
+            "NATS": f"{nats}?prefix=w2-{{n}}",
         }
-        pids = {
-            name: stack.enter_context(worker_processes(url, PROCESSES, concurrency))
-            for name, url in urls.items()
-        }
-        results = anyio.run(functools.partial(_measure, urls, pids, rounds, runs, messages))
+        results = anyio.run(functools.partial(_measure, urls, rounds, runs, concurrency, messages))
     with ExitStack() as stack:  # the memory pass: tracemalloc slows what it watches
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowdsl-batch-")))
         redis = stack.enter_context(redis_bench.redis_server())
