@@ -8,9 +8,7 @@ resume, is checked on NATS with every other backend (test_backend_properties.py)
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from flowdsl.backends.nats.broker import NATSBroker
 from flowdsl.backends.nats.keys import to_token
 from flowdsl.backends.nats.store import NATSStore
 
+import _nats_fixtures as nf
 import nats_steps as ns
 from _servers import NatsServer
 
@@ -46,29 +45,7 @@ def anyio_backend() -> Any:
     return ("asyncio", {"debug": True})
 
 
-def fresh(server: NatsServer, **options: Any) -> str:
-    """A URL with a prefix of its own: streams and bucket no other run of the test sees."""
-    query = "&".join(f"{k}={v}" for k, v in {"prefix": _prefix(), **options}.items())
-    return f"{server.url}?{query}"
-
-
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def url(nats_server: NatsServer) -> str:
-    return fresh(nats_server)
-
-
-@pytest.fixture
-async def broker(url: str) -> AsyncIterator[NATSBroker]:
-    b = NATSBroker(url)
-    await b.open()
-    try:
-        yield b
-    finally:
-        await b.close()
+url, broker, fresh = nf.url, nf.broker, nf.fresh  # a fresh prefix a test, a broker on it
 
 
 def signature(event: Any) -> tuple[str, str]:

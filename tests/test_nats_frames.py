@@ -3,8 +3,6 @@ framing, what a reader refuses, and cursors that stop inside a batch message."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -15,6 +13,7 @@ from flowdsl.backends.nats import frames
 from flowdsl.backends.nats.broker import NATSBroker
 from flowdsl.backends.nats.keys import Malformed, to_token
 
+import _nats_fixtures as nf
 from _servers import NatsServer
 
 
@@ -67,19 +66,7 @@ def anyio_backend() -> Any:
     return ("asyncio", {"debug": True})
 
 
-@pytest.fixture
-def url(nats_server: NatsServer) -> str:
-    return f"{nats_server.url}?prefix=t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def broker(url: str) -> AsyncIterator[NATSBroker]:
-    b = NATSBroker(url)
-    await b.open()
-    try:
-        yield b
-    finally:
-        await b.close()
+url, broker = nf.url, nf.broker  # a fresh prefix a test, a broker on it
 
 
 async def read(broker: NATSBroker, cursor: Any, want: int) -> tuple[list[str], Any]:
