@@ -53,7 +53,12 @@ async def claim(ctx: Context, run: Run, record: RunRecord, *, wait: bool) -> Cla
     # Read again under the lease: a driver that held it may have ended the run.  That is
     # so even of a run this context has just made: another process that found the record
     # may have taken the lease first and driven the run (its drive marks the record before
-    # running anything, see ``replay``), and then it must be resumed, not begun again.
+    # running anything, see ``replay``), and then it must be resumed, not begun again.  (The
+    # memory store, the process-local one, answers both calls without suspending: nobody
+    # comes in between, and a real-time run is spared the read.)
+    if not run.resuming and ctx._leases.local:
+        ctx._active[run.run_id] = run
+        return "drive"
     now = await ctx.store.get_run(run.run_id)
     if now is not None and ended_since(now, record):
         await ctx._leases.release(run.run_id)
