@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 import flowdsl as fd
@@ -262,3 +264,63 @@ async def test_a_timeout_cancels_the_siblings_too(
     assert isinstance(info.value.__cause__, TimeoutError)
     assert CANCELLED == ["a"]
     assert task_ids() == before
+
+
+# --- ctx.cancel(run_id) of a run this context drives ----------------------------------------
+
+
+@attrs.frozen
+class Approval:
+    ok: bool
+
+
+@fd.step
+async def ready(x: str) -> str:
+    return x
+
+
+@fd.step
+async def approved(text: str, approval: Approval) -> str:
+    return f"{text}: {approval.ok}"
+
+
+@fd.flow
+async def held_for_approval(x: str) -> str:
+    text = await ready(x)
+    approval = await fd.wait_for("approval", Approval, timeout=3600, after=text)
+    return await approved(text, approval)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
+async def test_ctx_cancel_stops_the_run_this_context_drives(sqlite_url: str, batch: bool) -> None:
+    gates("a", "b", "c")
+    async with fd.Context(store=sqlite_url, batch=batch) as ctx:
+        run = await ctx.start(three, "x", run_id="doomed")
+        with anyio.fail_after(DEADLINE * 10):
+            await all_started()
+            assert await ctx.cancel("doomed") == []
+            # Stopped before ctx.cancel returned: settled, and recorded as cancelled.
+            assert run.status is fd.RunStatus.CANCELLED
+            with pytest.raises(fd.StepFailed, match="cancelled"):
+                await run.result()
+        record = await ctx.store.get_run("doomed")
+        assert record is not None
+        assert record.status is fd.RunStatus.CANCELLED
+    assert sorted(CANCELLED) == ["a", "b", "c"]  # the steps that were running saw it
+
+
+async def test_ctx_cancel_of_a_run_waiting_for_a_signal_here_ends_it_cancelled(
+    sqlite_url: str,
+) -> None:
+    async with fd.Context(store=sqlite_url) as ctx:
+        run = await ctx.start(held_for_approval, "x", run_id="waiting")
+        async with contextlib.aclosing(run.events()) as events:
+            async for event in events:
+                if isinstance(event, ev.RunWaiting):
+                    break
+        with anyio.fail_after(DEADLINE * 10):
+            await ctx.cancel("waiting")
+        assert run.status is fd.RunStatus.CANCELLED
+        record = await ctx.store.get_run("waiting")
+        assert record is not None
+        assert record.status is fd.RunStatus.CANCELLED

@@ -41,14 +41,13 @@ from .calls import (
     given_options,
     only_besides_cancellations,
 )
-from .cancel import cancel_run, status_after_failure
+from .cancel import cancel_run, record_cancelled, status_after_failure, stop_drive
 from .leases import claim, keeping, observe
 from .mapping import map_runs
 from .options import check_leases, check_options, open_backends
 from .run import (
     Run,
     before_each_node,
-    cancelled,
     new_run_id,
     plan_of,
     skip_reporter,
@@ -435,10 +434,12 @@ class Context:
             await signal_run(self.store, self._active.get(run_id), run_id, name, value)
 
     async def cancel(self, run_id: str) -> list[str]:
-        """Cancel run *run_id*, from any process, and the provider batch jobs that hold only
-        its requests (``llm=``'s); the ids of those jobs (see ``cancel.py``)."""
+        """Cancel run *run_id* from any process (a drive of it here stops too) and the provider
+        batch jobs holding only its requests (``llm=``'s); their ids (see ``cancel.py``)."""
         async with self._using():
-            return await cancel_run(self.store, self.llm, run_id)
+            jobs = await cancel_run(self.store, self.llm, run_id)
+            await stop_drive(self._active.get(run_id))
+            return jobs
 
     async def resume(
         self,
@@ -549,6 +550,9 @@ class Context:
             )
             data, value = _codec.roundtrip(output, flow.return_type, what="the flow's result")
         except (StepFailed, CheckpointError) as exc:
+            if run.cancelling:  # ctx.cancel(run_id): raised by the run's node group
+                await record_cancelled(self.store, run)
+                raise
             node = exc.node
             with anyio.CancelScope(shield=True):
                 status = await status_after_failure(self.store, run.run_id)
@@ -570,13 +574,7 @@ class Context:
                 # Left waiting for a signal: it stays so in the store, for a resume.
                 run._settle(RunStatus.WAITING, error=still_waiting(run))
                 raise
-            with anyio.CancelScope(shield=True):
-                await self.store.update_run(
-                    run.run_id, status=RunStatus.CANCELLED, error="cancelled"
-                )
-            if run.observed:
-                run.emit(ev.RunFailed(run.run_id, time.time(), "cancelled", cancelled=True))
-            run._settle(RunStatus.CANCELLED, error=cancelled(run))
+            await record_cancelled(self.store, run)
             raise
         finally:
             self._active.pop(run.run_id, None)

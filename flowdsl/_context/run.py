@@ -69,6 +69,10 @@ class Run:
     holder: Lease | None = attrs.field(default=None, repr=False)
     lease_lost: bool = attrs.field(default=False, repr=False)
     lease_scope: anyio.CancelScope | None = attrs.field(default=None, repr=False)
+    # The node group of this context's drive (the scheduler's), which ctx.cancel(run_id)
+    # fails, and whether it did (then even a run waiting for a signal ends cancelled).
+    node_group: Any = attrs.field(default=None, repr=False)
+    cancelling: bool = attrs.field(default=False, repr=False)
 
     @property
     def flow_name(self) -> str:

@@ -306,6 +306,7 @@ async def drive(
     through the same *executor* (and *before*), and a mapped or looped flow's sub-graph
     through this very function, with *scope* naming where in the run that sub-graph sits.
     """
+    top = scope is None  # the run's own drive, not a map item's or a loop's sub-graph
     if scope is None and state.plan.dynamic:
         from .dynamic import Dynamic
 
@@ -376,6 +377,8 @@ async def drive(
 
         try:
             async with open_node_group(finish) as group:
+                if top:
+                    run.node_group = group  # what ctx.cancel(run_id) fails
                 for other in first[1:]:
                     spawn(group, other)
                 node: Node | None = first[0]
@@ -399,6 +402,9 @@ async def drive(
                 # The caller was cancelled: raise that as such, not as a group.
                 raise first_leaf(cancelled) from None
             raise
+        finally:
+            if top:
+                run.node_group = None
     if not state.finished:  # pragma: no cover - a scheduler bug, never a user error
         stuck = [n for n, s in state.status.items() if s in (WAITING, READY)]
         raise RuntimeError(f"run {run.run_id!r} stalled with nodes waiting: {stuck[:10]}")

@@ -40,6 +40,10 @@ class NodeGroup(Protocol):
         ``then(job.key, job.finish(result))``, on failure continue with
         ``job.retry(exc)`` (which raises when the failure is final)."""
 
+    def fail(self, exc: BaseException) -> None:
+        """Fail the group from outside with *exc*, as a node's failure would: every node
+        still in flight is cancelled, and *exc* is raised when the group exits."""
+
 
 class _AsyncioGroup:
     __slots__ = (
@@ -97,6 +101,9 @@ class _AsyncioGroup:
         task = self._loop.create_task(coro, context=context)
         self._tasks[task] = job
         task.add_done_callback(self._job_done)
+
+    def fail(self, exc: BaseException) -> None:
+        self._fail(exc)
 
     def _job_done(self, task: Any) -> None:
         job = self._tasks.pop(task)
@@ -188,12 +195,18 @@ async def _then(awaitable: Awaitable[Any], then: Then, key: Any) -> None:
 class _NurseryGroup:
     """trio's nursery, or anyio's task group for any other backend."""
 
-    __slots__ = ("_nursery", "_then")
+    __slots__ = ("_nursery", "_then", "failure")
     supports_jobs = False
 
     def __init__(self, nursery: Any, then: Then) -> None:
         self._nursery = nursery
         self._then = then
+        self.failure: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            self._nursery.cancel_scope.cancel()
 
     def spawn(self, awaitable: Awaitable[Any], key: Any) -> None:
         self._nursery.start_soon(_then, awaitable, self._then, key)
@@ -217,13 +230,20 @@ async def open_node_group(then: Then) -> AsyncIterator[NodeGroup]:
             await group._join(exc)
             raise  # pragma: no cover - _join always raises when given an exception
         await group._join(None)
-    elif library == "trio":
+        return
+    nodes: _NurseryGroup
+    if library == "trio":
         import trio
 
         async with trio.open_nursery() as nursery:
-            yield _NurseryGroup(nursery, then)
+            nodes = _NurseryGroup(nursery, then)
+            yield nodes
     else:  # pragma: no cover - another anyio backend
         import anyio
 
         async with anyio.create_task_group() as tg:
-            yield _NurseryGroup(tg, then)
+            nodes = _NurseryGroup(tg, then)
+            yield nodes
+    if nodes.failure is not None:
+        # Its nursery took the cancellation that fail() asked for as its own.
+        raise BaseExceptionGroup("flowdsl node tasks failed", [nodes.failure])
