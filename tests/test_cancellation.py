@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import attrs
 import pytest
 
 import flowdsl as fd
 from flowdsl import events as ev
+
+import wait_flows
 
 pytestmark = pytest.mark.anyio
 
@@ -269,28 +270,6 @@ async def test_a_timeout_cancels_the_siblings_too(
 # --- ctx.cancel(run_id) of a run this context drives ----------------------------------------
 
 
-@attrs.frozen
-class Approval:
-    ok: bool
-
-
-@fd.step
-async def ready(x: str) -> str:
-    return x
-
-
-@fd.step
-async def approved(text: str, approval: Approval) -> str:
-    return f"{text}: {approval.ok}"
-
-
-@fd.flow
-async def held_for_approval(x: str) -> str:
-    text = await ready(x)
-    approval = await fd.wait_for("approval", Approval, timeout=3600, after=text)
-    return await approved(text, approval)
-
-
 @pytest.mark.parametrize("batch", [False, True], ids=["realtime", "batch"])
 async def test_ctx_cancel_stops_the_run_this_context_drives(sqlite_url: str, batch: bool) -> None:
     gates("a", "b", "c")
@@ -313,7 +292,7 @@ async def test_ctx_cancel_of_a_run_waiting_for_a_signal_here_ends_it_cancelled(
     sqlite_url: str,
 ) -> None:
     async with fd.Context(store=sqlite_url) as ctx:
-        run = await ctx.start(held_for_approval, "x", run_id="waiting")
+        run = await ctx.start(wait_flows.reviewed, "x", run_id="waiting")
         async with contextlib.aclosing(run.events()) as events:
             async for event in events:
                 if isinstance(event, ev.RunWaiting):

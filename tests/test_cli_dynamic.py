@@ -9,11 +9,12 @@ from pathlib import Path
 import anyio
 import pytest
 from click.testing import CliRunner, Result
-from wait_flows import Approval, reviewed
 
 import flowdsl as fd
 from flowdsl import _codec
 from flowdsl.cli.main import cli
+
+from wait_flows import Approval, reviewed
 
 
 def invoke(*args: str) -> Result:
