@@ -583,9 +583,9 @@ class Context:
                 with anyio.CancelScope(shield=True):
                     await executor.ended(run, False)
             # A cancelled run's provider batch jobs are cancelled too, when no other run
-            # has requests in them.
+            # has requests in them (ctx.cancel has done it already).
             cancel_batches = getattr(self.llm, "cancel_batches", None)
-            if cancel_batches is not None and run.status is RunStatus.CANCELLED:
+            if cancel_batches and run.status is RunStatus.CANCELLED and not run.cancelling:
                 with anyio.CancelScope(shield=True):
                     await cancel_batches(run.run_id, self.store)
         await self.store.update_run(
