@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
@@ -112,22 +113,47 @@ class SQLiteBroker(Broker):
                 conn.execute(statement)
             self._conn = conn
             return
+        # Switching a new file to WAL fails at once with "database is locked" while another
+        # process is creating it (SQLite does not call the busy handler there), so opening
+        # retries, sleeping without blocking the loop, for up to busy_timeout (as the
+        # store's open does).
+        deadline = anyio.current_time() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                self._conn = self._connect()
+                return
+            except sqlite3.Error as exc:
+                if not schema.is_busy(exc) or anyio.current_time() >= deadline:
+                    raise self._unopened(exc) from exc
+            except OSError as exc:
+                raise self._unopened(exc) from exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
+        )
         try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
-            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             for statement in schema.QUEUE_SCHEMA:
                 conn.execute(statement)
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(
-                f"cannot open the queue {self.url}: {exc}",
-                hint="Check the path and the permissions of its directory",
-            ) from exc
-        self._conn = conn
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _unopened(self, exc: Exception) -> Exception:
+        if isinstance(exc, sqlite3.Error) and schema.is_busy(exc):
+            return schema.failure(self.url, self.busy_timeout, exc, None, None)
+        return ConfigError(
+            f"cannot open the queue {self.url}: {exc}",
+            hint="Check the path and the permissions of its directory",
+        )
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
