@@ -27,7 +27,6 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import ConfigError
@@ -35,6 +34,7 @@ from ..._records import NodeRecord
 from ..base import Broker, Store
 from ..messages import Claimed, Finished
 from . import schema
+from .files import connect_waiting
 from .store import SQLiteStore
 
 __all__ = ["SQLiteBroker"]
@@ -113,23 +113,10 @@ class SQLiteBroker(Broker):
                 conn.execute(statement)
             self._conn = conn
             return
-        # Switching a new file to WAL fails at once with "database is locked" while another
-        # process is creating it (SQLite does not call the busy handler there), so opening
-        # retries, sleeping without blocking the loop, for up to busy_timeout (as the
-        # store's open does).
-        deadline = anyio.current_time() + self.busy_timeout
-        delay = 0.001
-        while True:
-            try:
-                self._conn = self._connect()
-                return
-            except sqlite3.Error as exc:
-                if not schema.is_busy(exc) or anyio.current_time() >= deadline:
-                    raise self._unopened(exc) from exc
-            except OSError as exc:
-                raise self._unopened(exc) from exc
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        try:
+            self._conn = await connect_waiting(self._connect, self.busy_timeout)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unopened(exc) from exc
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:":

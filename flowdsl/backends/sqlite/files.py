@@ -1,14 +1,39 @@
-"""The SQLite store's file as a file: whose it is, and how an older version's tables are
-brought up to this one's."""
+"""The SQLite file as a file: opening it while another process may be creating it, whose
+it is, and how an older version's tables are brought up to this one's."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+
+import anyio
 
 from ..._errors import CheckpointError, ConfigError
 from . import schema
 
-__all__ = ["check_identity", "migrate"]
+__all__ = ["check_identity", "connect_waiting", "migrate"]
+
+
+async def connect_waiting(
+    connect: Callable[[], sqlite3.Connection], busy_timeout: float
+) -> sqlite3.Connection:
+    """``connect()``, tried again while the file is busy, for up to *busy_timeout* seconds.
+
+    Switching a new file to WAL fails at once with "database is locked" while another
+    process is creating it (SQLite does not call the busy handler there), so the store
+    and the queue open their files through this, sleeping without blocking the loop.  Any
+    other error, or a file still busy at the deadline, is raised as it came.
+    """
+    deadline = anyio.current_time() + busy_timeout
+    delay = 0.001
+    while True:
+        try:
+            return connect()
+        except sqlite3.Error as exc:
+            if not schema.is_busy(exc) or anyio.current_time() >= deadline:
+                raise
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def check_identity(conn: sqlite3.Connection, path: str, url: str) -> None:

@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ... import _codec
@@ -51,7 +50,7 @@ from ..._records import Lease, NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from ..base import ExpectedNodes, Store
 from . import schema
-from .files import check_identity, migrate
+from .files import check_identity, connect_waiting, migrate
 from .url import bad_url as _bad_url
 from .url import url_options as _url_options
 
@@ -141,25 +140,15 @@ class SQLiteStore(Store):
         await checkpoint_if_cancelled()
         if self._conn is not None:
             return
-        # Switching a new file to WAL fails at once with "database is locked" while another
-        # process is creating it (SQLite does not call the busy handler there), so opening
-        # retries, sleeping without blocking the loop, for up to busy_timeout.
-        deadline = anyio.current_time() + self.busy_timeout
-        delay = 0.001
-        while True:
-            try:
-                self._conn = self._connect()
-                return
-            except sqlite3.Error as exc:
-                if not schema.is_busy(exc) or anyio.current_time() >= deadline:
-                    raise self._failure(exc) from exc
-            except OSError as exc:  # the parent directory could not be created
-                raise ConfigError(
-                    f"cannot create the store {self.url}: {exc}",
-                    hint="Check the path and the permissions of its directory",
-                ) from exc
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        try:
+            self._conn = await connect_waiting(self._connect, self.busy_timeout)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        except OSError as exc:  # the parent directory could not be created
+            raise ConfigError(
+                f"cannot create the store {self.url}: {exc}",
+                hint="Check the path and the permissions of its directory",
+            ) from exc
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
