@@ -67,11 +67,10 @@ async def status_after_failure(store: Any, run_id: str) -> RunStatus:
 async def stop_drive(run: Run | None) -> None:
     """Stop this context's drive of *run*, if it drives it, and wait until the drive has
     recorded the run as cancelled (even one waiting for a signal)."""
-    group = run.node_group if run is not None else None
-    if run is None or group is None:
+    if run is None or run.node_group is None:
         return
     run.cancelling = True
-    group.fail(cancelled(run))
+    run.node_group.fail(cancelled(run))
     with contextlib.suppress(FlowError):  # its cancellation, or how it ended just before
         await run.result()
 

@@ -56,16 +56,14 @@ async def claim(ctx: Context, run: Run, record: RunRecord, *, wait: bool) -> Cla
     # running anything, see ``replay``), and then it must be resumed, not begun again.  (The
     # memory store, the process-local one, answers both calls without suspending: nobody
     # comes in between, and a real-time run is spared the read.)
-    if not run.resuming and ctx._leases.local:
-        ctx._active[run.run_id] = run
-        return "drive"
-    now = await ctx.store.get_run(run.run_id)
-    if now is not None and ended_since(now, record):
-        await ctx._leases.release(run.run_id)
-        settle_from_record(run, now)
-        return "done"
-    if now is not None and now.updated_at != record.updated_at:
-        run.resuming = True
+    if run.resuming or not ctx._leases.local:
+        now = await ctx.store.get_run(run.run_id)
+        if now is not None and ended_since(now, record):
+            await ctx._leases.release(run.run_id)
+            settle_from_record(run, now)
+            return "done"
+        if now is not None and now.updated_at != record.updated_at:
+            run.resuming = True
     ctx._active[run.run_id] = run
     return "drive"
 

@@ -307,7 +307,7 @@ async def drive(
     through this very function, with *scope* naming where in the run that sub-graph sits.
     """
     top = scope is None  # the run's own drive, not a map item's or a loop's sub-graph
-    if scope is None and state.plan.dynamic:
+    if top and state.plan.dynamic:
         from .dynamic import Dynamic
 
         dynamic = Dynamic(run, state.plan, store, executor, limiter, on_skipped, before)
