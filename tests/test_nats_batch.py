@@ -124,8 +124,11 @@ async def test_a_node_is_queued_once_while_queued_or_held_and_again_after(
 ) -> None:
     task = ("r", "a/b.c-d", '{"x": 1}')
     await broker.enqueue([task, task])
-    await broker.enqueue([task])
+    await broker.enqueue([task])  # as a publish retried after its reply was lost
     assert await broker.pending() == 1
+    # The subject is the dedupe: the task carries no message id for the server to keep.
+    stored = await broker.link.js.get_msg(broker.tasks_stream, seq=1)
+    assert "Nats-Msg-Id" not in (stored.headers or {})
     [claimed] = await broker.claim("w", 10, 30.0)
     await broker.enqueue([task])  # held: still not twice
     assert await broker.pending() == 1

@@ -32,8 +32,9 @@ ephemeral consumer that pushes them as they come; a cursor is a stream sequence,
 ``completions(None)`` means "from now on" and a client on another machine can follow a
 run.  After a reconnect the consumer is made again from the last sequence read.
 
-Publishes carry a ``Nats-Msg-Id`` that is fixed across the retries of one call, so a
-publish retried after a lost reply is stored once.  Calls ride out a server restart
+A publish retried after a lost reply is stored once: a task's subject refuses a second
+message while the first is queued or held, and the log's and dead letters' publishes carry
+a ``Nats-Msg-Id`` fixed across the retries of one call.  Calls ride out a server restart
 (transient errors are retried with backoff for ``retry_for`` seconds, see ``NatsLink``);
 an ack lost in a restart makes the task come back once more, which is harmless (above).
 """
@@ -220,21 +221,29 @@ class NATSBroker(Broker):
     # --- publishing -----------------------------------------------------------------------
 
     async def _publish(
-        self, items: list[tuple[str, bytes]], what: str, *, run_id: str | None = None
+        self,
+        items: list[tuple[str, bytes]],
+        what: str,
+        *,
+        run_id: str | None = None,
+        ids: bool = True,
     ) -> list[Refused | None]:
         """Publish *items* in order and wait for every ack: None for a stored message, or
-        why the stream refused it.  One Nats-Msg-Id per message, kept across retries: a
-        retry after a lost reply is not stored twice."""
+        why the stream refused it.  With *ids*, one Nats-Msg-Id per message, kept across
+        retries: a retry after a lost reply is not stored twice.  Tasks go without: their
+        subject holds one message at most, which refuses a retried one just as well, and
+        the ids the server would otherwise keep for the duplicate window cost more than
+        any other part of a task's way through the server."""
         self._js()
-        messages = []
+        messages: list[tuple[str, bytes, dict[str, str] | None]] = []
         call = uuid.uuid4().hex  # one random id per call, numbered per message: unique
         for i, (subject, data) in enumerate(items):
-            headers = {"Nats-Msg-Id": f"{call}.{i}"}
+            headers = {"Nats-Msg-Id": f"{call}.{i}"} if ids else {}
             if len(data) > self._message_max:
                 bucket = await self._blobs()
                 headers[BLOB_HEADER] = await bucket.put_blob(data, run_id)
                 data = b""
-            messages.append((subject, data, headers))
+            messages.append((subject, data, headers or None))
         publisher = self._publisher
         timeout = self.options.timeout
 
@@ -284,7 +293,7 @@ class NATSBroker(Broker):
             (f"{self._prefix}.tasks.{to_token(run_id)}.{to_token(node_id)}", to_bytes(payload))
             for run_id, node_id, payload in tasks
         ]
-        results = await self._publish(items, "queue a task", run_id=tasks[0][0])
+        results = await self._publish(items, "queue a task", run_id=tasks[0][0], ids=False)
         # Refused per subject: the node is queued or held already, as the protocol wants.
         raise_refused(
             [r for r in results if r is not None and r.err_code != ERR_PER_SUBJECT],
@@ -342,7 +351,7 @@ class NATSBroker(Broker):
             if digest is not None:  # a large task: _publish stores it by hash again
                 data = to_bytes(await self._large_text(digest, "a task"))
             items = [(str(raw.subject), data)]
-            results = await self._publish(items, "queue a task again", run_id=run_id)
+            results = await self._publish(items, "queue a task again", run_id=run_id, ids=False)
             raise_refused(
                 [r for r in results if r is not None and r.err_code != ERR_PER_SUBJECT],
                 "queue a task again",

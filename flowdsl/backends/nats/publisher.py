@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -39,7 +40,7 @@ class Publisher:
 
     async def publish(
         self,
-        messages: list[tuple[str, bytes, dict[str, str]]],
+        messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
         sequences: list[int] | None = None,
     ) -> list[Any]:
         """A refusal or None for each message, in order; *sequences*, if given, gets each
@@ -56,7 +57,8 @@ class Publisher:
         if away is not None:
             import nats.js.errors as je
 
-            # JetStream is (re)starting: the caller retries the lot (Nats-Msg-Id dedupes).
+            # JetStream is (re)starting: the caller retries the lot (stored ones are refused
+            # as duplicates: by Nats-Msg-Id, or a task by its subject).
             raise je.ServiceUnavailableError(
                 code=away.code, err_code=away.err_code, description=away.description
             )

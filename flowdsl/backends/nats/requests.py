@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from .link import NatsLink, quietly
@@ -31,7 +32,7 @@ class Requests:
     async def request(
         self,
         items: list[tuple[str, bytes]],
-        headers: list[dict[str, str]] | None = None,
+        headers: Sequence[dict[str, str] | None] | None = None,
     ) -> list[Any]:
         """Send each ``(subject, payload)`` (with the *headers* of the same index, if given)
         with its own reply subject; the replies (nats-py messages), in the order of *items*.
