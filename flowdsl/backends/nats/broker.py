@@ -66,8 +66,9 @@ from .keys import (
     to_bytes,
     to_token,
 )
-from .link import NatsLink, ensure_stream, quietly, storage_type
+from .link import NatsLink, quietly
 from .publisher import ERR_PER_SUBJECT, Publisher, Refused, raise_refused
+from .streams import ensure_streams
 from .url import NatsURL, nats_modules
 
 __all__ = ["NATSBroker"]
@@ -77,7 +78,6 @@ log = logging.getLogger("flowdsl.nats")
 CONSUMER: Final = "workers"
 #: Seconds a claim waits for a task when none is queued (it returns as soon as one comes).
 LONG_POLL: Final = 1.0
-_DUPLICATE_WINDOW: Final = 60.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
 _MAX_ACK_PENDING: Final = 100_000
 _ERR_NO_MESSAGE: Final = 10057  # a message deleted or acked meanwhile
 
@@ -125,7 +125,7 @@ class NATSBroker(Broker):
             return
         await self._link.open()
         try:
-            await self._streams()
+            await ensure_streams(self._link, self.options, self.url)
         except BaseException:
             await self._link.close()
             raise
@@ -135,60 +135,6 @@ class NATSBroker(Broker):
         # Headers and the JSON around a payload must fit beside it in one message.
         self._message_max = int(self._link.nc.max_payload or 1024 * 1024) * 3 // 4
         self._opened = True
-
-    async def _streams(self) -> None:
-        from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
-
-        o = self.options
-        p = self._prefix
-        storage = storage_type(o)
-        tasks = await ensure_stream(
-            self._link,
-            StreamConfig(
-                name=self.tasks_stream,
-                description="flowdsl tasks: one message per queued or held node",
-                subjects=[f"{p}.tasks.>"],
-                retention=RetentionPolicy.WORK_QUEUE,
-                discard=DiscardPolicy.NEW,
-                discard_new_per_subject=True,
-                max_msgs_per_subject=1,
-                storage=storage,
-                num_replicas=o.replicas,
-                duplicate_window=_DUPLICATE_WINDOW,
-            ),
-        )
-        config = tasks.config
-        if config.retention != RetentionPolicy.WORK_QUEUE or config.max_msgs_per_subject != 1:
-            raise ConfigError(
-                f"the stream {self.tasks_stream} on {self.url} exists with other settings "
-                "than flowdsl's (work-queue retention, one message per subject)",
-                hint="Delete it (nats stream rm) or use another prefix= for flowdsl",
-            )
-        await ensure_stream(
-            self._link,
-            StreamConfig(
-                name=self.log_stream,
-                description="flowdsl completions and events",
-                subjects=[f"{p}.log.>"],
-                retention=RetentionPolicy.LIMITS,
-                max_age=o.max_age or None,
-                storage=storage,
-                num_replicas=o.replicas,
-                duplicate_window=_DUPLICATE_WINDOW,
-            ),
-        )
-        await ensure_stream(
-            self._link,
-            StreamConfig(
-                name=self.dead_stream,
-                description="flowdsl dead-lettered tasks",
-                subjects=[f"{p}.dead.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=storage,
-                num_replicas=o.replicas,
-                duplicate_window=_DUPLICATE_WINDOW,
-            ),
-        )
 
     async def close(self) -> None:
         if not self._opened:
