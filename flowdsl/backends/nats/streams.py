@@ -5,7 +5,7 @@ twice)."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from ..._errors import ConfigError
 from .link import NatsLink, ensure_stream, storage_type
@@ -23,50 +23,42 @@ async def ensure_streams(link: NatsLink, o: NatsOptions, url: str) -> None:
 
     p = o.prefix
     storage = storage_type(o)
-    tasks = await ensure_stream(
-        link,
-        StreamConfig(
-            name=f"{p}_tasks",
-            description="flowdsl tasks: one message per queued or held node",
-            subjects=[f"{p}.tasks.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-            max_msgs_per_subject=1,
+
+    def config(kind: str, description: str, retention: Any, **more: Any) -> Any:
+        return StreamConfig(
+            name=f"{p}_{kind}",
+            description=description,
+            subjects=[f"{p}.{kind}.>"],
+            retention=retention,
             storage=storage,
             num_replicas=o.replicas,
             duplicate_window=_DUPLICATE_WINDOW,
+            **more,
+        )
+
+    tasks = await ensure_stream(
+        link,
+        config(
+            "tasks",
+            "flowdsl tasks: one message per queued or held node",
+            RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=1,
         ),
     )
-    config = tasks.config
-    if config.retention != RetentionPolicy.WORK_QUEUE or config.max_msgs_per_subject != 1:
+    settings = tasks.config
+    if settings.retention != RetentionPolicy.WORK_QUEUE or settings.max_msgs_per_subject != 1:
         raise ConfigError(
             f"the stream {p}_tasks on {url} exists with other settings than flowdsl's "
             "(work-queue retention, one message per subject)",
             hint="Delete it (nats stream rm) or use another prefix= for flowdsl",
         )
-    await ensure_stream(
-        link,
-        StreamConfig(
-            name=f"{p}_log",
-            description="flowdsl completions and events",
-            subjects=[f"{p}.log.>"],
-            retention=RetentionPolicy.LIMITS,
-            max_age=o.max_age or None,
-            storage=storage,
-            num_replicas=o.replicas,
-            duplicate_window=_DUPLICATE_WINDOW,
-        ),
+    log = config(
+        "log",
+        "flowdsl completions and events",
+        RetentionPolicy.LIMITS,
+        max_age=o.max_age or None,
     )
-    await ensure_stream(
-        link,
-        StreamConfig(
-            name=f"{p}_dead",
-            description="flowdsl dead-lettered tasks",
-            subjects=[f"{p}.dead.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=storage,
-            num_replicas=o.replicas,
-            duplicate_window=_DUPLICATE_WINDOW,
-        ),
-    )
+    await ensure_stream(link, log)
+    await ensure_stream(link, config("dead", "flowdsl dead-lettered tasks", RetentionPolicy.LIMITS))
