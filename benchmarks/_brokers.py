@@ -10,10 +10,12 @@ from :func:`report`, so they cannot drift apart.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import flowdsl as fd
@@ -62,13 +64,21 @@ anyio.run(main)
 
 
 @contextmanager
-def worker_processes(url: str, count: int, concurrency: int) -> Iterator[list[int]]:
-    """*count* processes serving *url* (broker and store); yields their pids once all serve."""
+def worker_processes(
+    url: str, count: int, concurrency: int, *, tree: str | Path | None = None
+) -> Iterator[list[int]]:
+    """*count* processes serving *url* (broker and store); yields their pids once all serve.
+
+    *tree*, a checkout of another commit, runs that commit's flowdsl in them instead of
+    this one's (the workloads still come from here)."""
+    env = subprocess_env()
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(ROOT)])
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _SERVE, url, str(concurrency)],
-            cwd=ROOT,
-            env=subprocess_env(),
+            cwd=ROOT if tree is None else tree,  # `-c` puts it first on the import path
+            env=env,
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -21,8 +21,6 @@ import argparse
 import inspect
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -35,21 +33,8 @@ import anyio
 
 from flowdsl.backends import open_broker
 
+from ._brokers import worker_processes
 from ._harness import ROOT
-
-_SERVE = """
-import functools, sys, anyio
-from flowdsl._executors.batch import serve
-
-async def main() -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(functools.partial(
-            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
-        ))
-        print("ready", flush=True)
-
-anyio.run(main)
-"""
 
 
 def _cpu(pid: int) -> float:
@@ -72,37 +57,6 @@ def _servers() -> list[int]:
             if ppid == os.getpid() and name in ("redis-server", "nats-server"):
                 found.append(int(entry.name))
     return found
-
-
-@contextmanager
-def _workers(tree: str, url: str, count: int, concurrency: int) -> Iterator[list[int]]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(tree).resolve()), str(ROOT)])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SERVE, url, str(concurrency)],
-            cwd=tree,  # `-c` puts the working directory first on the import path
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"worker process {proc.pid} did not start")
-        yield [proc.pid for proc in procs]
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _tasks(count: int) -> list[tuple[str, str, str]]:
@@ -258,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 tasks = _tasks(args.tasks)
                 with ExitStack() as stack:
                     pids = stack.enter_context(
-                        _workers(tree, url, args.processes, args.concurrency)
+                        worker_processes(url, args.processes, args.concurrency, tree=tree)
                     )
                     servers = _servers()
                     before = sum(map(_cpu, pids))
