@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 import flowdsl as fd
 
@@ -32,6 +34,7 @@ __all__ = [
     "Call",
     "caller",
     "report",
+    "trivial_and_w2",
     "trivial_rounds",
     "w2_apart",
     "w2_on",
@@ -47,7 +50,8 @@ PROCESS_COUNTS = (("flowdsl, 1 worker process", 1), ("flowdsl, 2 worker processe
 
 
 # A worker process: `serve` keeps the journal on the broker's own server or file, as the
-# clients' contexts do.
+# clients' contexts do.  argv[2] is its slots, for sync and async tasks alike: the workload
+# steps are async, and `concurrency` alone caps only sync ones.
 _SERVE = """
 import functools, sys, anyio
 from flowdsl._executors.batch import serve
@@ -55,7 +59,8 @@ from flowdsl._executors.batch import serve
 async def main() -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(functools.partial(
-            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
+            serve, sys.argv[1], imports=("benchmarks.workloads",),
+            concurrency=int(sys.argv[2]), async_concurrency=int(sys.argv[2]),
         ))
         print("ready", flush=True)
 
@@ -197,6 +202,25 @@ async def w2_on(url: str, runs: int) -> Batch:
         call = caller(ctx)
         await batch(call, min(50, runs), w.LEAF_DELAY)  # warm up: connections, imports
         return await batch(call, runs, w.LEAF_DELAY)
+
+
+def trivial_and_w2(
+    server: str,
+    trivial: Callable[[dict[str, str]], Coroutine[Any, Any, dict[str, list[Any]]]],
+    runs: int,
+) -> tuple[dict[str, list[Any]], Batch]:
+    """The Redis and NATS sections' measurements on *server* (a URL without a query):
+    *trivial* with the URLs of 1 and 2 worker processes serving trivial steps (each set
+    on a prefix of its own), then W2 with *runs* runs on 2 worker processes."""
+    urls = {name: f"{server}?prefix=p{count}" for name, count in PROCESS_COUNTS}
+    with ExitStack() as stack:
+        for name, count in PROCESS_COUNTS:
+            stack.enter_context(worker_processes(urls[name], count, TRIVIAL_CONCURRENCY))
+        measured = anyio.run(trivial, urls)
+    w2_url = f"{server}?prefix=w2"
+    with worker_processes(w2_url, 2, W2_SLOTS):
+        w2 = anyio.run(w2_on, w2_url, runs)
+    return measured, w2
 
 
 def report(

@@ -20,9 +20,8 @@ processes (``process_time`` and ``/proc``); then, in a second pass with tracemal
 the client and in fresh worker processes, memory per in-flight run: traced bytes at the
 batch's peak above its start (client plus workers; real time: the one process) / runs.
 
-The worker processes run with ``--concurrency`` slots each (1,000 by default): a stand-in
-for async concurrency that is not capped by the slots meant for sync steps, until workers
-size that themselves.
+The worker processes run with ``--concurrency`` slots each (1,000 by default, what
+``flowdsl worker`` holds for async steps unless told otherwise).
 
     python -m benchmarks.batch [--quick] [--runs N] [--rounds N] [--concurrency C] [--json F]
 """
@@ -59,7 +58,7 @@ RUNS_TARGET = 300.0  # W2 runs/s in batch, on each broker (issue 20)
 MEMORY_TARGET = 2.0  # memory per in-flight batch run (client + workers) x real time's
 PROCESSES = 2
 STEPS = w.FANOUT + 2
-CONCURRENCY = 1000  # per worker process: a stand-in for uncapped async concurrency
+CONCURRENCY = 1000  # slots per worker process: the workers' own default for async steps
 BROKERS = ("SQLite queue", "Redis", "NATS")
 REAL_TIME = "real time, memory store"
 
@@ -95,7 +94,8 @@ signal.signal(signal.SIGUSR1, report)
 async def main() -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(functools.partial(
-            serve, sys.argv[1], imports=("benchmarks.workloads",), concurrency=int(sys.argv[2])
+            serve, sys.argv[1], imports=("benchmarks.workloads",),
+            concurrency=int(sys.argv[2]), async_concurrency=int(sys.argv[2]),
         ))
         print("ready", flush=True)
 
@@ -341,8 +341,8 @@ def _report(
             section.data[name] = values
     section.tables += [table, floors]
     section.notes += [
-        f"worker processes: {concurrency} slots each, a stand-in for async steps that are not "
-        "capped by the slots of sync steps (issue 20's worker side)",
+        f"worker processes: {concurrency} slots each (the workers' own default for async "
+        "steps, issue 20's worker side)",
         "CPU µs/step: CPU seconds of the client process (or of both worker processes) during "
         f"the batch / ({runs} runs x {STEPS} steps); real time's client CPU includes running "
         "the steps",

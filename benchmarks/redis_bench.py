@@ -32,23 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 from rich.console import Console
 
 from . import workloads as w
-from ._brokers import (
-    TRIVIAL_CONCURRENCY,
-    W2_SLOTS,
-    report,
-    trivial_rounds,
-    w2_on,
-    worker_processes,
-)
-from ._harness import (
-    Config,
-    Section,
-    run_section,
-)
+from ._brokers import report, trivial_and_w2, trivial_rounds
+from ._harness import Config, Section, run_section
 
 __all__ = ["main", "run"]
 
@@ -171,18 +159,9 @@ def measure(*, rounds: int, runs: int, messages: int) -> Section:
         f"worker processes (medians of {rounds} interleaved rounds), and W2 with {runs} runs",
     )
     with redis_server() as server:
-        urls = {
-            "flowdsl, 1 worker process": f"{server}?prefix=p1",
-            "flowdsl, 2 worker processes": f"{server}?prefix=p2",
-        }
-        with (
-            worker_processes(urls["flowdsl, 1 worker process"], 1, TRIVIAL_CONCURRENCY),
-            worker_processes(urls["flowdsl, 2 worker processes"], 2, TRIVIAL_CONCURRENCY),
-        ):
-            trivial = anyio.run(functools.partial(_trivial, urls, rounds, messages))
-        w2_url = f"{server}?prefix=w2"
-        with worker_processes(w2_url, 2, W2_SLOTS):
-            w2 = anyio.run(w2_on, w2_url, runs)
+        trivial, w2 = trivial_and_w2(
+            server, functools.partial(_trivial, rounds=rounds, messages=messages), runs
+        )
 
     data = report(
         section,
