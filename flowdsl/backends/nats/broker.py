@@ -181,7 +181,8 @@ class NATSBroker(Broker):
         the ids the server would keep for its duplicate window cost CPU on every task."""
         self._js()
         messages: list[tuple[str, bytes, dict[str, str] | None]] = []
-        call = uuid.uuid4().hex  # one random id per call, numbered per message: unique
+        # One random id per call, numbered per message: unique.
+        call = uuid.uuid4().hex if ids else ""
         for i, (subject, data) in enumerate(items):
             headers = {"Nats-Msg-Id": f"{call}.{i}"} if ids else {}
             if len(data) > self._message_max:
