@@ -1,12 +1,6 @@
-"""Flows and steps for the NATS tests, importable by worker processes (``--import
-nats_steps``), a worker process entry point, and a shared server for the store
-conformance suite.
-
-Every step appends ``<step>:<key>:<pid>`` to the execution log named by
-``FLOWDSL_TEST_LOG`` (one line per finished execution, written with O_APPEND so that
-processes never interleave lines), so a test can say which node ran how many times in
-which process.  Results are deterministic functions of the inputs, so any process
-computes the same.
+"""The NATS tests' flows and steps, importable by worker processes (``--import
+nats_steps``: the shared ones are :mod:`server_steps`), a worker process entry point, and
+the NATS entries of the store and broker conformance suites.
 
     python nats_steps.py serve BROKER_URL STORE_URL [--lease S] [--concurrency N]
 
@@ -16,13 +10,8 @@ serves tasks (``flowdsl._executors.batch.serve``) and prints ``ready`` once it t
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
-import os
-import shutil
 import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,134 +19,44 @@ import anyio
 
 import flowdsl as fd
 
+from server_steps import (
+    CHAIN,
+    DELAY_ENV,
+    FAN,
+    LOG_ENV,
+    chain,
+    executions,
+    expected_chain,
+    expected_fan,
+    fan,
+    fan_lines,
+    log,
+    read_log,
+    session_server,
+)
+
 __all__ = [
+    "CHAIN",
     "DELAY_ENV",
+    "FAN",
     "LOG_ENV",
+    "big_flow",
     "chain",
+    "conformance_broker",
     "conformance_store",
+    "executions",
     "expected_chain",
     "expected_fan",
     "fan",
+    "fan_lines",
     "read_log",
+    "single",
 ]
-
-LOG_ENV = "FLOWDSL_TEST_LOG"
-DELAY_ENV = "FLOWDSL_TEST_DELAY"  # seconds each step sleeps (default 0)
-RETRIES = 20  # generous: a SIGKILLed worker's task comes back as another attempt
-
-
-def _log(line: str) -> None:
-    path = os.environ.get(LOG_ENV)
-    if not path:
-        return
-    fd_ = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd_, f"{line}:{os.getpid()}\n".encode())
-    finally:
-        os.close(fd_)
-
-
-def read_log(path: Path) -> list[tuple[str, int]]:
-    """``(step:key, pid)`` per finished execution."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        what, _, pid = line.rpartition(":")
-        out.append((what, int(pid)))
-    return out
-
-
-def executions(path: Path) -> Counter[str]:
-    return Counter(what for what, _ in read_log(path))
-
-
-def _mix(*parts: Any) -> int:
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
-
-
-async def _pause() -> None:
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if delay:
-        await anyio.sleep(delay)
-
-
-@fd.step(retries=RETRIES)
-async def seed(key: str) -> int:
-    await _pause()
-    value = _mix("seed", key)
-    _log(f"seed:{key}")
-    return value
-
-
-@fd.step(retries=RETRIES)
-async def part(key: str, i: int, x: int) -> int:
-    await _pause()
-    value = _mix("part", key, i, x)
-    _log(f"part{i}:{key}")
-    return value
-
-
-@fd.step(retries=RETRIES)
-async def total(key: str, xs: list[int]) -> int:
-    await _pause()
-    value = sum(xs) % 1_000_003
-    _log(f"total:{key}")
-    return value
-
-
-FAN = 4
-
-
-@fd.flow
-async def fan(key: str) -> int:
-    """seed -> FAN parts in parallel -> total: FAN + 2 nodes."""
-    x = await seed(key)
-    parts = [await part(key, i, x) for i in range(FAN)]
-    return await total(key, parts)
-
-
-def expected_fan(key: str) -> int:
-    x = _mix("seed", key)
-    return sum(_mix("part", key, i, x) for i in range(FAN)) % 1_000_003
-
-
-def fan_lines(key: str) -> list[str]:
-    return [f"seed:{key}", *(f"part{i}:{key}" for i in range(FAN)), f"total:{key}"]
-
-
-@fd.step(retries=RETRIES)
-async def link(key: str, i: int, x: int) -> int:
-    await _pause()
-    value = _mix("link", key, i, x)
-    _log(f"link{i}:{key}")
-    return value
-
-
-CHAIN = 4
-
-
-@fd.flow
-async def chain(key: str) -> int:
-    """CHAIN steps one after the other."""
-    x = 0
-    for i in range(CHAIN):
-        x = await link(key, i, x)
-    return x
-
-
-def expected_chain(key: str) -> int:
-    x = 0
-    for i in range(CHAIN):
-        x = _mix("link", key, i, x)
-    return x
 
 
 @fd.step
 async def shout(text: str) -> str:
-    _log(f"shout:{text}")
+    log(f"shout:{text}")
     return text.upper()
 
 
@@ -179,7 +78,7 @@ async def big_flow(n: int) -> int:
 
 @fd.step(retries=0)
 async def work(key: str) -> str:
-    _log(f"work:{key}")
+    log(f"work:{key}")
     return f"worked {key}"
 
 
@@ -189,8 +88,6 @@ async def single(key: str) -> str:
 
 
 # --- the store conformance suite's NATS entry -------------------------------------------------
-
-_SERVER: Any = None
 
 
 def conformance_store(tmp: Path) -> Any:
@@ -204,20 +101,13 @@ def conformance_store(tmp: Path) -> Any:
 
     from flowdsl.backends.nats.store import NATSStore
 
-    from _servers import NatsServer, require_binary
+    from _servers import NatsServer
 
     if sniffio.current_async_library() != "asyncio":
         pytest.skip("the NATS store runs on asyncio only (it refuses trio: test_nats_store)")
-    global _SERVER
-    if _SERVER is None or not _SERVER.running:
-        directory = Path(tempfile.mkdtemp(prefix="flowdsl-nats-"))
-        server = NatsServer(require_binary("nats-server"), directory)
-        server.start()
-        atexit.register(shutil.rmtree, directory, True)
-        atexit.register(server.stop)
-        _SERVER = server
+    server = session_server("nats-server", NatsServer)
     prefix = "conf-" + hashlib.sha256(str(tmp).encode()).hexdigest()[:16]
-    return NATSStore(_SERVER.url, prefix=prefix, inline_max=256)
+    return NATSStore(server.url, prefix=prefix, inline_max=256)
 
 
 def conformance_broker(tmp: Path) -> Any:
@@ -225,8 +115,10 @@ def conformance_broker(tmp: Path) -> Any:
     under the same prefix as :func:`conformance_store` of *tmp*."""
     from flowdsl.backends.nats.broker import NATSBroker
 
+    from _servers import NatsServer
+
     store = conformance_store(tmp)  # starts the server once, and names the prefix
-    return NATSBroker(_SERVER.url, prefix=store.bucket)
+    return NATSBroker(session_server("nats-server", NatsServer).url, prefix=store.bucket)
 
 
 # --- a worker process -------------------------------------------------------------------------

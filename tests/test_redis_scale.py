@@ -27,7 +27,7 @@ from flowdsl._records import RunStatus
 from flowdsl.backends.redis.broker import GROUP, RedisBroker
 
 from _servers import RedisServer
-from redis_steps import DELAY_ENV, FAN, LOG_ENV, expected_fan, fan, fan_log_lines, read_log
+from redis_steps import DELAY_ENV, FAN, LOG_ENV, expected_fan, fan, fan_lines, read_log
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -178,7 +178,7 @@ async def test_worker_processes_share_the_work_and_each_node_runs_once(
         await check_every_run_finished_once(ctx, keys, results)
     log = read_log(workers.log)
     executions = Counter(what for what, _ in log)
-    assert executions == Counter(line for k in keys for line in fan_log_lines(k))
+    assert executions == Counter(line for k in keys for line in fan_lines(k))
     by_process = Counter(pid for _, pid in log)
     assert set(by_process) == {p.pid for p in workers.processes}, by_process
     # SIGTERM stops a command-line worker cleanly.
@@ -234,7 +234,7 @@ async def test_sigkilled_workers_lose_nothing_and_commit_nothing_twice(
     assert set(attempts) == {1}
     executions = Counter(what for what, _ in read_log(workers.log))
     # At least once each (a killed worker's step runs again), and committed once above.
-    assert set(executions) == {line for k in keys for line in fan_log_lines(k)}
+    assert set(executions) == {line for k in keys for line in fan_lines(k)}
 
 
 async def test_a_server_killed_and_restarted_mid_batch_loses_nothing(
@@ -264,4 +264,4 @@ async def test_a_server_killed_and_restarted_mid_batch_loses_nothing(
     # The workers rode out the restart: still serving.
     assert len(workers.running()) == 2, workers.output()
     executions = Counter(what for what, _ in read_log(workers.log))
-    assert set(executions) == {line for k in keys for line in fan_log_lines(k)}
+    assert set(executions) == {line for k in keys for line in fan_lines(k)}
