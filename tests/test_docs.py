@@ -1,4 +1,4 @@
-"""Every fenced code block of README.md and docs/*.md runs as written.
+"""Every fenced code block of README.md, examples/README.md and docs/*.md runs as written.
 
 The conventions a document follows (``_docs.py`` reads and runs the blocks):
 
@@ -58,11 +58,17 @@ from _docs import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [
+    ROOT / "README.md",
+    ROOT / "examples" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 SERVERS = {
     "redis.md": ("redis", "redis_server", "REDIS_URL"),
     "nats.md": ("nats", "nats_server", "NATS_URL"),
 }
+# Test ids: a document's path from the root (two documents are called README.md).
+IDS = [str(p.relative_to(ROOT)) for p in DOCUMENTS]
 SCRUBBED = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TRIAGE_MODEL", "REDIS_URL", "NATS_URL")
 
 
@@ -79,7 +85,7 @@ def _params() -> list[Any]:
         server = SERVERS.get(path.name)
         if server is not None:
             marks.append(getattr(pytest.mark, server[0]))
-        params.append(pytest.param(path, id=path.name, marks=marks))
+        params.append(pytest.param(path, id=str(path.relative_to(ROOT)), marks=marks))
     return params
 
 
@@ -181,14 +187,14 @@ def _pytest(block: Block, module: str, cwd: Path, env: dict[str, str]) -> str | 
 # --- the conventions themselves -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", DOCUMENTS, ids=[p.name for p in DOCUMENTS])
+@pytest.mark.parametrize("path", DOCUMENTS, ids=IDS)
 def test_fragment_marks_sit_on_a_fence(path: Path) -> None:
     assert dangling_fragment_marks(path) == [], (
         f"{path.name}: a `<!-- fragment -->` line must be immediately followed by a fence"
     )
 
 
-@pytest.mark.parametrize("path", DOCUMENTS, ids=[p.name for p in DOCUMENTS])
+@pytest.mark.parametrize("path", DOCUMENTS, ids=IDS)
 def test_python_blocks_parse(path: Path) -> None:
     for block in blocks_of(path):
         if block.lang in PYTHON and not block.fragment:
