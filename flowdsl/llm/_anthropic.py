@@ -36,6 +36,8 @@ class Anthropic(SDKProvider):
     they mean for :class:`~flowdsl.llm.OpenAI`.
     """
 
+    _path = "/v1/messages"
+
     name = "Anthropic"
 
     def __init__(
@@ -85,20 +87,8 @@ class Anthropic(SDKProvider):
 
     # --- one request -----------------------------------------------------------------------
 
-    async def _send(self, exchange: Exchange) -> Turn:
-        body = self._body(exchange)
-        client = self._client.get()
-        try:
-            if exchange.stream:
-                return await self._stream(client, body, exchange)
-            # As for OpenAI: the SDK's generic request, without response models.
-            raw = await client.post("/v1/messages", cast_to=bytes, body=body)
-            return message_turn(json.loads(raw), exchange)
-        except Exception as exc:
-            error = self._translate(exc, exchange.model)
-            if error is None:
-                raise
-            raise error from exc
+    def _turn_of(self, reply: Any, exchange: Exchange) -> Turn:
+        return message_turn(reply, exchange)
 
     def _translate(self, exc: BaseException, model: str) -> LLMError | None:
         return translate(

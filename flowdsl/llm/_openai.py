@@ -36,6 +36,8 @@ class OpenAI(SDKProvider):
     runs through OpenAI's Batch API, at half the price; real-time runs ignore it.
     """
 
+    _path = "/chat/completions"
+
     name = "OpenAI"
 
     def __init__(
@@ -93,29 +95,15 @@ class OpenAI(SDKProvider):
 
     # --- one request -----------------------------------------------------------------------
 
-    async def _send(self, exchange: Exchange) -> Turn:
-        body = self._body(exchange)
-        client = self._client.get()
-        try:
-            if exchange.stream:
-                return await self._stream(client, body, exchange)
-            # The SDK's generic request (its documented way to reach any endpoint) keeps
-            # its auth, retries and errors, and skips re-validating our body and building
-            # response models we would only take apart again: a tenth of a local call.
-            raw = await client.post("/chat/completions", cast_to=bytes, body=body)
-            return _turn(json.loads(raw), exchange)
-        except Exception as exc:
-            error = self._translate(exc, exchange.model)
-            if error is None:
-                raise
-            raise error from exc
+    def _turn_of(self, reply: Any, exchange: Exchange) -> Turn:
+        return _turn(reply, exchange)
 
     def _batch_jobs(self) -> Any:
         from ._batch_openai import OpenAIJobs
 
         return OpenAIJobs(self)
 
-    def _translate(self, exc: BaseException, model: str) -> Any:
+    def _translate(self, exc: BaseException, model: str) -> LLMError | None:
         return translate(
             self._sdk,
             exc,

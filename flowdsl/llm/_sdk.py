@@ -9,14 +9,16 @@ first used it, so each loop gets its own client (a run variable), made on first 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio.lowlevel
 
 from .._errors import ConfigError
-from ._base import BaseProvider
+from ._base import BaseProvider, Exchange, Turn
+from ._errors import LLMError
 
 __all__ = ["LoopClient", "SSEParser", "create_args", "import_sdk"]
 
@@ -124,6 +126,44 @@ class SDKProvider(BaseProvider):
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"base_url": self.base_url} if self.base_url else {}
+
+    # --- one request, the providers' parts of it ------------------------------------------
+
+    #: Where a request that is not streamed is posted, under the base URL.
+    _path: ClassVar[str]
+
+    async def _send(self, exchange: Exchange) -> Turn:
+        body = self._body(exchange)
+        client = self._client.get()
+        try:
+            if exchange.stream:
+                return await self._stream(client, body, exchange)
+            # The SDK's generic request (its documented way to reach any endpoint) keeps
+            # its auth, retries and errors, and skips re-validating our body and building
+            # response models we would only take apart again: a tenth of a local call.
+            raw = await client.post(self._path, cast_to=bytes, body=body)
+            return self._turn_of(json.loads(raw), exchange)
+        except Exception as exc:
+            error = self._translate(exc, exchange.model)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _body(self, exchange: Exchange) -> dict[str, Any]:
+        """The request's JSON body."""
+        raise NotImplementedError
+
+    def _turn_of(self, reply: Any, exchange: Exchange) -> Turn:
+        """The turn a reply's parsed JSON says."""
+        raise NotImplementedError
+
+    async def _stream(self, client: Any, body: dict[str, Any], exchange: Exchange) -> Turn:
+        """The turn a streamed request gives, read as it comes."""
+        raise NotImplementedError
+
+    def _translate(self, exc: BaseException, model: str) -> LLMError | None:
+        """The flowdsl error an SDK's exception means, or None for one it does not know."""
+        raise NotImplementedError
 
     async def aclose(self) -> None:
         await self._client.aclose()
