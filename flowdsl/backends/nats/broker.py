@@ -68,7 +68,7 @@ from .keys import (
 )
 from .link import NatsLink, quietly
 from .publisher import ERR_PER_SUBJECT, Publisher, Refused, raise_refused
-from .streams import ensure_streams
+from .streams import ensure_streams, stream_name
 from .url import NatsURL, nats_modules
 
 __all__ = ["NATSBroker"]
@@ -97,9 +97,9 @@ class NATSBroker(Broker):
         self.options = self._url.options
         prefix = self.options.prefix
         self._prefix = prefix
-        self.tasks_stream = f"{prefix}_tasks"
-        self.log_stream = f"{prefix}_log"
-        self.dead_stream = f"{prefix}_dead"
+        self.tasks_stream = stream_name(prefix, "tasks")
+        self.log_stream = stream_name(prefix, "log")
+        self.dead_stream = stream_name(prefix, "dead")
         self._link = NatsLink(self._url)
         self._opened = False
         self._held: dict[str, Any] = {}  # task id -> the message, until acked or termed

@@ -11,9 +11,14 @@ from ..._errors import ConfigError
 from .link import NatsLink, ensure_stream, storage_type
 from .url import NatsOptions
 
-__all__ = ["ensure_streams"]
+__all__ = ["ensure_streams", "stream_name"]
 
 _DUPLICATE_WINDOW: Final = 60.0  # seconds a Nats-Msg-Id is remembered (retried publishes)
+
+
+def stream_name(prefix: str, kind: str) -> str:
+    """The name of the stream of *kind* (``tasks``, ``log``, ``dead``) under *prefix*."""
+    return f"{prefix}_{kind}"
 
 
 async def ensure_streams(link: NatsLink, o: NatsOptions, url: str) -> None:
@@ -26,7 +31,7 @@ async def ensure_streams(link: NatsLink, o: NatsOptions, url: str) -> None:
 
     def config(kind: str, description: str, retention: Any, **more: Any) -> Any:
         return StreamConfig(
-            name=f"{p}_{kind}",
+            name=stream_name(p, kind),
             description=description,
             subjects=[f"{p}.{kind}.>"],
             retention=retention,
@@ -50,8 +55,8 @@ async def ensure_streams(link: NatsLink, o: NatsOptions, url: str) -> None:
     settings = tasks.config
     if settings.retention != RetentionPolicy.WORK_QUEUE or settings.max_msgs_per_subject != 1:
         raise ConfigError(
-            f"the stream {p}_tasks on {url} exists with other settings than flowdsl's "
-            "(work-queue retention, one message per subject)",
+            f"the stream {stream_name(p, 'tasks')} on {url} exists with other settings than "
+            "flowdsl's (work-queue retention, one message per subject)",
             hint="Delete it (nats stream rm) or use another prefix= for flowdsl",
         )
     log = config(
