@@ -12,10 +12,11 @@ import json
 from contextlib import aclosing
 from typing import Any, Final
 
-from ._base import Exchange, Turn
+from ._base import Exchange
 from ._batch import JobState, Line
 from ._batch_journal import counts
 from ._errors import LLMError
+from ._sdk import SDKJobs
 
 __all__ = ["AnthropicJobs"]
 
@@ -23,15 +24,12 @@ __all__ = ["AnthropicJobs"]
 _TRANSIENT: Final = frozenset({"api_error", "overloaded_error", "rate_limit_error"})
 
 
-class AnthropicJobs:
+class AnthropicJobs(SDKJobs):
     """Jobs of :class:`~flowdsl.llm.Anthropic` requests to ``/v1/messages``."""
 
     endpoint = "/v1/messages"
     max_requests = 100_000
     max_bytes = 250 * 1024 * 1024  # the limit is 256 MB a job
-
-    def __init__(self, provider: Any) -> None:
-        self.provider = provider
 
     def line(self, custom_id: str, exchange: Exchange) -> tuple[dict[str, Any], str]:
         return {"custom_id": custom_id, "params": self.provider._body(exchange)}, exchange.model
@@ -83,15 +81,6 @@ class AnthropicJobs:
             await client.messages.batches.cancel(job_id)
         except Exception as exc:
             raise self._error(exc, "") from exc
-
-    def turn(self, body: Any, exchange: Exchange) -> Turn:
-        from ._anthropic import message_turn
-
-        return message_turn(body, exchange)
-
-    def _error(self, exc: BaseException, model: str) -> BaseException:
-        error = self.provider._translate(exc, model)
-        return exc if error is None else error
 
 
 def _line(text: str, wanted: set[str]) -> Line | None:

@@ -15,10 +15,11 @@ import json
 from contextlib import aclosing
 from typing import Any, Final
 
-from ._base import Exchange, Turn
+from ._base import Exchange
 from ._batch import JobState, Line
 from ._batch_journal import counts, encode_lines
 from ._errors import LLMError
+from ._sdk import SDKJobs
 from ._translate import retryable_status
 
 __all__ = ["OpenAIJobs"]
@@ -27,15 +28,12 @@ _ENDED: Final = frozenset({"completed", "expired", "cancelled", "failed"})
 _NOT_RUN: Final = frozenset({"batch_expired", "batch_cancelled"})
 
 
-class OpenAIJobs:
+class OpenAIJobs(SDKJobs):
     """Jobs of :class:`~flowdsl.llm.OpenAI` requests to ``/v1/chat/completions``."""
 
     endpoint = "/v1/chat/completions"
     max_requests = 50_000
     max_bytes = 190 * 1024 * 1024  # the limit is 200 MB a file; room for the multipart
-
-    def __init__(self, provider: Any) -> None:
-        self.provider = provider
 
     def line(self, custom_id: str, exchange: Exchange) -> tuple[dict[str, Any], str]:
         body = self.provider._body(exchange)
@@ -96,15 +94,6 @@ class OpenAIJobs:
             await client.batches.cancel(job_id)
         except Exception as exc:
             raise self._error(exc, "") from exc
-
-    def turn(self, body: Any, exchange: Exchange) -> Turn:
-        from ._openai import _turn
-
-        return _turn(body, exchange)
-
-    def _error(self, exc: BaseException, model: str) -> BaseException:
-        error = self.provider._translate(exc, model)
-        return exc if error is None else error
 
 
 def _line(text: str, wanted: set[str]) -> Line | None:

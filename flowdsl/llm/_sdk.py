@@ -20,7 +20,7 @@ from .._errors import ConfigError
 from ._base import BaseProvider, Exchange, Turn
 from ._errors import LLMError
 
-__all__ = ["LoopClient", "SSEParser", "create_args", "import_sdk"]
+__all__ = ["LoopClient", "SDKJobs", "SSEParser", "create_args", "import_sdk"]
 
 C = TypeVar("C")
 
@@ -167,3 +167,19 @@ class SDKProvider(BaseProvider):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class SDKJobs:
+    """What the SDK providers' batch APIs (``_batch.Jobs``) take from their provider: a
+    result line's turn, read as a reply is, and what an SDK's exception means."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+
+    def turn(self, body: Any, exchange: Exchange) -> Turn:
+        turn: Turn = self.provider._turn_of(body, exchange)
+        return turn
+
+    def _error(self, exc: BaseException, model: str) -> BaseException:
+        error = self.provider._translate(exc, model)
+        return exc if error is None else error
