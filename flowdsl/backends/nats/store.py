@@ -55,7 +55,7 @@ import attrs
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ..._errors import CheckpointError, ConfigError
-from ..._records import Lease, NodeRecord, RunRecord, RunStatus
+from ..._records import NodeRecord, RunRecord, RunStatus
 from .. import _validate as v
 from .._retention import ENDED
 from ..base import ExpectedNodes, Store
@@ -64,14 +64,13 @@ from .keys import (
     Malformed,
     cache_key,
     dump_json,
-    field,
     id_of,
-    lease_key,
     load_json,
     node_key,
     run_key,
     to_token,
 )
+from .leases import NATSLeases
 from .link import NatsLink
 from .url import DEFAULT_PREFIX, INLINE_MAX, NatsURL, nats_modules
 
@@ -87,7 +86,7 @@ _RESTORE_HINT: Final = (
 )
 
 
-class NATSStore(Store):
+class NATSStore(NATSLeases, Store):
     """Runs and node journals in a JetStream key-value bucket.
 
     *url* is ``nats://[token@|user:password@]host:4222[,host2:4222...]`` (``tls://`` for
@@ -181,8 +180,6 @@ class NATSStore(Store):
         code: dict[str, str] | None = None,
         traceback: str | None = None,
     ) -> None:
-        import time
-
         await checkpoint_if_cancelled()
         key = run_key(run_id)
         while True:
@@ -218,8 +215,6 @@ class NATSStore(Store):
     async def prune(
         self, *, older_than: float, statuses: frozenset[RunStatus] | None = None
     ) -> list[str]:
-        import time
-
         await checkpoint_if_cancelled()
         cutoff = time.time() - older_than
         allowed = statuses if statuses is not None else ENDED
@@ -259,8 +254,6 @@ class NATSStore(Store):
 
     async def _expire(self) -> None:
         """Prune the runs past the store's ``ttl``, at most every tenth of it."""
-        import time
-
         assert self.ttl is not None
         now = time.time()
         if now - self._pruned_at < min(self.ttl / 10, 60.0):
@@ -428,108 +421,6 @@ class NATSStore(Store):
             return v.node_record(run_id, node_id, fields, self.seal, expected=expected)
         except Malformed as exc:
             raise self._corrupted(run_id, node_id or key, str(exc)) from None
-
-    # --- the run lease ----------------------------------------------------------------------
-
-    async def acquire_lease(
-        self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None
-    ) -> Lease | None:
-        await checkpoint_if_cancelled()
-        key = lease_key(run_id)
-        # Most leases are of new runs: create first, read only when one is there.
-        revision = await self._bucket.create_at(
-            key, self._lease(owner, ttl), "take a run's lease", run_id
-        )
-        while revision is None:
-            now = time.time()
-            got = await self._bucket.get(key, "read a run's lease", run_id)
-            if got is None:
-                revision = await self._bucket.create_at(
-                    key, self._lease(owner, ttl), "take a run's lease", run_id
-                )
-                continue  # None: another took it meanwhile, look again
-            held = self._decode_lease(run_id, got[0])
-            if held.owner not in (owner, replacing) and held.expires_at > now:
-                return held
-            # Against the revision read: of two takers, one wins, the other looks again.
-            revision = await self._bucket.update_at(
-                key, self._lease(owner, ttl), got[1], "take a run's lease", run_id
-            )
-        self._leases[run_id] = (owner, revision)
-        return None
-
-    async def renew_leases(self, owner: str, run_ids: Sequence[str], ttl: float) -> list[str]:
-        await checkpoint_if_cancelled()
-        lost: list[str] = []
-        failed: list[Exception] = []
-
-        # Against the revision this store wrote, all in one pipeline: where it still stands,
-        # the lease is still ours; the others are read first, one by one.
-        wanted = list(dict.fromkeys(run_ids))
-        known = [(r, self._leases.get(r)) for r in wanted]
-        fast = [(r, k[1]) for r, k in known if k is not None and k[0] == owner]
-        revisions = await self._bucket.update_many(
-            [(lease_key(r), self._lease(owner, ttl), last) for r, last in fast], "renew leases"
-        )
-        renewed = {r: (owner, rev) for (r, _), rev in zip(fast, revisions, strict=True) if rev}
-        self._leases.update(renewed)
-
-        async def renew(run_id: str) -> None:
-            key = lease_key(run_id)
-            try:
-                while True:
-                    got = await self._bucket.get(key, "read a run's lease", run_id)
-                    if got is None or self._decode_lease(run_id, got[0]).owner != owner:
-                        self._leases.pop(run_id, None)
-                        lost.append(run_id)
-                        return
-                    revision = await self._bucket.update_at(
-                        key, self._lease(owner, ttl), got[1], "renew a lease", run_id
-                    )
-                    if revision is not None:
-                        self._leases[run_id] = (owner, revision)
-                        return
-            except Exception as exc:  # raised below as itself, not in a group
-                failed.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            for run_id in wanted:
-                if run_id not in renewed:
-                    tg.start_soon(renew, run_id)
-        if failed:
-            raise failed[0]
-        return [run_id for run_id in run_ids if run_id in lost]
-
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        await checkpoint_if_cancelled()
-        key = lease_key(run_id)
-        known = self._leases.pop(run_id, None)
-        # Only at the revision this store wrote: a lease taken over meanwhile stays.
-        if (
-            known is not None
-            and known[0] == owner
-            and await self._bucket.delete(key, "release a run's lease", run_id, last=known[1])
-        ):
-            return
-        got = await self._bucket.get(key, "read a run's lease", run_id)
-        if got is not None and self._decode_lease(run_id, got[0]).owner == owner:
-            # Only the revision read: a lease taken over meanwhile stays with its taker.
-            await self._bucket.delete(key, "release a run's lease", run_id, last=got[1])
-
-    @staticmethod
-    def _lease(owner: str, ttl: float) -> bytes:
-        return dump_json({"owner": owner, "expires_at": time.time() + ttl})
-
-    def _decode_lease(self, run_id: str, data: bytes) -> Lease:
-        try:
-            fields = load_json(data, "the lease")
-            if not isinstance(fields, dict):
-                raise Malformed("the lease is not a JSON object")
-            owner = field(fields, "owner", str)
-            expires = v.timestamp(fields.get("expires_at"), "the lease's expiry")
-        except Malformed as exc:
-            raise self._corrupted(run_id, None, str(exc)) from None
-        return Lease(run_id, owner, expires)
 
     # --- the step cache -------------------------------------------------------------------
 
