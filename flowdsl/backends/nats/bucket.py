@@ -18,6 +18,7 @@ from .link import NatsLink, quietly, storage_type
 from .publisher import Publisher, Refused, raise_refused
 from .requests import Requests
 from .url import NatsOptions
+from .watch import Watch
 
 __all__ = ["Bucket"]
 
@@ -49,6 +50,7 @@ class Bucket:
         self._direct = bool(getattr(kv, "_direct", False))
         self._direct_subject = f"$JS.API.DIRECT.GET.KV_{name}.$KV.{name}."
         self._requests = Requests(link)
+        self._watches: dict[str, Watch] = {}  # by key pattern, made on first use
         self._publisher: Publisher | None = None  # for create_many, made on first use
         # Every record must fit in one message: chunks and inline values stay well below
         # the server's max payload (1 MB by default).
@@ -132,7 +134,32 @@ class Bucket:
 
         return await self.link.call(what, op, run_id=run_id)
 
+    async def recent_many(
+        self, keys: list[str], what: str, run_id: str | None = None, *, watch: str
+    ) -> list[bytes | None]:
+        """The values of *keys*, as :meth:`get_many` reads them, taken where it can from a
+        :class:`~.watch.Watch` of the keys under *watch* (a pattern: ``node.>``), which
+        this call starts the first time: for values written a moment ago, one pushed
+        message each instead of a read.  The rest are read."""
+        watcher = self._watches.get(watch)
+        if watcher is None:
+            watcher = self._watches[watch] = Watch(self.link, self._stream, self._key_prefix, watch)
+        values = await watcher.take(keys)
+        missing = [i for i, value in enumerate(values) if value is None]
+        if missing:
+            read = await self.get_many([keys[i] for i in missing], what, run_id)
+            for i, value in zip(missing, read, strict=True):
+                values[i] = value
+        return values
+
+    def watching(self, watch: str) -> Watch | None:
+        """The watch of the keys under *watch*, once :meth:`recent_many` made it."""
+        return self._watches.get(watch)
+
     async def stop(self) -> None:
+        for watcher in self._watches.values():
+            await watcher.stop()
+        self._watches.clear()
         await self._requests.stop()
         if self._publisher is not None:
             await self._publisher.stop()

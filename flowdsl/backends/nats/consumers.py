@@ -18,7 +18,7 @@ from .frames import SLOTS, split
 from .keys import BLOB_HEADER, Malformed, from_token, text_of
 from .link import NatsLink, quietly
 
-__all__ = ["LogReader", "Puller", "delivery"]
+__all__ = ["LogReader", "Puller", "PushConsumer", "delivery"]
 
 log = logging.getLogger("flowdsl.nats")
 
@@ -136,7 +136,90 @@ class Puller:
             self._sub = None
 
 
-class LogReader:
+class PushConsumer:
+    """An ephemeral consumer of a stream that pushes its messages, in order, to this
+    process: :meth:`_begin` makes it (afresh), :meth:`_in_order` tells a message's stream
+    sequence or a gap (messages dropped for a slow reader), :meth:`stop` ends it.  The
+    consumer acks nothing and is dropped by the server a minute after its reader went."""
+
+    def __init__(self, link: NatsLink, stream: str) -> None:
+        self._link = link
+        self._stream = stream
+        self._sub: Any = None
+        self._consumer: str | None = None
+        self._token: object = None
+        self._generation = -1
+        self._cseq = 0
+        self._broken = False
+
+    @property
+    def _stale(self) -> bool:
+        """Whether to start again: never started, a gap, or a reconnect since."""
+        return self._sub is None or self._broken or self._generation != self._link.generation
+
+    def _on_msg(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    async def _begin(self, what: str, **config: Any) -> None:
+        """Make the consumer again, with *config* (``ConsumerConfig`` fields: where to
+        start, which subjects) besides what every push consumer here has."""
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        await self.stop()
+        nc = self._link.nc
+        js = self._link.js
+        self._cseq = 0
+        self._broken = False
+        self._generation = self._link.generation
+        inbox = nc.new_inbox()
+        token = object()
+        self._token = token
+
+        async def on_msg(msg: Any) -> None:
+            if self._token is token:  # not a message of an earlier subscription
+                self._on_msg(msg)
+
+        self._sub = await nc.subscribe(inbox, cb=on_msg)
+        settings = ConsumerConfig(
+            deliver_subject=inbox,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+            mem_storage=True,
+            **config,
+        )
+
+        async def op() -> str:
+            info = await js.add_consumer(self._stream, settings)
+            return str(info.name)
+
+        self._consumer = await self._link.call(what, op)
+
+    def _in_order(self, msg: Any) -> int | None:
+        """*msg*'s stream sequence; None for a message to drop: not from JetStream (a
+        flow-control probe), or after a gap (then ``_broken`` until started again)."""
+        got = delivery(msg)
+        if got is None or self._broken:
+            return None
+        seq, cseq, _ = got
+        if cseq != self._cseq + 1:
+            self._broken = True
+            return None
+        self._cseq = cseq
+        return seq
+
+    async def stop(self) -> None:
+        self._token = None
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            await quietly(sub.unsubscribe)
+        if consumer is not None and self._link.is_open:
+            js = self._link.js
+            with anyio.move_on_after(1):
+                await quietly(lambda: js.delete_consumer(self._stream, consumer))
+
+
+class LogReader(PushConsumer):
     """The completions and events of the log stream, pushed to this process by one
     ephemeral consumer and kept until taken.
 
@@ -156,21 +239,14 @@ class LogReader:
         prefix: str,
         large: Callable[[str, str], Awaitable[str]],
     ) -> None:
-        self._link = link
+        super().__init__(link, stream)
         self._large = large
-        self._stream = stream
         self._prefix = prefix
         self._start: int | None = None
         self.position = 0
         # Texts, or the hashes of large ones (_Blob), fetched when taken.
         self._done: collections.deque[tuple[int, str | _Blob]] = collections.deque()
         self._events: collections.deque[tuple[int, str, str | _Blob]] = collections.deque()
-        self._sub: Any = None
-        self._consumer: str | None = None
-        self._token: object = None
-        self._generation = -1
-        self._cseq = 0
-        self._broken = False
 
     async def tail(self) -> int:
         js = self._link.js
@@ -212,58 +288,29 @@ class LogReader:
     async def _ensure(self, cursor: int) -> None:
         if self._start is None or cursor + 1 < self._start:
             await self._restart((cursor + 1) // SLOTS, rewind=True)
-        elif self._sub is None or self._broken or self._generation != self._link.generation:
+        elif self._stale:
             await self._restart((self.position + 1) // SLOTS, rewind=False)
 
     async def _restart(self, first: int, *, rewind: bool) -> None:
         """Read again from the message of stream sequence *first*."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.api import DeliverPolicy
 
-        await self.stop()
         if rewind:
             self._done.clear()
             self._events.clear()
             self._start = first * SLOTS
             self.position = first * SLOTS - 1
-        nc = self._link.nc
-        js = self._link.js
-        self._cseq = 0
-        self._broken = False
-        self._generation = self._link.generation
-        inbox = nc.new_inbox()
-        token = object()
-        self._token = token
-
-        async def on_msg(msg: Any) -> None:
-            if self._token is token:  # not a message of an earlier subscription
-                self._on_msg(msg)
-
-        self._sub = await nc.subscribe(inbox, cb=on_msg)
-        config = ConsumerConfig(
-            deliver_subject=inbox,
+        await self._begin(
+            "read completions",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(1, first),
-            ack_policy=AckPolicy.NONE,
             filter_subject=f"{self._prefix}>",
-            inactive_threshold=60.0,
-            mem_storage=True,
         )
 
-        async def op() -> str:
-            info = await js.add_consumer(self._stream, config)
-            return str(info.name)
-
-        self._consumer = await self._link.call("read completions", op)
-
     def _on_msg(self, msg: Any) -> None:
-        got = delivery(msg)
-        if got is None:  # not a JetStream message (a flow-control probe, say)
+        seq = self._in_order(msg)
+        if seq is None:  # after a gap, the consumer starts again after `position`
             return
-        seq, cseq, _ = got
-        if cseq != self._cseq + 1:
-            self._broken = True  # messages were dropped (a slow reader): start again
-            return
-        self._cseq = cseq
         base = seq * SLOTS
         if base <= self.position:
             return
@@ -294,17 +341,6 @@ class LogReader:
             self._events.append((position, run_id, text))
             if len(self._events) > _EVENTS_KEPT:
                 self._events.popleft()
-
-    async def stop(self) -> None:
-        self._token = None
-        sub, self._sub = self._sub, None
-        consumer, self._consumer = self._consumer, None
-        if sub is not None:
-            await quietly(sub.unsubscribe)
-        if consumer is not None and self._link.is_open:
-            js = self._link.js
-            with anyio.move_on_after(1):
-                await quietly(lambda: js.delete_consumer(self._stream, consumer))
 
 
 @attrs.frozen

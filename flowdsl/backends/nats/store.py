@@ -77,6 +77,7 @@ from .url import DEFAULT_PREFIX, INLINE_MAX, NatsURL, nats_modules
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "NATSStore"]
 
 _RECORD_VERSION: Final = 1
+WATCHED: Final = "node.>"  # the journal's keys, for the watch of what workers commit
 
 # --- the store ------------------------------------------------------------------------------
 
@@ -388,8 +389,14 @@ class NATSStore(NATSLeases, Store):
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
         names = [node_key(run_id, node_id) for run_id, node_id in pairs]
-        # KV has no multi-get: the reads are pipelined, one round trip in all.
-        values = await self._bucket.get_many(names, "read nodes", pairs[0][0] if pairs else None)
+        run_id = pairs[0][0] if pairs else None
+        # KV has no multi-get: the reads are pipelined, one round trip in all.  Expected
+        # records (a client checking completions) were written a moment ago: a watch of
+        # the journal's writes has most of them (see Bucket.recent_many).
+        if expected:
+            values = await self._bucket.recent_many(names, "read nodes", run_id, watch=WATCHED)
+        else:
+            values = await self._bucket.get_many(names, "read nodes", run_id)
         found: dict[tuple[str, str], NodeRecord] = {}
         want = expected or {}
         for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):

@@ -1,0 +1,227 @@
+"""The NATS store's watch of the journal (``backends/nats/watch.py``): a batch client checks
+each completion against the record its worker committed, taking the records pushed by a
+watch of the bucket's writes instead of reading each one.
+
+What is taken from the watch must be what a read finds: a record deleted, replaced or
+never written is never taken from it; a hypothesis property runs random writes, deletes
+and tamperings and compares the watched lookup with plain reads.  Against a real
+nats-server; waits are on the watch's position, never on time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowdsl._executors.batch.client import BatchExecutor, _Waiter
+from flowdsl._records import NodeRecord
+from flowdsl.backends.messages import Completion
+from flowdsl.backends.nats.keys import node_key
+from flowdsl.backends.nats.store import WATCHED, NATSStore
+from flowdsl.backends.nats.watch import Watch
+
+from _servers import NatsServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nats]
+DEADLINE = 20.0
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    return ("asyncio", {"debug": False})
+
+
+def record(node_id: str, value: str = '"v"') -> NodeRecord:
+    return NodeRecord(node_id, value, 1, 10.0, 11.0, "code", None)
+
+
+async def watched(store: NATSStore) -> Watch:
+    """The store's watch, started as a client starts it: by a lookup with expectations."""
+    await store.lookup_nodes([("none", "none")], expected={("none", "none"): record("none")})
+    watch = store._bucket.watching(WATCHED)
+    assert watch is not None
+    return watch
+
+
+async def last_sequence(store: NATSStore) -> int:
+    info = await store.link.js.stream_info(f"KV_{store.bucket}")
+    return int(info.state.last_seq)
+
+
+async def caught_up(store: NATSStore, watch: Watch, since: int) -> None:
+    """Until the watch has seen every write after stream sequence *since* (all of them
+    under its keys)."""
+    last = await last_sequence(store)
+    with anyio.fail_after(DEADLINE):
+        while last > since and watch.position < last:  # noqa: ASYNC110 (the watch is polled)
+            await anyio.sleep(0.005)
+
+
+def counting_reads(store: NATSStore, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    reads: list[list[str]] = []
+    bucket = store._bucket
+    read = bucket.get_many
+
+    async def get_many(keys: list[str], *args: Any, **kwargs: Any) -> Any:
+        reads.append(list(keys))
+        return await read(keys, *args, **kwargs)
+
+    monkeypatch.setattr(bucket, "get_many", get_many)
+    return reads
+
+
+@pytest.fixture
+async def store(nats_server: NatsServer) -> Any:
+    store = NATSStore(nats_server.url, prefix=f"w{uuid.uuid4().hex[:8]}")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_records_committed_while_watched_are_checked_without_a_read(
+    store: NATSStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = await watched(store)
+    since = await last_sequence(store)
+    a, b = record("a", '"x"'), record("b", '"y"')
+    await store.commit_nodes([("r", a), ("r", b)])
+    await caught_up(store, watch, since)
+    reads = counting_reads(store, monkeypatch)
+    found = await store.lookup_nodes(
+        [("r", "a"), ("r", "b")], expected={("r", "a"): a, ("r", "b"): b}
+    )
+    assert found[("r", "a")] is a
+    assert found[("r", "b")] is b
+    assert reads == []
+    # Taken once: a second check of the same node reads it.
+    again = await store.lookup_nodes([("r", "a")], expected={("r", "a"): a})
+    assert again == {("r", "a"): a}
+    assert reads == [[node_key("r", "a")]]
+
+
+async def test_a_forgotten_or_rewritten_record_is_never_taken_from_the_watch(
+    store: NATSStore,
+) -> None:
+    watch = await watched(store)
+    since = await last_sequence(store)
+    a, b = record("a", '"x"'), record("b", '"y"')
+    await store.commit_nodes([("r", a), ("r", b)])
+    await store.forget_nodes("r", ["a"])
+    # Written by hand over the committed record, its check made right (no key is set).
+    other = record("b", '"changed"')
+    await store._bucket.put(node_key("r", "b"), await store._node_data("r", other), "tamper")
+    await caught_up(store, watch, since)
+    assert node_key("r", "a") not in watch
+    found = await store.lookup_nodes(
+        [("r", "a"), ("r", "b")], expected={("r", "a"): a, ("r", "b"): b}
+    )
+    assert found == {("r", "b"): other}
+
+
+async def test_the_client_refuses_completions_the_watched_journal_does_not_hold(
+    store: NATSStore,
+) -> None:
+    watch = await watched(store)
+    since = await last_sequence(store)
+    agreeing, committed = record("ok", "14"), record("lie", "14")
+    await store.commit_nodes([("r", agreeing), ("r", committed)])
+    await caught_up(store, watch, since)
+    executor = BatchExecutor(broker=None, store=store)  # type: ignore[arg-type]
+    completions = [
+        Completion("r", "ok", True, agreeing),
+        Completion("r", "lie", True, attrs.evolve(committed, value="15")),
+        Completion("r", "never", True, record("never")),  # forged: nothing committed
+    ]
+    checked = await executor._agreeing([(_Waiter(anyio.Event()), c) for c in completions])
+    by_node = {c.node_id: c for _, c in checked}
+    assert by_node["ok"].ok
+    assert by_node["ok"].record == agreeing
+    assert not by_node["lie"].ok
+    assert "disagrees with the journal" in (by_node["lie"].error or "")
+    assert "never" not in by_node  # refused: the node goes on waiting for its worker
+
+
+async def test_a_gap_in_the_watch_empties_it(store: NATSStore) -> None:
+    watch = await watched(store)
+    since = await last_sequence(store)
+    await store.commit_node("r", record("a"))
+    await caught_up(store, watch, since)
+    assert node_key("r", "a") in watch
+
+    @attrs.frozen
+    class Skipped:  # a message whose consumer sequence says one was dropped before it
+        subject: str
+        reply: str
+        data: bytes = b"{}"
+        headers: None = None
+
+    watch._on_msg(Skipped(f"$KV.{store.bucket}.node.x.y", "$JS.ACK.s.c.1.999.999.0.0"))
+    assert node_key("r", "a") not in watch  # a delete may have been dropped: nothing kept
+    # The next use starts it afresh, and it holds what is written from then on.
+    assert await watch.take([node_key("r", "a")]) == [None]
+    since = await last_sequence(store)
+    await store.commit_node("r", record("b"))
+    await caught_up(store, watch, since)
+    assert node_key("r", "b") in watch
+
+
+# --- a property: the watched lookup is a read ------------------------------------------------
+
+NODES = ["a", "b", "c"]
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["commit", "forget", "tamper"]), st.sampled_from(NODES), st.integers(0, 2)
+    ),
+    max_size=8,
+)
+expectations = st.lists(st.sampled_from(["none", "latest", "other"]), min_size=3, max_size=3)
+
+
+@settings(max_examples=30)  # each example is a few round trips to a server
+@given(steps=ops, expect=expectations)
+def _watched_lookups_are_reads(store: NATSStore, watch: Watch, steps: Any, expect: Any) -> None:
+    anyio.from_thread.run(_one_example, store, watch, steps, expect)
+
+
+async def _one_example(
+    store: NATSStore, watch: Watch, steps: list[tuple[str, str, int]], expect: list[str]
+) -> None:
+    run = f"r{uuid.uuid4().hex[:8]}"
+    since = await last_sequence(store)
+    latest: dict[str, NodeRecord] = {}
+    for op, node, n in steps:
+        rec = record(node, str(n))
+        if op == "commit":
+            if await store.commit_node(run, rec):
+                latest[node] = rec
+        elif op == "forget":
+            await store.forget_nodes(run, [node])
+            latest.pop(node, None)
+        else:  # a record written over the journal's by hand
+            data = await store._node_data(run, rec)
+            await store._bucket.put(node_key(run, node), data, "tamper")
+            latest[node] = rec
+    await caught_up(store, watch, since)
+    expected = {}
+    for node, how in zip(NODES, expect, strict=True):
+        if how == "latest" and node in latest:
+            expected[(run, node)] = latest[node]
+        elif how == "other":
+            expected[(run, node)] = record(node, '"other"')
+    keys = [(run, node) for node in NODES]
+    watched_lookup = await store.lookup_nodes(keys, expected=expected)
+    assert watched_lookup == await store.lookup_nodes(keys)  # plain reads
+    assert watched_lookup == {(run, node): rec for node, rec in latest.items()}
+
+
+async def test_what_the_watch_gives_is_what_a_read_finds(store: NATSStore) -> None:
+    watch = await watched(store)
+    await anyio.to_thread.run_sync(_watched_lookups_are_reads, store, watch)
