@@ -414,6 +414,40 @@ async def test_concurrent_status_updates_are_never_lost_or_mixed(nats_server: Na
             await store.close()
 
 
+async def test_a_driver_updates_its_run_without_reading_it_unless_another_wrote_since(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = [await opened(nats_server.url, connect_timeout=t) for t in (2, 3)]
+    reads: list[str] = []
+    read = a._bucket.get
+
+    async def get(key: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(key)
+        return await read(key, *args, **kwargs)
+
+    monkeypatch.setattr(a._bucket, "get", get)
+    try:
+        await a.create_run(run_record())
+        await a.update_run("r1", status=RunStatus.RUNNING, fingerprint="fa")
+        assert reads == []  # against the revision it wrote
+        # Another process writes in between: the compare-and-set refuses the stale
+        # revision, and the update is made again on what that process wrote.
+        await b.update_run("r1", status=RunStatus.RUNNING, code={"m": "c"})
+        await a.update_run("r1", status=RunStatus.FINISHED, result='"ok"')
+        assert len(reads) == 1
+        run = await b.get_run("r1")
+        assert run is not None
+        assert (run.status, run.fingerprint, run.code, run.result) == (
+            RunStatus.FINISHED,
+            "fa",
+            {"m": "c"},
+            '"ok"',
+        )
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_journal_read_during_other_writes_sees_every_committed_node(
     nats_server: NatsServer,
 ) -> None:

@@ -77,6 +77,7 @@ from .url import DEFAULT_PREFIX, INLINE_MAX, NatsURL, nats_modules
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "NATSStore"]
 
 _RECORD_VERSION: Final = 1
+_WRITTEN_KEPT: Final = 10_000
 WATCHED: Final = "node.>"  # the journal's keys, for the watch of what workers commit
 
 # --- the store ------------------------------------------------------------------------------
@@ -107,6 +108,9 @@ class NATSStore(NATSLeases, Store):
         # The lease of each run this store took, as (owner, revision) at its last write:
         # renewing and releasing go against that revision, without reading it first.
         self._leases: dict[str, tuple[str, int]] = {}
+        # The run records this store wrote, with their revisions, while their runs go on:
+        # the next update goes against them without reading first.
+        self._written: dict[str, tuple[RunRecord, int]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> NATSStore:
@@ -156,13 +160,21 @@ class NATSStore(NATSLeases, Store):
         key = run_key(record.run_id)
         data = await self._encode_run(record)
         while True:
-            if await self._bucket.create(key, data, "create a run", record.run_id):
+            revision = await self._bucket.create_at(key, data, "create a run", record.run_id)
+            if revision is not None:
+                self._wrote(record, revision)
                 return record, True
             stored = await self.get_run(record.run_id)
             if stored is not None:
                 # Our own create, when its reply was lost and the call was retried.
                 return stored, stored == record
             # Deleted between the create and the read: try again.
+
+    def _wrote(self, record: RunRecord, revision: int) -> None:
+        written = self._written
+        written[record.run_id] = (record, revision)
+        if len(written) > _WRITTEN_KEPT:  # runs ended elsewhere, or never updated again
+            del written[next(iter(written))]
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         await checkpoint_if_cancelled()
@@ -183,14 +195,19 @@ class NATSStore(NATSLeases, Store):
     ) -> None:
         await checkpoint_if_cancelled()
         key = run_key(run_id)
+        # First against the record and revision this store last wrote (most runs are
+        # updated only by their driver): no read, unless another process wrote since.
+        got = self._written.pop(run_id, None)
         while True:
-            got = await self._bucket.get(key, "read a run", run_id)
             if got is None:
-                raise CheckpointError(
-                    f"run {run_id!r} does not exist in {self.url}",
-                    hint="Create the run (ctx.start) before updating it",
-                )
-            record = await self._decode_run(run_id, got[0])
+                read = await self._bucket.get(key, "read a run", run_id)
+                if read is None:
+                    raise CheckpointError(
+                        f"run {run_id!r} does not exist in {self.url}",
+                        hint="Create the run (ctx.start) before updating it",
+                    )
+                got = (await self._decode_run(run_id, read[0]), read[1])
+            record, last = got
             changes: dict[str, Any] = {
                 "status": status,
                 "result": result,
@@ -203,11 +220,16 @@ class NATSStore(NATSLeases, Store):
                 changes["fingerprint"] = fingerprint
             if code is not None:
                 changes["code"] = code
-            data = await self._encode_run(attrs.evolve(record, **changes))
+            updated = attrs.evolve(record, **changes)
+            data = await self._encode_run(updated)
             # Compare-and-set on the revision read: a concurrent update makes us read again
             # rather than overwrite it with stale fields.
-            if await self._bucket.update(key, data, got[1], "update a run", run_id):
+            revision = await self._bucket.update_at(key, data, last, "update a run", run_id)
+            if revision is not None:
+                if not status.ended:
+                    self._wrote(updated, revision)
                 break
+            got = None
         if status.ended and self.ttl is not None:
             await self._expire()
 
