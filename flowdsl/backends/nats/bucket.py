@@ -134,27 +134,15 @@ class Bucket:
 
         return await self.link.call(what, op, run_id=run_id)
 
-    async def recent_many(
-        self, keys: list[str], what: str, run_id: str | None = None, *, watch: str
-    ) -> list[bytes | None]:
-        """The values of *keys*, as :meth:`get_many` reads them, taken where it can from a
-        :class:`~.watch.Watch` of the keys under *watch* (a pattern: ``node.>``), which
-        this call starts the first time: for values written a moment ago, one pushed
-        message each instead of a read.  The rest are read."""
-        watcher = self._watches.get(watch)
+    def watch(self, pattern: str) -> Watch:
+        """The :class:`~.watch.Watch` of the keys under *pattern* (``node.>``), made on
+        first use (it starts following the writes at its first :meth:`~.watch.Watch.take`)."""
+        watcher = self._watches.get(pattern)
         if watcher is None:
-            watcher = self._watches[watch] = Watch(self.link, self._stream, self._key_prefix, watch)
-        values = await watcher.take(keys)
-        missing = [i for i, value in enumerate(values) if value is None]
-        if missing:
-            read = await self.get_many([keys[i] for i in missing], what, run_id)
-            for i, value in zip(missing, read, strict=True):
-                values[i] = value
-        return values
-
-    def watching(self, watch: str) -> Watch | None:
-        """The watch of the keys under *watch*, once :meth:`recent_many` made it."""
-        return self._watches.get(watch)
+            watcher = self._watches[pattern] = Watch(
+                self.link, self._stream, self._key_prefix, pattern
+            )
+        return watcher
 
     async def stop(self) -> None:
         for watcher in self._watches.values():

@@ -47,7 +47,7 @@ The URL (``url``), the connection (``link``), the key encoding (``keys``) and th
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -73,6 +73,7 @@ from .keys import (
 from .leases import NATSLeases
 from .link import NatsLink
 from .url import DEFAULT_PREFIX, INLINE_MAX, NatsURL, nats_modules
+from .watch import Watch
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "NATSStore"]
 
@@ -169,6 +170,11 @@ class NATSStore(NATSLeases, Store):
                 # Our own create, when its reply was lost and the call was retried.
                 return stored, stored == record
             # Deleted between the create and the read: try again.
+
+    @property
+    def _watch(self) -> Watch:
+        """The journal watch (the bucket makes it on first use)."""
+        return self._bucket.watch(WATCHED)
 
     def _wrote(self, record: RunRecord, revision: int) -> None:
         written = self._written
@@ -410,30 +416,54 @@ class NATSStore(NATSLeases, Store):
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
-        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
         run_id = pairs[0][0] if pairs else None
-        # KV has no multi-get: the reads are pipelined, one round trip in all.  Expected
-        # records (a client checking completions) were written a moment ago: a watch of
-        # the journal's writes has most of them (see Bucket.recent_many).
-        if expected:
-            values = await self._bucket.recent_many(names, "read nodes", run_id, watch=WATCHED)
-        else:
-            values = await self._bucket.get_many(names, "read nodes", run_id)
         found: dict[tuple[str, str], NodeRecord] = {}
         want = expected or {}
+        if want:
+            # Expected records (a client checking completions) were committed a moment
+            # ago: the journal watch has most of them (docs/nats.md).  It only ever
+            # confirms: what it lacks, or shows otherwise than expected, is read.
+            pairs = await self._confirmed(pairs, want, found)
+        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+        # KV has no multi-get: the reads are pipelined, one round trip in all.
+        values = await self._bucket.get_many(names, "read nodes", run_id)
         for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
             if value is not None:
                 record = want.get((run_id, node_id))
                 found[run_id, node_id] = await self._decode_node(run_id, name, value, record)
         return found
 
+    async def _confirmed(
+        self,
+        pairs: list[tuple[str, str]],
+        want: Mapping[tuple[str, str], NodeRecord],
+        found: dict[tuple[str, str], NodeRecord],
+    ) -> list[tuple[str, str]]:
+        """Put in *found* the expected records the journal watch shows as expected; the
+        pairs left to read."""
+        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+        left = []
+        for pair, name, value in zip(pairs, names, await self._watch.take(names), strict=True):
+            record = want.get(pair)
+            if value is not None and record is not None:
+                try:
+                    if await self._decode_node(pair[0], name, value, record) is record:
+                        found[pair] = record
+                        continue
+                except CheckpointError:
+                    pass  # read, and refused from what the read finds
+            left.append(pair)
+        return left
+
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
+        keys = [node_key(run_id, node_id) for node_id in node_ids]
+        # Before the deletes: the watch takes no value of these keys until it has seen
+        # their delete markers, so none forgotten here is taken from it afterwards.
+        self._watch.forget(keys)
         async with anyio.create_task_group() as tg:
-            for node_id in node_ids:
-                tg.start_soon(
-                    self._bucket.delete, node_key(run_id, node_id), "forget a node", run_id
-                )
+            for key in keys:
+                tg.start_soon(self._bucket.delete, key, "forget a node", run_id)
 
     async def _decode_node(
         self, run_id: str, key: str, data: bytes, expected: NodeRecord | None = None

@@ -12,9 +12,13 @@ watch began: the server stored that value under that key (the watch reads the st
 bucket keeps its values in, as a read does), and no delete, purge or newer value of the
 key has been seen since.  A gap in the messages (some dropped for a slow reader, a
 reconnect) empties the watch and starts it afresh: a delete missed in the gap must not
-leave an old value behind.  What the watch does not hold (written before it began,
-taken already, or dropped past :data:`KEPT`) the caller reads as before, so nothing
-depends on the watch keeping up; it only saves reads when it does.
+leave an old value behind.  Keys this process deletes (:meth:`Watch.forget`, before the
+deletes) take no value until their delete markers have come, so a watch that lags behind
+never hands out a value this process deleted.  What the watch does not hold (written
+before it began, taken already, or dropped past :data:`KEPT`) the caller reads as before,
+so nothing depends on the watch keeping up; it only saves reads when it does.  The store
+goes further and only takes a record that is exactly the one it expects: anything else is
+read (``NATSStore.lookup_nodes``), so the watch can spare a read but never decide a check.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class Watch(PushConsumer):
         self._key_prefix = key_prefix  # "$KV.{bucket}.": a message's subject is this + key
         self._subject = key_prefix + pattern
         self._values: dict[str, bytes] = {}
+        # Keys being deleted by this process, with how many of their delete markers are
+        # still to come: none of their values is kept until then (a lagging watch may
+        # still bring the values from before the deletes).
+        self._forgotten: dict[str, int] = {}
         #: The stream sequence of the last message seen (0: none since it began).
         self.position = 0
 
@@ -54,11 +62,26 @@ class Watch(PushConsumer):
             from nats.js.api import DeliverPolicy
 
             self._values.clear()
+            self._forgotten.clear()
             await self._begin(
                 "watch the journal", deliver_policy=DeliverPolicy.NEW, filter_subject=self._subject
             )
         values = self._values
         return [values.pop(key, None) for key in keys]
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """*keys* are about to be deleted: take none of their values until the watch has
+        seen their delete markers."""
+        if self._sub is None:
+            return  # not following: it will never see their values from before
+        forgotten = self._forgotten
+        for key in keys:
+            self._values.pop(key, None)
+            forgotten[key] = forgotten.get(key, 0) + 1
+        if len(self._forgotten) > KEPT:  # deletes whose markers never came (they failed)
+            self._values.clear()
+            self._forgotten.clear()
+            self._broken = True  # started afresh at the next take
 
     def _on_msg(self, msg: Any) -> None:
         seq = self._in_order(msg)
@@ -71,8 +94,15 @@ class Watch(PushConsumer):
         values = self._values
         values.pop(key, None)  # a newer value goes last, to be dropped last
         headers = msg.headers
+        forgotten = self._forgotten
         if headers and "KV-Operation" in headers:
+            if forgotten.get(key, 0) > 1:
+                forgotten[key] -= 1
+            else:
+                forgotten.pop(key, None)
             return  # a delete or a purge: the key holds nothing now
+        if key in forgotten:
+            return  # written before a delete of this process's that is still to come
         values[key] = bytes(msg.data)
         if len(values) > KEPT:
             del values[next(iter(values))]
