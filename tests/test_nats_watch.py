@@ -299,3 +299,51 @@ async def _one_example(
 async def test_what_the_watch_gives_is_what_a_read_finds(store: NATSStore) -> None:
     watch = await watched(store)
     await anyio.to_thread.run_sync(_watched_lookups_are_reads, store, watch)
+
+
+# --- a property: any interleaving of writes, forgets, deliveries and takes ---------------------
+
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "forget", "deliver", "take"]),
+        st.sampled_from(["node.r.a", "node.r.b"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=1000)  # pure Python: thousands of interleavings a second
+@given(steps=actions)
+def test_a_watch_never_hands_out_a_value_older_than_a_delete_of_this_process(
+    steps: list[tuple[str, str]],
+) -> None:
+    """The stream is simulated (what the server stores, in order); the watch receives it
+    with any lag.  A value taken must be the key's newest delivered one, written after
+    every delete this process made of the key."""
+    watch = Watch(None, "KV_b", "$KV.b.", "node.>")  # type: ignore[arg-type]
+    watch._sub = object()  # following
+    stream: list[tuple[str, bytes | None]] = []  # (key, value; None: a delete marker)
+    delivered = 0
+    last_forget: dict[str, int] = {}  # key -> index in the stream of its last delete
+    for n, (action, key) in enumerate(steps):
+        if action == "write":
+            stream.append((key, str(n).encode()))
+        elif action == "forget":
+            watch.forget([key])  # before the delete, as the store does
+            last_forget[key] = len(stream)
+            stream.append((key, None))
+        elif action == "deliver" and delivered < len(stream):
+            k, value = stream[delivered]
+            delivered += 1
+            headers = None if value is not None else {"KV-Operation": "DEL"}
+            reply = f"$JS.ACK.s.c.1.{delivered}.{delivered}.0.0"
+            watch._on_msg(Pushed(f"$KV.b.{k}", reply, value or b"", headers))
+        elif action == "take":
+            taken = watch._values.pop(key, None)  # take() without starting a consumer
+            if taken is None:
+                continue
+            puts = [i for i, (k, v) in enumerate(stream[:delivered]) if k == key]
+            assert puts, "a value never written"
+            newest = puts[-1]
+            assert stream[newest][1] == taken  # the newest delivered, not a delete
+            assert newest > last_forget.get(key, -1)  # written after this process's delete
