@@ -118,3 +118,35 @@ async def test_a_reader_takes_a_batch_a_few_at_a_time_and_drops_a_forged_one(
         await one.close()
         await two.close()
     assert first + rest == texts
+
+
+@pytest.mark.anyio
+async def test_a_reader_whose_consumer_the_server_refuses_says_so_each_time(
+    nats_server: NatsServer,
+) -> None:
+    """The log stream allows one consumer, taken already (a real limit of the server's):
+    every read says why it cannot read, none returns nothing as if all were read."""
+    import uuid
+
+    import nats
+    from nats.js.api import ConsumerConfig, StreamConfig
+
+    import flowdsl as fd
+    from flowdsl.backends.nats.streams import stream_name
+
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_server.url)
+    broker = NATSBroker(nats_server.url, prefix=prefix)
+    try:
+        js = nc.jetstream()
+        log = stream_name(prefix, "log")
+        await js.add_stream(StreamConfig(name=log, subjects=[f"{prefix}.log.>"], max_consumers=1))
+        await js.add_consumer(log, ConsumerConfig(durable_name="taken"))
+        await broker.open()
+        _, cursor = await broker.completions(None)
+        for _ in range(2):
+            with pytest.raises(fd.CheckpointError, match="maximum consumers limit reached"):
+                await broker.read_completions(cursor, count=10)
+    finally:
+        await broker.close()
+        await nc.close()

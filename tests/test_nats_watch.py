@@ -247,6 +247,48 @@ async def test_a_watch_showing_another_record_than_expected_decides_nothing(
     assert found[("r", "a")] is new
 
 
+async def test_a_server_that_refuses_the_watch_leaves_every_check_to_a_read(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket's stream allows one consumer, taken already: the watch's is refused
+    (a real limit of the server's), and the checks go on by reads."""
+    import nats
+    from nats.js.api import ConsumerConfig, DiscardPolicy, StreamConfig
+
+    name = f"w{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(
+                name=f"KV_{name}",
+                subjects=[f"$KV.{name}.>"],
+                max_msgs_per_subject=1,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
+                allow_direct=True,
+                max_consumers=1,
+            )
+        )
+        await js.add_consumer(f"KV_{name}", ConsumerConfig(durable_name="taken"))
+        store = NATSStore(nats_server.url, prefix=name)
+        await store.open()
+        try:
+            a = record("a")
+            await store.commit_node("r", a)
+            for _ in range(2):
+                found = await store.lookup_nodes([("r", "a")], expected={("r", "a"): a})
+                assert found == {("r", "a"): a}
+        finally:
+            await store.close()
+    finally:
+        await nc.close()
+    refusals = [r for r in caplog.records if "without a watch" in r.getMessage()]
+    assert len(refusals) == 1  # said once, not tried again on every check
+    assert "maximum consumers limit reached" in refusals[0].getMessage()
+
+
 # --- a property: the watched lookup is a read ------------------------------------------------
 
 NODES = ["a", "b", "c"]

@@ -192,7 +192,12 @@ class PushConsumer:
             info = await js.add_consumer(self._stream, settings)
             return str(info.name)
 
-        self._consumer = await self._link.call(what, op)
+        try:
+            self._consumer = await self._link.call(what, op)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop()  # nothing left half made: the next use starts again
+            raise
 
     def _in_order(self, msg: Any) -> int | None:
         """*msg*'s stream sequence; None for a message to drop: not from JetStream (a

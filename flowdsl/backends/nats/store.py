@@ -46,6 +46,7 @@ The URL (``url``), the connection (``link``), the key encoding (``keys``) and th
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -76,6 +77,8 @@ from .url import DEFAULT_PREFIX, INLINE_MAX, NatsURL, nats_modules
 from .watch import Watch
 
 __all__ = ["DEFAULT_PREFIX", "INLINE_MAX", "NATSStore"]
+
+log = logging.getLogger("flowdsl.nats")
 
 _RECORD_VERSION: Final = 1
 _WRITTEN_KEPT: Final = 10_000
@@ -112,6 +115,7 @@ class NATSStore(NATSLeases, Store):
         # The run records this store wrote, with their revisions, while their runs go on:
         # the next update goes against them without reading first.
         self._written: dict[str, tuple[RunRecord, int]] = {}
+        self._unwatched = False  # the server refused the journal watch
 
     @classmethod
     def from_url(cls, url: str) -> NATSStore:
@@ -442,8 +446,18 @@ class NATSStore(NATSLeases, Store):
         """Put in *found* the expected records the journal watch shows as expected; the
         pairs left to read."""
         names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+        if self._unwatched:
+            return pairs
+        try:
+            taken = await self._watch.take(names)
+        except CheckpointError as exc:
+            # A shortcut, not a need: a server that refuses the watch's consumer (a
+            # limit on consumers, a permission) leaves every check to a read.
+            log.warning("NATS at %s: checking against reads, without a watch: %s", self.url, exc)
+            self._unwatched = True
+            return pairs
         left = []
-        for pair, name, value in zip(pairs, names, await self._watch.take(names), strict=True):
+        for pair, name, value in zip(pairs, names, taken, strict=True):
             record = want.get(pair)
             if value is not None and record is not None:
                 try:
