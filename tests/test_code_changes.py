@@ -124,8 +124,26 @@ def modules(tmp_path: Path) -> Iterator[Modules]:
 ContextFactory = Callable[..., fd.Context]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        # Batch on NATS, a worker in the process: the resume forgets the changed nodes'
+        # records while the client's journal watch follows the bucket.
+        pytest.param("nats-batch", marks=pytest.mark.nats),
+    ]
+)
 def contexts(request: pytest.FixtureRequest, tmp_path: Path) -> ContextFactory:
+    if request.param == "nats-batch":
+        backend = request.getfixturevalue("anyio_backend")
+        if (backend if isinstance(backend, str) else backend[0]) != "asyncio":
+            pytest.skip("nats-py runs on asyncio only (the NATS backends refuse trio)")
+        url = f"{request.getfixturevalue('nats_server').url}?prefix={tmp_path.name[-20:]}"
+
+        def batch(**kwargs: Any) -> fd.Context:
+            return fd.Context(batch=True, broker=url, store=url, workers=1, **kwargs)
+
+        return batch
     store: Any = MemoryStore() if request.param == "memory" else f"sqlite:///{tmp_path}/c.db"
 
     def make(**kwargs: Any) -> fd.Context:
