@@ -128,17 +128,21 @@ ContextFactory = Callable[..., fd.Context]
     params=[
         "memory",
         "sqlite",
-        # Batch on NATS, a worker in the process: the resume forgets the changed nodes'
-        # records while the client's journal watch follows the bucket.
+        # Batch on NATS and on Redis, a worker in the process (on NATS the resume forgets
+        # the changed nodes' records while the client's journal watch follows the bucket).
         pytest.param("nats-batch", marks=pytest.mark.nats),
+        pytest.param("redis-batch", marks=pytest.mark.redis),
     ]
 )
 def contexts(request: pytest.FixtureRequest, tmp_path: Path) -> ContextFactory:
-    if request.param == "nats-batch":
+    if request.param.endswith("-batch"):
         backend = request.getfixturevalue("anyio_backend")
         if (backend if isinstance(backend, str) else backend[0]) != "asyncio":
-            pytest.skip("nats-py runs on asyncio only (the NATS backends refuse trio)")
-        url = f"{request.getfixturevalue('nats_server').url}?prefix={tmp_path.name[-20:]}"
+            pytest.skip(
+                "the Redis and NATS clients run on asyncio only (their backends refuse trio)"
+            )
+        server = request.getfixturevalue(f"{request.param.removesuffix('-batch')}_server")
+        url = f"{server.url}?prefix={tmp_path.name[-20:]}"
 
         def batch(**kwargs: Any) -> fd.Context:
             return fd.Context(batch=True, broker=url, store=url, workers=1, **kwargs)
