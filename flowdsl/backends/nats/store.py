@@ -420,6 +420,7 @@ class NATSStore(NATSLeases, Store):
     ) -> dict[tuple[str, str], NodeRecord]:
         await checkpoint_if_cancelled()
         pairs = list(dict.fromkeys(keys))
+        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
         run_id = pairs[0][0] if pairs else None
         found: dict[tuple[str, str], NodeRecord] = {}
         want = expected or {}
@@ -427,8 +428,7 @@ class NATSStore(NATSLeases, Store):
             # Expected records (a client checking completions) were committed a moment
             # ago: the journal watch has most of them (docs/nats.md).  It only ever
             # confirms: what it lacks, or shows otherwise than expected, is read.
-            pairs = await self._confirmed(pairs, want, found)
-        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+            pairs, names = await self._confirmed(pairs, names, want, found)
         # KV has no multi-get: the reads are pipelined, one round trip in all.
         values = await self._bucket.get_many(names, "read nodes", run_id)
         for (run_id, node_id), name, value in zip(pairs, names, values, strict=True):
@@ -440,14 +440,14 @@ class NATSStore(NATSLeases, Store):
     async def _confirmed(
         self,
         pairs: list[tuple[str, str]],
+        names: list[str],
         want: Mapping[tuple[str, str], NodeRecord],
         found: dict[tuple[str, str], NodeRecord],
-    ) -> list[tuple[str, str]]:
-        """Put in *found* the expected records the journal watch shows as expected; the
-        pairs left to read."""
-        names = [node_key(run_id, node_id) for run_id, node_id in pairs]
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """Put in *found* the expected records the journal watch shows as expected (the
+        nodes *pairs*, under the keys *names*); the pairs and keys left to read."""
         if self._unwatched:
-            return pairs
+            return pairs, names
         try:
             taken = await self._watch.take(names)
         except CheckpointError as exc:
@@ -455,8 +455,9 @@ class NATSStore(NATSLeases, Store):
             # limit on consumers, a permission) leaves every check to a read.
             log.warning("NATS at %s: checking against reads, without a watch: %s", self.url, exc)
             self._unwatched = True
-            return pairs
-        left = []
+            return pairs, names
+        left: list[tuple[str, str]] = []
+        left_names: list[str] = []
         for pair, name, value in zip(pairs, names, taken, strict=True):
             record = want.get(pair)
             if value is not None and record is not None:
@@ -467,7 +468,8 @@ class NATSStore(NATSLeases, Store):
                 except CheckpointError:
                     pass  # read, and refused from what the read finds
             left.append(pair)
-        return left
+            left_names.append(name)
+        return left, left_names
 
     async def forget_nodes(self, run_id: str, node_ids: list[str]) -> None:
         await checkpoint_if_cancelled()
